@@ -1,0 +1,35 @@
+"""Static KV cache: one preallocated buffer for every layer, written by index at explicit slots."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """buffer [L, 2, B, Hkv, S, D] (layer, k/v, row, kv head, slot, head dim); lens [B] committed slots per row.
+
+    Slots >= lens[b] hold scratch (the draft rows of the step in flight, or stale values); they are only read
+    under a mask, and the buffer starts zeroed so that stale values are always finite.
+    """
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.buffer = torch.zeros(num_layers, 2, batch, num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.lens = torch.zeros(batch, dtype=torch.long, device=device)
+
+    @property
+    def batch(self) -> int:
+        return self.buffer.shape[2]
+
+    @property
+    def max_len(self) -> int:
+        return self.buffer.shape[4]
+
+    def fits(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
+             dtype: torch.dtype, device: torch.device) -> bool:
+        L, _, B, H, S, D = self.buffer.shape
+        return ((L, B, H, D) == (num_layers, batch, num_kv_heads, head_dim) and S >= max_len
+                and self.buffer.dtype == dtype and self.buffer.device == device)
+
+    def reset(self) -> None:
+        self.lens.zero_()

@@ -1,0 +1,6 @@
+"""Model families served by lookahead, and checkpoint resolution."""
+
+from lookahead.models.checkpoint import resolve_checkpoint
+from lookahead.models.llama import LlamaForLookahead
+
+__all__ = ["LlamaForLookahead", "resolve_checkpoint"]
