@@ -1,0 +1,3 @@
+from lookahead.cli import main
+
+main()
