@@ -25,6 +25,11 @@ except ImportError:
     flash_attn_func = None
 
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+# oneDNN prepacked fp32 linear on CPU: about flat in cost from 1 to 8 rows (MKL's addmm is ~2x slower there)
+# and batch-invariant (a row's result does not depend on the other rows), so verifying a draft tree of T
+# nodes costs little more than one token and gives the same numbers as a one-token step.
+_MKLDNN_LINEAR = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                  and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 @dataclass
@@ -157,14 +162,33 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
 
 
+class Linear(nn.Linear):
+    """nn.Linear that runs through a oneDNN prepacked copy of its weight once `pack()` made one (fp32 CPU)."""
+
+    packed: torch.Tensor | None = None
+    _packed_version: int = -1
+
+    def pack(self) -> None:
+        w = self.weight
+        if _MKLDNN_LINEAR and w.device.type == "cpu" and w.dtype == torch.float32 and not w.is_meta:
+            self.packed, self._packed_version = torch.ops.mkldnn._reorder_linear_weight(w.detach()), w._version
+        else:
+            self.packed = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and self._packed_version == self.weight._version and x.device.type == "cpu":
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.interleaved = cfg.rope_interleaved
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        self.wqkv = Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         B, T, _ = x.shape
@@ -192,8 +216,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w13 = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=cfg.mlp_bias)
+        self.w13 = Linear(cfg.dim, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.w2 = Linear(cfg.intermediate_size, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
@@ -235,7 +259,7 @@ class CausalLM(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -326,6 +350,20 @@ class CausalLM(nn.Module):
         self._cache.reset()
         return self._cache
 
+    def pack_weights(self) -> "CausalLM":
+        """(Re)build the oneDNN prepacked weights of every linear layer (fp32 on CPU; a no-op elsewhere).
+        Costs one extra copy of the linear weights in memory."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.pack()
+        return self
+
+    def _apply(self, fn, recurse=True):  # .to() / .float() / .cuda(): the packed copies would be stale
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.packed = None
+        return super()._apply(fn, recurse)
+
     # ---- loading -----------------------------------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, hf: dict) -> ModelConfig:
@@ -359,7 +397,7 @@ class CausalLM(nn.Module):
             model.output.weight = model.tok_embeddings.weight
         model.inv_freq = rope_inv_freq(cfg)
         model.name_or_path = str(path)
-        return model.to(device=device, dtype=dtype).eval()
+        return model.to(device=device, dtype=dtype).eval().pack_weights()
 
     # ---- generation ----------------------------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor, **kwargs):

@@ -1,0 +1,97 @@
+"""Llama-family parity with transformers on tiny random configs (litgpt style), fp32 on CPU."""
+
+import pytest
+import torch
+import transformers
+
+from lookahead.models import LlamaForLookahead
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**TINY),
+    "llama-tied-mha": lambda: transformers.LlamaConfig(**{**TINY, "num_key_value_heads": 4},
+                                                       tie_word_embeddings=True),
+    "llama3-rope": lambda: transformers.LlamaConfig(**TINY, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}),
+    "llama-linear-rope": lambda: transformers.LlamaConfig(**TINY, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "llama-head-dim": lambda: transformers.LlamaConfig(**{**TINY, "num_attention_heads": 8, "num_key_value_heads": 4},
+                                                       head_dim=24, attention_bias=True),
+    "mistral": lambda: transformers.MistralConfig(**TINY, sliding_window=None),
+    "qwen2": lambda: transformers.Qwen2Config(**TINY),
+}
+HF_CLASSES = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
+              "qwen2": transformers.Qwen2ForCausalLM}
+
+
+def ours_from_hf(hf_model, cls=LlamaForLookahead):
+    """Our model with the transformers model's weights (the same path from_pretrained takes)."""
+    hf_dict = hf_model.config.to_dict()
+    cfg = cls.from_hf_config(hf_dict)
+    model = cls(cfg)
+    sd = cls.convert_state_dict(dict(hf_model.state_dict()), cfg)
+    model.load_state_dict(sd, strict=not cfg.tie_word_embeddings)
+    return model.eval()
+
+
+def random_hf(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = CONFIGS[name]()
+    model = HF_CLASSES[config.model_type](config).eval()
+    with torch.no_grad():  # random biases and norms, so that a dropped bias or norm would show
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["linear", "onednn-packed"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_prefill_and_incremental_logits_match_transformers(name, packed):
+    hf = random_hf(name)
+    ours = ours_from_hf(hf)
+    if packed:
+        ours.pack_weights()
+    torch.manual_seed(1)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 11))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        torch.testing.assert_close(ours(ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+        # prefill 3 tokens, then 8 incremental one-token steps through the static cache
+        cache = ours.kv_cache(2, 32)
+        logits = ours.prefill(ids[:, :3], torch.tensor([3, 3]), cache)
+        torch.testing.assert_close(logits, expected[:, 2], atol=1e-4, rtol=1e-4)
+        for t in range(3, 11):
+            step = ours.verify(ids[:, t:t + 1], torch.zeros(2, 1, dtype=torch.long), cache, None)
+            cache.lens += 1
+            torch.testing.assert_close(step[:, 0], expected[:, t], atol=1e-4, rtol=1e-4)
+
+
+def test_verify_chain_of_several_tokens_matches_full_forward():
+    hf = random_hf("llama3-rope")
+    ours = ours_from_hf(hf)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 12))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        cache = ours.kv_cache(1, 32)
+        ours.prefill(ids[:, :5], torch.tensor([5]), cache)
+        chain = ours.verify(ids[:, 5:], torch.arange(7)[None], cache, None)
+    torch.testing.assert_close(chain, expected[:, 5:], atol=1e-4, rtol=1e-4)
+
+
+def test_generate_plain_greedy_matches_transformers():
+    hf = random_hf("qwen2")
+    ours = ours_from_hf(hf)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 7))
+    expected = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0,
+                           min_new_tokens=20)
+    got = ours.generate(ids, max_new_tokens=20, lookahead=False, eos_token_id=[])
+    assert torch.equal(got, expected)
+
+
+def test_unknown_model_type_is_rejected():
+    with pytest.raises(ValueError, match="serves model_type llama, mistral, qwen2"):
+        LlamaForLookahead.from_hf_config({"model_type": "gpt2"})
