@@ -1,0 +1,115 @@
+"""Draft trees: one row's candidate continuations laid out for a single verify pass.
+
+Node 0 is the root (the last committed token); nodes follow in DFS pre-order, so parents[i] < i and every
+subtree is a contiguous run. Node i sits at position cache_len + depth[i]. Trees are padded to a bucket size
+so a step has one of a few static shapes; padding nodes have parent -1 and are never accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DRAFT_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+LAYOUTS = ("hier", "par")
+
+
+def bucket_size(n: int) -> int:
+    """The smallest bucket holding n nodes."""
+    for b in DRAFT_BUCKETS:
+        if b >= n:
+            return b
+    raise ValueError(f"a draft tree holds at most {DRAFT_BUCKETS[-1]} nodes, got {n}")
+
+
+@dataclass
+class DraftTree:
+    """One row's tree, root included, unpadded: tokens[i], parents[i] (-1 for the root), depths[i]."""
+    tokens: list[int]
+    parents: list[int]
+    depths: list[int]
+
+    @property
+    def num_draft(self) -> int:
+        return len(self.tokens) - 1
+
+
+def build_draft(root_token: int, node_tokens: list[int], node_parents: list[int], layout: str = "hier",
+                budget: int | None = None) -> DraftTree:
+    """A tree from retrieved nodes (DFS pre-order, parents indexing the tree with 0 = root).
+
+    "hier" keeps the trie's shape (shared prefixes once); "par" lays every root-to-leaf branch out as its own
+    chain (shared prefixes repeated), as in the Lookahead paper's parallel layout, cut to `budget` nodes.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if len(node_tokens) != len(node_parents):
+        raise ValueError(f"{len(node_tokens)} tokens but {len(node_parents)} parents")
+    parents = [-1] + list(node_parents)
+    depths = [0] * len(parents)
+    for i in range(1, len(parents)):
+        if not 0 <= parents[i] < i:
+            raise ValueError(f"node {i} has parent {parents[i]}: parents must point at an earlier node "
+                             "(DFS pre-order, 0 = root)")
+        depths[i] = depths[parents[i]] + 1
+    tokens = [root_token] + list(node_tokens)
+    if layout == "hier":
+        tree = DraftTree(tokens, parents, depths)
+    else:
+        tree = _parallel(tokens, parents)
+    if budget is not None and tree.num_draft > budget:
+        keep = budget + 1  # pre-order prefixes are closed under parents, so the cut is still a tree
+        tree = DraftTree(tree.tokens[:keep], tree.parents[:keep], tree.depths[:keep])
+    return tree
+
+
+def _parallel(tokens: list[int], parents: list[int]) -> DraftTree:
+    """Each leaf's root-to-leaf path as a separate chain hanging off the root."""
+    has_child = [False] * len(tokens)
+    for p in parents[1:]:
+        has_child[p] = True
+    out_t, out_p, out_d = [tokens[0]], [-1], [0]
+    for leaf in (i for i in range(1, len(tokens)) if not has_child[i]):
+        chain = []
+        node = leaf
+        while node > 0:
+            chain.append(tokens[node])
+            node = parents[node]
+        prev = 0
+        for depth, tok in enumerate(reversed(chain), start=1):
+            out_t.append(tok)
+            out_p.append(prev)
+            out_d.append(depth)
+            prev = len(out_t) - 1
+    return DraftTree(out_t, out_p, out_d)
+
+
+@dataclass
+class DraftBatch:
+    tokens: torch.Tensor     # [B, T] int64, padding 0
+    parents: torch.Tensor    # [B, T] int64, -1 for roots and padding
+    depths: torch.Tensor     # [B, T] int64
+    tree_mask: torch.Tensor  # [B, T, T] bool, i sees j iff j is i or an ancestor of i
+
+
+def pack_drafts(drafts: list[DraftTree], device: torch.device | str, size: int | None = None) -> DraftBatch:
+    """Pad every row to one bucket (the largest row's, or `size`) and move the batch to device in one copy."""
+    B = len(drafts)
+    T = bucket_size(max(len(d.tokens) for d in drafts) if size is None else size)
+    ints = np.zeros((3, B, T), dtype=np.int64)  # tokens, parents, depths
+    ints[1] = -1
+    mask = np.zeros((B, T, T), dtype=np.bool_)
+    eye = np.eye(T, dtype=np.bool_)
+    for b, d in enumerate(drafts):
+        n = len(d.tokens)
+        if n > T:
+            raise ValueError(f"row {b} has {n} nodes, more than the bucket of {T}")
+        ints[0, b, :n], ints[1, b, :n], ints[2, b, :n] = d.tokens, d.parents, d.depths
+        rows = mask[b]
+        rows[:] = eye  # padding nodes see only themselves
+        for i in range(1, n):  # a node sees what its parent sees, and itself
+            rows[i, :i] = rows[d.parents[i], :i]
+    flat = torch.from_numpy(ints).to(device)
+    return DraftBatch(flat[0], flat[1], flat[2], torch.from_numpy(mask).to(device))

@@ -1,0 +1,154 @@
+"""Lookahead == plain decoding on tiny random models: EOS and max_new_tokens inside accepted drafts, batches,
+random and adversarial trie contents (hypothesis)."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lookahead import LookaheadConfig
+from lookahead.models import LlamaForLookahead
+from lookahead.trie import TokenTrie
+
+VOCAB = 48
+
+
+def tiny_model(seed: int = 0, **overrides) -> LlamaForLookahead:
+    torch.manual_seed(seed)
+    hf = dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+              rope_theta=10000.0, tie_word_embeddings=False, eos_token_id=None)
+    hf.update(overrides)
+    cfg = LlamaForLookahead.from_hf_config(hf)
+    model = LlamaForLookahead(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5 if p.dim() > 1 else 0.1)
+        for m in model.modules():
+            if hasattr(m, "eps"):
+                m.weight.fill_(1.0)
+    return model.pack_weights()
+
+
+def plain(model, ids, **kw):
+    return model.generate(ids, lookahead=False, return_dict_in_generate=True, **kw)
+
+
+def warm(model, ids, n: int = 64, **kw):
+    """Fill the trie with the model's own greedy continuation of ids, so that drafts are accepted."""
+    model.trie = None
+    out = model.generate(ids, max_new_tokens=n, lookahead=LookaheadConfig(adaptive=False, **kw), eos_token_id=[])
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("layout", ["hier", "par"])
+def test_lookahead_equals_plain_and_accepts_drafts(layout):
+    model = tiny_model()
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    cfg = LookaheadConfig(layout=layout, adaptive=False, decoding_length=16)
+    expected = plain(model, ids, max_new_tokens=80, eos_token_id=[])
+    cold = model.generate(ids, max_new_tokens=80, lookahead=cfg, eos_token_id=[], return_dict_in_generate=True)
+    hot = model.generate(ids, max_new_tokens=80, lookahead=cfg, eos_token_id=[], return_dict_in_generate=True)
+    assert cold.sequences.tolist() == expected.sequences.tolist()
+    assert hot.sequences.tolist() == expected.sequences.tolist()
+    assert hot.stats.accepted_per_step > 2.0  # the trie holds this very output: drafts must be accepted
+    assert hot.stats.steps < expected.stats.steps
+    assert hot.stats.new_tokens == expected.stats.new_tokens == 80
+
+
+def test_eos_inside_an_accepted_draft_ends_the_output_there():
+    model = tiny_model(1)
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    truth = warm(model, ids)
+    # an eos token that first occurs deep in the output, so it arrives inside an accepted multi-token draft
+    pos = next(i for i in range(5, len(truth)) if truth[i] not in truth[:i])
+    eos = truth[pos]
+    got = model.generate(ids, max_new_tokens=64, lookahead=LookaheadConfig(adaptive=False), eos_token_id=eos,
+                         return_dict_in_generate=True)
+    assert got.sequences[0, ids.shape[1]:].tolist() == truth[:pos + 1]
+    assert got.stats.accepted_per_step > 1.5
+    assert plain(model, ids, max_new_tokens=64, eos_token_id=eos).sequences.tolist() == got.sequences.tolist()
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 13, 31])
+def test_max_new_tokens_is_never_exceeded_even_mid_draft(max_new):
+    model = tiny_model(2)
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(5))
+    truth = warm(model, ids)
+    got = model.generate(ids, max_new_tokens=max_new, lookahead=LookaheadConfig(adaptive=False), eos_token_id=[],
+                         return_dict_in_generate=True)
+    assert got.sequences[0, ids.shape[1]:].tolist() == truth[:max_new]
+    assert got.stats.new_tokens == max_new
+    if max_new > 2:
+        assert got.stats.steps < max_new  # multi-token steps happened, and were cut at the limit
+
+
+def test_stats_count_prefill_and_drafts():
+    model = tiny_model()
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(6))
+    out = plain(model, ids, max_new_tokens=10, eos_token_id=[])
+    assert out.stats.steps == 10 and out.stats.accepted_per_step == 1.0 and out.stats.draft_tokens_per_step == 0
+    warm(model, ids)
+    la = model.generate(ids, max_new_tokens=10, lookahead=LookaheadConfig(adaptive=False), eos_token_id=[],
+                        return_dict_in_generate=True)
+    assert la.stats.draft_tokens_per_step > 0 and la.stats.prefill_s > 0 and la.stats.decode_s > 0
+
+
+def test_adaptive_budget_stays_lossless():
+    model = tiny_model(3)
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(7))
+    expected = plain(model, ids, max_new_tokens=60, eos_token_id=[]).sequences
+    for _ in range(2):
+        got = model.generate(ids, max_new_tokens=60, eos_token_id=[])
+        assert got.tolist() == expected.tolist()
+
+
+def test_trie_is_not_changed_by_a_rejected_call():
+    model = tiny_model()
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(8))
+    warm(model, ids)
+    before = len(model.trie)
+    with pytest.raises(ValueError):
+        model.generate(ids, references=["needs a tokenizer"])
+    with pytest.raises(ValueError):
+        model.generate(ids, max_new_tokens=10_000)
+    assert len(model.trie) == before
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**16), prompt_len=st.integers(1, 12), max_new=st.integers(1, 40),
+       layout=st.sampled_from(["hier", "par"]), decoding_length=st.sampled_from([1, 3, 8, 24, 63]),
+       noise=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=2, max_size=16), max_size=6),
+       diverge=st.lists(st.tuples(st.integers(0, 40), st.integers(0, VOCAB - 1)), max_size=6))
+def test_property_lookahead_equals_plain_with_random_and_adversarial_tries(seed, prompt_len, max_new, layout,
+                                                                          decoding_length, noise, diverge):
+    model = tiny_model(seed % 7)
+    ids = torch.randint(0, VOCAB, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
+    expected = plain(model, ids, max_new_tokens=max_new, eos_token_id=[]).sequences
+    truth = expected[0].tolist()
+    cfg = LookaheadConfig(layout=layout, decoding_length=decoding_length, adaptive=False, branch_length=8)
+    model.trie = TokenTrie(branch_length=cfg.branch_length, max_trie_nodes=cfg.max_trie_nodes)
+    for seq in noise:
+        model.trie.insert(seq)
+    for cut, token in diverge:  # share a prefix with the truth, then diverge
+        cut = min(cut, len(truth) - 1)
+        model.trie.insert(truth[max(0, cut - 6):cut] + [token] + truth[cut + 1:cut + 4], weight=3)
+    got = model.generate(ids, max_new_tokens=max_new, lookahead=cfg, eos_token_id=[])
+    assert got[0].tolist() == truth
+
+
+def test_batch_rows_equal_rows_alone():
+    model = tiny_model(4)
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g) for n in (3, 9, 6)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = p
+        mask[b, width - len(p):] = 1
+    alone = [plain(model, p[None], max_new_tokens=30, eos_token_id=[]).sequences[0, len(p):].tolist()
+             for p in prompts]
+    for lookahead in (False, LookaheadConfig(adaptive=False)):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[], lookahead=lookahead)
+        assert [row[width:].tolist() for row in out] == alone
