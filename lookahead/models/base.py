@@ -390,11 +390,11 @@ class CausalLM(nn.Module):
             raise ValueError(f"checkpoint {path} lacks the tensor {e.args[0]!r}: is it complete and of type "
                              f"{cfg.model_type}?") from None
         model.load_state_dict(sd, assign=True, strict=not cfg.tie_word_embeddings)
+        if cfg.tie_word_embeddings:  # assign=True replaced the embedding Parameter: tie the new one
+            model.output.weight = model.tok_embeddings.weight
         missing = [n for n, p in model.named_parameters() if p.is_meta]
         if missing:
             raise ValueError(f"checkpoint {path} lacks tensors for {missing[:4]}{'...' if len(missing) > 4 else ''}")
-        if cfg.tie_word_embeddings:
-            model.output.weight = model.tok_embeddings.weight
         model.inv_freq = rope_inv_freq(cfg)
         model.name_or_path = str(path)
         return model.to(device=device, dtype=dtype).eval().pack_weights()
