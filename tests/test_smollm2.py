@@ -10,15 +10,14 @@ SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_ben
 
 
 def spec_bench_prompts(per_category: int) -> list[tuple[str, str]]:
-    """(category, first turn) pairs, the first `per_category` of every category in file order."""
-    seen: dict[str, int] = {}
-    out = []
+    """(category, first turn) pairs: the first `per_category` of every category, round-robin over categories
+    (so any prefix of the list covers the categories evenly)."""
+    by_category: dict[str, list[str]] = {}
     for line in SPEC_BENCH.read_text().splitlines():
         q = json.loads(line)
-        if seen.get(q["category"], 0) < per_category:
-            seen[q["category"]] = seen.get(q["category"], 0) + 1
-            out.append((q["category"], q["turns"][0]))
-    return out
+        by_category.setdefault(q["category"], []).append(q["turns"][0])
+    return [(c, turns[rank]) for rank in range(per_category) for c, turns in by_category.items()
+            if rank < len(turns)]
 
 
 def chat_ids(tokenizer, text: str) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Model families served by lookahead, and checkpoint resolution."""
 
 from lookahead.models.checkpoint import resolve_checkpoint
+from lookahead.models import checkpoint
 from lookahead.models.llama import LlamaForLookahead
 
-__all__ = ["LlamaForLookahead", "resolve_checkpoint"]
+__all__ = ["LlamaForLookahead", "checkpoint", "resolve_checkpoint"]

@@ -389,12 +389,13 @@ class CausalLM(nn.Module):
         except KeyError as e:
             raise ValueError(f"checkpoint {path} lacks the tensor {e.args[0]!r}: is it complete and of type "
                              f"{cfg.model_type}?") from None
-        model.load_state_dict(sd, assign=True, strict=not cfg.tie_word_embeddings)
+        result = model.load_state_dict(sd, assign=True, strict=False)
         if cfg.tie_word_embeddings:  # assign=True replaced the embedding Parameter: tie the new one
             model.output.weight = model.tok_embeddings.weight
-        missing = [n for n, p in model.named_parameters() if p.is_meta]
-        if missing:
-            raise ValueError(f"checkpoint {path} lacks tensors for {missing[:4]}{'...' if len(missing) > 4 else ''}")
+        missing = [n for n in result.missing_keys if not (cfg.tie_word_embeddings and n == "output.weight")]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"checkpoint {path} does not fit a {cfg.model_type} model: missing "
+                             f"{missing[:4]}, unexpected {result.unexpected_keys[:4]}")
         model.inv_freq = rope_inv_freq(cfg)
         model.name_or_path = str(path)
         return model.to(device=device, dtype=dtype).eval().pack_weights()
