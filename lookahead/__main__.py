@@ -1,3 +1,5 @@
+import sys
+
 from lookahead.cli import main
 
-main()
+sys.exit(main())

@@ -1,7 +1,8 @@
 """Model families served by lookahead, and checkpoint resolution."""
 
-from lookahead.models.checkpoint import resolve_checkpoint
 from lookahead.models import checkpoint
+from lookahead.models.checkpoint import resolve_checkpoint
+from lookahead.models.glm import GlmForLookahead
 from lookahead.models.llama import LlamaForLookahead
 
-__all__ = ["LlamaForLookahead", "checkpoint", "resolve_checkpoint"]
+__all__ = ["GlmForLookahead", "LlamaForLookahead", "checkpoint", "resolve_checkpoint"]
