@@ -9,14 +9,22 @@ import torch
 
 from lookahead.kernels import reference
 
+try:  # the Triton launchers; imported first so that the ops defined below take their module names
+    from lookahead.kernels import accept_longest_path as _accept_module
+    from lookahead.kernels import compact_kv as _compact_module
+    from lookahead.kernels import tree_attention as _attention_module
+except ImportError:  # no triton on this platform: the torch references serve every device
+    _accept_module = _compact_module = _attention_module = None
+
 
 def _backend(t: torch.Tensor) -> str:
     forced = os.environ.get("LOOKAHEAD_KERNELS", "").lower()
-    if forced in ("torch", "triton"):
-        return forced
-    if forced:
+    if forced not in ("", "torch", "triton"):
         raise ValueError(f"LOOKAHEAD_KERNELS must be 'torch' or 'triton', got {forced!r}")
-    return "triton" if t.is_cuda else "torch"
+    backend = forced or ("triton" if t.is_cuda else "torch")
+    if backend == "triton" and _accept_module is None:
+        raise ValueError("the Triton kernels need the triton package: pip install triton (Linux)")
+    return backend
 
 
 def _int64(name: str, t: torch.Tensor, dims: int) -> None:
@@ -54,8 +62,7 @@ def tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale=None):
     if not q.is_cuda and int(cache_lens.max()) + T > S:
         raise ValueError(f"cache_lens + T exceeds the cache's {S} slots")
     if _backend(q) == "triton":
-        from lookahead.kernels.tree_attention import tree_attention as kernel
-        return kernel(q, k_cache, v_cache, cache_lens, tree_mask, scale)
+        return _attention_module.tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale)
     return reference.tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale)
 
 
@@ -75,8 +82,7 @@ def accept_longest_path(draft_tokens, parents, target_tokens):
             raise ValueError("parents must satisfy parents[b, 0] = -1 and -1 <= parents[b, i] < i (topological "
                              "order; -1 marks padding)")
     if _backend(draft_tokens) == "triton":
-        from lookahead.kernels.accept_longest_path import accept_longest_path as kernel
-        return kernel(draft_tokens, parents, target_tokens)
+        return _accept_module.accept_longest_path(draft_tokens, parents, target_tokens)
     return reference.accept_longest_path(draft_tokens, parents, target_tokens)
 
 
@@ -101,8 +107,7 @@ def compact_kv(cache, cache_lens, path, num_accepted):
         if bool((cache_lens + path.max(dim=1).values + 1 > cache.shape[4]).any()):
             raise ValueError(f"cache_lens + path points past the cache's {cache.shape[4]} slots")
     if _backend(cache) == "triton":
-        from lookahead.kernels.compact_kv import compact_kv as kernel
-        return kernel(cache, cache_lens, path, num_accepted)
+        return _compact_module.compact_kv(cache, cache_lens, path, num_accepted)
     return reference.compact_kv(cache, cache_lens, path, num_accepted)
 
 

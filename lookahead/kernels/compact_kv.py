@@ -1,0 +1,52 @@
+"""compact_kv: move each row's accepted K/V rows, in every layer, to the slots right after its prefix.
+
+One program per (layer, k/v, row, kv head) plane and D block. Invariant: nodes are in topological order, so
+path is increasing and a source slot is never before its destination; but a slot can be both the source
+of one move and the destination of another (path 0, 2, 3 moves 2 -> 1 and 3 -> 2). Every source row is
+therefore loaded into registers, the program synchronises, and only then are rows stored. Rows already in
+place (path[j] == j, the leading run) are neither loaded nor stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _compact_kv_kernel(
+    cache_ptr,    # [L, 2, B, Hkv, S, D] K/V of every layer, contiguous
+    lens_ptr,     # [B] int64 committed length before the draft
+    path_ptr,     # [B, T] int64 accepted nodes, root first, -1 padded
+    num_ptr,      # [B] int64 nodes on the path
+    B, H, S, D, T,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    plane = tl.program_id(0)  # ((layer * 2 + kv) * B + row) * H + head
+    row = (plane // H) % B
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.load(num_ptr + row)
+    start = tl.load(lens_ptr + row)
+    src = tl.load(path_ptr + row * T + offs_t, mask=offs_t < T, other=0)
+    move = (offs_t < n) & (src != offs_t)
+    base = cache_ptr + plane.to(tl.int64) * S * D
+    mask = move[:, None] & (offs_d[None, :] < D)
+    rows = tl.load(base + (start + src)[:, None] * D + offs_d[None, :], mask=mask)
+    tl.debug_barrier()  # every source row is in registers before any destination is overwritten
+    tl.store(base + (start + offs_t)[:, None] * D + offs_d[None, :], rows, mask=mask)
+
+
+def compact_kv(cache: torch.Tensor, cache_lens: torch.Tensor, path: torch.Tensor, num_accepted: torch.Tensor) -> None:
+    """Launcher; shapes, dtypes and devices were validated by lookahead.kernels.compact_kv."""
+    L, _, B, H, S, D = cache.shape
+    T = path.shape[1]
+    if T > 128:
+        raise ValueError(f"compact_kv takes paths of at most 128 nodes, got {T}")
+    path = path.contiguous()
+    block_d = min(128, triton.next_power_of_2(D))
+    grid = (L * 2 * B * H, triton.cdiv(D, block_d))
+    _compact_kv_kernel[grid](cache, cache_lens, path, num_accepted, B, H, S, D, T,
+                             BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_D=block_d)

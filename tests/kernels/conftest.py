@@ -1,0 +1,18 @@
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def dtypes_for(device: str):
+    """(dtype, atol, rtol): bf16 only on CUDA, since the interpreter computes bf16 on raw bits."""
+    out = [(torch.float32, 2e-5, 1e-5), (torch.float16, 2e-3, 2e-3)]
+    if device == "cuda":
+        out.append((torch.bfloat16, 2e-2, 2e-2))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _triton(monkeypatch):
+    """Kernel tests call the Triton path explicitly; on CPU it runs in the interpreter (tests/conftest.py)."""
+    monkeypatch.setenv("LOOKAHEAD_KERNELS", "triton")

@@ -1,0 +1,103 @@
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lookahead import kernels
+from lookahead.kernels import reference
+from tests.kernels.conftest import DEVICES, dtypes_for
+
+pytestmark = pytest.mark.kernels
+
+PREFIXES, TS, GROUPS, HEAD_DIMS = (0, 1, 37, 300), (1, 7, 16, 64), (1, 3), (64, 128)
+# every value of every axis, in pairwise combinations (the interpreter runs programs one by one in numpy)
+CASES = [(p, t, g, d) for p, t, g, d in itertools.product(PREFIXES, TS, GROUPS, HEAD_DIMS)
+         if (PREFIXES.index(p) + TS.index(t) + GROUPS.index(g) + HEAD_DIMS.index(d)) % 3 == 0]
+
+
+def random_tree_mask(B, T, g):
+    mask = torch.zeros(B, T, T, dtype=torch.bool)
+    for b in range(B):
+        parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, T)]
+        for i in range(T):
+            mask[b, i, i] = True
+            if i:
+                mask[b, i] |= mask[b, parents[i]]
+    return mask
+
+
+def inputs(prefix, T, group, D, device, dtype, B=2, Hkv=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor([prefix, max(0, prefix - 5)][:B])
+    S = prefix + T + 3
+    q = torch.randn(B, T, Hkv * group, D, generator=g)
+    k = torch.randn(B, Hkv, S, D, generator=g)
+    v = torch.randn(B, Hkv, S, D, generator=g)
+    mask = random_tree_mask(B, T, g)
+    cast = dict(device=device, dtype=dtype)
+    return q.to(**cast), k.to(**cast), v.to(**cast), lens.to(device), mask.to(device)
+
+
+def test_cases_cover_every_listed_value():
+    for axis, values in enumerate((PREFIXES, TS, GROUPS, HEAD_DIMS)):
+        assert {c[axis] for c in CASES} == set(values)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prefix, T, group, D", CASES)
+def test_matches_reference(device, prefix, T, group, D):
+    for dtype, atol, rtol in dtypes_for(device):
+        q, k, v, lens, mask = inputs(prefix, T, group, D, device, dtype)
+        out = kernels.tree_attention(q, k, v, lens, mask)
+        ref = reference.tree_attention(*(x.cpu().float() for x in (q, k, v)), lens.cpu(), mask.cpu())
+        torch.testing.assert_close(out.cpu().float(), ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prefix, T", [(0, 7), (37, 16), (300, 64)])
+def test_chain_tree_equals_causal_attention(device, prefix, T):
+    q, k, v, lens, _ = inputs(prefix, T, 3, 64, device, torch.float32, B=1)
+    chain = torch.ones(1, T, T, dtype=torch.bool, device=device).tril()
+    n = prefix + T
+    # causal attention of the T new queries over prefix + themselves
+    ref = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k[:, :, :n].repeat_interleave(3, 1), v[:, :, :n].repeat_interleave(3, 1),
+        attn_mask=torch.ones(T, n, dtype=torch.bool, device=device).tril(prefix)).transpose(1, 2)
+    for tree_mask in (chain, None):
+        torch.testing.assert_close(kernels.tree_attention(q, k, v, lens, tree_mask), ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reruns_are_bitwise_equal(device):
+    q, k, v, lens, mask = inputs(37, 16, 3, 64, device, torch.float32)
+    assert torch.equal(kernels.tree_attention(q, k, v, lens, mask), kernels.tree_attention(q, k, v, lens, mask))
+
+
+def test_ancestor_bits_pack_the_mask():
+    from lookahead.kernels.tree_attention import ancestor_bits
+
+    mask = random_tree_mask(2, 100, torch.Generator().manual_seed(1))
+    bits = ancestor_bits(mask)
+    assert bits.shape == (2, 100, 2)
+    unpacked = ((bits[..., None] >> torch.arange(64)) & 1).bool().flatten(-2)[..., :100]
+    assert torch.equal(unpacked, mask)
+
+
+def test_misuse_raises_value_error():
+    q, k, v, lens, mask = inputs(5, 4, 1, 64, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="q \\[B, T, Hq, D\\]"):
+        kernels.tree_attention(q[0], k, v, lens, mask)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        kernels.tree_attention(q[:, :, :1].repeat(1, 1, 3, 1), k, v, lens, mask)
+    with pytest.raises(ValueError, match="one float dtype"):
+        kernels.tree_attention(q.half(), k, v, lens, mask)
+    with pytest.raises(ValueError, match="int64"):
+        kernels.tree_attention(q, k, v, lens.int(), mask)
+    with pytest.raises(ValueError, match="tree_mask must be bool"):
+        kernels.tree_attention(q, k, v, lens, mask.int())
+    with pytest.raises(ValueError, match="exceeds the cache"):
+        kernels.tree_attention(q, k, v, lens + 10, mask)
+    with pytest.raises(ValueError, match="at most 128"):
+        big = torch.randn(1, 129, 1, 64)
+        kernels.tree_attention(big, torch.randn(1, 1, 140, 64), torch.randn(1, 1, 140, 64), torch.tensor([0]), None)
