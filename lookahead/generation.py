@@ -17,6 +17,7 @@ from lookahead.budget import DraftBudget
 from lookahead.config import LookaheadConfig
 from lookahead.draft import DraftTree, bucket_size, build_draft, pack_drafts
 from lookahead.nvtx import nvtx_range
+from lookahead.sampling import TokenChooser
 from lookahead.trie import TokenTrie
 
 _request_ids = itertools.count()
@@ -125,9 +126,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     model._check_ids(input_ids)
     _check_new_tokens(max_new_tokens)
     cfg = _lookahead_config(lookahead)
-    if do_sample:
-        raise ValueError("do_sample=True is not supported yet: use greedy decoding (do_sample=False)")
     rows = _prompt_rows(input_ids, attention_mask)
+    chooser = TokenChooser(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                           repetition_penalty=repetition_penalty, seed=seed, vocab=model.config.vocab_size,
+                           prompts=rows, device=model.tok_embeddings.weight.device)
     ref_ids = _reference_ids(references, tokenizer)
     eos = set(model.config.eos_token_id if eos_token_id is None else
               ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)))
@@ -154,10 +156,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     shift = (T - lengths)[:, None]  # (B, 1)
     gather = (torch.arange(T, device=device)[None] + shift).clamp(max=T - 1)  # (B, T)
     right_padded = input_ids.to(device).gather(1, gather)
-    first = model.prefill(right_padded, lengths, cache).argmax(-1)  # (B,)
+    logits = model.prefill(right_padded, lengths, cache)  # (B, V)
+    first = chooser(logits[:, None], lengths[:, None])[:, 0]  # (B,) the token at position len(prompt)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     outputs: list[list[int]] = [[t] for t in first.tolist()]
+    for b, out in enumerate(outputs):
+        chooser.commit(b, out)
     stats.prefill_s = time.perf_counter() - t0
     stats.steps, stats.new_tokens = B, B
     if streamer is not None:
@@ -166,7 +171,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
     t0 = time.perf_counter()
     if cfg is None:
-        _plain_loop(model, cache, first, outputs, active, eos, max_new_tokens, streamer, stats)
+        _plain_loop(model, cache, chooser, first, outputs, active, eos, max_new_tokens, streamer, stats)
     else:
         trie = _trie_for(model, cfg)
         request_ids = [next(_request_ids) for _ in range(B)]
@@ -175,8 +180,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             trie.append(rid, out)
         contexts = [row + out for row, out in zip(rows, outputs)]  # the trie query reads their tails
         try:
-            _lookahead_loop(model, cache, cfg, trie, request_ids, contexts, outputs, active, eos, max_new_tokens,
-                            streamer, stats)
+            _lookahead_loop(model, cache, chooser, cfg, trie, request_ids, contexts, outputs, active, eos,
+                            max_new_tokens, streamer, stats)
         finally:
             for rid in request_ids:
                 trie.end_request(rid)
@@ -202,13 +207,14 @@ def _finish(out: list[int], new: list[int], eos: set, max_new_tokens: int) -> tu
     return new, len(out) + len(new) >= max_new_tokens
 
 
-def _plain_loop(model, cache, last: torch.Tensor, outputs, active, eos, max_new_tokens, streamer, stats) -> None:
+def _plain_loop(model, cache, chooser: TokenChooser, last: torch.Tensor, outputs, active, eos, max_new_tokens,
+                streamer, stats) -> None:
     """One token per step; finished rows ride along without advancing their cache."""
     zeros = torch.zeros_like(last)[:, None]
     step_mask = torch.tensor(active, device=last.device, dtype=torch.long)
     while any(active):
         logits = model.verify(last[:, None], zeros, cache, None)  # (B, 1, V)
-        last = logits[:, 0].argmax(-1)  # (B,)
+        last = chooser(logits, cache.lens[:, None] + 1, last[:, None])[:, 0]  # (B,)
         cache.lens += step_mask
         tokens = last.tolist()  # the one device-to-host sync of the step
         for b, t in enumerate(tokens):
@@ -216,6 +222,7 @@ def _plain_loop(model, cache, last: torch.Tensor, outputs, active, eos, max_new_
                 continue
             kept, done = _finish(outputs[b], [t], eos, max_new_tokens)
             outputs[b] += kept
+            chooser.commit(b, kept)
             stats.steps += 1
             stats.new_tokens += len(kept)
             if streamer is not None:
@@ -225,8 +232,8 @@ def _plain_loop(model, cache, last: torch.Tensor, outputs, active, eos, max_new_
                 step_mask[b] = 0
 
 
-def _lookahead_loop(model, cache, cfg: LookaheadConfig, trie: TokenTrie, request_ids, contexts, outputs, active, eos,
-                    max_new_tokens, streamer, stats) -> None:
+def _lookahead_loop(model, cache, chooser: TokenChooser, cfg: LookaheadConfig, trie: TokenTrie, request_ids, contexts,
+                    outputs, active, eos, max_new_tokens, streamer, stats) -> None:
     device = cache.buffer.device
     budget = DraftBudget.for_model(model, cfg) if cfg.adaptive else None
     B = len(outputs)
@@ -246,7 +253,8 @@ def _lookahead_loop(model, cache, cfg: LookaheadConfig, trie: TokenTrie, request
             batch = pack_drafts(drafts, device)
         with nvtx_range("verify"):
             logits = model.verify(batch.tokens, batch.depths, cache, batch.tree_mask)  # (B, T, V)
-            targets = logits.argmax(-1)  # (B, T)
+            positions = cache.lens[:, None] + batch.depths + 1  # (B, T) where each node's next token goes
+            targets = chooser(logits, positions, batch.tokens, batch.tree_mask)  # (B, T)
         with nvtx_range("accept"):
             path, num = kernels.accept_longest_path(batch.tokens, batch.parents, targets)
             new_tokens = _accepted_tokens(batch.tokens, targets, path, num)
@@ -263,6 +271,7 @@ def _lookahead_loop(model, cache, cfg: LookaheadConfig, trie: TokenTrie, request
                 kept, done = _finish(outputs[b], row[:n], eos, max_new_tokens)
                 outputs[b] += kept
                 contexts[b] += kept
+                chooser.commit(b, kept)
                 trie.append(request_ids[b], kept)
                 stats.steps += 1
                 stats.new_tokens += len(kept)
