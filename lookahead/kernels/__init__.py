@@ -59,8 +59,9 @@ def tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale=None):
         raise ValueError(f"tree_mask must be bool [B, T, T] = {(B, T, T)}, got {tree_mask.dtype} "
                          f"{tuple(tree_mask.shape)}")
     _same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_lens=cache_lens, tree_mask=tree_mask)
-    if not q.is_cuda and int(cache_lens.max()) + T > S:
-        raise ValueError(f"cache_lens + T exceeds the cache's {S} slots")
+    if not q.is_cuda and (int(cache_lens.min()) < 0 or int(cache_lens.max()) + T > S):
+        raise ValueError(f"cache_lens must be >= 0 and cache_lens + T must fit the cache's {S} slots, got "
+                         f"cache_lens {cache_lens.tolist()} with T = {T}")
     if _backend(q) == "triton":
         return _attention_module.tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale)
     return reference.tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale)

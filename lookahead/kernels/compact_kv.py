@@ -21,6 +21,7 @@ def _compact_kv_kernel(
     path_ptr,     # [B, T] int64 accepted nodes, root first, -1 padded
     num_ptr,      # [B] int64 nodes on the path
     B, H, S, D, T,
+    stride_lens, stride_path, stride_num,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -28,9 +29,9 @@ def _compact_kv_kernel(
     row = (plane // H) % B
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    n = tl.load(num_ptr + row)
-    start = tl.load(lens_ptr + row)
-    src = tl.load(path_ptr + row * T + offs_t, mask=offs_t < T, other=0)
+    n = tl.load(num_ptr + row * stride_num)
+    start = tl.load(lens_ptr + row * stride_lens)
+    src = tl.load(path_ptr + row * stride_path + offs_t, mask=offs_t < T, other=0)
     move = (offs_t < n) & (src != offs_t)
     base = cache_ptr + plane.to(tl.int64) * S * D
     mask = move[:, None] & (offs_d[None, :] < D)
@@ -45,8 +46,10 @@ def compact_kv(cache: torch.Tensor, cache_lens: torch.Tensor, path: torch.Tensor
     T = path.shape[1]
     if T > 128:
         raise ValueError(f"compact_kv takes paths of at most 128 nodes, got {T}")
-    path = path.contiguous()
+    if path.stride(1) != 1:
+        path = path.contiguous()
     block_d = min(128, triton.next_power_of_2(D))
     grid = (L * 2 * B * H, triton.cdiv(D, block_d))
     _compact_kv_kernel[grid](cache, cache_lens, path, num_accepted, B, H, S, D, T,
+                             cache_lens.stride(0), path.stride(0), num_accepted.stride(0),
                              BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_D=block_d)

@@ -74,11 +74,43 @@ def test_reruns_are_bitwise_equal(device):
     assert torch.equal(kernels.tree_attention(q, k, v, lens, mask), kernels.tree_attention(q, k, v, lens, mask))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prefix, T, group, D, splits", [(300, 7, 3, 64, 3), (37, 16, 1, 128, 2), (1, 64, 1, 64, 4)])
+def test_prefix_splits_match_reference(device, prefix, T, group, D, splits):
+    from lookahead.kernels.tree_attention import tree_attention as launch
+
+    for dtype, atol, rtol in dtypes_for(device):
+        q, k, v, lens, mask = inputs(prefix, T, group, D, device, dtype)
+        out = launch(q, k, v, lens, mask, num_splits=splits)
+        ref = reference.tree_attention(*(x.cpu().float() for x in (q, k, v)), lens.cpu(), mask.cpu())
+        torch.testing.assert_close(out.cpu().float(), ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_in_place_mask_updates_are_seen(device):
+    # the packed ancestor bits are reused across layers for one mask object; an in-place write must repack
+    q, k, v, lens, mask = inputs(37, 16, 1, 64, device, torch.float32)
+    kernels.tree_attention(q, k, v, lens, mask)
+    mask.copy_(torch.eye(16, dtype=torch.bool, device=device).expand(2, 16, 16))
+    ref = reference.tree_attention(q.cpu(), k.cpu(), v.cpu(), lens.cpu(), mask.cpu())
+    torch.testing.assert_close(kernels.tree_attention(q, k, v, lens, mask).cpu(), ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_inputs(device):
+    q, k, v, lens, mask = inputs(37, 7, 3, 64, device, torch.float32)
+    lens_col = torch.stack([lens, lens], 1)[:, 0]  # stride 2
+    q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, Hq, D) with heads outermost
+    out = kernels.tree_attention(q_strided, k, v, lens_col, mask)
+    ref = reference.tree_attention(q.cpu(), k.cpu(), v.cpu(), lens.cpu(), mask.cpu())
+    torch.testing.assert_close(out.cpu(), ref, atol=2e-5, rtol=1e-5)
+
+
 def test_ancestor_bits_pack_the_mask():
-    from lookahead.kernels.tree_attention import ancestor_bits
+    from lookahead.kernels.tree_attention import build_ancestor_bits
 
     mask = random_tree_mask(2, 100, torch.Generator().manual_seed(1))
-    bits = ancestor_bits(mask)
+    bits = build_ancestor_bits(mask)
     assert bits.shape == (2, 100, 2)
     unpacked = ((bits[..., None] >> torch.arange(64)) & 1).bool().flatten(-2)[..., :100]
     assert torch.equal(unpacked, mask)
@@ -96,8 +128,13 @@ def test_misuse_raises_value_error():
         kernels.tree_attention(q, k, v, lens.int(), mask)
     with pytest.raises(ValueError, match="tree_mask must be bool"):
         kernels.tree_attention(q, k, v, lens, mask.int())
-    with pytest.raises(ValueError, match="exceeds the cache"):
+    with pytest.raises(ValueError, match="must fit the cache"):
         kernels.tree_attention(q, k, v, lens + 10, mask)
+    with pytest.raises(ValueError, match=">= 0"):
+        kernels.tree_attention(q, k, v, lens - 10, mask)
+    with pytest.raises(ValueError, match="head dims"):
+        q80, k80, v80, _, _ = inputs(5, 4, 1, 80, "cpu", torch.float32)
+        kernels.tree_attention(q80, k80, v80, lens, mask)
     with pytest.raises(ValueError, match="at most 128"):
         big = torch.randn(1, 129, 1, 64)
         kernels.tree_attention(big, torch.randn(1, 1, 140, 64), torch.randn(1, 1, 140, 64), torch.tensor([0]), None)

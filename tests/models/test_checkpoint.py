@@ -88,7 +88,7 @@ def test_checkpoint_missing_a_tensor(tmp_path, tiny_dir):
     tensors = load_file(path / "model.safetensors")
     del tensors["model.layers.1.mlp.down_proj.weight"]
     save_file(tensors, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match="missing \[.layers.1.feed_forward.w2.weight.\]"):
+    with pytest.raises(ValueError, match=r"missing \[.layers.1.feed_forward.w2.weight.\]"):
         LlamaForLookahead.from_pretrained(tmp_path, device="cpu")
 
 
