@@ -74,8 +74,13 @@ def load_prompts(args) -> list[dict]:
 
 
 def _time(fn):
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     out = fn()
+    sync()
     return out, time.perf_counter() - t0
 
 

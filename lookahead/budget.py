@@ -21,7 +21,8 @@ from lookahead.config import LookaheadConfig
 from lookahead.draft import DRAFT_BUCKETS, bucket_size
 
 _CONTEXT = 256  # committed tokens behind the measured verify steps
-_REPEATS = 3
+_REPEATS = 3  # timed runs per size on CPU (hundreds of ms each); CUDA replays take 10x as many
+
 
 
 def cache_dir() -> Path:
@@ -45,12 +46,20 @@ def measure_cost_curve(model, sizes: list[int]) -> dict[int, float]:
     for T in sizes:
         tokens = torch.zeros(1, T, dtype=torch.long, device=w.device)
         depths = torch.arange(T, device=w.device)[None]
+        run = lambda: model.verify(tokens, depths, cache, None)  # noqa: E731
+        if w.is_cuda and os.environ.get("LOOKAHEAD_CUDA_GRAPHS", "1") != "0":
+            run()  # compiles the kernels; the steps replay CUDA graphs, so time a replay
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                model.verify(tokens, depths, cache, None)
+            run = graph.replay
         times = []
-        for _ in range(_REPEATS + 1):
+        for _ in range(_REPEATS * (10 if w.is_cuda else 1) + 1):
             if w.is_cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            model.verify(tokens, depths, cache, None)
+            run()
             if w.is_cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)

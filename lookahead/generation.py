@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from lookahead import kernels
 from lookahead.budget import DraftBudget
 from lookahead.config import LookaheadConfig
 from lookahead.draft import DraftTree, bucket_size, build_draft, pack_drafts
 from lookahead.nvtx import nvtx_range
 from lookahead.sampling import TokenChooser
+from lookahead.steps import StepGraphs, graphs_enabled, plain_step, tree_step
 from lookahead.trie import TokenTrie
 
 _request_ids = itertools.count()
@@ -32,6 +32,7 @@ class GenerationStats:
     draft_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    host_s: float = 0.0  # of decode_s: trie retrieval, draft building and trie updates on the host
 
     @property
     def accepted_per_step(self) -> float:
@@ -48,7 +49,7 @@ class GenerationStats:
     def as_dict(self) -> dict:
         return {"steps": self.steps, "new_tokens": self.new_tokens, "accepted_per_step": self.accepted_per_step,
                 "draft_tokens_per_step": self.draft_tokens_per_step, "prefill_s": self.prefill_s,
-                "decode_s": self.decode_s}
+                "decode_s": self.decode_s, "host_s": self.host_s}
 
 
 @dataclass
@@ -210,13 +211,15 @@ def _finish(out: list[int], new: list[int], eos: set, max_new_tokens: int) -> tu
 def _plain_loop(model, cache, chooser: TokenChooser, last: torch.Tensor, outputs, active, eos, max_new_tokens,
                 streamer, stats) -> None:
     """One token per step; finished rows ride along without advancing their cache."""
-    zeros = torch.zeros_like(last)[:, None]
+    graphs = StepGraphs.for_cache(model, cache) if graphs_enabled(model, chooser) else None
+    last = last[:, None].clone()  # (B, 1), overwritten by each step with its token
     step_mask = torch.tensor(active, device=last.device, dtype=torch.long)
     while any(active):
-        logits = model.verify(last[:, None], zeros, cache, None)  # (B, 1, V)
-        last = chooser(logits, cache.lens[:, None] + 1, last[:, None])[:, 0]  # (B,)
-        cache.lens += step_mask
-        tokens = last.tolist()  # the one device-to-host sync of the step
+        if graphs is not None:
+            graphs.run("plain", chooser, last, step_mask)
+        else:
+            plain_step(model, cache, chooser, last, step_mask)
+        tokens = last[:, 0].tolist()  # the one device-to-host sync of the step
         for b, t in enumerate(tokens):
             if not active[b]:
                 continue
@@ -236,8 +239,11 @@ def _lookahead_loop(model, cache, chooser: TokenChooser, cfg: LookaheadConfig, t
                     outputs, active, eos, max_new_tokens, streamer, stats) -> None:
     device = cache.buffer.device
     budget = DraftBudget.for_model(model, cfg) if cfg.adaptive else None
+    graphs = StepGraphs.for_cache(model, cache) if graphs_enabled(model, chooser) else None
     B = len(outputs)
+    step_mask = torch.tensor(active, device=device, dtype=torch.long)  # rows that advance
     while any(active):
+        t0 = time.perf_counter()
         n_draft = budget.choose(sum(active)) if budget is not None else cfg.decoding_length
         with nvtx_range("retrieve"):
             drafts = []
@@ -251,18 +257,14 @@ def _lookahead_loop(model, cache, chooser: TokenChooser, cfg: LookaheadConfig, t
                 drafts.append(build_draft(root, tokens, parents, layout=cfg.layout, budget=n_draft))
         with nvtx_range("draft"):
             batch = pack_drafts(drafts, device)
-        with nvtx_range("verify"):
-            logits = model.verify(batch.tokens, batch.depths, cache, batch.tree_mask)  # (B, T, V)
-            positions = cache.lens[:, None] + batch.depths + 1  # (B, T) where each node's next token goes
-            targets = chooser(logits, positions, batch.tokens, batch.tree_mask)  # (B, T)
-        with nvtx_range("accept"):
-            path, num = kernels.accept_longest_path(batch.tokens, batch.parents, targets)
-            new_tokens = _accepted_tokens(batch.tokens, targets, path, num)
-        with nvtx_range("compact"):
-            kernels.compact_kv(cache.buffer, cache.lens, path, num)
-            host = torch.cat([num[:, None], new_tokens], dim=1).tolist()  # the one device-to-host sync
-            advance = torch.tensor([n if a else 0 for (n, *_), a in zip(host, active)], device=device)
-            cache.lens += advance
+        t1 = time.perf_counter()
+        if graphs is not None:
+            host = graphs.run("tree", chooser, batch.tokens, batch.parents, batch.depths, batch.tree_mask,
+                              step_mask).tolist()  # the one device-to-host sync of the step
+        else:
+            host = tree_step(model, cache, chooser, batch.tokens, batch.parents, batch.depths, batch.tree_mask,
+                             step_mask).tolist()
+        t2 = time.perf_counter()
         with nvtx_range("trie_update"):
             for b in range(B):
                 if not active[b]:
@@ -282,16 +284,6 @@ def _lookahead_loop(model, cache, chooser: TokenChooser, cfg: LookaheadConfig, t
                     streamer.put(torch.tensor(kept))
                 if done:
                     active[b] = False
+                    step_mask[b] = 0
+        stats.host_s += (t1 - t0) + (time.perf_counter() - t2)
 
-
-def _accepted_tokens(tokens: torch.Tensor, targets: torch.Tensor, path: torch.Tensor,
-                     num: torch.Tensor) -> torch.Tensor:
-    """[B, T]: the accepted draft tokens path[1:n] followed by the bonus target of path[n-1] (then junk)."""
-    T = tokens.shape[1]
-    idx = path.clamp(min=0)  # (B, T)
-    drafted = tokens.gather(1, idx)  # (B, T)
-    shifted = torch.cat([drafted[:, 1:], drafted[:, :1]], dim=1)  # shifted[:, j] = drafted[:, j + 1]
-    last = idx.gather(1, (num - 1)[:, None])  # (B, 1) deepest accepted node
-    bonus = targets.gather(1, last)  # (B, 1)
-    col = torch.arange(T, device=tokens.device)[None]
-    return torch.where(col == (num - 1)[:, None], bonus, shifted)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 
 from lookahead import kernels
-from lookahead.kernels.tree_attention import ancestor_bits
+from lookahead.kernels.tree_attention import build_ancestor_bits
 
 
 def copy_bandwidth() -> float:
@@ -80,7 +80,8 @@ def main():
     num = torch.tensor([T - 1], device="cuda")
     lens = torch.tensor([1000], device="cuda")
     comp = triton.testing.do_bench(lambda: kernels.compact_kv(cache, lens, path, num), return_mode="median")
-    bits = triton.testing.do_bench(lambda: ancestor_bits(tree_mask(T)), return_mode="median")
+    mask64 = tree_mask(T)
+    bits = triton.testing.do_bench(lambda: build_ancestor_bits(mask64), return_mode="median")
     lines += ["", f"accept_longest_path T=64: {acc * 1e3:.1f} us; compact_kv T=64 (32 layers x 8 kv heads x 128): "
               f"{comp * 1e3:.1f} us; ancestor bits: {bits * 1e3:.1f} us"]
     text = "\n".join(lines)

@@ -27,6 +27,12 @@ def _backend(t: torch.Tensor) -> str:
     return backend
 
 
+def _check_values(t: torch.Tensor) -> bool:
+    """Checks that read tensor values (lengths, parents) need a device-to-host sync: always on CPU, on CUDA only
+    with LOOKAHEAD_CHECKS=1 (the generation loop builds valid inputs; a sync per layer would cost the step)."""
+    return not t.is_cuda or os.environ.get("LOOKAHEAD_CHECKS", "") == "1"
+
+
 def _int64(name: str, t: torch.Tensor, dims: int) -> None:
     if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != dims:
         raise ValueError(f"{name} must be an int64 tensor with {dims} dims, got "
@@ -59,10 +65,13 @@ def tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale=None):
         raise ValueError(f"tree_mask must be bool [B, T, T] = {(B, T, T)}, got {tree_mask.dtype} "
                          f"{tuple(tree_mask.shape)}")
     _same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_lens=cache_lens, tree_mask=tree_mask)
-    if not q.is_cuda and (int(cache_lens.min()) < 0 or int(cache_lens.max()) + T > S):
+    if _check_values(q) and (int(cache_lens.min()) < 0 or int(cache_lens.max()) + T > S):
         raise ValueError(f"cache_lens must be >= 0 and cache_lens + T must fit the cache's {S} slots, got "
                          f"cache_lens {cache_lens.tolist()} with T = {T}")
-    if _backend(q) == "triton":
+    backend = _backend(q)
+    if backend == "triton" and D not in (16, 32, 64, 128, 256) and not os.environ.get("LOOKAHEAD_KERNELS"):
+        backend = "torch"  # head dims the kernel does not tile (80, 96, ...): the reference serves them
+    if backend == "triton":
         return _attention_module.tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale)
     return reference.tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale)
 
@@ -75,7 +84,7 @@ def accept_longest_path(draft_tokens, parents, target_tokens):
         raise ValueError(f"draft_tokens, parents and target_tokens must share [B, T], got "
                          f"{tuple(draft_tokens.shape)}, {tuple(parents.shape)}, {tuple(target_tokens.shape)}")
     _same_device(draft_tokens=draft_tokens, parents=parents, target_tokens=target_tokens)
-    if not parents.is_cuda:
+    if _check_values(parents):
         T = parents.shape[1]
         idx = torch.arange(T, device=parents.device)
         bad = (parents[:, 0] != -1).any() | ((parents[:, 1:] >= idx[1:]) | (parents[:, 1:] < -1)).any()
@@ -101,7 +110,7 @@ def compact_kv(cache, cache_lens, path, num_accepted):
         raise ValueError(f"cache has {B} rows but cache_lens, path, num_accepted have "
                          f"{cache_lens.shape[0]}, {path.shape[0]}, {num_accepted.shape[0]}")
     _same_device(cache=cache, cache_lens=cache_lens, path=path, num_accepted=num_accepted)
-    if not cache.is_cuda:
+    if _check_values(cache):
         T = path.shape[1]
         if bool(((num_accepted < 1) | (num_accepted > T)).any()):
             raise ValueError(f"num_accepted must be in [1, {T}]")

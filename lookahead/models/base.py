@@ -362,7 +362,10 @@ class CausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, Linear):
                 m.packed = None
-        return super()._apply(fn, recurse)
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
+            self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)  # RoPE frequencies stay fp32
+        return self
 
     # ---- loading -----------------------------------------------------------------------------------------
     @classmethod

@@ -138,3 +138,14 @@ def test_misuse_raises_value_error():
     with pytest.raises(ValueError, match="at most 128"):
         big = torch.randn(1, 129, 1, 64)
         kernels.tree_attention(big, torch.randn(1, 1, 140, 64), torch.randn(1, 1, 140, 64), torch.tensor([0]), None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_value_checks_on_the_device(device):
+    # LOOKAHEAD_CHECKS=1 (set for the kernel tests) makes the checks that read values run on CUDA as well
+    q, k, v, lens, mask = inputs(5, 4, 1, 64, device, torch.float32)
+    with pytest.raises(ValueError, match="must fit the cache"):
+        kernels.tree_attention(q, k, v, lens + k.shape[2], mask)
+    parents = torch.tensor([[0, 0, 1, 1]], device=device)
+    with pytest.raises(ValueError, match="parents must"):
+        kernels.accept_longest_path(parents, parents, parents)

@@ -1,0 +1,112 @@
+"""The device side of one decode step, run eagerly or replayed from a CUDA graph.
+
+`tree_step` verifies every row's draft tree, chooses the target tokens, accepts the longest correct path,
+compacts the KV cache and advances the committed lengths; `plain_step` is the one-token step. Both only
+launch device work: the host reads their small output once per step.
+
+On CUDA, `StepGraphs` captures each step per (batch, tree bucket) the first time it runs and replays it
+after: a 30-layer model's step is hundreds of small launches, which a replay turns into one. Inputs go
+through static buffers; the KV cache and its lengths are the model's own (static) tensors. Graphs are used
+for greedy decoding only: a sampled step bakes its seed into the captured noise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lookahead import kernels
+from lookahead.cache import KVCache
+from lookahead.nvtx import nvtx_range
+
+
+def accepted_tokens(tokens: torch.Tensor, targets: torch.Tensor, path: torch.Tensor,
+                    num: torch.Tensor) -> torch.Tensor:
+    """[B, T]: the accepted draft tokens path[1:n] followed by the bonus target of path[n-1] (then junk)."""
+    T = tokens.shape[1]
+    idx = path.clamp(min=0)  # (B, T)
+    drafted = tokens.gather(1, idx)  # (B, T)
+    shifted = torch.cat([drafted[:, 1:], drafted[:, :1]], dim=1)  # shifted[:, j] = drafted[:, j + 1]
+    last = idx.gather(1, (num - 1)[:, None])  # (B, 1) deepest accepted node
+    bonus = targets.gather(1, last)  # (B, 1)
+    col = torch.arange(T, device=tokens.device)[None]
+    return torch.where(col == (num - 1)[:, None], bonus, shifted)
+
+
+def tree_step(model, cache: KVCache, chooser, tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
+              tree_mask: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """One lookahead step over draft trees [B, T] -> [B, 1 + T] int64: per row the number n of accepted
+    nodes (root included), then the n new tokens (the accepted draft tokens and the bonus token). Rows with
+    active[b] = 0 are computed but do not advance."""
+    with nvtx_range("verify"):
+        logits = model.verify(tokens, depths, cache, tree_mask)  # (B, T, V)
+        positions = cache.lens[:, None] + depths + 1  # (B, T) where each node's next token goes
+        targets = chooser(logits, positions, tokens, tree_mask)  # (B, T)
+    with nvtx_range("accept"):
+        path, num = kernels.accept_longest_path(tokens, parents, targets)
+        new = accepted_tokens(tokens, targets, path, num)
+    with nvtx_range("compact"):
+        kernels.compact_kv(cache.buffer, cache.lens, path, num)
+        cache.lens += num * active
+    return torch.cat([num[:, None], new], dim=1)
+
+
+def plain_step(model, cache: KVCache, chooser, last: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """One token per row: last [B, 1] -> next [B, 1], also written into `last` for the next step."""
+    logits = model.verify(last, torch.zeros_like(last), cache, None)  # (B, 1, V)
+    nxt = chooser(logits, cache.lens[:, None] + 1, last)  # (B, 1)
+    cache.lens += active
+    last.copy_(nxt)
+    return nxt
+
+
+def graphs_enabled(model, chooser) -> bool:
+    """CUDA graphs for this call: a CUDA model, greedy choice, and LOOKAHEAD_CUDA_GRAPHS not set to 0."""
+    return (model.tok_embeddings.weight.is_cuda and chooser.plain_argmax
+            and os.environ.get("LOOKAHEAD_CUDA_GRAPHS", "1") != "0")
+
+
+class StepGraphs:
+    """Captured steps of one model and one KV cache, keyed by (step kind, batch, tree size).
+
+    The first call of a key runs the step eagerly on fresh static buffers (this compiles the Triton kernels for
+    exactly those buffers) and then captures it; later calls copy their inputs into the static buffers and
+    replay. All graphs share one memory pool: they are replayed one at a time on one stream.
+    """
+
+    def __init__(self, model, cache: KVCache):
+        self.model, self.cache = model, cache
+        self.pool = torch.cuda.graph_pool_handle()
+        self.entries: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
+
+    @classmethod
+    def for_cache(cls, model, cache: KVCache) -> "StepGraphs":
+        graphs = model._lookahead_state.get("graphs")
+        if graphs is None or graphs.cache is not cache:  # a new cache buffer: the old graphs point at the old one
+            graphs = model._lookahead_state["graphs"] = cls(model, cache)
+        return graphs
+
+    def run(self, kind: str, chooser, *inputs: torch.Tensor) -> torch.Tensor:
+        step = tree_step if kind == "tree" else plain_step
+        key = (kind,) + tuple(tuple(t.shape) for t in inputs)
+        entry = self.entries.get(key)
+        if entry is not None:
+            graph, static, out = entry
+            for dst, src in zip(static, inputs):
+                if dst is not src:
+                    dst.copy_(src)
+            graph.replay()
+            if kind == "plain" and inputs[0] is not static[0]:
+                inputs[0].copy_(static[0])  # plain_step writes its next token back into `last`
+            return out
+        static = [t.clone() for t in inputs]
+        result = step(self.model, self.cache, chooser, *static).clone()  # the real step, eagerly
+        if kind == "plain":
+            inputs[0].copy_(static[0])
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):  # records the launches, runs nothing
+            out = step(self.model, self.cache, chooser, *static)
+        self.entries[key] = (graph, static, out)
+        return result

@@ -1,0 +1,190 @@
+"""End-to-end GPU measurements (issues 5 and 8); prints Markdown tables, optionally appends them to --out.
+
+    python profiling/gpu_e2e.py lossless --data question.jsonl      # SmolLM2: fp32 lossless, bf16 divergence
+    python profiling/gpu_e2e.py batch --data question.jsonl         # SmolLM2 bf16: B in {1, 4, 16, 64}
+    python profiling/gpu_e2e.py shape7b                             # random Llama-2-7B shape, bf16
+
+Timings are wall-clock around whole generate calls after a warm-up call (graphs captured, kernels compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from lookahead import LookaheadConfig
+from lookahead.budget import measure_cost_curve
+from lookahead.models.base import rope_inv_freq
+from lookahead.trie import TokenTrie
+
+
+def spec_bench(path: Path, per_category: int) -> list[tuple[str, str]]:
+    """(category, first turn), round-robin over categories, as the tests pick them."""
+    by_cat: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        q = json.loads(line)
+        by_cat.setdefault(q["category"], []).append(q["turns"][0])
+    return [(c, t[r]) for r in range(per_category) for c, t in by_cat.items() if r < len(t)]
+
+
+def smollm2(dtype):
+    from transformers import AutoTokenizer
+
+    from lookahead.models import LlamaForLookahead, resolve_checkpoint
+
+    model = LlamaForLookahead.from_pretrained("smollm2-135m-instruct", dtype=dtype, device="cuda")
+    return model, AutoTokenizer.from_pretrained(resolve_checkpoint("smollm2-135m-instruct"))
+
+
+def chat(tokenizer, text: str) -> torch.Tensor:
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)["input_ids"].cuda()
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def lossless(args) -> list[str]:
+    prompts = spec_bench(args.data, 4)[:40]
+    lines = [f"### Lossless on CUDA ({torch.cuda.get_device_name()}, {date.today()}), SmolLM2, 40 Spec-Bench "
+             f"prompts x {args.tokens} new tokens, CUDA graphs", ""]
+    for dtype in (torch.float32, torch.bfloat16):
+        model, tok = smollm2(dtype)
+        model.trie = None
+        same, first_diff, acc = 0, [], []
+        for k, (cat, text) in enumerate(prompts):
+            ids = chat(tok, text)
+            layout = ("hier", "par")[k % 2]
+            if k % 4 < 2 and model.trie is not None:
+                model.trie.clear()  # half the prompts on a cold trie
+            plain = model.generate(ids, max_new_tokens=args.tokens, lookahead=False)[0].tolist()
+            out = model.generate(ids, max_new_tokens=args.tokens, lookahead=LookaheadConfig(layout=layout),
+                                 return_dict_in_generate=True)
+            got = out.sequences[0].tolist()
+            acc.append(out.stats.accepted_per_step)
+            if got == plain:
+                same += 1
+            else:
+                first_diff.append(next(i for i, (a, b) in enumerate(zip(got, plain)) if a != b) - ids.shape[1])
+        name = str(dtype).removeprefix("torch.")
+        lines.append(f"- {name}: lookahead == plain on {same}/40 prompts; mean accepted tokens/step "
+                     f"{sum(acc) / len(acc):.2f}" + (f"; first divergence at new token {sorted(first_diff)}"
+                                                     if first_diff else ""))
+        del model
+        torch.cuda.empty_cache()
+    return lines
+
+
+def batch(args) -> list[str]:
+    model, tok = smollm2(torch.bfloat16)
+    texts = [t for _, t in spec_bench(args.data, 10)]
+    model.trie = TokenTrie()
+    for text in texts[-20:]:  # warm-up split: never measured
+        model.generate(chat(tok, text), max_new_tokens=args.tokens)
+    warm = model.trie  # each measured run starts from a copy: it never sees its own earlier output
+    tok.padding_side = "left"
+    lines = [f"### Batch sweep, SmolLM2 bf16, {args.tokens} new tokens, {torch.cuda.get_device_name()}, "
+             f"{date.today()} (warm trie: a 20-prompt warm-up split)", "",
+             "| B | plain tok/s | lookahead tok/s | speedup | accepted/step | host share | rows identical |",
+             "|---|---|---|---|---|---|---|"]
+    for B in (1, 4, 16, 64):
+        rows = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+                for t in (texts * 8)[:B]]
+        enc = tok(rows, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
+        kw = dict(attention_mask=enc.attention_mask, max_new_tokens=args.tokens, return_dict_in_generate=True,
+                  eos_token_id=[])  # every row generates all its tokens: equal work for both
+        model.generate(enc.input_ids, lookahead=False, **kw)  # warm-up: capture this batch's graphs
+        model.trie = copy.deepcopy(warm)
+        model.generate(enc.input_ids, lookahead=True, **kw)
+        plain, tp = timed(lambda: model.generate(enc.input_ids, lookahead=False, **kw))
+        model.trie = copy.deepcopy(warm)
+        look, tl = timed(lambda: model.generate(enc.input_ids, lookahead=True, **kw))
+        same = sum(a == b for a, b in zip(look.sequences.tolist(), plain.sequences.tolist()))
+        n = B * args.tokens
+        lines.append(f"| {B} | {n / tp:.0f} | {n / tl:.0f} | {tp / tl:.2f}x | {look.stats.accepted_per_step:.2f} | "
+                     f"{100 * look.stats.host_s / tl:.1f}% | {same}/{B} |")
+    return lines
+
+
+def shape7b(args) -> list[str]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lookahead.models import LlamaForLookahead
+
+    hf_cfg = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, eos_token_id=2, bos_token_id=1)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        hf = LlamaForCausalLM(LlamaConfig(**hf_cfg)).to(torch.bfloat16).eval()
+    cfg = LlamaForLookahead.from_hf_config(hf_cfg)
+    with torch.device("meta"):
+        ours = LlamaForLookahead(cfg)
+    ours.load_state_dict(LlamaForLookahead.convert_state_dict(hf.state_dict(), cfg), assign=True, strict=False)
+    ours.inv_freq = rope_inv_freq(cfg)
+    ours = ours.to("cuda", torch.bfloat16).eval()
+    curve = measure_cost_curve(ours, [1, 2, 4, 8, 16, 32, 64, 128])
+    lines = [f"### Random-weight Llama-2-7B shape, bf16, {torch.cuda.get_device_name()}, {date.today()}", "",
+             "Verify step (graph replay, 256 committed tokens): " +
+             ", ".join(f"T={T}: {s * 1e3:.2f} ms" for T, s in curve.items()) +
+             f". T=64 / T=1 = {curve[64] / curve[1]:.2f}x.", ""]
+    g = torch.Generator().manual_seed(0)
+    lines += ["| system | tok/s | accepted/step |", "|---|---|---|"]
+    prompts = [torch.randint(3, 32000, (1, 100), generator=g).cuda() for _ in range(args.prompts)]
+    hf_kw = dict(max_new_tokens=args.tokens, do_sample=False, pad_token_id=0, min_new_tokens=args.tokens)
+    results = {}
+    ours.trie = TokenTrie()
+    ours.generate(prompts[0], max_new_tokens=8)  # warm-up
+    hf.generate(prompts[0], attention_mask=torch.ones_like(prompts[0]), max_new_tokens=4, do_sample=False,
+                pad_token_id=0)
+    for name, fn in (("transformers greedy", lambda p: hf.generate(p, attention_mask=torch.ones_like(p), **hf_kw)),
+                     ("transformers prompt lookup", lambda p: hf.generate(p, attention_mask=torch.ones_like(p),
+                                                                          prompt_lookup_num_tokens=10, **hf_kw)),
+                     ("ours plain (graphs)", lambda p: ours.generate(p, max_new_tokens=args.tokens, lookahead=False,
+                                                                     eos_token_id=[], return_dict_in_generate=True)),
+                     ("ours lookahead (graphs)", lambda p: ours.generate(p, max_new_tokens=args.tokens,
+                                                                         eos_token_id=[],
+                                                                         return_dict_in_generate=True))):
+        total, toks, acc, host = 0.0, 0, [], 0.0
+        for p in prompts:
+            out, secs = timed(lambda: fn(p))
+            total += secs
+            toks += args.tokens
+            if hasattr(out, "stats"):
+                acc.append(out.stats.accepted_per_step)
+                host += out.stats.host_s
+        results[name] = toks / total
+        lines.append(f"| {name} | {toks / total:.1f} | " + (f"{sum(acc) / len(acc):.2f} (host {100 * host / total:.1f}%)"
+                                                          if acc else "1") + " |")
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=["lossless", "batch", "shape7b"])
+    p.add_argument("--data", type=Path, default=Path("question.jsonl"))
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    lines = {"lossless": lossless, "batch": batch, "shape7b": shape7b}[args.what](args)
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

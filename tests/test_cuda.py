@@ -1,0 +1,74 @@
+"""The CUDA path end to end (skipped without a GPU): Triton kernels inside generation, CUDA-graph replay ==
+eager, lookahead == plain on the GPU, batches with left padding."""
+
+import pytest
+import torch
+
+from lookahead import LookaheadConfig
+from tests.test_generation import VOCAB, tiny_model
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def cuda_model(seed: int = 0):
+    # head dim 32: a size the Triton tree_attention tiles
+    return tiny_model(seed, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                      num_key_value_heads=2).to("cuda")
+
+
+def run(model, ids, monkeypatch, graphs: bool, **kw):
+    monkeypatch.setenv("LOOKAHEAD_CUDA_GRAPHS", "1" if graphs else "0")
+    return model.generate(ids, return_dict_in_generate=True, eos_token_id=[], **kw)
+
+
+@pytest.mark.parametrize("layout", ["hier", "par"])
+def test_graph_replay_equals_eager_and_plain(monkeypatch, layout):
+    model = cuda_model()
+    ids = torch.randint(0, VOCAB, (1, 11), generator=torch.Generator().manual_seed(5)).cuda()
+    cpu = tiny_model(0, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    expected = cpu.generate(ids.cpu(), max_new_tokens=96, lookahead=False, eos_token_id=[])
+    cfg = LookaheadConfig(layout=layout, adaptive=False, decoding_length=24)
+    for graphs in (False, True):
+        plain = run(model, ids, monkeypatch, graphs, max_new_tokens=96, lookahead=False)
+        assert plain.sequences.cpu().tolist() == expected.tolist()
+        model.trie = None
+        cold = run(model, ids, monkeypatch, graphs, max_new_tokens=96, lookahead=cfg)
+        hot = run(model, ids, monkeypatch, graphs, max_new_tokens=96, lookahead=cfg)
+        assert cold.sequences.cpu().tolist() == expected.tolist()
+        assert hot.sequences.cpu().tolist() == expected.tolist()
+        assert hot.stats.accepted_per_step > 2.0
+        if graphs:
+            assert model._lookahead_state["graphs"].entries  # the steps really were captured and replayed
+            assert hot.stats.steps == eager_hot_steps
+        else:
+            eager_hot_steps = hot.stats.steps
+
+
+def test_batch_with_left_padding_equals_rows_alone(monkeypatch):
+    model = cuda_model(2)
+    g = torch.Generator().manual_seed(7)
+    rows = [torch.randint(0, VOCAB, (n,), generator=g) for n in (5, 13, 9)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):], mask[b, width - len(r):] = r, 1
+    cfg = LookaheadConfig(decoding_length=16)
+    alone = [run(model, r[None].cuda(), monkeypatch, True, max_new_tokens=40, lookahead=False).sequences[0, len(r):]
+             for r in rows]
+    for graphs in (False, True):
+        out = run(model, ids.cuda(), monkeypatch, graphs, attention_mask=mask.cuda(), max_new_tokens=40,
+                  lookahead=cfg)
+        for b in range(3):
+            assert out.sequences[b, width:].tolist() == alone[b].tolist()
+
+
+def test_value_checks_are_skipped_on_cuda_unless_asked(monkeypatch):
+    from lookahead import kernels
+
+    t = torch.zeros(1, 4, dtype=torch.long, device="cuda")
+    bad = torch.tensor([[0, 0, 1, 1]], device="cuda")
+    monkeypatch.setenv("LOOKAHEAD_CHECKS", "1")
+    with pytest.raises(ValueError, match="parents must"):
+        kernels.accept_longest_path(t, bad, t)
