@@ -12,7 +12,7 @@ for part in .xfer/a/part00 .xfer/b/part01; do [ -f $part ] && cp $part /tmp/mode
 case "${STAGE:-kernels}" in
 kernels)
   nvidia-smi -L; python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-  python3 -m pytest -q -m "kernels or cuda" tests/kernels tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
+  python3 -m pytest -q -n 8 -m "kernels or cuda" tests/kernels tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
   for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 9 python3 profiling/sanitize_kernels.py > "$OUT/sanitizer_$tool.log" 2>&1
     echo "compute-sanitizer $tool exit $?"; tail -4 "$OUT/sanitizer_$tool.log"

@@ -45,8 +45,17 @@ def _same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"tensors are on different devices: {devices}; move them to one device")
 
 
-def tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale=None):
-    """Attention of T draft nodes over the committed prefix and their tree ancestors (API.md)."""
+def ancestor_bits(tree_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The tree mask packed for the Triton tree_attention ([B, T, ceil(T / 64)] int64 bit-vectors), or None
+    where the torch reference will run. A model packs it once per step and passes it to every layer."""
+    if tree_mask is None or _attention_module is None or _backend(tree_mask) != "triton":
+        return None
+    return _attention_module.build_ancestor_bits(tree_mask)
+
+
+def tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale=None, *, ancestor_bits=None):
+    """Attention of T draft nodes over the committed prefix and their tree ancestors (API.md). ancestor_bits:
+    optional, `ancestor_bits(tree_mask)` computed once per step (the Triton kernel packs the mask otherwise)."""
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(f"expected q [B, T, Hq, D] and k/v_cache [B, Hkv, S, D] of one shape, got "
                          f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
@@ -72,7 +81,11 @@ def tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale=None):
     if backend == "triton" and D not in (16, 32, 64, 128, 256) and not os.environ.get("LOOKAHEAD_KERNELS"):
         backend = "torch"  # head dims the kernel does not tile (80, 96, ...): the reference serves them
     if backend == "triton":
-        return _attention_module.tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale)
+        if ancestor_bits is not None and (ancestor_bits.dtype != torch.int64 or ancestor_bits.shape[:2] != (B, T)):
+            raise ValueError(f"ancestor_bits must be int64 [B, T, W] from lookahead.kernels.ancestor_bits, got "
+                             f"{ancestor_bits.dtype} {tuple(ancestor_bits.shape)}")
+        return _attention_module.tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale,
+                                                ancestor_bits=ancestor_bits)
     return reference.tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale)
 
 
@@ -121,4 +134,4 @@ def compact_kv(cache, cache_lens, path, num_accepted):
     return reference.compact_kv(cache, cache_lens, path, num_accepted)
 
 
-__all__ = ["tree_attention", "accept_longest_path", "compact_kv"]
+__all__ = ["tree_attention", "accept_longest_path", "compact_kv", "ancestor_bits"]

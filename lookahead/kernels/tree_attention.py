@@ -15,7 +15,6 @@ prefixes, few programs) each split writes its unnormalised partial result and a 
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import triton
@@ -31,25 +30,6 @@ def build_ancestor_bits(tree_mask: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(64, device=tree_mask.device, dtype=torch.int64)
     # distinct bits never carry, so the sum is the bitwise or (bit 63 wraps to the sign bit, as intended)
     return (padded.view(B, T, words, 64) << shifts).sum(-1)
-
-
-class _BitsOfLastMask:
-    """The model passes one tree mask object to every layer of a step: pack it once, not once per layer. The
-    entry is keyed by the mask object (weakly), its version counter (in-place writes bump it) and whether a
-    CUDA graph is being captured (so a capture always records the packing)."""
-
-    def __init__(self):
-        self.key, self.mask_ref, self.bits = None, None, None
-
-    def __call__(self, tree_mask: torch.Tensor) -> torch.Tensor:
-        capturing = tree_mask.is_cuda and torch.cuda.is_current_stream_capturing()
-        key = (tree_mask._version, capturing)
-        if self.mask_ref is None or self.mask_ref() is not tree_mask or self.key != key:
-            self.key, self.mask_ref, self.bits = key, weakref.ref(tree_mask), build_ancestor_bits(tree_mask)
-        return self.bits
-
-
-_ancestor_bits = _BitsOfLastMask()
 
 
 @triton.jit
@@ -140,10 +120,9 @@ def _tree_attention_kernel(
             slots = cache_len + j
             if CHAIN:
                 visible = j[None, :] <= node[:, None]
-            else:
-                word = tl.load(bits_ptr + b * stride_bb + node[:, None] * stride_bt + (j // 64)[None, :],
-                               mask=valid_m[:, None] & valid_j[None, :], other=0)
-                visible = ((word >> (j % 64).to(tl.int64)[None, :]) & 1) != 0
+            else:  # BLOCK_N divides 64, so the tile's nodes share one word of each row's bit-vector
+                word = tl.load(bits_ptr + b * stride_bb + node * stride_bt + first // 64, mask=valid_m, other=0)
+                visible = ((word[:, None] >> (j % 64).to(tl.int64)[None, :]) & 1) != 0
             visible = visible & valid_j[None, :]
             k = tl.load(k_base + slots[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                         mask=valid_j[None, :], other=0.0)
@@ -191,20 +170,22 @@ _SM_COUNT: dict[int, int] = {}
 
 
 def _num_splits(programs: int, S: int, device: torch.device) -> int:
-    """Enough prefix splits to give every SM two programs, each split at least 512 slots of the cache."""
+    """Prefix splits so that about four programs run per SM, each split at least 256 slots of the cache. S (the
+    cache's capacity) stands in for the committed length, which the host does not know without a sync."""
     if device.type != "cuda":
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return max(1, min(2 * _SM_COUNT[index] // programs, S // 512, 32))
+    return max(1, min(4 * _SM_COUNT[index] // programs, S // 256, 64))
 
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor,
                    tree_mask: torch.Tensor | None, scale: float | None = None,
-                   num_splits: int | None = None) -> torch.Tensor:
-    """Launcher; shapes, dtypes and devices were validated by lookahead.kernels.tree_attention. num_splits
-    overrides the prefix split heuristic (tests)."""
+                   ancestor_bits: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """Launcher; shapes, dtypes and devices were validated by lookahead.kernels.tree_attention. ancestor_bits
+    ([B, T, W] int64 from build_ancestor_bits(tree_mask)) lets a model pack the mask once per step for all its
+    layers; num_splits overrides the prefix split heuristic (tests)."""
     B, T, Hq, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     if T > 128:
@@ -214,9 +195,14 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                          "set LOOKAHEAD_KERNELS=torch for other sizes")
     group = Hq // Hkv
     chain = tree_mask is None
-    bits = q.new_zeros(1, 1, 1, dtype=torch.int64) if chain else _ancestor_bits(tree_mask)
+    if chain:
+        bits = q.new_zeros(1, 1, 1, dtype=torch.int64)
+    elif ancestor_bits is None:
+        bits = build_ancestor_bits(tree_mask)
+    else:
+        bits = ancestor_bits
     block_m = min(128, max(16, triton.next_power_of_2(T * group)))
-    block_n = 64 if D <= 64 else 32
+    block_n = 64 if block_m * D <= 64 * 128 else 32
     m_tiles = triton.cdiv(T * group, block_m)
     splits = num_splits or _num_splits(m_tiles * B * Hkv, S, q.device)
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
@@ -226,13 +212,14 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         part = torch.empty(splits, B, T, Hq, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(splits, B, T, Hq, 2, dtype=torch.float32, device=q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    fp32 = q.dtype == torch.float32
     _tree_attention_kernel[(m_tiles, B * Hkv, splits)](
         q, k_cache, v_cache, cache_lens, bits, part, ml, scale * 1.4426950408889634, B, T, Hq, Hkv,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *part.stride()[-4:],
         cache_lens.stride(0), bits.stride(0), bits.stride(1),
         GROUP=group, SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, CHAIN=chain,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=8 if block_m * D >= 128 * 128 else 4)
+        PRECISION="ieee" if fp32 else "tf32",
+        num_warps=8 if block_m * D >= 128 * 128 else 4, num_stages=2 if fp32 and block_m * D >= 64 * 128 else 3)
     if splits > 1:
         _merge_splits_kernel[(B * T * Hq,)](part, ml, out, B * T * Hq, SPLITS=splits,
                                             BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM=D)

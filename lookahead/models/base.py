@@ -132,6 +132,7 @@ class Step:
     slots: torch.Tensor | None = None      # [B, T] verify: cache slot of each node
     rows: torch.Tensor | None = None       # [B, 1] verify: arange(B)
     tree_mask: torch.Tensor | None = None  # [B, T, T] verify: node i sees node j
+    ancestor_bits: torch.Tensor | None = None  # the tree mask packed once for the Triton kernel (or None)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -201,7 +202,8 @@ class Attention(nn.Module):
             k_cache, v_cache = step.cache.buffer[self.layer]  # (B, Hkv, S, D) each
             k_cache[step.rows, :, step.slots] = k
             v_cache[step.rows, :, step.slots] = v
-            y = kernels.tree_attention(q, k_cache, v_cache, step.cache.lens, step.tree_mask)
+            y = kernels.tree_attention(q, k_cache, v_cache, step.cache.lens, step.tree_mask,
+                                       ancestor_bits=step.ancestor_bits)
         else:
             if step.mode == "prefill":
                 kv = step.cache.buffer[self.layer, :, :, :, :T]  # (2, B, Hkv, T, D)
@@ -324,6 +326,7 @@ class CausalLM(nn.Module):
         offsets = torch.arange(T, device=tokens.device)
         slots = cache.lens[:, None] + offsets  # (B, T)
         step = {"mode": "verify", "cache": cache, "slots": slots, "tree_mask": tree_mask,
+                "ancestor_bits": kernels.ancestor_bits(tree_mask),
                 "rows": torch.arange(B, device=tokens.device)[:, None]}
         return self._run(tokens, cache.lens[:, None] + depths, step, None)
 

@@ -87,13 +87,15 @@ def test_prefix_splits_match_reference(device, prefix, T, group, D, splits):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_in_place_mask_updates_are_seen(device):
-    # the packed ancestor bits are reused across layers for one mask object; an in-place write must repack
-    q, k, v, lens, mask = inputs(37, 16, 1, 64, device, torch.float32)
-    kernels.tree_attention(q, k, v, lens, mask)
-    mask.copy_(torch.eye(16, dtype=torch.bool, device=device).expand(2, 16, 16))
-    ref = reference.tree_attention(q.cpu(), k.cpu(), v.cpu(), lens.cpu(), mask.cpu())
-    torch.testing.assert_close(kernels.tree_attention(q, k, v, lens, mask).cpu(), ref, atol=2e-5, rtol=1e-5)
+def test_ancestor_bits_packed_once_give_the_same_result(device):
+    # the model packs the mask once per step and passes the bits to every layer
+    q, k, v, lens, mask = inputs(37, 70, 1, 64, device, torch.float32)
+    bits = kernels.ancestor_bits(mask)
+    assert bits is not None and bits.shape == (2, 70, 2)
+    out = kernels.tree_attention(q, k, v, lens, mask, ancestor_bits=bits)
+    assert torch.equal(out, kernels.tree_attention(q, k, v, lens, mask))
+    with pytest.raises(ValueError, match="ancestor_bits must be"):
+        kernels.tree_attention(q, k, v, lens, mask, ancestor_bits=bits[:, :5])
 
 
 @pytest.mark.parametrize("device", DEVICES)
