@@ -170,15 +170,60 @@ def shape7b(args) -> list[str]:
     return lines
 
 
+def batch_cost(args) -> list[str]:
+    """Verify cost per (B, nodes per row) on a random-weight SmolLM2-shape model (no checkpoint needed), timed
+    on graph replays: what the adaptive budget weighs as the batch grows."""
+    from lookahead.cache import KVCache
+    from lookahead.models import LlamaForLookahead
+
+    hf_cfg = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                  rope_theta=100000.0, tie_word_embeddings=True, eos_token_id=2)
+    torch.manual_seed(0)
+    cfg = LlamaForLookahead.from_hf_config(hf_cfg)
+    with torch.device("cuda"):
+        model = LlamaForLookahead(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    model = model.to(torch.bfloat16).eval()
+    lines = [f"### Verify cost vs batch, random-weight SmolLM2 shape, bf16, {torch.cuda.get_device_name()}, "
+             f"{date.today()}", "", "ms per step (graph replay, 256 committed tokens per row)", "",
+             "| B | T=1 | T=4 | T=16 | T=64 | T=64 / T=1 |", "|---|---|---|---|---|---|"]
+    with torch.inference_mode():
+        for B in (1, 4, 16, 64):
+            cache = KVCache(cfg.n_layers, B, cfg.n_kv_heads, 256 + 64, cfg.head_dim, torch.bfloat16, "cuda")
+            cache.lens.fill_(256)
+            row = []
+            for T in (1, 4, 16, 64):
+                tokens = torch.zeros(B, T, dtype=torch.long, device="cuda")
+                depths = torch.arange(T, device="cuda")[None].expand(B, T).contiguous()
+                model.verify(tokens, depths, cache, None)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    model.verify(tokens, depths, cache, None)
+                row.append(triton_bench(graph.replay))
+            lines.append(f"| {B} | " + " | ".join(f"{ms:.2f}" for ms in row) + f" | {row[-1] / row[0]:.2f}x |")
+            del cache
+    return lines
+
+
+def triton_bench(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, return_mode="median")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["lossless", "batch", "shape7b"])
+    p.add_argument("what", choices=["lossless", "batch", "shape7b", "batch_cost"])
     p.add_argument("--data", type=Path, default=Path("question.jsonl"))
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    lines = {"lossless": lossless, "batch": batch, "shape7b": shape7b}[args.what](args)
+    lines = {"lossless": lossless, "batch": batch, "shape7b": shape7b, "batch_cost": batch_cost}[args.what](args)
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
     if args.out:
