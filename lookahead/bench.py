@@ -36,6 +36,10 @@ def add_arguments(p) -> None:
                    help="first fill the warm trie with our outputs of this many other prompts (not measured)")
     p.add_argument("--decoding-length", type=int, default=None, help="LookaheadConfig.decoding_length")
     p.add_argument("--no-adaptive", action="store_true", help="fixed draft budget instead of the adaptive one")
+    p.add_argument("--do-sample", action="store_true",
+                   help="sample (top-k and top-p off) instead of greedy; ours use seed = prompt index, so our "
+                        "plain and lookahead runs must agree token for token")
+    p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     p.add_argument("--name", default=None, help="file stem of the outputs (default: the dataset)")
 
@@ -121,21 +125,25 @@ def run(args) -> int:
             ids = tokenizer(item["prompt"], return_tensors="pt").input_ids
         return ids.to(device)
 
-    def ours_run(ids, item, lookahead, trie):
+    sampling = dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0) if args.do_sample else {}
+
+    def ours_run(ids, item, lookahead, trie, seed=0):
         ours.trie = trie
         refs = [item["prompt"]] if item["reference"] and lookahead else None
         return ours.generate(ids, max_new_tokens=args.max_new_tokens, lookahead=cfg if lookahead else False,
-                             references=refs, tokenizer=tokenizer, return_dict_in_generate=True)
+                             references=refs, tokenizer=tokenizer, return_dict_in_generate=True,
+                             **({**sampling, "seed": seed} if sampling else {}))
 
     warm_trie = TokenTrie(branch_length=cfg.branch_length, max_trie_nodes=cfg.max_trie_nodes)
     for item in tqdm(warmup, desc="warm-up split"):
         ours_run(encode(item), item, True, warm_trie)
 
-    hf_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    hf_kwargs = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id,
+                     **(sampling or {"do_sample": False}))
     records = []
     with torch.inference_mode():
         ours_run(encode(measured[0]), measured[0], True, TokenTrie())  # compile/allocate/cost curve, not timed
-        for item in tqdm(measured, desc="prompts"):
+        for index, item in enumerate(tqdm(measured, desc="prompts")):
             ids = encode(item)
             n_prompt = ids.shape[1]
             rec = {"category": item["category"], "prompt_tokens": n_prompt, "systems": {}}
@@ -150,7 +158,7 @@ def run(args) -> int:
                 else:
                     lookahead = system != "ours_plain"
                     trie = warm_trie if system == "ours_warm" else TokenTrie(cfg.branch_length, cfg.max_trie_nodes)
-                    out, secs = _time(lambda: ours_run(ids, item, lookahead, trie))
+                    out, secs = _time(lambda: ours_run(ids, item, lookahead, trie, seed=index))
                     seq, s = out.sequences, out.stats
                     rec["systems"][system] = {"new_tokens": s.new_tokens, "seconds": secs,
                                               "tokens_per_s": s.new_tokens / secs,
@@ -194,7 +202,8 @@ def summarize(records: list[dict], args, device, dtype) -> dict:
     meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "device": str(device), "dtype": str(dtype).removeprefix("torch."), "model": args.model,
             "dataset": args.dataset, "max_new_tokens": args.max_new_tokens, "warmup_split": args.warmup_split,
-            "adaptive": not args.no_adaptive}
+            "adaptive": not args.no_adaptive,
+            "sampling": f"temperature {args.temperature}" if args.do_sample else "greedy"}
     try:
         import torch
         meta["threads"] = torch.get_num_threads()
@@ -204,7 +213,7 @@ def summarize(records: list[dict], args, device, dtype) -> dict:
 
 
 def markdown(table: dict, systems: list[str], meta: dict) -> str:
-    lines = [f"{meta['dataset']} — {meta['model']} {meta['dtype']} on {meta['device']} "
+    lines = [f"{meta['dataset']} ({meta.get('sampling', 'greedy')}) — {meta['model']} {meta['dtype']} on {meta['device']} "
              f"({meta.get('threads', '?')} threads), {meta['max_new_tokens']} new tokens, {meta['date']}. "
              "Warm trie: only our own outputs of earlier prompts"
              + (f" and of a {meta['warmup_split']}-prompt warm-up split" if meta["warmup_split"] else "") + ".", ""]
