@@ -10,6 +10,8 @@ penalty) see each node's own path: the committed tokens plus the node's ancestor
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -26,7 +28,20 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def gumbel_noise(seed: int, rows: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
     """Gumbel(0, 1) noise [B, T, V] (fp32) for token positions [B, T] of rows [B]; a pure function of
-    (seed, row, position, vocab id), identical on every device."""
+    (seed, row, position, vocab id). CUDA draws it with the Triton kernel (lookahead.kernels.gumbel_noise),
+    other devices with the torch version below; both compute the same hash."""
+    if positions.is_cuda and os.environ.get("LOOKAHEAD_KERNELS", "").lower() != "torch":
+        try:
+            from lookahead.kernels.gumbel_noise import gumbel_noise as kernel
+        except ImportError:
+            kernel = None
+        if kernel is not None:
+            return kernel(seed, rows, positions, vocab)
+    return gumbel_noise_torch(seed, rows, positions, vocab)
+
+
+def gumbel_noise_torch(seed: int, rows: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The torch version of gumbel_noise (the CPU path and the kernel's reference)."""
     device = positions.device
     v = torch.arange(vocab, device=device, dtype=torch.int64)
     key = _mix32((rows[:, None] * 0x9E3779B1 + positions + (seed & _M32) * 0x632BE5AB) & _M32)  # (B, T)
