@@ -74,14 +74,12 @@ def test_value_checks_are_skipped_on_cuda_unless_asked(monkeypatch):
         kernels.accept_longest_path(t, bad, t)
 
 
-def test_seeded_sampling_on_cuda_equals_plain_and_the_cpu(monkeypatch):
-    # the noise comes from the Triton kernel on CUDA and from torch on CPU: the same tokens either way
+def test_seeded_sampling_on_cuda_equals_plain(monkeypatch):
+    # the noise comes from the Triton kernel here (tests/kernels/test_gumbel_noise.py: equal to the torch noise)
     model = cuda_model(3)
-    cpu = tiny_model(3, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
     ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(9))
     kw = dict(max_new_tokens=48, do_sample=True, temperature=0.8, top_p=0.95, seed=11, eos_token_id=[])
     plain = model.generate(ids.cuda(), lookahead=False, **kw)
     model.trie = None
     for _ in range(2):  # cold, then a trie holding this very output
         assert model.generate(ids.cuda(), lookahead=LookaheadConfig(adaptive=False), **kw).tolist() == plain.tolist()
-    assert cpu.generate(ids, lookahead=False, **kw).tolist() == plain.cpu().tolist()
