@@ -85,7 +85,8 @@ def eos_ids(value) -> list[int]:
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies [rotary_dim / 2] for the default, linear and llama3 RoPE variants."""
     dim = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    # computed on CPU even under a meta-device context (meta arange would import torch._dynamo: seconds)
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
     p = cfg.rope_params
     if cfg.rope_type == "default":
         pass
@@ -163,11 +164,24 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding without the random init when built on the meta device (its first use imports torch._dynamo,
+    seconds of a model load)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class Linear(nn.Linear):
     """nn.Linear that runs through a oneDNN prepacked copy of its weight once `pack()` made one (fp32 CPU)."""
 
     packed: torch.Tensor | None = None
     _packed_version: int = -1
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:  # built on meta by from_pretrained: the checkpoint fills it, skip the init
+            super().reset_parameters()
 
     def pack(self) -> None:
         w = self.weight
@@ -258,7 +272,7 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)

@@ -1,0 +1,60 @@
+"""Draft trees: hier and par layouts, budgets, buckets, the packed batch and its ancestor mask."""
+
+import pytest
+import torch
+
+from lookahead.draft import DRAFT_BUCKETS, bucket_size, build_draft, pack_drafts
+
+# retrieved nodes (root excluded), DFS pre-order: 2 -> (3 -> (7, 8), 4)
+TOKENS, PARENTS = [2, 3, 7, 8, 4], [0, 1, 2, 2, 1]
+
+
+def test_hier_keeps_the_trie_shape():
+    tree = build_draft(1, TOKENS, PARENTS, layout="hier")
+    assert tree.tokens == [1, 2, 3, 7, 8, 4]
+    assert tree.parents == [-1, 0, 1, 2, 2, 1]
+    assert tree.depths == [0, 1, 2, 3, 3, 2]
+    assert tree.num_draft == 5
+
+
+def test_par_lays_each_branch_out_as_its_own_chain():
+    tree = build_draft(1, TOKENS, PARENTS, layout="par")
+    # leaves 7, 8, 4: chains 2 3 7 | 2 3 8 | 2 4, each hanging off the root
+    assert tree.tokens == [1, 2, 3, 7, 2, 3, 8, 2, 4]
+    assert tree.parents == [-1, 0, 1, 2, 0, 4, 5, 0, 7]
+    assert tree.depths == [0, 1, 2, 3, 1, 2, 3, 1, 2]
+
+
+def test_budget_cuts_a_pre_order_prefix_that_is_still_a_tree():
+    tree = build_draft(1, TOKENS, PARENTS, layout="par", budget=4)
+    assert tree.tokens == [1, 2, 3, 7, 2] and tree.parents == [-1, 0, 1, 2, 0]
+
+
+def test_buckets():
+    assert [bucket_size(n) for n in (1, 5, 16, 17, 128)] == [1, 6, 16, 24, 128]
+    assert DRAFT_BUCKETS[-1] == 128
+    with pytest.raises(ValueError, match="at most 128"):
+        bucket_size(129)
+
+
+def test_pack_pads_rows_to_one_bucket_with_the_ancestor_mask():
+    a = build_draft(1, TOKENS, PARENTS)
+    b = build_draft(5, [], [])
+    batch = pack_drafts([a, b], "cpu")
+    assert batch.tokens.shape == (2, 6)
+    assert batch.tokens[0].tolist() == [1, 2, 3, 7, 8, 4] and batch.tokens[1, 0] == 5
+    assert batch.parents[1].tolist() == [-1] * 6  # padding nodes have no parent: never accepted
+    mask = batch.tree_mask[0]
+    assert mask[3].tolist() == [True, True, True, True, False, False]  # 7 sees root, 2, 3, itself
+    assert mask[5].tolist() == [True, True, False, False, False, True]  # 4 sees root, 2, itself
+    assert torch.equal(batch.tree_mask[1], torch.eye(6, dtype=torch.bool))  # padding sees only itself
+    assert pack_drafts([a], "cpu", size=16).tokens.shape == (1, 16)
+
+
+def test_bad_trees_raise_value_error():
+    with pytest.raises(ValueError, match="layout"):
+        build_draft(1, TOKENS, PARENTS, layout="wide")
+    with pytest.raises(ValueError, match="parent"):
+        build_draft(1, [2, 3], [0, 2])
+    with pytest.raises(ValueError, match="tokens but"):
+        build_draft(1, [2, 3], [0])

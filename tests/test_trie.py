@@ -1,0 +1,113 @@
+"""TokenTrie: golden retrieval trees, local-before-global ranking, streaming, the node bound, save/load."""
+
+import json
+
+import pytest
+
+from lookahead.trie import TokenTrie
+
+
+def golden_trie() -> TokenTrie:
+    trie = TokenTrie(branch_length=4, max_trie_nodes=1000)
+    trie.insert([1, 2, 3, 7])
+    trie.insert([1, 2, 3, 8])
+    trie.insert([1, 2, 4])
+    return trie
+
+
+def test_golden_retrieval_tree():
+    trie = golden_trie()
+    # after token 1: 2 (3 windows), then 3 (2) before 4 (1), then 3's children 7 and 8; DFS pre-order
+    assert trie.retrieve([1], 5) == ([2, 3, 7, 8, 4], [0, 1, 2, 2, 1])
+    assert trie.retrieve([1], 3) == ([2, 3, 4], [0, 1, 1])  # best first: the budget keeps 2, 3, 4
+    assert trie.retrieve([1], 1) == ([2], [0])
+    assert trie.retrieve([1], 0) == ([], [])
+
+
+def test_longest_query_first_then_shorter():
+    trie = golden_trie()
+    trie.insert([9, 3, 5])
+    # the 2-token query [2, 3] matches and continues with 7 / 8; a 1-token query [3] would also offer 5
+    tokens, _ = trie.retrieve([2, 3], 8, max_query_length=2)
+    assert set(tokens) == {7, 8}
+    tokens, _ = trie.retrieve([2, 3], 8, max_query_length=1)
+    assert set(tokens) == {7, 8, 5}
+    # [6, 3] is unknown: fall back to the suffix [3]
+    tokens, _ = trie.retrieve([6, 3], 8, max_query_length=2)
+    assert set(tokens) == {7, 8, 5}
+    assert trie.retrieve([42], 8) == ([], [])
+
+
+def test_request_local_counts_rank_first_and_leave_with_the_request():
+    trie = golden_trie()
+    trie.begin_request(7, [1, 2, 4, 6], references=[[1, 2, 4, 6]])
+    tokens, parents = trie.retrieve([1, 2], 2, request_id=7, max_query_length=2)
+    assert tokens == [4, 6] and parents == [0, 1]  # local 4 -> 6 beats the globally stronger 3
+    assert trie.retrieve([1, 2], 1, max_query_length=2) == ([3], [0])  # other requests see global order
+    trie.end_request(7)
+    assert trie.retrieve([2, 4], 4, max_query_length=2) == ([], [])  # 6 only existed locally
+
+
+def test_streamed_tokens_count_globally():
+    trie = TokenTrie(branch_length=3, max_trie_nodes=1000)
+    trie.begin_request(1, [5, 6])
+    trie.append(1, [7])
+    trie.append(1, [5, 6, 8])
+    trie.end_request(1)
+    # windows of 5 6 7 5 6 8: after [5, 6] come 7 and 8 (global, they stay after the request ends)
+    tokens, parents = trie.retrieve([5, 6], 4, max_query_length=2)
+    assert sorted(tokens) == [7, 8] and parents == [0, 0]
+
+
+def test_node_bound_holds_across_10000_requests():
+    trie = TokenTrie(branch_length=6, max_trie_nodes=2000)
+    state = 12345
+    for rid in range(10_000):
+        seq = []
+        for _ in range(12):
+            state = (state * 1103515245 + 12345) % 2**31
+            seq.append(state % 500)
+        trie.begin_request(rid, seq[:4])
+        trie.append(rid, seq[4:])
+        trie.end_request(rid)
+        assert len(trie) <= 2000
+    assert len(trie) > 100  # it still holds recent text
+    assert seq[6] in trie.retrieve(seq[4:6], 8, max_query_length=2)[0]  # the latest output is still drafted
+
+
+def test_save_load_round_trip(tmp_path):
+    trie = golden_trie()
+    path = tmp_path / "trie.json"
+    trie.save(path)
+    loaded = TokenTrie.load(path)
+    assert len(loaded) == len(trie) and loaded.branch_length == 4
+    for context in ([1], [2], [2, 3], [1, 2]):
+        assert loaded.retrieve(context, 8) == trie.retrieve(context, 8)
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"format": "something-else", "version": 1}), "not a saved TokenTrie"),
+    (json.dumps({"format": "lookahead-token-trie", "version": 1, "branch_length": 4, "max_trie_nodes": 100,
+                 "tokens": [1, 2], "parents": [-1, 5], "counts": [1, 1]}), "damaged"),
+    (json.dumps({"format": "lookahead-token-trie", "version": 1, "branch_length": 4, "max_trie_nodes": 100,
+                 "tokens": [1], "parents": [-1]}), "damaged"),
+])
+def test_corrupt_saved_file_raises_value_error(tmp_path, content, match):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        TokenTrie.load(path)
+    with pytest.raises(FileNotFoundError):
+        TokenTrie.load(tmp_path / "missing.json")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="branch_length"):
+        TokenTrie(branch_length=1)
+    trie = golden_trie()
+    trie.begin_request(1, [1])
+    with pytest.raises(ValueError, match="already running"):
+        trie.begin_request(1, [2])
+    with pytest.raises(ValueError, match="weight"):
+        trie.insert([1, 2], weight=0)
