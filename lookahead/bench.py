@@ -44,6 +44,18 @@ def add_arguments(p) -> None:
     p.add_argument("--name", default=None, help="file stem of the outputs (default: the dataset)")
 
 
+def spec_bench_first_turns(path: Path, per_category: int) -> list[tuple[str, str]]:
+    """(category, first turn) of the first `per_category` questions of every category, round-robin over the
+    categories (so any prefix of the list covers them evenly): the selection the tests and GPU runs use."""
+    by_category: dict[str, list[str]] = defaultdict(list)
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            q = json.loads(line)
+            by_category[q["category"]].append(q["turns"][0])
+    return [(c, turns[rank]) for rank in range(per_category) for c, turns in by_category.items()
+            if rank < len(turns)]
+
+
 def load_prompts(args) -> list[dict]:
     """[{category, prompt, chat, reference}] in round-robin category order (any prefix is balanced)."""
     if args.dataset == "humaneval":
@@ -94,7 +106,7 @@ def run(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lookahead import LookaheadConfig
-    from lookahead.cli import DTYPES
+    from lookahead.cli import DTYPES, encode_prompt
     from lookahead.models import resolve_checkpoint
     from lookahead.models.auto import model_class
     from lookahead.trie import TokenTrie
@@ -117,13 +129,7 @@ def run(args) -> int:
         raise ValueError("no prompts to measure: check --categories / --limit-per-category / --warmup-split")
 
     def encode(item):
-        if item["chat"]:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": item["prompt"]}],
-                                                add_generation_prompt=True, return_tensors="pt",
-                                                return_dict=True)["input_ids"]
-        else:
-            ids = tokenizer(item["prompt"], return_tensors="pt").input_ids
-        return ids.to(device)
+        return encode_prompt(tokenizer, item["prompt"], item["chat"]).to(device)
 
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0) if args.do_sample else {}
 

@@ -34,7 +34,8 @@ def _load(args):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def _encode(tokenizer, text: str, chat: bool):
+def encode_prompt(tokenizer, text: str, chat: bool):
+    """Token ids [1, T] of a prompt, through the chat template (user turn, generation prompt) when chat."""
     if chat:
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                              return_tensors="pt", return_dict=True)["input_ids"]
@@ -45,7 +46,7 @@ def cmd_generate(args) -> int:
     from transformers import TextStreamer
 
     model, tokenizer = _load(args)
-    ids = _encode(tokenizer, args.prompt, args.chat).to(model.tok_embeddings.weight.device)
+    ids = encode_prompt(tokenizer, args.prompt, args.chat).to(model.tok_embeddings.weight.device)
     refs = [open(f).read() for f in args.reference] if args.reference else None
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, lookahead=not args.no_lookahead,
@@ -66,7 +67,7 @@ def cmd_demo(args) -> int:
           f"{model.tok_embeddings.weight.device}, {model.tok_embeddings.weight.dtype})\n")
     rows = []
     for name, prompt in DEMO_PROMPTS:
-        ids = _encode(tokenizer, prompt, chat=True).to(model.tok_embeddings.weight.device)
+        ids = encode_prompt(tokenizer, prompt, chat=True).to(model.tok_embeddings.weight.device)
         plain = model.generate(ids, max_new_tokens=args.max_new_tokens, lookahead=False, return_dict_in_generate=True)
         la = model.generate(ids, max_new_tokens=args.max_new_tokens, references=[prompt], tokenizer=tokenizer,
                             return_dict_in_generate=True)

@@ -14,7 +14,7 @@ import torch
 
 from lookahead.budget import DraftBudget
 from lookahead.config import LookaheadConfig
-from lookahead.draft import DraftTree, bucket_size, build_draft, pack_drafts
+from lookahead.draft import bucket_size, build_draft, pack_drafts
 from lookahead.nvtx import nvtx_range
 from lookahead.sampling import TokenChooser
 from lookahead.steps import StepGraphs, graphs_enabled, plain_step, tree_step

@@ -10,9 +10,9 @@ penalty) see each node's own path: the committed tokens plus the node's ancestor
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from lookahead import kernels
 
 _M32 = 0xFFFFFFFF
 
@@ -30,13 +30,10 @@ def gumbel_noise(seed: int, rows: torch.Tensor, positions: torch.Tensor, vocab: 
     """Gumbel(0, 1) noise [B, T, V] (fp32) for token positions [B, T] of rows [B]; a pure function of
     (seed, row, position, vocab id). CUDA draws it with the Triton kernel (lookahead.kernels.gumbel_noise),
     other devices with the torch version below; both compute the same hash."""
-    if positions.is_cuda and os.environ.get("LOOKAHEAD_KERNELS", "").lower() != "torch":
-        try:
-            from lookahead.kernels.gumbel_noise import gumbel_noise as kernel
-        except ImportError:
-            kernel = None
-        if kernel is not None:
-            return kernel(seed, rows, positions, vocab)
+    if kernels._backend(positions) == "triton":  # as for the step's other kernels: CUDA, or LOOKAHEAD_KERNELS
+        from lookahead.kernels.gumbel_noise import gumbel_noise as kernel
+
+        return kernel(seed, rows, positions, vocab)
     return gumbel_noise_torch(seed, rows, positions, vocab)
 
 

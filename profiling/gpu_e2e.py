@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from datetime import date
 from pathlib import Path
@@ -19,18 +18,11 @@ from pathlib import Path
 import torch
 
 from lookahead import LookaheadConfig
+from lookahead.bench import spec_bench_first_turns
+from lookahead.cli import encode_prompt
 from lookahead.budget import measure_cost_curve
 from lookahead.models.base import rope_inv_freq
 from lookahead.trie import TokenTrie
-
-
-def spec_bench(path: Path, per_category: int) -> list[tuple[str, str]]:
-    """(category, first turn), round-robin over categories, as the tests pick them."""
-    by_cat: dict[str, list[str]] = {}
-    for line in path.read_text().splitlines():
-        q = json.loads(line)
-        by_cat.setdefault(q["category"], []).append(q["turns"][0])
-    return [(c, t[r]) for r in range(per_category) for c, t in by_cat.items() if r < len(t)]
 
 
 def smollm2(dtype):
@@ -43,8 +35,7 @@ def smollm2(dtype):
 
 
 def chat(tokenizer, text: str) -> torch.Tensor:
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                         return_tensors="pt", return_dict=True)["input_ids"].cuda()
+    return encode_prompt(tokenizer, text, chat=True).cuda()
 
 
 def timed(fn):
@@ -56,7 +47,7 @@ def timed(fn):
 
 
 def lossless(args) -> list[str]:
-    prompts = spec_bench(args.data, 4)[:40]
+    prompts = spec_bench_first_turns(args.data, 4)[:40]
     lines = [f"### Lossless on CUDA ({torch.cuda.get_device_name()}, {date.today()}), SmolLM2, 40 Spec-Bench "
              f"prompts x {args.tokens} new tokens, CUDA graphs", ""]
     for dtype in (torch.float32, torch.bfloat16):
@@ -88,7 +79,7 @@ def lossless(args) -> list[str]:
 
 def batch(args) -> list[str]:
     model, tok = smollm2(torch.bfloat16)
-    texts = [t for _, t in spec_bench(args.data, 10)]
+    texts = [t for _, t in spec_bench_first_turns(args.data, 10)]
     model.trie = TokenTrie()
     for text in texts[-20:]:  # warm-up split: never measured
         model.generate(chat(tok, text), max_new_tokens=args.tokens)

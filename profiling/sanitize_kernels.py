@@ -10,22 +10,17 @@ output is checked against the torch reference so that a kernel that writes nothi
 import torch
 
 from lookahead import kernels
+from lookahead.draft import build_draft, pack_drafts
 from lookahead.kernels import reference
 from lookahead.kernels.tree_attention import tree_attention as launch_attention
 
 
 def random_tree(B: int, T: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    parents = torch.full((B, T), -1, dtype=torch.long)
-    for b in range(B):
-        for i in range(1, T):
-            parents[b, i] = int(torch.randint(0, i, (1,), generator=g))
-    mask = torch.zeros(B, T, T, dtype=torch.bool)
-    for b in range(B):
-        for i in range(T):
-            mask[b, i, i] = True
-            if i:
-                mask[b, i] |= mask[b, int(parents[b, i])]
-    return parents, mask
+    """(parents [B, T], tree_mask [B, T, T]) of random trees of T nodes, laid out as the decode step does."""
+    drafts = [build_draft(0, [0] * (T - 1), [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, T)])
+              for _ in range(B)]
+    batch = pack_drafts(drafts, "cpu")  # padded to a bucket: keep the first T nodes (T need not be a bucket)
+    return batch.parents[:, :T].contiguous(), batch.tree_mask[:, :T, :T].contiguous()
 
 
 def main() -> None:

@@ -1,28 +1,23 @@
 """End-to-end on the embedded SmolLM2-135M-Instruct (fp32, CPU): parity with transformers, bad input."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from lookahead.bench import spec_bench_first_turns
+from lookahead.cli import encode_prompt
+
 SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 
 
 def spec_bench_prompts(per_category: int) -> list[tuple[str, str]]:
-    """(category, first turn) pairs: the first `per_category` of every category, round-robin over categories
-    (so any prefix of the list covers the categories evenly)."""
-    by_category: dict[str, list[str]] = {}
-    for line in SPEC_BENCH.read_text().splitlines():
-        q = json.loads(line)
-        by_category.setdefault(q["category"], []).append(q["turns"][0])
-    return [(c, turns[rank]) for rank in range(per_category) for c, turns in by_category.items()
-            if rank < len(turns)]
+    """(category, first turn) pairs, round-robin over categories (lookahead.bench.spec_bench_first_turns)."""
+    return spec_bench_first_turns(SPEC_BENCH, per_category)
 
 
 def chat_ids(tokenizer, text: str) -> torch.Tensor:
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                         return_tensors="pt", return_dict=True)["input_ids"]
+    return encode_prompt(tokenizer, text, chat=True)
 
 
 @pytest.mark.slow

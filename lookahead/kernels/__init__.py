@@ -78,7 +78,7 @@ def tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale=None, *, an
         raise ValueError(f"cache_lens must be >= 0 and cache_lens + T must fit the cache's {S} slots, got "
                          f"cache_lens {cache_lens.tolist()} with T = {T}")
     backend = _backend(q)
-    if backend == "triton" and D not in (16, 32, 64, 128, 256) and not os.environ.get("LOOKAHEAD_KERNELS"):
+    if backend == "triton" and D not in _attention_module.HEAD_DIMS and not os.environ.get("LOOKAHEAD_KERNELS"):
         backend = "torch"  # head dims the kernel does not tile (80, 96, ...): the reference serves them
     if backend == "triton":
         if ancestor_bits is not None and (ancestor_bits.dtype != torch.int64 or ancestor_bits.shape[:2] != (B, T)):

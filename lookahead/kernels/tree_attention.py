@@ -21,6 +21,9 @@ import triton
 import triton.language as tl
 
 
+HEAD_DIMS = (16, 32, 64, 128, 256)  # head dims the kernel tiles (one power-of-two block)
+
+
 def build_ancestor_bits(tree_mask: torch.Tensor) -> torch.Tensor:
     """[B, T, T] bool -> [B, T, ceil(T / 64)] int64: bit j % 64 of word j // 64 set iff node i sees node j."""
     B, T, _ = tree_mask.shape
@@ -190,7 +193,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     if T > 128:
         raise ValueError(f"tree_attention verifies at most 128 nodes per row, got {T}; use a smaller draft bucket")
-    if D not in (16, 32, 64, 128, 256):
+    if D not in HEAD_DIMS:
         raise ValueError(f"the Triton tree_attention takes head dims 16, 32, 64, 128 or 256, got {D}; "
                          "set LOOKAHEAD_KERNELS=torch for other sizes")
     group = Hq // Hkv

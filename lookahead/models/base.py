@@ -65,6 +65,31 @@ class ModelConfig:
                              f"num_key_value_heads ({self.n_kv_heads})")
 
 
+def decoder_config(hf: dict, *, norm_eps: float, max_positions: int, **family) -> ModelConfig:
+    """The fields every decoder family reads the same way from a config.json; `family` sets the rest (biases,
+    rotary variant, norms). norm_eps and max_positions are the family's defaults when the file omits them."""
+    rope = rope_parameters(hf)
+    n_heads = hf["num_attention_heads"]
+    return ModelConfig(
+        model_type=hf["model_type"],
+        vocab_size=hf["vocab_size"],
+        dim=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        intermediate_size=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", norm_eps),
+        max_position_embeddings=hf.get("max_position_embeddings", max_positions),
+        rope_theta=rope["rope_theta"],
+        rope_type=rope["rope_type"],
+        rope_params=rope,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        eos_token_id=eos_ids(hf.get("eos_token_id")),
+        **family,
+    )
+
+
 def rope_parameters(hf: dict) -> dict:
     """RoPE settings from a config.json, in either the transformers 4 (`rope_theta`, `rope_scaling`) or the
     transformers 5 (`rope_parameters`) spelling."""
