@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from lookahead import kernels
 from lookahead.cache import KVCache
 from lookahead.models.checkpoint import load_config, load_state_dict, resolve_checkpoint
+from lookahead.state import GenerationState
+from lookahead.trie import TokenTrie
 
 try:  # optional prefill kernel on CUDA
     from flash_attn import flash_attn_func
@@ -304,10 +306,28 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.trie = None          # the lookahead token trie, created by generate and kept across calls
         self.name_or_path = None
-        self._cache: KVCache | None = None
-        self._lookahead_state = {}  # per-model generation state (cost curve, acceptance statistics)
+        self.state = GenerationState()  # trie, KV cache, CUDA graphs, cost curves, drafter calibration
+
+    @property
+    def trie(self) -> TokenTrie:
+        """The token trie lookahead drafts from; persists across generate calls (assign a loaded one to warm up)."""
+        return self.state.trie
+
+    @trie.setter
+    def trie(self, trie: TokenTrie) -> None:
+        if not isinstance(trie, TokenTrie):
+            raise ValueError(f"model.trie must be a lookahead.TokenTrie, got {type(trie).__name__}: use "
+                             "model.trie.clear() to empty it or TokenTrie.load(path) to restore one")
+        self.state.trie = trie
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
 
     # ---- family hooks ------------------------------------------------------------------------------------
     @classmethod
@@ -386,11 +406,11 @@ class CausalLM(nn.Module):
         """The model's static cache, reallocated only when it is too small or of another shape."""
         cfg, w = self.config, self.tok_embeddings.weight
         args = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, w.dtype, w.device)
-        if self._cache is None or not self._cache.fits(*args):
-            self._cache = None  # free the old buffer before allocating the new one
-            self._cache = KVCache(*args)
-        self._cache.reset()
-        return self._cache
+        if self.state.cache is None or not self.state.cache.fits(*args):
+            self.state.cache = self.state.graphs = None  # free the old buffer (and graphs on it) first
+            self.state.cache = KVCache(*args)
+        self.state.cache.reset()
+        return self.state.cache
 
     def pack_weights(self) -> "CausalLM":
         """(Re)build the oneDNN prepacked weights of every linear layer (fp32 on CPU; a no-op elsewhere).

@@ -1,0 +1,25 @@
+"""What generation keeps on a model between calls, in one typed object (`model.state`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lookahead.trie import TokenTrie
+
+if TYPE_CHECKING:
+    from lookahead.cache import KVCache
+    from lookahead.steps import StepGraphs
+
+
+@dataclass
+class GenerationState:
+    """trie: the global draft source, kept across calls (`model.trie`). cache: the static KV cache, reallocated
+    only when a call needs a bigger or other-shaped one. graphs: captured decode steps of that cache (CUDA).
+    cost_curves: measured verify seconds by tree size, per model/device/dtype/threads/graphs key.
+    calibration: the drafter's predicted-vs-observed acceptance statistics, kept as the trie warms up."""
+    trie: TokenTrie = field(default_factory=TokenTrie)
+    cache: KVCache | None = None
+    graphs: StepGraphs | None = None
+    cost_curves: dict[str, dict[int, float]] = field(default_factory=dict)
+    calibration: Any = None
