@@ -12,40 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lookahead import kernels
-
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """murmur3's 32-bit finaliser on int64 lanes holding 32-bit values."""
-    x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & _M32
-    x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & _M32
-    return x ^ (x >> 16)
-
-
-def gumbel_noise(seed: int, rows: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise [B, T, V] (fp32) for token positions [B, T] of rows [B]; a pure function of
-    (seed, row, position, vocab id). CUDA draws it with the Triton kernel (lookahead.kernels.gumbel_noise),
-    other devices with the torch version below; both compute the same hash."""
-    if kernels._backend(positions) == "triton":  # as for the step's other kernels: CUDA, or LOOKAHEAD_KERNELS
-        from lookahead.kernels.gumbel_noise import gumbel_noise as kernel
-
-        return kernel(seed, rows, positions, vocab)
-    return gumbel_noise_torch(seed, rows, positions, vocab)
-
-
-def gumbel_noise_torch(seed: int, rows: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """The torch version of gumbel_noise (the CPU path and the kernel's reference)."""
-    device = positions.device
-    v = torch.arange(vocab, device=device, dtype=torch.int64)
-    key = _mix32((rows[:, None] * 0x9E3779B1 + positions + (seed & _M32) * 0x632BE5AB) & _M32)  # (B, T)
-    x = _mix32((key[..., None] ^ ((v * 0x85EBCA77) & _M32)) & _M32)
-    x = _mix32((x + 0x27D4EB2F + (seed >> 32 & _M32)) & _M32)
-    u = (x.to(torch.float64) + 0.5) / 4294967296.0  # in (0, 1)
-    return (-torch.log(-torch.log(u))).to(torch.float32)
+from lookahead.kernels import gumbel_noise
 
 
 class TokenChooser:

@@ -3,8 +3,9 @@
     compute-sanitizer --tool memcheck python profiling/sanitize_kernels.py
     compute-sanitizer --tool racecheck python profiling/sanitize_kernels.py
 
-Shapes cover prefix tails, several draft tiles, grouped-query packing, prefix splits and batches; each
-output is checked against the torch reference so that a kernel that writes nothing cannot pass.
+Shapes cover prefix tails, several draft tiles, grouped-query packing, prefix splits, batches and head dims
+padded to a power of two (80, 96: the masked lanes must never be read or written); each output is checked
+against the torch reference so that a kernel that writes nothing cannot pass.
 """
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from lookahead import kernels
 from lookahead.draft import build_draft, pack_drafts
 from lookahead.kernels import reference
-from lookahead.kernels.tree_attention import tree_attention as launch_attention
+from lookahead.kernels.tree_attention import launch as launch_attention
 
 
 def random_tree(B: int, T: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +28,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float16, torch.bfloat16):
         for B, prefix, T, hq, hkv, D, splits in ((1, 37, 7, 3, 1, 64, None), (2, 300, 64, 4, 4, 128, None),
-                                                 (1, 2048, 16, 8, 2, 128, 4), (3, 1, 100, 2, 1, 64, None)):
+                                                 (1, 2048, 16, 8, 2, 128, 4), (3, 1, 100, 2, 1, 64, None),
+                                                 (2, 300, 7, 6, 2, 96, 3), (1, 37, 16, 4, 4, 80, None)):
             S = prefix + T + 5
             q = torch.randn(B, T, hq, D, generator=g).to("cuda", dtype)
             k = torch.randn(B, hkv, S, D, generator=g).to("cuda", dtype)

@@ -12,7 +12,6 @@ pytestmark = [pytest.mark.cuda,
 
 
 def cuda_model(seed: int = 0):
-    # head dim 32: a size the Triton tree_attention tiles
     return tiny_model(seed, hidden_size=128, intermediate_size=256, num_attention_heads=4,
                       num_key_value_heads=2).to("cuda")
 
@@ -83,3 +82,48 @@ def test_seeded_sampling_on_cuda_equals_plain(monkeypatch):
     model.trie = None
     for _ in range(2):  # cold, then a trie holding this very output
         assert model.generate(ids.cuda(), lookahead=LookaheadConfig(adaptive=False), **kw).tolist() == plain.tolist()
+
+
+@pytest.mark.parametrize("backend", ["", "torch"])  # the Triton kernel (padded head dim), then the reference
+def test_head_dim_96_tree_attention_under_graph_capture(monkeypatch, backend):
+    from lookahead import kernels
+    from lookahead.kernels import reference
+
+    monkeypatch.setenv("LOOKAHEAD_KERNELS", backend)
+    monkeypatch.setenv("LOOKAHEAD_CHECKS", "1")  # the value checks must step aside while a graph is captured
+    g = torch.Generator().manual_seed(0)
+    B, T, Hq, Hkv, D, S = 2, 16, 6, 2, 96, 400
+
+    def draw():
+        q = torch.randn(B, T, Hq, D, generator=g).to("cuda", torch.float16)
+        k, v = (torch.randn(B, Hkv, S, D, generator=g).to("cuda", torch.float16) for _ in range(2))
+        parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, T)]
+        mask = torch.eye(T, dtype=torch.bool)
+        for i in range(1, T):
+            mask[i] |= mask[parents[i]]
+        return q, k, v, mask.expand(B, T, T).contiguous().cuda()
+
+    q, k, v, mask = draw()
+    lens = torch.tensor([37, 300], device="cuda")
+    bits = kernels.ancestor_bits(mask)
+
+    def step():
+        return kernels.tree_attention(q, k, v, lens, mask, ancestor_bits=bits)
+
+    side = torch.cuda.Stream()  # warm-up (compiles the kernel) off the capture, as torch.cuda.graph asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for new_lens in ([37, 300], [0, 383]):  # replays read the live inputs
+        for dst, src in zip((q, k, v, mask), draw()):
+            dst.copy_(src)
+        lens.copy_(torch.tensor(new_lens))
+        if bits is not None:
+            bits.copy_(kernels.ancestor_bits(mask))
+        graph.replay()
+        ref = reference.tree_attention(q.float().cpu(), k.float().cpu(), v.float().cpu(), lens.cpu(), mask.cpu())
+        torch.testing.assert_close(out.float().cpu(), ref, atol=3e-3, rtol=3e-3)

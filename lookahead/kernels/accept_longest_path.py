@@ -8,11 +8,13 @@ at once (gathers from the row's own arrays), so nothing leaves the device until 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from lookahead.kernels import reference
+from lookahead.kernels.dispatch import backend, check_int64, check_same_device, check_values, jit, tl, triton
+from lookahead.settings import MAX_TREE_NODES
 
 
-@triton.jit
+@jit
 def _accept_longest_path_kernel(
     tokens_ptr,   # [B, T] int64 draft tokens, node 0 = root
     parents_ptr,  # [B, T] int64, -1 for the root and for padding nodes; parents[i] < i otherwise
@@ -56,15 +58,37 @@ def _accept_longest_path_kernel(
     tl.store(num_ptr + row, n.to(tl.int64))
 
 
-def accept_longest_path(draft_tokens: torch.Tensor, parents: torch.Tensor,
-                        target_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launcher; shapes, dtypes and devices were validated by lookahead.kernels.accept_longest_path."""
+def launch(draft_tokens: torch.Tensor, parents: torch.Tensor,
+           target_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton launcher, for inputs accept_longest_path validated."""
     B, T = draft_tokens.shape
-    if T > 128:
-        raise ValueError(f"accept_longest_path takes at most 128 nodes per row, got {T}")
+    if T > MAX_TREE_NODES:
+        raise ValueError(f"accept_longest_path takes at most {MAX_TREE_NODES} nodes per row, got {T}")
     tokens, parents, targets = (t.contiguous() for t in (draft_tokens, parents, target_tokens))
     path = torch.empty_like(tokens)
     num = torch.empty(B, dtype=torch.int64, device=tokens.device)
+    # one program holds a whole row; T padded to a power of two for tl.arange, at least 16 (a hand choice; 6.2 us
+    # at T = 64 on an H100, bench/gpu/bench_kernels_h100.md)
     _accept_longest_path_kernel[(B,)](tokens, parents, targets, path, num, T, T,
                                       BLOCK_T=max(16, triton.next_power_of_2(T)))
     return path, num
+
+
+def accept_longest_path(draft_tokens, parents, target_tokens):
+    """Deepest draft node whose whole path matches the model's own tokens (API.md)."""
+    for name, t in (("draft_tokens", draft_tokens), ("parents", parents), ("target_tokens", target_tokens)):
+        check_int64(name, t, 2)
+    if parents.shape != draft_tokens.shape or target_tokens.shape != draft_tokens.shape:
+        raise ValueError(f"draft_tokens, parents and target_tokens must share [B, T], got "
+                         f"{tuple(draft_tokens.shape)}, {tuple(parents.shape)}, {tuple(target_tokens.shape)}")
+    check_same_device(draft_tokens=draft_tokens, parents=parents, target_tokens=target_tokens)
+    if check_values(parents):
+        T = parents.shape[1]
+        idx = torch.arange(T, device=parents.device)
+        bad = (parents[:, 0] != -1).any() | ((parents[:, 1:] >= idx[1:]) | (parents[:, 1:] < -1)).any()
+        if bool(bad):
+            raise ValueError("parents must satisfy parents[b, 0] = -1 and -1 <= parents[b, i] < i (topological "
+                             "order; -1 marks padding)")
+    if backend(draft_tokens) == "triton":
+        return launch(draft_tokens, parents, target_tokens)
+    return reference.accept_longest_path(draft_tokens, parents, target_tokens)

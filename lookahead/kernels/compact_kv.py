@@ -10,11 +10,13 @@ place (path[j] == j, the leading run) are neither loaded nor stored.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from lookahead.kernels import reference
+from lookahead.kernels.dispatch import backend, check_int64, check_same_device, check_values, jit, tl, triton
+from lookahead.settings import MAX_TREE_NODES
 
 
-@triton.jit
+@jit
 def _compact_kv_kernel(
     cache_ptr,    # [L, 2, B, Hkv, S, D] K/V of every layer, contiguous
     lens_ptr,     # [B] int64 committed length before the draft
@@ -40,16 +42,44 @@ def _compact_kv_kernel(
     tl.store(base + (start + offs_t)[:, None] * D + offs_d[None, :], rows, mask=mask)
 
 
-def compact_kv(cache: torch.Tensor, cache_lens: torch.Tensor, path: torch.Tensor, num_accepted: torch.Tensor) -> None:
-    """Launcher; shapes, dtypes and devices were validated by lookahead.kernels.compact_kv."""
+def launch(cache: torch.Tensor, cache_lens: torch.Tensor, path: torch.Tensor, num_accepted: torch.Tensor) -> None:
+    """The Triton launcher, for inputs compact_kv validated."""
     L, _, B, H, S, D = cache.shape
     T = path.shape[1]
-    if T > 128:
-        raise ValueError(f"compact_kv takes paths of at most 128 nodes, got {T}")
+    if T > MAX_TREE_NODES:
+        raise ValueError(f"compact_kv takes paths of at most {MAX_TREE_NODES} nodes, got {T}")
     if path.stride(1) != 1:
         path = path.contiguous()
+    # a (BLOCK_T, BLOCK_D) tile of rows per program, D split in blocks of at most 128; T padded to a power of two,
+    # at least 16. Hand choices, not swept (4.1 us at T = 64 over 32 layers x 8 kv heads x 128 on an H100,
+    # bench/gpu/bench_kernels_h100.md)
     block_d = min(128, triton.next_power_of_2(D))
     grid = (L * 2 * B * H, triton.cdiv(D, block_d))
     _compact_kv_kernel[grid](cache, cache_lens, path, num_accepted, B, H, S, D, T,
                              cache_lens.stride(0), path.stride(0), num_accepted.stride(0),
                              BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_D=block_d)
+
+
+def compact_kv(cache, cache_lens, path, num_accepted):
+    """Move each row's accepted K/V rows to the slots right after its committed prefix, in place (API.md)."""
+    if not isinstance(cache, torch.Tensor) or cache.dim() != 6 or cache.shape[1] != 2:
+        raise ValueError(f"cache must be [L, 2, B, Hkv, S, D], got {tuple(getattr(cache, 'shape', ()))}")
+    if not cache.is_contiguous():
+        raise ValueError("cache must be contiguous (the one preallocated buffer)")
+    check_int64("cache_lens", cache_lens, 1)
+    check_int64("path", path, 2)
+    check_int64("num_accepted", num_accepted, 1)
+    B = cache.shape[2]
+    if cache_lens.shape[0] != B or path.shape[0] != B or num_accepted.shape[0] != B:
+        raise ValueError(f"cache has {B} rows but cache_lens, path, num_accepted have "
+                         f"{cache_lens.shape[0]}, {path.shape[0]}, {num_accepted.shape[0]}")
+    check_same_device(cache=cache, cache_lens=cache_lens, path=path, num_accepted=num_accepted)
+    if check_values(cache):
+        T = path.shape[1]
+        if bool(((num_accepted < 1) | (num_accepted > T)).any()):
+            raise ValueError(f"num_accepted must be in [1, {T}]")
+        if bool((cache_lens + path.max(dim=1).values + 1 > cache.shape[4]).any()):
+            raise ValueError(f"cache_lens + path points past the cache's {cache.shape[4]} slots")
+    if backend(cache) == "triton":
+        return launch(cache, cache_lens, path, num_accepted)
+    return reference.compact_kv(cache, cache_lens, path, num_accepted)

@@ -1,6 +1,6 @@
 """gumbel_noise: the counter-based Gumbel noise of seeded sampling, drawn in one kernel on CUDA.
 
-The same function as lookahead.sampling.gumbel_noise_torch, lane for lane: a murmur3-finaliser hash of
+The same function as lookahead.kernels.reference.gumbel_noise, lane for lane: a murmur3-finaliser hash of
 (seed, row, absolute position, vocab id) in 32-bit arithmetic (int64 lanes masked to 32 bits), turned into
 Gumbel(0, 1) = -log(-log(u)) in fp64 and rounded to fp32. Writing the [B, T, V] noise from one kernel avoids
 the dozen [B, T, V] int64 temporaries of the torch version.
@@ -9,13 +9,14 @@ the dozen [B, T, V] int64 temporaries of the torch version.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from lookahead.kernels import reference
+from lookahead.kernels.dispatch import backend, check_int64, check_same_device, jit, tl, triton
 
 _M32 = 0xFFFFFFFF
 
 
-@triton.jit
+@jit
 def _mix32(x):
     x = x ^ (x >> 16)
     x = (x * 0x85EBCA6B) & 0xFFFFFFFF
@@ -24,9 +25,9 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-@triton.jit
+@jit
 def _gumbel_noise_kernel(
-    rows_ptr,      # [B] int64 row ids
+    rows_ptr,      # [B] int64 row ids, contiguous
     pos_ptr,       # [B, T] int64 absolute positions, contiguous
     out_ptr,       # [B, T, V] fp32, contiguous
     T, V,
@@ -46,18 +47,29 @@ def _gumbel_noise_kernel(
     tl.store(out_ptr + bt.to(tl.int64) * V + offs, g.to(tl.float32), mask=offs < V)
 
 
-def gumbel_noise(seed: int, rows: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Gumbel noise [B, T, vocab] fp32 for rows [B] (int64) and positions [B, T] (int64)."""
-    if rows.dtype != torch.int64 or positions.dtype != torch.int64 or rows.dim() != 1 or positions.dim() != 2 \
-            or positions.shape[0] != rows.shape[0]:
-        raise ValueError(f"rows must be int64 [B] and positions int64 [B, T], got {rows.dtype} "
-                         f"{tuple(rows.shape)} and {positions.dtype} {tuple(positions.shape)}")
-    if not isinstance(seed, int) or seed < 0 or seed >= 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+def launch(seed: int, rows: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The Triton launcher, for inputs gumbel_noise validated."""
     B, T = positions.shape
-    positions = positions.contiguous()
+    rows, positions = rows.contiguous(), positions.contiguous()
     out = torch.empty(B, T, vocab, dtype=torch.float32, device=positions.device)
-    block = min(1024, triton.next_power_of_2(vocab))
+    block = min(1024, triton.next_power_of_2(vocab))  # vocab ids per program: a hand choice, not measured
     _gumbel_noise_kernel[(B * T, triton.cdiv(vocab, block))](rows, positions, out, T, vocab, seed & _M32,
                                                              seed >> 32 & _M32, BLOCK_V=block)
     return out
+
+
+def gumbel_noise(seed: int, rows: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise [B, T, vocab] (fp32) for token positions [B, T] of rows [B] (int64); a pure function
+    of (seed, row, position, vocab id), the same on every backend."""
+    check_int64("rows", rows, 1)
+    check_int64("positions", positions, 2)
+    if positions.shape[0] != rows.shape[0]:
+        raise ValueError(f"positions has {positions.shape[0]} rows, rows has {rows.shape[0]}")
+    if not isinstance(seed, int) or seed < 0 or seed >= 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    if not isinstance(vocab, int) or vocab < 1:
+        raise ValueError(f"vocab must be an int >= 1, got {vocab!r}")
+    check_same_device(rows=rows, positions=positions)
+    if backend(positions) == "triton":
+        return launch(seed, rows, positions, vocab)
+    return reference.gumbel_noise(seed, rows, positions, vocab)

@@ -4,12 +4,13 @@ Each program owns one (row, kv head), one tile of M = (draft node, query head of
 split of the prefix. Packing the query heads of a grouped-query group with the nodes fills the M dimension of
 the dot although T is small, and they share every K/V tile they load. Loops, as the STAGE split of Triton's
 fused-attention tutorial:
-  1. the split's full prefix tiles: no mask at all;
+  1. the split's full prefix tiles: no score mask at all;
   2. (last split only) the prefix's partial tail tile, masked by cache_len, then the draft tile(s), slots
      cache_len + j for j < T: node i sees node j iff bit j of i's ancestor bit-vector is set (bit-vectors are
      built once per step from the tree mask, 64 nodes per int64 word).
 Online softmax in fp32 (exp2, scale folded with log2 e), fp32 accumulators. With more than one split (long
 prefixes, few programs) each split writes its unnormalised partial result and a second kernel merges them.
+Any head dim up to 256 runs: the D axis is a power-of-two block HEAD_DIM >= D, loads and stores masked to d < D.
 """
 
 from __future__ import annotations
@@ -17,25 +18,15 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
+
+from lookahead.kernels import reference
+from lookahead.kernels.dispatch import backend, check_int64, check_same_device, check_values, jit, tl, triton
+from lookahead.settings import MAX_TREE_NODES, forced_kernels
+
+MAX_HEAD_DIM = 256  # the largest head dim of common models (Gemma); larger ones run the reference unless forced
 
 
-HEAD_DIMS = (16, 32, 64, 128, 256)  # head dims the kernel tiles (one power-of-two block)
-
-
-def build_ancestor_bits(tree_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, T] bool -> [B, T, ceil(T / 64)] int64: bit j % 64 of word j // 64 set iff node i sees node j."""
-    B, T, _ = tree_mask.shape
-    words = triton.cdiv(T, 64)
-    padded = torch.zeros(B, T, words * 64, dtype=torch.int64, device=tree_mask.device)
-    padded[:, :, :T] = tree_mask
-    shifts = torch.arange(64, device=tree_mask.device, dtype=torch.int64)
-    # distinct bits never carry, so the sum is the bitwise or (bit 63 wraps to the sign bit, as intended)
-    return (padded.view(B, T, words, 64) << shifts).sum(-1)
-
-
-@triton.jit
+@jit
 def _softmax_step(qk, v, m_i, l_i, acc, PRECISION: tl.constexpr):
     """One online-softmax step: scores qk (M, N) in log2 units, -inf where hidden, over a V tile (N, D)."""
     m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -46,13 +37,13 @@ def _softmax_step(qk, v, m_i, l_i, acc, PRECISION: tl.constexpr):
     return m_new, l_i, acc
 
 
-@triton.jit
+@jit
 def _tree_attention_kernel(
     q_ptr,       # [B, T, Hq, D] queries of the draft nodes
     k_ptr,       # [B, Hkv, S, D] key cache of this layer (draft rows at cache_len + j)
     v_ptr,       # [B, Hkv, S, D] value cache of this layer
     lens_ptr,    # [B] int64 committed length before the draft
-    bits_ptr,    # [B, T, W] int64 ancestor bit-vectors (unused when CHAIN)
+    bits_ptr,    # [B, T, W] int64 ancestor bit-vectors, words contiguous (unused when CHAIN)
     out_ptr,     # [B, T, Hq, D] (SPLITS == 1), else [SPLITS, B, T, Hq, D] fp32 unnormalised partials
     ml_ptr,      # [SPLITS, B, T, Hq, 2] fp32 running max and sum of each partial (unused when SPLITS == 1)
     sm_scale_log2e,
@@ -65,8 +56,9 @@ def _tree_attention_kernel(
     GROUP: tl.constexpr,      # query heads per kv head
     SPLITS: tl.constexpr,     # prefix splits (flash-decoding) for long prefixes and few programs
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,    # divides 64: the draft nodes of one tile share one word of each bit-vector
+    D: tl.constexpr,          # the head dim
+    HEAD_DIM: tl.constexpr,   # D padded to a power of two (>= 16 for tl.dot)
     CHAIN: tl.constexpr,      # no tree mask: node i sees nodes 0..i
     PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), "tf32" otherwise (ignored for 16-bit)
 ):
@@ -80,11 +72,13 @@ def _tree_attention_kernel(
     head = h * GROUP + offs_m % GROUP
     valid_m = node < T
     offs_d = tl.arange(0, HEAD_DIM)
+    # lanes d >= D (a padded head dim) load 0 from q, k and v, so they add 0 to every score, and are never stored
+    d_ok = offs_d < D
     offs_n = tl.arange(0, BLOCK_N)
     cache_len = tl.load(lens_ptr + b * stride_lens)
 
     q = tl.load(q_ptr + b * stride_qb + node[:, None] * stride_qt + head[:, None] * stride_qh
-                + offs_d[None, :] * stride_qd, mask=valid_m[:, None], other=0.0)  # (M, D)
+                + offs_d[None, :] * stride_qd, mask=valid_m[:, None] & d_ok[None, :], other=0.0)  # (M, D)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
 
@@ -92,15 +86,17 @@ def _tree_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # 1. this split's full prefix tiles: every node sees every slot < cache_len, so no mask
+    # 1. this split's full prefix tiles: every node sees every slot < cache_len, so no score mask
     full_tiles = cache_len // BLOCK_N
     per_split = tl.cdiv(full_tiles, SPLITS)
     lo = tl.minimum(split * per_split, full_tiles) * BLOCK_N
     hi = tl.minimum((split + 1) * per_split, full_tiles) * BLOCK_N
     for start in range(lo, hi, BLOCK_N):
         slots = start + offs_n
-        k = tl.load(k_base + slots[None, :] * stride_ks + offs_d[:, None] * stride_kd)  # (D, N)
-        v = tl.load(v_base + slots[:, None] * stride_vs + offs_d[None, :] * stride_vd)  # (N, D)
+        k = tl.load(k_base + slots[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                    mask=d_ok[:, None], other=0.0)  # (D, N)
+        v = tl.load(v_base + slots[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                    mask=d_ok[None, :], other=0.0)  # (N, D)
         qk = tl.dot(q, k, input_precision=PRECISION) * sm_scale_log2e  # (M, N)
         m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, PRECISION)
 
@@ -109,9 +105,9 @@ def _tree_attention_kernel(
         slots = full_tiles * BLOCK_N + offs_n
         in_prefix = slots < cache_len
         k = tl.load(k_base + slots[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                    mask=in_prefix[None, :], other=0.0)
+                    mask=in_prefix[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(v_base + slots[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                    mask=in_prefix[:, None], other=0.0)
+                    mask=in_prefix[:, None] & d_ok[None, :], other=0.0)
         qk = tl.dot(q, k, input_precision=PRECISION) * sm_scale_log2e
         qk = tl.where(in_prefix[None, :], qk, float("-inf"))
         m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, PRECISION)
@@ -128,53 +124,57 @@ def _tree_attention_kernel(
                 visible = ((word[:, None] >> (j % 64).to(tl.int64)[None, :]) & 1) != 0
             visible = visible & valid_j[None, :]
             k = tl.load(k_base + slots[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                        mask=valid_j[None, :], other=0.0)
+                        mask=valid_j[None, :] & d_ok[:, None], other=0.0)
             v = tl.load(v_base + slots[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                        mask=valid_j[:, None], other=0.0)
+                        mask=valid_j[:, None] & d_ok[None, :], other=0.0)
             qk = tl.dot(q, k, input_precision=PRECISION) * sm_scale_log2e
             qk = tl.where(visible, qk, float("-inf"))
             m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, PRECISION)
 
     out_offs = b * stride_ob + node[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
+    out_mask = valid_m[:, None] & d_ok[None, :]
     if SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=valid_m[:, None])
+        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        tl.store(out_ptr + split * B * stride_ob + out_offs, acc, mask=valid_m[:, None])
+        tl.store(out_ptr + split * B * stride_ob + out_offs, acc, mask=out_mask)
         ml = ml_ptr + (((split * B + b) * T + node) * Hq + head) * 2
         tl.store(ml, m_i, mask=valid_m)
         tl.store(ml + 1, l_i, mask=valid_m)
 
 
-@triton.jit
+@jit
 def _merge_splits_kernel(
-    part_ptr,    # [SPLITS, B * T * Hq, D] fp32 unnormalised partial outputs
+    part_ptr,    # [SPLITS, B * T * Hq, D] fp32 unnormalised partial outputs, contiguous
     ml_ptr,      # [SPLITS, B * T * Hq, 2] fp32 running max (log2 units) and sum of each partial
     out_ptr,     # [B, T, Hq, D] contiguous
     rows,        # B * T * Hq
     SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
+    D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,  # D padded to a power of two
 ):
     row = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
     valid_s = offs_s < SPLITS
     offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < D
     m = tl.load(ml_ptr + (offs_s * rows + row) * 2, mask=valid_s, other=-1.0e30)
     l = tl.load(ml_ptr + (offs_s * rows + row) * 2 + 1, mask=valid_s, other=0.0)
     w = tl.math.exp2(m - tl.max(m, axis=0))  # (S,) rescales every partial to the common max
-    part = tl.load(part_ptr + (offs_s[:, None] * rows + row) * HEAD_DIM + offs_d[None, :],
-                   mask=valid_s[:, None], other=0.0)  # (S, D)
+    part = tl.load(part_ptr + (offs_s[:, None] * rows + row) * D + offs_d[None, :],
+                   mask=valid_s[:, None] & d_ok[None, :], other=0.0)  # (S, D)
     out = tl.sum(part * w[:, None], axis=0) / tl.maximum(tl.sum(l * w, axis=0), 1.0e-30)
-    tl.store(out_ptr + row * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + row * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 _SM_COUNT: dict[int, int] = {}
 
 
 def _num_splits(programs: int, S: int, device: torch.device) -> int:
-    """Prefix splits so that about four programs run per SM, each split at least 256 slots of the cache. S (the
-    cache's capacity) stands in for the committed length, which the host does not know without a sync."""
+    """Prefix splits for about four programs per SM, each split at least 256 slots of the cache, at most 64. Set by
+    hand, not swept (the README's kernel table was measured with these values). S (the cache's capacity) stands
+    in for the committed length, which the host does not know without a sync."""
     if device.type != "cuda":
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -183,19 +183,29 @@ def _num_splits(programs: int, S: int, device: torch.device) -> int:
     return max(1, min(4 * _SM_COUNT[index] // programs, S // 256, 64))
 
 
-def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor,
-                   tree_mask: torch.Tensor | None, scale: float | None = None,
-                   ancestor_bits: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
-    """Launcher; shapes, dtypes and devices were validated by lookahead.kernels.tree_attention. ancestor_bits
-    ([B, T, W] int64 from build_ancestor_bits(tree_mask)) lets a model pack the mask once per step for all its
-    layers; num_splits overrides the prefix split heuristic (tests)."""
+def build_ancestor_bits(tree_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, T] bool -> [B, T, ceil(T / 64)] int64: bit j % 64 of word j // 64 set iff node i sees node j."""
+    B, T, _ = tree_mask.shape
+    words = -(-T // 64)
+    padded = torch.zeros(B, T, words * 64, dtype=torch.int64, device=tree_mask.device)
+    padded[:, :, :T] = tree_mask
+    shifts = torch.arange(64, device=tree_mask.device, dtype=torch.int64)
+    # distinct bits never carry, so the sum is the bitwise or (bit 63 wraps to the sign bit, as intended)
+    return (padded.view(B, T, words, 64) << shifts).sum(-1)
+
+
+def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor,
+           tree_mask: torch.Tensor | None, scale: float | None = None, ancestor_bits: torch.Tensor | None = None,
+           num_splits: int | None = None) -> torch.Tensor:
+    """The Triton launcher, for inputs tree_attention validated; num_splits overrides the split heuristic (tests)."""
     B, T, Hq, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
-    if T > 128:
-        raise ValueError(f"tree_attention verifies at most 128 nodes per row, got {T}; use a smaller draft bucket")
-    if D not in HEAD_DIMS:
-        raise ValueError(f"the Triton tree_attention takes head dims 16, 32, 64, 128 or 256, got {D}; "
-                         "set LOOKAHEAD_KERNELS=torch for other sizes")
+    if T > MAX_TREE_NODES:
+        raise ValueError(f"tree_attention verifies at most {MAX_TREE_NODES} nodes per row, got {T}; use a smaller "
+                         "draft bucket")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton tree_attention takes head dims up to {MAX_HEAD_DIM}, got {D}; unset "
+                         "LOOKAHEAD_KERNELS to run the torch reference for it")
     group = Hq // Hkv
     chain = tree_mask is None
     if chain:
@@ -204,8 +214,13 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         bits = build_ancestor_bits(tree_mask)
     else:
         bits = ancestor_bits
+    head_dim = max(16, triton.next_power_of_2(D))  # tl.dot needs every dim >= 16
+    # all (node, query head) pairs of one kv head in one tile, from tl.dot's minimum 16 rows up to 128 (the
+    # accumulator's register count, see num_warps; not swept)
     block_m = min(128, max(16, triton.next_power_of_2(T * group)))
-    block_n = 64 if block_m * D <= 64 * 128 else 32
+    # K/V tile: 64 slots, halved for the largest Q tiles so that scores, Q and the accumulator stay in registers;
+    # set by hand, not swept (README: the sweep is a next step). Must divide 64 (one bit-vector word per tile).
+    block_n = 64 if block_m * head_dim <= 64 * 128 else 32
     m_tiles = triton.cdiv(T * group, block_m)
     splits = num_splits or _num_splits(m_tiles * B * Hkv, S, q.device)
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
@@ -220,10 +235,62 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         q, k_cache, v_cache, cache_lens, bits, part, ml, scale * 1.4426950408889634, B, T, Hq, Hkv,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *part.stride()[-4:],
         cache_lens.stride(0), bits.stride(0), bits.stride(1),
-        GROUP=group, SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, CHAIN=chain,
+        GROUP=group, SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n, D=D, HEAD_DIM=head_dim, CHAIN=chain,
         PRECISION="ieee" if fp32 else "tf32",
-        num_warps=8 if block_m * D >= 128 * 128 else 4, num_stages=2 if fp32 and block_m * D >= 64 * 128 else 3)
+        # 8 warps for a 128 x 128 tile: its fp32 accumulator alone is 64 registers a thread over 256 threads
+        # (128 over 4 warps); 4 below that. Chosen by this count, not swept.
+        num_warps=8 if block_m * head_dim >= 128 * 128 else 4,
+        # fp32 tiles are twice the bytes: at 64 x 128 (BLOCK_N 64) K and V take 64 KiB a stage, so three stages
+        # and Q would nearly fill an H100 block's 227 KiB of shared memory; two from that size up. Not swept.
+        num_stages=2 if fp32 and block_m * head_dim >= 64 * 128 else 3)
     if splits > 1:
         _merge_splits_kernel[(B * T * Hq,)](part, ml, out, B * T * Hq, SPLITS=splits,
-                                            BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM=D)
+                                            BLOCK_S=triton.next_power_of_2(splits), D=D, HEAD_DIM=head_dim)
     return out
+
+
+def ancestor_bits(tree_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The tree mask packed for the Triton tree_attention ([B, T, ceil(T / 64)] int64 bit-vectors), or None
+    where the torch reference will run. A model packs it once per step and passes it to every layer."""
+    if tree_mask is None or backend(tree_mask) != "triton":
+        return None
+    return build_ancestor_bits(tree_mask)
+
+
+def tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale=None, *, ancestor_bits=None):
+    """Attention of T draft nodes over the committed prefix and their tree ancestors (API.md). ancestor_bits:
+    optional, `ancestor_bits(tree_mask)` computed once per step (the Triton kernel packs the mask otherwise)."""
+    if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"expected q [B, T, Hq, D] and k/v_cache [B, Hkv, S, D] of one shape, got "
+                         f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    B, T, Hq, D = q.shape
+    Bk, Hkv, S, Dk = k_cache.shape
+    if Bk != B or Dk != D or Hq % Hkv:
+        raise ValueError(f"q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)}: batch and head dim "
+                         "must match and Hq must be a multiple of Hkv")
+    if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype or not q.is_floating_point():
+        raise ValueError(f"q, k_cache and v_cache must share one float dtype, got {q.dtype}, {k_cache.dtype}, "
+                         f"{v_cache.dtype}")
+    check_int64("cache_lens", cache_lens, 1)
+    if cache_lens.shape[0] != B:
+        raise ValueError(f"cache_lens has {cache_lens.shape[0]} rows, q has {B}")
+    if tree_mask is not None and (tree_mask.dtype != torch.bool or tuple(tree_mask.shape) != (B, T, T)):
+        raise ValueError(f"tree_mask must be bool [B, T, T] = {(B, T, T)}, got {tree_mask.dtype} "
+                         f"{tuple(tree_mask.shape)}")
+    if ancestor_bits is not None:
+        words = -(-T // 64)
+        if (not isinstance(ancestor_bits, torch.Tensor) or ancestor_bits.dtype != torch.int64
+                or tuple(ancestor_bits.shape) != (B, T, words) or (words > 1 and ancestor_bits.stride(2) != 1)):
+            raise ValueError(f"ancestor_bits must be int64 [B, T, ceil(T / 64)] = {(B, T, words)} with contiguous "
+                             f"words, from lookahead.kernels.ancestor_bits(tree_mask); got "
+                             f"{getattr(ancestor_bits, 'dtype', type(ancestor_bits).__name__)} "
+                             f"{tuple(getattr(ancestor_bits, 'shape', ()))} strides "
+                             f"{ancestor_bits.stride() if isinstance(ancestor_bits, torch.Tensor) else None}")
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_lens=cache_lens, tree_mask=tree_mask,
+                      ancestor_bits=ancestor_bits)
+    if check_values(q) and (int(cache_lens.min()) < 0 or int(cache_lens.max()) + T > S):
+        raise ValueError(f"cache_lens must be >= 0 and cache_lens + T must fit the cache's {S} slots, got "
+                         f"cache_lens {cache_lens.tolist()} with T = {T}")
+    if backend(q) == "triton" and (D <= MAX_HEAD_DIM or forced_kernels()):
+        return launch(q, k_cache, v_cache, cache_lens, tree_mask, scale, ancestor_bits)
+    return reference.tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale)

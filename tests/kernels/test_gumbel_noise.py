@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from lookahead.sampling import gumbel_noise_torch
+from lookahead import kernels
+from lookahead.kernels import reference
 from tests.kernels.conftest import DEVICES
 
 pytestmark = pytest.mark.kernels
@@ -10,12 +11,10 @@ pytestmark = pytest.mark.kernels
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", [0, 12345, 2**40 + 7])
 def test_kernel_noise_equals_the_torch_noise(device, seed):
-    from lookahead.kernels.gumbel_noise import gumbel_noise
-
     rows = torch.tensor([0, 3], device=device)
     positions = torch.tensor([[5, 6, 7], [100, 101, 2000]], device=device)
-    got = gumbel_noise(seed, rows, positions, 1000)
-    ref = gumbel_noise_torch(seed, rows.cpu(), positions.cpu(), 1000)
+    got = kernels.gumbel_noise(seed, rows, positions, 1000)
+    ref = reference.gumbel_noise(seed, rows.cpu(), positions.cpu(), 1000)
     assert got.shape == (2, 3, 1000)
     # same hash bits; the fp64 logs of two libraries may differ in the last place, which fp32 rounding hides
     mismatched = (got.cpu() != ref).sum().item()
@@ -24,10 +23,23 @@ def test_kernel_noise_equals_the_torch_noise(device, seed):
     assert abs(ref.mean().item() - 0.5772) < 0.05  # Gumbel(0, 1) has mean = Euler-Mascheroni
 
 
-def test_misuse_raises_value_error():
-    from lookahead.kernels.gumbel_noise import gumbel_noise
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_rows_and_positions(device):
+    rows = torch.tensor([[2, 0], [5, 0]], device=device)[:, 0]  # stride 2
+    positions = torch.tensor([[7, 8], [9, 10]], device=device).t()  # column-major
+    got = kernels.gumbel_noise(3, rows, positions, 100)
+    ref = reference.gumbel_noise(3, rows.cpu().contiguous(), positions.cpu().contiguous(), 100)
+    assert (got.cpu() != ref).sum().item() <= 2
 
+
+def test_misuse_raises_value_error():
     with pytest.raises(ValueError, match="int64"):
-        gumbel_noise(0, torch.tensor([0]), torch.tensor([[1]], dtype=torch.int32), 10)
+        kernels.gumbel_noise(0, torch.tensor([0]), torch.tensor([[1]], dtype=torch.int32), 10)
     with pytest.raises(ValueError, match="seed"):
-        gumbel_noise(-1, torch.tensor([0]), torch.tensor([[1]]), 10)
+        kernels.gumbel_noise(-1, torch.tensor([0]), torch.tensor([[1]]), 10)
+    with pytest.raises(ValueError, match="rows"):
+        kernels.gumbel_noise(0, torch.tensor([0, 1]), torch.tensor([[1]]), 10)
+    with pytest.raises(ValueError, match="vocab"):
+        kernels.gumbel_noise(0, torch.tensor([0]), torch.tensor([[1]]), 0)
+    with pytest.raises(ValueError, match="different devices"):
+        kernels.gumbel_noise(0, torch.tensor([0], device="meta"), torch.tensor([[1]]), 10)

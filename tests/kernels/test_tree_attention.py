@@ -77,7 +77,7 @@ def test_reruns_are_bitwise_equal(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("prefix, T, group, D, splits", [(300, 7, 3, 64, 3), (37, 16, 1, 128, 2), (1, 64, 1, 64, 4)])
 def test_prefix_splits_match_reference(device, prefix, T, group, D, splits):
-    from lookahead.kernels.tree_attention import tree_attention as launch
+    from lookahead.kernels.tree_attention import launch
 
     for dtype, atol, rtol in dtypes_for(device):
         q, k, v, lens, mask = inputs(prefix, T, group, D, device, dtype)
@@ -108,6 +108,47 @@ def test_strided_inputs(device):
     torch.testing.assert_close(out.cpu(), ref, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prefix, T, group, D", [(37, 7, 3, 80), (1, 16, 1, 96), (300, 4, 2, 100), (5, 3, 1, 8)])
+def test_head_dims_padded_to_a_power_of_two(device, prefix, T, group, D):
+    # common head dims the tile is not a power of two for (80, 96, 100) run in a 128 block masked to d < D
+    for dtype, atol, rtol in dtypes_for(device):
+        q, k, v, lens, mask = inputs(prefix, T, group, D, device, dtype, Hkv=1)
+        ref = reference.tree_attention(*(x.cpu().float() for x in (q, k, v)), lens.cpu(), mask.cpu())
+        out = kernels.tree_attention(q, k, v, lens, mask)
+        assert out.shape == q.shape
+        torch.testing.assert_close(out.cpu().float(), ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_head_dim_with_prefix_splits(device):
+    from lookahead.kernels.tree_attention import launch
+
+    q, k, v, lens, mask = inputs(300, 7, 3, 96, device, torch.float32, Hkv=1)
+    ref = reference.tree_attention(q.cpu(), k.cpu(), v.cpu(), lens.cpu(), mask.cpu())
+    torch.testing.assert_close(launch(q, k, v, lens, mask, num_splits=3).cpu(), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_ancestor_bits_are_validated():
+    q, k, v, lens, mask = inputs(5, 70, 1, 64, "cpu", torch.float32, B=1)
+    bits = kernels.ancestor_bits(mask)
+    assert bits.shape == (1, 70, 2)
+    short = bits[:, :, :1]  # one word where node 69 needs two: the kernel would read past it
+    strided = torch.zeros(1, 70, 4, dtype=torch.int64)[:, :, ::2]  # words 16 bytes apart
+    strided.copy_(bits)
+    for bad in (short, strided, bits.int(), bits[:, :69], torch.cat([bits, bits])):
+        with pytest.raises(ValueError, match="ancestor_bits must be int64 \\[B, T, ceil\\(T / 64\\)\\]"):
+            kernels.tree_attention(q, k, v, lens, mask, ancestor_bits=bad)
+    with pytest.raises(ValueError, match="different devices"):
+        kernels.tree_attention(q, k, v, lens, mask, ancestor_bits=bits.to("meta"))
+    # a single word needs no stride between words
+    q, k, v, lens, mask = inputs(5, 7, 1, 64, "cpu", torch.float32, B=1)
+    one_word = torch.zeros(1, 7, 3, dtype=torch.int64)[:, :, 1:2]
+    one_word.copy_(kernels.ancestor_bits(mask))
+    torch.testing.assert_close(kernels.tree_attention(q, k, v, lens, mask, ancestor_bits=one_word),
+                               kernels.tree_attention(q, k, v, lens, mask), atol=0, rtol=0)
+
+
 def test_ancestor_bits_pack_the_mask():
     from lookahead.kernels.tree_attention import build_ancestor_bits
 
@@ -134,9 +175,9 @@ def test_misuse_raises_value_error():
         kernels.tree_attention(q, k, v, lens + 10, mask)
     with pytest.raises(ValueError, match=">= 0"):
         kernels.tree_attention(q, k, v, lens - 10, mask)
-    with pytest.raises(ValueError, match="head dims"):
-        q80, k80, v80, _, _ = inputs(5, 4, 1, 80, "cpu", torch.float32)
-        kernels.tree_attention(q80, k80, v80, lens, mask)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        q300, k300, v300, _, _ = inputs(5, 4, 1, 300, "cpu", torch.float32)
+        kernels.tree_attention(q300, k300, v300, lens, mask)
     with pytest.raises(ValueError, match="at most 128"):
         big = torch.randn(1, 129, 1, 64)
         kernels.tree_attention(big, torch.randn(1, 1, 140, 64), torch.randn(1, 1, 140, 64), torch.tensor([0]), None)
