@@ -1,8 +1,8 @@
 """The decoder-only transformer shared by every family: config, RoPE, attention over the static cache, MLP,
-the three forward modes (full, prefill, verify a draft tree), loading and `generate`.
+and the three forward modes (full, prefill, verify a draft tree).
 
-A family (llama.py, glm.py) says which `model_type`s it serves, how a `config.json` maps onto `ModelConfig`,
-and how checkpoint tensor names map onto ours; everything else lives here once.
+A family (llama.py, glm.py) says which `model_type`s it serves, its part of the config.json -> ModelConfig
+translation and how checkpoint tensor names map onto ours; loading.py does the rest of loading, once.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from lookahead import kernels
 from lookahead.cache import KVCache
-from lookahead.models.checkpoint import load_config, load_state_dict, resolve_checkpoint
+from lookahead.kernels.reference import sdpa
 from lookahead.state import GenerationState
 from lookahead.trie import TokenTrie
 
@@ -26,7 +26,6 @@ try:  # optional prefill kernel on CUDA
 except ImportError:
     flash_attn_func = None
 
-_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 # oneDNN prepacked fp32 linear on CPU: about flat in cost from 1 to 8 rows (MKL's addmm is ~2x slower there)
 # and batch-invariant (a row's result does not depend on the other rows), so verifying a draft tree of T
 # nodes costs little more than one token and gives the same numbers as a one-token step.
@@ -67,48 +66,6 @@ class ModelConfig:
                              f"num_key_value_heads ({self.n_kv_heads})")
 
 
-def decoder_config(hf: dict, *, norm_eps: float, max_positions: int, **family) -> ModelConfig:
-    """The fields every decoder family reads the same way from a config.json; `family` sets the rest (biases,
-    rotary variant, norms). norm_eps and max_positions are the family's defaults when the file omits them."""
-    rope = rope_parameters(hf)
-    n_heads = hf["num_attention_heads"]
-    return ModelConfig(
-        model_type=hf["model_type"],
-        vocab_size=hf["vocab_size"],
-        dim=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-        intermediate_size=hf["intermediate_size"],
-        norm_eps=hf.get("rms_norm_eps", norm_eps),
-        max_position_embeddings=hf.get("max_position_embeddings", max_positions),
-        rope_theta=rope["rope_theta"],
-        rope_type=rope["rope_type"],
-        rope_params=rope,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        eos_token_id=eos_ids(hf.get("eos_token_id")),
-        **family,
-    )
-
-
-def rope_parameters(hf: dict) -> dict:
-    """RoPE settings from a config.json, in either the transformers 4 (`rope_theta`, `rope_scaling`) or the
-    transformers 5 (`rope_parameters`) spelling."""
-    params = dict(hf.get("rope_scaling") or {})
-    params.update(hf.get("rope_parameters") or {})
-    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
-    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-    params.pop("type", None)
-    return params
-
-
-def eos_ids(value) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-
-
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies [rotary_dim / 2] for the default, linear and llama3 RoPE variants."""
     dim = cfg.rotary_dim
@@ -146,8 +103,8 @@ class RMSNorm(nn.Module):
 
 
 @dataclass
-class Step:
-    """What one forward pass does with the cache, shared by every layer.
+class AttentionContext:
+    """What every layer's attention shares in one forward pass.
 
     mode "full": causal attention over input_ids only, no cache. "prefill": the rows start at slot 0,
     causal attention, K/V written at slots 0..T-1. "verify": K/V of the T nodes written at slots
@@ -181,14 +138,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]."""
     if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return flash_attn_func(q, k, v, causal=True)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-    if k.shape[1] != q.shape[1]:
-        if _SDPA_HAS_GQA:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            return out.transpose(1, 2)
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)  # (B, Hq, T, D)
+    return out.transpose(1, 2)
 
 
 class Embedding(nn.Embedding):
@@ -204,7 +155,7 @@ class Linear(nn.Linear):
     """nn.Linear that runs through a oneDNN prepacked copy of its weight once `pack()` made one (fp32 CPU)."""
 
     packed: torch.Tensor | None = None
-    _packed_version: int = -1
+    _packed_version: int = -1  # the weight's _version when packed: an in-place update makes the copy stale
 
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:  # built on meta by from_pretrained: the checkpoint fills it, skip the init
@@ -232,22 +183,22 @@ class Attention(nn.Module):
         self.wqkv = Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
 
-    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = rotate(q.view(B, T, self.n_heads, self.head_dim), step.cos, step.sin, self.interleaved)  # (B, T, Hq, D)
-        k = rotate(k.view(B, T, self.n_kv_heads, self.head_dim), step.cos, step.sin, self.interleaved)  # (B, T, Hkv, D)
+        q = rotate(q.view(B, T, self.n_heads, self.head_dim), ctx.cos, ctx.sin, self.interleaved)  # (B, T, Hq, D)
+        k = rotate(k.view(B, T, self.n_kv_heads, self.head_dim), ctx.cos, ctx.sin, self.interleaved)  # (B, T, Hkv, D)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
-        if step.mode == "verify":
-            k_cache, v_cache = step.cache.buffer[self.layer]  # (B, Hkv, S, D) each
-            k_cache[step.rows, :, step.slots] = k
-            v_cache[step.rows, :, step.slots] = v
-            y = kernels.tree_attention(q, k_cache, v_cache, step.cache.lens, step.tree_mask,
-                                       ancestor_bits=step.ancestor_bits)
+        if ctx.mode == "verify":
+            k_cache, v_cache = ctx.cache.buffer[self.layer]  # (B, Hkv, S, D) each
+            k_cache[ctx.rows, :, ctx.slots] = k
+            v_cache[ctx.rows, :, ctx.slots] = v
+            y = kernels.tree_attention(q, k_cache, v_cache, ctx.cache.lens, ctx.tree_mask,
+                                       ancestor_bits=ctx.ancestor_bits)
         else:
-            if step.mode == "prefill":
-                kv = step.cache.buffer[self.layer, :, :, :, :T]  # (2, B, Hkv, T, D)
+            if ctx.mode == "prefill":
+                kv = ctx.cache.buffer[self.layer, :, :, :, :T]  # (2, B, Hkv, T, D)
                 kv[0].copy_(k.transpose(1, 2))
                 kv[1].copy_(v.transpose(1, 2))
             y = causal_attention(q, k, v)
@@ -279,8 +230,8 @@ class Block(nn.Module):
             self.post_ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.sandwich = cfg.sandwich_norms
 
-    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
-        h = self.attention(self.attention_norm(x), step)
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        h = self.attention(self.attention_norm(x), ctx)
         x = x + (self.post_attention_norm(h) if self.sandwich else h)
         h = self.feed_forward(self.ffn_norm(x))
         return x + (self.post_ffn_norm(h) if self.sandwich else h)
@@ -329,15 +280,32 @@ class CausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.tok_embeddings.weight.dtype
 
-    # ---- family hooks ------------------------------------------------------------------------------------
+    # ---- loading: the family hooks, and the entry points that use them (the work is in loading.py) ---------
     @classmethod
-    def config_from_hf(cls, hf: dict) -> ModelConfig:
+    def family_config(cls, hf: dict) -> ModelConfig:
+        """The family's part of config_from_hf: a config.json of one of its model_types -> ModelConfig."""
         raise NotImplementedError
 
     @classmethod
     def convert_state_dict(cls, sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
         """Checkpoint tensor names -> ours (fusing q/k/v and gate/up)."""
         raise NotImplementedError
+
+    @classmethod
+    def config_from_hf(cls, hf: dict) -> ModelConfig:
+        """A config.json dict -> ModelConfig; ValueError unless this class serves its model_type."""
+        model_type = hf.get("model_type")
+        if model_type not in cls.model_types:
+            raise ValueError(f"{cls.__name__} serves model_type {', '.join(cls.model_types)}; this checkpoint is "
+                             f"{model_type!r}. Use the matching class from lookahead.models.")
+        return cls.family_config(hf)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype: torch.dtype | None = None, device=None):
+        """Load an HF checkpoint dir, a .gguf file or the embedded "smollm2-135m-instruct" (API.md)."""
+        from lookahead.models.loading import load_pretrained  # loading.py builds on this module
+
+        return load_pretrained(cls, name_or_path, dtype, device)
 
     # ---- forward -----------------------------------------------------------------------------------------
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,16 +314,13 @@ class CausalLM(nn.Module):
             freqs = freqs.repeat_interleave(2, dim=-1)
         else:
             freqs = torch.cat((freqs, freqs), dim=-1)
-        dtype = self.tok_embeddings.weight.dtype
-        return freqs.cos().to(dtype)[:, :, None], freqs.sin().to(dtype)[:, :, None]  # (B, T, 1, rot)
+        return freqs.cos().to(self.dtype)[:, :, None], freqs.sin().to(self.dtype)[:, :, None]  # (B, T, 1, rot)
 
-    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, step_kwargs: dict,
-             logit_rows: torch.Tensor | None) -> torch.Tensor:
-        cos, sin = self._rope(positions)
-        step = Step(cos=cos, sin=sin, **step_kwargs)
+    def _run(self, input_ids: torch.Tensor, ctx: AttentionContext,
+             logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         x = self.tok_embeddings(input_ids)  # (B, T, dim)
         for layer in self.layers:
-            x = layer(x, step)
+            x = layer(x, ctx)
         if logit_rows is not None:  # only the rows asked for go through the LM head
             x = x[torch.arange(x.shape[0], device=x.device), logit_rows]  # (B, dim)
         return self.output(self.norm(x))
@@ -364,15 +329,15 @@ class CausalLM(nn.Module):
         """Full causal forward without a cache: logits [B, T, V] (parity and perplexity checks)."""
         self._check_ids(input_ids)
         B, T = input_ids.shape
-        positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        return CausalLMOutput(self._run(input_ids, positions, {"mode": "full"}, None))
+        cos, sin = self._rope(torch.arange(T, device=input_ids.device).expand(B, T))
+        return CausalLMOutput(self._run(input_ids, AttentionContext("full", cos, sin)))
 
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """input_ids [B, T] right-padded, lengths [B] real tokens per row -> logits [B, V] after each row's last
         real token. Writes K/V at slots 0..T-1 (padding slots are scratch) and sets cache.lens = lengths."""
         B, T = input_ids.shape
-        positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        logits = self._run(input_ids, positions, {"mode": "prefill", "cache": cache}, lengths - 1)
+        cos, sin = self._rope(torch.arange(T, device=input_ids.device).expand(B, T))
+        logits = self._run(input_ids, AttentionContext("prefill", cos, sin, cache), logit_rows=lengths - 1)
         cache.lens.copy_(lengths)
         return logits
 
@@ -382,12 +347,12 @@ class CausalLM(nn.Module):
         chain -> logits [B, T, V]. Node i is at position cache.lens + depths[:, i] and its K/V go to slot
         cache.lens + i; cache.lens is not advanced (compaction does that)."""
         B, T = tokens.shape
-        offsets = torch.arange(T, device=tokens.device)
-        slots = cache.lens[:, None] + offsets  # (B, T)
-        step = {"mode": "verify", "cache": cache, "slots": slots, "tree_mask": tree_mask,
-                "ancestor_bits": kernels.ancestor_bits(tree_mask),
-                "rows": torch.arange(B, device=tokens.device)[:, None]}
-        return self._run(tokens, cache.lens[:, None] + depths, step, None)
+        cos, sin = self._rope(cache.lens[:, None] + depths)
+        ctx = AttentionContext("verify", cos, sin, cache,
+                               slots=cache.lens[:, None] + torch.arange(T, device=tokens.device),  # (B, T)
+                               rows=torch.arange(B, device=tokens.device)[:, None],  # (B, 1)
+                               tree_mask=tree_mask, ancestor_bits=kernels.ancestor_bits(tree_mask))
+        return self._run(tokens, ctx)
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
@@ -404,14 +369,15 @@ class CausalLM(nn.Module):
 
     def kv_cache(self, batch: int, max_len: int) -> KVCache:
         """The model's static cache, reallocated only when it is too small or of another shape."""
-        cfg, w = self.config, self.tok_embeddings.weight
-        args = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, w.dtype, w.device)
+        cfg = self.config
+        args = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, self.dtype, self.device)
         if self.state.cache is None or not self.state.cache.fits(*args):
             self.state.cache = self.state.graphs = None  # free the old buffer (and graphs on it) first
             self.state.cache = KVCache(*args)
         self.state.cache.reset()
         return self.state.cache
 
+    # ---- weights -------------------------------------------------------------------------------------------
     def pack_weights(self) -> "CausalLM":
         """(Re)build the oneDNN prepacked weights of every linear layer (fp32 on CPU; a no-op elsewhere).
         Costs one extra copy of the linear weights in memory."""
@@ -420,87 +386,22 @@ class CausalLM(nn.Module):
                 m.pack()
         return self
 
-    def _apply(self, fn, recurse=True):  # .to() / .float() / .cuda(): the packed copies would be stale
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.packed = None
+    def _apply(self, fn, recurse=True):
+        """.to() / .float() / .cuda() / ...: a linear layer whose weight was converted, or that had no packed
+        copy, is (re)packed, so fp32 CPU weights end up packed and no stale copy survives; the RoPE
+        frequencies stay fp32."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        before = [m.weight.data_ptr() for m in linears]  # old and new tensors coexist in fn: a new one differs
         super()._apply(fn, recurse)
+        for m, ptr in zip(linears, before):
+            if m.packed is None or m.weight.data_ptr() != ptr or m._packed_version != m.weight._version:
+                m.pack()
         if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
             self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)  # RoPE frequencies stay fp32
         return self
-
-    # ---- loading -----------------------------------------------------------------------------------------
-    @classmethod
-    def from_hf_config(cls, hf: dict) -> ModelConfig:
-        model_type = hf.get("model_type")
-        if model_type not in cls.model_types:
-            raise ValueError(f"{cls.__name__} serves model_type {', '.join(cls.model_types)}; this checkpoint is "
-                             f"{model_type!r}. Use the matching class from lookahead.models.")
-        return cls.config_from_hf(hf)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, dtype: torch.dtype | None = None, device=None):
-        """Load an HF checkpoint dir, a .gguf file or the embedded "smollm2-135m-instruct"."""
-        path = resolve_checkpoint(name_or_path)
-        hf = load_config(path)
-        cfg = cls.from_hf_config(hf)
-        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dtype is None:
-            dtype = default_dtype(hf, device)
-        with torch.device("meta"):
-            model = cls(cfg)
-        try:
-            sd = cls.convert_state_dict(load_state_dict(path), cfg)
-        except KeyError as e:
-            raise ValueError(f"checkpoint {path} lacks the tensor {e.args[0]!r}: is it complete and of type "
-                             f"{cfg.model_type}?") from None
-        result = model.load_state_dict(sd, assign=True, strict=False)
-        if cfg.tie_word_embeddings:  # assign=True replaced the embedding Parameter: tie the new one
-            model.output.weight = model.tok_embeddings.weight
-        missing = [n for n in result.missing_keys if not (cfg.tie_word_embeddings and n == "output.weight")]
-        if missing or result.unexpected_keys:
-            raise ValueError(f"checkpoint {path} does not fit a {cfg.model_type} model: missing "
-                             f"{missing[:4]}, unexpected {result.unexpected_keys[:4]}")
-        model.inv_freq = rope_inv_freq(cfg)
-        model.name_or_path = str(path)
-        return model.to(device=device, dtype=dtype).eval().pack_weights()
 
     # ---- generation ----------------------------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor, **kwargs):
         """Greedy or sampled generation, lookahead on by default; see API.md."""
         from lookahead.generation import generate
         return generate(self, input_ids, **kwargs)
-
-
-def default_dtype(hf: dict, device: torch.device) -> torch.dtype:
-    """fp32 on CPU; on CUDA the checkpoint's half dtype, bf16 when it is stored in fp32."""
-    if device.type != "cuda":
-        return torch.float32
-    stored = hf.get("dtype") or hf.get("torch_dtype")
-    return torch.float16 if stored == "float16" else torch.bfloat16
-
-
-def fuse_llama_style(sd: dict[str, torch.Tensor], cfg: ModelConfig, prefix: str = "model.") -> dict[str, torch.Tensor]:
-    """HF llama-style names -> ours: q/k/v_proj -> wqkv, gate/up_proj -> w13 (or an already fused gate_up_proj)."""
-    out = {"tok_embeddings.weight": sd[f"{prefix}embed_tokens.weight"], "norm.weight": sd[f"{prefix}norm.weight"]}
-    if "lm_head.weight" in sd and not cfg.tie_word_embeddings:
-        out["output.weight"] = sd["lm_head.weight"]
-    for i in range(cfg.n_layers):
-        src, dst = f"{prefix}layers.{i}.", f"layers.{i}."
-        for kind in ("weight", "bias"):
-            parts = [sd.get(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"]
-            if all(p is not None for p in parts):
-                out[f"{dst}attention.wqkv.{kind}"] = torch.cat(parts, dim=0)
-            if f"{src}self_attn.o_proj.{kind}" in sd:
-                out[f"{dst}attention.wo.{kind}"] = sd[f"{src}self_attn.o_proj.{kind}"]
-            if f"{src}mlp.gate_up_proj.{kind}" in sd:
-                out[f"{dst}feed_forward.w13.{kind}"] = sd[f"{src}mlp.gate_up_proj.{kind}"]
-            elif f"{src}mlp.gate_proj.{kind}" in sd:
-                out[f"{dst}feed_forward.w13.{kind}"] = torch.cat(
-                    [sd[f"{src}mlp.gate_proj.{kind}"], sd[f"{src}mlp.up_proj.{kind}"]], dim=0)
-            if f"{src}mlp.down_proj.{kind}" in sd:
-                out[f"{dst}feed_forward.w2.{kind}"] = sd[f"{src}mlp.down_proj.{kind}"]
-        out[f"{dst}attention_norm.weight"] = sd[f"{src}input_layernorm.weight"]
-        out[f"{dst}ffn_norm.weight"] = sd[f"{src}post_attention_layernorm.weight"]
-    return out
-

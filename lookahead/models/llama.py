@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from lookahead.models.base import CausalLM, ModelConfig, decoder_config, fuse_llama_style
+from lookahead.models.base import CausalLM, ModelConfig
+from lookahead.models.loading import decoder_config, fuse_llama_style
 
 
 class LlamaForLookahead(CausalLM):
     model_types = ("llama", "mistral", "qwen2")
 
     @classmethod
-    def config_from_hf(cls, hf: dict) -> ModelConfig:
+    def family_config(cls, hf: dict) -> ModelConfig:
         use_window = hf.get("use_sliding_window", hf["model_type"] == "mistral")
         return decoder_config(
             hf, norm_eps=1e-6, max_positions=4096,

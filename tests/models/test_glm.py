@@ -6,7 +6,6 @@ import transformers
 
 from lookahead import LookaheadConfig
 from lookahead.models import GlmForLookahead
-from tests.models.test_llama import ours_from_hf
 
 TINY = dict(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, pad_token_id=0, eos_token_id=[1], max_position_embeddings=256)
@@ -31,7 +30,7 @@ def random_glm(name: str, seed: int = 0):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_prefill_and_incremental_logits_match_transformers(name):
+def test_prefill_and_incremental_logits_match_transformers(name, ours_from_hf):
     hf = random_glm(name)
     if "partial_rotary_factor" in CONFIGS[name][2]:
         assert hf.config.rope_parameters["partial_rotary_factor"] == 0.25
@@ -68,7 +67,7 @@ def test_llama_class_refuses_glm(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["glm", "glm4"])
-def test_lookahead_equals_plain_with_a_trie_of_its_own_outputs(name):
+def test_lookahead_equals_plain_with_a_trie_of_its_own_outputs(name, ours_from_hf):
     ours = ours_from_hf(random_glm(name, seed=5), GlmForLookahead).pack_weights()
     ids = torch.randint(2, TINY["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(1))
     expected = ours.generate(ids, max_new_tokens=48, lookahead=False, eos_token_id=[])

@@ -26,16 +26,6 @@ HF_CLASSES = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.Mi
               "qwen2": transformers.Qwen2ForCausalLM}
 
 
-def ours_from_hf(hf_model, cls=LlamaForLookahead):
-    """Our model with the transformers model's weights (the same path from_pretrained takes)."""
-    hf_dict = hf_model.config.to_dict()
-    cfg = cls.from_hf_config(hf_dict)
-    model = cls(cfg)
-    sd = cls.convert_state_dict(dict(hf_model.state_dict()), cfg)
-    model.load_state_dict(sd, strict=not cfg.tie_word_embeddings)
-    return model.eval()
-
-
 def random_hf(name: str, seed: int = 0):
     torch.manual_seed(seed)
     config = CONFIGS[name]()
@@ -49,7 +39,7 @@ def random_hf(name: str, seed: int = 0):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["linear", "onednn-packed"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_prefill_and_incremental_logits_match_transformers(name, packed):
+def test_prefill_and_incremental_logits_match_transformers(name, packed, ours_from_hf):
     hf = random_hf(name)
     ours = ours_from_hf(hf)
     if packed:
@@ -70,7 +60,7 @@ def test_prefill_and_incremental_logits_match_transformers(name, packed):
             torch.testing.assert_close(step[:, 0], expected[:, t], atol=1e-4, rtol=1e-4)
 
 
-def test_verify_chain_of_several_tokens_matches_full_forward():
+def test_verify_chain_of_several_tokens_matches_full_forward(ours_from_hf):
     hf = random_hf("llama3-rope")
     ours = ours_from_hf(hf)
     ids = torch.randint(0, TINY["vocab_size"], (1, 12))
@@ -82,7 +72,7 @@ def test_verify_chain_of_several_tokens_matches_full_forward():
     torch.testing.assert_close(chain, expected[:, 5:], atol=1e-4, rtol=1e-4)
 
 
-def test_generate_plain_greedy_matches_transformers():
+def test_generate_plain_greedy_matches_transformers(ours_from_hf):
     hf = random_hf("qwen2")
     ours = ours_from_hf(hf)
     ids = torch.randint(0, TINY["vocab_size"], (1, 7))
@@ -94,4 +84,4 @@ def test_generate_plain_greedy_matches_transformers():
 
 def test_unknown_model_type_is_rejected():
     with pytest.raises(ValueError, match="serves model_type llama, mistral, qwen2"):
-        LlamaForLookahead.from_hf_config({"model_type": "gpt2"})
+        LlamaForLookahead.config_from_hf({"model_type": "gpt2"})
