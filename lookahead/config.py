@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-LAYOUTS = ("hier", "par")
-MAX_DRAFT_NODES = 127  # the verify tile holds at most 128 nodes, the root included
+from lookahead.settings import LAYOUTS, MAX_TREE_NODES
 
 
 @dataclass(frozen=True)
@@ -16,30 +15,35 @@ class LookaheadConfig:
     branch_length: length of the token windows inserted into the trie (the deepest a draft can reach).
     max_query_length: how many trailing tokens are matched against the trie (longest match first).
     layout: "hier" (trie-shaped tree, shared prefixes once) or "par" (independent branches).
-    adaptive: pick each step's draft size from the measured verify cost and running acceptance.
-    max_trie_nodes: memory bound of the trie; decay and eviction keep it there.
+    adaptive: pick each step's draft by expected tokens per unit of the measured verify cost (a plain step
+        when no draft pays); False drafts up to decoding_length nodes every step.
+    max_trie_nodes: memory bound of the trie; eviction of its least recently useful nodes keeps it there.
+    recycle_top_k: the model's top-k next tokens kept from each verify to draft where the trie has nothing
+        (Token Recycling); 0 turns it off.
     """
 
     decoding_length: int = 64
-    branch_length: int = 12
-    max_query_length: int = 2
+    branch_length: int = 16
+    max_query_length: int = 8
     layout: str = "hier"
     adaptive: bool = True
     max_trie_nodes: int = 1 << 20
+    recycle_top_k: int = 8
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
             if not ok:
                 raise ValueError(f"LookaheadConfig: {msg}")
 
-        for name in ("decoding_length", "branch_length", "max_query_length", "max_trie_nodes"):
+        for name in ("decoding_length", "branch_length", "max_query_length", "max_trie_nodes", "recycle_top_k"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an int, got {value!r}")
-        need(0 <= self.decoding_length <= MAX_DRAFT_NODES,
-             f"decoding_length must be in [0, {MAX_DRAFT_NODES}] (draft nodes per step), got {self.decoding_length}")
+        need(0 <= self.decoding_length < MAX_TREE_NODES,
+             f"decoding_length must be in [0, {MAX_TREE_NODES - 1}] (draft nodes per step), got {self.decoding_length}")
         need(self.branch_length >= 2, f"branch_length must be >= 2, got {self.branch_length}")
         need(1 <= self.max_query_length < self.branch_length,
              f"max_query_length must be in [1, branch_length), got {self.max_query_length}")
         need(self.layout in LAYOUTS, f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         need(isinstance(self.adaptive, bool), f"adaptive must be a bool, got {self.adaptive!r}")
         need(self.max_trie_nodes >= 16, f"max_trie_nodes must be >= 16, got {self.max_trie_nodes}")
+        need(0 <= self.recycle_top_k <= 64, f"recycle_top_k must be in [0, 64], got {self.recycle_top_k}")

@@ -12,16 +12,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-DRAFT_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
-LAYOUTS = ("hier", "par")
+from lookahead.settings import LAYOUTS, MAX_TREE_NODES
+
+# Tree sizes (root included) a step is padded to: few static shapes for CUDA graphs, steps of <= 1.5x so
+# padding wastes at most a third of a tree.
+TREE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, MAX_TREE_NODES)
 
 
 def bucket_size(n: int) -> int:
-    """The smallest bucket holding n nodes."""
-    for b in DRAFT_BUCKETS:
+    """The smallest bucket holding n nodes (root included)."""
+    for b in TREE_BUCKETS:
         if b >= n:
             return b
-    raise ValueError(f"a draft tree holds at most {DRAFT_BUCKETS[-1]} nodes, got {n}")
+    raise ValueError(f"a draft tree holds at most {MAX_TREE_NODES} nodes (root included), got {n}")
 
 
 @dataclass

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from lookahead.drafter import Calibration
 from lookahead.trie import TokenTrie
 
 if TYPE_CHECKING:
@@ -17,9 +18,11 @@ class GenerationState:
     """trie: the global draft source, kept across calls (`model.trie`). cache: the static KV cache, reallocated
     only when a call needs a bigger or other-shaped one. graphs: captured decode steps of that cache (CUDA).
     cost_curves: measured verify seconds by tree size, per model/device/dtype/threads/graphs key.
-    calibration: the drafter's predicted-vs-observed acceptance statistics, kept as the trie warms up."""
+    calibration: the drafter's predicted-vs-observed acceptance statistics, kept as the trie warms up.
+    successors: the model's latest top-k next tokens per token, read off verify logits (recycled branches)."""
     trie: TokenTrie = field(default_factory=TokenTrie)
     cache: KVCache | None = None
     graphs: StepGraphs | None = None
     cost_curves: dict[str, dict[int, float]] = field(default_factory=dict)
-    calibration: Any = None
+    calibration: Calibration = field(default_factory=Calibration)
+    successors: dict[int, list[int]] = field(default_factory=dict)

@@ -1,10 +1,10 @@
 """The device side of one decode step, run eagerly or replayed from a CUDA graph.
 
-`tree_step` verifies every row's draft tree, chooses the target tokens, accepts the longest correct path,
-compacts the KV cache and advances the committed lengths; `plain_step` is the one-token step. Both only
-launch device work: the host reads their small output once per step.
+`tree_step` verifies every row's draft tree (a single root node for plain decoding), chooses the target
+tokens, accepts the longest correct path, compacts the KV cache and advances the committed lengths. It only
+launches device work: the host reads its small output once per step.
 
-On CUDA, `StepGraphs` captures each step per (batch, tree bucket) the first time it runs and replays it
+On CUDA, `StepGraphs` captures the step per (batch, tree bucket, top-k) the first time it runs and replays it
 after: a 30-layer model's step is hundreds of small launches, which a replay turns into one. Inputs go
 through static buffers; the KV cache and its lengths are the model's own (static) tensors. Graphs are used
 for greedy decoding only: a sampled step bakes its seed into the captured noise.
@@ -12,13 +12,12 @@ for greedy decoding only: a sampled step bakes its seed into the captured noise.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from lookahead import kernels
 from lookahead.cache import KVCache
 from lookahead.nvtx import nvtx_range
+from lookahead.settings import cuda_graphs_enabled
 
 
 def accepted_tokens(tokens: torch.Tensor, targets: torch.Tensor, path: torch.Tensor,
@@ -35,10 +34,11 @@ def accepted_tokens(tokens: torch.Tensor, targets: torch.Tensor, path: torch.Ten
 
 
 def tree_step(model, cache: KVCache, chooser, tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
-              tree_mask: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """One lookahead step over draft trees [B, T] -> [B, 1 + T] int64: per row the number n of accepted
-    nodes (root included), then the n new tokens (the accepted draft tokens and the bonus token). Rows with
-    active[b] = 0 are computed but do not advance."""
+              tree_mask: torch.Tensor, active: torch.Tensor, top_k: int = 0) -> torch.Tensor:
+    """One decode step over draft trees [B, T] -> [B, 1 + T (+ T * top_k)] int64: per row the number n of
+    accepted nodes (root included), the n new tokens (the accepted draft tokens and the bonus token) padded to
+    T, then with top_k > 0 every node's top-k next tokens (for recycled drafts). Rows with active[b] = 0 are
+    computed but do not advance."""
     with nvtx_range("verify"):
         logits = model.verify(tokens, depths, cache, tree_mask)  # (B, T, V)
         positions = cache.lens[:, None] + depths + 1  # (B, T) where each node's next token goes
@@ -49,26 +49,20 @@ def tree_step(model, cache: KVCache, chooser, tokens: torch.Tensor, parents: tor
     with nvtx_range("compact"):
         kernels.compact_kv(cache.buffer, cache.lens, path, num)
         cache.lens += num * active
-    return torch.cat([num[:, None], new], dim=1)
-
-
-def plain_step(model, cache: KVCache, chooser, last: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """One token per row: last [B, 1] -> next [B, 1], also written into `last` for the next step."""
-    logits = model.verify(last, torch.zeros_like(last), cache, None)  # (B, 1, V)
-    nxt = chooser(logits, cache.lens[:, None] + 1, last)  # (B, 1)
-    cache.lens += active
-    last.copy_(nxt)
-    return nxt
+    parts = [num[:, None], new]
+    if top_k:
+        parts.append(logits.topk(top_k, dim=-1).indices.flatten(1))  # (B, T * top_k)
+    return torch.cat(parts, dim=1)
 
 
 def graphs_enabled(model, chooser) -> bool:
-    """CUDA graphs for this call: a CUDA model, greedy choice, and LOOKAHEAD_CUDA_GRAPHS not set to 0."""
-    return (model.tok_embeddings.weight.is_cuda and chooser.plain_argmax
-            and os.environ.get("LOOKAHEAD_CUDA_GRAPHS", "1") != "0")
+    """CUDA graphs for this call: a CUDA model with the Triton kernels (the torch references of accept and compact
+    read values on the host), greedy choice, and LOOKAHEAD_CUDA_GRAPHS not set to 0."""
+    return model.device.type == "cuda" and kernels.HAS_TRITON and chooser.plain_argmax and cuda_graphs_enabled()
 
 
 class StepGraphs:
-    """Captured steps of one model and one KV cache, keyed by (step kind, batch, tree size).
+    """Captured steps of one model and one KV cache, keyed by (batch, tree size, top-k).
 
     The first call of a key runs the step eagerly on fresh static buffers (this compiles the Triton kernels for
     exactly those buffers) and then captures it; later calls copy their inputs into the static buffers and
@@ -82,14 +76,13 @@ class StepGraphs:
 
     @classmethod
     def for_cache(cls, model, cache: KVCache) -> "StepGraphs":
-        graphs = model._lookahead_state.get("graphs")
+        graphs = model.state.graphs
         if graphs is None or graphs.cache is not cache:  # a new cache buffer: the old graphs point at the old one
-            graphs = model._lookahead_state["graphs"] = cls(model, cache)
+            graphs = model.state.graphs = cls(model, cache)
         return graphs
 
-    def run(self, kind: str, chooser, *inputs: torch.Tensor) -> torch.Tensor:
-        step = tree_step if kind == "tree" else plain_step
-        key = (kind,) + tuple(tuple(t.shape) for t in inputs)
+    def run(self, chooser, *inputs: torch.Tensor, top_k: int = 0) -> torch.Tensor:
+        key = tuple(tuple(t.shape) for t in inputs) + (top_k,)
         entry = self.entries.get(key)
         if entry is not None:
             graph, static, out = entry
@@ -97,16 +90,12 @@ class StepGraphs:
                 if dst is not src:
                     dst.copy_(src)
             graph.replay()
-            if kind == "plain" and inputs[0] is not static[0]:
-                inputs[0].copy_(static[0])  # plain_step writes its next token back into `last`
             return out
         static = [t.clone() for t in inputs]
-        result = step(self.model, self.cache, chooser, *static).clone()  # the real step, eagerly
-        if kind == "plain":
-            inputs[0].copy_(static[0])
+        result = tree_step(self.model, self.cache, chooser, *static, top_k=top_k).clone()  # the real step
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):  # records the launches, runs nothing
-            out = step(self.model, self.cache, chooser, *static)
+            out = tree_step(self.model, self.cache, chooser, *static, top_k=top_k)
         self.entries[key] = (graph, static, out)
         return result

@@ -2,32 +2,38 @@
 
 Every window of `branch_length` tokens of what the trie has seen is a root-to-node path; a node's count is
 how many windows pass through it. Generated tokens count globally and persist across requests; a request's
-prompt and references count locally (tagged with its id) and are dropped when the request ends. Retrieval
-matches the longest suffix of the context and returns the best-scoring subtree under a node budget, ranked
-by this request's local count first, then the global count.
+prompt and references count locally (tagged with its id) and are dropped when the request ends.
+
+Retrieval matches the longest suffix of the context that has continuations and scores every node below the
+match by its probability: the product of count ratios (child / parent) along its path, computed for the
+local and the global counts separately, the better of the two winning. Nodes come out best-first, so the
+sum of a draft's probabilities is its expected number of accepted tokens (before calibration).
 """
 
 from __future__ import annotations
 
 import heapq
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
+SMOOTHING = 0.5
 FORMAT = "lookahead-token-trie"
 VERSION = 1
 
 
 class _Node:
-    __slots__ = ("token", "parent", "children", "count", "local")
+    __slots__ = ("token", "parent", "children", "count", "local", "stamp")
 
-    def __init__(self, token: int, parent: _Node | None):
+    def __init__(self, token: int, parent: _Node | None, stamp: int = 0):
         self.token = token
         self.parent = parent
         self.children: dict[int, _Node] = {}
         self.count = 0                     # global windows through this node
         self.local: dict[int, int] | None = None  # request id -> local windows through this node
+        self.stamp = stamp                 # the trie's clock when a window last passed through (recency)
 
     def empty(self) -> bool:
         return self.count <= 0 and not self.local and not self.children
@@ -46,13 +52,14 @@ class _Request:
 class TokenTrie:
     """n-gram trie with request-local and global counts, bounded to max_trie_nodes nodes."""
 
-    def __init__(self, branch_length: int = 12, max_trie_nodes: int = 1 << 20):
+    def __init__(self, branch_length: int = 16, max_trie_nodes: int = 1 << 20):
         if branch_length < 2 or max_trie_nodes < 16:
             raise ValueError("TokenTrie needs branch_length >= 2 and max_trie_nodes >= 16")
         self.branch_length = branch_length
         self.max_trie_nodes = max_trie_nodes
         self.root = _Node(-1, None)
         self._size = 0
+        self._clock = 0  # tokens inserted so far: the time scale of recency
         self._requests: dict[int, _Request] = {}
 
     def __len__(self) -> int:
@@ -71,11 +78,13 @@ class TokenTrie:
         if child is None:
             child = node.children[token] = _Node(token, node)
             self._size += 1
+        child.stamp = self._clock
         return child
 
     def _insert_windows(self, tokens: Sequence[int], weight: int, request: int | None) -> None:
         L = self.branch_length
         touched = self._requests[request].touched if request is not None else None
+        self._clock += len(tokens)
         for start in range(len(tokens)):
             node = self.root
             for token in tokens[start:start + L]:
@@ -115,6 +124,7 @@ class TokenTrie:
             self._open_windows(req)
         for token in tokens:
             token = int(token)
+            self._clock += 1
             grown = []
             for node in [*req.open, self.root]:
                 child = self._child(node, token)
@@ -161,94 +171,102 @@ class TokenTrie:
 
     # ---- memory bound ------------------------------------------------------------------------------------------
     def _bound(self) -> None:
-        """Decay global counts and evict the weakest leaves until the trie is at most 90% of its bound."""
+        """Over the bound, evict the least useful leaves down to 90% of it: lowest recency-weighted count first
+        (count halved per `max_trie_nodes / branch_length` tokens of age, about the text the trie holds), so
+        what recent requests produced stays. Nodes holding a running request's local counts stay too."""
         if self._size <= self.max_trie_nodes:
             return
         target = int(self.max_trie_nodes * 0.9)
         for req in self._requests.values():  # open windows may point at evicted nodes: walk them again later
             req.open = None
-        leaves = []
+        halflife = max(1.0, self.max_trie_nodes / self.branch_length)
+        clock = self._clock
+
+        def score(node: _Node) -> float:
+            return math.log2(max(node.count, 1)) - (clock - node.stamp) / halflife
+
+        heap = []
         stack = [self.root]
-        while stack:  # halve every global count; collect the leaves nothing local holds
+        while stack:
             node = stack.pop()
-            node.count //= 2
             if node.children:
                 stack.extend(node.children.values())
             elif node is not self.root and not node.local:
-                leaves.append(node)
-        for node in leaves:
-            if node.count <= 0:
-                self._prune_up(node)
-        if self._size > target:  # still too big: remove the lowest-count leaves, weakest first
-            heap = [(n.count, id(n), n) for n in leaves if n.parent is not None]
-            heapq.heapify(heap)
-            while self._size > target and heap:
-                _, _, node = heapq.heappop(heap)
-                parent = node.parent
-                if parent is None or node.children or node.local:
-                    continue
-                del parent.children[node.token]
-                node.parent = None
-                self._size -= 1
-                if parent is not self.root and not parent.children and not parent.local:
-                    heapq.heappush(heap, (parent.count, id(parent), parent))
+                heap.append((score(node), id(node), node))
+        heapq.heapify(heap)
+        while self._size > target and heap:
+            _, _, node = heapq.heappop(heap)
+            parent = node.parent
+            if parent is None or node.children or node.local:
+                continue
+            del parent.children[node.token]
+            node.parent = None
+            self._size -= 1
+            if parent is not self.root and not parent.children and not parent.local:
+                heapq.heappush(heap, (score(parent), id(parent), parent))
 
     # ---- retrieval ---------------------------------------------------------------------------------------------
-    def _match(self, context: Sequence[int], max_query_length: int) -> _Node | None:
-        """The node of the longest context suffix (<= max_query_length tokens) that has continuations."""
-        for q in range(min(max_query_length, len(context)), 0, -1):
+    def _match(self, context: Sequence[int], max_query_length: int) -> tuple[_Node | None, int]:
+        """The node of the longest context suffix (<= max_query_length tokens) that has continuations, and its
+        length (0 when none matches)."""
+        for q in range(min(max_query_length, len(context), self.branch_length - 1), 0, -1):
             node = self.root
             for token in context[len(context) - q:]:
                 node = node.children.get(int(token))
                 if node is None:
                     break
             if node is not None and node.children:
-                return node
-        return None
+                return node, q
+        return None, 0
+
+    def candidates(self, context: Sequence[int], limit: int, request_id: int | None = None,
+                   max_query_length: int = 2) -> tuple[int, int, list[tuple[int, int, float]]]:
+        """Up to `limit` draft nodes after the context's last token, best first: (match length, evidence,
+        [(token, parent, probability)]) where evidence is how many earlier windows the match rests on, parent
+        indexes the list (-1 = the draft's root) and precedes its children, and probability is the node's
+        whole-path probability (non-increasing along the list). O(limit log limit).
+
+        A node's probability is the better of its local (this request's prompt and references) and global path
+        probabilities, each the product of child / parent count ratios from the match node down. The running
+        request's own latest window passes through the match node without a continuation yet: it is not
+        counted in the match node's global denominator. Ratios are smoothed (count / (parent count + 0.5)) so
+        that a continuation seen once is not certain."""
+        start, q = self._match(context, max_query_length) if limit > 0 else (None, 0)
+        if start is None:
+            return 0, 0, []
+        req = self._requests.get(request_id) if request_id is not None else None
+        inflight = bool(req is not None and req.counted and len(req.tail) >= q
+                        and req.tail[len(req.tail) - q:] == [int(t) for t in context[len(context) - q:]])
+        global_root = start.count - (1 if inflight else 0)
+        local_root = start.local.get(request_id, 0) if start.local and request_id is not None else 0
+
+        out: list[tuple[int, int, float]] = []
+        heap = []
+        tie = 0
+
+        def push(node: _Node, index: int, p_global: float, p_local: float, g_den: float, l_den: float) -> None:
+            nonlocal tie
+            for child in node.children.values():
+                pg = p_global * min(1.0, child.count / (g_den + SMOOTHING)) if g_den > 0 else 0.0
+                loc = child.local.get(request_id, 0) if child.local and request_id is not None else 0
+                pl = p_local * min(1.0, loc / (l_den + SMOOTHING)) if l_den > 0 else 0.0
+                if pg > 0 or pl > 0:
+                    heapq.heappush(heap, (-max(pg, pl), tie, child, index, pg, pl, loc))
+                    tie += 1
+
+        push(start, -1, 1.0, 1.0, global_root, local_root)
+        while heap and len(out) < limit:
+            neg_p, _, node, parent, pg, pl, loc = heapq.heappop(heap)
+            out.append((node.token, parent, -neg_p))
+            push(node, len(out) - 1, pg, pl, node.count, loc)
+        return q, max(global_root, local_root), out
 
     def retrieve(self, context: Sequence[int], budget: int, request_id: int | None = None,
                  max_query_length: int = 2) -> tuple[list[int], list[int]]:
-        """The best draft tree under `budget` nodes after the context's last token.
-
-        Returns (tokens, parents) of the draft nodes in DFS pre-order, root excluded: node k of the lists is
-        tree node k + 1 and parents index the tree with 0 = the root. O(budget log budget).
-        """
-        start = self._match(context, max_query_length) if budget > 0 else None
-        if start is None:
-            return [], []
-
-        def score(node: _Node) -> tuple[int, int]:
-            local = node.local.get(request_id, 0) if node.local and request_id is not None else 0
-            return local, node.count
-
-        chosen: dict[int, list[_Node]] = {id(start): []}  # selected node -> its selected children
-        heap = []
-        tie = 0
-        for child in start.children.values():
-            s = score(child)
-            if s[0] > 0 or s[1] > 0:
-                heapq.heappush(heap, (-s[0], -s[1], tie, child, start))
-                tie += 1
-        taken = 0
-        while heap and taken < budget:
-            _, _, _, node, parent = heapq.heappop(heap)
-            chosen[id(parent)].append(node)
-            chosen[id(node)] = []
-            taken += 1
-            for child in node.children.values():
-                s = score(child)
-                if s[0] > 0 or s[1] > 0:
-                    heapq.heappush(heap, (-s[0], -s[1], tie, child, node))
-                    tie += 1
-        tokens, parents = [], []
-        stack = [(child, 0) for child in reversed(chosen[id(start)])]  # best child first in pre-order
-        while stack:
-            node, parent_index = stack.pop()
-            tokens.append(node.token)
-            parents.append(parent_index)
-            index = len(tokens)
-            stack.extend((child, index) for child in reversed(chosen[id(node)]))
-        return tokens, parents
+        """The `budget` most probable draft nodes after the context's last token as a tree in DFS pre-order, root
+        excluded: node k of the lists is tree node k + 1 and parents index the tree with 0 = the root."""
+        _, _, nodes = self.candidates(context, budget, request_id, max_query_length)
+        return preorder(nodes)
 
     # ---- persistence -------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -302,3 +320,20 @@ class TokenTrie:
             raise ValueError(f"{path} is a damaged TokenTrie file: {e}") from None
         trie._bound()
         return trie
+
+
+def preorder(nodes: Sequence[tuple]) -> tuple[list[int], list[int]]:
+    """Best-first (token, parent, ...) nodes, parent indexing the list (-1 = root) -> (tokens, parents) in DFS
+    pre-order with parents indexing the tree (0 = root); siblings keep their best-first order."""
+    children: list[list[int]] = [[] for _ in range(len(nodes) + 1)]  # slot 0 = the root, i + 1 = nodes[i]
+    for i, node in enumerate(nodes):
+        children[node[1] + 1].append(i + 1)
+    tokens, parents = [], []
+    stack = [(c, 0) for c in reversed(children[0])]
+    while stack:
+        slot, parent_index = stack.pop()
+        tokens.append(nodes[slot - 1][0])
+        parents.append(parent_index)
+        index = len(tokens)
+        stack.extend((c, index) for c in reversed(children[slot]))
+    return tokens, parents

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lookahead.draft import DRAFT_BUCKETS, bucket_size, build_draft, pack_drafts
+from lookahead.draft import TREE_BUCKETS, bucket_size, build_draft, pack_drafts
 
 # retrieved nodes (root excluded), DFS pre-order: 2 -> (3 -> (7, 8), 4)
 TOKENS, PARENTS = [2, 3, 7, 8, 4], [0, 1, 2, 2, 1]
@@ -32,7 +32,7 @@ def test_budget_cuts_a_pre_order_prefix_that_is_still_a_tree():
 
 def test_buckets():
     assert [bucket_size(n) for n in (1, 5, 16, 17, 128)] == [1, 6, 16, 24, 128]
-    assert DRAFT_BUCKETS[-1] == 128
+    assert TREE_BUCKETS[-1] == 128
     with pytest.raises(ValueError, match="at most 128"):
         bucket_size(129)
 

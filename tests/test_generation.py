@@ -19,7 +19,7 @@ def tiny_model(seed: int = 0, **overrides) -> LlamaForLookahead:
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
               rope_theta=10000.0, tie_word_embeddings=False, eos_token_id=None)
     hf.update(overrides)
-    cfg = LlamaForLookahead.from_hf_config(hf)
+    cfg = LlamaForLookahead.config_from_hf(hf)
     model = LlamaForLookahead(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -36,7 +36,7 @@ def plain(model, ids, **kw):
 
 def warm(model, ids, n: int = 64, **kw):
     """Fill the trie with the model's own greedy continuation of ids, so that drafts are accepted."""
-    model.trie = None
+    model.trie.clear()
     out = model.generate(ids, max_new_tokens=n, lookahead=LookaheadConfig(adaptive=False, **kw), eos_token_id=[])
     return out[0, ids.shape[1]:].tolist()
 

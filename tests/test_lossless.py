@@ -41,7 +41,7 @@ def test_lookahead_equals_plain_on_40_spec_bench_prompts(smollm2):
     expected = plain_batched(model, tokenizer, [t for _, t in prompts], 128)
     alone = model.generate(chat_ids(tokenizer, prompts[0][1]), max_new_tokens=128, lookahead=False)
     assert alone[0, chat_ids(tokenizer, prompts[0][1]).shape[1]:].tolist() == expected[0]
-    model.trie = None
+    model.trie.clear()
     accepted = {True: [], False: []}
     for k, (category, text) in enumerate(prompts):
         layout, warm, with_refs = VARIANTS[k % len(VARIANTS)]
@@ -68,9 +68,9 @@ def test_references_with_the_copied_passage_raise_accepted_tokens_per_step(smoll
         answer = tokenizer.decode(model.generate(ids, max_new_tokens=48, lookahead=False)[0, ids.shape[1]:],
                                   skip_special_tokens=True)
         passage = "From the encyclopedia. " + answer + " See also the related articles."
-        model.trie = None
+        model.trie.clear()
         without = model.generate(ids, max_new_tokens=48, lookahead=cfg, return_dict_in_generate=True)
-        model.trie = None
+        model.trie.clear()
         with_ref = model.generate(ids, max_new_tokens=48, lookahead=cfg, references=[passage], tokenizer=tokenizer,
                                   return_dict_in_generate=True)
         assert with_ref.sequences.tolist() == without.sequences.tolist()

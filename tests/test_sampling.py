@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lookahead import LookaheadConfig
-from lookahead.sampling import gumbel_noise
+from lookahead.kernels import gumbel_noise
 from lookahead.trie import TokenTrie
 from tests.test_generation import tiny_model
 from tests.test_smollm2 import chat_ids, spec_bench_prompts

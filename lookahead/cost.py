@@ -1,0 +1,143 @@
+"""The verify cost curve: seconds of one verify forward by tree size, measured once per model, device, dtype,
+threads and CUDA-graph setting, cached on the model (`model.state.cost_curves`) and under $LOOKAHEAD_CACHE.
+
+`calibrate(model)` measures (or loads) it outside any timed call; `generate` and `lookahead replay` price
+drafts with it through `CostModel`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Mapping
+
+from lookahead.draft import TREE_BUCKETS
+from lookahead.settings import cache_dir, cuda_graphs_enabled
+
+_CONTEXT = 256  # committed tokens behind the measured verify steps
+_RUNS = 5  # timed runs per size (median), after one warm-up run of that size
+_DRIFT = 0.10  # re-measure when T=1 timed again at the end moved by more than this
+
+
+class CostModel:
+    """A verify cost curve {tree nodes: cost}, in seconds or relative, priced relative to one token."""
+
+    def __init__(self, curve: Mapping[int, float]):
+        if not curve or any(int(T) < 1 or not float(c) > 0 for T, c in curve.items()):
+            raise ValueError(f"a cost curve maps tree sizes >= 1 to costs > 0, got {dict(curve)!r}")
+        self.sizes = sorted(int(T) for T in curve)
+        base = float(curve[1]) if 1 in curve else float(curve[self.sizes[0]])
+        self.rel = [float(curve[T]) / base for T in self.sizes]
+
+    def __call__(self, nodes: float) -> float:
+        """Relative cost of a verify over `nodes` tree nodes (all rows), linear between and beyond the points."""
+        xs, ys = self.sizes, self.rel
+        if nodes <= xs[0] or len(xs) == 1:
+            return ys[0] if nodes <= xs[0] else ys[0] * nodes / xs[0]
+        for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:]):
+            if nodes <= x1:
+                return y0 + (y1 - y0) * (nodes - x0) / (x1 - x0)
+        return ys[-1] + (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) * (nodes - xs[-1])
+
+
+def curve_key(model) -> str:
+    import torch
+
+    c = model.config
+    return (f"{c.model_type}-{c.n_layers}x{c.dim}-h{c.n_heads}-kv{c.n_kv_heads}-d{c.head_dim}-v{c.vocab_size}|"
+            f"{model.device.type}|{str(model.dtype).removeprefix('torch.')}|threads={torch.get_num_threads()}|"
+            f"graphs={int(model.device.type == 'cuda' and cuda_graphs_enabled())}")
+
+
+def measure_cost_curve(model, sizes: list[int]) -> dict[int, float]:
+    """Median seconds of one verify forward over a chain of T nodes behind 256 committed tokens, batch 1, for
+    each T: a warm-up run before each size, then the median of 5. The whole curve is measured again (once) if
+    T=1 timed again at the end moved by more than 10% (a first size that absorbed a one-time cost) or a size
+    came out cheaper than 80% of a smaller one (noise: more nodes never cost less); what remains is made
+    non-decreasing."""
+    import torch
+
+    from lookahead.cache import KVCache
+
+    cfg = model.config
+    cache = KVCache(cfg.n_layers, 1, cfg.n_kv_heads, _CONTEXT + max(sizes), cfg.head_dim, model.dtype, model.device)
+    cuda = model.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def runner(T: int):
+        tokens = torch.zeros(1, T, dtype=torch.long, device=model.device)
+        depths = torch.arange(T, device=model.device)[None]
+        run = lambda: model.verify(tokens, depths, cache, None)  # noqa: E731
+        if cuda and cuda_graphs_enabled():  # the decode steps replay CUDA graphs: time a replay
+            run()
+            sync()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                model.verify(tokens, depths, cache, None)
+            run = graph.replay
+        return run
+
+    def timed(run) -> float:
+        times = []
+        for _ in range(_RUNS * (10 if cuda else 1)):
+            sync()
+            t0 = time.perf_counter()
+            run()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    with torch.inference_mode():
+        cache.lens.fill_(_CONTEXT)
+        runs = {T: runner(T) for T in sizes}
+        for attempt in range(2):
+            curve = {}
+            for T in sizes:
+                runs[T]()  # warm-up of this size
+                curve[T] = timed(runs[T])
+            again = timed(runs[sizes[0]])
+            dips = any(curve[b] < 0.8 * curve[a] for a, b in zip(sizes, sizes[1:]))
+            if abs(again - curve[sizes[0]]) <= _DRIFT * curve[sizes[0]] and not dips:
+                break
+    floor = 0.0
+    for T in sizes:
+        floor = curve[T] = max(curve[T], floor)
+    return curve
+
+
+def _load_saved(path) -> dict[str, dict[int, float]]:
+    """The cost curves file; anything unreadable or malformed counts as empty (it is re-measured, not trusted)."""
+    try:
+        raw = json.loads(path.read_text())
+        saved = {str(k): {int(T): float(s) for T, s in v.items()} for k, v in raw.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+    return {k: v for k, v in saved.items() if v and all(T >= 1 and s > 0 for T, s in v.items())}
+
+
+def calibrate(model, max_tree: int = 64) -> dict[int, float]:
+    """The model's verify cost curve over the tree buckets up to max_tree nodes: from the model's state, else
+    from $LOOKAHEAD_CACHE/cost_curves.json, else measured now (seconds on CPU) and saved. Call it once after
+    loading, outside anything timed; generate() calls it when the curve is missing."""
+    sizes = [T for T in TREE_BUCKETS if T <= max(1, max_tree)]
+    key = curve_key(model)
+    curve = model.state.cost_curves.get(key)
+    if curve is not None and all(T in curve for T in sizes):
+        return curve
+    path = cache_dir() / "cost_curves.json"
+    saved = _load_saved(path)
+    curve = saved.get(key)
+    if curve is None or not all(T in curve for T in sizes):
+        curve = {**(curve or {}), **measure_cost_curve(model, sizes)}
+        saved[key] = curve
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(saved, indent=1))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache dir only costs a re-measurement next time
+    model.state.cost_curves[key] = curve
+    return curve

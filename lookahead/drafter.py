@@ -1,0 +1,265 @@
+"""The drafter: everything that decides what a step verifies, with no model inside (API.md, "The drafter").
+
+Per step and row it lists candidate draft nodes best-first with a probability each: trie nodes below the
+longest context match (`TokenTrie.candidates`), and model-recycled nodes, the model's own top-k next tokens
+read off earlier verify logits (Token Recycling), which fill in where the trie has nothing and extend its
+leaves. Probabilities are calibrated online against what steps actually accept, per source, match length and
+probability bin. The size policy then takes the prefix of that order, cut at a tree bucket, that maximises
+expected tokens per unit of verify cost:  (1 + sum of the kept nodes' probabilities) / cost(tree nodes),
+an empty draft (a plain one-token step) when nothing pays.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from lookahead.config import LookaheadConfig
+from lookahead.cost import CostModel
+from lookahead.draft import TREE_BUCKETS, bucket_size
+from lookahead.trie import TokenTrie, preorder
+
+# Prior probability that the model's rank-r next token (from its latest verify) is what it produces next
+# time: a starting point only, calibration corrects it per bin within a few hundred drafted nodes.
+RECYCLED_PRIOR = (0.35, 0.08, 0.04, 0.025, 0.015, 0.01, 0.008, 0.006)
+BACKOFF_MATCHES = 2  # trie matches drafted from: the longest, and the next shorter one with continuations
+P_BINS = (0.01, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # upper edges; the last bin is 1
+
+
+def _match_bin(q: int) -> int:
+    return 0 if q <= 0 else 1 if q == 1 else 2 if q == 2 else 3 if q <= 4 else 4
+
+
+def _evidence_bin(n: int) -> int:
+    return 0 if n <= 1 else 1 if n <= 3 else 2
+
+
+@dataclass
+class Calibration:
+    """Observed acceptance per (source, match length bin, probability bin): sums of predicted and of observed
+    acceptance, decayed so they follow the trie as it warms. calibrated p = p * (observed + k) / (predicted + k).
+    """
+    decay: float = 0.999
+    prior: float = 2.0  # pseudo-mass of predicted acceptance the raw probability starts with
+    stats: dict[tuple[str, int, int], list[float]] = field(default_factory=dict)
+
+    @staticmethod
+    def key(source: str, q: int, evidence: int, p: float) -> tuple[str, int, int, int]:
+        return source, _match_bin(q), _evidence_bin(evidence), bisect.bisect_left(P_BINS, p)
+
+    def ratio(self, key: tuple[str, int, int]) -> float:
+        predicted, observed = self.stats.get(key, (0.0, 0.0))
+        return (observed + self.prior) / (predicted + self.prior)
+
+    def observe(self, key: tuple[str, int, int], p: float, accepted: bool) -> None:
+        entry = self.stats.setdefault(key, [0.0, 0.0])
+        entry[0] = entry[0] * self.decay + p
+        entry[1] = entry[1] * self.decay + float(accepted)
+
+
+@dataclass
+class _Node:
+    token: int
+    parent: int      # index in the proposal, -1 = the root (the context's last token)
+    p: float         # calibrated probability that this node is accepted
+    key: tuple       # calibration bin
+    raw: float       # uncalibrated probability
+    depth: int
+
+
+@dataclass
+class _Request:
+    sent: list[_Node] = field(default_factory=list)  # the nodes of the last draft, for calibration
+
+
+class Drafter:
+    """Trie, draft building and the per-step size policy, shared by `generate`, `lookahead replay` and serving.
+
+    cost_curve: {tree nodes (root included): cost}, seconds or relative; None = draft up to decoding_length
+    nodes every step (no size policy). trie: a TokenTrie to share (model.trie in generate); None = a new one.
+    calibration, successors: what the drafter learns besides the trie (acceptance statistics; the model's latest
+    top-k next tokens per token), to keep across drafters (model.state's in generate); None = new ones.
+    """
+
+    def __init__(self, config: LookaheadConfig | None = None, cost_curve: Mapping[int, float] | None = None,
+                 trie: TokenTrie | None = None, calibration: Calibration | None = None,
+                 successors: dict[int, list[int]] | None = None):
+        self.config = config = config if config is not None else LookaheadConfig()
+        if not isinstance(config, LookaheadConfig):
+            raise ValueError(f"config must be a LookaheadConfig, got {type(config).__name__}")
+        if trie is None:
+            trie = TokenTrie(branch_length=config.branch_length, max_trie_nodes=config.max_trie_nodes)
+        elif not isinstance(trie, TokenTrie):
+            raise ValueError(f"trie must be a TokenTrie, got {type(trie).__name__}")
+        elif trie.branch_length <= config.max_query_length:
+            raise ValueError(f"the trie's branch_length ({trie.branch_length}) must exceed the config's "
+                             f"max_query_length ({config.max_query_length}) for a match to leave room for a draft: "
+                             "lower max_query_length or use a trie with longer windows")
+        self.trie = trie
+        self.cost = CostModel(cost_curve) if cost_curve is not None else None
+        self.calibration = calibration if calibration is not None else Calibration()
+        self.successors = successors if successors is not None else {}  # token -> the model's latest top-k
+        self._requests: dict[int, _Request] = {}
+
+    # ---- a request's life ------------------------------------------------------------------------------------
+    def begin_request(self, request_id: int, prompt_ids: Sequence[int], references: Sequence[Sequence[int]] = ()):
+        if request_id in self._requests:
+            raise ValueError(f"request {request_id} is already running in this drafter")
+        self.trie.begin_request(request_id, prompt_ids, references)
+        self._requests[request_id] = _Request()
+
+    def end_request(self, request_id: int) -> None:
+        self._requests.pop(request_id, None)
+        self.trie.end_request(request_id)
+
+    def update(self, request_id: int, new_tokens: Sequence[int], predictions: Mapping[int, Sequence[int]] | None = None):
+        """The tokens a step committed (accepted drafts, then the bonus token), and optionally the model's top-k
+        next tokens of the step's nodes {token: [ids]}: calibration, trie and recycled successors learn them."""
+        req = self._requests.get(request_id)
+        if req is None:
+            raise ValueError(f"request {request_id} was not begun in this drafter (call begin_request first)")
+        new = [int(t) for t in new_tokens]
+        if req.sent:
+            correct = [False] * len(req.sent)
+            for i, node in enumerate(req.sent):  # parents precede children: one pass settles every node
+                ok = node.parent < 0 or correct[node.parent]
+                correct[i] = ok and node.depth <= len(new) and new[node.depth - 1] == node.token
+                self.calibration.observe(node.key, node.raw, correct[i])
+            req.sent = []
+        self.trie.append(request_id, new)
+        if predictions:
+            for token, nxt in predictions.items():
+                self.successors[int(token)] = [int(t) for t in nxt]
+
+    # ---- drafting --------------------------------------------------------------------------------------------
+    def draft(self, request_id: int, context_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+        """The next step's draft for a row whose committed tokens are context_ids: (tokens, parents) in DFS
+        pre-order, parents indexing the tree with 0 = the root (the context's last token); ([], []) = plain."""
+        return self.draft_batch([request_id], [context_ids])[0]
+
+    def draft_batch(self, request_ids: Sequence[int], contexts: Sequence[Sequence[int] | None],
+                    batch_size: int | None = None) -> list[tuple[list[int], list[int]]]:
+        """Drafts for the rows of one step, priced together: every row's tree is padded to one bucket, so the
+        policy picks the bucket T maximising sum over rows of (1 + kept probabilities) / cost(B x T). A None
+        context is a row that takes no draft (finished); batch_size (default: the rows given) is B."""
+        limit = self.config.decoding_length
+        proposals = [self._proposal(rid, ctx, limit) if ctx is not None and limit > 0 else []
+                     for rid, ctx in zip(request_ids, contexts)]
+        rows = batch_size if batch_size is not None else len(contexts)
+        size = self._choose_bucket(proposals, rows)
+        out = []
+        for rid, nodes in zip(request_ids, proposals):
+            nodes = nodes[:size - 1]
+            if rid in self._requests:
+                self._requests[rid].sent = nodes
+            out.append(preorder([(n.token, n.parent) for n in nodes]))
+        return out
+
+    def _choose_bucket(self, proposals: list[list[_Node]], rows: int) -> int:
+        """Tree size (root included) for every row of the step."""
+        longest = max((len(p) for p in proposals), default=0)
+        if longest == 0:
+            return 1
+        if self.cost is None:
+            return longest + 1
+        cumulative = []
+        for nodes in proposals:
+            acc, sums = 0.0, [0.0]
+            for n in nodes:
+                acc += n.p
+                sums.append(acc)
+            cumulative.append(sums)
+        best, best_score = 1, rows / self.cost(rows)
+        for T in TREE_BUCKETS[1:]:
+            if T - 1 > self.config.decoding_length:
+                break
+            gain = sum(1.0 + sums[min(T - 1, len(sums) - 1)] for sums in cumulative)
+            score = gain / self.cost(rows * T)
+            if score > best_score:
+                best, best_score = T, score
+            if T - 1 >= longest:
+                break
+        return min(best, longest + 1)
+
+    def _proposal(self, request_id: int, context: Sequence[int], limit: int) -> list[_Node]:
+        """Up to `limit` nodes best-first by probability, trie and recycled nodes merged (a recycled node and a
+        trie node of one token under one parent are one node); each node's probability is at most its
+        parent's, so every prefix of the list is a tree. With a cost curve the list stops at a bucket boundary
+        once the next bucket could not pay even if all its nodes were as likely as the last one."""
+        # the longest match, and the next shorter one that has continuations (more evidence, other tokens)
+        matches = []
+        max_q = self.config.max_query_length
+        while max_q > 0 and len(matches) < BACKOFF_MATCHES:
+            q, evidence, nodes = self.trie.candidates(context, limit, request_id, max_q)
+            if not nodes:
+                break
+            matches.append((q, evidence, nodes))
+            max_q = q - 1
+        calib = self.calibration
+        out: list[_Node] = []
+        index_of: dict[tuple[int, int], int] = {}  # (parent index, token) -> index in out
+        trie_at: list[list[int]] = [[] for _ in matches]  # per match: trie list index -> index in out
+        heap: list[tuple] = []  # (-calibrated p, tie, (match, trie list index) or None, parent, token, raw, key)
+        tie = 0
+
+        def recycled_rank(parent: int, token: int) -> int | None:
+            nxt = self.successors.get(out[parent].token if parent >= 0 else root, ())
+            return nxt.index(token) if token in nxt[:len(RECYCLED_PRIOR)] else None
+
+        def push(trie_i: int, parent: int, token: int, raw: float, key: tuple) -> None:
+            nonlocal tie
+            parent_p = out[parent].p if parent >= 0 else 1.0
+            heapq.heappush(heap, (-min(parent_p, raw * calib.ratio(key), 1.0), tie, trie_i, parent, token, raw, key))
+            tie += 1
+
+        def push_trie(m: int, i: int) -> None:
+            q, evidence, nodes = matches[m]
+            token, trie_parent, raw = nodes[i]
+            parent = trie_at[m][trie_parent] if trie_parent >= 0 else -1
+            rank = recycled_rank(parent, token)
+            if rank is None:
+                push((m, i), parent, token, raw, calib.key("trie", q, evidence, raw))
+            else:  # both sources name this token: they agree (noisy-or of the two)
+                parent_raw = out[parent].raw if parent >= 0 else 1.0
+                raw = 1.0 - (1.0 - raw) * (1.0 - parent_raw * RECYCLED_PRIOR[rank])
+                push((m, i), parent, token, raw, calib.key("both", q, evidence, raw))
+
+        def push_recycled(parent: int) -> None:
+            token, depth, parent_raw = (out[parent].token, out[parent].depth, out[parent].raw) if parent >= 0 else (
+                root, 0, 1.0)
+            if depth >= self.trie.branch_length:
+                return
+            for rank, nxt in enumerate(self.successors.get(token, ())[:len(RECYCLED_PRIOR)]):
+                raw = parent_raw * RECYCLED_PRIOR[rank]
+                push(None, parent, nxt, raw, calib.key("recycled", 0, 0, raw))
+
+        root = int(context[-1])
+        for m in range(len(matches)):
+            push_trie(m, 0)
+        push_recycled(-1)
+        gain, best = 1.0, 1.0
+        while heap and len(out) < limit:
+            neg_p, _, trie_i, parent, token, raw, key = heapq.heappop(heap)
+            existing = index_of.get((parent, token))
+            if existing is None:
+                index_of[(parent, token)] = len(out)
+                out.append(_Node(token, parent, -neg_p, key, raw, out[parent].depth + 1 if parent >= 0 else 1))
+                push_recycled(len(out) - 1)
+            if trie_i is not None:  # (a node of another source that got here first takes this one's subtree)
+                m, i = trie_i
+                trie_at[m].append(existing if existing is not None else len(out) - 1)
+                if i + 1 < len(matches[m][2]):  # the match's next node (best-first) enters the race
+                    push_trie(m, i + 1)
+            if existing is not None:
+                continue
+            p = out[-1].p
+            gain += p
+            n = len(out)
+            if self.cost is not None and n + 1 in TREE_BUCKETS and n + 1 < TREE_BUCKETS[-1]:
+                best = max(best, gain / self.cost(n + 1))
+                nxt = bucket_size(n + 2)
+                if (gain + (nxt - 1 - n) * p) / self.cost(nxt) < best:
+                    break
+        return out

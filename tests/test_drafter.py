@@ -1,0 +1,155 @@
+"""Drafter: probability scores on hand-built tries, the expected-gain size policy on synthetic cost curves,
+recycled branches, and the API.md request life."""
+
+import pytest
+
+from lookahead import Drafter, LookaheadConfig, TokenTrie
+from lookahead.drafter import Calibration
+
+FLAT = {1: 1.0, 128: 1.0}  # verifying more nodes costs nothing (a GPU far from its limits)
+
+
+def golden_trie() -> TokenTrie:
+    trie = TokenTrie(branch_length=4, max_trie_nodes=1000)
+    trie.insert([1, 2, 3, 7])
+    trie.insert([1, 2, 3, 8])
+    trie.insert([1, 2, 4])
+    return trie
+
+
+def test_probability_is_the_product_of_smoothed_count_ratios():
+    q, evidence, nodes = golden_trie().candidates([1], 8)
+    # after 1 (3 windows): 2 (3 of them), then 3 (2 of 3) and 4 (1 of 3), then 7 and 8 (1 of 2 under 3 each);
+    # each ratio is count / (parent count + 0.5)
+    assert (q, evidence) == (1, 3)
+    assert [(t, p) for t, p, _ in nodes] == [(2, -1), (3, 0), (4, 0), (7, 1), (8, 1)]
+    p2 = 3 / 3.5
+    expected = [p2, p2 * 2 / 3.5, p2 * 1 / 3.5, p2 * 2 / 3.5 * 1 / 2.5, p2 * 2 / 3.5 * 1 / 2.5]
+    assert [prob for *_, prob in nodes] == pytest.approx(expected)
+
+
+def test_the_longest_match_wins_and_local_and_global_sources_compete():
+    trie = golden_trie()
+    trie.insert([9, 2, 5])
+    q, _, nodes = trie.candidates([9, 2], 8, max_query_length=3)
+    assert q == 2 and [t for t, *_ in nodes] == [5]  # [9, 2] is known: only its own continuation
+    q, _, nodes = trie.candidates([6, 2], 8, max_query_length=3)
+    assert q == 1 and {t for t, *_ in nodes} >= {3, 4, 5}  # unknown [6, 2]: back off to [2]
+    trie.begin_request(7, [1, 2, 4, 6], references=[[1, 2, 4, 6]])
+    _, _, nodes = trie.candidates([1, 2], 8, request_id=7, max_query_length=2)
+    assert nodes[0][0] == 4 and nodes[0][2] == pytest.approx(2 / 2.5)  # locally [1, 2] is always followed by 4
+    assert nodes[1][0] == 6 and nodes[1][2] == pytest.approx(0.8 * 2 / 2.5)
+    assert dict((t, p) for t, _, p in nodes)[3] == pytest.approx(2 / 3.5)  # the global source still offers 3
+
+
+def test_a_running_requests_own_window_is_not_counted_as_evidence():
+    trie = TokenTrie(branch_length=4, max_trie_nodes=1000)
+    trie.insert([5, 6, 7])
+    trie.begin_request(1, [5])
+    trie.append(1, [6])  # the request's own [5, 6] has no continuation yet
+    _, _, nodes = trie.candidates([5, 6], 4, request_id=1, max_query_length=2)
+    assert nodes == [(7, -1, pytest.approx(1 / 1.5))]  # 1 of 1 earlier windows, not 1 of 2
+    _, _, nodes = trie.candidates([5, 6], 4, max_query_length=2)  # a caller that is not the request: both count
+    assert nodes == [(7, -1, pytest.approx(1 / 2.5))]
+
+
+def forty_percent_drafter(cost_of_two: float) -> Drafter:
+    trie = TokenTrie(branch_length=4, max_trie_nodes=1000)
+    trie.insert([1, 2, 3])
+    trie.insert([5, 1, 2])  # [1, 2] seen twice, followed by 3 once: p(3) = 1 / (2 + 0.5) = 0.4
+    cfg = LookaheadConfig(branch_length=4, max_query_length=2, recycle_top_k=0)
+    return Drafter(cfg, cost_curve={1: 1.0, 2: cost_of_two, 3: cost_of_two * 2}, trie=trie)
+
+
+def test_a_forty_percent_node_is_drafted_only_when_its_gain_beats_its_cost():
+    cheap = forty_percent_drafter(1.3)  # (1 + 0.4) / 1.3 > 1 / 1
+    cheap.begin_request(0, [8, 1, 2])
+    assert cheap.draft(0, [8, 1, 2]) == ([3], [0])
+    dear = forty_percent_drafter(1.5)  # (1 + 0.4) / 1.5 < 1
+    dear.begin_request(0, [8, 1, 2])
+    assert dear.draft(0, [8, 1, 2]) == ([], [])
+
+
+def test_drafts_that_are_never_accepted_turn_into_plain_steps():
+    trie = TokenTrie(branch_length=6, max_trie_nodes=10_000)
+    for _ in range(5):
+        trie.insert([1, 2, 3, 4, 5])
+    cfg = LookaheadConfig(branch_length=6, decoding_length=16, recycle_top_k=0)
+    drafter = Drafter(cfg, cost_curve={1: 1.0, 8: 1.13, 16: 1.37, 32: 1.97, 64: 3.2}, trie=trie)
+    drafter.begin_request(0, [9])
+    sizes = []
+    context = [9, 1, 2]
+    for step in range(300):
+        tokens, _ = drafter.draft(0, context)
+        sizes.append(len(tokens))
+        drafter.update(0, [40 + step % 7])  # the model never says 3
+        trie.insert([1, 2, 3, 4, 5])  # ... although the trie keeps being told it would
+    assert sizes[0] > 0
+    assert sum(sizes[-100:]) == 0
+
+
+def test_free_nodes_fill_the_whole_budget():
+    trie = TokenTrie(branch_length=4, max_trie_nodes=100_000)
+    for a in range(30):
+        for b in range(3):
+            trie.insert([1, 100 + a, 200 + b])
+    cfg = LookaheadConfig(branch_length=4, decoding_length=63, recycle_top_k=0)
+    drafter = Drafter(cfg, cost_curve=FLAT, trie=trie)
+    drafter.begin_request(0, [7])
+    tokens, parents = drafter.draft(0, [7, 1])
+    assert len(tokens) == 63
+    without_policy = Drafter(cfg, cost_curve=None, trie=trie)
+    without_policy.begin_request(1, [7])
+    assert len(without_policy.draft(1, [7, 1])[0]) == 63
+
+
+def test_batches_price_every_row_on_the_curve():
+    trie = TokenTrie(branch_length=4, max_trie_nodes=1000)
+    trie.insert([1, 2, 3])
+    trie.insert([5, 1, 2])  # p(3 | 1 2) = 0.4 for every row
+    cfg = LookaheadConfig(branch_length=4, max_query_length=2, recycle_top_k=0)
+    # one row: (1 + 0.4) / c(2) = 1.4 / 1.3 > 1; four rows: 4 * 1.4 / c(8) = 5.6 / 8 < 4 / c(4) = 4 / 4
+    curve = {1: 1.0, 2: 1.3, 4: 1.0 * 4, 8: 8.0}
+    drafter = Drafter(cfg, cost_curve=curve, trie=trie)
+    for rid in range(4):
+        drafter.begin_request(rid, [8])
+    assert drafter.draft_batch([0], [[8, 1, 2]]) == [([3], [0])]
+    assert drafter.draft_batch([0, 1, 2, 3], [[8, 1, 2]] * 4) == [([], [])] * 4
+
+
+def test_recycled_tokens_fill_where_the_trie_has_nothing_and_merge_with_it():
+    cfg = LookaheadConfig(branch_length=6, decoding_length=8)
+    drafter = Drafter(cfg, cost_curve=None)
+    drafter.begin_request(0, [1, 2])
+    drafter.update(0, [3], predictions={3: [4, 5], 4: [6]})
+    tokens, parents = drafter.draft(0, [1, 2, 3])  # the trie knows nothing after 3
+    assert tokens[:2] == [4, 6] and parents[:2] == [0, 1] and 5 in tokens  # 3 -> 4 -> 6, and 3 -> 5
+    drafter.trie.insert([3, 4, 7])
+    tokens, parents = drafter.draft(0, [1, 2, 3])
+    under_root = [t for t, p in zip(tokens, parents) if p == 0]
+    assert sorted(under_root) == sorted(set(under_root)) and 4 in under_root  # 4 from both sources: one node
+    four = tokens.index(4) + 1
+    assert {t for t, p in zip(tokens, parents) if p == four} >= {6, 7}  # its children come from both
+
+
+def test_calibration_learns_observed_acceptance():
+    calib = Calibration()
+    key = Calibration.key("trie", 2, 3, 0.5)
+    for i in range(400):
+        calib.observe(key, 0.5, accepted=i % 5 == 0)  # predicted 0.5, observed 0.2
+    assert 0.2 * 0.9 < 0.5 * calib.ratio(key) < 0.2 * 1.1
+
+
+def test_request_life_and_bad_use():
+    drafter = Drafter(LookaheadConfig(branch_length=4, max_query_length=2))
+    drafter.begin_request("a", [1, 2, 3])
+    with pytest.raises(ValueError, match="already running"):
+        drafter.begin_request("a", [1])
+    with pytest.raises(ValueError, match="begin_request"):
+        drafter.update("b", [1])
+    drafter.update("a", [4])
+    drafter.end_request("a")
+    with pytest.raises(ValueError, match="max_query_length"):
+        Drafter(LookaheadConfig(branch_length=8, max_query_length=6), trie=TokenTrie(branch_length=4))
+    with pytest.raises(ValueError, match="TokenTrie"):
+        Drafter(LookaheadConfig(), trie={})
