@@ -13,7 +13,8 @@ class LookaheadConfig:
 
     decoding_length: most draft nodes verified per step (the root, i.e. the last committed token, excluded).
     branch_length: length of the token windows inserted into the trie (the deepest a draft can reach).
-    max_query_length: how many trailing tokens are matched against the trie (longest match first).
+    max_query_length: the longest context suffix matched against the trie (longest match first; at most
+        branch_length - 1 tokens are ever matched, leaving room for a draft below the match).
     layout: "hier" (trie-shaped tree, shared prefixes once) or "par" (independent branches).
     adaptive: pick each step's draft by expected tokens per unit of the measured verify cost (a plain step
         when no draft pays); False drafts up to decoding_length nodes every step.
@@ -41,8 +42,7 @@ class LookaheadConfig:
         need(0 <= self.decoding_length < MAX_TREE_NODES,
              f"decoding_length must be in [0, {MAX_TREE_NODES - 1}] (draft nodes per step), got {self.decoding_length}")
         need(self.branch_length >= 2, f"branch_length must be >= 2, got {self.branch_length}")
-        need(1 <= self.max_query_length < self.branch_length,
-             f"max_query_length must be in [1, branch_length), got {self.max_query_length}")
+        need(self.max_query_length >= 1, f"max_query_length must be >= 1, got {self.max_query_length}")
         need(self.layout in LAYOUTS, f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         need(isinstance(self.adaptive, bool), f"adaptive must be a bool, got {self.adaptive!r}")
         need(self.max_trie_nodes >= 16, f"max_trie_nodes must be >= 16, got {self.max_trie_nodes}")

@@ -93,10 +93,10 @@ class Drafter:
             trie = TokenTrie(branch_length=config.branch_length, max_trie_nodes=config.max_trie_nodes)
         elif not isinstance(trie, TokenTrie):
             raise ValueError(f"trie must be a TokenTrie, got {type(trie).__name__}")
-        elif trie.branch_length <= config.max_query_length:
-            raise ValueError(f"the trie's branch_length ({trie.branch_length}) must exceed the config's "
-                             f"max_query_length ({config.max_query_length}) for a match to leave room for a draft: "
-                             "lower max_query_length or use a trie with longer windows")
+        elif trie.branch_length != config.branch_length:
+            raise ValueError(f"the trie's branch_length is {trie.branch_length} but LookaheadConfig.branch_length is "
+                             f"{config.branch_length}: pass LookaheadConfig(branch_length={trie.branch_length}) or "
+                             f"use TokenTrie(branch_length={config.branch_length}) (its max_trie_nodes may differ)")
         self.trie = trie
         self.cost = CostModel(cost_curve) if cost_curve is not None else None
         self.calibration = calibration if calibration is not None else Calibration()

@@ -59,6 +59,7 @@ class TokenTrie:
         self.max_trie_nodes = max_trie_nodes
         self.root = _Node(-1, None)
         self._size = 0
+        self._transient = 0  # nodes only running requests' local counts hold: they leave with their requests
         self._clock = 0  # tokens inserted so far: the time scale of recency
         self._requests: dict[int, _Request] = {}
 
@@ -68,11 +69,17 @@ class TokenTrie:
     def clear(self) -> None:
         """Forget everything, running requests' local counts included."""
         self.root = _Node(-1, None)
-        self._size = 0
+        self._size = self._transient = 0
         for req in self._requests.values():
             req.open, req.counted, req.touched = None, False, []
 
     # ---- insertion ---------------------------------------------------------------------------------------------
+    def _count(self, node: _Node, weight: int) -> None:
+        """A global count: a node only a request's local counts held now persists."""
+        if node.count <= 0 and node.local:
+            self._transient -= 1
+        node.count += weight
+
     def _child(self, node: _Node, token: int) -> _Node:
         child = node.children.get(token)
         if child is None:
@@ -90,8 +97,10 @@ class TokenTrie:
             for token in tokens[start:start + L]:
                 node = self._child(node, token)
                 if touched is None:
-                    node.count += weight
+                    self._count(node, weight)
                 else:
+                    if node.count <= 0 and not node.local:
+                        self._transient += 1  # a new node, held by this request alone
                     if node.local is None:
                         node.local = {}
                     node.local[request] = node.local.get(request, 0) + weight
@@ -128,7 +137,7 @@ class TokenTrie:
             grown = []
             for node in [*req.open, self.root]:
                 child = self._child(node, token)
-                child.count += 1
+                self._count(child, 1)
                 grown.append(child)
             # a window of L tokens is complete and stops growing; the oldest open window is the longest
             req.open = grown[1:] if len(grown) >= L else grown
@@ -144,7 +153,7 @@ class TokenTrie:
             for token in req.tail[start:]:
                 node = self._child(node, token)
                 if not req.counted:
-                    node.count += 1
+                    self._count(node, 1)
             req.open.append(node)
         req.counted = True
 
@@ -166,6 +175,7 @@ class TokenTrie:
             if parent.children.get(node.token) is node:
                 del parent.children[node.token]
                 self._size -= 1
+                self._transient -= 1  # empty: only local counts had held it
             node.parent = None
             node = parent
 
@@ -173,10 +183,12 @@ class TokenTrie:
     def _bound(self) -> None:
         """Over the bound, evict the least useful leaves down to 90% of it: lowest recency-weighted count first
         (count halved per `max_trie_nodes / branch_length` tokens of age, about the text the trie holds), so
-        what recent requests produced stays. Nodes holding a running request's local counts stay too."""
-        if self._size <= self.max_trie_nodes:
+        what recent requests produced stays. The bound is on what persists: nodes that only running requests'
+        prompts and references hold come on top and leave with their requests (a long prompt never evicts the
+        history), so len(trie) <= max_trie_nodes whenever no request is running."""
+        if self._size - self._transient <= self.max_trie_nodes:
             return
-        target = int(self.max_trie_nodes * 0.9)
+        target = int(self.max_trie_nodes * 0.9) + self._transient
         for req in self._requests.values():  # open windows may point at evicted nodes: walk them again later
             req.open = None
         halflife = max(1.0, self.max_trie_nodes / self.branch_length)

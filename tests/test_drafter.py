@@ -141,7 +141,7 @@ def test_calibration_learns_observed_acceptance():
 
 
 def test_request_life_and_bad_use():
-    drafter = Drafter(LookaheadConfig(branch_length=4, max_query_length=2))
+    drafter = Drafter(LookaheadConfig(branch_length=4))
     drafter.begin_request("a", [1, 2, 3])
     with pytest.raises(ValueError, match="already running"):
         drafter.begin_request("a", [1])
@@ -149,7 +149,8 @@ def test_request_life_and_bad_use():
         drafter.update("b", [1])
     drafter.update("a", [4])
     drafter.end_request("a")
-    with pytest.raises(ValueError, match="max_query_length"):
+    with pytest.raises(ValueError, match="branch_length is 4 but LookaheadConfig.branch_length is 8"):
         Drafter(LookaheadConfig(branch_length=8, max_query_length=6), trie=TokenTrie(branch_length=4))
+    Drafter(LookaheadConfig(branch_length=4, max_trie_nodes=1 << 20), trie=TokenTrie(4, max_trie_nodes=64))
     with pytest.raises(ValueError, match="TokenTrie"):
         Drafter(LookaheadConfig(), trie={})

@@ -1,14 +1,17 @@
 """Lookahead == plain decoding on tiny random models: EOS and max_new_tokens inside accepted drafts, batches,
 random and adversarial trie contents (hypothesis)."""
 
+import copy
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lookahead import LookaheadConfig
+from lookahead import Drafter, LookaheadConfig, TokenTrie
+from lookahead.cost import CostModel, curve_key
 from lookahead.models import LlamaForLookahead
-from lookahead.trie import TokenTrie
+from lookahead.replay import replay_request
 
 VOCAB = 48
 
@@ -87,11 +90,84 @@ def test_stats_count_prefill_and_drafts():
     model = tiny_model()
     ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(6))
     out = plain(model, ids, max_new_tokens=10, eos_token_id=[])
-    assert out.stats.steps == 10 and out.stats.accepted_per_step == 1.0 and out.stats.draft_tokens_per_step == 0
-    warm(model, ids)
-    la = model.generate(ids, max_new_tokens=10, lookahead=LookaheadConfig(adaptive=False), eos_token_id=[],
-                        return_dict_in_generate=True)
-    assert la.stats.draft_tokens_per_step > 0 and la.stats.prefill_s > 0 and la.stats.decode_s > 0
+    assert (out.stats.steps, out.stats.decode_steps, out.stats.new_tokens, out.stats.draft_tokens) == (10, 9, 10, 0)
+    truth = plain(model, ids, max_new_tokens=60, eos_token_id=[]).sequences[0, 7:].tolist()
+    model.trie.clear()
+    model.trie.insert(truth[:40])  # a trie that knows the first part of the output, and some noise
+    model.trie.insert([truth[5], 1, 2, 3, truth[9], truth[10], 4])
+    cfg = LookaheadConfig(adaptive=False, decoding_length=8, recycle_top_k=0)
+    # the same drafts replayed without the model give the exact counts a lookahead call must report
+    expected = replay_request(Drafter(cfg, trie=copy.deepcopy(model.trie)), 0,
+                              {"prompt_ids": ids[0].tolist(), "output_ids": truth, "topk": []},
+                              CostModel({1: 1.0}), recycle=False)
+    la = model.generate(ids, max_new_tokens=60, lookahead=cfg, eos_token_id=[], return_dict_in_generate=True)
+    assert la.sequences[0, 7:].tolist() == truth
+    s = la.stats
+    assert (s.steps, s.decode_steps, s.new_tokens, s.draft_tokens) == (
+        1 + expected.steps, expected.steps, 60, expected.draft_nodes)
+    assert expected.steps < 40 and s.prefill_s > 0 and s.decode_s > 0
+
+
+def test_adaptive_policy_follows_the_cost_curve():
+    model = tiny_model()
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(6))
+    truth = warm(model, ids)
+    sizes = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96)  # the buckets up to decoding_length 64 + the root
+    key = curve_key(model)
+    model.state.cost_curves[key] = {T: float(T) for T in sizes}  # every node costs a whole step: nothing pays
+    dear = model.generate(ids, max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True)
+    model.state.cost_curves[key] = {T: 1.0 for T in sizes}  # nodes are free: draft the whole budget
+    free = model.generate(ids, max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True)
+    assert dear.sequences[0, 7:].tolist() == free.sequences[0, 7:].tolist() == truth[:40]
+    assert dear.stats.draft_tokens == 0 and dear.stats.decode_steps == 39
+    assert free.stats.draft_tokens_per_step > 8 and free.stats.decode_steps < 20
+
+
+def test_stop_strings_cut_inside_an_accepted_draft():
+    class Letters:  # token i reads as one letter
+        def decode(self, ids):
+            return "".join(chr(ord("a") + i % 26) for i in ids)
+
+    model = tiny_model(5)
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(11))
+    truth = warm(model, ids)
+    text = Letters().decode(truth)
+    at = next(i for i in range(8, len(text) - 2) if text[i:i + 2] not in text[:i + 1])  # first seen at i
+    stop = text[at:at + 2]
+    la = model.generate(ids, max_new_tokens=64, lookahead=LookaheadConfig(adaptive=False), eos_token_id=[],
+                        stop_strings=[stop, "@@"], tokenizer=Letters(), return_dict_in_generate=True)
+    assert la.sequences[0, 6:].tolist() == truth[:at + 2]  # ends with the token that completes the string
+    assert la.stats.accepted_per_step > 1.5  # the cut fell inside multi-token steps
+    assert plain(model, ids, max_new_tokens=64, eos_token_id=[], stop_strings=stop,
+                 tokenizer=Letters()).sequences.tolist() == la.sequences.tolist()
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate(ids, stop_strings=["x"])
+    with pytest.raises(ValueError, match="stop_strings"):
+        model.generate(ids, stop_strings=[""], tokenizer=Letters())
+
+
+@pytest.mark.parametrize("eos", ["x", 1.5, [1, "2"], [VOCAB], -1, True])
+def test_bad_eos_token_id_is_a_value_error(eos):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="eos_token_id"):
+        model.generate(torch.tensor([[1, 2]]), eos_token_id=eos)
+
+
+def test_model_trie_is_always_a_token_trie_and_an_incompatible_one_is_refused():
+    model = tiny_model()
+    assert isinstance(model.trie, TokenTrie) and len(model.trie) == 0
+    with pytest.raises(ValueError, match="TokenTrie"):
+        model.trie = None
+    small = TokenTrie(branch_length=16, max_trie_nodes=64)  # another bound: compatible, used as it is
+    model.trie = small
+    model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=8)
+    assert model.trie is small and 0 < len(small) <= 64
+    model.trie = TokenTrie(branch_length=6)
+    before = len(model.trie)
+    with pytest.raises(ValueError, match="branch_length is 6"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=8)
+    assert len(model.trie) == before
+    model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=8, lookahead=LookaheadConfig(branch_length=6))
 
 
 def test_adaptive_budget_stays_lossless():

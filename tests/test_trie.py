@@ -111,3 +111,27 @@ def test_bad_arguments():
         trie.begin_request(1, [2])
     with pytest.raises(ValueError, match="weight"):
         trie.insert([1, 2], weight=0)
+
+
+def test_overflows_evict_gently_and_keep_recent_requests():
+    """80 recorded SmolLM2 requests through a trie bounded at 20,000 nodes: each overflow evicts only down to
+    90% of the bound (the old halving dropped it to 4,000-7,000), and the latest outputs are still drafted."""
+    from lookahead.replay import SHIPPED, load_recording
+
+    _, records = load_recording(SHIPPED)
+    trie = TokenTrie(branch_length=12, max_trie_nodes=20_000)
+    overflowed = False
+    for rid, r in enumerate(records[:80]):
+        trie.begin_request(rid, r["prompt_ids"])
+        trie.append(rid, r["output_ids"])
+        trie.end_request(rid)
+        assert len(trie) <= 20_000
+        overflowed = overflowed or len(trie) >= 18_000
+        if overflowed:
+            assert len(trie) >= 0.85 * 20_000
+    assert overflowed
+    for r in records[77:80]:  # the last requests' continuations are still there, as their most likely ones
+        out = r["output_ids"]
+        for i in range(4, min(60, len(out)), 7):
+            _, _, nodes = trie.candidates(out[i - 4:i], 4, max_query_length=4)
+            assert out[i] in [t for t, parent, _ in nodes if parent == -1]
