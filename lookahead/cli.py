@@ -1,12 +1,12 @@
-"""Command line: `lookahead generate`, `lookahead demo`, `lookahead bench`."""
+"""Command line: `lookahead generate`, `chat`, `demo`, `bench` and `replay`."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from pathlib import Path
 
 DEMO_PROMPTS = [
     ("rewrite code", "Add type hints and a docstring to this function, and return the whole function:\n\n"
@@ -19,55 +19,129 @@ DEMO_PROMPTS = [
      "threatened by climate change, which causes mass coral bleaching, and by pollution and overfishing."),
     ("explain", "Explain what a hash table is to a new programmer."),
 ]
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")  # meaningful only with --do-sample
+# Subcommands whose module is imported only when chosen: `lookahead --help` and the others work without it.
+LAZY_SUBCOMMANDS = {
+    "bench": ("lookahead.bench", "benchmark against transformers on Spec-Bench, HumanEval or a JSONL"),
+    "replay": ("lookahead.replay", "judge drafters on recorded greedy outputs, without the model"),
+}
 
 
-def _load(args):
-    import torch
-    from transformers import AutoTokenizer
-
-    from lookahead.models import resolve_checkpoint
-    from lookahead.models.auto import model_class
-
-    path = resolve_checkpoint(args.model)
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    model = model_class(path).from_pretrained(path, dtype=dtype, device=args.device)
-    return model, AutoTokenizer.from_pretrained(path)
+def sampling_kwargs(args) -> dict:
+    """The sampling arguments of generate that were given; ValueError for one given without --do-sample."""
+    given = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
+    if given and not args.do_sample:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ValueError(f"{flags} only apply with --do-sample (greedy decoding ignores them)")
+    return {"do_sample": True, **given} if args.do_sample else {}
 
 
-def encode_prompt(tokenizer, text: str, chat: bool):
-    """Token ids [1, T] of a prompt, through the chat template (user turn, generation prompt) when chat."""
-    if chat:
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                             return_tensors="pt", return_dict=True)["input_ids"]
-    return tokenizer(text, return_tensors="pt").input_ids
+def summary(stats) -> str:
+    return (f"[{stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tokens/s, {stats.accepted_per_step:.2f} "
+            f"accepted/step, prefill {stats.prefill_s:.2f}s]")
+
+
+def calibrate_untimed(model, args) -> None:
+    """Measure (once per machine, then cached) or load the verify cost curve the lookahead budget prices drafts
+    with, so that the first call's summary does not include it."""
+    if not args.no_lookahead:
+        from lookahead.cost import calibrate
+
+        calibrate(model)
 
 
 def cmd_generate(args) -> int:
     from transformers import TextStreamer
 
-    model, tokenizer = _load(args)
-    ids = encode_prompt(tokenizer, args.prompt, args.chat).to(model.tok_embeddings.weight.device)
-    refs = [open(f).read() for f in args.reference] if args.reference else None
+    from lookahead.data import encode_prompt
+    from lookahead.models.auto import load_model
+
+    sampling = sampling_kwargs(args)
+    refs = [Path(f).read_text() for f in args.reference] if args.reference else None
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    calibrate_untimed(model, args)
+    ids = encode_prompt(tokenizer, args.prompt, args.chat).to(model.device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, lookahead=not args.no_lookahead,
-                         references=refs, tokenizer=tokenizer, streamer=streamer, return_dict_in_generate=True)
-    s = out.stats
-    print(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s, {s.accepted_per_step:.2f} accepted/step, "
-          f"prefill {s.prefill_s:.2f}s]", file=sys.stderr)
+                         references=refs, tokenizer=tokenizer, stop_strings=args.stop, streamer=streamer,
+                         return_dict_in_generate=True, **sampling)
+    print(summary(out.stats), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    """A multi-turn chat on stdin/stdout: the chat template over the whole history each turn, the reply
+    streamed, a summary per turn on stderr. The trie stays on the model, so later turns draft from earlier
+    ones. /reset clears the history; /exit, /quit or end of input ends."""
+    from transformers import TextStreamer
+
+    from lookahead.data import encode_chat
+    from lookahead.models.auto import load_model
+
+    sampling = sampling_kwargs(args)
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    calibrate_untimed(model, args)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    prompt = ""
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input())
+
+        prompt = "> "
+    history: list[dict[str, str]] = []
+    replies = 0
+    while True:
+        try:
+            text = input(prompt).strip()
+        except EOFError:
+            break
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history.clear()
+            print("[history cleared]", file=sys.stderr)
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        ids = encode_chat(tokenizer, history).to(model.device)
+        try:
+            out = model.generate(ids, max_new_tokens=args.max_new_tokens, lookahead=not args.no_lookahead,
+                                 streamer=streamer, return_dict_in_generate=True, **sampling)
+        except ValueError as e:
+            history.pop()
+            if not replies:  # bad settings fail on the first turn: exit 2 like the other commands
+                raise
+            print(f"lookahead: error: {e} (/reset clears the history)", file=sys.stderr)
+            continue
+        replies += 1
+        reply = tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)
+        history.append({"role": "assistant", "content": reply.strip()})
+        print(summary(out.stats), file=sys.stderr, flush=True)
     return 0
 
 
 def cmd_demo(args) -> int:
     import torch
 
-    args.model = args.model or "smollm2-135m-instruct"
+    from lookahead.cost import calibrate
+    from lookahead.data import encode_prompt
+    from lookahead.models.auto import load_model
+
     t0 = time.perf_counter()
-    model, tokenizer = _load(args)
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s ({torch.get_num_threads()} threads, "
-          f"{model.tok_embeddings.weight.device}, {model.tok_embeddings.weight.dtype})\n")
+          f"{model.device}, {model.dtype})")
+    # Measure (or load) the verify cost curve and run once untimed, so that no timed row pays for either.
+    t0 = time.perf_counter()
+    curve = calibrate(model)
+    model.generate(encode_prompt(tokenizer, "Hello!", chat=True).to(model.device), max_new_tokens=8)
+    model.trie.clear()  # the warm-up's text must not feed the measured rows' drafts
+    shown = [T for T in sorted(curve) if T & (T - 1) == 0]  # powers of two
+    print(f"calibrated and warmed up in {time.perf_counter() - t0:.1f}s; verify step by tree size: "
+          + ", ".join(f"T={T} {1e3 * curve[T]:.0f} ms" for T in shown) + "\n")
     rows = []
     for name, prompt in DEMO_PROMPTS:
-        ids = encode_prompt(tokenizer, prompt, chat=True).to(model.tok_embeddings.weight.device)
+        ids = encode_prompt(tokenizer, prompt, chat=True).to(model.device)
         plain = model.generate(ids, max_new_tokens=args.max_new_tokens, lookahead=False, return_dict_in_generate=True)
         la = model.generate(ids, max_new_tokens=args.max_new_tokens, references=[prompt], tokenizer=tokenizer,
                             return_dict_in_generate=True)
@@ -83,37 +157,67 @@ def cmd_demo(args) -> int:
     return 0 if all(r[-1] for r in rows) else 1
 
 
-def main(argv=None) -> int:
+def run_lazy(command: str, argv: list[str]) -> int:
+    """Import the subcommand's module, parse its arguments with its own add_arguments, run it."""
+    module_name, description = LAZY_SUBCOMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"lookahead {command}", description=description)
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lookahead.models.auto import DTYPES
+
     parser = argparse.ArgumentParser(prog="lookahead", description="Lossless lookahead decoding.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p, required=True):
-        p.add_argument("--model", required=required, help="HF checkpoint dir, .gguf file, or smollm2-135m-instruct")
-        p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
+        p.add_argument("--model", required=required, default=None if required else "smollm2-135m-instruct",
+                       help="HF checkpoint dir, .gguf file, or smollm2-135m-instruct")
+        p.add_argument("--dtype", choices=list(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
         p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+
+    def decoding_args(p, max_new_tokens: int):
+        p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+        p.add_argument("--no-lookahead", action="store_true", help="plain one-token decoding")
+        p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+        p.add_argument("--temperature", type=float, help="with --do-sample; > 0 (default 1.0)")
+        p.add_argument("--top-k", type=int, help="with --do-sample: keep the k likeliest tokens (default 0 = off)")
+        p.add_argument("--top-p", type=float, help="with --do-sample: nucleus mass in (0, 1] (default 1 = off)")
+        p.add_argument("--seed", type=int, help="with --do-sample: same seed, same text, lookahead on or off")
 
     g = sub.add_parser("generate", help="stream a completion to stdout")
     model_args(g)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--no-lookahead", action="store_true", help="plain one-token decoding")
+    decoding_args(g, 256)
     g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     g.add_argument("--reference", action="append", help="a text file to draft from (LLMA mode); repeatable")
+    g.add_argument("--stop", action="append", metavar="STR", help="stop after this text; repeatable")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="multi-turn chat on stdin/stdout (/reset clears the history, /exit ends)")
+    model_args(c)
+    decoding_args(c, 256)
+    c.set_defaults(func=cmd_chat)
 
     d = sub.add_parser("demo", help="plain vs lookahead on built-in prompts")
     model_args(d, required=False)
     d.add_argument("--max-new-tokens", type=int, default=128)
     d.set_defaults(func=cmd_demo)
 
-    b = sub.add_parser("bench", help="benchmark against transformers on Spec-Bench, HumanEval or a JSONL")
-    from lookahead.bench import add_arguments, run
-    add_arguments(b)
-    b.set_defaults(func=run)
+    for command, (_, description) in LAZY_SUBCOMMANDS.items():
+        sub.add_parser(command, add_help=False, help=description + f" (see lookahead {command} --help)")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command not in LAZY_SUBCOMMANDS and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return args.func(args)
+        return run_lazy(args.command, rest) if args.command in LAZY_SUBCOMMANDS else args.func(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"lookahead: error: {e}", file=sys.stderr)
         return 2

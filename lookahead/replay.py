@@ -193,10 +193,12 @@ def markdown(results: dict[str, dict[str, ReplayTotals]]) -> str:
 
 
 def add_arguments(p) -> None:
+    from lookahead.models.auto import DTYPES
+
     sub = p.add_subparsers(dest="replay_command", required=True)
     r = sub.add_parser("record", help="record a model's greedy outputs (and top-k) on Spec-Bench prompts")
     r.add_argument("--model", default="smollm2-135m-instruct")
-    r.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
+    r.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     r.add_argument("--device", default=None)
     r.add_argument("--per-category", type=int, default=8)
     r.add_argument("--max-new-tokens", type=int, default=128)

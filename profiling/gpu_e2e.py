@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from lookahead import LookaheadConfig
-from lookahead.bench import spec_bench_first_turns
-from lookahead.cli import encode_prompt
-from lookahead.budget import measure_cost_curve
+from lookahead.cost import measure_cost_curve
+from lookahead.data import encode_prompt, spec_bench_first_turns
 from lookahead.models.base import rope_inv_freq
 from lookahead.trie import TokenTrie
 
@@ -47,17 +46,17 @@ def timed(fn):
 
 
 def lossless(args) -> list[str]:
-    prompts = spec_bench_first_turns(args.data, 4)[:40]
+    prompts = spec_bench_first_turns(4, path=args.data)[:40]
     lines = [f"### Lossless on CUDA ({torch.cuda.get_device_name()}, {date.today()}), SmolLM2, 40 Spec-Bench "
              f"prompts x {args.tokens} new tokens, CUDA graphs", ""]
     for dtype in (torch.float32, torch.bfloat16):
         model, tok = smollm2(dtype)
-        model.trie = None
+        model.trie.clear()
         same, first_diff, acc = 0, [], []
         for k, (cat, text) in enumerate(prompts):
             ids = chat(tok, text)
             layout = ("hier", "par")[k % 2]
-            if k % 4 < 2 and model.trie is not None:
+            if k % 4 < 2:
                 model.trie.clear()  # half the prompts on a cold trie
             plain = model.generate(ids, max_new_tokens=args.tokens, lookahead=False)[0].tolist()
             out = model.generate(ids, max_new_tokens=args.tokens, lookahead=LookaheadConfig(layout=layout),
@@ -79,7 +78,7 @@ def lossless(args) -> list[str]:
 
 def batch(args) -> list[str]:
     model, tok = smollm2(torch.bfloat16)
-    texts = [t for _, t in spec_bench_first_turns(args.data, 10)]
+    texts = [t for _, t in spec_bench_first_turns(10, path=args.data)]
     model.trie = TokenTrie()
     for text in texts[-20:]:  # warm-up split: never measured
         model.generate(chat(tok, text), max_new_tokens=args.tokens)
@@ -119,7 +118,7 @@ def shape7b(args) -> list[str]:
     torch.manual_seed(0)
     with torch.device("cuda"):
         hf = LlamaForCausalLM(LlamaConfig(**hf_cfg)).to(torch.bfloat16).eval()
-    cfg = LlamaForLookahead.from_hf_config(hf_cfg)
+    cfg = LlamaForLookahead.config_from_hf(hf_cfg)
     with torch.device("meta"):
         ours = LlamaForLookahead(cfg)
     ours.load_state_dict(LlamaForLookahead.convert_state_dict(hf.state_dict(), cfg), assign=True, strict=False)
@@ -171,7 +170,7 @@ def batch_cost(args) -> list[str]:
                   num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
                   rope_theta=100000.0, tie_word_embeddings=True, eos_token_id=2)
     torch.manual_seed(0)
-    cfg = LlamaForLookahead.from_hf_config(hf_cfg)
+    cfg = LlamaForLookahead.config_from_hf(hf_cfg)
     with torch.device("cuda"):
         model = LlamaForLookahead(cfg)
     with torch.no_grad():
@@ -209,7 +208,7 @@ def triton_bench(fn) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("what", choices=["lossless", "batch", "shape7b", "batch_cost"])
-    p.add_argument("--data", type=Path, default=Path("question.jsonl"))
+    p.add_argument("--data", type=Path, default=None, help="a Spec-Bench question.jsonl (default: the packaged one)")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--out", type=Path, default=None)

@@ -12,6 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoTokenizer
 
+from lookahead.data import encode_prompt
 from lookahead.models import LlamaForLookahead, resolve_checkpoint
 
 
@@ -24,9 +25,7 @@ def main():
     args = p.parse_args()
     model = LlamaForLookahead.from_pretrained(args.model)
     tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(args.model))
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
-    ids = ids.to(model.tok_embeddings.weight.device)
+    ids = encode_prompt(tokenizer, args.prompt, chat=True).to(model.device)
     model.generate(ids, max_new_tokens=8)  # warm-up: allocations, cost curve
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities, record_shapes=True) as prof:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lookahead import LookaheadConfig
+from lookahead.drafter import Calibration
 from tests.test_generation import VOCAB, tiny_model
 
 pytestmark = [pytest.mark.cuda,
@@ -32,7 +33,9 @@ def test_graph_replay_equals_eager_and_plain(monkeypatch, layout):
     for graphs in (False, True):
         plain = run(model, ids, monkeypatch, graphs, max_new_tokens=96, lookahead=False)
         assert plain.sequences.cpu().tolist() == expected.tolist()
-        model.trie = None
+        model.trie.clear()
+        model.state.successors.clear()  # both passes draft from the same state, so their steps must agree
+        model.state.calibration = Calibration()
         cold = run(model, ids, monkeypatch, graphs, max_new_tokens=96, lookahead=cfg)
         hot = run(model, ids, monkeypatch, graphs, max_new_tokens=96, lookahead=cfg)
         assert cold.sequences.cpu().tolist() == expected.tolist()
@@ -40,7 +43,7 @@ def test_graph_replay_equals_eager_and_plain(monkeypatch, layout):
         assert hot.stats.accepted_per_step > 2.0
         hot_steps[graphs] = hot.stats.steps
         if graphs:
-            assert model._lookahead_state["graphs"].entries  # the steps really were captured and replayed
+            assert model.state.graphs.entries  # the steps really were captured and replayed
             assert hot_steps[True] == hot_steps[False]
 
 
@@ -79,7 +82,7 @@ def test_seeded_sampling_on_cuda_equals_plain(monkeypatch):
     ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(9))
     kw = dict(max_new_tokens=48, do_sample=True, temperature=0.8, top_p=0.95, seed=11, eos_token_id=[])
     plain = model.generate(ids.cuda(), lookahead=False, **kw)
-    model.trie = None
+    model.trie.clear()
     for _ in range(2):  # cold, then a trie holding this very output
         assert model.generate(ids.cuda(), lookahead=LookaheadConfig(adaptive=False), **kw).tolist() == plain.tolist()
 

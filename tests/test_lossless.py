@@ -46,7 +46,7 @@ def test_lookahead_equals_plain_on_40_spec_bench_prompts(smollm2):
     for k, (category, text) in enumerate(prompts):
         layout, warm, with_refs = VARIANTS[k % len(VARIANTS)]
         ids = chat_ids(tokenizer, text)
-        if not warm and model.trie is not None:
+        if not warm:
             model.trie.clear()
         refs = [prompts[(k + 1) % len(prompts)][1]] if with_refs else None
         out = model.generate(ids, max_new_tokens=128, lookahead=LookaheadConfig(layout=layout), references=refs,

@@ -1,19 +1,14 @@
 """End-to-end on the embedded SmolLM2-135M-Instruct (fp32, CPU): parity with transformers, bad input."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from lookahead.bench import spec_bench_first_turns
-from lookahead.cli import encode_prompt
-
-SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
+from lookahead.data import encode_prompt, spec_bench_first_turns
 
 
 def spec_bench_prompts(per_category: int) -> list[tuple[str, str]]:
-    """(category, first turn) pairs, round-robin over categories (lookahead.bench.spec_bench_first_turns)."""
-    return spec_bench_first_turns(SPEC_BENCH, per_category)
+    """(category, first turn) pairs of the packaged Spec-Bench, round-robin over categories."""
+    return spec_bench_first_turns(per_category)
 
 
 def chat_ids(tokenizer, text: str) -> torch.Tensor:

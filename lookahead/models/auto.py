@@ -1,11 +1,15 @@
-"""Pick the model class that serves a checkpoint's model_type."""
+"""Pick the model class that serves a checkpoint's model_type, and load a model with its tokenizer."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from lookahead.models.checkpoint import load_config
+import torch
+
+from lookahead.models.checkpoint import load_config, resolve_checkpoint
 from lookahead.models.llama import LlamaForLookahead
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # command-line dtype names
 
 
 def model_classes() -> list[type]:
@@ -23,3 +27,15 @@ def model_class(path: Path) -> type:
             return cls
     served = sorted(t for cls in classes for t in cls.model_types)
     raise ValueError(f"model_type {model_type!r} is not served; supported: {', '.join(served)}")
+
+
+def load_model(name_or_path: str | Path, dtype: str | None = None, device: str | torch.device | None = None):
+    """(model, tokenizer) of the embedded name, an HF checkpoint dir or a .gguf file. dtype: a DTYPES name
+    (None = the checkpoint's default); device: None = cuda when available, else cpu."""
+    from transformers import AutoTokenizer
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    path = resolve_checkpoint(name_or_path)
+    model = model_class(path).from_pretrained(path, dtype=DTYPES[dtype] if dtype else None, device=device)
+    return model, AutoTokenizer.from_pretrained(path)
