@@ -5,16 +5,9 @@ import pytest
 
 from lookahead import Drafter, LookaheadConfig, TokenTrie
 from lookahead.drafter import Calibration
+from tests.test_trie import golden_trie
 
 FLAT = {1: 1.0, 128: 1.0}  # verifying more nodes costs nothing (a GPU far from its limits)
-
-
-def golden_trie() -> TokenTrie:
-    trie = TokenTrie(branch_length=4, max_trie_nodes=1000)
-    trie.insert([1, 2, 3, 7])
-    trie.insert([1, 2, 3, 8])
-    trie.insert([1, 2, 4])
-    return trie
 
 
 def test_probability_is_the_product_of_smoothed_count_ratios():

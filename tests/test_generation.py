@@ -10,27 +10,11 @@ from hypothesis import strategies as st
 
 from lookahead import Drafter, LookaheadConfig, TokenTrie
 from lookahead.cost import CostModel, curve_key
-from lookahead.models import LlamaForLookahead
 from lookahead.replay import replay_request
+from tests.conftest import TINY_VOCAB, _tiny_llama
 
-VOCAB = 48
-
-
-def tiny_model(seed: int = 0, **overrides) -> LlamaForLookahead:
-    torch.manual_seed(seed)
-    hf = dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
-              rope_theta=10000.0, tie_word_embeddings=False, eos_token_id=None)
-    hf.update(overrides)
-    cfg = LlamaForLookahead.config_from_hf(hf)
-    model = LlamaForLookahead(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5 if p.dim() > 1 else 0.1)
-        for m in model.modules():
-            if hasattr(m, "eps"):
-                m.weight.fill_(1.0)
-    return model.pack_weights()
+VOCAB = TINY_VOCAB
+tiny_model = _tiny_llama  # also imported by test_cuda
 
 
 def plain(model, ids, **kw):
