@@ -1,4 +1,4 @@
-"""Command line: `lookahead generate`, `chat`, `demo`, `bench` and `replay`."""
+"""Command line: `lookahead generate`, `chat`, `demo`, `bench`, `replay`, `serve` and `bench-serve`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")  # meaningful only wi
 LAZY_SUBCOMMANDS = {
     "bench": ("lookahead.bench", "benchmark against transformers on Spec-Bench, HumanEval or a JSONL"),
     "replay": ("lookahead.replay", "judge drafters on recorded greedy outputs, without the model"),
+    "serve": ("lookahead.serve.app", "OpenAI-compatible HTTP server with iteration-level batching"),
+    "bench-serve": ("lookahead.serve.bench", "load-test `lookahead serve`: lookahead on vs off at several concurrencies"),
 }
 
 

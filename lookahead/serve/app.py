@@ -1,0 +1,450 @@
+"""`lookahead serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the batching engine.
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (the tokenizer's chat template), GET /v1/models,
+GET /health, GET /v1/stats. `stream: true` sends server-sent events in OpenAI's chunk format ending with
+`data: [DONE]`. Settings: max_tokens, temperature (0 = greedy), top_p, seed, stop, n=1. `usage` carries the
+OpenAI counts plus `usage.lookahead = {steps, accepted_tokens_per_step, draft_tokens_per_step}`: the forward
+passes that produced the request's tokens (the prefill included, so plain decoding has exactly 1.0 tokens per
+step), completion tokens per step, and draft nodes verified per step.
+
+Errors are OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 for a malformed body, a bad
+setting or a prompt beyond the context, 404 for an unknown model, 503 when the queue is full or the server is
+stopping, 500 only for a request that failed inside the engine (it fails alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+import time
+import uuid
+from typing import Literal
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as e:
+    raise ModuleNotFoundError(f"lookahead serve needs the serve extra ({e.name} is missing): "
+                              "pip install -e '.[serve]'") from e
+
+from lookahead.data import encode_chat, encode_prompt
+from lookahead.serve.engine import ContextTooLong, Engine, EngineClosed, Finished, QueueFull, SamplingParams, Tokens
+
+log = logging.getLogger("lookahead.serve")
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+STOPPED = "the server stopped before the request finished"
+DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
+
+
+# ---- request bodies ----------------------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Settings(BaseModel):
+    """What both endpoints take. Unknown fields are refused (400), as OpenAI does."""
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(_Settings):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Settings):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+# ---- errors ------------------------------------------------------------------------------------------------------
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
+                        status_code=status)
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+        return error_response(400, f"the request body is not valid JSON: {first.get('msg', '')}",
+                              code="invalid_json")
+    if first.get("type") == "missing" and not loc:
+        return error_response(400, "the request needs a JSON body", code="invalid_json")
+    param = ".".join(loc) or None
+    return error_response(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param)
+
+
+def _unsupported(body: _Settings) -> None:
+    """400 for the OpenAI settings this server does not implement, when set to anything but their default."""
+    checks = [("n", body.n != 1, "only n=1 is supported"),
+              ("presence_penalty", body.presence_penalty != 0, "presence_penalty is not supported (use 0)"),
+              ("frequency_penalty", body.frequency_penalty != 0, "frequency_penalty is not supported (use 0)"),
+              ("logit_bias", bool(body.logit_bias), "logit_bias is not supported"),
+              ("logprobs", bool(body.logprobs), "logprobs are not supported")]
+    if isinstance(body, CompletionRequest):
+        checks += [("echo", body.echo, "echo is not supported"),
+                   ("best_of", body.best_of not in (None, 1), "only best_of=1 is supported"),
+                   ("suffix", bool(body.suffix), "suffix is not supported")]
+    for param, bad, message in checks:
+        if bad:
+            raise APIError(400, message, param=param)
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_STRINGS or not all(stops):
+        raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} non-empty strings", param="stop")
+    return tuple(stops)
+
+
+# ---- text ----------------------------------------------------------------------------------------------------------
+def decode(tokenizer, ids: list[int]) -> str:
+    """Output text: special tokens (eos) dropped, no space clean-up, so that a prefix's text is a prefix."""
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """The text before the first stop string (OpenAI leaves it out), and whether one was there."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
+class TextStream:
+    """A request's text as its tokens arrive. Each piece handed out is final: text ending in a partial UTF-8
+    character or in the start of a stop string is held back, so the pieces concatenate to the whole text."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def text(self) -> str:
+        return cut_at_stop(decode(self.tokenizer, self.ids), self.stops)[0]
+
+    def push(self, tokens: list[int]) -> str:
+        self.ids += tokens
+        text, stopped = cut_at_stop(decode(self.tokenizer, self.ids), self.stops)
+        if not stopped:
+            text = text.rstrip("\ufffd")
+            held = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[:len(text) - held]
+        return self._advance(text)
+
+    def finish(self) -> str:
+        return self._advance(self.text())
+
+    def _advance(self, text: str) -> str:
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+
+def usage(fin: Finished) -> dict:
+    steps = max(fin.steps, 1)
+    return {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
+            "total_tokens": fin.prompt_tokens + fin.completion_tokens,
+            "lookahead": {"steps": fin.steps, "accepted_tokens_per_step": fin.completion_tokens / steps,
+                          "draft_tokens_per_step": fin.draft_tokens / steps}}
+
+
+def _sse(data) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+# ---- the app -----------------------------------------------------------------------------------------------------
+def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
+    """The HTTP front of a started engine; `tokenizer` encodes prompts and decodes outputs (on the event loop)."""
+    app = FastAPI(title="lookahead", description="OpenAI-compatible server with lossless lookahead decoding")
+    created = int(time.time())
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        return _validation_error(exc)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, exc: APIError):
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), code=str(exc.status_code))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception):
+        log.exception("unhandled error")
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, **engine.load()}
+
+    @app.get("/v1/stats")
+    async def stats():
+        return {**engine.stats.as_dict(), **engine.load(), "max_batch": engine.max_batch,
+                "max_context": engine.max_context, "lookahead": engine.config is not None,
+                "trie_nodes": len(engine.trie)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "lookahead", "max_model_len": engine.max_context}]}
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves `{model_name}`",
+                           param="model", code="model_not_found")
+
+    def settings(body: _Settings, prompt_len: int, default_max: int | None) -> SamplingParams:
+        _unsupported(body)
+        max_tokens = body.max_tokens
+        if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
+            max_tokens = body.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = default_max if default_max is not None else max(1, engine.max_context - prompt_len)
+        seed = None if body.seed is None else body.seed % 2**64
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=seed,
+                              stop=_stop_strings(body.stop))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise APIError(400, "one prompt per request (n=1)", param="prompt")
+            prompt = prompt[0]
+        ids = encode_prompt(tokenizer, prompt, chat=False)[0].tolist() if isinstance(prompt, str) else list(prompt)
+        params = settings(body, len(ids), COMPLETIONS_DEFAULT_MAX_TOKENS)
+        return await respond(request, body, ids, params, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
+                     "".join(part.text for part in m.content or [])} for m in body.messages]
+        try:
+            ids = encode_chat(tokenizer, messages)[0].tolist()
+        except Exception as e:  # the template refuses this conversation (e.g. an unknown role order)
+            raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
+        params = settings(body, len(ids), None)
+        return await respond(request, body, ids, params, chat=True)
+
+    async def respond(request: Request, body: _Settings, ids: list[int], params: SamplingParams, chat: bool):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        try:
+            req = engine.submit(ids, params, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        except QueueFull as e:
+            raise APIError(503, str(e), type="server_error", code="queue_full") from None
+        except EngineClosed as e:
+            raise APIError(503, str(e), type="server_error", code="shutting_down") from None
+        except ContextTooLong as e:
+            raise APIError(400, str(e), param="messages" if chat else "prompt",
+                           code="context_length_exceeded") from None
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": body.model}
+        text = TextStream(tokenizer, params.stop)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(stream(req, events, text, head, chat, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        watcher = asyncio.create_task(cancel_on_disconnect(request, req))
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, Tokens):
+                    text.ids += event.tokens
+                elif event.reason == "error":
+                    raise APIError(500, f"the request failed while decoding: {event.error}", type="server_error")
+                elif event.reason == "cancelled":  # its client went away, or the engine stopped under it
+                    if req.cancelled:
+                        return Response(status_code=499)
+                    raise APIError(503, STOPPED, type="server_error", code="shutting_down")
+                else:
+                    choice = ({"index": 0, "message": {"role": "assistant", "content": text.text()},
+                               "logprobs": None, "finish_reason": event.reason} if chat else
+                              {"index": 0, "text": text.text(), "logprobs": None, "finish_reason": event.reason})
+                    return {**head, "choices": [choice], "usage": usage(event)}
+        finally:
+            watcher.cancel()
+
+    async def cancel_on_disconnect(request: Request, req) -> None:
+        """Free a non-streamed request's row once its client has gone (Starlette cancels a stream's generator
+        itself)."""
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        engine.cancel(req)
+
+    async def stream(req, events: asyncio.Queue, text: TextStream, head: dict, chat: bool, include_usage: bool):
+        """SSE chunks; a client that disconnects cancels this generator, whose `finally` frees the row."""
+        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+        def chunk(piece: str | None, finish: str | None = None, role: bool = False) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else ({"content": piece} if piece else {})
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+            return _sse({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
+
+        try:
+            if chat:
+                yield chunk(None, role=True)
+            while True:
+                event = await events.get()
+                if isinstance(event, Tokens):
+                    piece = text.push(event.tokens)
+                    if piece:
+                        yield chunk(piece)
+                    continue
+                if event.reason in ("error", "cancelled"):
+                    message = (f"the request failed while decoding: {event.error}" if event.reason == "error" else
+                               STOPPED)
+                    yield _sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+                else:
+                    piece = text.finish()
+                    if piece:
+                        yield chunk(piece)
+                    yield chunk(None, finish=event.reason)
+                    if include_usage:
+                        yield _sse({**head, "choices": [], "usage": usage(event)})
+                yield "data: [DONE]\n\n"
+                return
+        finally:
+            engine.cancel(req)  # a no-op once it finished
+
+    return app
+
+
+# ---- running it ----------------------------------------------------------------------------------------------------
+class BackgroundServer:
+    """Serve an engine on host:port from a thread of this process (tests, notebooks). port 0 = a free port;
+    `url` is the base URL (…/v1 for the openai client). `close()` stops uvicorn, then the engine (which saves
+    the trie)."""
+
+    def __init__(self, engine: Engine, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 0,
+                 log_level: str = "warning"):
+        import uvicorn
+
+        self.engine = engine.start()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        config = uvicorn.Config(create_app(engine, tokenizer, model_name), log_level=log_level,
+                                timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="lookahead-http", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+        self.engine.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def add_arguments(p) -> None:
+    from lookahead.models.auto import DTYPES
+
+    p.add_argument("--model", required=True, help="HF checkpoint dir, .gguf file, or smollm2-135m-instruct")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="rows of the KV cache: requests decoded together")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a row before 503s")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="tokens per row, prompt + completion (default: the model's context, at most 2048)")
+    p.add_argument("--trie", default=None, metavar="PATH",
+                   help="load the shared trie from PATH at start (missing = empty), save it there at shutdown")
+    p.add_argument("--trie-save-minutes", type=float, default=10.0, help="also save the trie this often (0 = never)")
+    p.add_argument("--no-lookahead", action="store_true", help="plain one-token decoding")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run(args) -> int:
+    """Load the model, start the engine, serve until SIGINT/SIGTERM, then save the trie."""
+    import uvicorn
+
+    from lookahead.config import LookaheadConfig
+    from lookahead.models.auto import load_model
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_context=args.max_context,
+                    max_queue=args.max_queue, lookahead=None if args.no_lookahead else LookaheadConfig(),
+                    trie_path=args.trie, trie_save_minutes=args.trie_save_minutes).start()
+    name = args.served_model_name or args.model
+    log.info("serving %s on http://%s:%d/v1 (max batch %d, context %d, lookahead %s, trie %s)", name, args.host,
+             args.port, engine.max_batch, engine.max_context, "on" if engine.config else "off", args.trie or "-")
+    try:
+        uvicorn.run(create_app(engine, tokenizer, name), host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=5)
+    finally:
+        engine.close()
+    return 0

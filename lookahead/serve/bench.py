@@ -1,0 +1,284 @@
+"""`lookahead bench-serve`: the server under load, lookahead on vs off, at several concurrencies.
+
+For each mode (plain = `--no-lookahead`, lookahead) and each concurrency a fresh server process starts (an empty
+trie: nothing drafts from an earlier run), takes one short untimed warm-up request, then N Spec-Bench first
+turns (chat template, greedy, streamed) are sent by `concurrency` clients that each send their next prompt as
+soon as the last one finished. Within a run the trie holds the outputs of the prompts finished before (never
+the measured prompt's own output), as in `lookahead bench`'s warm protocol.
+
+Per run: requests/s and output tokens/s over the wall time, time to first token and time per output token
+(after the first) p50/p99 per request, accepted tokens/step (completion tokens over forward passes, from
+`usage.lookahead`), and how many outputs equal the plain server's at concurrency 1. Writes JSON, a Markdown
+table and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+START_TIMEOUT_S = 900  # model load, plus a cost-curve measurement on a machine that has none cached
+
+
+@dataclass
+class RequestResult:
+    prompt: int              # index into the prompt list
+    ttft_s: float            # time to the first text
+    latency_s: float         # time to the last chunk
+    completion_tokens: int
+    steps: int               # usage.lookahead.steps: forward passes that produced this request's tokens
+    text: str
+    error: str | None = None
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first; None for a request of one token."""
+        if self.completion_tokens < 2:
+            return None
+        return (self.latency_s - self.ttft_s) / (self.completion_tokens - 1)
+
+
+async def _one(client, url: str, model: str, index: int, messages: list[dict], max_tokens: int) -> RequestResult:
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, usage, pieces = None, None, []
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            error = (await response.aread()).decode(errors="replace")
+            return RequestResult(index, 0.0, time.perf_counter() - t0, 0, 0, "", f"{response.status_code}: {error}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return RequestResult(index, 0.0, time.perf_counter() - t0, 0, 0, "", chunk["error"]["message"])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices", ()):
+                content = choice["delta"].get("content")
+                if content:
+                    pieces.append(content)
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+    latency = time.perf_counter() - t0
+    if usage is None:
+        return RequestResult(index, 0.0, latency, 0, 0, "".join(pieces), "the stream ended without usage")
+    return RequestResult(index, ttft if ttft is not None else latency, latency, usage["completion_tokens"],
+                         usage["lookahead"]["steps"], "".join(pieces))
+
+
+async def run_load(url: str, model: str, conversations: list[list[dict]], concurrency: int,
+                   max_tokens: int) -> tuple[list[RequestResult], float]:
+    """Send every conversation once from `concurrency` clients in a closed loop -> (results in prompt order,
+    wall seconds)."""
+    import httpx
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in enumerate(conversations):
+        queue.put_nowait(item)
+    results: list[RequestResult] = []
+    limits = httpx.Limits(max_connections=concurrency + 1)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30.0), limits=limits) as client:
+
+        async def worker():
+            while not queue.empty():
+                index, messages = queue.get_nowait()
+                results.append(await _one(client, url, model, index, messages, max_tokens))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return sorted(results, key=lambda r: r.prompt), wall
+
+
+def summarize(results: list[RequestResult], wall: float) -> dict:
+    ok = [r for r in results if r.error is None]
+    tokens = sum(r.completion_tokens for r in ok)
+    ttft = [1e3 * r.ttft_s for r in ok]
+    tpot = [1e3 * r.tpot_s for r in ok if r.tpot_s is not None]
+
+    def pct(values, q):
+        return float(np.percentile(values, q)) if values else float("nan")
+
+    return {"requests": len(results), "errors": len(results) - len(ok), "wall_s": wall,
+            "requests_per_s": len(ok) / wall, "output_tokens_per_s": tokens / wall,
+            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
+            "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99),
+            "accepted_per_step": tokens / max(sum(r.steps for r in ok), 1)}
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m lookahead.serve` on a free port of 127.0.0.1 with an empty trie; stopped with SIGINT."""
+
+    def __init__(self, model: str, lookahead: bool, max_batch: int, log_path: Path, dtype: str | None = None,
+                 device: str | None = None):
+        import httpx
+
+        host = "127.0.0.1"
+        self.port = _free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        cmd = [sys.executable, "-m", "lookahead.serve", "--model", model, "--host", host, "--port", str(self.port),
+               "--max-batch", str(max_batch), "--log-level", "warning"]
+        cmd += [] if lookahead else ["--no-lookahead"]
+        cmd += ["--dtype", dtype] if dtype else []
+        cmd += ["--device", device] if device else []
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if self.proc.poll() is not None:
+                self.log.close()
+                raise RuntimeError(f"the server exited with {self.proc.returncode}; see {log_path}")
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"the server did not answer within {START_TIMEOUT_S}s; see {log_path}")
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def conversations(num_prompts: int) -> list[list[dict]]:
+    """The first `num_prompts` Spec-Bench first turns, round-robin over the categories, as chat messages."""
+    from lookahead.data import spec_bench_first_turns
+
+    items = spec_bench_first_turns(None)[:num_prompts]
+    if len(items) < num_prompts:
+        raise ValueError(f"Spec-Bench has {len(items)} prompts, {num_prompts} were asked for")
+    return [[{"role": "user", "content": text}] for _, text in items]
+
+
+def bench_serve(model: str = DEFAULT_MODEL, num_prompts: int = 8, max_tokens: int = 64,
+                concurrencies: tuple[int, ...] = (1, 4, 8), out: str | Path = "bench/serve", name: str = "serve",
+                max_batch: int = 8, url: str | None = None, served_model_name: str | None = None,
+                dtype: str | None = None, device: str | None = None) -> list[dict]:
+    """Run the load for plain and lookahead servers (or only the server at `url`), write
+    `{out}/{name}.json`, `.md` and `.png`, and return the rows."""
+    if num_prompts < 1 or max_tokens < 1 or not concurrencies or min(concurrencies) < 1:
+        raise ValueError("num_prompts, max_tokens and every concurrency must be >= 1")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    convs = conversations(num_prompts)
+    warmup = [[{"role": "user", "content": "Hello!"}]]
+    modes = [("server", None)] if url else [("plain", False), ("lookahead", True)]
+    rows, texts = [], {}
+    for mode, lookahead in modes:
+        for c in concurrencies:
+            server = None if url else ServerProcess(model, lookahead, max_batch, out / f"{name}-{mode}-c{c}.log",
+                                                    dtype, device)
+            base = url.rstrip("/").removesuffix("/v1") if url else server.url
+            served = served_model_name or model
+            try:
+                asyncio.run(run_load(base, served, warmup, 1, 4))
+                results, wall = asyncio.run(run_load(base, served, convs, c, max_tokens))
+            finally:
+                if server is not None:
+                    server.close()
+            texts[mode, c] = [r.text for r in results]
+            row = {"mode": mode, "concurrency": c, **summarize(results, wall)}
+            reference = texts.get(("plain", min(concurrencies)))
+            row["identical_to_plain"] = (sum(a == b for a, b in zip(texts[mode, c], reference))
+                                         if reference is not None else None)
+            rows.append(row)
+            print(_line(row), file=sys.stderr, flush=True)
+    meta = {"model": model, "num_prompts": num_prompts, "max_tokens": max_tokens, "max_batch": max_batch,
+            "date": time.strftime("%Y-%m-%d"), "results": rows,
+            "requests": {f"{m}-c{c}": t for (m, c), t in texts.items()}}
+    (out / f"{name}.json").write_text(json.dumps(meta, indent=1))
+    (out / f"{name}.md").write_text(markdown_table(rows) + "\n")
+    plot(rows, out / f"{name}.png", f"{model}: {num_prompts} Spec-Bench prompts, {max_tokens} tokens")
+    return rows
+
+
+def _line(row: dict) -> str:
+    return (f"{row['mode']:>9s} c={row['concurrency']}: {row['requests_per_s']:.2f} req/s, "
+            f"{row['output_tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms, "
+            f"TPOT p50 {row['tpot_p50_ms']:.0f} ms, {row['accepted_per_step']:.2f} tokens/step")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| mode | concurrency | requests | req/s | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) "
+            "| TPOT p99 (ms) | accepted tokens/step | identical to plain |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        same = "-" if r["identical_to_plain"] is None else f"{r['identical_to_plain']}/{r['requests']}"
+        errors = f" ({r['errors']} errors)" if r["errors"] else ""
+        lines.append(f"| {r['mode']} | {r['concurrency']} | {r['requests']}{errors} | {r['requests_per_s']:.2f} | "
+                     f"{r['output_tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
+                     f"{r['tpot_p50_ms']:.1f} | {r['tpot_p99_ms']:.1f} | {r['accepted_per_step']:.2f} | {same} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = [("output_tokens_per_s", "output tokens/s"), ("tpot_p50_ms", "time per output token p50 (ms)"),
+              ("ttft_p50_ms", "time to first token p50 (ms)")]
+    for ax, (key, label) in zip(axes, panels):
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+            mine = [r for r in rows if r["mode"] == mode]
+            ax.plot([r["concurrency"] for r in mine], [r[key] for r in mine], marker="o", label=mode)
+        ax.set_xticks(sorted({r["concurrency"] for r in rows}))
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="HF checkpoint dir, .gguf file, or smollm2-135m-instruct")
+    p.add_argument("--url", default=None, help="bench this running server instead of starting plain and lookahead ones")
+    p.add_argument("--served-model-name", default=None, help="the model id the server at --url expects")
+    p.add_argument("--num-prompts", type=int, default=8, help="Spec-Bench first turns, round-robin over categories")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--max-batch", type=int, default=8, help="--max-batch of the servers started")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=Path("bench/serve"))
+    p.add_argument("--name", default="serve", help="file name stem of the JSON, Markdown and PNG")
+
+
+def run(args) -> int:
+    rows = bench_serve(args.model, args.num_prompts, args.max_tokens, tuple(args.concurrency), args.out, args.name,
+                       args.max_batch, args.url, args.served_model_name, args.dtype, args.device)
+    print(markdown_table(rows))
+    return 0 if all(r["errors"] == 0 for r in rows) else 1
