@@ -2,9 +2,11 @@
 interleaved prompt by prompt, per category; writes JSON, a Markdown table and a PNG plot.
 
 Systems: hf_greedy (transformers greedy), hf_pld (transformers prompt lookup, 10 tokens), ours_plain,
-ours_cold (lookahead, empty trie per prompt), ours_warm (lookahead, one trie kept across the dataset).
+ours_cold (lookahead, an empty drafting memory per prompt), ours_warm (lookahead, one memory kept across the
+dataset). The drafting memory is everything a model learns from its outputs: the trie, the recycled top-k
+tokens and the acceptance calibration (`model.state`); each system gets its own.
 
-Honest warm-up: before prompt i the warm trie holds only our own outputs of prompts 0..i-1 (and of the
+Honest warm-up: before prompt i the warm memory holds only our own outputs of prompts 0..i-1 (and of the
 --warmup-split prompts, which are never measured); no other system's run touches it, and the prompt being
 measured was never generated into it beforehand.
 
@@ -90,6 +92,7 @@ def run(args) -> int:
     from lookahead.data import encode_prompt
     from lookahead.models import resolve_checkpoint
     from lookahead.models.auto import load_model
+    from lookahead.drafter import Calibration
     from lookahead.trie import TokenTrie
 
     ours, tokenizer = load_model(args.model, args.dtype, args.device)
@@ -112,22 +115,28 @@ def run(args) -> int:
 
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0) if args.do_sample else {}
 
-    def ours_run(ids, item, lookahead, trie, seed=0):
-        ours.trie = trie
+    def memory() -> dict:
+        """A fresh drafting memory: what model.state learns from outputs."""
+        return {"trie": TokenTrie(cfg.branch_length, cfg.max_trie_nodes), "calibration": Calibration(),
+                "successors": {}}
+
+    def ours_run(ids, item, lookahead, mem, seed=0):
+        ours.state.trie, ours.state.calibration, ours.state.successors = (
+            mem["trie"], mem["calibration"], mem["successors"])
         refs = [item["prompt"]] if item["reference"] and lookahead else None
         return ours.generate(ids, max_new_tokens=args.max_new_tokens, lookahead=cfg if lookahead else False,
                              references=refs, tokenizer=tokenizer, return_dict_in_generate=True,
                              **({**sampling, "seed": seed} if sampling else {}))
 
-    warm_trie = TokenTrie(branch_length=cfg.branch_length, max_trie_nodes=cfg.max_trie_nodes)
+    warm = memory()
     for item in tqdm(warmup, desc="warm-up split"):
-        ours_run(encode(item), item, True, warm_trie)
+        ours_run(encode(item), item, True, warm)
 
     hf_kwargs = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id,
                      **(sampling or {"do_sample": False}))
     records = []
     with torch.inference_mode():
-        ours_run(encode(measured[0]), measured[0], True, TokenTrie())  # allocate and compile, not timed
+        ours_run(encode(measured[0]), measured[0], True, memory())  # allocate and compile, not timed
         for index, item in enumerate(tqdm(measured, desc="prompts")):
             ids = encode(item)
             n_prompt = ids.shape[1]
@@ -142,8 +151,8 @@ def run(args) -> int:
                     rec["systems"][system] = {"new_tokens": new, "seconds": secs, "tokens_per_s": new / secs}
                 else:
                     lookahead = system != "ours_plain"
-                    trie = warm_trie if system == "ours_warm" else TokenTrie(cfg.branch_length, cfg.max_trie_nodes)
-                    out, secs = _time(lambda: ours_run(ids, item, lookahead, trie, seed=index))
+                    mem = warm if system == "ours_warm" else memory()
+                    out, secs = _time(lambda: ours_run(ids, item, lookahead, mem, seed=index))
                     seq, s = out.sequences, out.stats
                     rec["systems"][system] = {"new_tokens": s.new_tokens, "seconds": secs,
                                               "tokens_per_s": s.new_tokens / secs,
@@ -160,7 +169,6 @@ def run(args) -> int:
                 if "hf_greedy" in outputs:
                     rec["systems"][system]["equals_hf_greedy"] = out == outputs["hf_greedy"]
             records.append(rec)
-    ours.trie = warm_trie
     report = summarize(records, args, device, dtype, cost_curve)
     write_outputs(report, records, args)
     print(report["markdown"])

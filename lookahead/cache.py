@@ -33,3 +33,10 @@ class KVCache:
 
     def reset(self) -> None:
         self.lens.zero_()
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows [start, stop) as a cache of their own: views of this buffer and lengths, so a forward over them
+        writes and reads only those rows (a server prefills one row while the others wait)."""
+        view = KVCache.__new__(KVCache)
+        view.buffer, view.lens = self.buffer[:, :, start:stop], self.lens[start:stop]  # (L, 2, n, Hkv, S, D), (n,)
+        return view

@@ -77,8 +77,10 @@ class _Request:
 class Drafter:
     """Trie, draft building and the per-step size policy, shared by `generate`, `lookahead replay` and serving.
 
-    cost_curve: {tree nodes (root included): cost}, seconds or relative; None = draft up to decoding_length
-    nodes every step (no size policy). trie: a TokenTrie to share (model.trie in generate); None = a new one.
+    config: None = the defaults (with the given trie's branch_length and bound). cost_curve: {tree nodes (root
+    included): cost}, seconds or relative; None = draft up to decoding_length nodes every step (no size policy).
+    trie: a TokenTrie to share (model.trie in generate), whose branch_length must be the config's; None = a new
+    one.
     calibration, successors: what the drafter learns besides the trie (acceptance statistics; the model's latest
     top-k next tokens per token), to keep across drafters (model.state's in generate); None = new ones.
     """
@@ -86,7 +88,10 @@ class Drafter:
     def __init__(self, config: LookaheadConfig | None = None, cost_curve: Mapping[int, float] | None = None,
                  trie: TokenTrie | None = None, calibration: Calibration | None = None,
                  successors: dict[int, list[int]] | None = None):
-        self.config = config = config if config is not None else LookaheadConfig()
+        if config is None:  # the defaults, with a given trie's window length and bound
+            config = LookaheadConfig() if trie is None or not isinstance(trie, TokenTrie) else LookaheadConfig(
+                branch_length=trie.branch_length, max_trie_nodes=trie.max_trie_nodes)
+        self.config = config
         if not isinstance(config, LookaheadConfig):
             raise ValueError(f"config must be a LookaheadConfig, got {type(config).__name__}")
         if trie is None:

@@ -139,11 +139,13 @@ class DecodeState:
             self.step_mask[b] = 0
 
 
-def _lookahead_config(lookahead) -> LookaheadConfig | None:
+def _lookahead_config(lookahead, trie) -> LookaheadConfig | None:
+    """lookahead=True: the default settings with the model's trie's window length and bound (so a trie saved
+    with other settings and assigned to model.trie just works); an explicit config must agree with the trie."""
     if lookahead is False or lookahead is None:
         return None
     if lookahead is True:
-        return LookaheadConfig()
+        return LookaheadConfig(branch_length=trie.branch_length, max_trie_nodes=trie.max_trie_nodes)
     if isinstance(lookahead, LookaheadConfig):
         return lookahead
     raise ValueError(f"lookahead must be True, False or a LookaheadConfig, got {lookahead!r}")
@@ -220,7 +222,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     """See API.md. Greedy lookahead returns exactly the tokens of plain greedy decoding."""
     model._check_ids(input_ids)
     _check_new_tokens(max_new_tokens)
-    cfg = _lookahead_config(lookahead)
+    cfg = _lookahead_config(lookahead, model.trie)
     rows = _prompt_rows(input_ids, attention_mask)
     chooser = TokenChooser(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                            repetition_penalty=repetition_penalty, seed=seed, vocab=model.config.vocab_size,

@@ -26,3 +26,10 @@ class GenerationState:
     cost_curves: dict[str, dict[int, float]] = field(default_factory=dict)
     calibration: Calibration = field(default_factory=Calibration)
     successors: dict[int, list[int]] = field(default_factory=dict)
+
+    def forget_drafting(self) -> None:
+        """Forget what drafting learned from outputs (the trie's contents, the recycled tokens, the calibration);
+        the cache, graphs and cost curves stay. `model.trie.clear()` empties only the trie."""
+        self.trie.clear()
+        self.successors.clear()
+        self.calibration = Calibration()

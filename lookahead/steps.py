@@ -34,21 +34,31 @@ def accepted_tokens(tokens: torch.Tensor, targets: torch.Tensor, path: torch.Ten
 
 
 def tree_step(model, cache: KVCache, chooser, tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
-              tree_mask: torch.Tensor, active: torch.Tensor, top_k: int = 0) -> torch.Tensor:
+              tree_mask: torch.Tensor, active: torch.Tensor, top_k: int = 0,
+              rows: tuple[int, int] | None = None) -> torch.Tensor:
     """One decode step over draft trees [B, T] -> [B, 1 + T (+ T * top_k)] int64: per row the number n of
     accepted nodes (root included), the n new tokens (the accepted draft tokens and the bonus token) padded to
     T, then with top_k > 0 every node's top-k next tokens (for recycled drafts). Rows with active[b] = 0 are
-    computed but do not advance."""
+    computed but do not advance. rows=(start, stop): the B rows are those of the cache (a server's busy rows),
+    the others are neither computed nor moved."""
+    view = cache if rows is None else cache.rows(*rows)
     with nvtx_range("verify"):
-        logits = model.verify(tokens, depths, cache, tree_mask)  # (B, T, V)
-        positions = cache.lens[:, None] + depths + 1  # (B, T) where each node's next token goes
+        logits = model.verify(tokens, depths, view, tree_mask)  # (B, T, V)
+        positions = view.lens[:, None] + depths + 1  # (B, T) where each node's next token goes
         targets = chooser(logits, positions, tokens, tree_mask)  # (B, T)
     with nvtx_range("accept"):
         path, num = kernels.accept_longest_path(tokens, parents, targets)
         new = accepted_tokens(tokens, targets, path, num)
     with nvtx_range("compact"):
-        kernels.compact_kv(cache.buffer, cache.lens, path, num)
-        cache.lens += num * active
+        if rows is not None:  # compact_kv takes the whole (contiguous) buffer: other rows keep an identity path
+            full_path = torch.full((cache.batch, path.shape[1]), -1, dtype=torch.long, device=path.device)
+            full_path[:, 0] = 0
+            full_num = torch.ones(cache.batch, dtype=torch.long, device=path.device)
+            full_path[rows[0]:rows[1]], full_num[rows[0]:rows[1]] = path, num
+            kernels.compact_kv(cache.buffer, cache.lens, full_path, full_num)
+        else:
+            kernels.compact_kv(cache.buffer, cache.lens, path, num)
+        view.lens += num * active
     parts = [num[:, None], new]
     if top_k:
         parts.append(logits.topk(top_k, dim=-1).indices.flatten(1))  # (B, T * top_k)

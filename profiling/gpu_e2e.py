@@ -51,13 +51,13 @@ def lossless(args) -> list[str]:
              f"prompts x {args.tokens} new tokens, CUDA graphs", ""]
     for dtype in (torch.float32, torch.bfloat16):
         model, tok = smollm2(dtype)
-        model.trie.clear()
+        model.state.forget_drafting()
         same, first_diff, acc = 0, [], []
         for k, (cat, text) in enumerate(prompts):
             ids = chat(tok, text)
             layout = ("hier", "par")[k % 2]
             if k % 4 < 2:
-                model.trie.clear()  # half the prompts on a cold trie
+                model.state.forget_drafting()  # half the prompts cold
             plain = model.generate(ids, max_new_tokens=args.tokens, lookahead=False)[0].tolist()
             out = model.generate(ids, max_new_tokens=args.tokens, lookahead=LookaheadConfig(layout=layout),
                                  return_dict_in_generate=True)
@@ -82,7 +82,9 @@ def batch(args) -> list[str]:
     model.trie = TokenTrie()
     for text in texts[-20:]:  # warm-up split: never measured
         model.generate(chat(tok, text), max_new_tokens=args.tokens)
-    warm = model.trie  # each measured run starts from a copy: it never sees its own earlier output
+    # each measured run starts from a copy of the drafting memory (trie, calibration, recycled tokens): it never
+    # sees its own earlier output
+    warm = (model.state.trie, model.state.calibration, model.state.successors)
     tok.padding_side = "left"
     lines = [f"### Batch sweep, SmolLM2 bf16, {args.tokens} new tokens, {torch.cuda.get_device_name()}, "
              f"{date.today()} (warm trie: a 20-prompt warm-up split)", "",
@@ -95,10 +97,10 @@ def batch(args) -> list[str]:
         kw = dict(attention_mask=enc.attention_mask, max_new_tokens=args.tokens, return_dict_in_generate=True,
                   eos_token_id=[])  # every row generates all its tokens: equal work for both
         model.generate(enc.input_ids, lookahead=False, **kw)  # warm-up: capture this batch's graphs
-        model.trie = copy.deepcopy(warm)
+        model.state.trie, model.state.calibration, model.state.successors = copy.deepcopy(warm)
         model.generate(enc.input_ids, lookahead=True, **kw)
         plain, tp = timed(lambda: model.generate(enc.input_ids, lookahead=False, **kw))
-        model.trie = copy.deepcopy(warm)
+        model.state.trie, model.state.calibration, model.state.successors = copy.deepcopy(warm)
         look, tl = timed(lambda: model.generate(enc.input_ids, lookahead=True, **kw))
         same = sum(a == b for a, b in zip(look.sequences.tolist(), plain.sequences.tolist()))
         n = B * args.tokens

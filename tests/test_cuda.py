@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from lookahead import LookaheadConfig
-from lookahead.drafter import Calibration
 from tests.test_generation import VOCAB, tiny_model
 
 pytestmark = [pytest.mark.cuda,
@@ -33,9 +32,7 @@ def test_graph_replay_equals_eager_and_plain(monkeypatch, layout):
     for graphs in (False, True):
         plain = run(model, ids, monkeypatch, graphs, max_new_tokens=96, lookahead=False)
         assert plain.sequences.cpu().tolist() == expected.tolist()
-        model.trie.clear()
-        model.state.successors.clear()  # both passes draft from the same state, so their steps must agree
-        model.state.calibration = Calibration()
+        model.state.forget_drafting()  # both passes draft from the same state, so their steps must agree
         cold = run(model, ids, monkeypatch, graphs, max_new_tokens=96, lookahead=cfg)
         hot = run(model, ids, monkeypatch, graphs, max_new_tokens=96, lookahead=cfg)
         assert cold.sequences.cpu().tolist() == expected.tolist()

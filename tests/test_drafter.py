@@ -145,5 +145,6 @@ def test_request_life_and_bad_use():
     with pytest.raises(ValueError, match="branch_length is 4 but LookaheadConfig.branch_length is 8"):
         Drafter(LookaheadConfig(branch_length=8, max_query_length=6), trie=TokenTrie(branch_length=4))
     Drafter(LookaheadConfig(branch_length=4, max_trie_nodes=1 << 20), trie=TokenTrie(4, max_trie_nodes=64))
+    assert Drafter(trie=TokenTrie(branch_length=5)).config.branch_length == 5  # no config: the trie's settings
     with pytest.raises(ValueError, match="TokenTrie"):
         Drafter(LookaheadConfig(), trie={})

@@ -137,6 +137,15 @@ def test_bad_eos_token_id_is_a_value_error(eos):
         model.generate(torch.tensor([[1, 2]]), eos_token_id=eos)
 
 
+def test_forget_drafting_forgets_what_outputs_taught():
+    model = tiny_model()
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(6))
+    warm(model, ids)
+    assert len(model.trie) and model.state.successors and model.state.calibration.stats
+    model.state.forget_drafting()
+    assert not len(model.trie) and not model.state.successors and not model.state.calibration.stats
+
+
 def test_model_trie_is_always_a_token_trie_and_an_incompatible_one_is_refused():
     model = tiny_model()
     assert isinstance(model.trie, TokenTrie) and len(model.trie) == 0
@@ -146,10 +155,12 @@ def test_model_trie_is_always_a_token_trie_and_an_incompatible_one_is_refused():
     model.trie = small
     model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=8)
     assert model.trie is small and 0 < len(small) <= 64
-    model.trie = TokenTrie(branch_length=6)
+    model.trie = TokenTrie(branch_length=6)  # e.g. saved with other settings: the default config adopts it
+    model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=8)
     before = len(model.trie)
-    with pytest.raises(ValueError, match="branch_length is 6"):
-        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=8)
+    assert before > 0
+    with pytest.raises(ValueError, match="branch_length is 6 but LookaheadConfig.branch_length is 16"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=8, lookahead=LookaheadConfig(adaptive=False))
     assert len(model.trie) == before
     model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=8, lookahead=LookaheadConfig(branch_length=6))
 

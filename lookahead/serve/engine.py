@@ -27,13 +27,12 @@ from pathlib import Path
 
 import torch
 
-from lookahead import kernels
 from lookahead.cache import KVCache
 from lookahead.config import LookaheadConfig
-from lookahead.draft import DraftBatch, bucket_size, build_draft, pack_drafts
+from lookahead.draft import bucket_size, build_draft, pack_drafts
 from lookahead.generation import StopStrings, drafter_for
 from lookahead.sampling import TokenChooser
-from lookahead.steps import accepted_tokens
+from lookahead.steps import tree_step
 from lookahead.trie import TokenTrie
 
 log = logging.getLogger("lookahead.serve")
@@ -149,42 +148,6 @@ class RowChooser:
                 targets[one] = req.chooser(logits[one], positions[one], None if tokens is None else tokens[one],
                                            None if tree_mask is None else tree_mask[one])
         return targets
-
-
-@dataclass
-class CacheRows:
-    """Rows [start, stop) of a KVCache as a KVCache for the model: prefill and verify write only those rows of
-    the shared buffer, and set or read only their lengths."""
-    buffer: torch.Tensor  # [L, 2, stop - start, Hkv, S, D], a view
-    lens: torch.Tensor    # [stop - start], a view
-
-    @classmethod
-    def of(cls, cache: KVCache, start: int, stop: int) -> CacheRows:
-        return cls(cache.buffer[:, :, start:stop], cache.lens[start:stop])
-
-
-def rows_step(model, cache: KVCache, start: int, stop: int, chooser, batch: DraftBatch, active: torch.Tensor,
-              top_k: int = 0) -> torch.Tensor:
-    """`lookahead.steps.tree_step` over rows [start, stop) of the cache only -> the same [n, 1 + T (+ T * top_k)]
-    result. Verify and choice run on a view of those rows; compaction runs on the whole buffer, which compact_kv
-    needs contiguous, with an identity path (nothing moves) for every other row."""
-    rows = CacheRows.of(cache, start, stop)
-    logits = model.verify(batch.tokens, batch.depths, rows, batch.tree_mask)  # (n, T, V)
-    positions = rows.lens[:, None] + batch.depths + 1  # (n, T) where each node's next token goes
-    targets = chooser(logits, positions, batch.tokens, batch.tree_mask)  # (n, T)
-    path, num = kernels.accept_longest_path(batch.tokens, batch.parents, targets)
-    new = accepted_tokens(batch.tokens, targets, path, num)
-    B, T = cache.batch, path.shape[1]
-    full_path = torch.full((B, T), -1, dtype=torch.long, device=path.device)
-    full_path[:, 0] = 0
-    full_num = torch.ones(B, dtype=torch.long, device=path.device)
-    full_path[start:stop], full_num[start:stop] = path, num
-    kernels.compact_kv(cache.buffer, cache.lens, full_path, full_num)
-    rows.lens += num * active
-    parts = [num[:, None], new]
-    if top_k:
-        parts.append(logits.topk(top_k, dim=-1).indices.flatten(1))  # (n, T * top_k)
-    return torch.cat(parts, dim=1)
 
 
 class Engine:
@@ -381,7 +344,7 @@ class Engine:
                     self.drafter.begin_request(req.id, req.prompt)
                 ids = torch.tensor([req.prompt], device=self.model.device)
                 lengths = torch.tensor([len(req.prompt)], device=self.model.device)
-                logits = self.model.prefill(ids, lengths, CacheRows.of(self.cache, free, free + 1))  # (1, V)
+                logits = self.model.prefill(ids, lengths, self.cache.rows(free, free + 1))  # (1, V)
                 first = RowChooser([req])(logits[:, None], lengths[:, None])[0, 0].item()
                 self._commit(req, [first])
             except Exception as e:
@@ -448,8 +411,8 @@ class Engine:
     def _verify(self, start: int, stop: int, requests, drafts, top_k: int) -> list[list[int]]:
         batch = pack_drafts(drafts, self.model.device)
         active = torch.tensor([int(r is not None) for r in requests], device=self.model.device)
-        return rows_step(self.model, self.cache, start, stop, RowChooser(requests), batch, active,
-                         top_k).tolist()
+        return tree_step(self.model, self.cache, RowChooser(requests), batch.tokens, batch.parents, batch.depths,
+                         batch.tree_mask, active, top_k=top_k, rows=(start, stop)).tolist()
 
     def _commit(self, req: Request, new: list[int], predictions: dict | None = None) -> None:
         """Append accepted tokens, cut at eos, a stop string or max_tokens (as generate's DecodeState.commit)."""
