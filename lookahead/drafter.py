@@ -22,9 +22,12 @@ from lookahead.draft import TREE_BUCKETS, bucket_size
 from lookahead.trie import TokenTrie, preorder
 
 # Prior probability that the model's rank-r next token (from its latest verify) is what it produces next
-# time: a starting point only, calibration corrects it per bin within a few hundred drafted nodes.
+# time. Measured on the shipped SmolLM2 recording: where a token had been seen before, its latest rank-1
+# successor was the next token 32% of the time, rank 2 9%, rank 3 5%, rank 4 3%. Calibration refines it.
 RECYCLED_PRIOR = (0.35, 0.08, 0.04, 0.025, 0.015, 0.01, 0.008, 0.006)
-BACKOFF_MATCHES = 2  # trie matches drafted from: the longest, and the next shorter one with continuations
+# Trie matches drafted from: the longest, and the next shorter one with continuations (replay, CPU curve:
+# 1.604x with the longest alone, 1.608x with two, 1.603x with three).
+BACKOFF_MATCHES = 2
 P_BINS = (0.01, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # upper edges; the last bin is 1
 
 
@@ -38,22 +41,22 @@ def _evidence_bin(n: int) -> int:
 
 @dataclass
 class Calibration:
-    """Observed acceptance per (source, match length bin, probability bin): sums of predicted and of observed
-    acceptance, decayed so they follow the trie as it warms. calibrated p = p * (observed + k) / (predicted + k).
-    """
+    """Observed acceptance per bin (source, match length bin, evidence bin, probability bin): sums of predicted
+    and of observed acceptance, decayed so they follow the trie as it warms.
+    calibrated p = p * (observed + prior) / (predicted + prior)."""
     decay: float = 0.999
     prior: float = 2.0  # pseudo-mass of predicted acceptance the raw probability starts with
-    stats: dict[tuple[str, int, int], list[float]] = field(default_factory=dict)
+    stats: dict[tuple[str, int, int, int], list[float]] = field(default_factory=dict)
 
     @staticmethod
     def key(source: str, q: int, evidence: int, p: float) -> tuple[str, int, int, int]:
         return source, _match_bin(q), _evidence_bin(evidence), bisect.bisect_left(P_BINS, p)
 
-    def ratio(self, key: tuple[str, int, int]) -> float:
+    def ratio(self, key: tuple[str, int, int, int]) -> float:
         predicted, observed = self.stats.get(key, (0.0, 0.0))
         return (observed + self.prior) / (predicted + self.prior)
 
-    def observe(self, key: tuple[str, int, int], p: float, accepted: bool) -> None:
+    def observe(self, key: tuple[str, int, int, int], p: float, accepted: bool) -> None:
         entry = self.stats.setdefault(key, [0.0, 0.0])
         entry[0] = entry[0] * self.decay + p
         entry[1] = entry[1] * self.decay + float(accepted)

@@ -19,6 +19,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+# Count ratios are child / (parent + SMOOTHING), so a continuation seen once is not certain. Replay of the
+# shipped recording, CPU curve: 1.44x modeled speedup without it, 1.57x with 0.5, 1.57x with 1, 1.55x with 2.
 SMOOTHING = 0.5
 FORMAT = "lookahead-token-trie"
 VERSION = 1
@@ -242,7 +244,7 @@ class TokenTrie:
         probabilities, each the product of child / parent count ratios from the match node down. The running
         request's own latest window passes through the match node without a continuation yet: it is not
         counted in the match node's global denominator. Ratios are smoothed (count / (parent count + 0.5)) so
-        that a continuation seen once is not certain."""
+        that a continuation seen once is not certain. Retrieval never changes the trie."""
         start, q = self._match(context, max_query_length) if limit > 0 else (None, 0)
         if start is None:
             return 0, 0, []

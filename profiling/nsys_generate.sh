@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Nsight Systems timeline of one `lookahead generate` run, with the NVTX ranges of the decode step
-# (retrieve, draft, verify, accept, compact, trie_update) on. Open the .nsys-rep in the Nsight Systems GUI.
+# (draft, verify, accept, compact, commit) on. Open the .nsys-rep in the Nsight Systems GUI.
 set -euo pipefail
 OUT=${OUT:-lookahead_generate}
 LOOKAHEAD_NVTX=1 nsys profile -t cuda,nvtx --cuda-graph-trace=node -o "$OUT" --force-overwrite true \

@@ -3,7 +3,7 @@
     python profiling/torch_trace.py [--model NAME] [--tokens 64] [--out trace.json]
 
 Open the JSON in chrome://tracing or https://ui.perfetto.dev. Each decode step shows as record_function
-ranges (retrieve, draft, verify, accept, compact, trie_update) over the model's ops.
+ranges (draft, verify, accept, compact, commit) over the model's ops.
 """
 
 import argparse
