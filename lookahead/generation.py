@@ -92,6 +92,22 @@ class StopStrings:
         return None
 
 
+def cut_new_tokens(new: list[int], context: list[int], prompt_len: int, max_new_tokens: int, eos: set[int],
+                   stops: StopStrings | None) -> tuple[list[int], str | None]:
+    """A row's accepted tokens cut at max_new_tokens, the first eos, or the token that completes a stop string:
+    (kept, None while the row goes on, else "length" or "stop"). O(new tokens): the context is never copied."""
+    room = max_new_tokens - (len(context) - prompt_len)
+    new, ended = new[:room], ("length" if len(new) >= room else None)
+    for j, t in enumerate(new):
+        if t in eos:
+            return new[:j + 1], "stop"
+    if stops is not None:
+        j = stops.first_stop(context[max(prompt_len, len(context) - stops.window):], new)
+        if j is not None:
+            return new[:j + 1], "stop"
+    return new, ended
+
+
 @dataclass
 class DecodeState:
     """The rows of one generate call between steps: their committed tokens, which still advance, and the
@@ -115,17 +131,8 @@ class DecodeState:
     def commit(self, b: int, new: list[int], predictions: dict[int, list[int]] | None = None) -> None:
         """Append row b's accepted tokens, cut at the first eos, stop string or max_new_tokens, and tell everyone
         who learns from them; a row that ends stops advancing."""
-        out = self.output(b)
-        new = new[:self.max_new_tokens - len(out)]
-        done = len(out) + len(new) >= self.max_new_tokens
-        for j, t in enumerate(new):
-            if t in self.eos:
-                new, done = new[:j + 1], True
-                break
-        if self.stops is not None:
-            j = self.stops.first_stop(out, new)
-            if j is not None:
-                new, done = new[:j + 1], True
+        new, ended = cut_new_tokens(new, self.contexts[b], self.prompt_lens[b], self.max_new_tokens, self.eos,
+                                    self.stops)
         self.contexts[b] += new
         self.chooser.commit(b, new)
         if self.drafter is not None:
@@ -134,7 +141,7 @@ class DecodeState:
         self.stats.new_tokens += len(new)
         if self.streamer is not None:
             self.streamer.put(torch.tensor(new))
-        if done:
+        if ended is not None:
             self.active[b] = False
             self.step_mask[b] = 0
 

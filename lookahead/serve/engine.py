@@ -30,7 +30,7 @@ import torch
 from lookahead.cache import KVCache
 from lookahead.config import LookaheadConfig
 from lookahead.draft import bucket_size, build_draft, pack_drafts
-from lookahead.generation import StopStrings, drafter_for
+from lookahead.generation import StopStrings, cut_new_tokens, drafter_for
 from lookahead.sampling import TokenChooser
 from lookahead.steps import tree_step
 from lookahead.trie import TokenTrie
@@ -416,17 +416,7 @@ class Engine:
 
     def _commit(self, req: Request, new: list[int], predictions: dict | None = None) -> None:
         """Append accepted tokens, cut at eos, a stop string or max_tokens (as generate's DecodeState.commit)."""
-        out = req.output
-        new = new[:req.params.max_tokens - len(out)]
-        reason = "length" if len(out) + len(new) >= req.params.max_tokens else None
-        for j, t in enumerate(new):
-            if t in self.eos:
-                new, reason = new[:j + 1], "stop"
-                break
-        if req.stops is not None:
-            j = req.stops.first_stop(out, new)
-            if j is not None:
-                new, reason = new[:j + 1], "stop"
+        new, reason = cut_new_tokens(new, req.context, len(req.prompt), req.params.max_tokens, self.eos, req.stops)
         req.context += new
         req.steps += 1
         if self.drafter is not None:
