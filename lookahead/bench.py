@@ -160,7 +160,7 @@ def run(args) -> int:
                                               "decode_tokens_per_s": s.decode_tokens_per_s,
                                               "accepted_per_step": s.accepted_per_step,
                                               "draft_tokens_per_step": s.draft_tokens_per_step,
-                                              "host_ms_per_step": 1e3 * s.host_s / max(s.steps - 1, 1)}
+                                              "host_ms_per_step": 1e3 * s.host_s / max(s.decode_steps, 1)}
                 outputs[system] = seq[0, n_prompt:].tolist()
             base = outputs.get("ours_plain")
             for system, out in outputs.items():

@@ -92,7 +92,7 @@ def measure_cost_curve(model, sizes: list[int]) -> dict[int, float]:
     with torch.inference_mode():
         cache.lens.fill_(_CONTEXT)
         runs = {T: runner(T) for T in sizes}
-        for attempt in range(2):
+        for _ in range(2):  # a second measurement when the first one drifted or dipped
             curve = {}
             for T in sizes:
                 runs[T]()  # warm-up of this size

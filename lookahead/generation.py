@@ -16,11 +16,11 @@ import torch
 
 from lookahead.config import LookaheadConfig
 from lookahead.cost import calibrate
-from lookahead.draft import bucket_size, build_draft, pack_drafts
+from lookahead.draft import bucket_size, draft_trees, pack_drafts
 from lookahead.drafter import Drafter
 from lookahead.nvtx import nvtx_range
 from lookahead.sampling import TokenChooser
-from lookahead.steps import StepGraphs, graphs_enabled, tree_step
+from lookahead.steps import StepGraphs, graphs_enabled, read_step_row, tree_step
 
 _request_ids = itertools.count()
 
@@ -309,8 +309,7 @@ def decode(model, cache, state: DecodeState, cfg: LookaheadConfig | None) -> Non
                 proposals = state.drafter.draft_batch(state.request_ids, contexts)
             else:
                 proposals = [([], [])] * B
-            drafts = [build_draft(ctx[-1], tokens, parents, layout=layout, budget=len(tokens))
-                      for ctx, (tokens, parents) in zip(state.contexts, proposals)]
+            drafts = draft_trees([ctx[-1] for ctx in state.contexts], proposals, layout)
             batch = pack_drafts(drafts, model.device)
         t1 = time.perf_counter()
         step_inputs = (batch.tokens, batch.parents, batch.depths, batch.tree_mask, state.step_mask)
@@ -320,17 +319,11 @@ def decode(model, cache, state: DecodeState, cfg: LookaheadConfig | None) -> Non
             result = tree_step(model, cache, state.chooser, *step_inputs, top_k=top_k)
         host = result.tolist()  # the one device-to-host sync of the step
         t2 = time.perf_counter()
-        T = batch.tokens.shape[1]
         with nvtx_range("commit"):
             for b in range(B):
                 if not state.active[b]:
                     continue
-                n, *row = host[b]
-                predictions = None
-                if top_k:
-                    tops = row[T:]
-                    predictions = {tok: tops[i * top_k:(i + 1) * top_k] for i, tok in enumerate(drafts[b].tokens)}
                 stats.draft_tokens += drafts[b].num_draft
                 stats.decode_steps += 1
-                state.commit(b, row[:n], predictions)
+                state.commit(b, *read_step_row(host[b], drafts[b].tokens, top_k))
         stats.host_s += (t1 - t0) + (time.perf_counter() - t2)

@@ -65,6 +65,17 @@ def tree_step(model, cache: KVCache, chooser, tokens: torch.Tensor, parents: tor
     return torch.cat(parts, dim=1)
 
 
+def read_step_row(row: list[int], node_tokens: list[int], top_k: int) -> tuple[list[int], dict | None]:
+    """One row of tree_step's result, read on the host -> (the new tokens, {node token: the model's top-k next
+    tokens} for the row's real nodes, or None without top_k). O(tree size)."""
+    n, rest = row[0], row[1:]
+    if not top_k:
+        return rest[:n], None
+    T = len(rest) // (1 + top_k)
+    tops = rest[T:]
+    return rest[:n], {tok: tops[i * top_k:(i + 1) * top_k] for i, tok in enumerate(node_tokens)}
+
+
 def graphs_enabled(model, chooser) -> bool:
     """CUDA graphs for this call: a CUDA model with the Triton kernels (the torch references of accept and compact
     read values on the host), greedy choice, and LOOKAHEAD_CUDA_GRAPHS not set to 0."""

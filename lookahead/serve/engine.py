@@ -29,16 +29,15 @@ import torch
 
 from lookahead.cache import KVCache
 from lookahead.config import LookaheadConfig
-from lookahead.draft import bucket_size, build_draft, pack_drafts
+from lookahead.draft import bucket_size, draft_trees, pack_drafts
 from lookahead.generation import StopStrings, cut_new_tokens, drafter_for
 from lookahead.sampling import TokenChooser
-from lookahead.steps import tree_step
+from lookahead.steps import read_step_row, tree_step
 from lookahead.trie import TokenTrie
 
 log = logging.getLogger("lookahead.serve")
 
 DEFAULT_MAX_CONTEXT = 2048  # tokens per row (prompt + completion) unless --max-context says otherwise
-ROOT_ONLY = build_draft(0, [], [])  # the tree of a free row: one node, never advanced
 
 
 class QueueFull(Exception):
@@ -380,15 +379,9 @@ class Engine:
         for b, req in enumerate(requests):
             if req is None or results[b] is None or req.row is None:
                 continue
-            n_acc, *row = results[b]
-            T = len(row) if not top_k else len(row) // (1 + top_k)
-            predictions = None
-            if top_k:
-                tops = row[T:]
-                predictions = {tok: tops[i * top_k:(i + 1) * top_k] for i, tok in enumerate(drafts[b].tokens)}
             req.draft_tokens += drafts[b].num_draft
             try:
-                self._commit(req, row[:n_acc], predictions)
+                self._commit(req, *read_step_row(results[b], drafts[b].tokens, top_k))
             except Exception as e:
                 log.exception("request %d failed in commit", req.id)
                 self._free(req, "error", f"{type(e).__name__}: {e}")
@@ -405,8 +398,7 @@ class Engine:
             except Exception:
                 log.exception("drafting failed: plain step")
         layout = self.config.layout if self.config is not None else "hier"
-        return [build_draft(req.context[-1], tokens, parents, layout=layout, budget=len(tokens))
-                if req is not None else ROOT_ONLY for req, (tokens, parents) in zip(requests, proposals)]
+        return draft_trees([req.context[-1] if req is not None else 0 for req in requests], proposals, layout)
 
     def _verify(self, start: int, stop: int, requests, drafts, top_k: int) -> list[list[int]]:
         batch = pack_drafts(drafts, self.model.device)
