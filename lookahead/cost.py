@@ -41,6 +41,11 @@ class CostModel:
                 return y0 + (y1 - y0) * (nodes - x0) / (x1 - x0)
         return ys[-1] + (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) * (nodes - xs[-1])
 
+    def step(self, rows: int, nodes: int) -> float:
+        """Relative cost of one step of `rows` busy rows that each verify a tree of `nodes` nodes (1 = a plain
+        one-row step). A batch-1 curve can only price the rows x nodes tokens as one row's."""
+        return self(rows * nodes)
+
 
 def curve_key(model) -> str:
     import torch

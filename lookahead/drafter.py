@@ -179,12 +179,12 @@ class Drafter:
                 acc += n.p
                 sums.append(acc)
             cumulative.append(sums)
-        best, best_score = 1, rows / self.cost(rows)
+        best, best_score = 1, rows / self.cost.step(rows, 1)
         for T in TREE_BUCKETS[1:]:
             if T - 1 > self.config.decoding_length:
                 break
             gain = sum(1.0 + sums[min(T - 1, len(sums) - 1)] for sums in cumulative)
-            score = gain / self.cost(rows * T)
+            score = gain / self.cost.step(rows, T)
             if score > best_score:
                 best, best_score = T, score
             if T - 1 >= longest:
@@ -266,8 +266,8 @@ class Drafter:
             gain += p
             n = len(out)
             if self.cost is not None and n + 1 in TREE_BUCKETS and n + 1 < TREE_BUCKETS[-1]:
-                best = max(best, gain / self.cost(n + 1))
+                best = max(best, gain / self.cost.step(1, n + 1))
                 nxt = bucket_size(n + 2)
-                if (gain + (nxt - 1 - n) * p) / self.cost(nxt) < best:
+                if (gain + (nxt - 1 - n) * p) / self.cost.step(1, nxt) < best:
                     break
         return out

@@ -280,7 +280,7 @@ class CausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.tok_embeddings.weight.dtype
 
-    # ---- loading: the family hooks, and the entry points that use them (the work is in loading.py) ---------
+    # ---- loading: the family hooks (loading.py's `Pretrained.from_pretrained` uses them) ---------------------
     @classmethod
     def family_config(cls, hf: dict) -> ModelConfig:
         """The family's part of config_from_hf: a config.json of one of its model_types -> ModelConfig."""
@@ -299,13 +299,6 @@ class CausalLM(nn.Module):
             raise ValueError(f"{cls.__name__} serves model_type {', '.join(cls.model_types)}; this checkpoint is "
                              f"{model_type!r}. Use the matching class from lookahead.models.")
         return cls.family_config(hf)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, dtype: torch.dtype | None = None, device=None):
-        """Load an HF checkpoint dir, a .gguf file or the embedded "smollm2-135m-instruct" (API.md)."""
-        from lookahead.models.loading import load_pretrained  # loading.py builds on this module
-
-        return load_pretrained(cls, name_or_path, dtype, device)
 
     # ---- forward -----------------------------------------------------------------------------------------
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

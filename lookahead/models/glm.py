@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 
 from lookahead.models.base import CausalLM, ModelConfig
-from lookahead.models.loading import decoder_config, fuse_llama_style, rope_parameters
+from lookahead.models.loading import Pretrained, decoder_config, fuse_llama_style, rope_parameters
 
 
-class GlmForLookahead(CausalLM):
+class GlmForLookahead(Pretrained, CausalLM):
     model_types = ("glm", "glm4")
 
     @classmethod

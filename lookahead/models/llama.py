@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from lookahead.models.base import CausalLM, ModelConfig
-from lookahead.models.loading import decoder_config, fuse_llama_style
+from lookahead.models.loading import Pretrained, decoder_config, fuse_llama_style
 
 
-class LlamaForLookahead(CausalLM):
+class LlamaForLookahead(Pretrained, CausalLM):
     model_types = ("llama", "mistral", "qwen2")
 
     @classmethod

@@ -1,5 +1,5 @@
 """From an HF checkpoint to a ready model: config.json -> ModelConfig, HF tensor names -> ours (q/k/v and
-gate/up fused), the default dtype, and the meta-device load behind `CausalLM.from_pretrained`.
+gate/up fused), the default dtype, and the meta-device load behind `Pretrained.from_pretrained`.
 
 The families (llama.py, glm.py) build their hooks from `decoder_config` and `fuse_llama_style`; the modules
 they fill live in base.py.
@@ -87,6 +87,16 @@ def default_dtype(hf: dict, device: torch.device) -> torch.dtype:
         return torch.float32
     stored = hf.get("dtype") or hf.get("torch_dtype")
     return torch.float16 if stored == "float16" else torch.bfloat16
+
+
+class Pretrained:
+    """`from_pretrained` for the model families (`class LlamaForLookahead(Pretrained, CausalLM)`): loading builds
+    on the modules of base.py, never the other way round."""
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype: torch.dtype | None = None, device=None):
+        """Load an HF checkpoint dir, a .gguf file or the embedded "smollm2-135m-instruct" (API.md)."""
+        return load_pretrained(cls, name_or_path, dtype, device)
 
 
 def load_pretrained(cls: type[CausalLM], name_or_path, dtype: torch.dtype | None, device) -> CausalLM:
