@@ -1,6 +1,8 @@
 """compact_kv: move each row's accepted K/V rows, in every layer, to the slots right after its prefix.
 
-One program per (layer, k/v, row, kv head) plane and D block. Invariant: nodes are in topological order, so
+One program per (layer, k/v, row, kv head) plane and D block. The cache may be a view of a row range of a
+bigger buffer (an engine steps over its busy rows): each [S, D] plane is contiguous, layers, k/v and rows are
+strided. Invariant: nodes are in topological order, so
 path is increasing and a source slot is never before its destination; but a slot can be both the source
 of one move and the destination of another (path 0, 2, 3 moves 2 -> 1 and 3 -> 2). Every source row is
 therefore loaded into registers, the program synchronises, and only then are rows stored. Rows already in
@@ -18,24 +20,29 @@ from lookahead.settings import MAX_TREE_NODES
 
 @jit
 def _compact_kv_kernel(
-    cache_ptr,    # [L, 2, B, Hkv, S, D] K/V of every layer, contiguous
+    cache_ptr,    # [L, 2, B, Hkv, S, D] K/V of every layer; [Hkv, S, D] contiguous per (layer, k/v, row)
     lens_ptr,     # [B] int64 committed length before the draft
     path_ptr,     # [B, T] int64 accepted nodes, root first, -1 padded
     num_ptr,      # [B] int64 nodes on the path
     B, H, S, D, T,
+    stride_layer, stride_kv, stride_row,
     stride_lens, stride_path, stride_num,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     plane = tl.program_id(0)  # ((layer * 2 + kv) * B + row) * H + head
+    head = plane % H
     row = (plane // H) % B
+    kv = (plane // (H * B)) % 2
+    layer = plane // (H * B * 2)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.load(num_ptr + row * stride_num)
     start = tl.load(lens_ptr + row * stride_lens)
     src = tl.load(path_ptr + row * stride_path + offs_t, mask=offs_t < T, other=0)
     move = (offs_t < n) & (src != offs_t)
-    base = cache_ptr + plane.to(tl.int64) * S * D
+    base = (cache_ptr + layer.to(tl.int64) * stride_layer + kv.to(tl.int64) * stride_kv
+            + row.to(tl.int64) * stride_row + head.to(tl.int64) * S * D)
     mask = move[:, None] & (offs_d[None, :] < D)
     rows = tl.load(base + (start + src)[:, None] * D + offs_d[None, :], mask=mask)
     tl.debug_barrier()  # every source row is in registers before any destination is overwritten
@@ -56,6 +63,7 @@ def launch(cache: torch.Tensor, cache_lens: torch.Tensor, path: torch.Tensor, nu
     block_d = min(128, triton.next_power_of_2(D))
     grid = (L * 2 * B * H, triton.cdiv(D, block_d))
     _compact_kv_kernel[grid](cache, cache_lens, path, num_accepted, B, H, S, D, T,
+                             cache.stride(0), cache.stride(1), cache.stride(2),
                              cache_lens.stride(0), path.stride(0), num_accepted.stride(0),
                              BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_D=block_d)
 
@@ -64,8 +72,9 @@ def compact_kv(cache, cache_lens, path, num_accepted):
     """Move each row's accepted K/V rows to the slots right after its committed prefix, in place (API.md)."""
     if not isinstance(cache, torch.Tensor) or cache.dim() != 6 or cache.shape[1] != 2:
         raise ValueError(f"cache must be [L, 2, B, Hkv, S, D], got {tuple(getattr(cache, 'shape', ()))}")
-    if not cache.is_contiguous():
-        raise ValueError("cache must be contiguous (the one preallocated buffer)")
+    if not cache[0, 0, 0].is_contiguous() or (cache.shape[2] > 1 and cache.stride(2) < cache[0, 0, 0].numel()):
+        raise ValueError("cache must be the preallocated buffer or a row range of it ([Hkv, S, D] contiguous per "
+                         "layer, k/v and row)")
     check_int64("cache_lens", cache_lens, 1)
     check_int64("path", path, 2)
     check_int64("num_accepted", num_accepted, 1)

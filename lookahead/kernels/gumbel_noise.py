@@ -30,14 +30,20 @@ def _gumbel_noise_kernel(
     rows_ptr,      # [B] int64 row ids, contiguous
     pos_ptr,       # [B, T] int64 absolute positions, contiguous
     out_ptr,       # [B, T, V] fp32, contiguous
+    seeds_ptr,     # [B] int64 per-row seeds, contiguous (read only with PER_ROW_SEED)
     T, V,
-    seed_lo, seed_hi,  # the seed's low and high 32 bits
+    seed_lo, seed_hi,  # the seed's low and high 32 bits (one seed for every row)
     BLOCK_V: tl.constexpr,
+    PER_ROW_SEED: tl.constexpr,
 ):
     bt = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row = tl.load(rows_ptr + bt // T)
     pos = tl.load(pos_ptr + bt)
+    if PER_ROW_SEED:
+        seed = tl.load(seeds_ptr + bt // T)
+        seed_lo = seed & 0xFFFFFFFF
+        seed_hi = (seed >> 32) & 0xFFFFFFFF
     key = _mix32((row * 0x9E3779B1 + pos + seed_lo * 0x632BE5AB) & 0xFFFFFFFF)
     v = offs.to(tl.int64)
     x = _mix32((key ^ ((v * 0x85EBCA77) & 0xFFFFFFFF)) & 0xFFFFFFFF)
@@ -47,26 +53,36 @@ def _gumbel_noise_kernel(
     tl.store(out_ptr + bt.to(tl.int64) * V + offs, g.to(tl.float32), mask=offs < V)
 
 
-def launch(seed: int, rows: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+def launch(seed: int | torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
     """The Triton launcher, for inputs gumbel_noise validated."""
     B, T = positions.shape
     rows, positions = rows.contiguous(), positions.contiguous()
     out = torch.empty(B, T, vocab, dtype=torch.float32, device=positions.device)
     block = min(1024, triton.next_power_of_2(vocab))  # vocab ids per program: a hand choice, not measured
-    _gumbel_noise_kernel[(B * T, triton.cdiv(vocab, block))](rows, positions, out, T, vocab, seed & _M32,
-                                                             seed >> 32 & _M32, BLOCK_V=block)
+    per_row = isinstance(seed, torch.Tensor)
+    seeds = seed.contiguous() if per_row else rows  # (rows stands in for the unread pointer)
+    scalar = 0 if per_row else seed
+    _gumbel_noise_kernel[(B * T, triton.cdiv(vocab, block))](rows, positions, out, seeds, T, vocab, scalar & _M32,
+                                                             scalar >> 32 & _M32, BLOCK_V=block,
+                                                             PER_ROW_SEED=per_row)
     return out
 
 
-def gumbel_noise(seed: int, rows: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+def gumbel_noise(seed: int | torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
     """Gumbel(0, 1) noise [B, T, vocab] (fp32) for token positions [B, T] of rows [B] (int64); a pure function
-    of (seed, row, position, vocab id), the same on every backend."""
+    of (seed, row, position, vocab id), the same on every backend. seed: one int in [0, 2**64), or an int64
+    tensor [B] of per-row seeds (a seed >= 2**63 as its two's-complement int64: the hash reads its 64 bits)."""
     check_int64("rows", rows, 1)
     check_int64("positions", positions, 2)
     if positions.shape[0] != rows.shape[0]:
         raise ValueError(f"positions has {positions.shape[0]} rows, rows has {rows.shape[0]}")
-    if not isinstance(seed, int) or seed < 0 or seed >= 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    if isinstance(seed, torch.Tensor):
+        check_int64("seed", seed, 1)
+        if seed.shape[0] != rows.shape[0]:
+            raise ValueError(f"seed has {seed.shape[0]} per-row seeds, rows has {rows.shape[0]}")
+        check_same_device(seed=seed, rows=rows)
+    elif not isinstance(seed, int) or seed < 0 or seed >= 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64) or an int64 tensor of per-row seeds, got {seed!r}")
     if not isinstance(vocab, int) or vocab < 1:
         raise ValueError(f"vocab must be an int >= 1, got {vocab!r}")
     check_same_device(rows=rows, positions=positions)

@@ -96,13 +96,16 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def gumbel_noise(seed: int, rows: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+def gumbel_noise(seed: int | torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
     """Gumbel(0, 1) noise [B, T, vocab] fp32 for positions [B, T] of rows [B]: a hash of (seed, row, position,
-    vocab id) in 32-bit arithmetic, made uniform in (0, 1), then -log(-log(u)) in fp64."""
+    vocab id) in 32-bit arithmetic, made uniform in (0, 1), then -log(-log(u)) in fp64. seed: one int, or an int64
+    tensor [B] of per-row seeds (a seed >= 2**63 stored as its two's-complement int64)."""
     device = positions.device
     v = torch.arange(vocab, device=device, dtype=torch.int64)
-    key = _mix32((rows[:, None] * 0x9E3779B1 + positions + (seed & _M32) * 0x632BE5AB) & _M32)  # (B, T)
+    lo, hi = (seed & _M32, seed >> 32 & _M32) if isinstance(seed, int) else (  # (B, 1) and (B, 1, 1) per row
+        (seed & _M32)[:, None], (seed >> 32 & _M32)[:, None, None])
+    key = _mix32((rows[:, None] * 0x9E3779B1 + positions + lo * 0x632BE5AB) & _M32)  # (B, T)
     x = _mix32((key[..., None] ^ ((v * 0x85EBCA77) & _M32)) & _M32)  # (B, T, V)
-    x = _mix32((x + 0x27D4EB2F + (seed >> 32 & _M32)) & _M32)
+    x = _mix32((x + 0x27D4EB2F + hi) & _M32)
     u = (x.to(torch.float64) + 0.5) / 4294967296.0  # in (0, 1)
     return (-torch.log(-torch.log(u))).to(torch.float32)

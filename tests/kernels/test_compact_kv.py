@@ -77,3 +77,16 @@ def test_misuse_raises_value_error():
         kernels.compact_kv(cache, **{**ok, "cache_lens": torch.tensor([7])})
     with pytest.raises(ValueError, match="rows"):
         kernels.compact_kv(cache, **{**ok, "cache_lens": torch.tensor([1, 2])})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_row_range_view_moves_only_its_rows(device):
+    L, B, H, S, D = 2, 5, 2, 12, 8
+    full = torch.randn(L, 2, B, H, S, D, generator=torch.Generator().manual_seed(0)).to(device)
+    expected = full.clone()
+    lens, path, num = torch.tensor([3, 1]), torch.tensor([[0, 2, 3, -1], [0, 1, 3, 4]]), torch.tensor([3, 4])
+    for b, row in enumerate((1, 2)):  # the view's rows 0 and 1 are the buffer's rows 1 and 2
+        for j in range(int(num[b])):
+            expected[:, :, row, :, int(lens[b]) + j] = full[:, :, row, :, int(lens[b]) + int(path[b, j])]
+    kernels.compact_kv(full[:, :, 1:3], lens.to(device), path.to(device), num.to(device))
+    assert torch.equal(full.cpu(), expected.cpu())  # rows 0, 3 and 4 untouched

@@ -43,3 +43,18 @@ def test_misuse_raises_value_error():
         kernels.gumbel_noise(0, torch.tensor([0]), torch.tensor([[1]]), 0)
     with pytest.raises(ValueError, match="different devices"):
         kernels.gumbel_noise(0, torch.tensor([0], device="meta"), torch.tensor([[1]]), 10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_row_seeds_give_each_row_its_own_seeds_noise(device):
+    seeds = [7, 2**63 + 5, 0]  # the second one >= 2**63: stored as its two's-complement int64
+    rows = torch.tensor([0, 0, 4], device=device)
+    positions = torch.tensor([[3, 4], [3, 4], [9, 10]], device=device)
+    as_int64 = torch.tensor([s - 2**64 if s >= 2**63 else s for s in seeds], device=device)
+    got = kernels.gumbel_noise(as_int64, rows, positions, 300).cpu()
+    for b, seed in enumerate(seeds):
+        alone = reference.gumbel_noise(seed, rows[b:b + 1].cpu(), positions[b:b + 1].cpu(), 300)
+        assert (got[b:b + 1] != alone).sum().item() <= 2
+    assert not torch.equal(got[0], got[1])  # same row and positions, other seed
+    with pytest.raises(ValueError, match="per-row seeds"):
+        kernels.gumbel_noise(torch.tensor([1]), torch.tensor([0, 1]), torch.tensor([[1], [2]]), 10)
