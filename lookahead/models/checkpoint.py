@@ -63,11 +63,13 @@ def _converted(gguf: Path) -> Path:
     digest = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_dir() / f"{gguf.stem}-{digest}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        _drop_quantization_claim(out / "config.json")  # dirs converted before the claim was dropped
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         _convert_gguf(gguf, tmp)
+        _drop_quantization_claim(tmp / "config.json")
         if out.exists():  # a half-written dir of an older interrupted run (no model.safetensors): replace it
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -116,6 +118,19 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         GenerationConfig(bos_token_id=model.config.bos_token_id, eos_token_id=model.config.eos_token_id,
                          pad_token_id=model.config.pad_token_id).save_pretrained(out)
         bar.update()
+
+
+def _drop_quantization_claim(config_file: Path) -> None:
+    """Remove the GGUF loader's `quantization_config` ({"quant_method": "gguf"}) from a converted config.json:
+    the saved tensors are dequantised, and engines that honour the claim (vLLM) refuse the dir or misread it.
+    Rewritten atomically, only when the claim is there."""
+    config = json.loads(config_file.read_text())
+    if "quantization_config" not in config:
+        return
+    del config["quantization_config"]
+    tmp = config_file.with_name(f".{config_file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_file)
 
 
 def load_config(path: Path) -> dict:

@@ -153,3 +153,42 @@ def test_embedded_model_is_converted_once(smollm2, monkeypatch):
     assert resolve_checkpoint("smollm2-135m-instruct") == first
     loaded = transformers.AutoConfig.from_pretrained(first)  # plain transformers reads the converted dir
     assert loaded.model_type == "llama"
+    assert getattr(loaded, "quantization_config", None) is None  # dequantised tensors claim no quantisation
+
+
+def _fake_conversion(out, claim):
+    """What transformers' GGUF loader writes: dequantised tensors under a config that still claims GGUF."""
+    config = {"model_type": "llama", "hidden_size": 8}
+    if claim:
+        config["quantization_config"] = {"quant_method": "gguf"}
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "model.safetensors").write_bytes(b"tensors")
+
+
+def test_converted_config_claims_no_quantization(tmp_path, monkeypatch):
+    gguf_file = tmp_path / "model.gguf"
+    gguf_file.write_bytes(b"stat only")
+    monkeypatch.setenv("LOOKAHEAD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(checkpoint, "_convert_gguf", lambda gguf, out: _fake_conversion(out, claim=True))
+    out = resolve_checkpoint(gguf_file)
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config == {"model_type": "llama", "hidden_size": 8}
+
+
+def test_an_older_conversion_loses_its_quantization_claim(tmp_path, monkeypatch):
+    gguf_file = tmp_path / "model.gguf"
+    gguf_file.write_bytes(b"stat only")
+    monkeypatch.setenv("LOOKAHEAD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(checkpoint, "_convert_gguf", lambda gguf, out: _fake_conversion(out, claim=False))
+    out = resolve_checkpoint(gguf_file)
+    _fake_conversion(out, claim=True)  # a dir converted by an earlier version, still in the cache
+
+    def convert_again(*_):
+        raise AssertionError("the cached conversion was not reused")
+
+    monkeypatch.setattr(checkpoint, "_convert_gguf", convert_again)
+    assert resolve_checkpoint(gguf_file) == out
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert (out / "model.safetensors").read_bytes() == b"tensors"
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporary file left behind
