@@ -6,7 +6,9 @@ from lookahead.kernels.accept_longest_path import accept_longest_path
 from lookahead.kernels.compact_kv import compact_kv
 from lookahead.kernels.dispatch import HAS_TRITON, backend
 from lookahead.kernels.gumbel_noise import gumbel_noise
+from lookahead.kernels.invariant_linear import invariant_linear
+from lookahead.kernels.rms_norm import rms_norm
 from lookahead.kernels.tree_attention import ancestor_bits, tree_attention
 
 __all__ = ["HAS_TRITON", "backend", "tree_attention", "ancestor_bits", "accept_longest_path", "compact_kv",
-           "gumbel_noise"]
+           "gumbel_noise", "invariant_linear", "rms_norm"]
