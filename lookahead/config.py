@@ -21,6 +21,10 @@ class LookaheadConfig:
     max_trie_nodes: memory bound of the trie; eviction of its least recently useful nodes keeps it there.
     recycle_top_k: the model's top-k next tokens kept from each verify to draft where the trie has nothing
         (Token Recycling); 0 turns it off.
+    exact: the batch-invariant verify step (`model.set_exact`): on CUDA with the Triton kernels, a node verified
+        in a tree gets the bits of the one-token step that decodes it, so bf16/fp16 lookahead returns plain
+        decoding's tokens bit for bit (plain decoding run with `model.set_exact(True)`). Off by default: its GPU
+        cost is not measured yet (issue 21). fp32 and the CPU path are exact already and ignore it.
     """
 
     decoding_length: int = 64
@@ -30,6 +34,7 @@ class LookaheadConfig:
     adaptive: bool = True
     max_trie_nodes: int = 1 << 20
     recycle_top_k: int = 8
+    exact: bool = False
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -47,3 +52,4 @@ class LookaheadConfig:
         need(isinstance(self.adaptive, bool), f"adaptive must be a bool, got {self.adaptive!r}")
         need(self.max_trie_nodes >= 16, f"max_trie_nodes must be >= 16, got {self.max_trie_nodes}")
         need(0 <= self.recycle_top_k <= 64, f"recycle_top_k must be in [0, 64], got {self.recycle_top_k}")
+        need(isinstance(self.exact, bool), f"exact must be a bool, got {self.exact!r}")

@@ -91,12 +91,16 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
+    exact: bool = False  # set_exact: one program per row (torch's CUDA reduction order depends on the row count)
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exact and kernels.backend(x) == "triton":
+            return kernels.rms_norm(x, self.weight, float(self.eps))
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -156,6 +160,7 @@ class Linear(nn.Linear):
 
     packed: torch.Tensor | None = None
     _packed_version: int = -1  # the weight's _version when packed: an in-place update makes the copy stale
+    exact: bool = False  # set_exact: the batch-invariant GEMM where the Triton kernels run (CUDA)
 
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:  # built on meta by from_pretrained: the checkpoint fills it, skip the init
@@ -169,12 +174,16 @@ class Linear(nn.Linear):
             self.packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exact and kernels.backend(x) == "triton":
+            return kernels.invariant_linear(x, self.weight, self.bias)
         if self.packed is not None and self._packed_version == self.weight._version and x.device.type == "cpu":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 
 class Attention(nn.Module):
+    exact: bool = False  # set_exact: tree attention's EXACT mode
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -195,7 +204,7 @@ class Attention(nn.Module):
             k_cache[ctx.rows, :, ctx.slots] = k
             v_cache[ctx.rows, :, ctx.slots] = v
             y = kernels.tree_attention(q, k_cache, v_cache, ctx.cache.lens, ctx.tree_mask,
-                                       ancestor_bits=ctx.ancestor_bits)
+                                       ancestor_bits=ctx.ancestor_bits, exact=self.exact)
         else:
             if ctx.mode == "prefill":
                 kv = ctx.cache.buffer[self.layer, :, :, :, :T]  # (2, B, Hkv, T, D)
@@ -369,6 +378,27 @@ class CausalLM(nn.Module):
             self.state.cache = KVCache(*args)
         self.state.cache.reset()
         return self.state.cache
+
+    # ---- exactness ---------------------------------------------------------------------------------------
+    @property
+    def exact(self) -> bool:
+        """Whether forwards run batch-invariant (set_exact)."""
+        return self.output.exact
+
+    def set_exact(self, on: bool) -> bool:
+        """Batch-invariant forwards (LookaheadConfig.exact): where the Triton kernels run (CUDA), every linear layer
+        goes through kernels.invariant_linear, every RMSNorm through kernels.rms_norm and tree attention runs its
+        EXACT mode, so a node verified among T gets the bits of the one-token step that later decodes it and
+        bf16/fp16 lookahead returns plain decoding's tokens (plain decoding must run with it on too). The torch
+        path (CPU) is unchanged: it is exact already. Returns the previous setting; CUDA graphs captured before
+        a change replay the old kernels, so the caller recaptures them."""
+        if not isinstance(on, bool):
+            raise ValueError(f"set_exact takes a bool, got {on!r}")
+        previous = self.exact
+        for m in self.modules():
+            if isinstance(m, (Linear, RMSNorm, Attention)):
+                m.exact = on
+        return previous
 
     # ---- weights -------------------------------------------------------------------------------------------
     def pack_weights(self) -> "CausalLM":
