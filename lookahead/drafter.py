@@ -1,10 +1,13 @@
 """The drafter: everything that decides what a step verifies, with no model inside (API.md, "The drafter").
 
 Per step and row it lists candidate draft nodes best-first with a probability each: trie nodes below the
-longest context match (`TokenTrie.candidates`), and model-recycled nodes, the model's own top-k next tokens
-read off earlier verify logits (Token Recycling), which fill in where the trie has nothing and extend its
-leaves. Probabilities are calibrated online against what steps actually accept, per source, match length and
-probability bin. The size policy then takes the prefix of that order, cut at a tree bucket, that maximises
+longest context match (`TokenTrie.candidates`), model-recycled nodes, the model's own top-k next tokens read
+off earlier verify logits (Token Recycling), which fill in where the trie has nothing and extend its leaves,
+and a copy chain: the continuation of the longest earlier occurrence, of any length, of the text's current
+suffix in the request's prompt, references and output (`SuffixAutomaton`), up to 64 tokens deep. Trie and
+recycled probabilities are calibrated online against what steps actually accept, per source, match length and
+probability bin; a copy node's probability is the product of observed acceptance rates per (match length bin,
+distance from the match end bin). The size policy then takes the prefix of that order, cut at a tree bucket, that maximises
 expected tokens per unit of verify cost:  (1 + sum of the kept nodes' probabilities) / cost(tree nodes),
 an empty draft (a plain one-token step) when nothing pays.
 """
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from lookahead.config import LookaheadConfig
 from lookahead.cost import CostModel
 from lookahead.draft import TREE_BUCKETS, bucket_size
+from lookahead.suffix import SuffixAutomaton
 from lookahead.trie import TokenTrie, preorder
 
 # Prior probability that the model's rank-r next token (from its latest verify) is what it produces next
@@ -29,6 +33,17 @@ RECYCLED_PRIOR = (0.35, 0.08, 0.04, 0.025, 0.015, 0.01, 0.008, 0.006)
 # 1.604x with the longest alone, 1.608x with two, 1.603x with three).
 BACKOFF_MATCHES = 2
 P_BINS = (0.01, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # upper edges; the last bin is 1
+# Copy chains: the deepest a chain runs, and the prior probability that a copied token is accepted given its
+# parent was, per match length bin (1, 2, 3-4, 5-8, 9-16, 17-32, 33+ tokens), before observations refine it.
+COPY_DEPTH = 64
+COPY = -1  # the copy chain's tag where trie nodes carry their match's index
+COPY_PRIOR = (0.15, 0.3, 0.45, 0.6, 0.7, 0.8, 0.85)
+COPY_PRIOR_MASS = 4.0  # pseudo-trials of the prior
+
+
+def _log2_bin(n: int) -> int:
+    """1, 2, 3-4, 5-8, 9-16, 17-32, 33+ -> 0..6."""
+    return min(max(n - 1, 0).bit_length(), 6)
 
 
 def _match_bin(q: int) -> int:
@@ -47,6 +62,7 @@ class Calibration:
     decay: float = 0.999
     prior: float = 2.0  # pseudo-mass of predicted acceptance the raw probability starts with
     stats: dict[tuple[str, int, int, int], list[float]] = field(default_factory=dict)
+    copy: dict[tuple[int, int], list[float]] = field(default_factory=dict)  # (match bin, distance bin) -> [trials, accepted]
 
     @staticmethod
     def key(source: str, q: int, evidence: int, p: float) -> tuple[str, int, int, int]:
@@ -61,6 +77,18 @@ class Calibration:
         entry[0] = entry[0] * self.decay + p
         entry[1] = entry[1] * self.decay + float(accepted)
 
+    def copy_rate(self, match_length: int, distance: int) -> float:
+        """Probability that a copy chain's node `distance` tokens past the end of a `match_length`-token match is
+        accepted, given that its parent was."""
+        m = _log2_bin(match_length)
+        trials, accepted = self.copy.get((m, _log2_bin(distance)), (0.0, 0.0))
+        return (accepted + COPY_PRIOR_MASS * COPY_PRIOR[m]) / (trials + COPY_PRIOR_MASS)
+
+    def observe_copy(self, match_length: int, distance: int, accepted: bool) -> None:
+        entry = self.copy.setdefault((_log2_bin(match_length), _log2_bin(distance)), [0.0, 0.0])
+        entry[0] = entry[0] * self.decay + 1.0
+        entry[1] = entry[1] * self.decay + float(accepted)
+
 
 @dataclass
 class _Node:
@@ -70,11 +98,14 @@ class _Node:
     key: tuple       # calibration bin
     raw: float       # uncalibrated probability
     depth: int
+    copy: int = 0    # the copy chain passes through this node, this many tokens past the match end (0 = not)
 
 
 @dataclass
 class _Request:
+    suffix: SuffixAutomaton  # references, then prompt + output: the copy chains' source
     sent: list[_Node] = field(default_factory=list)  # the nodes of the last draft, for calibration
+    copy_match: int = 0  # match length of the last draft's copy chain
 
 
 class Drafter:
@@ -115,8 +146,13 @@ class Drafter:
     def begin_request(self, request_id: int, prompt_ids: Sequence[int], references: Sequence[Sequence[int]] = ()):
         if request_id in self._requests:
             raise ValueError(f"request {request_id} is already running in this drafter")
+        suffix = SuffixAutomaton()  # built first: bad ids raise before the trie holds anything of the request
+        for reference in references:
+            suffix.extend(reference)
+            suffix.separate()
+        suffix.extend(prompt_ids)
         self.trie.begin_request(request_id, prompt_ids, references)
-        self._requests[request_id] = _Request()
+        self._requests[request_id] = _Request(suffix)
 
     def end_request(self, request_id: int) -> None:
         self._requests.pop(request_id, None)
@@ -129,13 +165,19 @@ class Drafter:
         if req is None:
             raise ValueError(f"request {request_id} was not begun in this drafter (call begin_request first)")
         new = [int(t) for t in new_tokens]
+        if any(t < 0 for t in new):
+            raise ValueError(f"token ids must be >= 0, got {new}")
         if req.sent:
             correct = [False] * len(req.sent)
             for i, node in enumerate(req.sent):  # parents precede children: one pass settles every node
                 ok = node.parent < 0 or correct[node.parent]
                 correct[i] = ok and node.depth <= len(new) and new[node.depth - 1] == node.token
-                self.calibration.observe(node.key, node.raw, correct[i])
+                if node.key is not None:
+                    self.calibration.observe(node.key, node.raw, correct[i])
+                if node.copy and ok:  # copy rates are conditional on the parent's acceptance
+                    self.calibration.observe_copy(req.copy_match, node.copy, correct[i])
             req.sent = []
+        req.suffix.extend(new)
         self.trie.append(request_id, new)
         if predictions:
             for token, nxt in predictions.items():
@@ -192,10 +234,11 @@ class Drafter:
         return min(best, longest + 1)
 
     def _proposal(self, request_id: int, context: Sequence[int], limit: int) -> list[_Node]:
-        """Up to `limit` nodes best-first by probability, trie and recycled nodes merged (a recycled node and a
-        trie node of one token under one parent are one node); each node's probability is at most its
-        parent's, so every prefix of the list is a tree. With a cost curve the list stops at a bucket boundary
-        once the next bucket could not pay even if all its nodes were as likely as the last one."""
+        """Up to `limit` nodes best-first by probability, trie, recycled and copy nodes merged (nodes of one token
+        under one parent from several sources are one node, which carries every source's subtree); each node's
+        probability is at most its parent's, so every prefix of the list is a tree. With a cost curve the list
+        stops at a bucket boundary once the next bucket could not pay even if all its nodes were as likely as
+        the last one."""
         # the longest match, and the next shorter one that has continuations (more evidence, other tokens)
         matches = []
         max_q = self.config.max_query_length
@@ -206,10 +249,23 @@ class Drafter:
             matches.append((q, evidence, nodes))
             max_q = q - 1
         calib = self.calibration
+        # the copy chain: what followed the longest earlier occurrence of the text's suffix (the automaton
+        # follows begin_request and update; a context that does not end where it does gets no chain)
+        req = self._requests.get(request_id)
+        chain, match_length = [], 0
+        if req is not None and req.suffix.text and req.suffix.text[-1] == int(context[-1]):
+            match_length = req.suffix.match_length
+            chain = req.suffix.continuation(min(COPY_DEPTH, limit))
+            req.copy_match = match_length
+        chain_p = []  # cumulative: every copied token up to this one accepted
+        for d in range(1, len(chain) + 1):
+            chain_p.append((chain_p[-1] if chain_p else 1.0) * calib.copy_rate(match_length, d))
         out: list[_Node] = []
         index_of: dict[tuple[int, int], int] = {}  # (parent index, token) -> index in out
         trie_at: list[list[int]] = [[] for _ in matches]  # per match: trie list index -> index in out
-        heap: list[tuple] = []  # (-calibrated p, tie, (match, trie list index) or None, parent, token, raw, key)
+        # (-calibrated p, tie, source, parent, token, raw, key); source (match, trie list index) for a trie
+        # node, (COPY, distance) for the copy chain's node, None for a recycled one
+        heap: list[tuple] = []
         tie = 0
 
         def recycled_rank(parent: int, token: int) -> int | None:
@@ -234,6 +290,14 @@ class Drafter:
                 raw = 1.0 - (1.0 - raw) * (1.0 - parent_raw * RECYCLED_PRIOR[rank])
                 push((m, i), parent, token, raw, calib.key("both", q, evidence, raw))
 
+        def push_copy(d: int, parent: int) -> None:
+            """The chain's node d tokens past the match end, under out[parent] (-1 = the root)."""
+            nonlocal tie
+            parent_p = out[parent].p if parent >= 0 else 1.0
+            heapq.heappush(heap, (-min(parent_p, chain_p[d - 1]), tie, (COPY, d), parent, chain[d - 1],
+                                  chain_p[d - 1], None))
+            tie += 1
+
         def push_recycled(parent: int) -> None:
             token, depth, parent_raw = (out[parent].token, out[parent].depth, out[parent].raw) if parent >= 0 else (
                 root, 0, 1.0)
@@ -246,18 +310,27 @@ class Drafter:
         root = int(context[-1])
         for m in range(len(matches)):
             push_trie(m, 0)
+        if chain:
+            push_copy(1, -1)
         push_recycled(-1)
         gain, best = 1.0, 1.0
         while heap and len(out) < limit:
-            neg_p, _, trie_i, parent, token, raw, key = heapq.heappop(heap)
+            neg_p, _, source, parent, token, raw, key = heapq.heappop(heap)
             existing = index_of.get((parent, token))
             if existing is None:
                 index_of[(parent, token)] = len(out)
                 out.append(_Node(token, parent, -neg_p, key, raw, out[parent].depth + 1 if parent >= 0 else 1))
                 push_recycled(len(out) - 1)
-            if trie_i is not None:  # (a node of another source that got here first takes this one's subtree)
-                m, i = trie_i
-                trie_at[m].append(existing if existing is not None else len(out) - 1)
+            at = existing if existing is not None else len(out) - 1
+            # (a node of another source that got here first takes this one's subtree)
+            if source is not None and source[0] == COPY:
+                d = source[1]
+                out[at].copy = d
+                if d < len(chain):
+                    push_copy(d + 1, at)
+            elif source is not None:
+                m, i = source
+                trie_at[m].append(at)
                 if i + 1 < len(matches[m][2]):  # the match's next node (best-first) enters the race
                     push_trie(m, i + 1)
             if existing is not None:
@@ -271,3 +344,4 @@ class Drafter:
                 if (gain + (nxt - 1 - n) * p) / self.cost.step(1, nxt) < best:
                     break
         return out
+

@@ -148,3 +148,63 @@ def test_request_life_and_bad_use():
     assert Drafter(trie=TokenTrie(branch_length=5)).config.branch_length == 5  # no config: the trie's settings
     with pytest.raises(ValueError, match="TokenTrie"):
         Drafter(LookaheadConfig(), trie={})
+
+
+def deepest_path(tokens: list[int], parents: list[int]) -> list[int]:
+    """The tokens of the tree's longest root-to-node path (DFS pre-order, parents index the tree, 0 = root)."""
+    depth, best = [0] * (len(tokens) + 1), 0
+    for i, p in enumerate(parents, start=1):
+        depth[i] = depth[p] + 1
+        best = i if depth[i] > depth[best] else best
+    path = []
+    while best:
+        path.append(tokens[best - 1])
+        best = parents[best - 1]
+    return path[::-1]
+
+
+def test_a_long_copy_drafts_past_the_tries_window():
+    doc = list(range(100, 160))  # a 60-token document in the prompt, which the output starts to copy
+    cfg = LookaheadConfig(branch_length=4, max_query_length=3, decoding_length=63, recycle_top_k=0)
+    drafter = Drafter(cfg, cost_curve=FLAT)
+    drafter.begin_request(0, [1, 2] + doc + [3])
+    drafter.update(0, doc[:12])
+    tokens, parents = drafter.draft(0, [1, 2] + doc + [3] + doc[:12])
+    path = deepest_path(tokens, parents)  # the copy runs on past the document, into what followed it
+    assert len(path) == 63 and path[:49] == doc[12:] + [3]
+    assert len(deepest_path(*drafter.trie.retrieve(doc[:12], 63, 0, 3))) == 1  # a 4-token window, 3 of them matched
+
+
+def test_copies_come_from_references_and_merge_with_the_trie():
+    ref = [7, 8, 9, 10, 11, 12, 13, 14]
+    cfg = LookaheadConfig(branch_length=4, max_query_length=3, decoding_length=16, recycle_top_k=0)
+    drafter = Drafter(cfg, cost_curve=None)
+    drafter.begin_request(0, [5, 7, 8], references=[ref])
+    tokens, parents = drafter.draft(0, [5, 7, 8])
+    assert deepest_path(tokens, parents)[:6] == [9, 10, 11, 12, 13, 14]
+    under_root = [t for t, p in zip(tokens, parents) if p == 0]
+    assert under_root.count(9) == 1  # the trie (the reference's local windows) and the copy name 9: one node
+    drafter.update(0, [9, 10, 99])  # the copy breaks at 99: nothing ever followed 99
+    tokens, parents = drafter.draft(0, [5, 7, 8, 9, 10, 99])
+    assert 11 not in tokens and all(t not in tokens for t in ref)
+
+
+def test_copy_rates_learn_per_match_length_and_distance():
+    calib = Calibration()
+    prior = calib.copy_rate(40, 3)
+    for _ in range(300):
+        calib.observe_copy(40, 3, accepted=False)  # 33+ token matches, 3-4 tokens past the end: never accepted
+    assert calib.copy_rate(40, 3) < 0.05 and calib.copy_rate(33, 4) == calib.copy_rate(40, 3)
+    assert calib.copy_rate(40, 5) == prior and calib.copy_rate(20, 3) != calib.copy_rate(40, 3)
+
+
+def test_negative_ids_are_refused_before_anything_changes():
+    drafter = Drafter(LookaheadConfig(branch_length=4))
+    with pytest.raises(ValueError, match=">= 0"):
+        drafter.begin_request(0, [1, -2, 3])
+    assert len(drafter.trie) == 0
+    drafter.begin_request(0, [1, 2, 3])
+    with pytest.raises(ValueError, match=">= 0"):
+        drafter.update(0, [4, -1])
+    drafter.update(0, [4])
+    assert drafter._requests[0].suffix.text == [1, 2, 3, 4]
