@@ -25,15 +25,6 @@ class KVCache:
     def max_len(self) -> int:
         return self.buffer.shape[4]
 
-    def fits(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
-             dtype: torch.dtype, device: torch.device) -> bool:
-        L, _, B, H, S, D = self.buffer.shape
-        return ((L, B, H, D) == (num_layers, batch, num_kv_heads, head_dim) and S >= max_len
-                and self.buffer.dtype == dtype and self.buffer.device == device)
-
-    def reset(self) -> None:
-        self.lens.zero_()
-
     def rows(self, start: int, stop: int) -> "KVCache":
         """Rows [start, stop) as a cache of their own: views of this buffer and lengths, so a forward over them
         writes and reads only those rows (a server prefills one row while the others wait)."""

@@ -44,12 +44,12 @@ def summary(stats) -> str:
 
 
 def calibrate_untimed(model, args) -> None:
-    """Measure (once per machine, then cached) or load the verify cost curve the lookahead budget prices drafts
-    with, so that the first call's summary does not include it."""
+    """Load the cached verify cost curve, or measure the quick prior (about 1 s) the learned step costs start from,
+    so that the first call's summary does not include it."""
     if not args.no_lookahead:
-        from lookahead.cost import calibrate
+        from lookahead.cost import prior_curve
 
-        calibrate(model)
+        prior_curve(model)
 
 
 def cmd_generate(args) -> int:

@@ -1,13 +1,19 @@
-"""The verify cost curve: seconds of one verify forward by tree size, measured once per model, device, dtype,
-threads and CUDA-graph setting, cached on the model (`model.state.cost_curves`) and under $LOOKAHEAD_CACHE.
+"""What a step costs: the batch-1 verify cost curve, and the engine's cost model of batched steps learned from
+its own steps.
 
-`calibrate(model)` measures (or loads) it outside any timed call; `generate` and `lookahead replay` price
-drafts with it through `CostModel`.
+The curve (seconds of one verify forward by tree size) is measured once per model, device, dtype, threads and
+CUDA-graph setting, cached on the model (`model.state.cost_curves`) and under $LOOKAHEAD_CACHE;
+`calibrate(model)` measures it in full (seconds on a CPU) outside any timed call; `prior_curve(model)` takes the
+cached one or, when there is none, measures a quick one (four sizes, well under 2 s) instead of hiding the full
+measurement inside a user's first call. `StepCost` prices a step of B rows x T nodes, c(B, T), starting from
+that prior and following every step the engine really runs.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import statistics
 import time
@@ -15,6 +21,8 @@ from collections.abc import Mapping
 
 from lookahead.draft import TREE_BUCKETS
 from lookahead.settings import cache_dir, cuda_graphs_enabled
+
+log = logging.getLogger("lookahead.cost")
 
 _CONTEXT = 256  # committed tokens behind the measured verify steps
 _RUNS = 5  # timed runs per size (median), after one warm-up run of that size
@@ -56,7 +64,7 @@ def curve_key(model) -> str:
             f"graphs={int(model.device.type == 'cuda' and cuda_graphs_enabled())}")
 
 
-def measure_cost_curve(model, sizes: list[int]) -> dict[int, float]:
+def measure_cost_curve(model, sizes: list[int], repeats: int = _RUNS, retry: bool = True) -> dict[int, float]:
     """Median seconds of one verify forward over a chain of T nodes behind 256 committed tokens, batch 1, for
     each T: a warm-up run before each size, then the median of 5. The whole curve is measured again (once) if
     T=1 timed again at the end moved by more than 10% (a first size that absorbed a one-time cost) or a size
@@ -86,7 +94,7 @@ def measure_cost_curve(model, sizes: list[int]) -> dict[int, float]:
 
     def timed(run) -> float:
         times = []
-        for _ in range(_RUNS * (10 if cuda else 1)):
+        for _ in range(repeats * (10 if cuda else 1)):
             sync()
             t0 = time.perf_counter()
             run()
@@ -97,7 +105,7 @@ def measure_cost_curve(model, sizes: list[int]) -> dict[int, float]:
     with torch.inference_mode():
         cache.lens.fill_(_CONTEXT)
         runs = {T: runner(T) for T in sizes}
-        for _ in range(2):  # a second measurement when the first one drifted or dipped
+        for _ in range(2 if retry else 1):  # a second measurement when the first one drifted or dipped
             curve = {}
             for T in sizes:
                 runs[T]()  # warm-up of this size
@@ -146,3 +154,63 @@ def calibrate(model, max_tree: int = 64) -> dict[int, float]:
             pass  # a read-only cache dir only costs a re-measurement next time
     model.state.cost_curves[key] = curve
     return curve
+
+
+QUICK_SIZES = (1, 4, 16, 64)  # tree sizes of the quick prior; the other buckets are interpolated
+
+
+def prior_curve(model, max_tree: int = 64) -> dict[int, float]:
+    """A batch-1 curve to start a StepCost from, without a hidden 20 s measurement: the full curve when the model or
+    $LOOKAHEAD_CACHE has one (from `calibrate`), else a quick one (sizes 1, 4, 16, 64: one warm-up and the median
+    of 3 each; about 1 s for SmolLM2 on a 2-core CPU), logged and kept on the model, never written to disk as
+    if it were the full curve."""
+    key = curve_key(model)
+    for curve in (model.state.cost_curves.get(key), _load_saved(cache_dir() / "cost_curves.json").get(key)):
+        if curve is not None:  # sizes beyond it are priced by extrapolation (CostModel)
+            model.state.cost_curves[key] = curve
+            return curve
+    quick_key = key + "|quick"
+    curve = model.state.cost_curves.get(quick_key)
+    if curve is None:
+        t0 = time.perf_counter()
+        curve = measure_cost_curve(model, [T for T in QUICK_SIZES if T <= max(1, max_tree)] or [1], repeats=3,
+                                   retry=False)
+        log.info("quick verify cost prior in %.2f s: %s (refined by every step; `lookahead.cost.calibrate` "
+                 "measures the full curve)", time.perf_counter() - t0,
+                 ", ".join(f"T={T} {1e3 * c:.1f} ms" for T, c in curve.items()))
+        model.state.cost_curves[quick_key] = curve
+    return curve
+
+
+class StepCost:
+    """c(B, T): seconds of one engine step with B computed rows that each verify a tree of T nodes (T = 1: a plain
+    step), learned from the engine's own steps.
+
+    Every step the engine runs is a sample (`observe`): a (B, T) seen before is priced by its decayed mean
+    (recent steps weigh most, so the model follows the machine: graphs on or off, load, heat). An unseen one is
+    priced by the prior, a batch-1 curve priced at B x T nodes, in the units of the nearest seen (B, T) (nearest in
+    log B, then log T): the prior gives the shape, the steps the scale, so a batch's B prefixes that a batch-1
+    curve underprices are corrected as soon as steps of that B have run. `step(B, T)` is what `Drafter` calls."""
+
+    def __init__(self, prior: Mapping[int, float], decay: float = 0.9):
+        self.source = prior  # the curve it started from (a new one starts a new model)
+        self.prior = CostModel(prior)
+        self.decay = decay
+        self.seen: dict[tuple[int, int], list[float]] = {}  # (B, T) -> [decayed count, decayed seconds]
+
+    def observe(self, rows: int, nodes: int, seconds: float) -> None:
+        if seconds > 0:
+            entry = self.seen.setdefault((rows, nodes), [0.0, 0.0])
+            entry[0] = entry[0] * self.decay + 1.0
+            entry[1] = entry[1] * self.decay + seconds
+
+    def step(self, rows: int, nodes: int) -> float:
+        entry = self.seen.get((rows, nodes))
+        if entry is not None:
+            return entry[1] / entry[0]
+        prior = self.prior.step(rows, nodes)
+        if not self.seen:
+            return prior
+        near = min(self.seen, key=lambda k: (abs(math.log(k[0] / rows)), abs(math.log(k[1] / nodes))))
+        count, seconds = self.seen[near]
+        return prior * (seconds / count) / self.prior.step(*near)

@@ -1,28 +1,20 @@
-"""The generation loop: prefill, then one forward pass per step over each row's draft tree, acceptance of the
-longest correct path, in-place KV compaction, and the host-side commit of the accepted tokens.
+"""`generate`: a call's rows are added to the model's engine and stepped until they end.
 
-Plain decoding is the same loop with an empty draft (a one-node tree per row) and no drafter. Per step the
-host does O(draft size) work and reads the device once (the accepted tokens, and the nodes' top-k when
-recycled branches are on).
+The engine (`lookahead/engine.py`) is the one step runner, shared with `lookahead serve`: prefill, then per step
+draft -> one device step -> one device-to-host read -> commit per row. Plain decoding is the same loop with an
+empty draft (a one-node tree per row) and no drafter.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from lookahead.config import LookaheadConfig
-from lookahead.cost import calibrate
-from lookahead.draft import bucket_size, draft_trees, pack_drafts
-from lookahead.drafter import Drafter
-from lookahead.nvtx import nvtx_range
-from lookahead.sampling import TokenChooser
-from lookahead.steps import StepGraphs, graphs_enabled, read_step_row, tree_step
-
-_request_ids = itertools.count()
+from lookahead.engine import Engine, Sequence, StopStrings
+from lookahead.sampling import SamplingParams
 
 
 @dataclass
@@ -64,86 +56,6 @@ class GenerationStats:
 class GenerateOutput:
     sequences: torch.Tensor  # [B, T + new], prompt included, rows padded after their end
     stats: GenerationStats
-
-
-class StopStrings:
-    """transformers' stop_strings: the output ends with the token that completes any of the strings."""
-
-    def __init__(self, strings, tokenizer):
-        if isinstance(strings, str):
-            strings = [strings]
-        if not isinstance(strings, (list, tuple)) or not strings or not all(isinstance(s, str) and s for s in strings):
-            raise ValueError(f"stop_strings must be a non-empty string or list of non-empty strings, got {strings!r}")
-        if tokenizer is None:
-            raise ValueError("stop_strings need tokenizer=... to read the generated text (as in transformers)")
-        self.strings, self.tokenizer = list(strings), tokenizer
-        # a stop string of n characters lies within the last n + 4 tokens: a token decodes to >= 1 character
-        # except special or partial-UTF-8 tokens, for which the slack is kept generous
-        self.window = max(len(s) for s in self.strings) + 4
-
-    def first_stop(self, output: list[int], new: list[int]) -> int | None:
-        """Index j of the first token of `new` whose text completes a stop string after `output`, else None."""
-        tokens = output[-self.window:] + new
-        offset = len(tokens) - len(new)
-        for j in range(len(new)):
-            text = self.tokenizer.decode(tokens[max(0, offset + j + 1 - self.window):offset + j + 1])
-            if any(s in text for s in self.strings):
-                return j
-        return None
-
-
-def cut_new_tokens(new: list[int], context: list[int], prompt_len: int, max_new_tokens: int, eos: set[int],
-                   stops: StopStrings | None) -> tuple[list[int], str | None]:
-    """A row's accepted tokens cut at max_new_tokens, the first eos, or the token that completes a stop string:
-    (kept, None while the row goes on, else "length" or "stop"). O(new tokens): the context is never copied."""
-    room = max_new_tokens - (len(context) - prompt_len)
-    new, ended = new[:room], ("length" if len(new) >= room else None)
-    for j, t in enumerate(new):
-        if t in eos:
-            return new[:j + 1], "stop"
-    if stops is not None:
-        j = stops.first_stop(context[max(prompt_len, len(context) - stops.window):], new)
-        if j is not None:
-            return new[:j + 1], "stop"
-    return new, ended
-
-
-@dataclass
-class DecodeState:
-    """The rows of one generate call between steps: their committed tokens, which still advance, and the
-    per-row bookkeeping of a commit (end conditions, sampler, drafter, stats, streamer)."""
-    prompt_lens: list[int]
-    contexts: list[list[int]]  # prompt + output so far, per row
-    request_ids: list[int]
-    active: list[bool]
-    step_mask: torch.Tensor  # [B] int64 on the device, 1 for rows that advance
-    eos: set[int]
-    max_new_tokens: int
-    chooser: TokenChooser
-    drafter: Drafter | None
-    stops: StopStrings | None = None
-    streamer: object = None
-    stats: GenerationStats = field(default_factory=GenerationStats)
-
-    def output(self, b: int) -> list[int]:
-        return self.contexts[b][self.prompt_lens[b]:]
-
-    def commit(self, b: int, new: list[int], predictions: dict[int, list[int]] | None = None) -> None:
-        """Append row b's accepted tokens, cut at the first eos, stop string or max_new_tokens, and tell everyone
-        who learns from them; a row that ends stops advancing."""
-        new, ended = cut_new_tokens(new, self.contexts[b], self.prompt_lens[b], self.max_new_tokens, self.eos,
-                                    self.stops)
-        self.contexts[b] += new
-        self.chooser.commit(b, new)
-        if self.drafter is not None:
-            self.drafter.update(self.request_ids[b], new, predictions)
-        self.stats.steps += 1
-        self.stats.new_tokens += len(new)
-        if self.streamer is not None:
-            self.streamer.put(torch.tensor(new))
-        if ended is not None:
-            self.active[b] = False
-            self.step_mask[b] = 0
 
 
 def _lookahead_config(lookahead, trie) -> LookaheadConfig | None:
@@ -212,15 +124,6 @@ def _check_new_tokens(max_new_tokens) -> None:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
 
 
-def drafter_for(model, cfg: LookaheadConfig) -> Drafter:
-    """The call's drafter over the model's trie, calibration and recycled tokens; its size policy prices drafts
-    with the model's measured cost curve (measured now if this machine has none cached yet)."""
-    curve = calibrate(model, bucket_size(cfg.decoding_length + 1)) if cfg.adaptive else None
-    return Drafter(cfg, cost_curve=curve, trie=model.trie, calibration=model.state.calibration,
-                   successors=model.state.successors)
-
-
-@torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 256,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, seed: int | None = None, eos_token_id=None, lookahead=True,
@@ -231,11 +134,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     _check_new_tokens(max_new_tokens)
     cfg = _lookahead_config(lookahead, model.trie)
     rows = _prompt_rows(input_ids, attention_mask)
-    chooser = TokenChooser(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                           repetition_penalty=repetition_penalty, seed=seed, vocab=model.config.vocab_size,
-                           prompts=rows, device=model.device)
+    sampling = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, seed=seed)
     ref_ids = _reference_ids(references, tokenizer)
-    eos = _eos_ids(eos_token_id, model.config.eos_token_id, model.config.vocab_size)
+    eos = frozenset(_eos_ids(eos_token_id, model.config.eos_token_id, model.config.vocab_size))
     stops = StopStrings(stop_strings, tokenizer) if stop_strings is not None else None
     B, T = input_ids.shape
     limit = model.config.max_position_embeddings
@@ -248,82 +150,45 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                          "which lookahead does not implement: lower max_new_tokens")
     if streamer is not None and B != 1:
         raise ValueError("a streamer works with one row at a time (batch size 1), as in transformers")
-    drafter = drafter_for(model, cfg) if cfg is not None else None  # may measure the cost curve: untimed
 
-    device = model.device
-    max_tree = bucket_size(cfg.decoding_length + 1) if cfg else 1
-    cache = model.kv_cache(B, T + max_new_tokens + max_tree)
-    state = DecodeState(prompt_lens=[len(r) for r in rows], contexts=[list(r) for r in rows],
-                        request_ids=[next(_request_ids) for _ in range(B)], active=[True] * B,
-                        step_mask=torch.ones(B, dtype=torch.long, device=device), eos=eos,
-                        max_new_tokens=max_new_tokens, chooser=chooser, drafter=drafter, stops=stops,
-                        streamer=streamer)
-    if drafter is not None:
-        for rid, row in zip(state.request_ids, rows):
-            drafter.begin_request(rid, row, ref_ids)
+    engine = model.state.engine
+    if engine is None or not engine.fits(model, B, T + max_new_tokens):
+        model.state.engine = engine = None  # free the old cache first
+        model.state.engine = engine = Engine(model, B, T + max_new_tokens)
+    engine.configure(cfg)  # may measure a quick cost prior (~1 s) on a machine that has no curve cached: untimed
+    seqs = [Sequence(row, max_new_tokens, sampling, eos, stops, ref_ids, noise_row=b) for b, row in enumerate(rows)]
+    stats = GenerationStats()
+    host_before = engine.host_s
+    t0 = time.perf_counter()
     try:
-        # ---- prefill: rows right-aligned by the caller's left padding are moved to start at slot 0 ----
-        t0 = time.perf_counter()
-        lengths = torch.tensor(state.prompt_lens, device=device)
-        shift = (T - lengths)[:, None]  # (B, 1)
-        gather = (torch.arange(T, device=device)[None] + shift).clamp(max=T - 1)  # (B, T)
-        logits = model.prefill(input_ids.to(device).gather(1, gather), lengths, cache)  # (B, V)
-        first = chooser(logits[:, None], lengths[:, None])[:, 0].tolist()  # the token at position len(prompt)
+        events = engine.add(seqs)
+        stats.prefill_s = time.perf_counter() - t0
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        for b in range(B):
-            state.commit(b, [first[b]])
-        state.stats.prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        decode(model, cache, state, cfg)
-        state.stats.decode_s = time.perf_counter() - t0
+        while True:
+            if streamer is not None:
+                for _, new in events:
+                    streamer.put(torch.tensor(new))
+            if all(seq.finished for seq in seqs):
+                break
+            events = engine.step()
+        stats.decode_s = time.perf_counter() - t0
     finally:
-        if drafter is not None:
-            for rid in state.request_ids:
-                drafter.end_request(rid)
+        for seq in seqs:
+            engine.remove(seq, "cancelled")  # a call that raised leaves no row behind
     if streamer is not None:
         streamer.end()
+    stats.host_s = engine.host_s - host_before
+    stats.steps = sum(seq.steps for seq in seqs)
+    stats.decode_steps = stats.steps - B
+    stats.new_tokens = sum(len(seq.output) for seq in seqs)
+    stats.draft_tokens = sum(seq.draft_tokens for seq in seqs)
 
     pad = min(eos) if eos else 0
-    outputs = [state.output(b) for b in range(B)]
-    width = max(len(o) for o in outputs)
+    width = max(len(seq.output) for seq in seqs)
     new = torch.full((B, width), pad, dtype=input_ids.dtype)
-    for b, out in enumerate(outputs):
-        new[b, :len(out)] = torch.tensor(out, dtype=input_ids.dtype)
+    for b, seq in enumerate(seqs):
+        new[b, :len(seq.output)] = torch.tensor(seq.output, dtype=input_ids.dtype)
     sequences = torch.cat([input_ids.cpu(), new], dim=1).to(input_ids.device)
-    return GenerateOutput(sequences, state.stats) if return_dict_in_generate else sequences
-
-
-def decode(model, cache, state: DecodeState, cfg: LookaheadConfig | None) -> None:
-    """Steps until every row has ended: draft -> one verify step on the device -> one read -> commit."""
-    graphs = StepGraphs.for_cache(model, cache) if graphs_enabled(model, state.chooser) else None
-    layout = cfg.layout if cfg is not None else "hier"
-    top_k = min(cfg.recycle_top_k, model.config.vocab_size) if cfg is not None else 0
-    B = len(state.contexts)
-    stats = state.stats
-    while any(state.active):
-        t0 = time.perf_counter()
-        with nvtx_range("draft"):
-            if state.drafter is not None:
-                contexts = [ctx if on else None for ctx, on in zip(state.contexts, state.active)]
-                proposals = state.drafter.draft_batch(state.request_ids, contexts)
-            else:
-                proposals = [([], [])] * B
-            drafts = draft_trees([ctx[-1] for ctx in state.contexts], proposals, layout)
-            batch = pack_drafts(drafts, model.device)
-        t1 = time.perf_counter()
-        step_inputs = (batch.tokens, batch.parents, batch.depths, batch.tree_mask, state.step_mask)
-        if graphs is not None:
-            result = graphs.run(state.chooser, *step_inputs, top_k=top_k)
-        else:
-            result = tree_step(model, cache, state.chooser, *step_inputs, top_k=top_k)
-        host = result.tolist()  # the one device-to-host sync of the step
-        t2 = time.perf_counter()
-        with nvtx_range("commit"):
-            for b in range(B):
-                if not state.active[b]:
-                    continue
-                stats.draft_tokens += drafts[b].num_draft
-                stats.decode_steps += 1
-                state.commit(b, *read_step_row(host[b], drafts[b].tokens, top_k))
-        stats.host_s += (t1 - t0) + (time.perf_counter() - t2)
+    return GenerateOutput(sequences, stats) if return_dict_in_generate else sequences

@@ -9,27 +9,28 @@ from lookahead.drafter import Calibration
 from lookahead.trie import TokenTrie
 
 if TYPE_CHECKING:
-    from lookahead.cache import KVCache
-    from lookahead.steps import StepGraphs
+    from lookahead.cost import StepCost
+    from lookahead.engine import Engine
 
 
 @dataclass
 class GenerationState:
-    """trie: the global draft source, kept across calls (`model.trie`). cache: the static KV cache, reallocated
-    only when a call needs a bigger or other-shaped one. graphs: captured decode steps of that cache (CUDA).
+    """trie: the global draft source, kept across calls (`model.trie`). engine: generate's engine (its static KV
+    cache and CUDA graphs), rebuilt only when a call needs more rows or a longer context.
     cost_curves: measured verify seconds by tree size, per model/device/dtype/threads/graphs key.
+    step_costs: the learned cost of batched steps (`StepCost`) per such key, kept across calls and engines.
     calibration: the drafter's predicted-vs-observed acceptance statistics, kept as the trie warms up.
     successors: the model's latest top-k next tokens per token, read off verify logits (recycled branches)."""
     trie: TokenTrie = field(default_factory=TokenTrie)
-    cache: KVCache | None = None
-    graphs: StepGraphs | None = None
+    engine: Engine | None = None
     cost_curves: dict[str, dict[int, float]] = field(default_factory=dict)
+    step_costs: dict[str, StepCost] = field(default_factory=dict)
     calibration: Calibration = field(default_factory=Calibration)
     successors: dict[int, list[int]] = field(default_factory=dict)
 
     def forget_drafting(self) -> None:
         """Forget what drafting learned from outputs (the trie's contents, the recycled tokens, the calibration);
-        the cache, graphs and cost curves stay. `model.trie.clear()` empties only the trie."""
+        the engine and the cost curves stay. `model.trie.clear()` empties only the trie."""
         self.trie.clear()
         self.successors.clear()
         self.calibration = Calibration()

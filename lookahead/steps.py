@@ -34,31 +34,22 @@ def accepted_tokens(tokens: torch.Tensor, targets: torch.Tensor, path: torch.Ten
 
 
 def tree_step(model, cache: KVCache, chooser, tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
-              tree_mask: torch.Tensor, active: torch.Tensor, top_k: int = 0,
-              rows: tuple[int, int] | None = None) -> torch.Tensor:
+              tree_mask: torch.Tensor, active: torch.Tensor, top_k: int = 0) -> torch.Tensor:
     """One decode step over draft trees [B, T] -> [B, 1 + T (+ T * top_k)] int64: per row the number n of
     accepted nodes (root included), the n new tokens (the accepted draft tokens and the bonus token) padded to
     T, then with top_k > 0 every node's top-k next tokens (for recycled drafts). Rows with active[b] = 0 are
-    computed but do not advance. rows=(start, stop): the B rows are those of the cache (a server's busy rows),
-    the others are neither computed nor moved."""
-    view = cache if rows is None else cache.rows(*rows)
+    computed but do not advance. `cache` may be a row range of a bigger cache (`KVCache.rows`): an engine steps
+    over its busy rows only."""
     with nvtx_range("verify"):
-        logits = model.verify(tokens, depths, view, tree_mask)  # (B, T, V)
-        positions = view.lens[:, None] + depths + 1  # (B, T) where each node's next token goes
+        logits = model.verify(tokens, depths, cache, tree_mask)  # (B, T, V)
+        positions = cache.lens[:, None] + depths + 1  # (B, T) where each node's next token goes
         targets = chooser(logits, positions, tokens, tree_mask)  # (B, T)
     with nvtx_range("accept"):
         path, num = kernels.accept_longest_path(tokens, parents, targets)
         new = accepted_tokens(tokens, targets, path, num)
     with nvtx_range("compact"):
-        if rows is not None:  # compact_kv takes the whole (contiguous) buffer: other rows keep an identity path
-            full_path = torch.full((cache.batch, path.shape[1]), -1, dtype=torch.long, device=path.device)
-            full_path[:, 0] = 0
-            full_num = torch.ones(cache.batch, dtype=torch.long, device=path.device)
-            full_path[rows[0]:rows[1]], full_num[rows[0]:rows[1]] = path, num
-            kernels.compact_kv(cache.buffer, cache.lens, full_path, full_num)
-        else:
-            kernels.compact_kv(cache.buffer, cache.lens, path, num)
-        view.lens += num * active
+        kernels.compact_kv(cache.buffer, cache.lens, path, num)
+        cache.lens += num * active
     parts = [num[:, None], new]
     if top_k:
         parts.append(logits.topk(top_k, dim=-1).indices.flatten(1))  # (B, T * top_k)
@@ -76,33 +67,27 @@ def read_step_row(row: list[int], node_tokens: list[int], top_k: int) -> tuple[l
     return rest[:n], {tok: tops[i * top_k:(i + 1) * top_k] for i, tok in enumerate(node_tokens)}
 
 
-def graphs_enabled(model, chooser) -> bool:
-    """CUDA graphs for this call: a CUDA model with the Triton kernels (the torch references of accept and compact
-    read values on the host), greedy choice, and LOOKAHEAD_CUDA_GRAPHS not set to 0."""
-    return model.device.type == "cuda" and kernels.HAS_TRITON and chooser.plain_argmax and cuda_graphs_enabled()
+def graphs_enabled(model) -> bool:
+    """CUDA graphs for a model: on CUDA with the Triton kernels (the torch references of accept and compact read
+    values on the host), unless LOOKAHEAD_CUDA_GRAPHS=0. A step also needs every row to take the plain argmax."""
+    return model.device.type == "cuda" and kernels.HAS_TRITON and cuda_graphs_enabled()
 
 
 class StepGraphs:
-    """Captured steps of one model and one KV cache, keyed by (batch, tree size, top-k).
+    """Captured steps of one engine, keyed by (rows, tree size, top-k): each row count n has one cache view
+    (the engine's rows [0, n)), so a key always replays onto the same buffers.
 
     The first call of a key runs the step eagerly on fresh static buffers (this compiles the Triton kernels for
     exactly those buffers) and then captures it; later calls copy their inputs into the static buffers and
     replay. All graphs share one memory pool: they are replayed one at a time on one stream.
     """
 
-    def __init__(self, model, cache: KVCache):
-        self.model, self.cache = model, cache
+    def __init__(self, model):
+        self.model = model
         self.pool = torch.cuda.graph_pool_handle()
         self.entries: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
 
-    @classmethod
-    def for_cache(cls, model, cache: KVCache) -> "StepGraphs":
-        graphs = model.state.graphs
-        if graphs is None or graphs.cache is not cache:  # a new cache buffer: the old graphs point at the old one
-            graphs = model.state.graphs = cls(model, cache)
-        return graphs
-
-    def run(self, chooser, *inputs: torch.Tensor, top_k: int = 0) -> torch.Tensor:
+    def run(self, cache: KVCache, chooser, *inputs: torch.Tensor, top_k: int = 0) -> torch.Tensor:
         key = tuple(tuple(t.shape) for t in inputs) + (top_k,)
         entry = self.entries.get(key)
         if entry is not None:
@@ -113,10 +98,10 @@ class StepGraphs:
             graph.replay()
             return out
         static = [t.clone() for t in inputs]
-        result = tree_step(self.model, self.cache, chooser, *static, top_k=top_k).clone()  # the real step
+        result = tree_step(self.model, cache, chooser, *static, top_k=top_k).clone()  # the real step
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):  # records the launches, runs nothing
-            out = tree_step(self.model, self.cache, chooser, *static, top_k=top_k)
+            out = tree_step(self.model, cache, chooser, *static, top_k=top_k)
         self.entries[key] = (graph, static, out)
         return result

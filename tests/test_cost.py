@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from lookahead import cost
-from lookahead.cost import CostModel, calibrate, curve_key, measure_cost_curve
+from lookahead import Drafter, LookaheadConfig, TokenTrie, cost
+from lookahead.cost import CostModel, StepCost, calibrate, curve_key, measure_cost_curve
+from lookahead.draft import TREE_BUCKETS
 
 
 def test_cost_model_prices_relative_to_one_token():
@@ -18,11 +19,47 @@ def test_cost_model_prices_relative_to_one_token():
             CostModel(bad)
 
 
-def test_measured_curve_covers_every_size_and_never_falls(tiny_llama):
-    curve = measure_cost_curve(tiny_llama(), [1, 2, 4, 8])
-    assert sorted(curve) == [1, 2, 4, 8]
-    assert all(v > 0 for v in curve.values())
-    assert [curve[T] for T in (1, 2, 4, 8)] == sorted(curve[T] for T in (1, 2, 4, 8))
+class FakeClock:
+    """time.perf_counter for cost.py, advanced by a fake verify by the seconds a table says a tree size costs."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def fake_verify(model, clock, seconds_of):
+    """model.verify replaced: costs seconds_of(T, call number) on the fake clock, computes nothing."""
+    calls = {"n": 0}
+
+    def verify(tokens, depths, cache, tree_mask):
+        calls["n"] += 1
+        clock.now += seconds_of(tokens.shape[1], calls["n"])
+
+    model.verify = verify
+    return calls
+
+
+def test_measured_curve_is_the_median_of_what_each_size_costs(tiny_llama, monkeypatch):
+    model, clock = tiny_llama(), FakeClock()
+    monkeypatch.setattr(cost.time, "perf_counter", clock)
+    table = {1: 0.010, 2: 0.011, 4: 0.013, 8: 0.020}
+    # every fifth run of a size is an outlier three times as slow: the median ignores it
+    fake_verify(model, clock, lambda T, n: table[T] * (3 if n % 5 == 0 else 1))
+    curve = measure_cost_curve(model, [1, 2, 4, 8])
+    assert curve == pytest.approx(table)
+
+
+def test_a_dip_is_measured_again(tiny_llama, monkeypatch):
+    model, clock = tiny_llama(), FakeClock()
+    monkeypatch.setattr(cost.time, "perf_counter", clock)
+    table = {1: 0.010, 4: 0.012, 16: 0.020}
+    first_pass_calls = 3 * (1 + cost._RUNS) + cost._RUNS  # warm-up + runs per size, then T=1 again
+    # the first pass sees T=16 at 40% of its cost (a dip below 80% of T=4): the curve is measured again
+    calls = fake_verify(model, clock, lambda T, n: table[T] * (0.4 if T == 16 and n <= first_pass_calls else 1))
+    curve = measure_cost_curve(model, [1, 4, 16])
+    assert calls["n"] == 2 * first_pass_calls and curve == pytest.approx(table)
 
 
 def test_calibrate_caches_on_the_model_and_on_disk(tiny_llama, tmp_path, monkeypatch):
@@ -57,3 +94,55 @@ def test_curve_key_names_what_the_cost_depends_on(tiny_llama, monkeypatch):
     key = curve_key(tiny_llama())
     for part in ("llama-2x32", "cpu", "float32", "threads=", "graphs=0"):
         assert part in key
+
+
+def _drafter_with_likely_continuations(cost):
+    """A drafter whose trie has seen one 40-token sequence four times: from its first tokens, long drafts of likely
+    nodes are on offer."""
+    sequence = list(range(1, 41))
+    trie = TokenTrie()
+    for _ in range(4):
+        trie.insert(sequence)
+    drafter = Drafter(LookaheadConfig(decoding_length=32, recycle_top_k=0), trie=trie)
+    drafter.cost = cost
+    for rid in range(8):
+        drafter.begin_request(rid, sequence[:5])
+    return drafter, sequence[:5]
+
+
+def test_step_cost_learns_the_steps_it_sees_and_scales_the_prior_elsewhere():
+    cost = StepCost({1: 1.0, 8: 1.1, 64: 2.0})
+    assert cost.step(1, 8) == pytest.approx(1.1) and cost.step(4, 2) == pytest.approx(1.1)  # nothing seen: B x T
+    for _ in range(3):
+        cost.observe(1, 1, 0.02)
+    assert cost.step(1, 1) == pytest.approx(0.02)
+    assert cost.step(1, 64) == pytest.approx(0.04)  # the prior's shape in the seen step's seconds
+    cost.observe(8, 1, 0.05)
+    assert cost.step(8, 1) == pytest.approx(0.05)
+    assert cost.step(8, 8) == pytest.approx(0.05 * 2.0 / 1.1)  # priced from the nearest B, not from B = 1
+    for _ in range(30):
+        cost.observe(1, 1, 0.03)  # the machine got slower: recent steps weigh most
+    assert cost.step(1, 1) == pytest.approx(0.03, rel=0.05)
+
+
+def test_when_measured_steps_say_drafts_never_pay_only_plain_steps_are_drafted():
+    cost = StepCost({1: 1.0, 128: 1.0})  # a prior that calls every node free
+    for T in TREE_BUCKETS[:10]:
+        for _ in range(3):
+            cost.observe(1, T, 0.01 * T)  # what the steps really cost: every node a whole step
+    drafter, context = _drafter_with_likely_continuations(cost)
+    assert drafter.draft(0, context) == ([], [])
+    free, _ = _drafter_with_likely_continuations(StepCost({1: 1.0, 128: 1.0}))
+    assert len(free.draft(0, context)[0]) > 8  # the same drafter with free nodes drafts deep
+
+
+def test_a_batch_whose_steps_rise_steeply_gets_smaller_trees_than_one_row():
+    cost = StepCost({1: 1.0, 128: 1.0})
+    for T in TREE_BUCKETS[:10]:
+        for _ in range(3):
+            cost.observe(1, T, 0.010 * (1 + 0.02 * T))  # one row: nodes nearly free
+            cost.observe(8, T, 0.015 * (1 + 0.5 * T))   # eight rows: each node costs half a step
+    drafter, context = _drafter_with_likely_continuations(cost)
+    alone = len(drafter.draft(0, context)[0])
+    batch = drafter.draft_batch(list(range(8)), [context] * 8)
+    assert 0 < max(len(tokens) for tokens, _ in batch) < alone

@@ -40,7 +40,7 @@ def test_graph_replay_equals_eager_and_plain(monkeypatch, layout):
         assert hot.stats.accepted_per_step > 2.0
         hot_steps[graphs] = hot.stats.steps
         if graphs:
-            assert model.state.graphs.entries  # the steps really were captured and replayed
+            assert model.state.engine.graphs.entries  # the steps really were captured and replayed
             assert hot_steps[True] == hot_steps[False]
 
 

@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -18,7 +19,7 @@ openai = pytest.importorskip("openai")
 from lookahead.data import encode_prompt, spec_bench_first_turns  # noqa: E402
 from lookahead.sampling import TokenChooser  # noqa: E402
 from lookahead.serve.app import BackgroundServer, decode  # noqa: E402
-from lookahead.serve.engine import Engine  # noqa: E402
+from lookahead.serve.scheduler import Scheduler  # noqa: E402
 from lookahead.state import GenerationState  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -31,7 +32,7 @@ def fresh_state(model):
     """The model as a freshly started server process sees it (empty trie, no drafter statistics; the measured
     cost curve kept); the session's state comes back afterwards."""
     saved = model.state
-    model.state = GenerationState(cost_curves=dict(saved.cost_curves))
+    model.state = GenerationState(cost_curves=dict(saved.cost_curves), step_costs=saved.step_costs)
     try:
         yield
     finally:
@@ -39,11 +40,12 @@ def fresh_state(model):
 
 
 @contextlib.contextmanager
-def serving(smollm2, **engine_kwargs):
+def serving(smollm2, api_key=None, **scheduler_kwargs):
     model, tokenizer = smollm2
     with fresh_state(model):
-        engine = Engine(model, tokenizer, **{"max_batch": 8, "max_context": 512, **engine_kwargs})
-        with BackgroundServer(engine, tokenizer, NAME) as server:
+        scheduler = Scheduler(model, tokenizer=tokenizer, metrics=True,
+                              **{"max_batch": 8, "max_context": 512, **scheduler_kwargs})
+        with BackgroundServer(scheduler, tokenizer, NAME, api_key=api_key) as server:
             yield server
 
 
@@ -169,12 +171,43 @@ def test_concurrent_requests_equal_their_solo_greedy_outputs_and_share_steps(smo
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(ask, range(8)))
     after = stats(server)
-    assert after["max_batch_seen"] >= 4 and after["row_steps"] - before["row_steps"] > after["steps"] - before["steps"]
+    assert after["finished"] == before["finished"] + 8
     for prompt, n, reply in zip(prompts, lengths, replies):
         ids, text = solo(model, tokenizer, prompt, n)
         assert reply.choices[0].message.content == text
         assert reply.usage.completion_tokens == len(ids)
     assert after["running"] == 0 and after["queued"] == 0
+
+
+def test_requests_queued_together_share_every_step_and_equal_generate(smollm2):
+    """Eight requests queued before the decode thread looks: all are admitted at once and every step runs them
+    together (no HTTP, no scheduling luck); each output equals generate() alone."""
+    model, tokenizer = smollm2
+    prompts = [encode_prompt(tokenizer, text, True)[0].tolist() for _, text in spec_bench_first_turns(1)[:8]]
+    lengths = [8, 24, 12, 20, 10, 16, 22, 14]
+    with fresh_state(model):
+        scheduler = Scheduler(model, tokenizer=tokenizer, max_batch=8, max_context=512, lookahead=None).start()
+        done = threading.Barrier(9)
+        outputs = {}
+
+        def sink_for(i):
+            def sink(event):
+                if hasattr(event, "reason"):
+                    outputs[i] = event
+                    done.wait()
+            return sink
+
+        with scheduler._cond:  # the decode thread waits on this lock: it sees all eight at once
+            requests = [scheduler.submit(p, n, sink=sink_for(i)) for i, (p, n) in enumerate(zip(prompts, lengths))]
+        done.wait(TIMEOUT)
+        stats = scheduler.stats
+        scheduler.close()
+    assert stats.max_batch_seen == 8 and stats.steps == max(lengths) - 1  # the prefill gave each its first token
+    assert stats.row_steps == sum(n - 1 for n in lengths)
+    for prompt, n, req in zip(prompts, lengths, requests):
+        assert outputs[requests.index(req)].reason == "length"
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=n, lookahead=False, eos_token_id=[])
+        assert req.output == expected[0, len(prompt):].tolist()
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
@@ -228,17 +261,16 @@ def test_a_client_that_disconnects_frees_its_row(server):
 def test_a_request_that_fails_mid_decode_fails_alone(smollm2, server, monkeypatch):
     model, tokenizer = smollm2
 
-    class FaultyChooser(TokenChooser):
-        """Raises from its second call on (the first decode step after the prefill) for seed 666."""
-        calls = 0
+    choose = TokenChooser.__call__
 
-        def __call__(self, *args, **kwargs):
-            self.calls += 1
-            if self.seed == 666 and self.calls > 1:
-                raise RuntimeError("injected fault")
-            return super().__call__(*args, **kwargs)
+    def faulty(self, logits, positions, tokens=None, tree_mask=None, start=0):
+        """Raises in a decode step (the prefill passes no tokens) over rows that hold a request of seed 666."""
+        rows = self.params[start:start + logits.shape[0]]
+        if tokens is not None and any(p is not None and p.seed == 666 for p in rows):
+            raise RuntimeError("injected fault")
+        return choose(self, logits, positions, tokens, tree_mask, start=start)
 
-    monkeypatch.setattr("lookahead.serve.engine.TokenChooser", FaultyChooser)
+    monkeypatch.setattr(TokenChooser, "__call__", faulty)
     failed = stats(server)["failed"]
     prompts = ["Name three colors.", "Name three animals.", "Name three cities."]
     body = {"model": NAME, "messages": [{"role": "user", "content": prompts[0]}], "max_tokens": 12,

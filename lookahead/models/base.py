@@ -370,14 +370,10 @@ class CausalLM(nn.Module):
                              "was it made with this model's tokenizer?")
 
     def kv_cache(self, batch: int, max_len: int) -> KVCache:
-        """The model's static cache, reallocated only when it is too small or of another shape."""
+        """A static cache of `batch` rows of `max_len` slots for this model (prefill / verify by hand; generate's
+        engine keeps its own)."""
         cfg = self.config
-        args = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, self.dtype, self.device)
-        if self.state.cache is None or not self.state.cache.fits(*args):
-            self.state.cache = self.state.graphs = None  # free the old buffer (and graphs on it) first
-            self.state.cache = KVCache(*args)
-        self.state.cache.reset()
-        return self.state.cache
+        return KVCache(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, self.dtype, self.device)
 
     # ---- exactness ---------------------------------------------------------------------------------------
     @property

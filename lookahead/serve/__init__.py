@@ -1,7 +1,8 @@
-"""Serving: an OpenAI-compatible HTTP server over an iteration-level batching engine (`lookahead serve`), and
-its load benchmark (`lookahead bench-serve`). Needs the `serve` extra (fastapi, uvicorn; httpx for the bench).
+"""Serving: an OpenAI-compatible HTTP server (`lookahead serve`) whose `Scheduler` admits, cancels and evicts requests
+around the library's one `Engine`, and its load benchmark (`lookahead bench-serve`). Needs the `serve` extra
+(fastapi, uvicorn, prometheus_client; httpx for the bench).
 """
 
-from lookahead.serve.engine import ContextTooLong, Engine, EngineClosed, Finished, QueueFull, SamplingParams, Tokens
+from lookahead.serve.scheduler import ContextTooLong, EngineClosed, Finished, QueueFull, Scheduler, Tokens
 
-__all__ = ["ContextTooLong", "Engine", "EngineClosed", "Finished", "QueueFull", "SamplingParams", "Tokens"]
+__all__ = ["ContextTooLong", "EngineClosed", "Finished", "QueueFull", "Scheduler", "Tokens"]

@@ -1,20 +1,26 @@
-"""`lookahead serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the batching engine.
+"""`lookahead serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the engine's scheduler.
+
+The HTTP side never touches torch: it tokenizes, hands requests to the `Scheduler` (whose decode thread owns the
+model) and turns the events of each step, delivered in one call per step, into responses.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (the tokenizer's chat template), GET /v1/models,
-GET /health, GET /v1/stats. `stream: true` sends server-sent events in OpenAI's chunk format ending with
+GET /health, GET /metrics (Prometheus), GET /v1/stats. With an API key every /v1 route needs
+`Authorization: Bearer KEY` (401 otherwise, compared in constant time), as vLLM's --api-key. `stream: true` sends server-sent events in OpenAI's chunk format ending with
 `data: [DONE]`. Settings: max_tokens, temperature (0 = greedy), top_p, seed, stop, n=1. `usage` carries the
 OpenAI counts plus `usage.lookahead = {steps, accepted_tokens_per_step, draft_tokens_per_step}`: the forward
 passes that produced the request's tokens (the prefill included, so plain decoding has exactly 1.0 tokens per
 step), completion tokens per step, and draft nodes verified per step.
 
 Errors are OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 for a malformed body, a bad
-setting or a prompt beyond the context, 404 for an unknown model, 503 when the queue is full or the server is
-stopping, 500 only for a request that failed inside the engine (it fails alone).
+setting or a prompt beyond the context, 401 without the API key, 404 for an unknown model, 503 when the queue is
+full or the server is stopping, 504 for a request past --request-timeout, 500 only for a request that failed
+inside the engine (it fails alone).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import socket
@@ -33,14 +39,16 @@ except ImportError as e:
     raise ModuleNotFoundError(f"lookahead serve needs the serve extra ({e.name} is missing): "
                               "pip install -e '.[serve]'") from e
 
-from lookahead.data import encode_chat, encode_prompt
-from lookahead.serve.engine import ContextTooLong, Engine, EngineClosed, Finished, QueueFull, SamplingParams, Tokens
+from lookahead.sampling import SamplingParams
+from lookahead.serve.metrics import Metrics
+from lookahead.serve.scheduler import ContextTooLong, EngineClosed, Finished, QueueFull, Scheduler, Tokens
 
 log = logging.getLogger("lookahead.serve")
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 STOPPED = "the server stopped before the request finished"
+TIMED_OUT = "the request ran past the server's --request-timeout"
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 
 
@@ -156,33 +164,52 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
 
 
 class TextStream:
-    """A request's text as its tokens arrive. Each piece handed out is final: text ending in a partial UTF-8
-    character or in the start of a stop string is held back, so the pieces concatenate to the whole text."""
+    """A request's text as its tokens arrive, detokenised incrementally: each push decodes only the tokens since
+    the last complete piece (vLLM's prefix/read offsets: O(new tokens), never the whole output). Each piece handed
+    out is final: text ending in a partial UTF-8 character or in the start of a stop string is held back, so the
+    pieces concatenate to the whole text, cut before the first stop string (OpenAI leaves it out)."""
 
     def __init__(self, tokenizer, stops: tuple[str, ...]):
         self.tokenizer, self.stops = tokenizer, stops
         self.ids: list[int] = []
-        self.sent = ""
+        self.prefix = self.read = 0  # decode window: ids[prefix:read] is text already in self.decoded
+        self.decoded = ""
+        self.stop_at: int | None = None  # where the first stop string starts in self.decoded
+        self.sent = 0  # characters handed out
+        self.longest_stop = max((len(s) for s in stops), default=0)
 
     def text(self) -> str:
+        """The whole text so far (non-streamed responses), cut before the first stop string."""
         return cut_at_stop(decode(self.tokenizer, self.ids), self.stops)[0]
+
+    def _decode_new(self, final: bool) -> None:
+        window = decode(self.tokenizer, self.ids[self.prefix:])
+        known = decode(self.tokenizer, self.ids[self.prefix:self.read])
+        if len(window) > len(known) and (final or not window.endswith("\ufffd")):
+            searched = max(0, len(self.decoded) - self.longest_stop + 1)
+            self.decoded += window[len(known):]
+            self.prefix, self.read = self.read, len(self.ids)
+            if self.stop_at is None and self.stops:
+                hits = [i for i in (self.decoded.find(s, searched) for s in self.stops) if i >= 0]
+                self.stop_at = min(hits) if hits else None
 
     def push(self, tokens: list[int]) -> str:
         self.ids += tokens
-        text, stopped = cut_at_stop(decode(self.tokenizer, self.ids), self.stops)
-        if not stopped:
-            text = text.rstrip("\ufffd")
-            held = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            text = text[:len(text) - held]
-        return self._advance(text)
+        self._decode_new(final=False)
+        if self.stop_at is not None:
+            return self._advance(self.stop_at)
+        text = self.decoded
+        held = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._advance(len(text) - held)
 
     def finish(self) -> str:
-        return self._advance(self.text())
+        self._decode_new(final=True)
+        return self._advance(self.stop_at if self.stop_at is not None else len(self.decoded))
 
-    def _advance(self, text: str) -> str:
-        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+    def _advance(self, end: int) -> str:
+        if end <= self.sent:
             return ""
-        piece, self.sent = text[len(self.sent):], text
+        piece, self.sent = self.decoded[self.sent:end], end
         return piece
 
 
@@ -199,10 +226,37 @@ def _sse(data) -> str:
 
 
 # ---- the app -----------------------------------------------------------------------------------------------------
-def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
-    """The HTTP front of a started engine; `tokenizer` encodes prompts and decodes outputs (on the event loop)."""
+def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | None = None,
+               metrics: Metrics | None = None) -> FastAPI:
+    """The HTTP front of a started scheduler; `tokenizer` encodes prompts and decodes outputs (on the event loop).
+    api_key: required as `Authorization: Bearer KEY` on every /v1 route. metrics: what GET /metrics renders."""
     app = FastAPI(title="lookahead", description="OpenAI-compatible server with lossless lookahead decoding")
     created = int(time.time())
+    expected = f"Bearer {api_key}".encode() if api_key else None
+    loop_holder: list[asyncio.AbstractEventLoop] = []
+
+    def dispatch(events) -> None:
+        """On the event loop: one step's events into their requests' queues."""
+        for req, event in events:
+            req.sink(event)
+
+    def deliver_on_loop(events) -> None:
+        """On the decode thread: one wake-up of the event loop per step, for every request at once."""
+        loop = loop_holder[0]
+        if not loop.is_closed():  # after the HTTP server stopped, nobody is left to read the events
+            loop.call_soon_threadsafe(dispatch, events)
+
+    @app.middleware("http")
+    async def bind_loop_and_check_key(request: Request, call_next):
+        if not loop_holder:
+            loop_holder.append(asyncio.get_running_loop())
+            scheduler.deliver = deliver_on_loop
+        if expected is not None and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return error_response(401, "Incorrect API key provided: send it as 'Authorization: Bearer KEY'",
+                                      code="invalid_api_key")
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
@@ -223,18 +277,25 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, **engine.load()}
+        return {"status": "ok", "model": model_name, **scheduler.load()}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        if metrics is None:
+            raise APIError(404, "this server keeps no metrics", code="404")
+        return Response(metrics.render(), media_type=Metrics.CONTENT_TYPE)
 
     @app.get("/v1/stats")
     async def stats():
-        return {**engine.stats.as_dict(), **engine.load(), "max_batch": engine.max_batch,
-                "max_context": engine.max_context, "lookahead": engine.config is not None,
-                "trie_nodes": len(engine.trie)}
+        return {**scheduler.stats.as_dict(), **scheduler.load(), "max_batch": scheduler.max_batch,
+                "max_context": scheduler.max_context, "lookahead": scheduler.config is not None,
+                "trie_nodes": len(scheduler.trie), "free_rows": scheduler.engine.free_rows(),
+                "drafting_requests": scheduler.engine.drafting_requests()}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "lookahead", "max_model_len": engine.max_context}]}
+                                            "owned_by": "lookahead", "max_model_len": scheduler.max_context}]}
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -247,10 +308,13 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
         if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
             max_tokens = body.max_completion_tokens
         if max_tokens is None:
-            max_tokens = default_max if default_max is not None else max(1, engine.max_context - prompt_len)
+            max_tokens = default_max if default_max is not None else max(1, scheduler.max_context - prompt_len)
         seed = None if body.seed is None else body.seed % 2**64
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=seed,
-                              stop=_stop_strings(body.stop))
+        if body.temperature > 0:
+            sampling = SamplingParams(do_sample=True, temperature=body.temperature, top_p=body.top_p, seed=seed)
+        else:
+            sampling = SamplingParams()
+        return max_tokens, sampling, _stop_strings(body.stop)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -260,7 +324,7 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
             if len(prompt) != 1:
                 raise APIError(400, "one prompt per request (n=1)", param="prompt")
             prompt = prompt[0]
-        ids = encode_prompt(tokenizer, prompt, chat=False)[0].tolist() if isinstance(prompt, str) else list(prompt)
+        ids = tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
         params = settings(body, len(ids), COMPLETIONS_DEFAULT_MAX_TOKENS)
         return await respond(request, body, ids, params, chat=False)
 
@@ -270,17 +334,18 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
         messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
                      "".join(part.text for part in m.content or [])} for m in body.messages]
         try:
-            ids = encode_chat(tokenizer, messages)[0].tolist()
+            ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)[
+                "input_ids"])
         except Exception as e:  # the template refuses this conversation (e.g. an unknown role order)
             raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
         params = settings(body, len(ids), None)
         return await respond(request, body, ids, params, chat=True)
 
-    async def respond(request: Request, body: _Settings, ids: list[int], params: SamplingParams, chat: bool):
-        loop = asyncio.get_running_loop()
+    async def respond(request: Request, body: _Settings, ids: list[int], params, chat: bool):
+        max_tokens, sampling, stop = params
         events: asyncio.Queue = asyncio.Queue()
         try:
-            req = engine.submit(ids, params, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+            req = scheduler.submit(ids, max_tokens, sampling, stop, events.put_nowait)
         except QueueFull as e:
             raise APIError(503, str(e), type="server_error", code="queue_full") from None
         except EngineClosed as e:
@@ -293,7 +358,7 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": body.model}
-        text = TextStream(tokenizer, params.stop)
+        text = TextStream(tokenizer, stop)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream(req, events, text, head, chat, include_usage),
@@ -306,10 +371,12 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
                     text.ids += event.tokens
                 elif event.reason == "error":
                     raise APIError(500, f"the request failed while decoding: {event.error}", type="server_error")
-                elif event.reason == "cancelled":  # its client went away, or the engine stopped under it
+                elif event.reason == "cancelled":  # its client went away, or the server stopped under it
                     if req.cancelled:
                         return Response(status_code=499)
                     raise APIError(503, STOPPED, type="server_error", code="shutting_down")
+                elif event.reason == "timeout":
+                    raise APIError(504, TIMED_OUT, type="server_error", code="timeout")
                 else:
                     choice = ({"index": 0, "message": {"role": "assistant", "content": text.text()},
                                "logprobs": None, "finish_reason": event.reason} if chat else
@@ -323,7 +390,7 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
         itself)."""
         while not await request.is_disconnected():
             await asyncio.sleep(DISCONNECT_POLL_S)
-        engine.cancel(req)
+        scheduler.cancel(req)
 
     async def stream(req, events: asyncio.Queue, text: TextStream, head: dict, chat: bool, include_usage: bool):
         """SSE chunks; a client that disconnects cancels this generator, whose `finally` frees the row."""
@@ -347,9 +414,9 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
                     if piece:
                         yield chunk(piece)
                     continue
-                if event.reason in ("error", "cancelled"):
-                    message = (f"the request failed while decoding: {event.error}" if event.reason == "error" else
-                               STOPPED)
+                if event.reason in ("error", "cancelled", "timeout"):
+                    message = {"error": f"the request failed while decoding: {event.error}", "cancelled": STOPPED,
+                               "timeout": TIMED_OUT}[event.reason]
                     yield _sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
                 else:
                     piece = text.finish()
@@ -361,29 +428,30 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
                 yield "data: [DONE]\n\n"
                 return
         finally:
-            engine.cancel(req)  # a no-op once it finished
+            scheduler.cancel(req)  # a no-op once it finished
 
     return app
 
 
 # ---- running it ----------------------------------------------------------------------------------------------------
 class BackgroundServer:
-    """Serve an engine on host:port from a thread of this process (tests, notebooks). port 0 = a free port;
-    `url` is the base URL (…/v1 for the openai client). `close()` stops uvicorn, then the engine (which saves
+    """Serve a scheduler on host:port from a thread of this process (tests, notebooks). port 0 = a free port;
+    `url` is the base URL (…/v1 for the openai client). `close()` stops uvicorn, then the scheduler (which saves
     the trie)."""
 
-    def __init__(self, engine: Engine, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 0,
-                 log_level: str = "warning"):
+    def __init__(self, scheduler: Scheduler, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 0,
+                 log_level: str = "warning", api_key: str | None = None):
         import uvicorn
 
-        self.engine = engine.start()
+        self.scheduler = scheduler.start()
+        self.metrics = scheduler.metrics
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
-        config = uvicorn.Config(create_app(engine, tokenizer, model_name), log_level=log_level,
-                                timeout_graceful_shutdown=2)
+        config = uvicorn.Config(create_app(scheduler, tokenizer, model_name, api_key, scheduler.metrics),
+                                log_level=log_level, timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="lookahead-http", daemon=True)
@@ -398,7 +466,7 @@ class BackgroundServer:
         self.server.should_exit = True
         self.thread.join(10)
         self.sock.close()
-        self.engine.close()
+        self.scheduler.close()
 
     def __enter__(self) -> BackgroundServer:
         return self
@@ -424,27 +492,46 @@ def add_arguments(p) -> None:
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every /v1 route (default: $LOOKAHEAD_API_KEY, else none)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the decode thread (default: torch's, the physical cores)")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds after which a request ends with 504 / a timeout error (default: none)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGINT/SIGTERM, seconds to let running requests finish before they are cancelled")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def run(args) -> int:
-    """Load the model, start the engine, serve until SIGINT/SIGTERM, then save the trie."""
+    """Load the model on the decode thread, serve until SIGINT/SIGTERM (running requests finish, up to
+    --shutdown-timeout), then save the trie."""
+    import os
+
     import uvicorn
+    from transformers import AutoTokenizer
 
     from lookahead.config import LookaheadConfig
     from lookahead.models.auto import load_model
+    from lookahead.models.checkpoint import resolve_checkpoint
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_context=args.max_context,
-                    max_queue=args.max_queue, lookahead=None if args.no_lookahead else LookaheadConfig(),
-                    trie_path=args.trie, trie_save_minutes=args.trie_save_minutes).start()
+    api_key = args.api_key or os.environ.get("LOOKAHEAD_API_KEY") or None
+    tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(args.model))  # tokenizers only: no torch work
+    scheduler = Scheduler(lambda: load_model(args.model, args.dtype, args.device)[0], max_batch=args.max_batch,
+                          max_context=args.max_context, max_queue=args.max_queue,
+                          lookahead=None if args.no_lookahead else LookaheadConfig(), trie_path=args.trie,
+                          trie_save_minutes=args.trie_save_minutes, request_timeout=args.request_timeout,
+                          threads=args.threads, tokenizer=tokenizer, metrics=True)
+    scheduler.start()
     name = args.served_model_name or args.model
-    log.info("serving %s on http://%s:%d/v1 (max batch %d, context %d, lookahead %s, trie %s)", name, args.host,
-             args.port, engine.max_batch, engine.max_context, "on" if engine.config else "off", args.trie or "-")
+    log.info("serving %s on http://%s:%d/v1 (max batch %d, context %d, lookahead %s, trie %s, threads %s, api key %s)",
+             name, args.host, args.port, scheduler.max_batch, scheduler.max_context,
+             "on" if scheduler.config else "off", args.trie or "-", args.threads or "default",
+             "on" if api_key else "off")
     try:
-        uvicorn.run(create_app(engine, tokenizer, name), host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=5)
+        uvicorn.run(create_app(scheduler, tokenizer, name, api_key, scheduler.metrics), host=args.host,
+                    port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout)
     finally:
-        engine.close()
+        scheduler.close()
     return 0

@@ -10,12 +10,17 @@ Per run: requests/s and output tokens/s over the wall time, time to first token 
 (after the first) p50/p99 per request, accepted tokens/step (completion tokens over forward passes, from
 `usage.lookahead`), and how many outputs equal the plain server's at concurrency 1. Writes JSON, a Markdown
 table and a PNG plot.
+
+The baseline the server is held to: `generate()` on the same prompts, one after another, in a fresh process of
+its own (mode "generate-plain" / "generate-lookahead", concurrency 1), with the same warm-up request and the same
+drafting memory protocol (a fresh trie that learns from the earlier outputs).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -129,7 +134,7 @@ class ServerProcess:
     """`python -m lookahead.serve` on a free port of 127.0.0.1 with an empty trie; stopped with SIGINT."""
 
     def __init__(self, model: str, lookahead: bool, max_batch: int, log_path: Path, dtype: str | None = None,
-                 device: str | None = None):
+                 device: str | None = None, threads: int | None = None):
         import httpx
 
         host = "127.0.0.1"
@@ -140,6 +145,7 @@ class ServerProcess:
         cmd += [] if lookahead else ["--no-lookahead"]
         cmd += ["--dtype", dtype] if dtype else []
         cmd += ["--device", device] if device else []
+        cmd += ["--threads", str(threads)] if threads else []
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy())
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -178,12 +184,51 @@ def conversations(num_prompts: int) -> list[list[dict]]:
     return [[{"role": "user", "content": text}] for _, text in items]
 
 
+def _generate_run(model_name: str, convs: list[list[dict]], max_tokens: int, lookahead: bool, dtype: str | None,
+                  device: str | None, threads: int | None) -> tuple[list[dict], float]:
+    """In a fresh process: generate() on each conversation in turn -> per-request records and the wall time."""
+    import torch
+
+    from lookahead.data import encode_chat
+    from lookahead.models.auto import load_model
+    from lookahead.serve.app import decode
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = load_model(model_name, dtype, device)
+
+    def one(conv, n):
+        ids = encode_chat(tokenizer, conv).to(model.device)
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=n, lookahead=lookahead, return_dict_in_generate=True)
+        wall = time.perf_counter() - t0
+        new = out.sequences[0, ids.shape[1]:out.stats.new_tokens + ids.shape[1]].tolist()
+        return {"ttft_s": out.stats.prefill_s, "latency_s": wall, "completion_tokens": out.stats.new_tokens,
+                "steps": out.stats.steps, "text": decode(tokenizer, new)}
+
+    one([{"role": "user", "content": "Hello!"}], 4)  # the servers' warm-up request
+    t0 = time.perf_counter()
+    records = [one(conv, max_tokens) for conv in convs]
+    return records, time.perf_counter() - t0
+
+
+def generate_baseline(model: str, convs: list[list[dict]], max_tokens: int, lookahead: bool, dtype: str | None = None,
+                      device: str | None = None, threads: int | None = None) -> tuple[list[RequestResult], float]:
+    """generate() on the prompts one after another, in a process of its own (as each server has one)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        records, wall = pool.apply(_generate_run, (model, convs, max_tokens, lookahead, dtype, device, threads))
+    return [RequestResult(i, r["ttft_s"], r["latency_s"], r["completion_tokens"], r["steps"], r["text"])
+            for i, r in enumerate(records)], wall
+
+
 def bench_serve(model: str = DEFAULT_MODEL, num_prompts: int = 8, max_tokens: int = 64,
-                concurrencies: tuple[int, ...] = (1, 4, 8), out: str | Path = "bench/serve", name: str = "serve",
-                max_batch: int = 8, url: str | None = None, served_model_name: str | None = None,
-                dtype: str | None = None, device: str | None = None) -> list[dict]:
-    """Run the load for plain and lookahead servers (or only the server at `url`), write
-    `{out}/{name}.json`, `.md` and `.png`, and return the rows."""
+                concurrencies: tuple[int, ...] = (1, 4, 8, 16), out: str | Path = "bench/serve", name: str = "serve",
+                max_batch: int = 16, url: str | None = None, served_model_name: str | None = None,
+                dtype: str | None = None, device: str | None = None, threads: int | None = None,
+                baseline: bool = True) -> list[dict]:
+    """Run the load for plain and lookahead servers (or only the server at `url`), and with `baseline` the same
+    prompts through generate() in a process of its own; write `{out}/{name}.json`, `.md` and `.png`, and return
+    the rows."""
     if num_prompts < 1 or max_tokens < 1 or not concurrencies or min(concurrencies) < 1:
         raise ValueError("num_prompts, max_tokens and every concurrency must be >= 1")
     out = Path(out)
@@ -192,10 +237,16 @@ def bench_serve(model: str = DEFAULT_MODEL, num_prompts: int = 8, max_tokens: in
     warmup = [[{"role": "user", "content": "Hello!"}]]
     modes = [("server", None)] if url else [("plain", False), ("lookahead", True)]
     rows, texts = [], {}
+    if baseline and not url:
+        for mode, lookahead in (("generate-plain", False), ("generate-lookahead", True)):
+            results, wall = generate_baseline(model, convs, max_tokens, lookahead, dtype, device, threads)
+            texts[mode, 1] = [r.text for r in results]
+            rows.append({"mode": mode, "concurrency": 1, **summarize(results, wall), "identical_to_plain": None})
+            print(_line(rows[-1]), file=sys.stderr, flush=True)
     for mode, lookahead in modes:
         for c in concurrencies:
             server = None if url else ServerProcess(model, lookahead, max_batch, out / f"{name}-{mode}-c{c}.log",
-                                                    dtype, device)
+                                                    dtype, device, threads)
             base = url.rstrip("/").removesuffix("/v1") if url else server.url
             served = served_model_name or model
             try:
@@ -206,13 +257,16 @@ def bench_serve(model: str = DEFAULT_MODEL, num_prompts: int = 8, max_tokens: in
                     server.close()
             texts[mode, c] = [r.text for r in results]
             row = {"mode": mode, "concurrency": c, **summarize(results, wall)}
-            reference = texts.get(("plain", min(concurrencies)))
+            reference = texts.get(("generate-plain", 1)) or texts.get(("plain", min(concurrencies)))
             row["identical_to_plain"] = (sum(a == b for a, b in zip(texts[mode, c], reference))
                                          if reference is not None else None)
             rows.append(row)
             print(_line(row), file=sys.stderr, flush=True)
+    for row in rows:  # the generate rows against the plain generate's texts too
+        if row["identical_to_plain"] is None and ("generate-plain", 1) in texts and not url:
+            row["identical_to_plain"] = sum(a == b for a, b in zip(texts[row["mode"], 1], texts["generate-plain", 1]))
     meta = {"model": model, "num_prompts": num_prompts, "max_tokens": max_tokens, "max_batch": max_batch,
-            "date": time.strftime("%Y-%m-%d"), "results": rows,
+            "threads": threads, "date": time.strftime("%Y-%m-%d"), "results": rows,
             "requests": {f"{m}-c{c}": t for (m, c), t in texts.items()}}
     (out / f"{name}.json").write_text(json.dumps(meta, indent=1))
     (out / f"{name}.md").write_text(markdown_table(rows) + "\n")
@@ -269,8 +323,10 @@ def add_arguments(p) -> None:
     p.add_argument("--served-model-name", default=None, help="the model id the server at --url expects")
     p.add_argument("--num-prompts", type=int, default=8, help="Spec-Bench first turns, round-robin over categories")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
-    p.add_argument("--max-batch", type=int, default=8, help="--max-batch of the servers started")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--max-batch", type=int, default=16, help="--max-batch of the servers started")
+    p.add_argument("--threads", type=int, default=None, help="--threads of the servers and of the generate() run")
+    p.add_argument("--no-baseline", action="store_true", help="skip the generate() runs on the same prompts")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=Path("bench/serve"))
@@ -279,6 +335,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     rows = bench_serve(args.model, args.num_prompts, args.max_tokens, tuple(args.concurrency), args.out, args.name,
-                       args.max_batch, args.url, args.served_model_name, args.dtype, args.device)
+                       args.max_batch, args.url, args.served_model_name, args.dtype, args.device, args.threads,
+                       not args.no_baseline)
     print(markdown_table(rows))
     return 0 if all(r["errors"] == 0 for r in rows) else 1

@@ -1,0 +1,357 @@
+"""The engine: the one step runner behind `generate` and `lookahead serve`.
+
+An `Engine` owns a static KV cache of `max_batch` rows, the per-row state of the requests in them (`Sequence`),
+one batched `TokenChooser`, a persistent device step mask, the CUDA graphs of its steps, the drafter and the
+learned cost model of its steps. `add` prefills requests into free rows; `step` runs one decode step over rows
+[0, last busy row] and commits every row's accepted tokens; `remove` ends a request early. `generate` adds its
+rows and steps until they end; the server admits, cancels and evicts requests around the same calls.
+
+Per step: draft (the Drafter prices the trees at the step's row count with `StepCost`) -> pack -> one device step
+(`tree_step`, or its CUDA graph) -> one device-to-host read -> commit per row (eos / stop strings / max tokens
+cut, sampler and drafter updates). Host work is O(draft size) per row; the step's seconds are fed back into the
+cost model. Rows never see each other: the linear layers are batch-invariant on the CPU path and attention is
+per row, so a greedy request returns the tokens it would return alone.
+
+All torch work of an engine happens on the thread that calls it (torch's OpenMP pool is per thread).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+
+from lookahead.cache import KVCache
+from lookahead.config import LookaheadConfig
+from lookahead.cost import StepCost, curve_key, prior_curve
+from lookahead.draft import bucket_size, draft_trees, pack_drafts
+from lookahead.drafter import Drafter
+from lookahead.nvtx import nvtx_range
+from lookahead.sampling import SamplingParams, TokenChooser
+from lookahead.settings import MAX_TREE_NODES
+from lookahead.steps import StepGraphs, graphs_enabled, read_step_row, tree_step
+
+log = logging.getLogger("lookahead.engine")
+
+_request_ids = itertools.count()
+
+
+class StopStrings:
+    """transformers' stop_strings: the output ends with the token that completes any of the strings."""
+
+    def __init__(self, strings, tokenizer):
+        if isinstance(strings, str):
+            strings = [strings]
+        if not isinstance(strings, (list, tuple)) or not strings or not all(isinstance(s, str) and s for s in strings):
+            raise ValueError(f"stop_strings must be a non-empty string or list of non-empty strings, got {strings!r}")
+        if tokenizer is None:
+            raise ValueError("stop_strings need tokenizer=... to read the generated text (as in transformers)")
+        self.strings, self.tokenizer = list(strings), tokenizer
+        # a stop string of n characters lies within the last n + 4 tokens: a token decodes to >= 1 character
+        # except special or partial-UTF-8 tokens, for which the slack is kept generous
+        self.window = max(len(s) for s in self.strings) + 4
+
+    def first_stop(self, output: list[int], new: list[int]) -> int | None:
+        """Index j of the first token of `new` whose text completes a stop string after `output`, else None."""
+        tokens = output[-self.window:] + new
+        offset = len(tokens) - len(new)
+        for j in range(len(new)):
+            text = self.tokenizer.decode(tokens[max(0, offset + j + 1 - self.window):offset + j + 1])
+            if any(s in text for s in self.strings):
+                return j
+        return None
+
+
+def cut_new_tokens(new: list[int], context: list[int], prompt_len: int, max_new_tokens: int, eos,
+                   stops: StopStrings | None) -> tuple[list[int], str | None]:
+    """A row's accepted tokens cut at max_new_tokens, the first eos, or the token that completes a stop string:
+    (kept, None while the row goes on, else "length" or "stop"). O(new tokens): the context is never copied."""
+    room = max_new_tokens - (len(context) - prompt_len)
+    new, ended = new[:room], ("length" if len(new) >= room else None)
+    for j, t in enumerate(new):
+        if t in eos:
+            return new[:j + 1], "stop"
+    if stops is not None:
+        j = stops.first_stop(context[max(prompt_len, len(context) - stops.window):], new)
+        if j is not None:
+            return new[:j + 1], "stop"
+    return new, ended
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request in an engine: its settings, its committed tokens and its counts. noise_row: the row id its
+    sampling noise is keyed by (generate: the row's index in its batch; the server: 0, as a solo call), so a
+    seeded request's tokens never depend on the slot it got."""
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    eos: frozenset[int] = frozenset()
+    stops: StopStrings | None = None
+    references: Seq[Seq[int]] = ()
+    noise_row: int = 0
+    request_id: int = field(default_factory=lambda: next(_request_ids))
+    context: list[int] = field(init=False)  # prompt + output so far
+    row: int | None = field(default=None, init=False)
+    steps: int = field(default=0, init=False)         # forward passes that produced its tokens (prefill included)
+    draft_tokens: int = field(default=0, init=False)  # draft nodes verified for it
+    finish_reason: str | None = field(default=None, init=False)  # "stop", "length", or what remove() was told
+    error: str | None = field(default=None, init=False)  # why a step failed it (finish_reason "error")
+
+    def __post_init__(self):
+        self.context = list(self.prompt)
+
+    @property
+    def output(self) -> list[int]:
+        return self.context[len(self.prompt):]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    """Iteration-level batching over a static cache of `max_batch` rows of `max_context` tokens (prompt + output).
+
+    lookahead: the drafting settings (None = plain one-token steps); `configure` changes them between requests.
+    isolate_failures: a step that raises is retried row by row, so a failing request fails alone (the server);
+    otherwise the error propagates (generate).
+    """
+
+    def __init__(self, model, max_batch: int, max_context: int, lookahead: LookaheadConfig | None = None,
+                 isolate_failures: bool = False):
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        cfg = model.config
+        if not isinstance(max_context, int) or max_context < 2:
+            raise ValueError(f"max_context must be an int >= 2, got {max_context!r}")
+        self.model, self.max_batch, self.max_context = model, max_batch, max_context
+        self.dtype, self.device = model.dtype, model.device
+        self.isolate_failures = isolate_failures
+        # room for the largest tree past a full row: a draft's K/V are written after the committed tokens
+        self.cache = KVCache(cfg.n_layers, max_batch, cfg.n_kv_heads, max_context + MAX_TREE_NODES, cfg.head_dim,
+                             model.dtype, model.device)
+        self.views = {n: self.cache.rows(0, n) for n in range(1, max_batch + 1)}  # rows [0, n): one object per n
+        self.slots: list[Sequence | None] = [None] * max_batch
+        self.active = torch.zeros(max_batch, dtype=torch.long, device=model.device)  # 1 = the row advances
+        self.chooser = TokenChooser(max_batch, cfg.vocab_size, model.device)
+        self.graphs: StepGraphs | None = None  # made on the first step that can replay a graph
+        self.steps = 0
+        self.host_s = 0.0  # drafting, packing and committing, summed over steps
+        self._device_s = 0.0  # the last step's device work and its one read (for StepCost and host_s)
+        self.config: LookaheadConfig | None = None
+        self.drafter: Drafter | None = None
+        self.cost: StepCost | None = None
+        self.configure(lookahead)
+
+    def fits(self, model, max_batch: int, max_context: int) -> bool:
+        """Whether this engine can serve a call of max_batch rows of max_context tokens on the model as it is."""
+        return (model is self.model and model.dtype == self.dtype and model.device == self.device
+                and max_batch <= self.max_batch and max_context <= self.max_context)
+
+    def configure(self, lookahead: LookaheadConfig | None) -> None:
+        """Drafting settings for the requests added from now on (only between requests: no row may be busy).
+        The drafter is built over the model's current trie, calibration and recycled tokens; with adaptive drafting
+        it prices trees with this engine's learned step costs."""
+        if any(self.slots):
+            raise ValueError("configure() needs an idle engine: finish or remove its requests first")
+        drafter = None
+        if lookahead is not None:
+            state = self.model.state
+            drafter = Drafter(lookahead, cost_curve=None, trie=self.model.trie, calibration=state.calibration,
+                              successors=state.successors)  # ValueError for a trie of another shape: nothing changed
+            if lookahead.adaptive:
+                drafter.cost = self.step_cost(bucket_size(lookahead.decoding_length + 1))
+        self.config, self.drafter = lookahead, drafter
+
+    def step_cost(self, max_tree: int) -> StepCost:
+        """The model's learned step costs (kept on `model.state` across engines and calls), started from
+        `prior_curve`; a prior that changed (a newly calibrated or assigned curve) starts them anew."""
+        prior = prior_curve(self.model, max_tree)
+        key = curve_key(self.model)
+        cost = self.model.state.step_costs.get(key)
+        if cost is None or cost.source is not prior:
+            cost = self.model.state.step_costs[key] = StepCost(prior)
+        self.cost = cost
+        return cost
+
+    # ---- requests in and out --------------------------------------------------------------------------------
+    def free_rows(self) -> int:
+        return sum(s is None for s in self.slots)
+
+    def busy(self) -> list[Sequence]:
+        return [s for s in self.slots if s is not None]
+
+    def drafting_requests(self) -> int:
+        """Requests the drafter still holds state for (0 once every request has left)."""
+        return len(self.drafter._requests) if self.drafter is not None else 0
+
+    def add(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+        """Prefill the sequences into free rows (lowest first; consecutive rows in one forward) and commit each one's
+        first token -> [(sequence, [first token])]; a sequence that ends there (eos, max_new_tokens 1) has left
+        its row again. ValueError if a prompt + max_new_tokens does not fit a row or there are too few free rows;
+        nothing is changed then."""
+        vocab = self.model.config.vocab_size
+        for seq in seqs:
+            if not seq.prompt or not all(isinstance(t, int) and 0 <= t < vocab for t in seq.prompt):
+                raise ValueError(f"a prompt must be a non-empty list of token ids in [0, {vocab})")
+            if not isinstance(seq.max_new_tokens, int) or seq.max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens must be an int >= 1, got {seq.max_new_tokens!r}")
+            if len(seq.prompt) + seq.max_new_tokens > self.max_context:
+                raise ValueError(f"prompt ({len(seq.prompt)} tokens) + max_new_tokens ({seq.max_new_tokens}) "
+                                 f"exceeds this engine's {self.max_context} tokens per row")
+        free = [r for r, s in enumerate(self.slots) if s is None]
+        if len(seqs) > len(free):
+            raise ValueError(f"{len(seqs)} requests but {len(free)} free rows: finish or remove requests first")
+        for seq, row in zip(seqs, free):
+            seq.row = row
+            self.slots[row] = seq
+            self.chooser.set_row(row, seq.sampling, seq.prompt, seq.noise_row)
+            if self.drafter is not None:
+                self.drafter.begin_request(seq.request_id, seq.prompt, seq.references)
+        events = []
+        with torch.inference_mode():
+            group: list[Sequence] = []
+            for seq in sorted(seqs, key=lambda s: s.row):
+                if group and seq.row != group[-1].row + 1:
+                    events += self._prefill(group)
+                    group = []
+                group.append(seq)
+            if group:
+                events += self._prefill(group)
+        return events
+
+    def _prefill(self, group: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+        """One forward over consecutive rows: prompts right-padded, K/V at slots 0.., each row's first token."""
+        start, n = group[0].row, len(group)
+        width = max(len(s.prompt) for s in group)
+        ids = torch.tensor([s.prompt + [0] * (width - len(s.prompt)) for s in group], device=self.device)  # (n, W)
+        lengths = torch.tensor([len(s.prompt) for s in group], device=self.device)
+        try:
+            logits = self.model.prefill(ids, lengths, self.cache.rows(start, start + n))  # (n, V)
+            first = self.chooser(logits[:, None], lengths[:, None], start=start)[:, 0].tolist()
+        except Exception:
+            for seq in group:
+                self._release(seq, "error")
+            raise
+        for seq in group:
+            self.active[seq.row] = 1
+        return [self._commit(seq, [tok]) for seq, tok in zip(group, first)]
+
+    def remove(self, seq: Sequence, reason: str) -> None:
+        """End a running request now (cancelled, timed out, failed): its row, sampler row and drafter state go."""
+        if seq.row is not None and self.slots[seq.row] is seq:
+            self._release(seq, reason)
+
+    def _release(self, seq: Sequence, reason: str) -> None:
+        row = seq.row
+        self.slots[row] = None
+        self.active[row] = 0
+        self.chooser.clear_row(row)
+        seq.row, seq.finish_reason = None, reason
+        if self.drafter is not None:
+            self.drafter.end_request(seq.request_id)
+
+    # ---- one step ---------------------------------------------------------------------------------------------
+    def step(self) -> list[tuple[Sequence, list[int]]]:
+        """One decode step over rows [0, last busy row] -> [(sequence, its new tokens)] for every busy row (a
+        failed row, with isolate_failures, gets no entry and has finish_reason "error")."""
+        n = max((r for r, s in enumerate(self.slots) if s is not None), default=-1) + 1
+        if n == 0:
+            return []
+        t0 = time.perf_counter()
+        seqs = self.slots[:n]
+        with nvtx_range("draft"):
+            proposals = [([], [])] * n
+            if self.drafter is not None:
+                ids = [s.request_id if s is not None else -1 for s in seqs]
+                contexts = [s.context if s is not None else None for s in seqs]
+                proposals = self.drafter.draft_batch(ids, contexts, batch_size=n)
+            layout = self.config.layout if self.config is not None else "hier"
+            drafts = draft_trees([s.context[-1] if s is not None else 0 for s in seqs], proposals, layout)
+        top_k = min(self.config.recycle_top_k, self.model.config.vocab_size) if self.config is not None else 0
+        with torch.inference_mode():
+            try:
+                results = self._run(0, n, drafts, top_k)
+            except Exception:
+                if not self.isolate_failures:
+                    raise
+                log.exception("a step of %d rows failed: retrying its rows one by one", n)
+                results = self._run_alone(seqs, drafts, top_k)
+        t2 = time.perf_counter()
+        events = []
+        with nvtx_range("commit"):
+            for b, seq in enumerate(seqs):
+                if seq is None or results[b] is None:
+                    continue
+                seq.draft_tokens += drafts[b].num_draft
+                events.append(self._commit(seq, *read_step_row(results[b], drafts[b].tokens, top_k)))
+        self.steps += 1
+        self.host_s += (t2 - t0) - self._device_s + (time.perf_counter() - t2)
+        return events
+
+    def _run(self, start: int, stop: int, drafts, top_k: int) -> list[list[int]]:
+        """The device step over rows [start, stop) and its one device-to-host read; the cost model learns its
+        seconds."""
+        n = stop - start
+        batch = pack_drafts(drafts[start:stop] if (start, stop) != (0, len(drafts)) else drafts, self.device)
+        T = batch.tokens.shape[1]
+        view = self.views[n] if start == 0 else self.cache.rows(start, stop)
+        inputs = (batch.tokens, batch.parents, batch.depths, batch.tree_mask, self.active[start:stop])
+        t1 = time.perf_counter()
+        lens = view.lens.clone() if self.isolate_failures else None
+        try:
+            if start == 0 and self.chooser.plain_argmax(n) and graphs_enabled(self.model):
+                self.graphs = self.graphs or StepGraphs(self.model)
+                result = self.graphs.run(view, self.chooser, *inputs, top_k=top_k)
+            else:
+                result = tree_step(self.model, view, _RowRange(self.chooser, start), *inputs, top_k=top_k)
+            host = result.tolist()  # the one device-to-host sync of the step
+        except Exception:
+            if lens is not None:
+                view.lens.copy_(lens)  # the step wrote only scratch slots past each row's length
+            raise
+        self._device_s = time.perf_counter() - t1
+        if self.cost is not None:
+            self.cost.observe(n, T, self._device_s)
+        return host
+
+    def _run_alone(self, seqs: list[Sequence | None], drafts, top_k: int) -> list[list[int] | None]:
+        results: list[list[int] | None] = [None] * len(seqs)
+        for b, seq in enumerate(seqs):
+            if seq is None:
+                continue
+            try:
+                results[b] = self._run(b, b + 1, drafts, top_k)[0]
+            except Exception as e:
+                log.exception("request %s failed in its step", seq.request_id)
+                seq.error = f"{type(e).__name__}: {e}"
+                self._release(seq, "error")
+        return results
+
+    def _commit(self, seq: Sequence, new: list[int], predictions: dict | None = None) -> tuple[Sequence, list[int]]:
+        """Append a row's accepted tokens, cut at the first eos, stop string or max_new_tokens, and tell the sampler
+        and the drafter; a row that ends leaves its slot."""
+        new, ended = cut_new_tokens(new, seq.context, len(seq.prompt), seq.max_new_tokens, seq.eos, seq.stops)
+        seq.context += new
+        seq.steps += 1
+        self.chooser.commit(seq.row, new)
+        if self.drafter is not None:
+            self.drafter.update(seq.request_id, new, predictions)
+        if ended is not None:
+            self._release(seq, ended)
+        return seq, new
+
+
+class _RowRange:
+    """The engine's chooser seen from a step over rows [start, start + n)."""
+
+    def __init__(self, chooser: TokenChooser, start: int):
+        self.chooser, self.start = chooser, start
+
+    def __call__(self, logits, positions, tokens=None, tree_mask=None):
+        return self.chooser(logits, positions, tokens, tree_mask, start=self.start)

@@ -1,0 +1,400 @@
+"""The server's side of the engine: requests in, tokens out, around one `Engine` on one thread.
+
+`Scheduler` owns the decode thread. Everything torch does in a server process happens there: loading the model
+(when given a loader), packing its weights, the quick cost prior, every prefill and step (torch's OpenMP pool
+is per thread: a second thread doing torch work would bring a second pool of spinning workers onto the same
+cores). Other threads only queue requests, flag them cancelled and read counters.
+
+Between two steps the thread drops cancelled and timed-out requests, admits queued ones into free rows (one
+prefill per run of consecutive rows), and saves the trie when it is due; then one `Engine.step` runs over the
+busy rows. The events of a whole step (each request's new tokens, and `Finished` for those that ended) go out in
+one `deliver` call, so an event loop wakes once per step, not once per row.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lookahead.config import LookaheadConfig
+from lookahead.engine import Engine, Sequence, StopStrings
+from lookahead.sampling import SamplingParams
+from lookahead.trie import TokenTrie
+
+log = logging.getLogger("lookahead.serve")
+
+DEFAULT_MAX_CONTEXT = 2048  # tokens per row (prompt + completion) unless --max-context says otherwise
+
+
+class QueueFull(Exception):
+    """More requests are waiting for a row than the scheduler queues (HTTP 503)."""
+
+
+class ContextTooLong(ValueError):
+    """The prompt plus max_tokens do not fit a row of the cache (HTTP 400, context_length_exceeded)."""
+
+
+class EngineClosed(Exception):
+    """The server is shutting down and takes no new requests (HTTP 503)."""
+
+
+@dataclass
+class Tokens:
+    """Event: tokens committed by one step (or the prefill), in order."""
+    tokens: list[int]
+
+
+@dataclass
+class Finished:
+    """Event, the last one: why the request ended ("stop", "length", "cancelled", "timeout", "error") and its
+    counts."""
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    steps: int          # forward passes that produced its tokens, the prefill included
+    draft_tokens: int   # draft nodes verified for it
+    error: str | None = None
+
+    @property
+    def accepted_per_step(self) -> float:
+        return self.completion_tokens / max(self.steps, 1)
+
+
+@dataclass
+class SchedulerStats:
+    """Counters since start; `max_batch_seen` is the most requests that shared one step."""
+    steps: int = 0
+    row_steps: int = 0  # sum over steps of the requests in the step
+    max_batch_seen: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    timed_out: int = 0
+    failed: int = 0
+    rejected: int = 0
+    trie_saves: int = 0
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "mean_batch": self.row_steps / max(self.steps, 1)}
+
+
+class Request:
+    """One request: a `Sequence` for the engine, the sink its events go to, and its deadline. Made by
+    `Scheduler.submit`; after that only the decode thread touches it, except `cancelled`."""
+
+    def __init__(self, seq: Sequence, sink: Callable[[object], None], deadline: float | None):
+        self.seq, self.sink, self.deadline = seq, sink, deadline
+        self.cancelled = False
+        self.submitted = time.monotonic()
+        self.first_token_s: float | None = None
+
+    @property
+    def id(self) -> int:
+        return self.seq.request_id
+
+    @property
+    def output(self) -> list[int]:
+        return self.seq.output
+
+    def finished(self, reason: str, error: str | None = None) -> Finished:
+        seq = self.seq
+        return Finished(reason, len(seq.prompt), len(seq.output), seq.steps, seq.draft_tokens, error)
+
+
+class Scheduler:
+    """The decode thread of a server. `submit` queues a request (QueueFull past `max_queue` waiting, EngineClosed
+    after `close`); its sink then receives Tokens events and one Finished event.
+
+    model: a loaded model, or a zero-argument function that loads one on the decode thread (the server's way:
+    then no torch work happens anywhere else). lookahead: the drafting settings, None for plain decoding.
+    trie_path: the shared trie is loaded from there at start (a missing file starts it empty) and saved there,
+    atomically, every `trie_save_minutes` (0 = only at close) and at close. request_timeout: seconds from submit
+    after which a request ends with reason "timeout" (None = never). threads: torch threads of the decode thread
+    (None = torch's default). tokenizer: reads stop strings (the scheduler keeps its own copy: a fast tokenizer is
+    not safe to share across threads). metrics: keep Prometheus metrics (`self.metrics`, for GET /metrics).
+    """
+
+    def __init__(self, model, *, max_batch: int = 16, max_context: int | None = None, max_queue: int = 256,
+                 lookahead: LookaheadConfig | None = LookaheadConfig(), trie_path: str | Path | None = None,
+                 trie_save_minutes: float = 10.0, request_timeout: float | None = None, threads: int | None = None,
+                 tokenizer=None, metrics: bool = False):
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
+            raise ValueError(f"max_context must be an int >= 2, got {max_context!r}")
+        if not isinstance(max_queue, int) or max_queue < 1:
+            raise ValueError(f"max_queue must be an int >= 1, got {max_queue!r}")
+        if trie_save_minutes < 0:
+            raise ValueError(f"trie_save_minutes must be >= 0, got {trie_save_minutes!r}")
+        if request_timeout is not None and not request_timeout > 0:
+            raise ValueError(f"request_timeout must be > 0 seconds (or None), got {request_timeout!r}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+        self._model_or_loader = model
+        self.max_batch, self.max_queue, self._max_context = max_batch, max_queue, max_context
+        self.config = lookahead
+        self.trie_path = Path(trie_path) if trie_path is not None else None
+        self.save_every_s = trie_save_minutes * 60.0
+        self.request_timeout, self.threads = request_timeout, threads
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self.metrics = None
+        if metrics:
+            from lookahead.serve.metrics import Metrics  # prometheus_client: the serve extra
+
+            self.metrics = Metrics(self.load)
+        self.stats = SchedulerStats()
+        self.deliver: Callable[[list[tuple[Request, object]]], None] = _deliver_now
+        self.model = self.engine = None
+        self._pending: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._next_save = time.monotonic() + self.save_every_s
+
+    # ---- other threads ---------------------------------------------------------------------------------------
+    def start(self, timeout: float | None = None) -> Scheduler:
+        """Start the decode thread and wait until it has the model and its engine (loaded there when a loader
+        was given); an error while loading is raised here."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="lookahead-decode", daemon=True)
+            self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("the decode thread did not get ready in time")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    @property
+    def max_context(self) -> int:
+        return self.engine.max_context
+
+    def submit(self, prompt: list[int], max_tokens: int, sampling: SamplingParams = SamplingParams(),
+               stop: tuple[str, ...] = (), sink: Callable[[object], None] = lambda event: None) -> Request:
+        """Queue a request; ValueError for bad settings, ContextTooLong for a prompt + max_tokens beyond the
+        context of a row."""
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.model.config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"the prompt holds token ids outside the vocabulary [0, {vocab})")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+        if len(prompt) + max_tokens > self.max_context:
+            raise ContextTooLong(f"this server's context is {self.max_context} tokens, but "
+                                 f"{len(prompt) + max_tokens} were requested ({len(prompt)} in the prompt, "
+                                 f"{max_tokens} max_tokens): shorten the prompt or lower max_tokens")
+        stops = StopStrings(list(stop), self.tokenizer) if stop else None
+        seq = Sequence(list(prompt), max_tokens, sampling, frozenset(self.model.config.eos_token_id), stops)
+        deadline = time.monotonic() + self.request_timeout if self.request_timeout else None
+        req = Request(seq, sink, deadline)
+        with self._cond:
+            if self._closing:
+                raise EngineClosed("the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                self.stats.rejected += 1
+                raise QueueFull(f"{len(self._pending)} requests are already waiting for a slot: retry later")
+            self._pending.append(req)
+            self._cond.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request at the next step boundary (no-op once it finished); its row frees then."""
+        req.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    def load(self) -> dict:
+        return {"running": len(self._running), "queued": len(self._pending)}
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the thread: requests still queued or running end "cancelled"; the trie is saved (trie_path)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    # ---- the decode thread -----------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        loaded = self._model_or_loader
+        self.model = loaded if isinstance(loaded, torch.nn.Module) else loaded()
+        cfg = self.model.config
+        limit = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
+        max_context = min(DEFAULT_MAX_CONTEXT, limit) if self._max_context is None else self._max_context
+        if max_context > limit:
+            raise ValueError(f"max_context must be at most {limit} (the model's context), got {max_context}")
+        if self.trie_path is not None:
+            shape = self.config or LookaheadConfig()
+            self.model.trie = (TokenTrie.load(self.trie_path) if self.trie_path.exists() else
+                               TokenTrie(shape.branch_length, shape.max_trie_nodes))
+        self.trie = self.model.trie  # shared by every request (the drafter's), saved to trie_path
+        self.engine = Engine(self.model, self.max_batch, max_context, self.config, isolate_failures=True)
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                self._setup()
+        except BaseException as e:  # raised to start()'s caller
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (self._closing or self._pending or self._running):
+                        self._cond.wait(self._seconds_to_save())
+                        self._maybe_save_trie()
+                    if self._closing:
+                        break
+                self._maybe_save_trie()
+                out: list[tuple[Request, object]] = []
+                self._drop_expired(out)
+                self._admit(out)
+                if self._running:
+                    self._step(out)
+                if out:
+                    self._deliver(out)
+            out = []
+            self._shutdown(out)
+            self._deliver(out)
+
+    def _seconds_to_save(self) -> float | None:
+        if self.trie_path is None or self.save_every_s <= 0:
+            return None
+        return max(0.0, self._next_save - time.monotonic())
+
+    def _maybe_save_trie(self) -> None:
+        if self.trie_path is not None and self.save_every_s > 0 and time.monotonic() >= self._next_save:
+            self._save_trie()
+            self._next_save = time.monotonic() + self.save_every_s
+
+    def _save_trie(self) -> None:
+        try:
+            self.trie_path.parent.mkdir(parents=True, exist_ok=True)
+            self.trie.save(self.trie_path)  # a temp file, then an atomic rename
+            self.stats.trie_saves += 1
+        except OSError as e:
+            log.error("could not save the trie to %s: %s", self.trie_path, e)
+
+    def _deliver(self, out: list[tuple[Request, object]]) -> None:
+        try:
+            self.deliver(out)
+        except Exception:  # a consumer that fails must not stop the decode thread
+            log.exception("delivering %d events failed", len(out))
+
+    def _end(self, req: Request, reason: str, out: list, error: str | None = None) -> None:
+        """A request leaves (its row, if it had one, is already free): count it and send Finished."""
+        if req in self._running:
+            self._running.remove(req)
+        counter = {"cancelled": "cancelled", "timeout": "timed_out", "error": "failed"}.get(reason, "finished")
+        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        self.stats.completion_tokens += len(req.output)
+        if self.metrics is not None:
+            self.metrics.finished(reason)
+        out.append((req, req.finished(reason, error)))
+
+    def _drop_expired(self, out: list) -> None:
+        """Cancelled and timed-out requests leave, queued or running."""
+        now = time.monotonic()
+
+        def reason(req: Request) -> str | None:
+            return "cancelled" if req.cancelled else "timeout" if req.deadline is not None and now > req.deadline \
+                else None
+
+        with self._cond:
+            gone = [(r, why) for r in self._pending if (why := reason(r)) is not None]
+            for req, _ in gone:
+                self._pending.remove(req)
+        gone += [(r, why) for r in list(self._running) if (why := reason(r)) is not None]
+        for req, why in gone:
+            self.engine.remove(req.seq, why)
+            self._end(req, why, out)
+
+    def _admit(self, out: list) -> None:
+        """Queued requests into the free rows, oldest first (their prefills in one forward per run of rows)."""
+        with self._cond:
+            n = min(self.engine.free_rows(), len(self._pending))
+            admitted = [self._pending.popleft() for _ in range(n)]
+        if not admitted:
+            return
+        self._running += admitted
+        for req in admitted:
+            self.stats.prompt_tokens += len(req.seq.prompt)
+            if self.metrics is not None:
+                self.metrics.admitted(len(req.seq.prompt))
+        try:
+            events = self.engine.add([req.seq for req in admitted])
+        except Exception as e:
+            log.exception("a prefill of %d requests failed", len(admitted))
+            for req in admitted:
+                self.engine.remove(req.seq, "error")
+                self._end(req, "error", out, f"{type(e).__name__}: {e}")
+            return
+        self._collect(admitted, events, out, from_step=False)
+
+    def _step(self, out: list) -> None:
+        t0 = time.perf_counter()
+        rows = len(self._running)
+        events = self.engine.step()
+        self.stats.steps += 1
+        self.stats.row_steps += rows
+        self.stats.max_batch_seen = max(self.stats.max_batch_seen, rows)
+        if self.metrics is not None:
+            self.metrics.step(time.perf_counter() - t0)
+        self._collect(list(self._running), events, out, from_step=True)
+
+    def _collect(self, requests: list[Request], events: list[tuple[Sequence, list[int]]], out: list,
+                 from_step: bool) -> None:
+        """Each request's new tokens of this step, then Finished for those that ended (or failed)."""
+        by_seq = {req.seq: req for req in requests}
+        now = time.monotonic()
+        for seq, new in events:
+            req = by_seq[seq]
+            if new:
+                if self.metrics is not None:
+                    self.metrics.tokens(new, from_step)
+                if req.first_token_s is None:
+                    req.first_token_s = now - req.submitted
+                    if self.metrics is not None:
+                        self.metrics.first_token(req.first_token_s)
+                out.append((req, Tokens(new)))
+        for req in requests:
+            if req.seq.finished and req in self._running:
+                self._end(req, req.seq.finish_reason, out, req.seq.error)
+
+    def _shutdown(self, out: list) -> None:
+        with self._cond:
+            pending, self._pending = list(self._pending), deque()
+        for req in pending:
+            self._end(req, "cancelled", out)
+        for req in list(self._running):
+            self.engine.remove(req.seq, "cancelled")
+            self._end(req, "cancelled", out)
+        if self.trie_path is not None:
+            self._save_trie()
+
+
+def _deliver_now(events: list[tuple[Request, object]]) -> None:
+    """Without an event loop: each request's sink is called on the decode thread."""
+    for req, event in events:
+        try:
+            req.sink(event)
+        except Exception:  # a sink that fails (its client gone) must not stop the others
+            log.exception("request %d: sink failed", req.id)
+            req.cancelled = True
