@@ -192,3 +192,90 @@ def test_value_checks_on_the_device(device):
     parents = torch.tensor([[0, 0, 1, 1]], device=device)
     with pytest.raises(ValueError, match="parents must"):
         kernels.accept_longest_path(parents, parents, parents)
+
+
+# ---- EXACT mode (LookaheadConfig.exact): a node's output has the bits of the one-token step decoding it ----------
+
+def one_token_steps(q, k, v, lens, mask, num_splits=None):
+    """Each node's output from the one-token step that decodes it after its path was accepted: the cache compacted
+    (the node's root-to-node path at slots lens[b] .. lens[b] + depth), T = 1, no tree mask. The B * T steps run
+    as one batch of B * T rows: EXACT programs are per row, so this also checks that the batch changes nothing."""
+    from lookahead.kernels.tree_attention import launch
+
+    B, T, Hq, D = q.shape
+    k1 = k.repeat_interleave(T, 0)  # (B * T, Hkv, S, D): row b * T + i is node i's compacted cache
+    v1 = v.repeat_interleave(T, 0)
+    lens1 = torch.empty(B * T, dtype=torch.long)
+    for b in range(B):
+        P = int(lens[b])
+        for i in range(T):
+            path = mask[b, i].nonzero().flatten()  # ancestors by index = by depth (parents come first)
+            r = b * T + i
+            k1[r, :, P:P + len(path)], v1[r, :, P:P + len(path)] = k[b, :, P + path], v[b, :, P + path]
+            lens1[r] = P + len(path) - 1
+    out = launch(q.reshape(B * T, 1, Hq, D), k1, v1, lens1.to(q.device), None, num_splits=num_splits, exact=True)
+    return out.view(B, T, Hq, D)
+
+
+# (prefix, T, GQA group, rows, CPU dtype): the interpreter runs one program per (row, node, kv head) in numpy, so
+# each case runs one dtype on CPU (fp32 and fp16 both covered); CUDA runs every dtype, bf16 included
+EXACT_CASES = [(0, 7, 1, 2, torch.float32), (37, 16, 4, 2, torch.float16), (300, 64, 1, 1, torch.float16),
+               (37, 64, 4, 1, torch.float32), (300, 1, 4, 2, torch.float32), (1, 100, 1, 1, torch.float16)]
+
+
+def exact_dtypes(device, dtype):
+    return dtypes_for(device) if device == "cuda" else [t for t in dtypes_for(device) if t[0] == dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prefix, T, group, B, cpu_dtype", EXACT_CASES)
+def test_exact_nodes_equal_one_token_steps_bitwise(device, prefix, T, group, B, cpu_dtype):
+    # the default kernel packs nodes into one tile and walks the draft after the prefix tiles: a node's sums run
+    # in another order than in the one-token step (most nodes differ in the last bits); EXACT must not
+    from lookahead.kernels.tree_attention import launch
+
+    for dtype, atol, rtol in exact_dtypes(device, cpu_dtype):
+        q, k, v, lens, mask = inputs(prefix, T, group, 16, device, dtype, B=B, Hkv=1)
+        out = launch(q, k, v, lens, mask, exact=True)
+        assert torch.equal(out, one_token_steps(q, k, v, lens, mask))
+        ref = reference.tree_attention(*(x.cpu().float() for x in (q, k, v)), lens.cpu(), mask.cpu())
+        torch.testing.assert_close(out.cpu().float(), ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prefix, T, group, D, splits, cpu_dtype", [(300, 16, 4, 16, 3, torch.float16),
+                                                                    (37, 7, 1, 96, 2, torch.float32),
+                                                                    (0, 5, 1, 16, 4, torch.float32)])
+def test_exact_with_prefix_splits_and_padded_head_dim(device, prefix, T, group, D, splits, cpu_dtype):
+    # splits are cut by each node's own key count, so a node and its one-token step split alike
+    from lookahead.kernels.tree_attention import launch
+
+    for dtype, atol, rtol in exact_dtypes(device, cpu_dtype):
+        q, k, v, lens, mask = inputs(prefix, T, group, D, device, dtype, B=1, Hkv=1)
+        out = launch(q, k, v, lens, mask, num_splits=splits, exact=True)
+        assert torch.equal(out, one_token_steps(q, k, v, lens, mask, num_splits=splits))
+        ref = reference.tree_attention(*(x.cpu().float() for x in (q, k, v)), lens.cpu(), mask.cpu())
+        torch.testing.assert_close(out.cpu().float(), ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T, group, dtype, splits", [(16, 4, torch.float16, None), (8, 1, torch.float32, 4)])
+def test_exact_after_a_4k_prefix(device, T, group, dtype, splits):
+    from lookahead.kernels.tree_attention import launch
+
+    q, k, v, lens, mask = inputs(4096, T, group, 16, device, dtype, B=1, Hkv=1)
+    out = launch(q, k, v, lens, mask, num_splits=splits, exact=True)
+    assert torch.equal(out, one_token_steps(q, k, v, lens, mask, num_splits=splits))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_exact_chain_equals_exact_tree_and_default_is_untouched(device):
+    q, k, v, lens, _ = inputs(37, 16, 4, 16, device, torch.float32)
+    chain = torch.ones(2, 16, 16, dtype=torch.bool, device=device).tril()
+    exact = kernels.tree_attention(q, k, v, lens, None, exact=True)
+    assert torch.equal(exact, kernels.tree_attention(q, k, v, lens, chain, exact=True))
+    assert torch.equal(kernels.tree_attention(q, k, v, lens, chain, exact=False),
+                       kernels.tree_attention(q, k, v, lens, chain))
+    with pytest.raises(ValueError, match="exact must be a bool"):
+        kernels.tree_attention(q, k, v, lens, chain, exact=1)
