@@ -23,6 +23,7 @@ import asyncio
 import hmac
 import json
 import logging
+import signal
 import socket
 import threading
 import time
@@ -529,9 +530,18 @@ def run(args) -> int:
              name, args.host, args.port, scheduler.max_batch, scheduler.max_context,
              "on" if scheduler.config else "off", args.trie or "-", args.threads or "default",
              "on" if api_key else "off")
+    def stop(signum, frame):
+        raise SystemExit(0)
+
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again under the handlers it found:
+    # these, so that the trie is still saved below instead of the process dying there
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         uvicorn.run(create_app(scheduler, tokenizer, name, api_key, scheduler.metrics), host=args.host,
                     port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout)
+    except SystemExit:
+        pass
     finally:
         scheduler.close()
     return 0

@@ -247,8 +247,7 @@ class Scheduler:
 
     def _run(self) -> None:
         try:
-            with torch.inference_mode():
-                self._setup()
+            self._setup()  # not under inference_mode: loading packs weights that must keep their version counters
         except BaseException as e:  # raised to start()'s caller
             self._error = e
             self._ready.set()
