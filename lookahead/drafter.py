@@ -345,3 +345,38 @@ class Drafter:
                     break
         return out
 
+    # ---- chains, for engines that verify one chain per row (vLLM) --------------------------------------------
+    def draft_chain(self, request_id: int, context_ids: Sequence[int], max_tokens: int,
+                    token_cost: float = 0.0) -> tuple[list[int], list[float]]:
+        """The next step's draft as one chain of at most max_tokens tokens, for engines that verify chains, not
+        trees: the root-to-node path of the proposal with the highest expected accepted length (the sum of its
+        nodes' calibrated probabilities). token_cost c (what one more verified token adds to this row's share
+        of a one-token step, relative) cuts it: the path maximising (1 + sum p) / (1 + c * length), ([], [])
+        when none beats a plain step. Returns the tokens and their calibrated probabilities (non-increasing).
+        Only context_ids' last max_query_length tokens are read."""
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ValueError(f"max_tokens must be an int >= 0 (the engine's draft length cap), got {max_tokens!r}")
+        if not token_cost >= 0.0:
+            raise ValueError(f"token_cost must be >= 0 (a verified token's cost over a one-token step's), "
+                             f"got {token_cost!r}")
+        if len(context_ids) == 0:
+            raise ValueError("context_ids is empty: a row drafts after at least one committed token")
+        nodes = self._proposal(request_id, context_ids, self.config.decoding_length) if max_tokens > 0 else []
+        gains: list[float] = []  # expected accepted length of the path root .. node i
+        best, best_score = -1, 1.0
+        for i, node in enumerate(nodes):  # parents precede children
+            gains.append(node.p + (gains[node.parent] if node.parent >= 0 else 0.0))
+            if node.depth <= max_tokens:
+                score = (1.0 + gains[i]) / (1.0 + token_cost * node.depth)
+                if score > best_score:
+                    best, best_score = i, score
+        path: list[_Node] = []
+        while best >= 0:
+            path.append(nodes[best])
+            best = nodes[best].parent
+        path.reverse()
+        if request_id in self._requests:  # calibration settles the chain against what the step commits
+            from dataclasses import replace
+
+            self._requests[request_id].sent = [replace(n, parent=i - 1, depth=i + 1) for i, n in enumerate(path)]
+        return [n.token for n in path], [n.p for n in path]
