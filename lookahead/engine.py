@@ -194,7 +194,9 @@ class Engine:
         """Prefill the sequences into free rows (lowest first; consecutive rows in one forward) and commit each one's
         first token -> [(sequence, [first token])]; a sequence that ends there (eos, max_new_tokens 1) has left
         its row again. ValueError if a prompt + max_new_tokens does not fit a row or there are too few free rows;
-        nothing is changed then."""
+        nothing is changed then. A prefill that raises: with isolate_failures its rows are retried alone and a row
+        that still fails ends with finish_reason "error" (no event); otherwise every row of the call is freed and
+        the error propagates."""
         vocab = self.model.config.vocab_size
         for seq in seqs:
             if not seq.prompt or not all(isinstance(t, int) and 0 <= t < vocab for t in seq.prompt):
@@ -213,16 +215,29 @@ class Engine:
             self.chooser.set_row(row, seq.sampling, seq.prompt, seq.noise_row)
             if self.drafter is not None:
                 self.drafter.begin_request(seq.request_id, seq.prompt, seq.references)
+        groups: list[list[Sequence]] = []  # runs of consecutive rows
+        for seq in sorted(seqs, key=lambda s: s.row):
+            if groups and seq.row == groups[-1][-1].row + 1:
+                groups[-1].append(seq)
+            else:
+                groups.append([seq])
         events = []
         with torch.inference_mode():
-            group: list[Sequence] = []
-            for seq in sorted(seqs, key=lambda s: s.row):
-                if group and seq.row != group[-1].row + 1:
+            for i, group in enumerate(groups):
+                try:
                     events += self._prefill(group)
-                    group = []
-                group.append(seq)
-            if group:
-                events += self._prefill(group)
+                except Exception as e:
+                    if not self.isolate_failures:
+                        for seq in (s for g in groups[i:] for s in g):
+                            self._release(seq, "error")
+                        raise
+                    log.exception("a prefill of %d rows failed: retrying its rows one by one", len(group))
+                    for seq in group:  # a failed prefill wrote only its rows' scratch: each is tried alone
+                        try:
+                            events += self._prefill([seq])
+                        except Exception as e:
+                            seq.error = f"{type(e).__name__}: {e}"
+                            self._release(seq, "error")
         return events
 
     def _prefill(self, group: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
@@ -231,13 +246,8 @@ class Engine:
         width = max(len(s.prompt) for s in group)
         ids = torch.tensor([s.prompt + [0] * (width - len(s.prompt)) for s in group], device=self.device)  # (n, W)
         lengths = torch.tensor([len(s.prompt) for s in group], device=self.device)
-        try:
-            logits = self.model.prefill(ids, lengths, self.cache.rows(start, start + n))  # (n, V)
-            first = self.chooser(logits[:, None], lengths[:, None], start=start)[:, 0].tolist()
-        except Exception:
-            for seq in group:
-                self._release(seq, "error")
-            raise
+        logits = self.model.prefill(ids, lengths, self.cache.rows(start, start + n))  # (n, V)
+        first = self.chooser(logits[:, None], lengths[:, None], start=start)[:, 0].tolist()
         for seq in group:
             self.active[seq.row] = 1
         return [self._commit(seq, [tok]) for seq, tok in zip(group, first)]

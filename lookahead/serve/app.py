@@ -518,13 +518,14 @@ def run(args) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     api_key = args.api_key or os.environ.get("LOOKAHEAD_API_KEY") or None
-    tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(args.model))  # tokenizers only: no torch work
     scheduler = Scheduler(lambda: load_model(args.model, args.dtype, args.device)[0], max_batch=args.max_batch,
                           max_context=args.max_context, max_queue=args.max_queue,
                           lookahead=None if args.no_lookahead else LookaheadConfig(), trie_path=args.trie,
                           trie_save_minutes=args.trie_save_minutes, request_timeout=args.request_timeout,
-                          threads=args.threads, tokenizer=tokenizer, metrics=True)
-    scheduler.start()
+                          threads=args.threads, metrics=True)
+    scheduler.start()  # the decode thread resolves (converts once) and loads the checkpoint
+    tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(args.model))  # the converted dir: no torch work
+    scheduler.use_tokenizer(tokenizer)
     name = args.served_model_name or args.model
     log.info("serving %s on http://%s:%d/v1 (max batch %d, context %d, lookahead %s, trie %s, threads %s, api key %s)",
              name, args.host, args.port, scheduler.max_batch, scheduler.max_context,

@@ -145,7 +145,7 @@ class Scheduler:
         self.trie_path = Path(trie_path) if trie_path is not None else None
         self.save_every_s = trie_save_minutes * 60.0
         self.request_timeout, self.threads = request_timeout, threads
-        self.tokenizer = copy.deepcopy(tokenizer)
+        self.use_tokenizer(tokenizer)
         self.metrics = None
         if metrics:
             from lookahead.serve.metrics import Metrics  # prometheus_client: the serve extra
@@ -175,6 +175,10 @@ class Scheduler:
         if self._error is not None:
             raise self._error
         return self
+
+    def use_tokenizer(self, tokenizer) -> None:
+        """The tokenizer that reads stop strings (a copy: a fast tokenizer is not safe to share across threads)."""
+        self.tokenizer = copy.deepcopy(tokenizer)
 
     @property
     def max_context(self) -> int:
@@ -263,10 +267,16 @@ class Scheduler:
                         break
                 self._maybe_save_trie()
                 out: list[tuple[Request, object]] = []
-                self._drop_expired(out)
-                self._admit(out)
-                if self._running:
-                    self._step(out)
+                try:
+                    self._drop_expired(out)
+                    self._admit(out)
+                    if self._running:
+                        self._step(out)
+                except Exception as e:  # a bug must not kill the decode thread: the requests in flight fail
+                    log.exception("the decode loop failed: failing its %d running requests", len(self._running))
+                    for req in list(self._running):
+                        self.engine.remove(req.seq, "error")
+                        self._end(req, "error", out, f"{type(e).__name__}: {e}")
                 if out:
                     self._deliver(out)
             out = []
@@ -337,14 +347,7 @@ class Scheduler:
             self.stats.prompt_tokens += len(req.seq.prompt)
             if self.metrics is not None:
                 self.metrics.admitted(len(req.seq.prompt))
-        try:
-            events = self.engine.add([req.seq for req in admitted])
-        except Exception as e:
-            log.exception("a prefill of %d requests failed", len(admitted))
-            for req in admitted:
-                self.engine.remove(req.seq, "error")
-                self._end(req, "error", out, f"{type(e).__name__}: {e}")
-            return
+        events = self.engine.add([req.seq for req in admitted])  # a prefill that fails fails its request alone
         self._collect(admitted, events, out, from_step=False)
 
     def _step(self, out: list) -> None:
