@@ -156,10 +156,14 @@ class Engine:
     def configure(self, lookahead: LookaheadConfig | None) -> None:
         """Drafting settings for the requests added from now on (only between requests: no row may be busy).
         The drafter is built over the model's current trie, calibration and recycled tokens; with adaptive drafting
-        it prices trees with this engine's learned step costs."""
+        it prices trees with this engine's learned step costs. `exact=True` turns the model's batch-invariant
+        forwards on (`model.set_exact`) for this and later calls, plain ones included, until
+        `model.set_exact(False)`: lookahead equals plain decoding bit for bit only when both run them."""
         if any(self.slots):
             raise ValueError("configure() needs an idle engine: finish or remove its requests first")
         drafter = None
+        if lookahead is not None and lookahead.exact and not self.model.exact:
+            self.model.set_exact(True)  # stays on (plain steps must be batch-invariant too): model.set_exact(False)
         if lookahead is not None:
             state = self.model.state
             drafter = Drafter(lookahead, cost_curve=None, trie=self.model.trie, calibration=state.calibration,
@@ -316,7 +320,8 @@ class Engine:
         lens = view.lens.clone() if self.isolate_failures else None
         try:
             if start == 0 and self.chooser.plain_argmax(n) and graphs_enabled(self.model):
-                self.graphs = self.graphs or StepGraphs(self.model)
+                if self.graphs is None or self.graphs.exact != self.model.exact:  # captured with other kernels
+                    self.graphs = StepGraphs(self.model)
                 result = self.graphs.run(view, self.chooser, *inputs, top_k=top_k)
             else:
                 result = tree_step(self.model, view, _RowRange(self.chooser, start), *inputs, top_k=top_k)

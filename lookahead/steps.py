@@ -84,6 +84,7 @@ class StepGraphs:
 
     def __init__(self, model):
         self.model = model
+        self.exact = model.exact  # the kernels the graphs replay (model.set_exact)
         self.pool = torch.cuda.graph_pool_handle()
         self.entries: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
 

@@ -1,0 +1,110 @@
+"""The engine alone (tiny random models): rows joining and leaving between steps, each equal to generate() alone;
+bad input changes nothing; a failing prefill or step fails only its request; the exact switch reaches the model."""
+
+import pytest
+import torch
+
+from lookahead import LookaheadConfig
+from lookahead.engine import Engine, Sequence
+from lookahead.sampling import SamplingParams
+from tests.conftest import TINY_VOCAB, _tiny_llama
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    return torch.randint(0, TINY_VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def alone(model, ids: list[int], n: int, **kw) -> list[int]:
+    return model.generate(torch.tensor([ids]), max_new_tokens=n, lookahead=False, eos_token_id=[], **kw)[0, len(ids):].tolist()
+
+
+def run_to_end(engine: Engine, seqs: list[Sequence]) -> None:
+    while not all(s.finished for s in seqs):
+        engine.step()
+
+
+def test_requests_join_and_leave_between_steps_and_each_equals_generate_alone():
+    model = _tiny_llama(3)
+    engine = Engine(model, max_batch=3, max_context=80, lookahead=LookaheadConfig(adaptive=False, decoding_length=8))
+    a, b = Sequence(prompt(1, 5), 30), Sequence(prompt(2, 9), 12)
+    engine.add([a, b])
+    for _ in range(4):
+        engine.step()
+    c = Sequence(prompt(3, 7), 20, SamplingParams(do_sample=True, temperature=0.9, top_k=5, seed=7))
+    engine.add([c])  # joins while a and b run; b may have left already
+    d = Sequence(prompt(4, 6), 25)
+    engine.step()
+    engine.remove(a, "cancelled")  # a leaves early: its row is free at once
+    assert a.finish_reason == "cancelled" and a.row is None and engine.free_rows() >= 1
+    engine.add([d])
+    run_to_end(engine, [b, c, d])
+    assert engine.free_rows() == 3 and engine.drafting_requests() == 0 and int(engine.active.sum()) == 0
+    assert b.output == alone(model, b.prompt, 12) and d.output == alone(model, d.prompt, 25)
+    assert c.output == alone(model, c.prompt, 20, do_sample=True, temperature=0.9, top_k=5, seed=7)
+    assert a.output == alone(model, a.prompt, 30)[:len(a.output)]
+
+
+def test_bad_input_changes_nothing():
+    model = _tiny_llama(0)
+    engine = Engine(model, max_batch=2, max_context=40)
+    running = Sequence(prompt(1, 5), 10)
+    engine.add([running])
+    for bad, match in (([Sequence(prompt(2, 30), 20)], "exceeds"), ([Sequence([], 3)], "non-empty"),
+                       ([Sequence([TINY_VOCAB], 3)], "token ids"), ([Sequence(prompt(3, 4), 0)], "max_new_tokens"),
+                       ([Sequence(prompt(4, 4), 3), Sequence(prompt(5, 4), 3)], "free rows")):
+        with pytest.raises(ValueError, match=match):
+            engine.add(bad)
+        assert engine.free_rows() == 1 and engine.busy() == [running]
+    with pytest.raises(ValueError, match="idle"):
+        engine.configure(LookaheadConfig())
+    run_to_end(engine, [running])
+    assert running.output == alone(model, running.prompt, 10)
+
+
+def test_a_failing_prefill_or_step_fails_only_its_request(monkeypatch):
+    model = _tiny_llama(1)
+    engine = Engine(model, max_batch=4, max_context=60, isolate_failures=True)
+    bad_prompt = prompt(9, 6)
+    prefill = model.prefill
+
+    def faulty_prefill(ids, lengths, cache):
+        if any(row[:len(bad_prompt)] == bad_prompt for row in ids.tolist()):
+            raise RuntimeError("injected prefill fault")
+        return prefill(ids, lengths, cache)
+
+    monkeypatch.setattr(model, "prefill", faulty_prefill)
+    good, bad = Sequence(prompt(1, 5), 12), Sequence(bad_prompt, 12)
+    events = engine.add([good, bad])
+    assert bad.finish_reason == "error" and "injected prefill fault" in bad.error and bad.row is None
+    assert [s for s, _ in events] == [good]
+    monkeypatch.undo()
+
+    verify = model.verify
+    victim = Sequence(prompt(2, 7), 12)
+    engine.add([victim])
+
+    def faulty_verify(tokens, depths, cache, tree_mask):
+        if cache.lens.shape[0] == 1 and cache.lens.data_ptr() == engine.cache.lens[victim.row:].data_ptr():
+            raise RuntimeError("injected step fault")  # the victim's row, alone
+        if cache.lens.shape[0] > 1:
+            raise RuntimeError("the batched step fails")  # so every row is retried alone
+        return verify(tokens, depths, cache, tree_mask)
+
+    monkeypatch.setattr(model, "verify", faulty_verify)
+    engine.step()
+    monkeypatch.undo()
+    assert victim.finish_reason == "error" and "injected step fault" in victim.error
+    run_to_end(engine, [good])
+    assert good.output == alone(model, good.prompt, 12)
+
+
+def test_exact_config_turns_the_models_batch_invariant_forwards_on():
+    model = _tiny_llama(2)
+    ids = torch.tensor([prompt(5, 6)])
+    plain = model.generate(ids, max_new_tokens=20, lookahead=False, eos_token_id=[])
+    assert not model.exact
+    out = model.generate(ids, max_new_tokens=20, lookahead=LookaheadConfig(exact=True), eos_token_id=[])
+    assert model.exact and out.tolist() == plain.tolist()  # the CPU path is exact already: same tokens
+    assert model.generate(ids, max_new_tokens=20, lookahead=False, eos_token_id=[]).tolist() == plain.tolist()
+    model.set_exact(False)
+    assert not model.exact
