@@ -197,14 +197,23 @@ class StepCost:
         self.prior = CostModel(prior)
         self.decay = decay
         self.seen: dict[tuple[int, int], list[float]] = {}  # (B, T) -> [decayed count, decayed seconds]
+        self._priced: dict[tuple[int, int], float] = {}  # step()'s answers since the last observe
 
     def observe(self, rows: int, nodes: int, seconds: float) -> None:
         if seconds > 0:
             entry = self.seen.setdefault((rows, nodes), [0.0, 0.0])
             entry[0] = entry[0] * self.decay + 1.0
             entry[1] = entry[1] * self.decay + seconds
+            self._priced.clear()
 
     def step(self, rows: int, nodes: int) -> float:
+        key = (rows, nodes)
+        price = self._priced.get(key)
+        if price is None:
+            price = self._priced[key] = self._price(rows, nodes)
+        return price
+
+    def _price(self, rows: int, nodes: int) -> float:
         entry = self.seen.get((rows, nodes))
         if entry is not None:
             return entry[1] / entry[0]
