@@ -257,9 +257,7 @@ class Drafter:
             match_length = req.suffix.match_length
             chain = req.suffix.continuation(min(COPY_DEPTH, limit))
             req.copy_match = match_length
-        chain_p = []  # cumulative: every copied token up to this one accepted
-        for d in range(1, len(chain) + 1):
-            chain_p.append((chain_p[-1] if chain_p else 1.0) * calib.copy_rate(match_length, d))
+        chain_p = [1.0]  # chain_p[d]: every copied token up to the d-th accepted (grown as the chain is pushed)
         out: list[_Node] = []
         index_of: dict[tuple[int, int], int] = {}  # (parent index, token) -> index in out
         trie_at: list[list[int]] = [[] for _ in matches]  # per match: trie list index -> index in out
@@ -293,9 +291,9 @@ class Drafter:
         def push_copy(d: int, parent: int) -> None:
             """The chain's node d tokens past the match end, under out[parent] (-1 = the root)."""
             nonlocal tie
+            chain_p.append(chain_p[d - 1] * calib.copy_rate(match_length, d))
             parent_p = out[parent].p if parent >= 0 else 1.0
-            heapq.heappush(heap, (-min(parent_p, chain_p[d - 1]), tie, (COPY, d), parent, chain[d - 1],
-                                  chain_p[d - 1], None))
+            heapq.heappush(heap, (-min(parent_p, chain_p[d]), tie, (COPY, d), parent, chain[d - 1], chain_p[d], None))
             tie += 1
 
         def push_recycled(parent: int) -> None:

