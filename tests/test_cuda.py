@@ -127,3 +127,21 @@ def test_head_dim_96_tree_attention_under_graph_capture(monkeypatch, backend):
         graph.replay()
         ref = reference.tree_attention(q.float().cpu(), k.float().cpu(), v.float().cpu(), lens.cpu(), mask.cpu())
         torch.testing.assert_close(out.float().cpu(), ref, atol=3e-3, rtol=3e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_exact_lookahead_equals_exact_plain_in_16_bit(monkeypatch, dtype):
+    # issue 21: in bf16/fp16 a node verified among T rows got logits a few ulps off those of the one-token step
+    # that later decodes it, and near-ties flipped; with set_exact both run the batch-invariant kernels
+    model = tiny_model(4, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                       num_key_value_heads=1).to("cuda", dtype)
+    assert model.set_exact(True) is False
+    ids = torch.randint(0, VOCAB, (1, 11), generator=torch.Generator().manual_seed(6)).cuda()
+    for graphs in (False, True):
+        plain = run(model, ids, monkeypatch, graphs, max_new_tokens=96, lookahead=False).sequences.tolist()
+        for layout in ("hier", "par"):
+            model.state.forget_drafting()
+            cfg = LookaheadConfig(layout=layout, adaptive=False, decoding_length=24, exact=True)
+            for _ in range(2):  # cold, then a trie holding this very output (deep trees)
+                assert run(model, ids, monkeypatch, graphs, max_new_tokens=96, lookahead=cfg).sequences.tolist() \
+                    == plain
