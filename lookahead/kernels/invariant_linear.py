@@ -20,19 +20,20 @@ from lookahead.kernels.dispatch import backend, check_same_device, jit, tl, trit
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). BLOCK_M = 16, tl.dot's minimum: a decode step has 1..128
 # rows and is bound by reading the weight, so a taller tile would only multiply the wasted MMA work of the
-# one-token step. BLOCK_N = 64 gives N / 64 programs (64 for N = 4096, about one per H100 SM half); BLOCK_K
-# 128 (16-bit) / 64 (fp32) keeps a stage of weight at 16 KiB; 4 stages keep 64 KiB of loads in flight a program.
-# Chosen by these counts, NOT measured on a GPU yet (no GPU was lent to the session that wrote this):
-# profiling/gpu_exact.py sweeps the alternatives per shape; a change only has to stay a function of (N, K, dtype).
-_TILE_16BIT = (16, 64, 128, 4, 4)
-_TILE_FP32 = (16, 64, 64, 4, 3)
+# one-token step. Without split-K the programs are the N tiles alone: BLOCK_N = 32 below N = 16384 gives 128
+# programs for N = 4096 (the 7B shape's wo and w2, about one per H100 SM), 64 above it (w13, wqkv of big models,
+# the LM head: hundreds of programs either way, fewer and longer loads). BLOCK_K 128 (16-bit) / 64 (fp32) and 4
+# stages keep 32-64 KiB of weight loads in flight a program. Chosen by these counts, NOT measured on a GPU yet (no
+# GPU was lent to the session that wrote this): profiling/gpu_exact.py sweeps the alternatives per shape; a
+# change only has to stay a function of (N, K, dtype), never of M.
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def tile_config(N: int, K: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """The one tile shape of a weight [N, K] of this dtype, for every M: (BLOCK_M, BLOCK_N, BLOCK_K, warps,
     stages). Depends on the weight only, never on the rows, which is what makes the result batch-invariant."""
-    return _TILE_FP32 if dtype == torch.float32 else _TILE_16BIT
+    block_n = 64 if N >= 16384 else 32
+    return (16, block_n, 64, 4, 3) if dtype == torch.float32 else (16, block_n, 128, 4, 4)
 
 
 @jit

@@ -386,6 +386,9 @@ def tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale=None, *, an
     if check_values(q) and (int(cache_lens.min()) < 0 or int(cache_lens.max()) + T > S):
         raise ValueError(f"cache_lens must be >= 0 and cache_lens + T must fit the cache's {S} slots, got "
                          f"cache_lens {cache_lens.tolist()} with T = {T}")
+    if exact and tree_mask is not None and check_values(q) and bool(tree_mask.triu(1).any()):
+        raise ValueError("exact tree attention needs parents before children (node i sees only nodes j <= i: a "
+                         "lower-triangular tree_mask, as DFS pre-order gives)")
     if backend(q) == "triton" and (D <= MAX_HEAD_DIM or forced_kernels()):
         return launch(q, k_cache, v_cache, cache_lens, tree_mask, scale, ancestor_bits, exact=exact)
     return reference.tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale)

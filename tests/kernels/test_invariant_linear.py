@@ -58,6 +58,19 @@ def test_batched_and_strided_inputs(device):
     assert kernels.invariant_linear(x[:0], w, b).shape == (0, 40)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", [(16, 64, 128, 4, 4), (32, 32, 64, 4, 3), (64, 128, 64, 4, 3)])
+def test_other_tiles_are_invariant_too(device, config):
+    # tile_config's wide-N tile (BLOCK_N 64, N >= 16384) and the GPU sweep's candidates, on a small weight
+    from lookahead.kernels.invariant_linear import launch
+
+    x, w, b = operands(150, 70, 80, device, torch.float32)
+    full = launch(x, w, b, config)
+    torch.testing.assert_close(full.cpu(), F.linear(x.cpu(), w.cpu(), b.cpu()), atol=1e-4, rtol=1e-5)
+    for M in (1, 16, 33):
+        assert torch.equal(launch(x[:M], w, b, config), full[:M])
+
+
 def test_torch_path_off_triton(monkeypatch):
     monkeypatch.setenv("LOOKAHEAD_KERNELS", "torch")
     x, w, b = operands(10, 12, 3, "cpu", torch.float32)

@@ -279,3 +279,5 @@ def test_exact_chain_equals_exact_tree_and_default_is_untouched(device):
                        kernels.tree_attention(q, k, v, lens, chain))
     with pytest.raises(ValueError, match="exact must be a bool"):
         kernels.tree_attention(q, k, v, lens, chain, exact=1)
+    with pytest.raises(ValueError, match="parents before children"):
+        kernels.tree_attention(q, k, v, lens, chain.transpose(1, 2).contiguous(), exact=True)
