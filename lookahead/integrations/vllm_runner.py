@@ -8,7 +8,8 @@ job: {"model": HF dir, "max_tokens": int, "repeats": int, "max_model_len": int, 
       "groups": [[[prompt token ids, ...] (one LLM.generate call), ...], ...]}
 Every (config, group, repeat) gets a fresh LLM, so what a drafter learns (our trie, suffix's cache) carries over
 from one batch of a group to the next but never into another group or repeat.
-result: {"configs": [{"name", "load_s", "groups": [[{"tokens": [[ids], ...], "wall_s": [per repeat], "generated",
+result: {"configs": [{"name", "load_s", "groups": [[{"tokens": [[ids], ...], "wall_s", "cpu_s": [per repeat],
+         "generated",
          "drafts", "draft_tokens", "accepted", "proposer_host_s", "proposer_steps"}, ...], ...]}]}
 Tokens and counters (vLLM's spec-decode metrics and the proposer's own) are the first repeat's; a repeat that
 gives other tokens is an error.
@@ -89,21 +90,22 @@ def run(job: dict) -> dict:
                 for i, prompts in enumerate(group):
                     before = _counters(llm)
                     host_before = len(proposer.stats.host_s) if proposer is not None else 0
-                    start = time.perf_counter()
+                    start, cpu = time.perf_counter(), time.process_time()
                     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                                            use_tqdm=False)
-                    wall = time.perf_counter() - start
+                    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
                     ids = [list(o.outputs[0].token_ids) for o in outputs]
                     if repeat == 0:
                         after = _counters(llm)
                         host = proposer.stats.host_s[host_before:] if proposer is not None else []
-                        records.append({"tokens": ids, "wall_s": [wall], "generated": sum(map(len, ids)),
+                        records.append({"tokens": ids, "wall_s": [wall], "cpu_s": [cpu], "generated": sum(map(len, ids)),
                                         **{k: after[k] - before[k] for k in after},
                                         "proposer_host_s": sum(host), "proposer_steps": len(host)})
                     elif ids != records[i]["tokens"]:
                         raise RuntimeError(f"{config['name']}: a repeat of the same greedy batch gave other tokens")
                     else:
                         records[i]["wall_s"].append(wall)
+                        records[i]["cpu_s"].append(cpu)
                 del llm
                 gc.collect()
             groups.append(records)

@@ -208,3 +208,16 @@ def test_proposer_loads_and_saves_its_trie(monkeypatch, tmp_path):
     _propose(proposer, batch, [[60, 61]])
     proposer.save_trie()
     assert TokenTrie.load(path).retrieve([51, 60], 4, max_query_length=2)[0] == [61]  # what it learnt was saved
+
+
+def test_token_cost_follows_the_measured_step(monkeypatch):
+    from lookahead.integrations.vllm import STEP_TOKENS_CPU
+
+    proposer = LookaheadProposer(_config(k=8))
+    assert proposer.token_cost(1) == pytest.approx(1 / (STEP_TOKENS_CPU[1] + 1))
+    assert proposer.token_cost(8) == pytest.approx(1 / (STEP_TOKENS_CPU[8] / 8 + 1))
+    mid = STEP_TOKENS_CPU[1] + (STEP_TOKENS_CPU[8] - STEP_TOKENS_CPU[1]) * 3 / 7
+    assert proposer.token_cost(4) == pytest.approx(1 / (mid / 4 + 1))
+    assert proposer.token_cost(32) == pytest.approx(1 / (STEP_TOKENS_CPU[8] / 32 + 1))  # clamped a / b
+    monkeypatch.setenv("LOOKAHEAD_VLLM_STEP_TOKENS", "inf")
+    assert LookaheadProposer(_config(k=8)).token_cost(3) == 0.0
