@@ -41,7 +41,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if M:
         block = triton.next_power_of_2(D)
         _rms_norm_kernel[(M,)](x, weight, out, D, x.stride(0), eps, BLOCK_D=block,
-                               num_warps=max(1, min(16, block // 256)))
+                               num_warps=max(1, min(16, block // 256)), enable_fp_fusion=False)
     return out
 
 

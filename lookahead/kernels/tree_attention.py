@@ -333,7 +333,10 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_
         num_warps=8 if block_m * head_dim >= 128 * 128 else 4,
         # fp32 tiles are twice the bytes: at 64 x 128 (BLOCK_N 64) K and V take 64 KiB a stage, so three stages
         # and Q would nearly fill an H100 block's 227 KiB of shared memory; two from that size up. Not swept.
-        num_stages=2 if fp32 and block_m * head_dim >= 64 * 128 else 3)
+        num_stages=2 if fp32 and block_m * head_dim >= 64 * 128 else 3,
+        # EXACT: no fused multiply-add contraction, so the compiler's choices around each tile (which loop, which
+        # constexprs) cannot change its rounding
+        enable_fp_fusion=not exact)
     if splits > 1:
         _merge_splits_kernel[(B * T * Hq,)](part, ml, out, B * T * Hq, SPLITS=splits,
                                             BLOCK_S=triton.next_power_of_2(splits), D=D, HEAD_DIM=head_dim)
