@@ -23,8 +23,9 @@ class LookaheadConfig:
         (Token Recycling); 0 turns it off.
     exact: the batch-invariant verify step (`model.set_exact`): on CUDA with the Triton kernels, a node verified
         in a tree gets the bits of the one-token step that decodes it, so bf16/fp16 lookahead returns plain
-        decoding's tokens bit for bit (plain decoding run with `model.set_exact(True)`). Off by default: its GPU
-        cost is not measured yet (issue 21). fp32 and the CPU path are exact already and ignore it.
+        decoding's tokens bit for bit (generate turns it on for the model, and it stays on for later plain calls
+        until `model.set_exact(False)`). Off by default: its GPU cost is not measured yet (issue 21). fp32 and the
+        CPU path are exact already and ignore it.
     """
 
     decoding_length: int = 64
