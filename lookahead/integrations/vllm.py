@@ -117,11 +117,9 @@ class LookaheadProposer:
         trie = TokenTrie.load(self.trie_path) if self.trie_path and Path(self.trie_path).is_file() else None
         branch = trie.branch_length if trie is not None else _env_int("LOOKAHEAD_VLLM_BRANCH_LENGTH",
                                                                        LookaheadConfig.branch_length)
+        bound = {"max_trie_nodes": trie.max_trie_nodes} if trie is not None else {}
         config = LookaheadConfig(branch_length=branch, max_query_length=max_query,
-                                 decoding_length=max(LookaheadConfig.decoding_length, k))
-        if trie is not None:
-            config = LookaheadConfig(branch_length=branch, max_query_length=max_query,
-                                     decoding_length=config.decoding_length, max_trie_nodes=trie.max_trie_nodes)
+                                 decoding_length=max(LookaheadConfig.decoding_length, k), **bound)
         self.drafter = Drafter(config, trie=trie)  # no cost curve: the chain policy below prices drafts
         self.stats = ProposerStats()
         self._held: dict[int, _Held] = {}  # row -> the request it held at the last step
@@ -158,6 +156,7 @@ class LookaheadProposer:
         if len(num_tokens_no_spec) < rows or token_ids_cpu.ndim != 2 or token_ids_cpu.shape[0] < rows:
             raise ValueError(f"{rows} rows of sampled tokens but num_tokens_no_spec has {len(num_tokens_no_spec)} "
                              f"and token_ids_cpu has shape {tuple(token_ids_cpu.shape)}")
+        self._check_rows(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)  # before anything changes
         held, claimed = self._match_rows(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
         for row, req in list(self._held.items()):  # requests no row holds any more have finished
             if id(req) not in claimed:
@@ -183,6 +182,19 @@ class LookaheadProposer:
         self.stats.host_s.append(time.perf_counter() - start)
         return drafts
 
+    @staticmethod
+    def _check_rows(sampled_token_ids, num_tokens_no_spec, token_ids_cpu) -> None:
+        for row, sampled in enumerate(sampled_token_ids):
+            n, m = int(num_tokens_no_spec[row]), len(sampled)
+            if not m:
+                continue
+            if n - m < 1 or n > token_ids_cpu.shape[1]:
+                raise ValueError(f"row {row} reports {n} committed tokens with {m} sampled this step: "
+                                 f"num_tokens_no_spec must count the prompt and the sampled tokens, within "
+                                 f"token_ids_cpu's {token_ids_cpu.shape[1]} columns")
+            if not np.array_equal(token_ids_cpu[row, n - m:n], np.asarray(sampled)):
+                raise ValueError(f"row {row}'s token_ids_cpu[{n - m}:{n}] is not the tokens sampled this step")
+
     def _match_rows(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu) -> tuple[list, set]:
         """The request each row holds after this step (None: a row that has not sampled yet), with the
         committed tokens fed to the drafter; a tracked request is claimed by one row at most."""
@@ -195,16 +207,10 @@ class LookaheadProposer:
             n = int(num_tokens_no_spec[row])
             new = np.asarray(sampled, dtype=np.int32)
             before = n - len(new)  # what the row held before this step
-            if not len(new) and before < 1:  # an unused row
+            if before < 1 or before > token_ids_cpu.shape[1]:  # an unused row
                 held.append(None)
                 continue
-            if before < 1 or n > token_ids_cpu.shape[1]:
-                raise ValueError(f"row {row} reports {n} committed tokens with {len(new)} sampled this step: "
-                                 f"num_tokens_no_spec must count the prompt and the sampled tokens, within "
-                                 f"token_ids_cpu's {token_ids_cpu.shape[1]} columns")
             tokens = token_ids_cpu[row]
-            if len(new) and not np.array_equal(tokens[before:n], new):
-                raise ValueError(f"row {row}'s token_ids_cpu[{before}:{n}] is not the tokens sampled this step")
             previous = self._held.get(row)
             candidates = ([previous] if previous is not None else []) + by_length.get(before, [])
             match = next((r for r in candidates if id(r) not in claimed and r.length == before

@@ -183,11 +183,12 @@ def test_proposer_rejects_bad_input(monkeypatch, tmp_path):
         LookaheadProposer(_config(k=2))
     monkeypatch.delenv("LOOKAHEAD_VLLM_STEP_TOKENS")
     proposer = LookaheadProposer(_config(k=2))
-    batch = Batch(rows=1)
+    batch = Batch(rows=2)
     batch.put(0, [1, 2, 3])
-    with pytest.raises(ValueError, match="not the tokens sampled"):
-        _propose(proposer, batch, [[4]])
-    assert proposer.drafter._requests == {}  # nothing half-begun
+    batch.put(1, [1, 2, 3])
+    with pytest.raises(ValueError, match="row 1's token_ids_cpu"):
+        _propose(proposer, batch, [[3], [4]])
+    assert proposer.drafter._requests == {}  # row 0 was fine, yet nothing was begun
     with pytest.raises(ValueError, match="num_tokens_no_spec must count"):
         proposer.propose([[1, 2, 3]], np.array([3], dtype=np.int32), batch.tokens)
 
