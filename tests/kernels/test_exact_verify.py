@@ -104,3 +104,19 @@ def test_config_field():
     assert LookaheadConfig().exact is False and LookaheadConfig(exact=True).exact is True
     with pytest.raises(ValueError, match="exact must be a bool"):
         LookaheadConfig(exact="auto")
+
+
+@pytest.mark.slow
+def test_generate_fp16_lookahead_equals_plain_through_the_engine():
+    # the whole path on CPU: the engine's plain and verify steps (buckets, padding nodes, compaction) with the
+    # exact kernels in the interpreter, fp16; the second lookahead call drafts this very output (deep trees).
+    # Small on purpose: the interpreter costs ~0.1 s per program (a node of a kv head of a layer)
+    model = _tiny_llama(5, num_key_value_heads=1).half()
+    ids = torch.randint(0, 48, (1, 9), generator=torch.Generator().manual_seed(4))
+    model.set_exact(True)
+    plain = model.generate(ids, max_new_tokens=12, lookahead=False, eos_token_id=[])
+    cfg = LookaheadConfig(adaptive=False, decoding_length=4, exact=True)
+    for _ in range(2):
+        out = model.generate(ids, max_new_tokens=12, lookahead=cfg, eos_token_id=[], return_dict_in_generate=True)
+        assert out.sequences.tolist() == plain.tolist()
+    assert out.stats.accepted_per_step > 1.5  # the trees really were verified
