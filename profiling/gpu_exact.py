@@ -310,6 +310,7 @@ def lossless(args) -> list[str]:
         lines.append(f"- {str(dtype)[6:]}: lookahead == plain on {same}/{n}; accepted/step {sum(acc) / len(acc):.2f}; "
                      f"plain {n * tokens / tp:.0f} tok/s, lookahead {n * tokens / tl:.0f} tok/s (wall, whole calls, "
                      "cold trie at the start)" + (f"; first divergence at new token {sorted(diffs)}" if diffs else ""))
+        print(lines[-1], flush=True)  # kept in the log if a later step runs out of time
         if dtype != dtypes[0]:
             continue
         # target: lookahead with the exact path >= 10x transformers greedy (same prompts, same dtype)
@@ -376,6 +377,7 @@ def batch(args) -> list[str]:
         n = B * tokens
         lines.append(f"| {B} | {n / tp:.0f} | {n / tl:.0f} | {tp / tl:.2f}x | {look.stats.accepted_per_step:.2f} | "
                      f"{same}/{B} |")
+        print(lines[-1], flush=True)
     return lines
 
 

