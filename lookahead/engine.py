@@ -162,14 +162,14 @@ class Engine:
         if any(self.slots):
             raise ValueError("configure() needs an idle engine: finish or remove its requests first")
         drafter = None
-        if lookahead is not None and lookahead.exact and not self.model.exact:
-            self.model.set_exact(True)  # stays on (plain steps must be batch-invariant too): model.set_exact(False)
         if lookahead is not None:
             state = self.model.state
             drafter = Drafter(lookahead, cost_curve=None, trie=self.model.trie, calibration=state.calibration,
                               successors=state.successors)  # ValueError for a trie of another shape: nothing changed
             if lookahead.adaptive:
                 drafter.cost = self.step_cost(bucket_size(lookahead.decoding_length + 1))
+            if lookahead.exact and not self.model.exact:
+                self.model.set_exact(True)  # stays on (plain steps must be batch-invariant too) until set_exact(False)
         self.config, self.drafter = lookahead, drafter
 
     def step_cost(self, max_tree: int) -> StepCost:
