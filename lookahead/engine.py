@@ -143,6 +143,7 @@ class Engine:
         self.steps = 0
         self.host_s = 0.0  # drafting, packing and committing, summed over steps
         self._device_s = 0.0  # the last step's device work and its one read (for StepCost and host_s)
+        self._shapes_run: set[tuple[int, int]] = set()  # (rows, tree size) of the steps run so far
         self.config: LookaheadConfig | None = None
         self.drafter: Drafter | None = None
         self.cost: StepCost | None = None
@@ -331,7 +332,9 @@ class Engine:
                 view.lens.copy_(lens)  # the step wrote only scratch slots past each row's length
             raise
         self._device_s = time.perf_counter() - t1
-        if self.cost is not None:
+        if (n, T) not in self._shapes_run:  # a shape's first step pays one-time work (a graph capture, oneDNN
+            self._shapes_run.add((n, T))     # primitives for a new row count): it would overprice that shape
+        elif self.cost is not None:
             self.cost.observe(n, T, self._device_s)
         return host
 
