@@ -7,8 +7,8 @@ and a copy chain: the continuation of the longest earlier occurrence, of any len
 suffix in the request's prompt, references and output (`SuffixAutomaton`), up to 64 tokens deep. Trie and
 recycled probabilities are calibrated online against what steps actually accept, per source, match length and
 probability bin; a copy node's probability is the product of observed acceptance rates per (match length bin,
-distance from the match end bin). The size policy then takes the prefix of that order, cut at a tree bucket, that maximises
-expected tokens per unit of verify cost:  (1 + sum of the kept nodes' probabilities) / cost(tree nodes),
+distance from the match end bin). The size policy then takes the prefix of that order, cut at a tree bucket,
+that maximises expected tokens per unit of verify cost:  (1 + sum of the kept nodes' probabilities) / cost(tree nodes),
 an empty draft (a plain one-token step) when nothing pays.
 """
 
@@ -66,7 +66,8 @@ class Calibration:
     decay: float = 0.999
     prior: float = 2.0  # pseudo-mass of predicted acceptance the raw probability starts with
     stats: dict[tuple[str, int, int, int], list[float]] = field(default_factory=dict)
-    copy: dict[tuple[int, int], list[float]] = field(default_factory=dict)  # (match bin, distance bin) -> [trials, accepted]
+    # copy chains: (match length bin, distance bin) -> [trials, accepted], trials = parent accepted
+    copy: dict[tuple[int, int], list[float]] = field(default_factory=dict)
 
     @staticmethod
     def key(source: str, q: int, evidence: int, p: float) -> tuple[str, int, int, int]:

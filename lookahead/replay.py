@@ -382,7 +382,8 @@ def _cmd_replay(args) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print("\nSuffixDecoding, best setting per category (ALL: the best single setting), beside ours:")
-        print("| category | ours tok/step | ours speedup | SuffixDecoding setting | its tok/step | its speedup | ours / its |")
+        print("| category | ours tok/step | ours speedup | SuffixDecoding setting | its tok/step | its speedup "
+              "| ours / its |")
         print("|---|---|---|---|---|---|---|")
         for c, t in ours.items():
             name, theirs = peer[c]
