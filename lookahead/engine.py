@@ -132,13 +132,15 @@ class Engine:
         self.model, self.max_batch, self.max_context = model, max_batch, max_context
         self.dtype, self.device = model.dtype, model.device
         self.isolate_failures = isolate_failures
-        # room for the largest tree past a full row: a draft's K/V are written after the committed tokens
-        self.cache = KVCache(cfg.n_layers, max_batch, cfg.n_kv_heads, max_context + MAX_TREE_NODES, cfg.head_dim,
-                             model.dtype, model.device)
-        self.views = {n: self.cache.rows(0, n) for n in range(1, max_batch + 1)}  # rows [0, n): one object per n
+        # normal tensors even when built under inference_mode: a later call outside it updates them in place
+        with torch.inference_mode(False):
+            # room for the largest tree past a full row: a draft's K/V are written after the committed tokens
+            self.cache = KVCache(cfg.n_layers, max_batch, cfg.n_kv_heads, max_context + MAX_TREE_NODES,
+                                 cfg.head_dim, model.dtype, model.device)
+            self.views = {n: self.cache.rows(0, n) for n in range(1, max_batch + 1)}  # rows [0, n): one per n
+            self.active = torch.zeros(max_batch, dtype=torch.long, device=model.device)  # 1 = the row advances
+            self.chooser = TokenChooser(max_batch, cfg.vocab_size, model.device)
         self.slots: list[Sequence | None] = [None] * max_batch
-        self.active = torch.zeros(max_batch, dtype=torch.long, device=model.device)  # 1 = the row advances
-        self.chooser = TokenChooser(max_batch, cfg.vocab_size, model.device)
         self.graphs: StepGraphs | None = None  # made on the first step that can replay a graph
         self.steps = 0
         self.host_s = 0.0  # drafting, packing and committing, summed over steps

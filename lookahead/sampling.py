@@ -89,7 +89,8 @@ class TokenChooser:
         self.noise_rows[b] = noise_row
         if params.repetition_penalty != 1.0:
             if self.presence is None:
-                self.presence = torch.zeros(len(self.params), self.vocab, dtype=torch.bool, device=self.device)
+                with torch.inference_mode(False):  # updated in place by later calls, in inference_mode or not
+                    self.presence = torch.zeros(len(self.params), self.vocab, dtype=torch.bool, device=self.device)
             self.presence[b] = False
             self.presence[b, torch.tensor(prompt, device=self.device)] = True
         if params.plain_argmax:

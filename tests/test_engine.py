@@ -108,3 +108,12 @@ def test_exact_config_turns_the_models_batch_invariant_forwards_on():
     assert model.generate(ids, max_new_tokens=20, lookahead=False, eos_token_id=[]).tolist() == plain.tolist()
     model.set_exact(False)
     assert not model.exact
+
+
+def test_an_engine_made_under_inference_mode_serves_later_calls_outside_it():
+    model = _tiny_llama(4)
+    ids = torch.tensor([prompt(6, 5)])
+    with torch.inference_mode():  # the model's engine is built here
+        first = model.generate(ids, max_new_tokens=8, lookahead=False, eos_token_id=[], repetition_penalty=1.3)
+    again = model.generate(ids, max_new_tokens=8, lookahead=False, eos_token_id=[], repetition_penalty=1.3)
+    assert again.tolist() == first.tolist()
