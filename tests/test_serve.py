@@ -187,25 +187,26 @@ def test_requests_queued_together_share_every_step_and_equal_generate(smollm2):
     lengths = [8, 24, 12, 20, 10, 16, 22, 14]
     with fresh_state(model):
         scheduler = Scheduler(model, tokenizer=tokenizer, max_batch=8, max_context=512, lookahead=None).start()
-        done = threading.Barrier(9)
+        done = threading.Event()
         outputs = {}
 
         def sink_for(i):
-            def sink(event):
+            def sink(event):  # called on the decode thread
                 if hasattr(event, "reason"):
                     outputs[i] = event
-                    done.wait()
+                    if len(outputs) == len(prompts):
+                        done.set()
             return sink
 
         with scheduler._cond:  # the decode thread waits on this lock: it sees all eight at once
             requests = [scheduler.submit(p, n, sink=sink_for(i)) for i, (p, n) in enumerate(zip(prompts, lengths))]
-        done.wait(TIMEOUT)
+        assert done.wait(TIMEOUT)
         stats = scheduler.stats
         scheduler.close()
     assert stats.max_batch_seen == 8 and stats.steps == max(lengths) - 1  # the prefill gave each its first token
     assert stats.row_steps == sum(n - 1 for n in lengths)
-    for prompt, n, req in zip(prompts, lengths, requests):
-        assert outputs[requests.index(req)].reason == "length"
+    for i, (prompt, n, req) in enumerate(zip(prompts, lengths, requests)):
+        assert outputs[i].reason == "length"
         expected = model.generate(torch.tensor([prompt]), max_new_tokens=n, lookahead=False, eos_token_id=[])
         assert req.output == expected[0, len(prompt):].tolist()
 

@@ -214,6 +214,26 @@ class TextStream:
         return piece
 
 
+class _Guard:
+    """Pure ASGI middleware (Starlette's BaseHTTPMiddleware would hide client disconnects from the endpoints):
+    on every HTTP request, `on_request()` (binds the event loop), then the API key check of /v1 routes."""
+
+    def __init__(self, app, expected: bytes | None, on_request):
+        self.app, self.expected, self.on_request = app, expected, on_request
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            self.on_request()
+            if self.expected is not None and scope["path"].startswith("/v1"):
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                if not hmac.compare_digest(given, self.expected):
+                    response = error_response(401, "Incorrect API key provided: send it as 'Authorization: "
+                                              "Bearer KEY'", code="invalid_api_key")
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
 def usage(fin: Finished) -> dict:
     steps = max(fin.steps, 1)
     return {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
@@ -247,17 +267,12 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
         if not loop.is_closed():  # after the HTTP server stopped, nobody is left to read the events
             loop.call_soon_threadsafe(dispatch, events)
 
-    @app.middleware("http")
-    async def bind_loop_and_check_key(request: Request, call_next):
+    def bind_loop() -> None:
         if not loop_holder:
             loop_holder.append(asyncio.get_running_loop())
             scheduler.deliver = deliver_on_loop
-        if expected is not None and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return error_response(401, "Incorrect API key provided: send it as 'Authorization: Bearer KEY'",
-                                      code="invalid_api_key")
-        return await call_next(request)
+
+    app.add_middleware(_Guard, expected=expected, on_request=bind_loop)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
