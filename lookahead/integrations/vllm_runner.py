@@ -92,7 +92,8 @@ def run(job: dict) -> dict:
 
     proposers = (LookaheadProposer, FixedDraftProposer)
 
-    params = SamplingParams(temperature=0.0, max_tokens=int(job["max_tokens"]), ignore_eos=bool(job.get("ignore_eos")))
+    params = SamplingParams(temperature=0.0, max_tokens=int(job["max_tokens"]),
+                            ignore_eos=bool(job.get("ignore_eos")))
     results = []
     for config in job["configs"]:
         groups, load_s = [], []
@@ -118,7 +119,8 @@ def run(job: dict) -> dict:
                     if repeat == 0:
                         after = _counters(llm)
                         host = proposer.stats.host_s[host_before:] if proposer is not None else []
-                        records.append({"tokens": ids, "wall_s": [wall], "cpu_s": [cpu], "generated": sum(map(len, ids)),
+                        records.append({"tokens": ids, "wall_s": [wall], "cpu_s": [cpu],
+                                        "generated": sum(map(len, ids)),
                                         **{k: after[k] - before[k] for k in after},
                                         "proposer_host_s": sum(host), "proposer_steps": len(host)})
                     elif ids != records[i]["tokens"]:
