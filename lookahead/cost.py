@@ -156,14 +156,14 @@ def calibrate(model, max_tree: int = 64) -> dict[int, float]:
     return curve
 
 
-QUICK_SIZES = (1, 4, 16, 64)  # tree sizes of the quick prior; the other buckets are interpolated
+QUICK_SIZES = (1, 8, 32)  # tree sizes of the quick prior; the other buckets are interpolated (and extrapolated)
 
 
 def prior_curve(model, max_tree: int = 64) -> dict[int, float]:
     """A batch-1 curve to start a StepCost from, without a hidden 20 s measurement: the full curve when the model or
-    $LOOKAHEAD_CACHE has one (from `calibrate`), else a quick one (sizes 1, 4, 16, 64: one warm-up and the median
-    of 3 each; about 1 s for SmolLM2 on a 2-core CPU), logged and kept on the model, never written to disk as
-    if it were the full curve."""
+    $LOOKAHEAD_CACHE has one (from `calibrate`), else a quick one (sizes 1, 8, 32: one warm-up and the mean of 2
+    each, about 0.5 s for SmolLM2 on a 2-core CPU), logged and kept on the model, never written to disk as if it
+    were the full curve: the engine's steps refine it from there."""
     key = curve_key(model)
     for curve in (model.state.cost_curves.get(key), _load_saved(cache_dir() / "cost_curves.json").get(key)):
         if curve is not None:  # sizes beyond it are priced by extrapolation (CostModel)
@@ -173,7 +173,7 @@ def prior_curve(model, max_tree: int = 64) -> dict[int, float]:
     curve = model.state.cost_curves.get(quick_key)
     if curve is None:
         t0 = time.perf_counter()
-        curve = measure_cost_curve(model, [T for T in QUICK_SIZES if T <= max(1, max_tree)] or [1], repeats=3,
+        curve = measure_cost_curve(model, [T for T in QUICK_SIZES if T <= max(1, max_tree)] or [1], repeats=2,
                                    retry=False)
         log.info("quick verify cost prior in %.2f s: %s (refined by every step; `lookahead.cost.calibrate` "
                  "measures the full curve)", time.perf_counter() - t0,
