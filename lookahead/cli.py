@@ -45,7 +45,7 @@ def summary(stats) -> str:
 
 
 def calibrate_untimed(model, args) -> None:
-    """Load the cached verify cost curve, or measure the quick prior (about 1 s) the learned step costs start from,
+    """Load the cached verify cost curve, or measure the quick prior (9 forward passes) the learned step costs start from,
     so that the first call's summary does not include it."""
     if not args.no_lookahead:
         from lookahead.cost import prior_curve

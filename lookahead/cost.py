@@ -4,7 +4,7 @@ its own steps.
 The curve (seconds of one verify forward by tree size) is measured once per model, device, dtype, threads and
 CUDA-graph setting, cached on the model (`model.state.cost_curves`) and under $LOOKAHEAD_CACHE;
 `calibrate(model)` measures it in full (seconds on a CPU) outside any timed call; `prior_curve(model)` takes the
-cached one or, when there is none, measures a quick one (four sizes, well under 2 s) instead of hiding the full
+cached one or, when there is none, measures a quick one (three sizes, 9 forward passes) instead of hiding the full
 measurement inside a user's first call. `StepCost` prices a step of B rows x T nodes, c(B, T), starting from
 that prior and following every step the engine really runs.
 """
@@ -162,7 +162,7 @@ QUICK_SIZES = (1, 8, 32)  # tree sizes of the quick prior; the other buckets are
 def prior_curve(model, max_tree: int = 64) -> dict[int, float]:
     """A batch-1 curve to start a StepCost from, without a hidden 20 s measurement: the full curve when the model or
     $LOOKAHEAD_CACHE has one (from `calibrate`), else a quick one (sizes 1, 8, 32: one warm-up and the mean of 2
-    each, about 0.5 s for SmolLM2 on a 2-core CPU), logged and kept on the model, never written to disk as if it
+    each), logged and kept on the model, never written to disk as if it
     were the full curve: the engine's steps refine it from there."""
     key = curve_key(model)
     for curve in (model.state.cost_curves.get(key), _load_saved(cache_dir() / "cost_curves.json").get(key)):
