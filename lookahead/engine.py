@@ -239,7 +239,7 @@ class Engine:
             for i, group in enumerate(groups):
                 try:
                     events += self._prefill(group)
-                except Exception as e:
+                except Exception:
                     if not self.isolate_failures:
                         for seq in (s for g in groups[i:] for s in g):
                             self._release(seq, "error")

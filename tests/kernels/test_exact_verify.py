@@ -34,7 +34,7 @@ def dfs_order(parents: list[int]) -> list[int]:
 
 def verify_and_one_token_logits(model, prefix: int, T: int, seed: int):
     """(verify logits [T, V], one-token logits [T, V]) over a cache whose first `prefix` slots hold random K/V."""
-    device, dtype = model.device, model.dtype
+    device = model.device
     g = torch.Generator().manual_seed(seed)
     mask, parents, depths = tree(T, seed)
     tokens = torch.randint(0, model.config.vocab_size, (1, T), generator=g).to(device)
