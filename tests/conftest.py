@@ -30,7 +30,7 @@ def _tiny_llama(seed: int = 0, **overrides):
         for m in model.modules():
             if hasattr(m, "eps"):
                 m.weight.fill_(1.0)
-    return model.pack_weights()
+    return model
 
 
 def _ours_from_hf(hf_model, cls=None):
@@ -47,7 +47,7 @@ def _ours_from_hf(hf_model, cls=None):
 
 @pytest.fixture
 def tiny_llama():
-    """Factory: tiny_llama(seed=0, **hf_config_overrides) -> a packed random-weight LlamaForLookahead (fp32, CPU;
+    """Factory: tiny_llama(seed=0, **hf_config_overrides) -> a random-weight LlamaForLookahead (fp32, CPU;
     vocab `model.config.vocab_size`, 48 unless overridden)."""
     return _tiny_llama
 

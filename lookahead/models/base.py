@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from lookahead import kernels
 from lookahead.cache import KVCache
+from lookahead.kernels import cpu as cpu_ops
 from lookahead.kernels.reference import sdpa
 from lookahead.state import GenerationState
 from lookahead.trie import TokenTrie
@@ -26,11 +27,12 @@ try:  # optional prefill kernel on CUDA
 except ImportError:
     flash_attn_func = None
 
-# oneDNN prepacked fp32 linear on CPU: about flat in cost from 1 to 8 rows (MKL's addmm is ~2x slower there)
-# and batch-invariant (a row's result does not depend on the other rows), so verifying a draft tree of T
-# nodes costs little more than one token and gives the same numbers as a one-token step.
-_MKLDNN_LINEAR = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                  and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+ROPE_BLOCK = 256  # the RoPE table is computed in blocks of this many positions (see CausalLM._rope_table)
+
+
+def cpu_path(x: torch.Tensor) -> bool:
+    """Whether x runs the C++ CPU ops (lookahead.kernels.cpu): on CPU wherever they could be built."""
+    return x.device.type == "cpu" and cpu_ops.available()
 
 
 @dataclass
@@ -99,6 +101,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_path(x):
+            return torch.ops.lookahead.rms_norm(x.contiguous(), self.weight, self.eps)
         if self.exact and kernels.backend(x) == "triton":
             return kernels.rms_norm(x, self.weight, float(self.eps))
         xf = x.float()
@@ -156,28 +160,20 @@ class Embedding(nn.Embedding):
 
 
 class Linear(nn.Linear):
-    """nn.Linear that runs through a oneDNN prepacked copy of its weight once `pack()` made one (fp32 CPU)."""
+    """nn.Linear whose CPU path is the invariant C++ linear (a row's bits never depend on the other rows; the weight
+    is read in place: no packed copy) and whose exact CUDA path is kernels.invariant_linear."""
 
-    packed: torch.Tensor | None = None
-    _packed_version: int = -1  # the weight's _version when packed: an in-place update makes the copy stale
     exact: bool = False  # set_exact: the batch-invariant GEMM where the Triton kernels run (CUDA)
 
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:  # built on meta by from_pretrained: the checkpoint fills it, skip the init
             super().reset_parameters()
 
-    def pack(self) -> None:
-        w = self.weight
-        if _MKLDNN_LINEAR and w.device.type == "cpu" and w.dtype == torch.float32 and not w.is_meta:
-            self.packed, self._packed_version = torch.ops.mkldnn._reorder_linear_weight(w.detach()), w._version
-        else:
-            self.packed = None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_path(x):
+            return torch.ops.lookahead.linear(x, self.weight, self.bias)
         if self.exact and kernels.backend(x) == "triton":
             return kernels.invariant_linear(x, self.weight, self.bias)
-        if self.packed is not None and self._packed_version == self.weight._version and x.device.type == "cpu":
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 
@@ -195,6 +191,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        if ctx.mode != "full" and cpu_path(x):
+            return self.wo(self._cached_cpu(self.wqkv(x), ctx).reshape(B, T, q_size))
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = rotate(q.view(B, T, self.n_heads, self.head_dim), ctx.cos, ctx.sin, self.interleaved)  # (B, T, Hq, D)
         k = rotate(k.view(B, T, self.n_kv_heads, self.head_dim), ctx.cos, ctx.sin, self.interleaved)  # (B, T, Hkv, D)
@@ -214,6 +212,19 @@ class Attention(nn.Module):
         return self.wo(y.reshape(B, T, q_size))
 
 
+    def _cached_cpu(self, qkv: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """The C++ CPU path of prefill and verify: RoPE and the K/V store in one op, then exact tree attention
+        (verify) or causal attention over the slots just written (prefill) -> [B, T, Hq, D]."""
+        k_cache, v_cache = ctx.cache.buffer[self.layer]  # (B, Hkv, S, D) each
+        q = torch.ops.lookahead.rope_store(qkv, ctx.cos[:, :, 0], ctx.sin[:, :, 0], k_cache, v_cache, ctx.slots, self.n_heads,
+                                           self.interleaved)  # (B, T, Hq, D)
+        if ctx.mode == "verify":
+            return torch.ops.lookahead.tree_attention(q, k_cache, v_cache, ctx.cache.lens, ctx.tree_mask,
+                                                      self.head_dim ** -0.5)
+        T = q.shape[1]
+        return causal_attention(q, k_cache[:, :, :T].transpose(1, 2), v_cache[:, :, :T].transpose(1, 2))
+
+
 class FeedForward(nn.Module):
     """SwiGLU with gate and up fused into one matmul (w13 = [gate; up])."""
 
@@ -223,6 +234,8 @@ class FeedForward(nn.Module):
         self.w2 = Linear(cfg.intermediate_size, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_path(x):
+            return self.w2(torch.ops.lookahead.silu_mul(self.w13(x)))
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
@@ -241,8 +254,13 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         h = self.attention(self.attention_norm(x), ctx)
-        x = x + (self.post_attention_norm(h) if self.sandwich else h)
-        h = self.feed_forward(self.ffn_norm(x))
+        h = self.post_attention_norm(h) if self.sandwich else h
+        if cpu_path(x):  # the residual add and the norm in one pass: x += h in place (x is this forward's own)
+            h = self.feed_forward(torch.ops.lookahead.add_rms_norm_(x, h.contiguous(), self.ffn_norm.weight,
+                                                                    self.ffn_norm.eps))
+        else:
+            x = x + h
+            h = self.feed_forward(self.ffn_norm(x))
         return x + (self.post_ffn_norm(h) if self.sandwich else h)
 
 
@@ -267,6 +285,7 @@ class CausalLM(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.name_or_path = None
+        self._rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # _rope_table: cos, sin [P, rot]
         self.state = GenerationState()  # trie, KV cache, CUDA graphs, cost curves, drafter calibration
 
     @property
@@ -310,13 +329,40 @@ class CausalLM(nn.Module):
         return cls.family_config(hf)
 
     # ---- forward -----------------------------------------------------------------------------------------
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq  # (B, T, rot/2)
+    def _angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [..., rot] in the model's dtype of integer positions [...], laid out for the rotation."""
+        freqs = positions[..., None].float() * self.inv_freq  # (..., rot/2)
         if self.config.rope_interleaved:
             freqs = freqs.repeat_interleave(2, dim=-1)
         else:
             freqs = torch.cat((freqs, freqs), dim=-1)
-        return freqs.cos().to(self.dtype)[:, :, None], freqs.sin().to(self.dtype)[:, :, None]  # (B, T, 1, rot)
+        return freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
+
+    def _rope_table(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin tables [>= n, rot] for positions 0.., grown in blocks of ROPE_BLOCK positions. Every block is
+        computed on a tensor of the same shape, so a position's values never depend on how far the table grew
+        (a vectorised cos may round differently where a loop's tail falls)."""
+        table = self._rope_tables
+        if table is not None and (table[0].dtype != self.dtype or table[0].device != self.device):
+            table = None
+        have = 0 if table is None else table[0].shape[0]
+        if have < n:
+            blocks = [self._angles(torch.arange(p, p + ROPE_BLOCK, device=self.device))
+                      for p in range(have, n, ROPE_BLOCK)]
+            old = [] if table is None else [table]
+            table = (torch.cat([t[0] for t in old] + [c for c, _ in blocks]),
+                     torch.cat([t[1] for t in old] + [s for _, s in blocks]))
+        self._rope_tables = table
+        return table
+
+    def _rope(self, positions: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [B, T, 1, rot] of positions [B, T] (all < max_position). The CPU path reads them from the
+        RoPE table, so a position gets the same bits in a one-token step and in a verify step of any size."""
+        if cpu_path(positions):
+            cos, sin = self._rope_table(max_position)
+            return cos[positions][:, :, None], sin[positions][:, :, None]
+        cos, sin = self._angles(positions)
+        return cos[:, :, None], sin[:, :, None]  # (B, T, 1, rot)
 
     def _run(self, input_ids: torch.Tensor, ctx: AttentionContext,
              logit_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -331,15 +377,17 @@ class CausalLM(nn.Module):
         """Full causal forward without a cache: logits [B, T, V] (parity and perplexity checks)."""
         self._check_ids(input_ids)
         B, T = input_ids.shape
-        cos, sin = self._rope(torch.arange(T, device=input_ids.device).expand(B, T))
+        cos, sin = self._rope(torch.arange(T, device=input_ids.device).expand(B, T), T)
         return CausalLMOutput(self._run(input_ids, AttentionContext("full", cos, sin)))
 
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """input_ids [B, T] right-padded, lengths [B] real tokens per row -> logits [B, V] after each row's last
         real token. Writes K/V at slots 0..T-1 (padding slots are scratch) and sets cache.lens = lengths."""
         B, T = input_ids.shape
-        cos, sin = self._rope(torch.arange(T, device=input_ids.device).expand(B, T))
-        logits = self._run(input_ids, AttentionContext("prefill", cos, sin, cache), logit_rows=lengths - 1)
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T), also the K/V slots
+        cos, sin = self._rope(positions, T)
+        logits = self._run(input_ids, AttentionContext("prefill", cos, sin, cache, slots=positions),
+                           logit_rows=lengths - 1)
         cache.lens.copy_(lengths)
         return logits
 
@@ -349,7 +397,7 @@ class CausalLM(nn.Module):
         chain -> logits [B, T, V]. Node i is at position cache.lens + depths[:, i] and its K/V go to slot
         cache.lens + i; cache.lens is not advanced (compaction does that)."""
         B, T = tokens.shape
-        cos, sin = self._rope(cache.lens[:, None] + depths)
+        cos, sin = self._rope(cache.lens[:, None] + depths, cache.max_len)
         ctx = AttentionContext("verify", cos, sin, cache,
                                slots=cache.lens[:, None] + torch.arange(T, device=tokens.device),  # (B, T)
                                rows=torch.arange(B, device=tokens.device)[:, None],  # (B, 1)
@@ -397,24 +445,10 @@ class CausalLM(nn.Module):
         return previous
 
     # ---- weights -------------------------------------------------------------------------------------------
-    def pack_weights(self) -> "CausalLM":
-        """(Re)build the oneDNN prepacked weights of every linear layer (fp32 on CPU; a no-op elsewhere).
-        Costs one extra copy of the linear weights in memory."""
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.pack()
-        return self
-
     def _apply(self, fn, recurse=True):
-        """.to() / .float() / .cuda() / ...: a linear layer whose weight was converted, or that had no packed
-        copy, is (re)packed, so fp32 CPU weights end up packed and no stale copy survives; the RoPE
-        frequencies stay fp32."""
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
-        before = [m.weight.data_ptr() for m in linears]  # old and new tensors coexist in fn: a new one differs
+        """.to() / .float() / .cuda() / ...: the RoPE frequencies stay fp32 and the RoPE table is made anew."""
         super()._apply(fn, recurse)
-        for m, ptr in zip(linears, before):
-            if m.packed is None or m.weight.data_ptr() != ptr or m._packed_version != m.weight._version:
-                m.pack()
+        self._rope_tables = None
         if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
             self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)  # RoPE frequencies stay fp32
         return self

@@ -34,7 +34,7 @@ def test_prefill_and_incremental_logits_match_transformers(name, ours_from_hf):
     hf = random_glm(name)
     if "partial_rotary_factor" in CONFIGS[name][2]:
         assert hf.config.rope_parameters["partial_rotary_factor"] == 0.25
-    ours = ours_from_hf(hf, GlmForLookahead).pack_weights()
+    ours = ours_from_hf(hf, GlmForLookahead)
     ids = torch.randint(0, TINY["vocab_size"], (2, 11))
     with torch.no_grad():
         expected = hf(ids).logits
@@ -68,7 +68,7 @@ def test_llama_class_refuses_glm(tmp_path):
 
 @pytest.mark.parametrize("name", ["glm", "glm4"])
 def test_lookahead_equals_plain_with_a_trie_of_its_own_outputs(name, ours_from_hf):
-    ours = ours_from_hf(random_glm(name, seed=5), GlmForLookahead).pack_weights()
+    ours = ours_from_hf(random_glm(name, seed=5), GlmForLookahead)
     ids = torch.randint(2, TINY["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(1))
     expected = ours.generate(ids, max_new_tokens=48, lookahead=False, eos_token_id=[])
     cfg = LookaheadConfig(adaptive=False, decoding_length=16)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from lookahead.models import LlamaForLookahead
+from lookahead.models import LlamaForLookahead, base
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
@@ -37,13 +37,15 @@ def random_hf(name: str, seed: int = 0):
     return model
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["linear", "onednn-packed"])
+@pytest.mark.parametrize("cpu_ops", [False, True], ids=["torch-ops", "cpu-ops"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_prefill_and_incremental_logits_match_transformers(name, packed, ours_from_hf):
+def test_prefill_and_incremental_logits_match_transformers(name, cpu_ops, ours_from_hf, monkeypatch):
     hf = random_hf(name)
     ours = ours_from_hf(hf)
-    if packed:
-        ours.pack_weights()
+    if not cpu_ops:
+        monkeypatch.setattr(base, "cpu_path", lambda x: False)
+    elif not base.cpu_ops.available():
+        pytest.skip("the C++ CPU ops could not be built here")
     torch.manual_seed(1)
     ids = torch.randint(0, TINY["vocab_size"], (2, 11))
     with torch.no_grad():

@@ -1,0 +1,208 @@
+// Attention of a decode step on CPU: RoPE + the K/V store of the step's tokens, and tree attention that gives a
+// draft node the bits of the one-token step that later decodes the same token.
+//
+// Node i of row b (committed length L) attends to the key sequence: slots 0 .. L-1, then its path (the nodes j
+// with tree_mask[b, i, j], ascending: its ancestors and itself) at slots L + j. Once the path is accepted and
+// compacted, the one-token step that decodes node i's token sees exactly that sequence at slots 0 .. L + depth.
+// So the result is computed as a function of the key sequence alone: scores s_n = q.k_n * scale (fixed-order dot
+// products), m = max s_n, p_n = exp(s_n - m), l = sum p_n in lanes by sequence index n, out = sum_n p_n v_n in
+// ascending n, divided by l. Nothing depends on T, on the other nodes or rows, or on where the masked slots are.
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "common.h"
+
+namespace lookahead_cpu {
+namespace {
+
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t D) {
+  float acc[LANES] = {0};
+  for (int64_t d = 0; d < D; d += LANES) {
+    const int n = static_cast<int>(std::min<int64_t>(LANES, D - d));
+    for (int l = 0; l < n; ++l) acc[l] = std::fma(q[d + l], to_float(k[d + l]), acc[l]);
+  }
+  return lane_sum(acc);
+}
+
+struct CacheView {  // a [B, H, S, D] cache tensor's pointer and strides (rows may be a view of a bigger cache)
+  int64_t sb, sh, ss;
+};
+
+// q [B, T, Hq, D]; k/v_cache [B, Hkv, S, D] (node j's K/V at slot lens[b] + j); lens [B] int64;
+// tree_mask [B, T, T] bool or None (a causal chain) -> out [B, T, Hq, D]
+at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& lens, const c10::optional<at::Tensor>& tree_mask, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() && lens.device().is_cpu(),
+              "lookahead::tree_attention runs on CPU tensors");
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "lookahead::tree_attention: q [B, T, Hq, D], k/v_cache [B, Hkv, S, D], got ", q.sizes(), " ",
+              k_cache.sizes(), " ", v_cache.sizes());
+  const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k_cache.size(1), S = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == D && Hq % Hkv == 0,
+              "lookahead::tree_attention: cache rows / head dim / head groups do not fit q");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type(),
+              "lookahead::tree_attention: q and the cache must share a dtype");
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1 && k_cache.strides() == v_cache.strides(),
+              "lookahead::tree_attention: cache head dim must be contiguous and k/v strided alike");
+  TORCH_CHECK(lens.scalar_type() == at::kLong && lens.dim() == 1 && lens.size(0) == B,
+              "lookahead::tree_attention: cache_lens must be int64 [B]");
+  const at::Tensor lc = lens.contiguous();
+  const int64_t* lp = lc.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(lp[b] >= 0 && lp[b] + T <= S, "lookahead::tree_attention: row ", b, " has ", lp[b],
+                " committed slots and ", T, " nodes: more than the cache's ", S);
+  at::Tensor mask;
+  if (tree_mask.has_value()) {
+    TORCH_CHECK(tree_mask->scalar_type() == at::kBool && tree_mask->dim() == 3 && tree_mask->size(0) == B &&
+                tree_mask->size(1) == T && tree_mask->size(2) == T,
+                "lookahead::tree_attention: tree_mask must be bool [B, T, T]");
+    mask = tree_mask->contiguous();
+  }
+  const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  if (mp)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < T; ++i)
+        TORCH_CHECK(mp[(b * T + i) * T + i], "lookahead::tree_attention: tree_mask[", b, ", ", i, ", ", i,
+                    "] is False: a node must see itself");
+  const at::Tensor qc = q.contiguous();
+  at::Tensor out = at::empty_like(qc);
+  const int64_t group = Hq / Hkv;
+  const CacheView kv{k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
+  const float sc = static_cast<float>(scale);
+  LOOKAHEAD_DISPATCH(q.scalar_type(), "lookahead::tree_attention", [&] {
+    const scalar_t* qp = qc.data_ptr<scalar_t>();
+    const scalar_t* kp = k_cache.data_ptr<scalar_t>();
+    const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * T * Hq, 1, [&](int64_t w0, int64_t w1) {
+      std::vector<float> qf(D), o(D), scores;
+      std::vector<int64_t> slots;
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t h = w % Hq, i = (w / Hq) % T, b = w / (Hq * T);
+        const int64_t L = lp[b];
+        slots.clear();  // the node's path, root first
+        for (int64_t j = 0; j <= i; ++j)
+          if (mp ? mp[(b * T + i) * T + j] : true) slots.push_back(L + j);
+        const int64_t n_keys = L + static_cast<int64_t>(slots.size());
+        scores.resize(n_keys);
+        const scalar_t* qrow = qp + ((b * T + i) * Hq + h) * D;
+        for (int64_t d = 0; d < D; ++d) qf[d] = to_float(qrow[d]);
+        const scalar_t* kh = kp + b * kv.sb + (h / group) * kv.sh;
+        const scalar_t* vh = vp + b * kv.sb + (h / group) * kv.sh;
+        auto slot = [&](int64_t n) { return n < L ? n : slots[n - L]; };
+        float m = -INFINITY;
+        for (int64_t n = 0; n < n_keys; ++n) {
+          scores[n] = dot(qf.data(), kh + slot(n) * kv.ss, D) * sc;
+          m = std::max(m, scores[n]);
+        }
+        float lsum[LANES] = {0};
+        for (int64_t n = 0; n < n_keys; ++n) {
+          scores[n] = exp_f32(scores[n] - m);
+          lsum[n % LANES] = lsum[n % LANES] + scores[n];
+        }
+        std::fill(o.begin(), o.end(), 0.0f);
+        for (int64_t n = 0; n < n_keys; ++n) {
+          const scalar_t* vrow = vh + slot(n) * kv.ss;
+          const float p = scores[n];
+          for (int64_t d = 0; d < D; ++d) o[d] = std::fma(p, to_float(vrow[d]), o[d]);
+        }
+        const float inv = 1.0f / lane_sum(lsum);
+        scalar_t* orow = op + ((b * T + i) * Hq + h) * D;
+        for (int64_t d = 0; d < D; ++d) orow[d] = from_float<scalar_t>(o[d] * inv);
+      }
+    });
+  });
+  return out;
+}
+
+// RoPE on q and k of a step's tokens and the store of their K/V.
+// qkv [B, T, (Hq + 2 Hkv) * D]; cos/sin [B, T, R] (R = rotary dims, in the dtype); k/v_cache [B, Hkv, S, D];
+// slots [B, T] int64 -> q [B, T, Hq, D]; k_cache[b, :, slots[b, t]] = RoPE(k), v likewise (unrotated).
+// interleaved: rotate the pairs (x0, x1), (x2, x3), ...; otherwise the two halves of the first R dims.
+at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+                      at::Tensor& v_cache, const at::Tensor& slots, int64_t n_heads, bool interleaved) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 3 && qkv.is_contiguous(),
+              "lookahead::rope_store: qkv must be a contiguous CPU tensor [B, T, (Hq + 2 Hkv) * D]");
+  const int64_t B = qkv.size(0), T = qkv.size(1);
+  const int64_t Hkv = k_cache.size(1), S = k_cache.size(2), D = k_cache.size(3);
+  const int64_t R = cos.size(-1);
+  TORCH_CHECK(qkv.size(2) == (n_heads + 2 * Hkv) * D && k_cache.size(0) == B && v_cache.sizes() == k_cache.sizes(),
+              "lookahead::rope_store: qkv ", qkv.sizes(), " does not fit a cache ", k_cache.sizes(), " with ",
+              n_heads, " query heads");
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 3 && cos.size(0) == B && cos.size(1) == T && R <= D &&
+              R % 2 == 0 && cos.is_contiguous() && sin.is_contiguous(),
+              "lookahead::rope_store: cos/sin must be contiguous [B, T, R] with even R <= head dim");
+  TORCH_CHECK(cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type() &&
+              k_cache.scalar_type() == qkv.scalar_type() && v_cache.scalar_type() == qkv.scalar_type(),
+              "lookahead::rope_store: qkv, cos, sin and the cache must share a dtype");
+  TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.strides() == v_cache.strides(),
+              "lookahead::rope_store: cache head dim must be contiguous and k/v strided alike");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 2 && slots.size(0) == B && slots.size(1) == T,
+              "lookahead::rope_store: slots must be int64 [B, T]");
+  const at::Tensor sl = slots.contiguous();
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  for (int64_t t = 0; t < B * T; ++t)
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < S, "lookahead::rope_store: slot ", sp[t], " outside the cache's ", S);
+  at::Tensor q = at::empty({B, T, n_heads, D}, qkv.options());
+  const CacheView kv{k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
+  LOOKAHEAD_DISPATCH(qkv.scalar_type(), "lookahead::rope_store", [&] {
+    using T_ = scalar_t;
+    const T_* xp = qkv.data_ptr<T_>();
+    const T_* cp = cos.data_ptr<T_>();
+    const T_* snp = sin.data_ptr<T_>();
+    T_* qp = q.data_ptr<T_>();
+    T_* kp = k_cache.data_ptr<T_>();
+    T_* vp = v_cache.data_ptr<T_>();
+    const int64_t width = (n_heads + 2 * Hkv) * D;
+    // transformers' rounding: q * cos and rotate(q) * sin each rounded to the dtype, then their sum
+    auto rope = [&](const T_* x, const T_* c, const T_* s, T_* y) {
+      for (int64_t d = 0; d < R; ++d) {
+        float partner;
+        if (interleaved) {
+          partner = d % 2 == 0 ? -to_float(x[d + 1]) : to_float(x[d - 1]);
+        } else {
+          partner = d < R / 2 ? -to_float(x[d + R / 2]) : to_float(x[d - R / 2]);
+        }
+        const float a = round_to<T_>(to_float(x[d]) * to_float(c[d]));
+        const float b = round_to<T_>(partner * to_float(s[d]));
+        y[d] = from_float<T_>(a + b);
+      }
+      for (int64_t d = R; d < D; ++d) y[d] = x[d];
+    };
+    at::parallel_for(0, B * T, 4, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / T;
+        const T_* x = xp + t * width;
+        const T_* c = cp + t * R;
+        const T_* s = snp + t * R;
+        for (int64_t h = 0; h < n_heads; ++h) rope(x + h * D, c, s, qp + (t * n_heads + h) * D);
+        for (int64_t h = 0; h < Hkv; ++h) {
+          const int64_t off = b * kv.sb + h * kv.sh + sp[t] * kv.ss;
+          rope(x + (n_heads + h) * D, c, s, kp + off);
+          const T_* v = x + (n_heads + Hkv + h) * D;
+          std::copy(v, v + D, vp + off);
+        }
+      }
+    });
+  });
+  return q;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lookahead, m) {
+  m.def("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lens, Tensor? tree_mask, float scale)"
+        " -> Tensor");
+  m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, "
+        "int n_heads, bool interleaved) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(lookahead, CPU, m) {
+  m.impl("tree_attention", tree_attention);
+  m.impl("rope_store", rope_store);
+}
+
+}  // namespace lookahead_cpu

@@ -1,0 +1,101 @@
+// Shared helpers of the CPU ops: dtype conversion and the fixed-order reductions every op uses.
+//
+// Exactness rule of this directory: a value's bits depend only on the inputs it is computed from, never on how
+// many other rows, nodes or tokens a call carries, on thread count or on where a loop's tail falls. Every sum
+// runs in one order fixed by the data's own index (lane l of a 16-lane accumulator takes elements l, l + 16,
+// ...; lanes are added by one tree); the build turns FMA contraction off (-ffp-contract=off) so the compiler
+// cannot fuse a multiply and an add in one loop and not in another; exp is our own, the same code wherever it
+// is inlined.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace lookahead_cpu {
+
+constexpr int LANES = 16;
+
+// Run fn with scalar_t = float, c10::BFloat16 or c10::Half (the dtypes of the CPU path).
+#define LOOKAHEAD_DISPATCH(dtype, name, ...)                                                   \
+  [&] {                                                                                      \
+    switch (dtype) {                                                                         \
+      case at::kFloat: { using scalar_t = float; return __VA_ARGS__(); }                              \
+      case at::kBFloat16: { using scalar_t = c10::BFloat16; return __VA_ARGS__(); }                   \
+      case at::kHalf: { using scalar_t = c10::Half; return __VA_ARGS__(); }                           \
+      default: TORCH_CHECK(false, name, ": dtype must be float32, bfloat16 or float16, got ", dtype); \
+    }                                                                                        \
+  }()
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+// Round an fp32 value to the storage type (round to nearest even, as torch's casts).
+template <typename T> inline T from_float(float x) { return static_cast<T>(x); }
+template <> inline float from_float<float>(float x) { return x; }
+
+// x rounded to T and back: the value a torch op of dtype T would store.
+template <typename T> inline float round_to(float x) { return to_float(from_float<T>(x)); }
+
+// The sum of 16 lanes, always in this tree: ((l0+l8) + (l4+l12)) + ... so a sum never depends on who calls it.
+inline float lane_sum(const float* a) {
+  float b[8], c[4];
+  for (int i = 0; i < 8; ++i) b[i] = a[i] + a[i + 8];
+  for (int i = 0; i < 4; ++i) c[i] = b[i] + b[i + 4];
+  return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+#if defined(__AVX512F__)
+// The same tree as lane_sum(const float*): GCC's _mm512_reduce_add_ps adds the halves, then the quarters, then
+// (l0 + l2) + (l1 + l3) of what is left.
+inline float lane_sum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// 16 elements from p (n <= 16 of them; the rest read as 0) as fp32 lanes.
+inline __m512 load16(const float* p, int n = 16) {
+  return n == 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
+}
+inline __m512 load16(const c10::BFloat16* p, int n = 16) {
+  __m256i h = n == 16 ? _mm256_loadu_si256((const __m256i*)p)
+                      : _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const c10::Half* p, int n = 16) {
+  __m256i h = n == 16 ? _mm256_loadu_si256((const __m256i*)p)
+                      : _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p);
+  return _mm512_cvtph_ps(h);
+}
+#endif
+
+// exp(x) in fp32 by Cody-Waite range reduction and a degree-6 polynomial (about 1 ulp); only IEEE basic operations,
+// so a vectorised copy of this code gives the bits of the scalar one.
+inline float exp_f32(float x) {
+  if (x < -87.3f) return 0.0f;
+  if (x > 88.0f) x = 88.0f;  // keeps 2^n finite (n <= 127)
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  float n = (x * 1.44269504088896341f + shifter) - shifter;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = (p * r) * r + r + 1.0f;
+  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+
+}  // namespace lookahead_cpu

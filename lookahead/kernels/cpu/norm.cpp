@@ -1,0 +1,113 @@
+// Row-wise ops of a decoder layer on CPU: RMSNorm (optionally after the residual add) and SwiGLU's silu(gate) * up.
+// Each row is computed alone in a fixed order (common.h), so its bits never depend on the other rows. Roundings
+// follow transformers' Llama in the tensor's dtype: the norm in fp32, rounded to the dtype, then times the weight;
+// silu(gate) rounded to the dtype before the product with up.
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+
+#include "common.h"
+
+namespace lookahead_cpu {
+namespace {
+
+template <typename T>
+void rms_row(const T* x, const T* w, T* out, int64_t D, float eps) {
+  float acc[LANES] = {0};
+  for (int64_t d = 0; d < D; d += LANES) {
+    const int n = static_cast<int>(std::min<int64_t>(LANES, D - d));
+    for (int l = 0; l < n; ++l) {
+      const float v = to_float(x[d + l]);
+      acc[l] = acc[l] + v * v;
+    }
+  }
+  const float r = 1.0f / std::sqrt(lane_sum(acc) / static_cast<float>(D) + eps);
+  for (int64_t d = 0; d < D; ++d) out[d] = from_float<T>(to_float(w[d]) * round_to<T>(to_float(x[d]) * r));
+}
+
+void check_rows(const at::Tensor& x, const at::Tensor& w, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), name, " runs on CPU tensors");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), name, ": tensors must be contiguous");
+  TORCH_CHECK(w.dim() == 1 && x.size(-1) == w.size(0) && w.scalar_type() == x.scalar_type(), name,
+              ": weight must be [D] of x's dtype, got x ", x.sizes(), " weight ", w.sizes());
+}
+
+// x [..., D], weight [D] -> [..., D]
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, weight, "lookahead::rms_norm");
+  at::Tensor out = at::empty_like(x);
+  const int64_t D = x.size(-1), M = x.numel() / D;
+  LOOKAHEAD_DISPATCH(x.scalar_type(), "lookahead::rms_norm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) rms_row(xp + m * D, wp, op + m * D, D, static_cast<float>(eps));
+    });
+  });
+  return out;
+}
+
+// In place x += h (the residual stream, rounded to its dtype), then -> rms_norm(x) [..., D]
+at::Tensor add_rms_norm_(at::Tensor& x, const at::Tensor& h, const at::Tensor& weight, double eps) {
+  check_rows(x, weight, "lookahead::add_rms_norm_");
+  TORCH_CHECK(h.sizes() == x.sizes() && h.scalar_type() == x.scalar_type() && h.is_contiguous(),
+              "lookahead::add_rms_norm_: h must match x, got ", h.sizes(), " and ", x.sizes());
+  at::Tensor out = at::empty_like(x);
+  const int64_t D = x.size(-1), M = x.numel() / D;
+  LOOKAHEAD_DISPATCH(x.scalar_type(), "lookahead::add_rms_norm_", [&] {
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* hp = h.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        scalar_t* row = xp + m * D;
+        for (int64_t d = 0; d < D; ++d) row[d] = from_float<scalar_t>(to_float(row[d]) + to_float(hp[m * D + d]));
+        rms_row(row, wp, op + m * D, D, static_cast<float>(eps));
+      }
+    });
+  });
+  return out;
+}
+
+// gate_up [..., 2I] (gate then up) -> silu(gate) * up [..., I]
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.device().is_cpu() && gate_up.is_contiguous() && gate_up.size(-1) % 2 == 0,
+              "lookahead::silu_mul: gate_up must be a contiguous CPU tensor [..., 2I], got ", gate_up.sizes());
+  const int64_t I = gate_up.size(-1) / 2, M = gate_up.numel() / (2 * I);
+  std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
+  shape.back() = I;
+  at::Tensor out = at::empty(shape, gate_up.options());
+  LOOKAHEAD_DISPATCH(gate_up.scalar_type(), "lookahead::silu_mul", [&] {
+    const scalar_t* gp = gate_up.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        const scalar_t* g = gp + m * 2 * I;
+        const scalar_t* u = g + I;
+        scalar_t* o = op + m * I;
+        for (int64_t i = 0; i < I; ++i) {
+          const float x = to_float(g[i]);
+          const float act = round_to<scalar_t>(x / (1.0f + exp_f32(-x)));
+          o[i] = from_float<scalar_t>(act * to_float(u[i]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lookahead, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm_(Tensor(a!) x, Tensor h, Tensor weight, float eps) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(lookahead, CPU, m) {
+  m.impl("rms_norm", rms_norm);
+  m.impl("add_rms_norm_", add_rms_norm_);
+  m.impl("silu_mul", silu_mul);
+}
+
+}  // namespace lookahead_cpu

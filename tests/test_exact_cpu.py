@@ -1,0 +1,97 @@
+"""The CPU path is exact by construction (lookahead.kernels.cpu): a node verified among T gets, bit for bit, the
+logits of the one-token step that later decodes its token, in fp32, bf16 and fp16, whatever the tree, the batch
+rows or the prefix. The CPU twin of tests/kernels/test_exact_verify.py (CUDA's exact mode)."""
+
+import pytest
+import torch
+
+from lookahead.kernels import cpu as cpu_ops
+from lookahead.models import LlamaForLookahead
+
+pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="the C++ CPU ops could not be built here")
+
+VOCAB = 97
+
+
+def tiny(dtype: torch.dtype, seed: int = 0) -> LlamaForLookahead:
+    """A 2-layer Llama (dim 64, GQA 4/2, head dim 16 with an odd intermediate size) in dtype."""
+    torch.manual_seed(seed)
+    hf = dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
+              rope_theta=10000.0, tie_word_embeddings=False, eos_token_id=None)
+    model = LlamaForLookahead(LlamaForLookahead.config_from_hf(hf)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3 if p.dim() > 1 else 0.1)
+    return model.to(dtype)
+
+
+def random_tree(T: int, gen: torch.Generator) -> list[int]:
+    """parents of a random tree of T nodes in DFS-compatible order (parents[i] < i), with chains and fan-out."""
+    return [-1] + [int(torch.randint(max(0, i - 4), i, (1,), generator=gen)) for i in range(1, T)]
+
+
+def paths_of(parents: list[int]) -> list[list[int]]:
+    out = []
+    for i in range(len(parents)):
+        path = [i]
+        while parents[path[-1]] >= 0:
+            path.append(parents[path[-1]])
+        out.append(path[::-1])
+    return out
+
+
+def check_tree_step_equals_one_token_steps(model, prefixes: list[int], T: int, seed: int) -> None:
+    """Verify B rows of random trees after prefixes of the given lengths, then decode every root-to-leaf path one
+    token at a time in a row of its own, and compare each node's logits bit for bit."""
+    gen = torch.Generator().manual_seed(seed)
+    B, S = len(prefixes), max(prefixes) + T + 1
+    cache = model.kv_cache(B, S)
+    width = max(max(prefixes), 1)
+    prompts = torch.randint(0, VOCAB, (B, width), generator=gen)
+    lengths = torch.tensor(prefixes)
+    with torch.inference_mode():
+        if max(prefixes) > 0:
+            model.prefill(prompts, lengths.clamp(min=1), cache)
+        cache.lens.copy_(lengths)
+        tokens = torch.randint(0, VOCAB, (B, T), generator=gen)
+        parents = [random_tree(T, gen) for _ in range(B)]
+        paths = [paths_of(p) for p in parents]
+        depths = torch.tensor([[len(path) - 1 for path in row] for row in paths])
+        mask = torch.zeros(B, T, T, dtype=torch.bool)
+        for b, row in enumerate(paths):
+            for i, path in enumerate(row):
+                mask[b, i, path] = True
+        before = cache.buffer.clone()
+        got = model.verify(tokens, depths, cache, mask)  # (B, T, V)
+        for b in range(B):
+            leaves = [i for i in range(T) if i not in parents[b]]
+            for leaf in leaves:
+                alone = model.kv_cache(1, S)
+                alone.buffer.copy_(before[:, :, b:b + 1])  # this row's committed prefix, nothing else
+                alone.lens.fill_(prefixes[b])
+                for node in paths[b][leaf]:
+                    one = model.verify(tokens[b:b + 1, node:node + 1], torch.zeros(1, 1, dtype=torch.long), alone,
+                                       None)[0, 0]
+                    assert torch.equal(one, got[b, node]), (
+                        f"{model.dtype} row {b} node {node} (prefix {prefixes[b]}, T {T}): max diff "
+                        f"{(one.float() - got[b, node].float()).abs().max().item():.3g}")
+                    alone.lens += 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("prefixes,T", [([0], 7), ([37], 16), ([300, 5, 37], 64), ([2048], 9),
+                                         ([3, 37, 0, 11, 300, 1, 64, 20], 13)])
+def test_verify_logits_equal_one_token_logits_along_every_path(dtype, prefixes, T):
+    check_tree_step_equals_one_token_steps(tiny(dtype), prefixes, T, seed=T + len(prefixes))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_lookahead_equals_plain(dtype):
+    model = tiny(dtype, seed=3)
+    prompt = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(1))
+    prompt = torch.cat([prompt, prompt[:, :20]], dim=1)  # a repeat gives the drafter something to copy
+    plain = model.generate(prompt, max_new_tokens=48, lookahead=False)
+    out = model.generate(prompt, max_new_tokens=48, return_dict_in_generate=True)
+    assert out.sequences.tolist() == plain.tolist()
+    assert out.stats.accepted_per_step > 1.0  # drafts were really verified and accepted
