@@ -130,10 +130,17 @@ def cmd_demo(args) -> int:
     from lookahead.data import encode_prompt
     from lookahead.models.auto import load_model
 
+    from lookahead.kernels import cpu as cpu_ops
+
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s ({torch.get_num_threads()} threads, "
           f"{model.device}, {model.dtype})")
+    if model.device.type == "cpu":
+        why = ("this CPU multiplies bf16 natively" if cpu_ops.native_bf16() else "this CPU has no native bf16 matmul")
+        print(f"CPU: {cpu_ops.cpu_name()}; {why}, so dtype auto is "
+              f"{'bf16' if cpu_ops.native_bf16() and cpu_ops.available() else 'fp32'}; the C++ CPU ops are "
+              f"{'on: decoding is bitwise lossless in every dtype' if cpu_ops.available() else 'off (no compiler)'}")
     # Measure (or load) the verify cost curve and run once untimed, so that no timed row pays for either.
     t0 = time.perf_counter()
     curve = calibrate(model)
@@ -170,7 +177,7 @@ def run_lazy(command: str, argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lookahead.models.auto import DTYPES
+    from lookahead.models.auto import DTYPE_HELP, DTYPES
 
     parser = argparse.ArgumentParser(prog="lookahead", description="Lossless lookahead decoding.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(p, required=True):
         p.add_argument("--model", required=required, default=None if required else "smollm2-135m-instruct",
                        help="HF checkpoint dir, .gguf file, or smollm2-135m-instruct")
-        p.add_argument("--dtype", choices=list(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
+        p.add_argument("--dtype", choices=list(DTYPES), default="auto", help=DTYPE_HELP)
         p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
 
     def decoding_args(p, max_new_tokens: int):

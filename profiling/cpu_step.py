@@ -16,8 +16,8 @@ import torch
 from lookahead.cache import KVCache
 from lookahead.models.auto import load_model
 
-LINEAR = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear")
-ATTENTION = ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+LINEAR = ("lookahead::linear", "mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear")
+ATTENTION = ("lookahead::tree_attention", "aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
              "aten::bmm", "aten::baddbmm", "aten::softmax", "aten::_softmax")
 
 
@@ -28,9 +28,10 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model, _ = load_model(args.model, "fp32", "cpu")
+    model, _ = load_model(args.model, args.dtype, "cpu")
     cfg = model.config
     cache = KVCache(cfg.n_layers, 1, cfg.n_kv_heads, args.context + max(args.sizes), cfg.head_dim, model.dtype,
                     model.device)
@@ -63,7 +64,7 @@ def main() -> None:
             buckets = defaultdict(float)
             total = 0.0
             for e in prof.key_averages():
-                if e.key.startswith("aten::") or e.key.startswith("mkldnn::"):
+                if e.key.split("::")[0] in ("aten", "mkldnn", "lookahead"):
                     own = e.self_cpu_time_total / 10 / 1e3  # ms per step
                     total += own
                     kind = "linear" if e.key in LINEAR else "attention" if e.key in ATTENTION else e.key

@@ -9,7 +9,10 @@ import torch
 from lookahead.models.checkpoint import load_config, resolve_checkpoint
 from lookahead.models.llama import LlamaForLookahead
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # command-line dtype names
+# command-line dtype names; "auto": bf16 on a CPU that multiplies bf16 natively, else fp32; on CUDA the checkpoint's
+DTYPES = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_HELP = ("default auto: bf16 on a CPU with native bf16 matmul (AVX512_BF16 or AMX) and the C++ CPU ops, fp32 on "
+              "other CPUs, the checkpoint's half dtype on CUDA")
 
 
 def model_classes() -> list[type]:
@@ -31,11 +34,11 @@ def model_class(path: Path) -> type:
 
 def load_model(name_or_path: str | Path, dtype: str | None = None, device: str | torch.device | None = None):
     """(model, tokenizer) of the embedded name, an HF checkpoint dir or a .gguf file. dtype: a DTYPES name
-    (None = the checkpoint's default); device: None = cuda when available, else cpu."""
+    (None = "auto"); device: None = cuda when available, else cpu."""
     from transformers import AutoTokenizer
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = resolve_checkpoint(name_or_path)
-    model = model_class(path).from_pretrained(path, dtype=DTYPES[dtype] if dtype else None, device=device)
+    model = model_class(path).from_pretrained(path, dtype=DTYPES[dtype or "auto"], device=device)
     return model, AutoTokenizer.from_pretrained(path)

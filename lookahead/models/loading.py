@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from lookahead.kernels import cpu as cpu_ops
 from lookahead.models.base import CausalLM, ModelConfig, rope_inv_freq
 from lookahead.models.checkpoint import load_config, load_state_dict, resolve_checkpoint
 
@@ -82,9 +83,11 @@ def fuse_llama_style(sd: dict[str, torch.Tensor], cfg: ModelConfig, prefix: str 
 
 
 def default_dtype(hf: dict, device: torch.device) -> torch.dtype:
-    """fp32 on CPU; on CUDA the checkpoint's half dtype, bf16 when it is stored in fp32."""
+    """dtype="auto": on CPU bf16 where the CPU multiplies bf16 natively (AVX512_BF16 or AMX) and the exact C++ ops
+    run (bf16 decoding is bitwise lossless there), fp32 elsewhere; on CUDA the checkpoint's half dtype, bf16 when
+    it is stored in fp32."""
     if device.type != "cuda":
-        return torch.float32
+        return torch.bfloat16 if cpu_ops.native_bf16() and cpu_ops.available() else torch.float32
     stored = hf.get("dtype") or hf.get("torch_dtype")
     return torch.float16 if stored == "float16" else torch.bfloat16
 
@@ -94,21 +97,24 @@ class Pretrained:
     on the modules of base.py, never the other way round."""
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype: torch.dtype | None = None, device=None):
+    def from_pretrained(cls, name_or_path, dtype: torch.dtype | str | None = "auto", device=None):
         """Load an HF checkpoint dir, a .gguf file or the embedded "smollm2-135m-instruct" (API.md)."""
         return load_pretrained(cls, name_or_path, dtype, device)
 
 
-def load_pretrained(cls: type[CausalLM], name_or_path, dtype: torch.dtype | None, device) -> CausalLM:
+def load_pretrained(cls: type[CausalLM], name_or_path, dtype: torch.dtype | str | None, device) -> CausalLM:
     """`cls.from_pretrained`: the model is built on the meta device (no random init), the checkpoint's tensors
-    are assigned in place of its parameters, and one `.to(device, dtype)` moves it (and packs its linear
-    weights when they end up fp32 on CPU)."""
+    are assigned in place of its parameters, and one `.to(device, dtype)` moves it. dtype "auto" (or None):
+    `default_dtype`."""
     path = resolve_checkpoint(name_or_path)
     hf = load_config(path)
     cfg = cls.config_from_hf(hf)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype is None:
+    if dtype is None or dtype == "auto":
         dtype = default_dtype(hf, device)
+    elif not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be \"auto\" or a floating torch dtype (torch.float32, torch.bfloat16, "
+                         f"torch.float16), got {dtype!r}")
     with torch.device("meta"):
         model = cls(cfg)
     try:

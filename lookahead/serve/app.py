@@ -492,7 +492,7 @@ class BackgroundServer:
 
 
 def add_arguments(p) -> None:
-    from lookahead.models.auto import DTYPES
+    from lookahead.models.auto import DTYPE_HELP, DTYPES
 
     p.add_argument("--model", required=True, help="HF checkpoint dir, .gguf file, or smollm2-135m-instruct")
     p.add_argument("--host", default="127.0.0.1")
@@ -506,7 +506,7 @@ def add_arguments(p) -> None:
     p.add_argument("--trie-save-minutes", type=float, default=10.0, help="also save the trie this often (0 = never)")
     p.add_argument("--no-lookahead", action="store_true", help="plain one-token decoding")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
-    p.add_argument("--dtype", choices=list(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--dtype", choices=list(DTYPES), default="auto", help=DTYPE_HELP)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every /v1 route (default: $LOOKAHEAD_API_KEY, else none)")

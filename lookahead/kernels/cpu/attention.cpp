@@ -19,12 +19,36 @@ namespace {
 
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t D) {
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += LANES) {
+    const int n = static_cast<int>(std::min<int64_t>(LANES, D - d));
+    acc = _mm512_fmadd_ps(load16(q + d, n), load16(k + d, n), acc);
+  }
+  return lane_sum(acc);
+#else
   float acc[LANES] = {0};
   for (int64_t d = 0; d < D; d += LANES) {
     const int n = static_cast<int>(std::min<int64_t>(LANES, D - d));
     for (int l = 0; l < n; ++l) acc[l] = std::fma(q[d + l], to_float(k[d + l]), acc[l]);
   }
   return lane_sum(acc);
+#endif
+}
+
+// o[0:D] += p * v[0:D] (each element its own fused multiply-add, so any vector width gives the same bits)
+template <typename T>
+inline void axpy(float p, const T* v, float* o, int64_t D) {
+#if defined(__AVX512F__)
+  const __m512 pv = _mm512_set1_ps(p);
+  for (int64_t d = 0; d < D; d += LANES) {
+    const int n = static_cast<int>(std::min<int64_t>(LANES, D - d));
+    const __mmask16 m = (__mmask16)((1u << n) - 1);
+    _mm512_mask_storeu_ps(o + d, m, _mm512_fmadd_ps(pv, load16(v + d, n), _mm512_maskz_loadu_ps(m, o + d)));
+  }
+#else
+  for (int64_t d = 0; d < D; ++d) o[d] = std::fma(p, to_float(v[d]), o[d]);
+#endif
 }
 
 struct CacheView {  // a [B, H, S, D] cache tensor's pointer and strides (rows may be a view of a bigger cache)
@@ -100,15 +124,14 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
           m = std::max(m, scores[n]);
         }
         float lsum[LANES] = {0};
-        for (int64_t n = 0; n < n_keys; ++n) {
-          scores[n] = exp_f32(scores[n] - m);
-          lsum[n % LANES] = lsum[n % LANES] + scores[n];
-        }
+        float* sp_ = scores.data();
+        for (int64_t n = 0; n < n_keys; ++n) sp_[n] = exp_f32(sp_[n] - m);
+        for (int64_t n = 0; n < n_keys; ++n) lsum[n % LANES] = lsum[n % LANES] + sp_[n];
         std::fill(o.begin(), o.end(), 0.0f);
         for (int64_t n = 0; n < n_keys; ++n) {
           const scalar_t* vrow = vh + slot(n) * kv.ss;
           const float p = scores[n];
-          for (int64_t d = 0; d < D; ++d) o[d] = std::fma(p, to_float(vrow[d]), o[d]);
+          axpy(p, vrow, o.data(), D);
         }
         const float inv = 1.0f / lane_sum(lsum);
         scalar_t* orow = op + ((b * T + i) * Hq + h) * D;

@@ -79,8 +79,8 @@ inline __m512 load16(const c10::Half* p, int n = 16) {
 // exp(x) in fp32 by Cody-Waite range reduction and a degree-6 polynomial (about 1 ulp); only IEEE basic operations,
 // so a vectorised copy of this code gives the bits of the scalar one.
 inline float exp_f32(float x) {
-  if (x < -87.3f) return 0.0f;
-  if (x > 88.0f) x = 88.0f;  // keeps 2^n finite (n <= 127)
+  const bool underflow = x < -87.3f;
+  x = std::min(std::max(x, -87.3f), 88.0f);  // keeps 2^n a normal number (-126 <= n <= 127)
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   float n = (x * 1.44269504088896341f + shifter) - shifter;
   float r = x - n * 0.693359375f;
@@ -95,7 +95,7 @@ inline float exp_f32(float x) {
   int32_t e = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &e, sizeof(scale));
-  return p * scale;
+  return underflow ? 0.0f : p * scale;
 }
 
 }  // namespace lookahead_cpu
