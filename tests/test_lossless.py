@@ -82,3 +82,57 @@ def test_references_with_the_copied_passage_raise_accepted_tokens_per_step(smoll
         assert model.trie.retrieve(lead[:3], 8, max_query_length=2) == ([], [])  # "... the encyclopedia"
         return
     pytest.fail("no question-style prompt found")
+
+
+@pytest.fixture(scope="module")
+def smollm2_half():
+    """SmolLM2 in bf16 and fp16 on CPU (the C++ CPU ops make both exact), with its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from lookahead.kernels import cpu as cpu_ops
+    from lookahead.models import LlamaForLookahead, resolve_checkpoint
+
+    if not cpu_ops.available():
+        pytest.skip("the C++ CPU ops could not be built here: half precision is not exact without them")
+    models = {dt: LlamaForLookahead.from_pretrained("smollm2-135m-instruct", dtype=dt, device="cpu")
+              for dt in (torch.bfloat16, torch.float16)}
+    return models, AutoTokenizer.from_pretrained(resolve_checkpoint("smollm2-135m-instruct"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,per_category", [(torch.bfloat16, 2), (torch.float16, 1)])
+def test_half_precision_lookahead_equals_plain_on_spec_bench(smollm2_half, dtype, per_category):
+    """bf16 / fp16 on CPU: lookahead returns plain decoding's tokens bit for bit (warm trie, references on odd
+    prompts), on every category of Spec-Bench."""
+    models, tokenizer = smollm2_half
+    model = models[dtype]
+    prompts = spec_bench_prompts(per_category)
+    accepted = []
+    for k, (category, text) in enumerate(prompts):
+        ids = chat_ids(tokenizer, text)
+        plain = model.generate(ids, max_new_tokens=64, lookahead=False)
+        refs = [prompts[(k + 1) % len(prompts)][1]] if k % 2 else None
+        out = model.generate(ids, max_new_tokens=64, references=refs, tokenizer=tokenizer,
+                             return_dict_in_generate=True)
+        assert out.sequences.tolist() == plain.tolist(), (dtype, category, text[:80])
+        accepted.append(out.stats.accepted_per_step)
+    assert sum(accepted) / len(accepted) > 1.2  # drafts were verified and accepted, not skipped
+
+
+@pytest.mark.slow
+def test_bf16_logits_match_transformers_within_bf16_rounding(smollm2_half):
+    from transformers import AutoModelForCausalLM
+
+    from lookahead.models import resolve_checkpoint
+
+    models, tokenizer = smollm2_half
+    hf = AutoModelForCausalLM.from_pretrained(resolve_checkpoint("smollm2-135m-instruct"),
+                                              dtype=torch.bfloat16).eval()
+    ids = chat_ids(tokenizer, spec_bench_prompts(1)[0][1])
+    with torch.no_grad():
+        ours = models[torch.bfloat16](ids).logits.float()
+        theirs = hf(ids).logits.float()
+    # bf16 keeps 8 significant bits: logits of magnitude ~20 round in steps of 0.125, and 30 layers of differently
+    # ordered fp32 sums shift them by a few such steps
+    assert (ours - theirs).abs().max() < 1.0
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.95
