@@ -29,14 +29,16 @@ def export_old(commit: str, into: Path) -> None:
     (into / "lookahead").rename(into / "lookahead_old")
     for path in (into / "lookahead_old").rglob("*.py"):
         text = path.read_text()
-        path.write_text(re.sub(r"\blookahead\.", "lookahead_old.", re.sub(r"\bfrom lookahead import\b",
-                                                                          "from lookahead_old import", text)))
+        path.write_text(re.sub(r"\b(from|import) lookahead\b", r"\1 lookahead_old", text))  # not `lookahead.x` attributes
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--old", required=True, help="the commit to compare against")
+    p.add_argument("--old", required=True, help="the commit to compare against (run in fp32)")
+    p.add_argument("--dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
+                   help="dtypes of this checkout to run beside the old fp32")
     p.add_argument("--per-category", type=int, default=1)
+    p.add_argument("--last", action="store_true", help="the last per-category prompts of Spec-Bench, not the first")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
@@ -47,40 +49,55 @@ def main() -> None:
     sys.path.insert(0, str(tmp))
     packages = {"old": importlib.import_module("lookahead_old"), "new": importlib.import_module("lookahead")}
     from lookahead.data import encode_prompt, spec_bench_first_turns
+    from lookahead.kernels.cpu import cpu_name
+    from lookahead.models.auto import DTYPES
     from transformers import AutoTokenizer
 
     models = {}
-    for name, pkg in packages.items():
-        models_mod = importlib.import_module(pkg.__name__ + ".models")
-        models[name] = models_mod.LlamaForLookahead.from_pretrained("smollm2-135m-instruct", dtype=torch.float32,
-                                                                    device="cpu")
-        importlib.import_module(pkg.__name__ + ".cost").calibrate(models[name])
+    for name, dtype in [("old", "fp32")] + [("new", d) for d in args.dtypes]:
+        pkg = packages[name]
+        models[name, dtype] = importlib.import_module(pkg.__name__ + ".models").LlamaForLookahead.from_pretrained(
+            "smollm2-135m-instruct", dtype=DTYPES[dtype], device="cpu")
+        importlib.import_module(pkg.__name__ + ".cost").calibrate(models[name, dtype])
     tokenizer = AutoTokenizer.from_pretrained(packages["new"].models.resolve_checkpoint("smollm2-135m-instruct"))
-    prompts = [encode_prompt(tokenizer, text, True) for _, text in spec_bench_first_turns(args.per_category)]
-    systems = [("old", False), ("new", False), ("old", True), ("new", True)]
-    for name, model in models.items():  # untimed warm-up of each
+    turns = spec_bench_first_turns(None if args.last else args.per_category)
+    if args.last:  # the last per_category prompts of each category
+        by_cat = {}
+        for cat, text in turns:
+            by_cat.setdefault(cat, []).append(text)
+        turns = [(c, t) for c, texts in by_cat.items() for t in texts[-args.per_category:]]
+    prompts = [encode_prompt(tokenizer, text, True) for _, text in turns]
+    systems = [(key, lookahead) for key in models for lookahead in (False, True)]
+    for model in models.values():  # untimed warm-up of each
         model.generate(prompts[0], max_new_tokens=8, lookahead=True)
         model.state.forget_drafting()
     tokens = {s: 0 for s in systems}
-    seconds = {s: 0.0 for s in systems}
+    wall = {s: 0.0 for s in systems}
+    decode = {s: 0.0 for s in systems}
     outputs = {s: [] for s in systems}
     for ids in prompts:
-        for name, lookahead in systems:
+        for key, lookahead in systems:
             t0 = time.perf_counter()
-            out = models[name].generate(ids, max_new_tokens=args.max_new_tokens, lookahead=lookahead)
-            seconds[name, lookahead] += time.perf_counter() - t0
-            new = out[0, ids.shape[1]:].tolist()
-            tokens[name, lookahead] += len(new)
-            outputs[name, lookahead].append(new)
-    reference = outputs["old", False]
-    for name, lookahead in systems:
-        same = sum(a == b for a, b in zip(outputs[name, lookahead], reference))
-        print(f"{name} {'lookahead' if lookahead else 'plain':9s}: {tokens[name, lookahead] / seconds[name, lookahead]:6.2f}"
-              f" tok/s  ({tokens[name, lookahead]} tokens, {seconds[name, lookahead]:.1f} s; identical to old plain "
-              f"{same}/{len(prompts)})")
-    for lookahead in (False, True):
-        ratio = (tokens["new", lookahead] / seconds["new", lookahead]) / (tokens["old", lookahead] / seconds["old", lookahead])
-        print(f"new / old {'lookahead' if lookahead else 'plain'}: {ratio:.3f}x")
+            out = models[key].generate(ids, max_new_tokens=args.max_new_tokens, lookahead=lookahead,
+                                       return_dict_in_generate=True)
+            wall[key, lookahead] += time.perf_counter() - t0
+            decode[key, lookahead] += out.stats.decode_s
+            new = out.sequences[0, ids.shape[1]:].tolist()
+            tokens[key, lookahead] += len(new)
+            outputs[key, lookahead].append(new)
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads, {len(prompts)} Spec-Bench prompts x "
+          f"{args.max_new_tokens} tokens, old = {args.old}")
+    for (name, dtype), lookahead in systems:
+        plain = outputs[(name, dtype), False]
+        same = sum(a == b for a, b in zip(outputs[(name, dtype), lookahead], plain))
+        k = ((name, dtype), lookahead)
+        print(f"{name} {dtype} {'lookahead' if lookahead else 'plain':9s}: {tokens[k] / wall[k]:6.2f} tok/s wall, "
+              f"{tokens[k] / decode[k]:6.2f} decode-only ({tokens[k]} tokens, {wall[k]:.1f} s; identical to its "
+              f"own plain {same}/{len(prompts)})")
+    base = tokens[("old", "fp32"), False] / decode[("old", "fp32"), False]
+    for k in systems:
+        print(f"{k[0][0]} {k[0][1]} {'lookahead' if k[1] else 'plain'} / old fp32 plain (decode-only): "
+              f"{tokens[k] / decode[k] / base:.2f}x")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,8 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
     const scalar_t* kp = k_cache.data_ptr<scalar_t>();
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * T * Hq, 1, [&](int64_t w0, int64_t w1) {
+    const int64_t per_item = (lp[0] + T) * D;  // multiply-adds of one query head, about
+    at::parallel_for(0, B * T * Hq, std::max<int64_t>(1, (1 << 15) / per_item), [&](int64_t w0, int64_t w1) {
       std::vector<float> qf(D), o(D), scores;
       std::vector<int64_t> slots;
       for (int64_t w = w0; w < w1; ++w) {
@@ -196,7 +197,7 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
       }
       for (int64_t d = R; d < D; ++d) y[d] = x[d];
     };
-    at::parallel_for(0, B * T, 4, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, B * T, 64, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / T;
         const T_* x = xp + t * width;

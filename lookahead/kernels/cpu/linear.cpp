@@ -18,7 +18,9 @@ namespace lookahead_cpu {
 namespace {
 
 constexpr int TILE = 4;          // rows of x and of w per register tile
-constexpr int64_t M_BLOCK = 64;  // rows of x per block (64 x 1536 bf16 = 192 KB, within L2)
+constexpr int64_t M_BLOCK = 64;
+constexpr int64_t PREFETCH_BYTES = 16384;
+constexpr int64_t PARALLEL_MACS = 1 << 17;  // per thread: ~3 us of bf16 work, a few barriers' cost  // rows of x per block (64 x 1536 bf16 = 192 KB, within L2)
 
 #if defined(__AVX512F__)
 
@@ -77,12 +79,12 @@ void tile(const T* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, i
 #pragma GCC unroll 4
     for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_ps();
   const int64_t full = K / W * W;
-  // the rows two tiles ahead, one cache line per row and chunk: the hardware prefetcher alone falls behind once
-  // a tile computes more than one row of x (measured: 4 rows of x cost 1.45x one row over SmolLM2's weights)
-  const char* ahead = reinterpret_cast<const char*>(w + (n0 + 2 * TILE) * K);
-  const int64_t ahead_bytes = static_cast<int64_t>(TILE) * K * sizeof(T);
+  // Software prefetch PREFETCH_BYTES ahead of this tile, as one sequential stream: a tile reads its 4 rows of w
+  // interleaved (a line of each per chunk), which the hardware prefetchers follow poorly.
+  const char* ahead = reinterpret_cast<const char*>(w + n0 * K) + PREFETCH_BYTES;
   for (int64_t k = 0; k < full; k += W) {
-    for (int j = 0; j < TILE; ++j) _mm_prefetch(ahead + j * ahead_bytes / TILE + k * sizeof(T), _MM_HINT_T0);
+    const char* line = ahead + k * sizeof(T) * TILE;
+    for (int j = 0; j < TILE; ++j) _mm_prefetch(line + 64 * j, _MM_HINT_T0);
     chunk<T, MI, NJ>(acc, xr, wr, k, W);
   }
   if (full < K) chunk<T, MI, NJ>(acc, xr, wr, full, static_cast<int>(K - full));
@@ -131,8 +133,11 @@ void tile_rows(const T* x, const T* w, const T* bias, T* y, int64_t m0, int64_t 
 template <typename T>
 void linear_kernel(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
   const int64_t n_tiles = (N + TILE - 1) / TILE;
-  // each thread owns a range of w's rows; every tile's math is the same whoever runs it
-  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
+  // each thread owns a range of w's rows; every tile's math is the same whoever runs it. A thread gets at least
+  // PARALLEL_MACS of work: waking the pool costs microseconds idle and a whole time slice when another process
+  // holds a core, which a small layer cannot win back.
+  const int64_t grain = std::max<int64_t>(1, PARALLEL_MACS / std::max<int64_t>(1, M * K * TILE));
+  at::parallel_for(0, n_tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t mb = 0; mb < M; mb += M_BLOCK) {
       const int64_t me = std::min(M, mb + M_BLOCK);
       for (int64_t t = t0; t < t1; ++t) {

@@ -40,7 +40,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* wp = weight.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / D), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) rms_row(xp + m * D, wp, op + m * D, D, static_cast<float>(eps));
     });
   });
@@ -59,7 +59,7 @@ at::Tensor add_rms_norm_(at::Tensor& x, const at::Tensor& h, const at::Tensor& w
     const scalar_t* hp = h.data_ptr<scalar_t>();
     const scalar_t* wp = weight.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / D), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         scalar_t* row = xp + m * D;
         for (int64_t d = 0; d < D; ++d) row[d] = from_float<scalar_t>(to_float(row[d]) + to_float(hp[m * D + d]));
@@ -81,7 +81,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   LOOKAHEAD_DISPATCH(gate_up.scalar_type(), "lookahead::silu_mul", [&] {
     const scalar_t* gp = gate_up.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
+    at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / I), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         const scalar_t* g = gp + m * 2 * I;
         const scalar_t* u = g + I;
