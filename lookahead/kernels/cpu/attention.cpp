@@ -51,6 +51,81 @@ inline void axpy(float p, const T* v, float* o, int64_t D) {
 #endif
 }
 
+#if defined(__AVX512F__)
+// The lane sums of 16 vectors at once: out[j] = lane_sum(v[j]), each by the same tree (halves, quarters, then
+// (l0 + l2) + (l1 + l3)), computed as four rounds of lane shuffles and adds instead of 16 separate reductions.
+inline __m512 lane_sums16(const __m512 (&v)[16]) {
+  __m512 u[8], w[4], x[2];
+  for (int a = 0; a < 8; ++a)  // key 2a in lanes 0-7, key 2a+1 in lanes 8-15: l + (l + 8)
+    u[a] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * a], v[2 * a + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * a], v[2 * a + 1], 0xEE));
+  for (int c = 0; c < 4; ++c)  // quarter t holds key 4c+t: l + (l + 4)
+    w[c] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * c], u[2 * c + 1], 0x88),
+                         _mm512_shuffle_f32x4(u[2 * c], u[2 * c + 1], 0xDD));
+  for (int e = 0; e < 2; ++e) {  // lanes 0-1 of quarter q: key 8e+q, lanes 2-3: key 8e+4+q; (l0 + l2), (l1 + l3)
+    const __m512d a = _mm512_castps_pd(w[2 * e]), b = _mm512_castps_pd(w[2 * e + 1]);
+    x[e] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(x[0], x[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // lane 4q + r holds key 4r + q
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), s);
+}
+
+// scores[n] = (q . k[key(n)]) * scale for n < n_keys, 16 keys at a time; q is D = 16 * NC (the last chunk masked)
+template <int NC, typename T, typename Key>
+void scores_block(const float* qf, int64_t D, const T* kh, int64_t ss, Key key, int64_t n_keys, float scale,
+                  float* scores) {
+  __m512 qv[NC];
+  const int tail = static_cast<int>(D - 16 * (NC - 1));
+  for (int c = 0; c < NC; ++c) qv[c] = load16(qf + 16 * c, c == NC - 1 ? tail : 16);
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t n0 = 0; n0 < n_keys; n0 += 16) {
+    const int cnt = static_cast<int>(std::min<int64_t>(16, n_keys - n0));
+    __m512 acc[16];
+    for (int j = 0; j < 16; ++j) {
+      acc[j] = _mm512_setzero_ps();
+      if (j < cnt) {
+        const T* row = kh + key(n0 + j) * ss;
+        for (int c = 0; c < NC; ++c) acc[j] = _mm512_fmadd_ps(qv[c], load16(row + 16 * c, c == NC - 1 ? tail : 16), acc[j]);
+      }
+    }
+    _mm512_mask_storeu_ps(scores + n0, (__mmask16)((1u << cnt) - 1), _mm512_mul_ps(lane_sums16(acc), sc));
+  }
+}
+
+// o[0:D] = sum_n p[n] * v[key(n)] in ascending n, the D = 16 * NC accumulators held in registers
+template <int NC, typename T, typename Key>
+void weighted_values(const float* p, int64_t D, const T* vh, int64_t ss, Key key, int64_t n_keys, float* o) {
+  __m512 acc[NC];
+  const int tail = static_cast<int>(D - 16 * (NC - 1));
+  for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t n = 0; n < n_keys; ++n) {
+    const __m512 pn = _mm512_set1_ps(p[n]);
+    const T* row = vh + key(n) * ss;
+    for (int c = 0; c < NC; ++c) acc[c] = _mm512_fmadd_ps(pn, load16(row + 16 * c, c == NC - 1 ? tail : 16), acc[c]);
+  }
+  for (int c = 0; c < NC; ++c) _mm512_mask_storeu_ps(o + 16 * c, (__mmask16)((1u << (c == NC - 1 ? tail : 16)) - 1), acc[c]);
+}
+
+// The two loops above for a head dim of up to 128 (NC <= 8); false for a larger one (the generic loops run).
+template <typename T, typename Key>
+bool attend_avx512(const float* qf, int64_t D, const T* kh, const T* vh, int64_t ss, Key key, int64_t n_keys,
+                   float scale, float* scores, float* o, bool values) {
+  switch ((D + 15) / 16) {
+#define LOOKAHEAD_NC(NC)                                                              \
+  case NC:                                                                            \
+    if (values) weighted_values<NC>(scores, D, vh, ss, key, n_keys, o);               \
+    else scores_block<NC>(qf, D, kh, ss, key, n_keys, scale, scores);                 \
+    return true;
+    LOOKAHEAD_NC(1) LOOKAHEAD_NC(2) LOOKAHEAD_NC(3) LOOKAHEAD_NC(4)
+    LOOKAHEAD_NC(5) LOOKAHEAD_NC(6) LOOKAHEAD_NC(7) LOOKAHEAD_NC(8)
+#undef LOOKAHEAD_NC
+    default: return false;
+  }
+}
+#endif
+
 struct CacheView {  // a [B, H, S, D] cache tensor's pointer and strides (rows may be a view of a bigger cache)
   int64_t sb, sh, ss;
 };
@@ -119,21 +194,25 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
         const scalar_t* kh = kp + b * kv.sb + (h / group) * kv.sh;
         const scalar_t* vh = vp + b * kv.sb + (h / group) * kv.sh;
         auto slot = [&](int64_t n) { return n < L ? n : slots[n - L]; };
-        float m = -INFINITY;
-        for (int64_t n = 0; n < n_keys; ++n) {
-          scores[n] = dot(qf.data(), kh + slot(n) * kv.ss, D) * sc;
-          m = std::max(m, scores[n]);
-        }
-        float lsum[LANES] = {0};
         float* sp_ = scores.data();
+        bool fast = false;
+#if defined(__AVX512F__)
+        fast = attend_avx512(qf.data(), D, kh, vh, kv.ss, slot, n_keys, sc, sp_, o.data(), false);
+#endif
+        if (!fast)
+          for (int64_t n = 0; n < n_keys; ++n) sp_[n] = dot(qf.data(), kh + slot(n) * kv.ss, D) * sc;
+        float m = -INFINITY;
+        for (int64_t n = 0; n < n_keys; ++n) m = std::max(m, sp_[n]);
+        float lsum[LANES] = {0};
         for (int64_t n = 0; n < n_keys; ++n) sp_[n] = exp_f32(sp_[n] - m);
         for (int64_t n = 0; n < n_keys; ++n) lsum[n % LANES] = lsum[n % LANES] + sp_[n];
-        std::fill(o.begin(), o.end(), 0.0f);
-        for (int64_t n = 0; n < n_keys; ++n) {
-          const scalar_t* vrow = vh + slot(n) * kv.ss;
-          const float p = scores[n];
-          axpy(p, vrow, o.data(), D);
+        if (!fast) {
+          std::fill(o.begin(), o.end(), 0.0f);
+          for (int64_t n = 0; n < n_keys; ++n) axpy(sp_[n], vh + slot(n) * kv.ss, o.data(), D);
         }
+#if defined(__AVX512F__)
+        if (fast) attend_avx512(qf.data(), D, kh, vh, kv.ss, slot, n_keys, sc, sp_, o.data(), true);
+#endif
         const float inv = 1.0f / lane_sum(lsum);
         scalar_t* orow = op + ((b * T + i) * Hq + h) * D;
         for (int64_t d = 0; d < D; ++d) orow[d] = from_float<scalar_t>(o[d] * inv);
