@@ -30,3 +30,11 @@ def value_checks_on_cuda() -> bool:
 def cuda_graphs_enabled() -> bool:
     """LOOKAHEAD_CUDA_GRAPHS=0 turns the captured decode steps off (e.g. to see per-kernel NVTX ranges)."""
     return os.environ.get("LOOKAHEAD_CUDA_GRAPHS", "1") != "0"
+
+
+def cpu_arch() -> str:
+    """LOOKAHEAD_CPU_ARCH: the -march the C++ CPU ops are built for (default native: this host's ISA)."""
+    arch = os.environ.get("LOOKAHEAD_CPU_ARCH", "native")
+    if not arch.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"LOOKAHEAD_CPU_ARCH must be a -march name such as native or x86-64-v3, got {arch!r}")
+    return arch

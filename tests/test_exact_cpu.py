@@ -95,3 +95,27 @@ def test_half_precision_lookahead_equals_plain(dtype):
     out = model.generate(prompt, max_new_tokens=48, return_dict_in_generate=True)
     assert out.sequences.tolist() == plain.tolist()
     assert out.stats.accepted_per_step > 1.0  # drafts were really verified and accepted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64-v4"], ids=["avx2", "avx512-without-bf16"])
+def test_other_hosts_code_paths_are_exact_too(arch, tmp_path):
+    """The ops built for another ISA (an AVX2-only host; AVX-512 without AVX512_BF16), in a fresh process: the same
+    bitwise checks hold on each code path."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = ("import torch, tests.test_exact_cpu as t\n"
+            "from lookahead.kernels import cpu\n"
+            "assert cpu.available()\n"
+            "for dt in (torch.bfloat16, torch.float16, torch.float32):\n"
+            "    t.check_tree_step_equals_one_token_steps(t.tiny(dt), [300, 5, 37], 33, seed=4)\n"
+            "    t.check_tree_step_equals_one_token_steps(t.tiny(dt), [0], 7, seed=5)\n"
+            "print('exact')\n")
+    env = {**os.environ, "LOOKAHEAD_CPU_ARCH": arch}
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and "exact" in run.stdout, run.stderr[-2000:]

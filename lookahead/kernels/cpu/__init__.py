@@ -24,14 +24,19 @@ from pathlib import Path
 
 import torch
 
-from lookahead.settings import cache_dir
+from lookahead.settings import cache_dir, cpu_arch
 
 log = logging.getLogger("lookahead.kernels.cpu")
 
 SOURCES = ("linear.cpp", "norm.cpp", "attention.cpp")
 HEADERS = ("common.h",)
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-std=c++17",
-         "-DNDEBUG", "-w")
+BASE_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-std=c++17", "-DNDEBUG", "-w")
+
+
+def flags() -> tuple[str, ...]:
+    """Compiler flags: the host's own ISA (-march=native), or LOOKAHEAD_CPU_ARCH (e.g. x86-64-v3 for the AVX2 code
+    path, x86-64-v4 for AVX-512 without BF16: how the tests cover the other hosts' code paths on one machine)."""
+    return BASE_FLAGS + (f"-march={cpu_arch()}",)
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -51,8 +56,9 @@ def cpu_name() -> str:
 
 
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16): `dtype="auto"` picks bf16 there."""
-    return "avx512_bf16" in cpu_name() or "amx_bf16" in cpu_name()
+    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16) and the ops are built for it:
+    `dtype="auto"` picks bf16 there."""
+    return cpu_arch() == "native" and ("avx512_bf16" in cpu_name() or "amx_bf16" in cpu_name())
 
 
 def _compiler() -> str | None:
@@ -65,7 +71,7 @@ def _build_dir(cxx: str) -> Path:
     for name in SOURCES + HEADERS:
         digest.update((here / name).read_bytes())
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    for part in (FLAGS, torch.__version__, torch.__file__, version, cpu_name()):
+    for part in (flags(), torch.__version__, torch.__file__, version, cpu_name()):
         digest.update(repr(part).encode())
     return cache_dir() / "cpu_ops" / digest.hexdigest()[:16]
 
@@ -82,7 +88,7 @@ def _compile(cxx: str, out: Path) -> None:
         for src in SOURCES:
             obj = Path(tmp) / (src + ".o")
             objects.append(str(obj))
-            jobs.append(subprocess.Popen([cxx, *FLAGS, *includes, abi, "-c", str(here / src), "-o", str(obj)],
+            jobs.append(subprocess.Popen([cxx, *flags(), *includes, abi, "-c", str(here / src), "-o", str(obj)],
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         errors = [err for job in jobs for _, err in [job.communicate()] if job.returncode]
         if errors:
