@@ -264,6 +264,10 @@ class Block(nn.Module):
         return x + (self.post_ffn_norm(h) if self.sandwich else h)
 
 
+def _or(t: torch.Tensor | None, none: torch.Tensor) -> torch.Tensor:
+    return none if t is None else t
+
+
 @dataclass
 class CausalLMOutput:
     logits: torch.Tensor  # [B, T, V]
@@ -286,6 +290,7 @@ class CausalLM(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.name_or_path = None
         self._rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # _rope_table: cos, sin [P, rot]
+        self._no_tensor = torch.empty(0)  # _layer_weights' stand-in for an absent bias or norm
         self.state = GenerationState()  # trie, KV cache, CUDA graphs, cost curves, drafter calibration
 
     @property
@@ -367,11 +372,31 @@ class CausalLM(nn.Module):
     def _run(self, input_ids: torch.Tensor, ctx: AttentionContext,
              logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         x = self.tok_embeddings(input_ids)  # (B, T, dim)
+        if ctx.mode == "verify" and cpu_path(x):  # every layer in one C++ call, the same ops as the modules below
+            h = torch.ops.lookahead.decode_layers(
+                x, self._layer_weights(), ctx.cos[:, :, 0], ctx.sin[:, :, 0], ctx.cache.buffer, ctx.cache.lens,
+                ctx.slots, ctx.tree_mask, self.config.n_heads, self.config.rope_interleaved, self.config.norm_eps,
+                self.norm.weight)  # (B, T, dim), after the final norm
+            return self.output(h)
         for layer in self.layers:
             x = layer(x, ctx)
         if logit_rows is not None:  # only the rows asked for go through the LM head
             x = x[torch.arange(x.shape[0], device=x.device), logit_rows]  # (B, dim)
         return self.output(self.norm(x))
+
+    def _layer_weights(self) -> list[torch.Tensor]:
+        """Every layer's tensors in decode_layers' order (kernels/cpu/decoder.cpp); an absent one is empty."""
+        none = self._no_tensor
+        if none.dtype != self.dtype or none.device != self.device:
+            none = self._no_tensor = torch.empty(0, dtype=self.dtype, device=self.device)
+        out = []
+        for layer in self.layers:
+            a, f = layer.attention, layer.feed_forward
+            out += [layer.attention_norm.weight, a.wqkv.weight, _or(a.wqkv.bias, none), a.wo.weight,
+                    _or(a.wo.bias, none), layer.ffn_norm.weight, f.w13.weight, _or(f.w13.bias, none), f.w2.weight,
+                    _or(f.w2.bias, none), layer.post_attention_norm.weight if layer.sandwich else none,
+                    layer.post_ffn_norm.weight if layer.sandwich else none]
+        return out
 
     def forward(self, input_ids: torch.Tensor) -> CausalLMOutput:
         """Full causal forward without a cache: logits [B, T, V] (parity and perplexity checks)."""

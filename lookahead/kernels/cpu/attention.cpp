@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common.h"
+#include "ops.h"
 
 namespace lookahead_cpu {
 namespace {
@@ -129,6 +130,8 @@ bool attend_avx512(const float* qf, int64_t D, const T* kh, const T* vh, int64_t
 struct CacheView {  // a [B, H, S, D] cache tensor's pointer and strides (rows may be a view of a bigger cache)
   int64_t sb, sh, ss;
 };
+
+}  // namespace
 
 // q [B, T, Hq, D]; k/v_cache [B, Hkv, S, D] (node j's K/V at slot lens[b] + j); lens [B] int64;
 // tree_mask [B, T, T] bool or None (a causal chain) -> out [B, T, Hq, D]
@@ -294,8 +297,6 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
   });
   return q;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lookahead, m) {
   m.def("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lens, Tensor? tree_mask, float scale)"

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include "common.h"
+#include "ops.h"
 
 namespace lookahead_cpu {
 namespace {
@@ -156,6 +157,8 @@ void linear_kernel(const T* x, const T* w, const T* bias, T* y, int64_t M, int64
   });
 }
 
+}  // namespace
+
 // x [..., K], weight [N, K], bias [N] or None -> [..., N], all of one dtype (fp32, bf16, fp16), contiguous.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "lookahead::linear runs on CPU tensors");
@@ -179,8 +182,6 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::opti
   });
   return y;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lookahead, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");

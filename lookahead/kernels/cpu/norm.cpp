@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include "common.h"
+#include "ops.h"
 
 namespace lookahead_cpu {
 namespace {
@@ -30,6 +31,8 @@ void check_rows(const at::Tensor& x, const at::Tensor& w, const char* name) {
   TORCH_CHECK(w.dim() == 1 && x.size(-1) == w.size(0) && w.scalar_type() == x.scalar_type(), name,
               ": weight must be [D] of x's dtype, got x ", x.sizes(), " weight ", w.sizes());
 }
+
+}  // namespace
 
 // x [..., D], weight [D] -> [..., D]
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -96,8 +99,6 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   });
   return out;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lookahead, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
