@@ -103,7 +103,7 @@ def run(job: dict) -> dict:
                 for cls in proposers:
                     cls.last = None
                 start = time.perf_counter()
-                llm = LLM(model=job["model"], dtype="float32", max_model_len=int(job.get("max_model_len", 2048)),
+                llm = LLM(model=job["model"], dtype=job.get("dtype", "float32"), max_model_len=int(job.get("max_model_len", 2048)),
                           enforce_eager=True, disable_log_stats=False,
                           speculative_config=config.get("speculative_config"))
                 load_s.append(time.perf_counter() - start)
