@@ -44,6 +44,11 @@ def tree_step(model, cache: KVCache, chooser, tokens: torch.Tensor, parents: tor
         logits = model.verify(tokens, depths, cache, tree_mask)  # (B, T, V)
         positions = cache.lens[:, None] + depths + 1  # (B, T) where each node's next token goes
         targets = chooser(logits, positions, tokens, tree_mask)  # (B, T)
+    if tokens.shape[1] == 1:  # plain steps: the root alone is accepted, its K/V already in place
+        num = torch.ones_like(cache.lens)
+        cache.lens += active
+        return torch.cat([num[:, None], targets] + ([logits.topk(top_k, dim=-1).indices.flatten(1)] if top_k else []),
+                         dim=1)
     with nvtx_range("accept"):
         path, num = kernels.accept_longest_path(tokens, parents, targets)
         new = accepted_tokens(tokens, targets, path, num)
