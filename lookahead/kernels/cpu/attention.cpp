@@ -79,17 +79,20 @@ void scores_block(const float* qf, int64_t D, const T* kh, int64_t ss, Key key, 
                   float* scores) {
   __m512 qv[NC];
   const int tail = static_cast<int>(D - 16 * (NC - 1));
+#pragma GCC unroll 8
   for (int c = 0; c < NC; ++c) qv[c] = load16(qf + 16 * c, c == NC - 1 ? tail : 16);
   const __m512 sc = _mm512_set1_ps(scale);
   for (int64_t n0 = 0; n0 < n_keys; n0 += 16) {
     const int cnt = static_cast<int>(std::min<int64_t>(16, n_keys - n0));
+    const T* rows[16];
+    for (int j = 0; j < 16; ++j) rows[j] = kh + key(n0 + std::min(j, cnt - 1)) * ss;  // past the end: a repeat, unstored
     __m512 acc[16];
+#pragma GCC unroll 16
     for (int j = 0; j < 16; ++j) {
       acc[j] = _mm512_setzero_ps();
-      if (j < cnt) {
-        const T* row = kh + key(n0 + j) * ss;
-        for (int c = 0; c < NC; ++c) acc[j] = _mm512_fmadd_ps(qv[c], load16(row + 16 * c, c == NC - 1 ? tail : 16), acc[j]);
-      }
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c)
+        acc[j] = _mm512_fmadd_ps(qv[c], load16(rows[j] + 16 * c, c == NC - 1 ? tail : 16), acc[j]);
     }
     _mm512_mask_storeu_ps(scores + n0, (__mmask16)((1u << cnt) - 1), _mm512_mul_ps(lane_sums16(acc), sc));
   }
@@ -100,12 +103,15 @@ template <int NC, typename T, typename Key>
 void weighted_values(const float* p, int64_t D, const T* vh, int64_t ss, Key key, int64_t n_keys, float* o) {
   __m512 acc[NC];
   const int tail = static_cast<int>(D - 16 * (NC - 1));
+#pragma GCC unroll 8
   for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
   for (int64_t n = 0; n < n_keys; ++n) {
     const __m512 pn = _mm512_set1_ps(p[n]);
     const T* row = vh + key(n) * ss;
+#pragma GCC unroll 8
     for (int c = 0; c < NC; ++c) acc[c] = _mm512_fmadd_ps(pn, load16(row + 16 * c, c == NC - 1 ? tail : 16), acc[c]);
   }
+#pragma GCC unroll 8
   for (int c = 0; c < NC; ++c) _mm512_mask_storeu_ps(o + 16 * c, (__mmask16)((1u << (c == NC - 1 ? tail : 16)) - 1), acc[c]);
 }
 
@@ -204,11 +210,30 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
 #endif
         if (!fast)
           for (int64_t n = 0; n < n_keys; ++n) sp_[n] = dot(qf.data(), kh + slot(n) * kv.ss, D) * sc;
+        float lsum[LANES] = {0};
+#if defined(__AVX512F__)
+        {  // the max, exp and the lane sums 16 keys at a time (the tail under a mask): the scalar loops' bits
+          __m512 mv = _mm512_set1_ps(-INFINITY);
+          for (int64_t n = 0; n < n_keys; n += LANES) {
+            const __mmask16 k = (__mmask16)((1u << std::min<int64_t>(LANES, n_keys - n)) - 1);
+            mv = _mm512_mask_max_ps(mv, k, mv, _mm512_maskz_loadu_ps(k, sp_ + n));
+          }
+          const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+          __m512 ls = _mm512_setzero_ps();
+          for (int64_t n = 0; n < n_keys; n += LANES) {
+            const __mmask16 k = (__mmask16)((1u << std::min<int64_t>(LANES, n_keys - n)) - 1);
+            const __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sp_ + n), m)));
+            _mm512_mask_storeu_ps(sp_ + n, k, e);
+            ls = _mm512_add_ps(ls, e);
+          }
+          _mm512_storeu_ps(lsum, ls);
+        }
+#else
         float m = -INFINITY;
         for (int64_t n = 0; n < n_keys; ++n) m = std::max(m, sp_[n]);
-        float lsum[LANES] = {0};
         for (int64_t n = 0; n < n_keys; ++n) sp_[n] = exp_f32(sp_[n] - m);
         for (int64_t n = 0; n < n_keys; ++n) lsum[n % LANES] = lsum[n % LANES] + sp_[n];
+#endif
         if (!fast) {
           std::fill(o.begin(), o.end(), 0.0f);
           for (int64_t n = 0; n < n_keys; ++n) axpy(sp_[n], vh + slot(n) * kv.ss, o.data(), D);
