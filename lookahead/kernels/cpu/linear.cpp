@@ -20,7 +20,7 @@ namespace {
 
 constexpr int TILE = 4;          // rows of x and of w per register tile
 constexpr int64_t M_BLOCK = 64;
-constexpr int64_t PREFETCH_BYTES = 16384;
+constexpr int64_t PREFETCH_BYTES = 32768;
 constexpr int64_t PARALLEL_MACS = 1 << 17;  // per thread: ~3 us of bf16 work, a few barriers' cost  // rows of x per block (64 x 1536 bf16 = 192 KB, within L2)
 
 #if defined(__AVX512F__)
@@ -80,12 +80,14 @@ void tile(const T* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, i
 #pragma GCC unroll 4
     for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_ps();
   const int64_t full = K / W * W;
-  // Software prefetch PREFETCH_BYTES ahead of this tile, as one sequential stream: a tile reads its 4 rows of w
-  // interleaved (a line of each per chunk), which the hardware prefetchers follow poorly.
+  // Software prefetch into L2, PREFETCH_BYTES ahead of this tile, as one sequential stream: a tile reads its 4 rows
+  // of w interleaved (a line of each per chunk), which the hardware prefetchers follow poorly. Measured on SmolLM2's
+  // bf16 weights, one thread (AMD EPYC Zen 4): 8 rows of x cost 1.8x one row with 16 KB into L1, 1.04x with 32 KB
+  // into L2 (64 KB: 1.2x); one row is unchanged.
   const char* ahead = reinterpret_cast<const char*>(w + n0 * K) + PREFETCH_BYTES;
   for (int64_t k = 0; k < full; k += W) {
     const char* line = ahead + k * sizeof(T) * TILE;
-    for (int j = 0; j < TILE; ++j) _mm_prefetch(line + 64 * j, _MM_HINT_T0);
+    for (int j = 0; j < TILE; ++j) _mm_prefetch(line + 64 * j, _MM_HINT_T1);
     chunk<T, MI, NJ>(acc, xr, wr, k, W);
   }
   if (full < K) chunk<T, MI, NJ>(acc, xr, wr, full, static_cast<int>(K - full));
