@@ -16,6 +16,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
+from lookahead import LookaheadConfig  # noqa: E402
 from lookahead.data import encode_prompt, spec_bench_first_turns  # noqa: E402
 from lookahead.sampling import TokenChooser  # noqa: E402
 from lookahead.serve.app import BackgroundServer, decode  # noqa: E402
@@ -316,9 +317,11 @@ def test_the_trie_persists_across_restarts(smollm2, tmp_path):
             saved_while_running = wait_until(path.exists, 10)
         return r.choices[0].message.content, r.usage.lookahead, saved_while_running
 
-    text_cold, cold, saved = first_request(trie_save_minutes=0.002)  # an empty trie: the file does not exist
+    # adaptive=False: whether drafts are verified must not depend on this machine's step timings
+    fixed = LookaheadConfig(adaptive=False, decoding_length=12)
+    text_cold, cold, saved = first_request(trie_save_minutes=0.002, lookahead=fixed)  # an empty trie: no file yet
     assert saved  # the periodic save wrote it before shutdown
-    text_warm, warm, _ = first_request()  # the restart loads the first run's outputs
+    text_warm, warm, _ = first_request(lookahead=fixed)  # the restart loads the first run's outputs
     assert text_warm == text_cold
     assert warm["accepted_tokens_per_step"] > cold["accepted_tokens_per_step"]
     assert warm["steps"] < cold["steps"]

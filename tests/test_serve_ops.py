@@ -252,6 +252,7 @@ def _serve(tiny_dir, trie, *extra) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "lookahead.serve", "--model", str(tiny_dir), "--port", str(port),
                              "--max-batch", "4", "--max-context", "256", "--trie", str(trie), "--threads", "1",
+                             "--dtype", "fp32",  # the solo references are fp32 (auto would be bf16 on a bf16 CPU)
                              "--served-model-name", NAME, "--log-level", "warning", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
