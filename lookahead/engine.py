@@ -189,24 +189,25 @@ class Engine:
         return (model is self.model and model.dtype == self.dtype and model.device == self.device
                 and max_batch <= self.max_batch and max_context <= self.max_context)
 
-    def configure(self, lookahead: LookaheadConfig | None) -> None:
+    def configure(self, lookahead: LookaheadConfig | None, drafter=None) -> None:
         """Drafting settings for the requests added from now on (only between requests: no row may be busy).
         The drafter is built over the model's current trie, calibration and recycled tokens; with adaptive drafting
-        it prices trees with this engine's learned step costs. `exact=True` turns the model's batch-invariant
-        forwards on (`model.set_exact`) for this and later calls, plain ones included, until
-        `model.set_exact(False)`: lookahead equals plain decoding bit for bit only when both run them."""
+        it prices trees with this engine's learned step costs (or its fixed `cost`). drafter: one to use instead
+        (replay's peers: anything with begin_request, update, draft_batch, end_request, running_requests).
+        `exact=True` turns the model's batch-invariant forwards on (`model.set_exact`) for this and later calls,
+        plain ones included, until `model.set_exact(False)`: lookahead equals plain decoding bit for bit only when
+        both run them."""
         if any(self.slots):
             raise ValueError("configure() needs an idle engine: finish or remove its requests first")
-        drafter = None
-        if lookahead is not None:
+        if lookahead is not None and drafter is None:
             state = self.model.state
             price = None
             if lookahead.adaptive:
                 price = self.fixed_cost or self.step_cost(bucket_size(lookahead.decoding_length + 1))
             drafter = Drafter(lookahead, trie=self.model.trie, calibration=state.calibration, successors=state.successors,
                               step_cost=price)  # ValueError for a trie of another shape: nothing changed
-            if lookahead.exact and not self.model.exact:
-                self.model.set_exact(True)  # stays on (plain steps must be batch-invariant too) until set_exact(False)
+        if lookahead is not None and lookahead.exact and not self.model.exact:
+            self.model.set_exact(True)  # stays on (plain steps must be batch-invariant too) until set_exact(False)
         self.config, self.drafter = lookahead, drafter
 
     def step_cost(self, max_tree: int) -> StepCost:
