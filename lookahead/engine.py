@@ -144,6 +144,15 @@ class Sequence:
         return self.finish_reason is not None
 
 
+def context_limit(model) -> tuple[int, str]:
+    """The most tokens a row may hold (prompt + output) on this model, and what that limit is: the model's context,
+    or its sliding window, which lookahead does not implement."""
+    cfg = model.config
+    if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_position_embeddings:
+        return cfg.sliding_window, "the model's sliding window (which lookahead does not implement)"
+    return cfg.max_position_embeddings, "the model's context"
+
+
 class Engine:
     """Iteration-level batching over a static cache of `max_batch` rows of `max_context` tokens (prompt + output).
 

@@ -43,7 +43,7 @@ def fresh_state(model):
 def serving(smollm2, api_key=None, **scheduler_kwargs):
     model, tokenizer = smollm2
     with fresh_state(model):
-        scheduler = Scheduler(model, tokenizer=tokenizer, metrics=True,
+        scheduler = Scheduler(model, metrics=True,
                               **{"max_batch": 8, "max_context": 512, **scheduler_kwargs})
         with BackgroundServer(scheduler, tokenizer, NAME, api_key=api_key) as server:
             yield server
@@ -186,7 +186,7 @@ def test_requests_queued_together_share_every_step_and_equal_generate(smollm2):
     prompts = [encode_prompt(tokenizer, text, True)[0].tolist() for _, text in spec_bench_first_turns(1)[:8]]
     lengths = [8, 24, 12, 20, 10, 16, 22, 14]
     with fresh_state(model):
-        scheduler = Scheduler(model, tokenizer=tokenizer, max_batch=8, max_context=512, lookahead=None).start()
+        scheduler = Scheduler(model, max_batch=8, max_context=512, lookahead=None).start()
         done = threading.Event()
         outputs = {}
 
