@@ -1,4 +1,4 @@
-"""The drafter: everything that decides what a step verifies, with no model inside (API.md, "The drafter").
+"""The drafter: everything that decides what a step verifies, with no model inside (docs/API.md, "The drafter").
 
 Per step and row it lists candidate draft nodes best-first with a probability each: trie nodes below the
 longest context match (`TokenTrie.candidates`), model-recycled nodes, the model's own top-k next tokens read

@@ -1,5 +1,5 @@
 """Drafter: probability scores on hand-built tries, the expected-gain size policy on synthetic cost curves,
-recycled branches, and the API.md request life."""
+recycled branches, and the request life of docs/API.md."""
 
 import pytest
 

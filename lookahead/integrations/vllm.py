@@ -1,4 +1,4 @@
-"""The `Drafter` as a vLLM speculative proposer (API.md, "Inside vLLM"):
+"""The `Drafter` as a vLLM speculative proposer (docs/API.md, "Inside vLLM"):
 
     LLM(model=DIR, speculative_config={"method": "custom_class",
         "model": "lookahead.integrations.vllm.LookaheadProposer", "num_speculative_tokens": 8})
