@@ -212,7 +212,8 @@ class Engine:
             state = self.model.state
             price = None
             if lookahead.adaptive:
-                price = self.fixed_cost or self.step_cost(bucket_size(lookahead.decoding_length + 1))
+                price = self.fixed_cost if self.fixed_cost is not None else self.step_cost(
+                    bucket_size(lookahead.decoding_length + 1))
             drafter = Drafter(lookahead, trie=self.model.trie, calibration=state.calibration, successors=state.successors,
                               step_cost=price)  # ValueError for a trie of another shape: nothing changed
         if lookahead is not None and lookahead.exact and not self.model.exact:
@@ -409,4 +410,3 @@ def _padding(group: list[Sequence]) -> float:
     """The share of a padded prefill forward's tokens that would be padding."""
     width = max(len(s.prompt) for s in group)
     return 1.0 - sum(len(s.prompt) for s in group) / (width * len(group))
-

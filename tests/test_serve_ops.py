@@ -189,6 +189,20 @@ def test_a_stop_found_in_the_text_ends_the_request_with_its_tokens_up_to_the_sto
         scheduler.close()
 
 
+def test_a_saved_trie_of_other_settings_is_served_with_the_defaults_for_it(tiny, tmp_path):
+    """lookahead=True (what `lookahead serve` passes) is `LookaheadConfig.for_trie` of the trie it loads."""
+    model, _ = tiny
+    path, trie = tmp_path / "trie.json", model.trie
+    TokenTrie(branch_length=6, max_trie_nodes=5000).save(path)
+    scheduler = Scheduler(model, max_batch=1, max_context=64, trie_path=path, trie_save_minutes=0).start()
+    try:
+        assert (scheduler.config.branch_length, scheduler.config.max_trie_nodes) == (6, 5000)
+        assert scheduler.engine.drafter.trie is scheduler.trie is model.trie
+    finally:
+        scheduler.close()
+        model.trie = trie
+
+
 def test_a_request_past_its_timeout_ends_with_504_and_frees_its_row(tiny):
     model, tokenizer = tiny
     scheduler = Scheduler(model, max_batch=2, max_context=1000, request_timeout=0.3,

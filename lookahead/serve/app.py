@@ -218,15 +218,14 @@ class TextStream:
 
 
 class _Guard:
-    """Pure ASGI middleware (Starlette's BaseHTTPMiddleware would hide client disconnects from the endpoints):
-    on every HTTP request, `on_request()` (binds the event loop), then the API key check of /v1 routes."""
+    """Pure ASGI middleware (Starlette's BaseHTTPMiddleware would hide client disconnects from the endpoints): the
+    API key check of /v1 routes."""
 
-    def __init__(self, app, expected: bytes | None, on_request):
-        self.app, self.expected, self.on_request = app, expected, on_request
+    def __init__(self, app, expected: bytes | None):
+        self.app, self.expected = app, expected
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            self.on_request()
             if self.expected is not None and scope["path"].startswith("/v1"):
                 given = dict(scope["headers"]).get(b"authorization", b"")
                 if not hmac.compare_digest(given, self.expected):
@@ -278,11 +277,12 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
             loop.call_soon_threadsafe(dispatch, events)
 
     def bind_loop() -> None:
+        """Events go to this event loop from the first request on (the loop exists only once the server runs)."""
         if not loop_holder:
             loop_holder.append(asyncio.get_running_loop())
             scheduler.deliver = deliver_on_loop
 
-    app.add_middleware(_Guard, expected=expected, on_request=bind_loop)
+    app.add_middleware(_Guard, expected=expected)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
@@ -369,6 +369,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
 
     async def respond(request: Request, body: _Settings, ids: list[int], params, chat: bool):
         max_tokens, sampling, stop = params
+        bind_loop()  # before the request's first event can be delivered
         events: asyncio.Queue = asyncio.Queue()
         try:
             req = scheduler.submit(ids, max_tokens, sampling, events.put_nowait)
