@@ -237,14 +237,14 @@ class RecordedModel:
         for b, (pos, output, topk, on_path) in enumerate(rows):
             for i in sorted((i for i in range(T) if on_path[i]), key=lambda i: int(depths[b, i])):
                 if pos + int(depths[b, i]) < len(topk):
-                    predicted[int(tokens[b, i])] = topk[pos + int(depths[b, i])]
+                    predicted[int(tokens[b, i])] = _recorded_top(output, topk, pos + int(depths[b, i]))
         logits = torch.full((B, T, self.config.vocab_size), float("-inf"))  # (B, T, V)
         successors = self.state.successors
         for b, (pos, output, topk, on_path) in enumerate(rows):
             for i in range(T):
                 token, d = int(tokens[b, i]), int(depths[b, i])
                 if on_path[i] and pos + d < len(topk):
-                    top = topk[pos + d]  # topk[j][0] is output[j]: the recorded continuation is the argmax
+                    top = _recorded_top(output, topk, pos + d)
                 elif on_path[i] and pos + d < len(output):
                     top = [output[pos + d]]  # a record without top-k (`topk: []`): the continuation only
                 else:
@@ -263,6 +263,13 @@ class RecordedModel:
             else:
                 successors[token] = before
         self._stale.clear()
+
+
+def _recorded_top(output: list[int], topk: list[list[int]], j: int) -> list[int]:
+    """The recorded top-k after output[:j], the recorded token first: topk[j][0] is output[j] up to fp32 rounding,
+    and the argmax must be the recorded continuation."""
+    top = topk[j]
+    return top if top[0] == output[j] else [output[j]] + [t for t in top if t != output[j]][:len(top) - 1]
 
 
 def relabel(records: list[dict]) -> tuple[list[dict], int]:
