@@ -155,8 +155,9 @@ def test_stop_strings_are_honoured(smollm2, server):
     r = chat(server, "Name three fruits.", 20, temperature=0, stop=[stop, "@@@"])
     assert r.choices[0].message.content == text[:text.index(stop)]
     assert r.choices[0].finish_reason == "stop"
-    cut, _ = solo(model, tokenizer, "Name three fruits.", 20, stop_strings=[stop, "@@@"], tokenizer=tokenizer)
-    assert r.usage.completion_tokens == len(cut) < 20  # the server's text stream cuts where generate() does
+    ids = encode_prompt(tokenizer, "Name three fruits.", True)
+    cut = model.generate(ids, max_new_tokens=20, lookahead=False, stop_strings=[stop, "@@@"], tokenizer=tokenizer)
+    assert r.usage.completion_tokens == cut.shape[1] - ids.shape[1] < 20  # the text stream cuts where generate does
     streamed = chat(server, "Name three fruits.", 20, temperature=0, stop=stop, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text[:text.index(stop)]
     assert stats(server)["running"] == 0  # the stopped requests left their rows before their responses ended
