@@ -303,8 +303,9 @@ def replay(records: list[dict], config: LookaheadConfig, curve: Mapping[int, flo
 
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"batch must be an int >= 1, got {batch!r}")
-    if not warm and batch != 1:
-        raise ValueError("a cold replay (a fresh drafter per request) runs one request at a time: use batch=1")
+    if not warm and (batch != 1 or drafter is not None):
+        raise ValueError("a cold replay (a fresh drafter per request) runs our drafter one request at a time: "
+                         "use batch=1 and no peer drafter")
     if not records:
         raise ValueError("no records to replay")
     threads = torch.get_num_threads()
