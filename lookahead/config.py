@@ -37,6 +37,16 @@ class LookaheadConfig:
     recycle_top_k: int = 8
     exact: bool = False
 
+    @classmethod
+    def for_trie(cls, trie, **settings) -> LookaheadConfig:
+        """The defaults (and `settings`) with this TokenTrie's branch_length and max_trie_nodes, so a trie saved with
+        other settings just works: what `lookahead=True`, a bare `Drafter`, the server and the vLLM proposer use."""
+        from lookahead.trie import TokenTrie
+
+        if not isinstance(trie, TokenTrie):
+            raise ValueError(f"for_trie needs a TokenTrie, got {type(trie).__name__}")
+        return cls(**{"branch_length": trie.branch_length, "max_trie_nodes": trie.max_trie_nodes, **settings})
+
     def __post_init__(self):
         def need(ok: bool, msg: str):
             if not ok:

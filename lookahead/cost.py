@@ -18,6 +18,7 @@ import os
 import statistics
 import time
 from collections.abc import Mapping
+from typing import Protocol
 
 from lookahead.draft import TREE_BUCKETS
 from lookahead.settings import cache_dir, cuda_graphs_enabled
@@ -27,6 +28,15 @@ log = logging.getLogger("lookahead.cost")
 _CONTEXT = 256  # committed tokens behind the measured verify steps
 _RUNS = 5  # timed runs per size (median), after one warm-up run of that size
 _DRIFT = 0.10  # re-measure when T=1 timed again at the end moved by more than this
+
+
+class StepPrice(Protocol):
+    """The one interface a `Drafter` prices drafts with: `cost(rows, tokens)`, the cost of one step of `rows` rows
+    that each verify a tree of `tokens` nodes (root included; 1 = a plain step), in any unit (only ratios are
+    used). `CostModel` (a fixed batch-1 curve: replay, a bare Drafter), `StepCost` (learned from an engine's
+    steps) and the vLLM proposer's linear step model implement it."""
+
+    def cost(self, rows: int, tokens: int) -> float: ...
 
 
 class CostModel:
@@ -49,10 +59,10 @@ class CostModel:
                 return y0 + (y1 - y0) * (nodes - x0) / (x1 - x0)
         return ys[-1] + (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) * (nodes - xs[-1])
 
-    def step(self, rows: int, nodes: int) -> float:
-        """Relative cost of one step of `rows` busy rows that each verify a tree of `nodes` nodes (1 = a plain
-        one-row step). A batch-1 curve can only price the rows x nodes tokens as one row's."""
-        return self(rows * nodes)
+    def cost(self, rows: int, tokens: int) -> float:
+        """Relative cost of one step of `rows` rows that each verify a tree of `tokens` nodes (1, 1 = a plain
+        one-row step). A batch-1 curve can only price the rows x tokens nodes as one row's."""
+        return self(rows * tokens)
 
 
 def curve_key(model) -> str:
@@ -195,14 +205,14 @@ class StepCost:
     (recent steps weigh most, so the model follows the machine: graphs on or off, load, heat). An unseen one is
     priced by the prior, a batch-1 curve priced at B x T nodes, in the units of the nearest seen (B, T) (nearest in
     log B, then log T): the prior gives the shape, the steps the scale, so a batch's B prefixes that a batch-1
-    curve underprices are corrected as soon as steps of that B have run. `step(B, T)` is what `Drafter` calls."""
+    curve underprices are corrected as soon as steps of that B have run. `cost(B, T)` is what `Drafter` calls."""
 
     def __init__(self, prior: Mapping[int, float], decay: float = 0.9):
         self.source = prior  # the curve it started from (a new one starts a new model)
         self.prior = CostModel(prior)
         self.decay = decay
         self.seen: dict[tuple[int, int], list[float]] = {}  # (B, T) -> [decayed count, decayed seconds]
-        self._priced: dict[tuple[int, int], float] = {}  # step()'s answers since the last observe
+        self._priced: dict[tuple[int, int], float] = {}  # cost()'s answers since the last observe
 
     def observe(self, rows: int, nodes: int, seconds: float) -> None:
         if seconds > 0:
@@ -211,20 +221,20 @@ class StepCost:
             entry[1] = entry[1] * self.decay + seconds
             self._priced.clear()
 
-    def step(self, rows: int, nodes: int) -> float:
-        key = (rows, nodes)
+    def cost(self, rows: int, tokens: int) -> float:
+        key = (rows, tokens)
         price = self._priced.get(key)
         if price is None:
-            price = self._priced[key] = self._price(rows, nodes)
+            price = self._priced[key] = self._price(rows, tokens)
         return price
 
     def _price(self, rows: int, nodes: int) -> float:
         entry = self.seen.get((rows, nodes))
         if entry is not None:
             return entry[1] / entry[0]
-        prior = self.prior.step(rows, nodes)
+        prior = self.prior.cost(rows, nodes)
         if not self.seen:
             return prior
         near = min(self.seen, key=lambda k: (abs(math.log(k[0] / rows)), abs(math.log(k[1] / nodes))))
         count, seconds = self.seen[near]
-        return prior * (seconds / count) / self.prior.step(*near)
+        return prior * (seconds / count) / self.prior.cost(*near)

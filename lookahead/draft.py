@@ -110,16 +110,28 @@ def pack_drafts(drafts: list[DraftTree], device: torch.device | str, size: int |
     T = bucket_size(max(len(d.tokens) for d in drafts) if size is None else size)
     ints = np.zeros((3, B, T), dtype=np.int64)  # tokens, parents, depths
     ints[1] = -1
-    mask = np.zeros((B, T, T), dtype=np.bool_)
-    eye = np.eye(T, dtype=np.bool_)
     for b, d in enumerate(drafts):
         n = len(d.tokens)
         if n > T:
             raise ValueError(f"row {b} has {n} nodes, more than the bucket of {T}")
         ints[0, b, :n], ints[1, b, :n], ints[2, b, :n] = d.tokens, d.parents, d.depths
-        rows = mask[b]
-        rows[:] = eye  # padding nodes see only themselves
-        for i in range(1, n):  # a node sees what its parent sees, and itself
-            rows[i, :i] = rows[d.parents[i], :i]
     flat = torch.from_numpy(ints).to(device)
-    return DraftBatch(flat[0], flat[1], flat[2], torch.from_numpy(mask).to(device))
+    return DraftBatch(flat[0], flat[1], flat[2], torch.from_numpy(ancestor_mask(ints[1], int(ints[2].max()))).to(device))
+
+
+def ancestor_mask(parents: np.ndarray, max_depth: int) -> np.ndarray:
+    """[B, T] parents (-1 for roots and padding) -> [B, T, T] bool, i sees j iff j is i or an ancestor of i, by
+    pointer doubling: after round k every node sees its ancestors closer than 2^k and points at the one 2^k up
+    (a root or padding node points at itself, so padding sees only itself). log2(depth) vectorised rounds, no
+    loop over nodes."""
+    B, T = parents.shape
+    rows, nodes = np.arange(B)[:, None], np.arange(T)[None, :]  # (B, 1), (1, T)
+    up = np.where(parents >= 0, parents, nodes)  # (B, T)
+    mask = np.zeros((B, T, T), dtype=np.bool_)
+    mask[rows, nodes, nodes] = True
+    span = 1
+    while span <= max_depth:
+        mask |= mask[rows, up]  # (B, T, T): what the node 2^k up sees
+        up = up[rows, up]
+        span *= 2
+    return mask

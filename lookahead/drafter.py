@@ -1,4 +1,4 @@
-"""The drafter: everything that decides what a step verifies, with no model inside (API.md, "The drafter").
+"""The drafter: everything that decides what a step verifies, with no model inside (docs/API.md, "The drafter").
 
 Per step and row it lists candidate draft nodes best-first with a probability each: trie nodes below the
 longest context match (`TokenTrie.candidates`), model-recycled nodes, the model's own top-k next tokens read
@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lookahead.config import LookaheadConfig
-from lookahead.cost import CostModel
+from lookahead.cost import CostModel, StepPrice
 from lookahead.draft import TREE_BUCKETS, bucket_size
 from lookahead.suffix import SuffixAutomaton
 from lookahead.trie import TokenTrie, preorder
@@ -116,8 +116,11 @@ class _Request:
 class Drafter:
     """Trie, draft building and the per-step size policy, shared by `generate`, `lookahead replay` and serving.
 
-    config: None = the defaults (with the given trie's branch_length and bound). cost_curve: {tree nodes (root
-    included): cost}, seconds or relative; None = draft up to decoding_length nodes every step (no size policy).
+    config: None = the defaults (`LookaheadConfig.for_trie` of the given trie). cost_curve: {tree nodes (root
+    included): cost}, seconds or relative, shorthand for step_cost=CostModel(cost_curve). step_cost: the step
+    price, anything with `cost(rows, tokens)` (`lookahead.cost.StepPrice`: the engine's learned `StepCost`,
+    replay's `CostModel`, the vLLM proposer's linear step); neither = draft up to decoding_length nodes every step
+    (no size policy).
     trie: a TokenTrie to share (model.trie in generate), whose branch_length must be the config's; None = a new
     one.
     calibration, successors: what the drafter learns besides the trie (acceptance statistics; the model's latest
@@ -126,10 +129,10 @@ class Drafter:
 
     def __init__(self, config: LookaheadConfig | None = None, cost_curve: Mapping[int, float] | None = None,
                  trie: TokenTrie | None = None, calibration: Calibration | None = None,
-                 successors: dict[int, list[int]] | None = None):
-        if config is None:  # the defaults, with a given trie's window length and bound
-            config = LookaheadConfig() if trie is None or not isinstance(trie, TokenTrie) else LookaheadConfig(
-                branch_length=trie.branch_length, max_trie_nodes=trie.max_trie_nodes)
+                 successors: dict[int, list[int]] | None = None, step_cost: StepPrice | None = None):
+        if config is None:
+            config = LookaheadConfig() if trie is None or not isinstance(trie, TokenTrie) else LookaheadConfig.for_trie(
+                trie)
         self.config = config
         if not isinstance(config, LookaheadConfig):
             raise ValueError(f"config must be a LookaheadConfig, got {type(config).__name__}")
@@ -141,13 +144,21 @@ class Drafter:
             raise ValueError(f"the trie's branch_length is {trie.branch_length} but LookaheadConfig.branch_length is "
                              f"{config.branch_length}: pass LookaheadConfig(branch_length={trie.branch_length}) or "
                              f"use TokenTrie(branch_length={config.branch_length}) (its max_trie_nodes may differ)")
+        if cost_curve is not None and step_cost is not None:
+            raise ValueError("give cost_curve or step_cost, not both (cost_curve={T: c} is step_cost=CostModel(...))")
+        if step_cost is not None and not callable(getattr(step_cost, "cost", None)):
+            raise ValueError(f"step_cost must have a cost(rows, tokens) method, got {type(step_cost).__name__}")
         self.trie = trie
-        self.cost = CostModel(cost_curve) if cost_curve is not None else None
+        self._price = CostModel(cost_curve) if cost_curve is not None else step_cost
         self.calibration = calibration if calibration is not None else Calibration()
         self.successors = successors if successors is not None else {}  # token -> the model's latest top-k
         self._requests: dict[int, _Request] = {}
 
     # ---- a request's life ------------------------------------------------------------------------------------
+    def running_requests(self) -> list[int]:
+        """The ids of the requests begun and not yet ended."""
+        return list(self._requests)
+
     def begin_request(self, request_id: int, prompt_ids: Sequence[int], references: Sequence[Sequence[int]] = ()):
         if request_id in self._requests:
             raise ValueError(f"request {request_id} is already running in this drafter")
@@ -200,9 +211,9 @@ class Drafter:
         policy picks the bucket T maximising sum over rows of (1 + kept probabilities) / cost(B x T). A None
         context is a row that takes no draft (finished); batch_size (default: the rows given) is B."""
         limit = self.config.decoding_length
-        proposals = [self._proposal(rid, ctx, limit) if ctx is not None and limit > 0 else []
-                     for rid, ctx in zip(request_ids, contexts)]
         rows = batch_size if batch_size is not None else len(contexts)
+        proposals = [self._proposal(rid, ctx, limit, rows) if ctx is not None and limit > 0 else []
+                     for rid, ctx in zip(request_ids, contexts)]
         size = self._choose_bucket(proposals, rows)
         out = []
         for rid, nodes in zip(request_ids, proposals):
@@ -217,7 +228,7 @@ class Drafter:
         longest = max((len(p) for p in proposals), default=0)
         if longest == 0:
             return 1
-        if self.cost is None:
+        if self._price is None:
             return longest + 1
         cumulative = []
         for nodes in proposals:
@@ -226,24 +237,25 @@ class Drafter:
                 acc += n.p
                 sums.append(acc)
             cumulative.append(sums)
-        best, best_score = 1, rows / self.cost.step(rows, 1)
+        best, best_score = 1, rows / self._price.cost(rows, 1)
         for T in TREE_BUCKETS[1:]:
             if T - 1 > self.config.decoding_length:
                 break
             gain = sum(1.0 + sums[min(T - 1, len(sums) - 1)] for sums in cumulative)
-            score = gain / self.cost.step(rows, T)
+            score = gain / self._price.cost(rows, T)
             if score > best_score:
                 best, best_score = T, score
             if T - 1 >= longest:
                 break
         return min(best, longest + 1)
 
-    def _proposal(self, request_id: int, context: Sequence[int], limit: int) -> list[_Node]:
+    def _proposal(self, request_id: int, context: Sequence[int], limit: int, rows: int = 1,
+                  cut: bool = True) -> list[_Node]:
         """Up to `limit` nodes best-first by probability, trie, recycled and copy nodes merged (nodes of one token
         under one parent from several sources are one node, which carries every source's subtree); each node's
-        probability is at most its parent's, so every prefix of the list is a tree. With a cost curve the list
-        stops at a bucket boundary once the next bucket could not pay even if all its nodes were as likely as
-        the last one."""
+        probability is at most its parent's, so every prefix of the list is a tree. With a step price the list
+        stops at a bucket boundary once the next bucket could not pay, at the step's `rows`, even if all its nodes
+        were as likely as the last one (cut=False: a chain, priced by its length instead)."""
         # the longest match, and the next shorter one that has continuations (more evidence, other tokens)
         matches = []
         max_q = self.config.max_query_length
@@ -341,33 +353,39 @@ class Drafter:
             p = out[-1].p
             gain += p
             n = len(out)
-            if self.cost is not None and n + 1 in TREE_BUCKETS and n + 1 < TREE_BUCKETS[-1]:
-                best = max(best, gain / self.cost.step(1, n + 1))
+            if cut and self._price is not None and n + 1 in TREE_BUCKETS and n + 1 < TREE_BUCKETS[-1]:
+                best = max(best, gain / self._price.cost(rows, n + 1))
                 nxt = bucket_size(n + 2)
-                if (gain + (nxt - 1 - n) * p) / self.cost.step(1, nxt) < best:
+                if (gain + (nxt - 1 - n) * p) / self._price.cost(rows, nxt) < best:
                     break
         return out
 
     # ---- chains, for engines that verify one chain per row (vLLM) --------------------------------------------
+    def token_cost(self, rows: int) -> float:
+        """What one more verified token adds to a row's share of a one-token step of `rows` rows, relative:
+        cost(rows, 2) / cost(rows, 1) - 1 (0 without a step price: tokens are free)."""
+        return self._price.cost(rows, 2) / self._price.cost(rows, 1) - 1.0 if self._price is not None else 0.0
+
     def draft_chain(self, request_id: int, context_ids: Sequence[int], max_tokens: int,
-                    token_cost: float = 0.0) -> tuple[list[int], list[float]]:
+                    rows: int = 1) -> tuple[list[int], list[float]]:
         """The next step's draft as one chain of at most max_tokens tokens, for engines that verify chains, not
         trees: the root-to-node path of the proposal with the highest expected accepted length (the sum of its
-        nodes' calibrated probabilities). token_cost c (what one more verified token adds to this row's share
-        of a one-token step, relative) cuts it: the path maximising (1 + sum p) / (1 + c * length), ([], [])
-        when none beats a plain step. Returns the tokens and their calibrated probabilities (non-increasing).
-        Only context_ids' last max_query_length tokens are read."""
+        nodes' calibrated probabilities). The step price at `rows` drafting rows cuts it: with c = cost(rows, 2) /
+        cost(rows, 1) - 1 (what one more verified token adds to a row's share of a one-token step), the path
+        maximising (1 + sum p) / (1 + c * length), ([], []) when none beats a plain step; without a price c = 0.
+        Returns the tokens and their calibrated probabilities (non-increasing). Only context_ids' last
+        max_query_length tokens are read."""
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
             raise ValueError(f"max_tokens must be an int >= 0 (the engine's draft length cap), got {max_tokens!r}")
-        if not token_cost >= 0.0:
-            raise ValueError(f"token_cost must be >= 0 (a verified token's cost over a one-token step's), "
-                             f"got {token_cost!r}")
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"rows must be an int >= 1 (the rows drafting this step), got {rows!r}")
         if len(context_ids) == 0:
             raise ValueError("context_ids is empty: a row drafts after at least one committed token")
         # a chain of K tokens rarely needs the proposal's far branches: 2K + 8 best-first nodes hold it (and keep
         # host time per step small next to vLLM's CPU step)
         limit = min(self.config.decoding_length, 2 * max_tokens + 8)
-        nodes = self._proposal(request_id, context_ids, limit) if max_tokens > 0 else []
+        token_cost = self.token_cost(rows)
+        nodes = self._proposal(request_id, context_ids, limit, cut=False) if max_tokens > 0 else []
         gains: list[float] = []  # expected accepted length of the path root .. node i
         best, best_score = -1, 1.0
         for i, node in enumerate(nodes):  # parents precede children

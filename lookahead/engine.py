@@ -22,12 +22,13 @@ import logging
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from lookahead.cache import KVCache
 from lookahead.config import LookaheadConfig
-from lookahead.cost import StepCost, curve_key, prior_curve
+from lookahead.cost import StepCost, StepPrice, curve_key, prior_curve
 from lookahead.draft import bucket_size, draft_trees, pack_drafts
 from lookahead.drafter import Drafter
 from lookahead.nvtx import nvtx_range
@@ -45,10 +46,17 @@ PREFILL_MAX_PADDING = 0.25
 _request_ids = itertools.count()
 
 
-class StopStrings:
-    """transformers' stop_strings: the output ends with the token that completes any of the strings."""
+class ContextTooLong(ValueError):
+    """A prompt plus its max_new_tokens do not fit a row (the server answers context_length_exceeded)."""
 
-    def __init__(self, strings, tokenizer):
+
+class StopStrings:
+    """transformers' stop_strings: the output ends with the token that completes any of the strings. generate's
+    engine cuts rows with it; the server's text stream (`serve/app.py`, `TextStream`) finds stop strings in its own
+    incremental text and uses `first_stop` to count the tokens up to the one that completed it. decode: how token
+    ids read as text (default `tokenizer.decode`)."""
+
+    def __init__(self, strings, tokenizer, decode=None):
         if isinstance(strings, str):
             strings = [strings]
         if not isinstance(strings, (list, tuple)) or not strings or not all(isinstance(s, str) and s for s in strings):
@@ -56,16 +64,20 @@ class StopStrings:
         if tokenizer is None:
             raise ValueError("stop_strings need tokenizer=... to read the generated text (as in transformers)")
         self.strings, self.tokenizer = list(strings), tokenizer
+        self.decode = decode if decode is not None else tokenizer.decode
         # a stop string of n characters lies within the last n + 4 tokens: a token decodes to >= 1 character
         # except special or partial-UTF-8 tokens, for which the slack is kept generous
         self.window = max(len(s) for s in self.strings) + 4
 
     def first_stop(self, output: list[int], new: list[int]) -> int | None:
-        """Index j of the first token of `new` whose text completes a stop string after `output`, else None."""
+        """Index j of the first token of `new` whose text completes a stop string after `output`, else None. One
+        decode per call when no string is there (the usual step); the token is searched only on a hit."""
         tokens = output[-self.window:] + new
+        if not new or not any(s in self.decode(tokens) for s in self.strings):
+            return None  # every window below is a part of this text
         offset = len(tokens) - len(new)
         for j in range(len(new)):
-            text = self.tokenizer.decode(tokens[max(0, offset + j + 1 - self.window):offset + j + 1])
+            text = self.decode(tokens[max(0, offset + j + 1 - self.window):offset + j + 1])
             if any(s in text for s in self.strings):
                 return j
         return None
@@ -110,6 +122,19 @@ class Sequence:
     def __post_init__(self):
         self.context = list(self.prompt)
 
+    def check(self, vocab: int, max_context: int, where: str = "this engine's rows") -> None:
+        """The one admission check (generate, the engine, the server): ValueError unless the prompt is a non-empty
+        list of token ids in [0, vocab) and max_new_tokens an int >= 1; ContextTooLong unless prompt +
+        max_new_tokens fit max_context tokens (`where` names that context in the message)."""
+        if not self.prompt or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                      for t in self.prompt):
+            raise ValueError(f"a prompt must be a non-empty list of token ids in [0, {vocab})")
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if len(self.prompt) + self.max_new_tokens > max_context:
+            raise ContextTooLong(f"prompt ({len(self.prompt)} tokens) + max_new_tokens ({self.max_new_tokens}) exceeds "
+                                 f"{where} of {max_context} tokens: shorten the prompt or lower max_new_tokens")
+
     @property
     def output(self) -> list[int]:
         return self.context[len(self.prompt):]
@@ -119,16 +144,27 @@ class Sequence:
         return self.finish_reason is not None
 
 
+def context_limit(model) -> tuple[int, str]:
+    """The most tokens a row may hold (prompt + output) on this model, and what that limit is: the model's context,
+    or its sliding window, which lookahead does not implement."""
+    cfg = model.config
+    if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_position_embeddings:
+        return cfg.sliding_window, "the model's sliding window (which lookahead does not implement)"
+    return cfg.max_position_embeddings, "the model's context"
+
+
 class Engine:
     """Iteration-level batching over a static cache of `max_batch` rows of `max_context` tokens (prompt + output).
 
     lookahead: the drafting settings (None = plain one-token steps); `configure` changes them between requests.
     isolate_failures: a step that raises is retried row by row, so a failing request fails alone (the server);
     otherwise the error propagates (generate).
+    cost: a fixed step price for the drafter (`StepPrice`: `cost(rows, tokens)`; replay's modeled curves); None =
+    the model's `StepCost`, learned from the engine's own steps.
     """
 
     def __init__(self, model, max_batch: int, max_context: int, lookahead: LookaheadConfig | None = None,
-                 isolate_failures: bool = False):
+                 isolate_failures: bool = False, cost: StepPrice | None = None):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         cfg = model.config
@@ -153,7 +189,8 @@ class Engine:
         self._shapes_run: set[tuple[int, int]] = set()  # (rows, tree size) of the steps run so far
         self.config: LookaheadConfig | None = None
         self.drafter: Drafter | None = None
-        self.cost: StepCost | None = None
+        self.fixed_cost = cost
+        self.cost: StepCost | None = None  # the learned step costs the steps feed (None with a fixed cost)
         self.configure(lookahead)
 
     def fits(self, model, max_batch: int, max_context: int) -> bool:
@@ -161,23 +198,26 @@ class Engine:
         return (model is self.model and model.dtype == self.dtype and model.device == self.device
                 and max_batch <= self.max_batch and max_context <= self.max_context)
 
-    def configure(self, lookahead: LookaheadConfig | None) -> None:
+    def configure(self, lookahead: LookaheadConfig | None, drafter=None) -> None:
         """Drafting settings for the requests added from now on (only between requests: no row may be busy).
         The drafter is built over the model's current trie, calibration and recycled tokens; with adaptive drafting
-        it prices trees with this engine's learned step costs. `exact=True` turns the model's batch-invariant
-        forwards on (`model.set_exact`) for this and later calls, plain ones included, until
-        `model.set_exact(False)`: lookahead equals plain decoding bit for bit only when both run them."""
+        it prices trees with this engine's learned step costs (or its fixed `cost`). drafter: one to use instead
+        (replay's peers: anything with begin_request, update, draft_batch, end_request, running_requests).
+        `exact=True` turns the model's batch-invariant forwards on (`model.set_exact`) for this and later calls,
+        plain ones included, until `model.set_exact(False)`: lookahead equals plain decoding bit for bit only when
+        both run them."""
         if any(self.slots):
             raise ValueError("configure() needs an idle engine: finish or remove its requests first")
-        drafter = None
-        if lookahead is not None:
+        if lookahead is not None and drafter is None:
             state = self.model.state
-            drafter = Drafter(lookahead, cost_curve=None, trie=self.model.trie, calibration=state.calibration,
-                              successors=state.successors)  # ValueError for a trie of another shape: nothing changed
+            price = None
             if lookahead.adaptive:
-                drafter.cost = self.step_cost(bucket_size(lookahead.decoding_length + 1))
-            if lookahead.exact and not self.model.exact:
-                self.model.set_exact(True)  # stays on (plain steps must be batch-invariant too) until set_exact(False)
+                price = self.fixed_cost if self.fixed_cost is not None else self.step_cost(
+                    bucket_size(lookahead.decoding_length + 1))
+            drafter = Drafter(lookahead, trie=self.model.trie, calibration=state.calibration, successors=state.successors,
+                              step_cost=price)  # ValueError for a trie of another shape: nothing changed
+        if lookahead is not None and lookahead.exact and not self.model.exact:
+            self.model.set_exact(True)  # stays on (plain steps must be batch-invariant too) until set_exact(False)
         self.config, self.drafter = lookahead, drafter
 
     def step_cost(self, max_tree: int) -> StepCost:
@@ -200,7 +240,7 @@ class Engine:
 
     def drafting_requests(self) -> int:
         """Requests the drafter still holds state for (0 once every request has left)."""
-        return len(self.drafter._requests) if self.drafter is not None else 0
+        return len(self.drafter.running_requests()) if self.drafter is not None else 0
 
     def add(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
         """Prefill the sequences into free rows (lowest first; consecutive rows in one forward) and commit each one's
@@ -209,15 +249,8 @@ class Engine:
         nothing is changed then. A prefill that raises: with isolate_failures its rows are retried alone and a row
         that still fails ends with finish_reason "error" (no event); otherwise every row of the call is freed and
         the error propagates."""
-        vocab = self.model.config.vocab_size
         for seq in seqs:
-            if not seq.prompt or not all(isinstance(t, int) and 0 <= t < vocab for t in seq.prompt):
-                raise ValueError(f"a prompt must be a non-empty list of token ids in [0, {vocab})")
-            if not isinstance(seq.max_new_tokens, int) or seq.max_new_tokens < 1:
-                raise ValueError(f"max_new_tokens must be an int >= 1, got {seq.max_new_tokens!r}")
-            if len(seq.prompt) + seq.max_new_tokens > self.max_context:
-                raise ValueError(f"prompt ({len(seq.prompt)} tokens) + max_new_tokens ({seq.max_new_tokens}) "
-                                 f"exceeds this engine's {self.max_context} tokens per row")
+            seq.check(self.model.config.vocab_size, self.max_context)
         free = [r for r, s in enumerate(self.slots) if s is None]
         if len(seqs) > len(free):
             raise ValueError(f"{len(seqs)} requests but {len(free)} free rows: finish or remove requests first")
@@ -333,7 +366,7 @@ class Engine:
                     self.graphs = StepGraphs(self.model)
                 result = self.graphs.run(view, self.chooser, *inputs, top_k=top_k)
             else:
-                result = tree_step(self.model, view, _RowRange(self.chooser, start), *inputs, top_k=top_k)
+                result = tree_step(self.model, view, partial(self.chooser, start=start), *inputs, top_k=top_k)
             host = result.tolist()  # the one device-to-host sync of the step
         except Exception:
             if lens is not None:
@@ -377,13 +410,3 @@ def _padding(group: list[Sequence]) -> float:
     """The share of a padded prefill forward's tokens that would be padding."""
     width = max(len(s.prompt) for s in group)
     return 1.0 - sum(len(s.prompt) for s in group) / (width * len(group))
-
-
-class _RowRange:
-    """The engine's chooser seen from a step over rows [start, start + n)."""
-
-    def __init__(self, chooser: TokenChooser, start: int):
-        self.chooser, self.start = chooser, start
-
-    def __call__(self, logits, positions, tokens=None, tree_mask=None):
-        return self.chooser(logits, positions, tokens, tree_mask, start=self.start)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lookahead.config import LookaheadConfig
-from lookahead.engine import Engine, Sequence, StopStrings
+from lookahead.engine import Engine, Sequence, StopStrings, context_limit
 from lookahead.sampling import SamplingParams
 
 
@@ -64,7 +64,7 @@ def _lookahead_config(lookahead, trie) -> LookaheadConfig | None:
     if lookahead is False or lookahead is None:
         return None
     if lookahead is True:
-        return LookaheadConfig(branch_length=trie.branch_length, max_trie_nodes=trie.max_trie_nodes)
+        return LookaheadConfig.for_trie(trie)
     if isinstance(lookahead, LookaheadConfig):
         return lookahead
     raise ValueError(f"lookahead must be True, False or a LookaheadConfig, got {lookahead!r}")
@@ -119,19 +119,14 @@ def _eos_ids(eos_token_id, default: list[int], vocab: int) -> set[int]:
     return set(ids)
 
 
-def _check_new_tokens(max_new_tokens) -> None:
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-
-
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 256,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, seed: int | None = None, eos_token_id=None, lookahead=True,
              references=None, tokenizer=None, stop_strings=None, streamer=None,
              return_dict_in_generate: bool = False):
-    """See API.md. Greedy lookahead returns exactly the tokens of plain greedy decoding."""
+    """Generate like transformers' `generate`, with lookahead drafts verified each step (docs/API.md,
+    "Generating"). Greedy lookahead returns exactly the tokens of plain greedy decoding."""
     model._check_ids(input_ids)
-    _check_new_tokens(max_new_tokens)
     cfg = _lookahead_config(lookahead, model.trie)
     rows = _prompt_rows(input_ids, attention_mask)
     sampling = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -139,24 +134,20 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ref_ids = _reference_ids(references, tokenizer)
     eos = frozenset(_eos_ids(eos_token_id, model.config.eos_token_id, model.config.vocab_size))
     stops = StopStrings(stop_strings, tokenizer) if stop_strings is not None else None
-    B, T = input_ids.shape
-    limit = model.config.max_position_embeddings
-    if T + max_new_tokens > limit:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
-                         f"of {limit} tokens: shorten the prompt or lower max_new_tokens")
-    window = model.config.sliding_window
-    if window is not None and T + max_new_tokens > window:
-        raise ValueError(f"prompt + max_new_tokens ({T + max_new_tokens}) exceeds the sliding window ({window}), "
-                         "which lookahead does not implement: lower max_new_tokens")
+    B = input_ids.shape[0]
+    seqs = [Sequence(row, max_new_tokens, sampling, eos, stops, ref_ids, noise_row=b) for b, row in enumerate(rows)]
+    limit, where = context_limit(model)
+    for seq in seqs:
+        seq.check(model.config.vocab_size, limit, where)
     if streamer is not None and B != 1:
         raise ValueError("a streamer works with one row at a time (batch size 1), as in transformers")
 
+    context = max(len(row) for row in rows) + max_new_tokens
     engine = model.state.engine
-    if engine is None or not engine.fits(model, B, T + max_new_tokens):
+    if engine is None or not engine.fits(model, B, context):
         model.state.engine = engine = None  # free the old cache first
-        model.state.engine = engine = Engine(model, B, T + max_new_tokens)
+        model.state.engine = engine = Engine(model, B, context)
     engine.configure(cfg)  # may measure a quick cost prior (~1 s) on a machine that has no curve cached: untimed
-    seqs = [Sequence(row, max_new_tokens, sampling, eos, stops, ref_ids, noise_row=b) for b, row in enumerate(rows)]
     stats = GenerationStats()
     host_before = engine.host_s
     t0 = time.perf_counter()

@@ -3,8 +3,10 @@
 For greedy decoding the tokens a step accepts depend only on the draft and on the model's own continuation,
 so a model's recorded greedy outputs replay any drafter exactly: `record` stores, per prompt, the prompt ids,
 the greedy output and the model's top-k next tokens at every output position (teacher-forced, for the
-model-recycled branches); `replay` feeds the recording through the real `Drafter` and reports accepted
-tokens/step, draft nodes/step and the speedup over plain decoding that a verify cost curve models.
+model-recycled branches); `replay` runs the recording through the real `Engine` (the step runner of `generate`
+and `lookahead serve`: its drafter, batching, tree packing, acceptance kernel and commit) with `RecordedModel`, a
+stand-in whose logits are the recording's, and reports accepted tokens/step, draft nodes/step and the speedup over
+plain decoding that a verify cost curve models.
 """
 
 from __future__ import annotations
@@ -12,16 +14,15 @@ from __future__ import annotations
 import gzip
 import json
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
 from lookahead.config import LookaheadConfig
 from lookahead.cost import CostModel
-from lookahead.draft import bucket_size
-from lookahead.drafter import Drafter
+from lookahead.trie import TokenTrie
 
 FORMAT = "lookahead-replay"
 VERSION = 1
@@ -124,12 +125,15 @@ CURVES = {
 @dataclass
 class ReplayTotals:
     """One group of replayed requests: decode steps (the prefill excluded), tokens they produced, draft nodes
-    they verified, and their modeled cost (sum of relative verify costs of the padded trees)."""
+    they verified, their modeled cost (each step's price of its padded trees, shared among its rows) and what plain
+    decoding of the same tokens at the same batch would cost."""
     requests: int = 0
     steps: int = 0
     tokens: int = 0
     draft_nodes: int = 0
     cost: float = 0.0
+    plain_cost: float = 0.0
+    step_tokens: Counter = field(default_factory=Counter)  # tokens a step produced -> steps that produced so many
 
     @property
     def tokens_per_step(self) -> float:
@@ -141,11 +145,11 @@ class ReplayTotals:
 
     @property
     def speedup(self) -> float:
-        """Plain decoding's cost (one unit per token) over lookahead's modeled cost."""
-        return self.tokens / self.cost if self.cost else 1.0
+        """Plain decoding's modeled cost over lookahead's."""
+        return self.plain_cost / self.cost if self.cost else 1.0
 
     def add(self, other: "ReplayTotals") -> None:
-        for name in ("requests", "steps", "tokens", "draft_nodes", "cost"):
+        for name in ("requests", "steps", "tokens", "draft_nodes", "cost", "plain_cost", "step_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def as_dict(self) -> dict:
@@ -154,64 +158,210 @@ class ReplayTotals:
                 "modeled_speedup": self.speedup}
 
 
-def replay_request(drafter: Drafter, request_id: int, record: dict, cost: CostModel, recycle: bool = True,
-                   references: Sequence[Sequence[int]] = ()) -> ReplayTotals:
-    """One recorded request through `drafter`, exactly as generate would run it for greedy decoding: the
-    accepted tokens of a step are the longest draft path that matches the recorded output, plus the bonus."""
-    prompt, output, topk = record["prompt_ids"], record["output_ids"], record["topk"]
-    totals = ReplayTotals(requests=1)
-    drafter.begin_request(request_id, prompt, references)
-    try:
-        drafter.update(request_id, output[:1])  # the prefill's token
-        context = list(prompt) + output[:1]
-        pos = 1
-        while pos < len(output):
-            tokens, parents = drafter.draft(request_id, context)
-            accepted = accepted_length(tokens, parents, output, pos)
-            new = output[pos:pos + accepted + 1]
-            predictions = None
-            if recycle:  # the root's and the accepted nodes' top-k, as the verify logits give them
-                predictions = {output[pos - 1 + d]: topk[pos + d] for d in range(accepted + 1)
-                               if pos + d < len(topk)}
-            drafter.update(request_id, new, predictions)
-            context += new
-            pos += len(new)
-            totals.steps += 1
-            totals.tokens += len(new)
-            totals.draft_nodes += len(tokens)
-            totals.cost += cost(bucket_size(len(tokens) + 1))
-    finally:
-        drafter.end_request(request_id)
-    return totals
+@dataclass
+class _RecordedConfig:
+    """The part of a model config the engine reads, for a model with a one-number KV cache."""
+    vocab_size: int
+    max_position_embeddings: int
+    n_layers: int = 1
+    n_kv_heads: int = 1
+    head_dim: int = 1
+    sliding_window: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
 
 
-def accepted_length(tokens: Sequence[int], parents: Sequence[int], output: Sequence[int], pos: int) -> int:
-    """Draft tokens greedy verification accepts: the deepest tree path (parents index the tree, 0 = the root,
-    parents before children) that equals output[pos:]."""
-    depth = [0] * (len(tokens) + 1)
-    correct = [True] + [False] * len(tokens)
-    accepted = 0
-    for i, (tok, par) in enumerate(zip(tokens, parents), start=1):
-        depth[i] = d = depth[par] + 1
-        correct[i] = correct[par] and pos + d - 1 < len(output) and output[pos + d - 1] == tok
-        if correct[i]:
-            accepted = max(accepted, d)
-    return accepted
+class RecordedModel:
+    """A stand-in for the recorded model that lets the real `Engine` replay a recording: `prefill` gives a row the
+    recorded first token and writes the index of its record into the row's KV cache (one number per row: the
+    engine's compaction never moves slot 0); `verify` reads each row's record and position from its cache and
+    returns logits whose argmax is the recorded continuation at every node on the recorded path, and whose top-k
+    is the recorded top-k there. Off the path the model's top-k is not recorded: such nodes report the top-k the
+    root and accepted nodes report for their token, else one that `settle` takes back after the step, so recycled
+    tokens come only from the root and accepted nodes, as they are recorded.
+
+    Token ids are renumbered densely over the recording (`records`, made by `relabel`): the drafter only compares
+    ids, so its drafts are the same, and logits are a few thousand wide instead of the tokenizer's vocabulary."""
+
+    def __init__(self, records: list[dict], vocab_size: int):
+        import torch
+
+        from lookahead.state import GenerationState
+
+        self.records, self.unknown = records, vocab_size  # the id of a token the recording does not know
+        longest = max(len(r["prompt_ids"]) + len(r["output_ids"]) for r in records)
+        self.config = _RecordedConfig(vocab_size + 1, longest)
+        self.dtype, self.device, self.exact = torch.float32, torch.device("cpu"), False
+        k = max((len(top) for r in records for top in r["topk"]), default=1)
+        self.ranks = torch.arange(max(k, 1), 0, -1, dtype=torch.float32)  # top-k logits, descending
+        self.state = GenerationState()
+        self.admitted: list[int] = []  # record indices of the requests added next, in row order
+        self.last_shape: tuple[int, int] = (0, 0)  # (rows, tree nodes) of the latest verify
+        self._stale: dict[int, list[int] | None] = {}
+
+    @property
+    def trie(self):
+        return self.state.trie
+
+    def set_exact(self, exact: bool) -> None:
+        """Exact kernels change nothing here: the logits are made, not computed."""
+
+    def prefill(self, input_ids, lengths, cache):
+        import torch
+
+        n = input_ids.shape[0]
+        logits = torch.full((n, self.config.vocab_size), float("-inf"))
+        for b in range(n):
+            index = self.admitted.pop(0)
+            cache.buffer[0, 0, b, 0, 0, 0] = index
+            logits[b, self.records[index]["output_ids"][0]] = 0.0
+        cache.lens.copy_(lengths)
+        return logits  # (n, V)
+
+    def verify(self, tokens, depths, cache, tree_mask):
+        import torch
+
+        B, T = tokens.shape
+        self.last_shape = (B, T)
+        rows = []
+        for b in range(B):
+            rec = self.records[int(cache.buffer[0, 0, b, 0, 0, 0])]
+            output, topk = rec["output_ids"], rec["topk"]
+            pos = int(cache.lens[b]) + 1 - len(rec["prompt_ids"])  # output[pos - 1] is the root
+            expected = torch.full((T,), -1, dtype=torch.long)  # expected[d]: the recorded token at depth d
+            known = output[max(pos - 1, 0):pos - 1 + T] if 1 <= pos <= len(output) else []
+            expected[:len(known)] = torch.tensor(known, dtype=torch.long)
+            match = tokens[b] == expected[depths[b]]  # (T,)
+            on_path = ((~tree_mask[b]) | match[None, :]).all(-1) if tree_mask is not None else match.cumprod(0) > 0
+            rows.append((pos, output, topk, on_path.tolist()))
+        predicted = {}  # token -> the recorded top-k its deepest accepted node reports (the root's included)
+        for b, (pos, output, topk, on_path) in enumerate(rows):
+            for i in sorted((i for i in range(T) if on_path[i]), key=lambda i: int(depths[b, i])):
+                if pos + int(depths[b, i]) < len(topk):
+                    predicted[int(tokens[b, i])] = _recorded_top(output, topk, pos + int(depths[b, i]))
+        logits = torch.full((B, T, self.config.vocab_size), float("-inf"))  # (B, T, V)
+        successors = self.state.successors
+        for b, (pos, output, topk, on_path) in enumerate(rows):
+            for i in range(T):
+                token, d = int(tokens[b, i]), int(depths[b, i])
+                if on_path[i] and pos + d < len(topk):
+                    top = _recorded_top(output, topk, pos + d)
+                elif on_path[i] and pos + d < len(output):
+                    top = [output[pos + d]]  # a record without top-k (`topk: []`): the continuation only
+                else:
+                    top = predicted.get(token, [self.unknown])  # past the end, or off the recorded path
+                if token not in predicted:  # no top-k recorded for it: the recycled tokens must not learn it
+                    self._stale.setdefault(token, successors.get(token))
+                logits[b, i, torch.tensor(top)] = self.ranks[:len(top)]
+        return logits
+
+    def settle(self) -> None:
+        """After a step: the recycled top-k of tokens whose nodes had no recorded top-k is what it was before."""
+        successors = self.state.successors
+        for token, before in self._stale.items():
+            if before is None:
+                successors.pop(token, None)
+            else:
+                successors[token] = before
+        self._stale.clear()
+
+
+def _recorded_top(output: list[int], topk: list[list[int]], j: int) -> list[int]:
+    """The recorded top-k after output[:j], the recorded token first: topk[j][0] is output[j] up to fp32 rounding,
+    and the argmax must be the recorded continuation."""
+    top = topk[j]
+    return top if top[0] == output[j] else [output[j]] + [t for t in top if t != output[j]][:len(top) - 1]
+
+
+def relabel(records: list[dict]) -> tuple[list[dict], int]:
+    """The records with token ids renumbered 0..n-1 (in order of value) and n: the drafter only compares ids."""
+    ids = set()
+    for r in records:
+        ids.update(r["prompt_ids"])
+        ids.update(r["output_ids"])
+        for top in r["topk"]:
+            ids.update(top)
+        for ref in r.get("reference_ids", ()):
+            ids.update(ref)
+    new = {t: i for i, t in enumerate(sorted(ids))}
+    out = [{**r, "prompt_ids": [new[t] for t in r["prompt_ids"]], "output_ids": [new[t] for t in r["output_ids"]],
+            "topk": [[new[t] for t in top] for top in r["topk"]],
+            "reference_ids": [[new[t] for t in ref] for ref in r.get("reference_ids", ())]} for r in records]
+    return out, len(new)
 
 
 def replay(records: list[dict], config: LookaheadConfig, curve: Mapping[int, float], warm: bool = True,
-           recycle: bool = True, policy: bool = True) -> dict[str, ReplayTotals]:
-    """Replay recorded requests in file order: warm keeps one drafter (trie, calibration, recycled tokens) across
-    them, cold starts each request from a fresh one. policy=False drafts decoding_length nodes every step.
-    Returns totals per category and "ALL"."""
-    cost = CostModel(curve)
+           recycle: bool = True, policy: bool = True, batch: int = 1, drafter=None,
+           trie: TokenTrie | None = None) -> dict[str, ReplayTotals]:
+    """Replay recorded requests through the real `Engine`, in file order, up to `batch` at once (a request takes
+    the first free row, as the server admits them); the engine's drafter prices each step at its rows with the
+    curve (`CostModel`, cost(rows, tokens)). warm keeps one drafter (trie, calibration, recycled tokens) across the
+    requests, cold starts each from a fresh one (batch 1 only). policy=False drafts decoding_length nodes every
+    step. drafter: another drafter to replay instead of the engine's own (a peer, `SuffixDecodingDrafter`).
+    trie: the trie to start from (used, not copied; token ids are then kept as recorded). Returns totals per
+    category and "ALL"."""
+    import torch
+
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    if not warm and (batch != 1 or drafter is not None):
+        raise ValueError("a cold replay (a fresh drafter per request) runs our drafter one request at a time: "
+                         "use batch=1 and no peer drafter")
+    if not records:
+        raise ValueError("no records to replay")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a replay step's tensors are small: more threads only wait for each other
+    try:
+        return _replay(records, config, curve, warm, recycle, policy, batch, drafter, trie)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _replay(records, config, curve, warm, recycle, policy, batch, drafter, trie) -> dict[str, ReplayTotals]:
+    """`replay`'s loop: requests into free rows, one engine step, each row's tokens and share of the step's cost."""
+    from dataclasses import replace
+
+    from lookahead.engine import Engine, Sequence
+    from lookahead.state import GenerationState
+
+    if trie is None:
+        records, vocab = relabel(records)
+    else:  # the trie holds the recorded ids
+        vocab = 1 + max(t for r in records for ids in (r["prompt_ids"], r["output_ids"], *r["topk"]) for t in ids)
+    recorded_k = min((len(top) for r in records for top in r["topk"]), default=0) if recycle else 0
+    config = replace(config, adaptive=config.adaptive and policy,
+                     recycle_top_k=min(config.recycle_top_k, recorded_k))
+    price = CostModel(curve)
+    model = RecordedModel(records, vocab)
+    model.state = GenerationState(trie=trie if trie is not None else TokenTrie(config.branch_length,
+                                                                                config.max_trie_nodes))
+    engine = Engine(model, batch, model.config.max_position_embeddings, cost=price)
+    engine.configure(config, drafter)
     groups: dict[str, ReplayTotals] = defaultdict(ReplayTotals)
-    drafter = None
-    for i, rec in enumerate(records):
-        if drafter is None or not warm:
-            drafter = Drafter(config, cost_curve=curve if policy else None)
-        totals = replay_request(drafter, i, rec, cost, recycle=recycle, references=rec.get("reference_ids", ()))
-        groups[rec.get("category", "all")].add(totals)
+    category: dict[Sequence, str] = {}
+    pending = list(enumerate(records))
+    while pending or engine.busy():
+        while pending and engine.free_rows():
+            index, rec = pending.pop(0)
+            if not warm:
+                model.state = GenerationState(trie=TokenTrie(config.branch_length, config.max_trie_nodes))
+                engine.configure(config)
+            seq = Sequence(rec["prompt_ids"], len(rec["output_ids"]), references=rec.get("reference_ids", ()))
+            category[seq] = rec.get("category", "all")
+            groups[category[seq]].requests += 1
+            model.admitted.append(index)
+            engine.add([seq])  # the prefill's token is not a decode step
+        drafted = {seq: seq.draft_tokens for seq in engine.busy()}
+        events = engine.step()
+        model.settle()
+        rows, nodes = model.last_shape
+        for seq, new in events:
+            totals = groups[category[seq]]
+            totals.steps += 1
+            totals.tokens += len(new)
+            totals.step_tokens[len(new)] += 1
+            totals.draft_nodes += seq.draft_tokens - drafted[seq]
+            totals.cost += price.cost(rows, nodes) / len(events)
+            totals.plain_cost += len(new) * price.cost(rows, 1) / len(events)
     everything = ReplayTotals()
     for t in groups.values():
         everything.add(t)
@@ -225,56 +375,59 @@ PEER_BUDGETS = (4, 8, 16, 64)
 PEER_VARIANTS = ((1.0, False), (4.0, False), (1.0, True), (4.0, True))  # (max_spec_factor, tree)
 
 
-def replay_suffix_decoding(records: list[dict], curve: Mapping[int, float], budget: int, factor: float = 1.0,
-                           tree: bool = False) -> dict[str, ReplayTotals]:
-    """The recording through SuffixDecoding, warm (one cache: earlier responses in its global tree, the prompt
-    and references in a per-request tree), with replay's accounting. Bench-only: needs `arctic_inference`
-    built from ../shared/peers/suffix_decoding on PYTHONPATH."""
-    try:
-        from arctic_inference.suffix_decoding import SuffixDecodingCache
-    except ImportError:
-        raise ImportError("the SuffixDecoding peer is not importable: build it with "
-                          "`shared/peers/suffix_decoding/build.sh OUT_DIR` and set PYTHONPATH=OUT_DIR") from None
-    cost = CostModel(curve)
-    cache = SuffixDecodingCache(max_tree_depth=64)
-    groups: dict[str, ReplayTotals] = defaultdict(ReplayTotals)
-    for rid, rec in enumerate(records):
-        prompt, output = rec["prompt_ids"], rec["output_ids"]
-        local = [t for ref in rec.get("reference_ids", ()) for t in ref] + list(prompt)
-        cache.start_request(rid, local)
-        cache.add_active_response(rid, output[:1])
-        context = list(prompt) + output[:1]
-        pos = 1
-        totals = ReplayTotals(requests=1)
-        while pos < len(output):
-            draft = cache.speculate(rid, context, max_spec_tokens=budget, max_spec_factor=factor,
-                                    min_token_prob=0.1, use_tree_spec=tree)
-            parents = [p + 1 for p in draft.parents]  # -1 = root -> 0, nodes from 1
-            accepted = accepted_length(draft.token_ids, parents, output, pos)
-            new = output[pos:pos + accepted + 1]
-            cache.add_active_response(rid, new)
-            context += new
-            pos += len(new)
-            totals.steps += 1
-            totals.tokens += len(new)
-            totals.draft_nodes += len(draft.token_ids)
-            totals.cost += cost(bucket_size(len(draft.token_ids) + 1))
-        cache.stop_request(rid)
-        groups[rec.get("category", "all")].add(totals)
-    everything = ReplayTotals()
-    for t in groups.values():
-        everything.add(t)
-    return {**groups, "ALL": everything}
+class SuffixDecodingDrafter:
+    """SuffixDecoding behind the drafter interface the engine calls (begin_request, update, draft_batch,
+    end_request), warm: one cache, earlier responses in its global tree, the prompt and references in a
+    per-request tree. Bench-only: needs `arctic_inference` built from ../shared/peers/suffix_decoding on
+    PYTHONPATH."""
+
+    def __init__(self, budget: int, factor: float = 1.0, tree: bool = False):
+        try:
+            from arctic_inference.suffix_decoding import SuffixDecodingCache
+        except ImportError:
+            raise ImportError("the SuffixDecoding peer is not importable: build it with "
+                              "`shared/peers/suffix_decoding/build.sh OUT_DIR` and set PYTHONPATH=OUT_DIR") from None
+        self.cache = SuffixDecodingCache(max_tree_depth=64)
+        self.budget, self.factor, self.tree = budget, factor, tree
+        self.running: set[int] = set()
+
+    def running_requests(self) -> list[int]:
+        return list(self.running)
+
+    def begin_request(self, request_id: int, prompt_ids, references=()) -> None:
+        self.cache.start_request(request_id, [t for ref in references for t in ref] + list(prompt_ids))
+        self.running.add(request_id)
+
+    def update(self, request_id: int, new_tokens, predictions=None) -> None:
+        self.cache.add_active_response(request_id, list(new_tokens))
+
+    def draft_batch(self, request_ids, contexts, batch_size=None) -> list[tuple[list[int], list[int]]]:
+        out = []
+        for rid, context in zip(request_ids, contexts):
+            if context is None:
+                out.append(([], []))
+                continue
+            draft = self.cache.speculate(rid, context, max_spec_tokens=self.budget, max_spec_factor=self.factor,
+                                         min_token_prob=0.1, use_tree_spec=self.tree)
+            out.append((list(draft.token_ids), [p + 1 for p in draft.parents]))  # -1 = root -> 0, nodes from 1
+        return out
+
+    def end_request(self, request_id: int) -> None:
+        if request_id in self.running:
+            self.running.discard(request_id)
+            self.cache.stop_request(request_id)
 
 
 def best_suffix_decoding(records: list[dict], curve: Mapping[int, float]) -> dict[str, tuple[str, ReplayTotals]]:
-    """SuffixDecoding's best setting per category (and for ALL, the best single setting overall) on the curve:
-    {category: (setting, totals)}."""
+    """SuffixDecoding's best setting per category (and for ALL, the best single setting overall) on the curve,
+    replayed through the engine as our drafter is: {category: (setting, totals)}."""
     best: dict[str, tuple[str, ReplayTotals]] = {}
+    config = LookaheadConfig(decoding_length=max(PEER_BUDGETS))
     for budget in PEER_BUDGETS:
         for factor, tree in PEER_VARIANTS:
             name = f"{'tree' if tree else 'chain'} {budget} x{factor:g}"
-            for category, totals in replay_suffix_decoding(records, curve, budget, factor, tree).items():
+            peer = SuffixDecodingDrafter(budget, factor, tree)
+            for category, totals in replay(records, config, curve, drafter=peer).items():
                 if category not in best or totals.speedup > best[category][1].speedup:
                     best[category] = (name, totals)
     return best
@@ -319,6 +472,9 @@ def add_arguments(p) -> None:
     s.add_argument("--cold", action="store_true", help="a fresh drafter per request (default: warm, file order)")
     s.add_argument("--no-recycle", action="store_true", help="no model-recycled branches")
     s.add_argument("--no-policy", action="store_true", help="draft decoding_length nodes every step")
+    s.add_argument("--batch", type=int, default=1,
+                   help="requests decoded together, as the server batches them (each step priced at its rows; "
+                        "default 1: one request at a time, the figures of the README)")
     s.add_argument("--decoding-length", type=int, default=None)
     s.add_argument("--branch-length", type=int, default=None)
     s.add_argument("--max-query-length", type=int, default=None)
@@ -370,8 +526,9 @@ def _cmd_replay(args) -> int:
                                    ("max_query_length", args.max_query_length)) if v is not None}
     config = LookaheadConfig(**overrides)
     results = {"cold" if args.cold else "warm": replay(records, config, curve, warm=not args.cold,
-                                                        recycle=not args.no_recycle, policy=not args.no_policy)}
-    print(f"{args.recording.name}: {len(records)} requests, curve {args.curve}, {config}")
+                                                        recycle=not args.no_recycle, policy=not args.no_policy,
+                                                        batch=args.batch)}
+    print(f"{args.recording.name}: {len(records)} requests, curve {args.curve}, batch {args.batch}, {config}")
     print(markdown(results))
     out = {k: {c: t.as_dict() for c, t in v.items()} for k, v in results.items()}
     if args.peer == "suffix":

@@ -103,8 +103,7 @@ def _drafter_with_likely_continuations(cost):
     trie = TokenTrie()
     for _ in range(4):
         trie.insert(sequence)
-    drafter = Drafter(LookaheadConfig(decoding_length=32, recycle_top_k=0), trie=trie)
-    drafter.cost = cost
+    drafter = Drafter(LookaheadConfig(decoding_length=32, recycle_top_k=0), trie=trie, step_cost=cost)
     for rid in range(8):
         drafter.begin_request(rid, sequence[:5])
     return drafter, sequence[:5]
@@ -112,17 +111,17 @@ def _drafter_with_likely_continuations(cost):
 
 def test_step_cost_learns_the_steps_it_sees_and_scales_the_prior_elsewhere():
     cost = StepCost({1: 1.0, 8: 1.1, 64: 2.0})
-    assert cost.step(1, 8) == pytest.approx(1.1) and cost.step(4, 2) == pytest.approx(1.1)  # nothing seen: B x T
+    assert cost.cost(1, 8) == pytest.approx(1.1) and cost.cost(4, 2) == pytest.approx(1.1)  # nothing seen: B x T
     for _ in range(3):
         cost.observe(1, 1, 0.02)
-    assert cost.step(1, 1) == pytest.approx(0.02)
-    assert cost.step(1, 64) == pytest.approx(0.04)  # the prior's shape in the seen step's seconds
+    assert cost.cost(1, 1) == pytest.approx(0.02)
+    assert cost.cost(1, 64) == pytest.approx(0.04)  # the prior's shape in the seen step's seconds
     cost.observe(8, 1, 0.05)
-    assert cost.step(8, 1) == pytest.approx(0.05)
-    assert cost.step(8, 8) == pytest.approx(0.05 * 2.0 / 1.1)  # priced from the nearest B, not from B = 1
+    assert cost.cost(8, 1) == pytest.approx(0.05)
+    assert cost.cost(8, 8) == pytest.approx(0.05 * 2.0 / 1.1)  # priced from the nearest B, not from B = 1
     for _ in range(30):
         cost.observe(1, 1, 0.03)  # the machine got slower: recent steps weigh most
-    assert cost.step(1, 1) == pytest.approx(0.03, rel=0.05)
+    assert cost.cost(1, 1) == pytest.approx(0.03, rel=0.05)
 
 
 def test_when_measured_steps_say_drafts_never_pay_only_plain_steps_are_drafted():

@@ -58,3 +58,25 @@ def test_bad_trees_raise_value_error():
         build_draft(1, [2, 3], [0, 2])
     with pytest.raises(ValueError, match="tokens but"):
         build_draft(1, [2, 3], [0])
+
+
+def test_the_ancestor_mask_of_random_trees_equals_walking_up_each_node():
+    import random
+
+    rng = random.Random(0)
+    for n_rows in (1, 3, 16):
+        drafts = []
+        for _ in range(n_rows):
+            n = rng.choice([0, 1, 2, 7, 40, 127])  # draft nodes; the chains of long ones reach depth ~n
+            parents = [rng.randrange(i) if rng.random() < 0.3 else i - 1 for i in range(1, n + 1)]
+            drafts.append(build_draft(0, list(range(1, n + 1)), parents))
+        batch = pack_drafts(drafts, "cpu")
+        T = batch.tokens.shape[1]
+        expected = torch.eye(T, dtype=torch.bool).repeat(n_rows, 1, 1)
+        for b, d in enumerate(drafts):
+            for i in range(len(d.tokens)):
+                j = i
+                while j >= 0:
+                    expected[b, i, j] = True
+                    j = d.parents[j]
+        assert torch.equal(batch.tree_mask, expected)

@@ -1,5 +1,5 @@
 """Drafter: probability scores on hand-built tries, the expected-gain size policy on synthetic cost curves,
-recycled branches, and the API.md request life."""
+recycled branches, and the request life of docs/API.md."""
 
 import pytest
 
@@ -208,3 +208,24 @@ def test_negative_ids_are_refused_before_anything_changes():
         drafter.update(0, [4, -1])
     drafter.update(0, [4])
     assert drafter._requests[0].suffix.text == [1, 2, 3, 4]
+
+
+def test_the_step_price_is_one_interface_given_once():
+    from lookahead.cost import CostModel
+
+    def trie():
+        made = TokenTrie(branch_length=4, max_trie_nodes=1000)
+        made.insert([1, 2, 3])
+        return made
+
+    cfg = LookaheadConfig(branch_length=4, max_query_length=2, recycle_top_k=0)
+    by_curve = Drafter(cfg, cost_curve={1: 1.0, 2: 1.3, 3: 2.6}, trie=trie())
+    by_price = Drafter(cfg, trie=trie(), step_cost=CostModel({1: 1.0, 2: 1.3, 3: 2.6}))
+    for drafter in (by_curve, by_price):
+        drafter.begin_request(0, [8, 1, 2])
+    assert by_curve.draft(0, [8, 1, 2]) == by_price.draft(0, [8, 1, 2]) == ([3], [0])
+    assert by_curve.token_cost(1) == by_price.token_cost(1) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="not both"):
+        Drafter(cfg, cost_curve={1: 1.0}, trie=trie(), step_cost=CostModel({1: 1.0}))
+    with pytest.raises(ValueError, match="cost\\(rows, tokens\\)"):
+        Drafter(cfg, trie=trie(), step_cost={1: 1.0})

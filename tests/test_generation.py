@@ -8,9 +8,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lookahead import Drafter, LookaheadConfig, TokenTrie
-from lookahead.cost import CostModel, curve_key
-from lookahead.replay import replay_request
+from lookahead import LookaheadConfig, TokenTrie
+from lookahead.cost import curve_key
+from lookahead.replay import replay
 from tests.conftest import TINY_VOCAB, _tiny_llama
 
 VOCAB = TINY_VOCAB
@@ -81,9 +81,8 @@ def test_stats_count_prefill_and_drafts():
     model.trie.insert([truth[5], 1, 2, 3, truth[9], truth[10], 4])
     cfg = LookaheadConfig(adaptive=False, decoding_length=8, recycle_top_k=0)
     # the same drafts replayed without the model give the exact counts a lookahead call must report
-    expected = replay_request(Drafter(cfg, trie=copy.deepcopy(model.trie)), 0,
-                              {"prompt_ids": ids[0].tolist(), "output_ids": truth, "topk": []},
-                              CostModel({1: 1.0}), recycle=False)
+    expected = replay([{"prompt_ids": ids[0].tolist(), "output_ids": truth, "topk": []}], cfg, {1: 1.0},
+                      recycle=False, trie=copy.deepcopy(model.trie))["ALL"]
     la = model.generate(ids, max_new_tokens=60, lookahead=cfg, eos_token_id=[], return_dict_in_generate=True)
     assert la.sequences[0, 7:].tolist() == truth
     s = la.stats

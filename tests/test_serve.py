@@ -44,7 +44,7 @@ def fresh_state(model):
 def serving(smollm2, api_key=None, **scheduler_kwargs):
     model, tokenizer = smollm2
     with fresh_state(model):
-        scheduler = Scheduler(model, tokenizer=tokenizer, metrics=True,
+        scheduler = Scheduler(model, metrics=True,
                               **{"max_batch": 8, "max_context": 512, **scheduler_kwargs})
         with BackgroundServer(scheduler, tokenizer, NAME, api_key=api_key) as server:
             yield server
@@ -156,8 +156,12 @@ def test_stop_strings_are_honoured(smollm2, server):
     r = chat(server, "Name three fruits.", 20, temperature=0, stop=[stop, "@@@"])
     assert r.choices[0].message.content == text[:text.index(stop)]
     assert r.choices[0].finish_reason == "stop"
+    ids = encode_prompt(tokenizer, "Name three fruits.", True)
+    cut = model.generate(ids, max_new_tokens=20, lookahead=False, stop_strings=[stop, "@@@"], tokenizer=tokenizer)
+    assert r.usage.completion_tokens == cut.shape[1] - ids.shape[1] < 20  # the text stream cuts where generate does
     streamed = chat(server, "Name three fruits.", 20, temperature=0, stop=stop, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text[:text.index(stop)]
+    assert stats(server)["running"] == 0  # the stopped requests left their rows before their responses ended
 
 
 def test_concurrent_requests_equal_their_solo_greedy_outputs_and_share_steps(smollm2, server):
@@ -187,7 +191,7 @@ def test_requests_queued_together_share_every_step_and_equal_generate(smollm2):
     prompts = [encode_prompt(tokenizer, text, True)[0].tolist() for _, text in spec_bench_first_turns(1)[:8]]
     lengths = [8, 24, 12, 20, 10, 16, 22, 14]
     with fresh_state(model):
-        scheduler = Scheduler(model, tokenizer=tokenizer, max_batch=8, max_context=512, lookahead=None).start()
+        scheduler = Scheduler(model, max_batch=8, max_context=512, lookahead=None).start()
         done = threading.Event()
         outputs = {}
 

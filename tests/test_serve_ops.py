@@ -92,6 +92,11 @@ def test_text_stream_is_incremental_and_equals_the_whole_decode(tiny):
         whole = decode(tokenizer, ids)
         expected = whole[:whole.index(stops[0])] if stops else whole
         assert "".join(pieces) == expected
+        # the request ends with the token that completes the stop string (generate's cut), later tokens ignored
+        completing = next((n for n in range(1, len(ids) + 1) if stops and stops[0] in decode(tokenizer, ids[:n])),
+                          None)
+        assert stream.kept == completing and (not stops or len(stream.ids) < len(ids))
+        assert stream.push(ids[:3]) == "" if stops else True
     calls = []
     counting = TextStream(tokenizer, ())
     original = tokenizer.decode
@@ -112,7 +117,7 @@ def test_text_stream_is_incremental_and_equals_the_whole_decode(tiny):
 @pytest.fixture(scope="module")
 def server(tiny):
     model, tokenizer = tiny
-    scheduler = Scheduler(model, tokenizer=tokenizer, max_batch=8, max_context=256, metrics=True,
+    scheduler = Scheduler(model, max_batch=8, max_context=256, metrics=True,
                           request_timeout=20.0)
     with BackgroundServer(scheduler, tokenizer, NAME, api_key=KEY) as server:
         yield server
@@ -156,9 +161,51 @@ def test_metrics_count_requests_tokens_steps_and_first_tokens(server):
     assert metric(text, "lookahead:num_requests_running") == 0 and metric(text, "lookahead:num_requests_waiting") == 0
 
 
+def test_a_stop_found_in_the_text_ends_the_request_with_its_tokens_up_to_the_stop(tiny):
+    """The scheduler never reads text: `stop(req, keep)` (the text stream found a stop string) ends the request at
+    the next step boundary, its output cut to `keep` tokens, its row and drafter state freed."""
+    from lookahead.serve.scheduler import Finished, Tokens
+
+    model, _ = tiny
+    scheduler = Scheduler(model, max_batch=2, max_context=200).start()
+    try:
+        events, done = [], threading.Event()
+
+        def sink(event):
+            events.append(event)
+            if isinstance(event, Tokens) and sum(len(e.tokens) for e in events if isinstance(e, Tokens)) >= 5:
+                scheduler.stop(req, 3)
+            if isinstance(event, Finished):
+                done.set()
+
+        req = scheduler.submit([1, 2, 3, 4], 150, sink=sink)
+        assert done.wait(60)
+        fin = events[-1]
+        assert fin.reason == "stop" and fin.completion_tokens == 3 and len(req.output) == 3
+        assert sum(len(e.tokens) for e in events[:-1]) < 150  # it did not run to max_tokens
+        assert scheduler.engine.free_rows() == 2 and scheduler.engine.drafting_requests() == 0
+        assert scheduler.stats.finished == 1 and scheduler.stats.completion_tokens == 3
+    finally:
+        scheduler.close()
+
+
+def test_a_saved_trie_of_other_settings_is_served_with_the_defaults_for_it(tiny, tmp_path):
+    """lookahead=True (what `lookahead serve` passes) is `LookaheadConfig.for_trie` of the trie it loads."""
+    model, _ = tiny
+    path, trie = tmp_path / "trie.json", model.trie
+    TokenTrie(branch_length=6, max_trie_nodes=5000).save(path)
+    scheduler = Scheduler(model, max_batch=1, max_context=64, trie_path=path, trie_save_minutes=0).start()
+    try:
+        assert (scheduler.config.branch_length, scheduler.config.max_trie_nodes) == (6, 5000)
+        assert scheduler.engine.drafter.trie is scheduler.trie is model.trie
+    finally:
+        scheduler.close()
+        model.trie = trie
+
+
 def test_a_request_past_its_timeout_ends_with_504_and_frees_its_row(tiny):
     model, tokenizer = tiny
-    scheduler = Scheduler(model, tokenizer=tokenizer, max_batch=2, max_context=1000, request_timeout=0.3,
+    scheduler = Scheduler(model, max_batch=2, max_context=1000, request_timeout=0.3,
                           lookahead=None)
     with BackgroundServer(scheduler, tokenizer, NAME) as srv:
         r = httpx.post(srv.url + "/v1/chat/completions", json=body("Go on forever.", 900), timeout=TIMEOUT)

@@ -1,4 +1,4 @@
-"""The `Drafter` as a vLLM speculative proposer (API.md, "Inside vLLM"):
+"""The `Drafter` as a vLLM speculative proposer (docs/API.md, "Inside vLLM"):
 
     LLM(model=DIR, speculative_config={"method": "custom_class",
         "model": "lookahead.integrations.vllm.LookaheadProposer", "num_speculative_tokens": 8})
@@ -28,6 +28,7 @@ import atexit
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,26 @@ from lookahead.trie import TokenTrie
 # Between and beyond the measured sizes: linear in the batch size, clamped. On a GPU a few verified tokens cost
 # almost nothing next to the step (memory bound): a / b is in the hundreds and whole chains pay.
 STEP_TOKENS_CPU = {1: 8.5, 8: 30.8}
+
+
+class LinearStep:
+    """vLLM's step as a + b * verified tokens, in units of b: the proposer's step price (`cost(rows, tokens)`, the
+    interface every Drafter prices with). a_over_b: a / b by batch size, linear between the sizes, clamped."""
+
+    def __init__(self, a_over_b: Mapping[int, float]):
+        self.a_over_b = dict(a_over_b)
+
+    def overhead(self, rows: int) -> float:
+        """a / b at `rows` rows."""
+        sizes = sorted(self.a_over_b)
+        lo = max([b for b in sizes if b <= rows], default=sizes[0])
+        hi = min([b for b in sizes if b >= rows], default=sizes[-1])
+        if hi == lo:
+            return self.a_over_b[lo]
+        return self.a_over_b[lo] + (self.a_over_b[hi] - self.a_over_b[lo]) * (rows - lo) / (hi - lo)
+
+    def cost(self, rows: int, tokens: int) -> float:
+        return self.overhead(max(rows, 1)) + max(rows, 1) * tokens
 
 @dataclass
 class _Held:
@@ -112,15 +133,14 @@ class LookaheadProposer:
         self.max_model_len = getattr(model_config, "max_model_len", None)
         max_query = getattr(spec, "prompt_lookup_max", None) or LookaheadConfig.max_query_length
         forced = _env_float("LOOKAHEAD_VLLM_STEP_TOKENS", 0.0)
-        self.step_tokens = {1: forced} if forced else STEP_TOKENS_CPU
+        # an infinite a / b: verified tokens are free next to the step (a GPU), every row drafts its whole chain
+        step = None if math.isinf(forced) else LinearStep({1: forced} if forced else STEP_TOKENS_CPU)
         self.trie_path = os.environ.get("LOOKAHEAD_VLLM_TRIE") or None
-        trie = TokenTrie.load(self.trie_path) if self.trie_path and Path(self.trie_path).is_file() else None
-        branch = trie.branch_length if trie is not None else _env_int("LOOKAHEAD_VLLM_BRANCH_LENGTH",
-                                                                       LookaheadConfig.branch_length)
-        bound = {"max_trie_nodes": trie.max_trie_nodes} if trie is not None else {}
-        config = LookaheadConfig(branch_length=branch, max_query_length=max_query,
-                                 decoding_length=max(LookaheadConfig.decoding_length, k), **bound)
-        self.drafter = Drafter(config, trie=trie)  # no cost curve: the chain policy below prices drafts
+        trie = (TokenTrie.load(self.trie_path) if self.trie_path and Path(self.trie_path).is_file() else
+                TokenTrie(branch_length=_env_int("LOOKAHEAD_VLLM_BRANCH_LENGTH", LookaheadConfig.branch_length)))
+        config = LookaheadConfig.for_trie(trie, max_query_length=max_query,
+                                          decoding_length=max(LookaheadConfig.decoding_length, k))
+        self.drafter = Drafter(config, trie=trie, step_cost=step)
         self.stats = ProposerStats()
         self._held: dict[int, _Held] = {}  # row -> the request it held at the last step
         self._next_key = 0
@@ -134,17 +154,6 @@ class LookaheadProposer:
     def save_trie(self) -> None:
         if self.trie_path:
             self.drafter.trie.save(self.trie_path)
-
-    def token_cost(self, rows: int) -> float:
-        """One more verified token's cost over a row's share of a plain step, with `rows` rows drafting:
-        step = a + b * tokens, a row's share of a plain step a / rows + b, so b / (a / rows + b)."""
-        rows = max(rows, 1)
-        sizes = sorted(self.step_tokens)
-        lo = max([b for b in sizes if b <= rows], default=sizes[0])
-        hi = min([b for b in sizes if b >= rows], default=sizes[-1])
-        a_over_b = self.step_tokens[lo] if hi == lo else self.step_tokens[lo] + (
-            self.step_tokens[hi] - self.step_tokens[lo]) * (rows - lo) / (hi - lo)
-        return 1.0 / (a_over_b / rows + 1.0) if math.isfinite(a_over_b) else 0.0
 
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray, token_ids_cpu: np.ndarray,
                 slot_mappings=None) -> list[list[int]]:
@@ -163,8 +172,7 @@ class LookaheadProposer:
                 self.drafter.end_request(req.key)
         self._held = {row: req for row, req in enumerate(held) if req is not None}
 
-        active = sum(1 for s in sampled_token_ids if len(s))
-        cost = self.token_cost(active)
+        active = max(1, sum(1 for s in sampled_token_ids if len(s)))
         q = self.drafter.config.max_query_length
         drafts: list[list[int]] = []
         for row, sampled in enumerate(sampled_token_ids):
@@ -174,11 +182,11 @@ class LookaheadProposer:
             if room <= 0:
                 drafts.append([])
                 continue
-            tokens, _ = self.drafter.draft_chain(req.key, req.tokens[max(0, req.length - q):req.length], room, cost)
+            tokens, _ = self.drafter.draft_chain(req.key, req.tokens[max(0, req.length - q):req.length], room, active)
             drafts.append(tokens)
             self.stats.drafted += len(tokens)
         self.stats.steps += 1
-        self.stats.rows += active
+        self.stats.rows += sum(1 for s in sampled_token_ids if len(s))
         self.stats.host_s.append(time.perf_counter() - start)
         return drafts
 

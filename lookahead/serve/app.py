@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 import uuid
+from functools import partial
 from typing import Literal
 
 try:
@@ -40,6 +41,7 @@ except ImportError as e:
     raise ModuleNotFoundError(f"lookahead serve needs the serve extra ({e.name} is missing): "
                               "pip install -e '.[serve]'") from e
 
+from lookahead.engine import StopStrings
 from lookahead.sampling import SamplingParams
 from lookahead.serve.metrics import Metrics
 from lookahead.serve.scheduler import ContextTooLong, EngineClosed, Finished, QueueFull, Scheduler, Tokens
@@ -158,20 +160,20 @@ def decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-    """The text before the first stop string (OpenAI leaves it out), and whether one was there."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[:min(hits)], True) if hits else (text, False)
-
-
 class TextStream:
     """A request's text as its tokens arrive, detokenised incrementally: each push decodes only the tokens since
     the last complete piece (vLLM's prefix/read offsets: O(new tokens), never the whole output). Each piece handed
     out is final: text ending in a partial UTF-8 character or in the start of a stop string is held back, so the
-    pieces concatenate to the whole text, cut before the first stop string (OpenAI leaves it out)."""
+    pieces concatenate to the whole text, cut before the first stop string (OpenAI leaves it out).
+
+    The server's one detokenizer per request: it finds the stop strings (as vLLM v1's output processor does; the
+    engine never sees them), and `kept` is then the number of tokens up to the one that completed the first
+    (`StopStrings.first_stop`, generate's cut); tokens pushed after it are ignored."""
 
     def __init__(self, tokenizer, stops: tuple[str, ...]):
         self.tokenizer, self.stops = tokenizer, stops
+        self.stop_strings = StopStrings(list(stops), tokenizer, decode=partial(decode, tokenizer)) if stops else None
+        self.kept: int | None = None
         self.ids: list[int] = []
         self.prefix = self.read = 0  # decode window: ids[prefix:read] is text already in self.decoded
         self.decoded = ""
@@ -179,22 +181,23 @@ class TextStream:
         self.sent = 0  # characters handed out
         self.longest_stop = max((len(s) for s in stops), default=0)
 
-    def text(self) -> str:
-        """The whole text so far (non-streamed responses), cut before the first stop string."""
-        return cut_at_stop(decode(self.tokenizer, self.ids), self.stops)[0]
-
     def _decode_new(self, final: bool) -> None:
         window = decode(self.tokenizer, self.ids[self.prefix:])
         known = decode(self.tokenizer, self.ids[self.prefix:self.read])
         if len(window) > len(known) and (final or not window.endswith("\ufffd")):
             searched = max(0, len(self.decoded) - self.longest_stop + 1)
             self.decoded += window[len(known):]
-            self.prefix, self.read = self.read, len(self.ids)
+            start, self.prefix, self.read = self.read, self.read, len(self.ids)
             if self.stop_at is None and self.stops:
                 hits = [i for i in (self.decoded.find(s, searched) for s in self.stops) if i >= 0]
                 self.stop_at = min(hits) if hits else None
+                if self.stop_at is not None:  # completed by one of the tokens whose text was new
+                    j = self.stop_strings.first_stop(self.ids[:start], self.ids[start:])
+                    self.kept = start + j + 1 if j is not None else len(self.ids)
 
     def push(self, tokens: list[int]) -> str:
+        if self.kept is not None:
+            return ""  # the text ended at its stop string
         self.ids += tokens
         self._decode_new(final=False)
         if self.stop_at is not None:
@@ -215,15 +218,14 @@ class TextStream:
 
 
 class _Guard:
-    """Pure ASGI middleware (Starlette's BaseHTTPMiddleware would hide client disconnects from the endpoints):
-    on every HTTP request, `on_request()` (binds the event loop), then the API key check of /v1 routes."""
+    """Pure ASGI middleware (Starlette's BaseHTTPMiddleware would hide client disconnects from the endpoints): the
+    API key check of /v1 routes."""
 
-    def __init__(self, app, expected: bytes | None, on_request):
-        self.app, self.expected, self.on_request = app, expected, on_request
+    def __init__(self, app, expected: bytes | None):
+        self.app, self.expected = app, expected
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            self.on_request()
             if self.expected is not None and scope["path"].startswith("/v1"):
                 given = dict(scope["headers"]).get(b"authorization", b"")
                 if not hmac.compare_digest(given, self.expected):
@@ -235,11 +237,18 @@ class _Guard:
 
 
 def usage(fin: Finished) -> dict:
-    steps = max(fin.steps, 1)
     return {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
             "total_tokens": fin.prompt_tokens + fin.completion_tokens,
-            "lookahead": {"steps": fin.steps, "accepted_tokens_per_step": fin.completion_tokens / steps,
-                          "draft_tokens_per_step": fin.draft_tokens / steps}}
+            "lookahead": {"steps": fin.steps, "accepted_tokens_per_step": fin.accepted_per_step,
+                          "draft_tokens_per_step": fin.draft_tokens / max(fin.steps, 1)}}
+
+
+def stopped(text: TextStream, event: Tokens | Finished, prompt_tokens: int) -> Finished | None:
+    """The request's end once its text reached a stop string: reason "stop", its tokens counted up to the one that
+    completed it, its steps and drafts as of the event that brought it (None while no stop string was found)."""
+    if text.kept is None:
+        return None
+    return Finished("stop", prompt_tokens, text.kept, event.steps, event.draft_tokens)
 
 
 def _sse(data) -> str:
@@ -268,11 +277,12 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
             loop.call_soon_threadsafe(dispatch, events)
 
     def bind_loop() -> None:
+        """Events go to this event loop from the first request on (the loop exists only once the server runs)."""
         if not loop_holder:
             loop_holder.append(asyncio.get_running_loop())
             scheduler.deliver = deliver_on_loop
 
-    app.add_middleware(_Guard, expected=expected, on_request=bind_loop)
+    app.add_middleware(_Guard, expected=expected)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
@@ -359,9 +369,10 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
 
     async def respond(request: Request, body: _Settings, ids: list[int], params, chat: bool):
         max_tokens, sampling, stop = params
+        bind_loop()  # before the request's first event can be delivered
         events: asyncio.Queue = asyncio.Queue()
         try:
-            req = scheduler.submit(ids, max_tokens, sampling, stop, events.put_nowait)
+            req = scheduler.submit(ids, max_tokens, sampling, events.put_nowait)
         except QueueFull as e:
             raise APIError(503, str(e), type="server_error", code="queue_full") from None
         except EngineClosed as e:
@@ -377,14 +388,19 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
         text = TextStream(tokenizer, stop)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream(req, events, text, head, chat, include_usage),
+            return StreamingResponse(stream(req, events, text, head, chat, include_usage, len(ids)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         watcher = asyncio.create_task(cancel_on_disconnect(request, req))
+        pieces = []
         try:
             while True:
                 event = await events.get()
                 if isinstance(event, Tokens):
-                    text.ids += event.tokens
+                    pieces.append(text.push(event.tokens))
+                    end = stopped(text, event, len(ids))
+                    if end is None:
+                        continue
+                    await stop_and_settle(req, events, text.kept)
                 elif event.reason == "error":
                     raise APIError(500, f"the request failed while decoding: {event.error}", type="server_error")
                 elif event.reason == "cancelled":  # its client went away, or the server stopped under it
@@ -394,12 +410,23 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
                 elif event.reason == "timeout":
                     raise APIError(504, TIMED_OUT, type="server_error", code="timeout")
                 else:
-                    choice = ({"index": 0, "message": {"role": "assistant", "content": text.text()},
-                               "logprobs": None, "finish_reason": event.reason} if chat else
-                              {"index": 0, "text": text.text(), "logprobs": None, "finish_reason": event.reason})
-                    return {**head, "choices": [choice], "usage": usage(event)}
+                    pieces.append(text.finish())
+                    end = stopped(text, event, len(ids)) or event
+                content = "".join(pieces)
+                choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
+                           "finish_reason": end.reason} if chat else
+                          {"index": 0, "text": content, "logprobs": None, "finish_reason": end.reason})
+                return {**head, "choices": [choice], "usage": usage(end)}
         finally:
             watcher.cancel()
+
+    async def stop_and_settle(req, events: asyncio.Queue, keep: int) -> None:
+        """A stop string ended the text: end the request there and wait for the scheduler's Finished (at the next
+        step boundary: its row is free and its counts settled when the response goes out), dropping the tokens the
+        engine committed past the stop."""
+        scheduler.stop(req, keep)
+        while not isinstance(await events.get(), Finished):
+            pass
 
     async def cancel_on_disconnect(request: Request, req) -> None:
         """Free a non-streamed request's row once its client has gone (Starlette cancels a stream's generator
@@ -408,7 +435,8 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
             await asyncio.sleep(DISCONNECT_POLL_S)
         scheduler.cancel(req)
 
-    async def stream(req, events: asyncio.Queue, text: TextStream, head: dict, chat: bool, include_usage: bool):
+    async def stream(req, events: asyncio.Queue, text: TextStream, head: dict, chat: bool, include_usage: bool,
+                     prompt_tokens: int):
         """SSE chunks; a client that disconnects cancels this generator, whose `finally` frees the row."""
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
 
@@ -429,18 +457,24 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
                     piece = text.push(event.tokens)
                     if piece:
                         yield chunk(piece)
-                    continue
-                if event.reason in ("error", "cancelled", "timeout"):
+                    end = stopped(text, event, prompt_tokens)
+                    if end is None:
+                        continue
+                    await stop_and_settle(req, events, text.kept)
+                elif event.reason in ("error", "cancelled", "timeout"):
                     message = {"error": f"the request failed while decoding: {event.error}", "cancelled": STOPPED,
                                "timeout": TIMED_OUT}[event.reason]
                     yield _sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+                    yield "data: [DONE]\n\n"
+                    return
                 else:
                     piece = text.finish()
                     if piece:
                         yield chunk(piece)
-                    yield chunk(None, finish=event.reason)
-                    if include_usage:
-                        yield _sse({**head, "choices": [], "usage": usage(event)})
+                    end = stopped(text, event, prompt_tokens) or event
+                yield chunk(None, finish=end.reason)
+                if include_usage:
+                    yield _sse({**head, "choices": [], "usage": usage(end)})
                 yield "data: [DONE]\n\n"
                 return
         finally:
@@ -527,7 +561,6 @@ def run(args) -> int:
     import uvicorn
     from transformers import AutoTokenizer
 
-    from lookahead.config import LookaheadConfig
     from lookahead.models.auto import load_model
     from lookahead.models.checkpoint import resolve_checkpoint
 
@@ -535,12 +568,11 @@ def run(args) -> int:
     api_key = args.api_key or os.environ.get("LOOKAHEAD_API_KEY") or None
     scheduler = Scheduler(lambda: load_model(args.model, args.dtype, args.device)[0], max_batch=args.max_batch,
                           max_context=args.max_context, max_queue=args.max_queue,
-                          lookahead=None if args.no_lookahead else LookaheadConfig(), trie_path=args.trie,
+                          lookahead=None if args.no_lookahead else True, trie_path=args.trie,
                           trie_save_minutes=args.trie_save_minutes, request_timeout=args.request_timeout,
                           threads=args.threads, metrics=True)
     scheduler.start()  # the decode thread resolves (converts once) and loads the checkpoint
     tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(args.model))  # the converted dir: no torch work
-    scheduler.use_tokenizer(tokenizer)
     name = args.served_model_name or args.model
     log.info("serving %s on http://%s:%d/v1 (max batch %d, context %d, lookahead %s, trie %s, threads %s, api key %s)",
              name, args.host, args.port, scheduler.max_batch, scheduler.max_context,

@@ -13,7 +13,6 @@ one `deliver` call, so an event loop wakes once per step, not once per row.
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 from lookahead.config import LookaheadConfig
-from lookahead.engine import Engine, Sequence, StopStrings
+from lookahead.engine import ContextTooLong, Engine, Sequence, context_limit
 from lookahead.sampling import SamplingParams
 from lookahead.trie import TokenTrie
 
@@ -38,18 +37,17 @@ class QueueFull(Exception):
     """More requests are waiting for a row than the scheduler queues (HTTP 503)."""
 
 
-class ContextTooLong(ValueError):
-    """The prompt plus max_tokens do not fit a row of the cache (HTTP 400, context_length_exceeded)."""
-
-
 class EngineClosed(Exception):
     """The server is shutting down and takes no new requests (HTTP 503)."""
 
 
 @dataclass
 class Tokens:
-    """Event: tokens committed by one step (or the prefill), in order."""
+    """Event: tokens committed by one step (or the prefill), in order, and the request's counts after them (forward
+    passes, draft nodes verified): a stop string found in them ends the request's response here."""
     tokens: list[int]
+    steps: int = 0
+    draft_tokens: int = 0
 
 
 @dataclass
@@ -94,6 +92,7 @@ class Request:
     def __init__(self, seq: Sequence, sink: Callable[[object], None], deadline: float | None):
         self.seq, self.sink, self.deadline = seq, sink, deadline
         self.cancelled = False
+        self.keep: int | None = None  # set by `Scheduler.stop`: the output's tokens up to its stop string
         self.submitted = time.monotonic()
         self.first_token_s: float | None = None
 
@@ -115,18 +114,19 @@ class Scheduler:
     after `close`); its sink then receives Tokens events and one Finished event.
 
     model: a loaded model, or a zero-argument function that loads one on the decode thread (the server's way:
-    then no torch work happens anywhere else). lookahead: the drafting settings, None for plain decoding.
+    then no torch work happens anywhere else). lookahead: the drafting settings; True = the defaults for the
+    model's trie (`LookaheadConfig.for_trie`); None for plain decoding.
     trie_path: the shared trie is loaded from there at start (a missing file starts it empty) and saved there,
     atomically, every `trie_save_minutes` (0 = only at close) and at close. request_timeout: seconds from submit
     after which a request ends with reason "timeout" (None = never). threads: torch threads of the decode thread
-    (None = torch's default). tokenizer: reads stop strings (the scheduler keeps its own copy: a fast tokenizer is
-    not safe to share across threads). metrics: keep Prometheus metrics (`self.metrics`, for GET /metrics).
+    (None = torch's default). metrics: keep Prometheus metrics (`self.metrics`, for GET /metrics). Stop strings
+    are the HTTP side's: its text stream finds them and calls `stop`.
     """
 
     def __init__(self, model, *, max_batch: int = 16, max_context: int | None = None, max_queue: int = 256,
-                 lookahead: LookaheadConfig | None = LookaheadConfig(), trie_path: str | Path | None = None,
+                 lookahead: LookaheadConfig | bool | None = True, trie_path: str | Path | None = None,
                  trie_save_minutes: float = 10.0, request_timeout: float | None = None, threads: int | None = None,
-                 tokenizer=None, metrics: bool = False):
+                 metrics: bool = False):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
@@ -145,7 +145,6 @@ class Scheduler:
         self.trie_path = Path(trie_path) if trie_path is not None else None
         self.save_every_s = trie_save_minutes * 60.0
         self.request_timeout, self.threads = request_timeout, threads
-        self.use_tokenizer(tokenizer)
         self.metrics = None
         if metrics:
             from lookahead.serve.metrics import Metrics  # prometheus_client: the serve extra
@@ -176,31 +175,16 @@ class Scheduler:
             raise self._error
         return self
 
-    def use_tokenizer(self, tokenizer) -> None:
-        """The tokenizer that reads stop strings (a copy: a fast tokenizer is not safe to share across threads)."""
-        self.tokenizer = copy.deepcopy(tokenizer)
-
     @property
     def max_context(self) -> int:
         return self.engine.max_context
 
     def submit(self, prompt: list[int], max_tokens: int, sampling: SamplingParams = SamplingParams(),
-               stop: tuple[str, ...] = (), sink: Callable[[object], None] = lambda event: None) -> Request:
+               sink: Callable[[object], None] = lambda event: None) -> Request:
         """Queue a request; ValueError for bad settings, ContextTooLong for a prompt + max_tokens beyond the
-        context of a row."""
-        if not prompt:
-            raise ValueError("the prompt is empty: give at least one token")
-        vocab = self.model.config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
-            raise ValueError(f"the prompt holds token ids outside the vocabulary [0, {vocab})")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
-        if len(prompt) + max_tokens > self.max_context:
-            raise ContextTooLong(f"this server's context is {self.max_context} tokens, but "
-                                 f"{len(prompt) + max_tokens} were requested ({len(prompt)} in the prompt, "
-                                 f"{max_tokens} max_tokens): shorten the prompt or lower max_tokens")
-        stops = StopStrings(list(stop), self.tokenizer) if stop else None
-        seq = Sequence(list(prompt), max_tokens, sampling, frozenset(self.model.config.eos_token_id), stops)
+        context of a row (`Sequence.check`, the engine's admission check)."""
+        seq = Sequence(list(prompt), max_tokens, sampling, frozenset(self.model.config.eos_token_id))
+        seq.check(self.model.config.vocab_size, self.max_context, "this server's context")
         deadline = time.monotonic() + self.request_timeout if self.request_timeout else None
         req = Request(seq, sink, deadline)
         with self._cond:
@@ -216,6 +200,13 @@ class Scheduler:
     def cancel(self, req: Request) -> None:
         """Stop a request at the next step boundary (no-op once it finished); its row frees then."""
         req.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    def stop(self, req: Request, keep: int) -> None:
+        """The request's text reached a stop string (the server's text stream found it): it ends "stop" at the next
+        step boundary, its output cut to its first `keep` tokens (no-op once it finished)."""
+        req.keep = keep
         with self._cond:
             self._cond.notify()
 
@@ -237,16 +228,19 @@ class Scheduler:
             torch.set_num_threads(self.threads)
         loaded = self._model_or_loader
         self.model = loaded if isinstance(loaded, torch.nn.Module) else loaded()
-        cfg = self.model.config
-        limit = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
+        limit, _ = context_limit(self.model)
         max_context = min(DEFAULT_MAX_CONTEXT, limit) if self._max_context is None else self._max_context
         if max_context > limit:
             raise ValueError(f"max_context must be at most {limit} (the model's context), got {max_context}")
         if self.trie_path is not None:
-            shape = self.config or LookaheadConfig()
+            shape = self.config if isinstance(self.config, LookaheadConfig) else LookaheadConfig()
             self.model.trie = (TokenTrie.load(self.trie_path) if self.trie_path.exists() else
                                TokenTrie(shape.branch_length, shape.max_trie_nodes))
         self.trie = self.model.trie  # shared by every request (the drafter's), saved to trie_path
+        if self.config is True:
+            self.config = LookaheadConfig.for_trie(self.trie)
+        elif self.config is False:
+            self.config = None
         self.engine = Engine(self.model, self.max_batch, max_context, self.config, isolate_failures=True)
 
     def _run(self) -> None:
@@ -323,6 +317,8 @@ class Scheduler:
         now = time.monotonic()
 
         def reason(req: Request) -> str | None:
+            if req.keep is not None:
+                return "stop"
             return "cancelled" if req.cancelled else "timeout" if req.deadline is not None and now > req.deadline \
                 else None
 
@@ -333,6 +329,8 @@ class Scheduler:
         gone += [(r, why) for r in list(self._running) if (why := reason(r)) is not None]
         for req, why in gone:
             self.engine.remove(req.seq, why)
+            if why == "stop":  # what came after the stop string's token was never the response's
+                del req.seq.context[len(req.seq.prompt) + req.keep:]
             self._end(req, why, out)
 
     def _admit(self, out: list) -> None:
@@ -375,7 +373,7 @@ class Scheduler:
                     req.first_token_s = now - req.submitted
                     if self.metrics is not None:
                         self.metrics.first_token(req.first_token_s)
-                out.append((req, Tokens(new)))
+                out.append((req, Tokens(new, seq.steps, seq.draft_tokens)))
         for req in requests:
             if req.seq.finished and req in self._running:
                 self._end(req, req.seq.finish_reason, out, req.seq.error)

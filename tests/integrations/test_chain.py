@@ -12,8 +12,18 @@ from lookahead.integrations.vllm import LookaheadProposer
 PATTERN = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
 
 
-def _drafter_with(prompt, *others):
-    drafter = Drafter(LookaheadConfig(branch_length=8))
+class _Linear:
+    """A step price under which one more verified token costs c of a one-token step."""
+
+    def __init__(self, c):
+        self.c = c
+
+    def cost(self, rows, tokens):
+        return rows * (1 + self.c * (tokens - 1))
+
+
+def _drafter_with(prompt, *others, step_cost=None):
+    drafter = Drafter(LookaheadConfig(branch_length=8), step_cost=step_cost)
     for seq in others:
         drafter.trie.insert(seq)
     drafter.begin_request(0, prompt)
@@ -49,14 +59,17 @@ def test_chain_respects_the_cap_and_the_token_cost():
     # the cut maximises (1 + sum p) / (1 + c k): recompute it from the full chain's probabilities
     c = 0.3
     scores = [(1 + sum(probs[:k])) / (1 + c * k) for k in range(len(probs) + 1)]
-    cut, _ = drafter.draft_chain(0, PATTERN[:3], 16, token_cost=c)
+    priced = _drafter_with(PATTERN + PATTERN[:3], step_cost=_Linear(c))
+    assert priced.token_cost(1) == pytest.approx(c) and priced.token_cost(5) == pytest.approx(c)
+    cut, _ = priced.draft_chain(0, PATTERN[:3], 16, rows=5)
     assert len(cut) == max(range(len(scores)), key=lambda k: (scores[k], -k)) and cut == full[:len(cut)]
     assert 0 < len(cut) < len(full)
-    assert drafter.draft_chain(0, PATTERN[:3], 16, token_cost=1.0) == ([], [])  # no p > 1: nothing pays
+    dear = _drafter_with(PATTERN + PATTERN[:3], step_cost=_Linear(1.0))
+    assert dear.draft_chain(0, PATTERN[:3], 16) == ([], [])  # no p > 1: nothing pays
     with pytest.raises(ValueError, match="max_tokens"):
         drafter.draft_chain(0, PATTERN[:3], -1)
-    with pytest.raises(ValueError, match="token_cost"):
-        drafter.draft_chain(0, PATTERN[:3], 4, token_cost=-0.5)
+    with pytest.raises(ValueError, match="rows"):
+        drafter.draft_chain(0, PATTERN[:3], 4, rows=0)
     with pytest.raises(ValueError, match="context_ids is empty"):
         drafter.draft_chain(0, [], 4)
 
@@ -117,7 +130,7 @@ def test_proposer_follows_requests_across_rows(monkeypatch):
     batch.put(1, other + [42])
     drafts = _propose(proposer, batch, [[PATTERN[2]], [42]])
     assert drafts == [PATTERN[3:7], [43, 44, 45, 46]]  # each row continues its own prompt, capped at K = 4
-    assert sorted(proposer.drafter._requests) == [0, 1] and proposer.stats.requests == 2
+    assert sorted(proposer.drafter.running_requests()) == [0, 1] and proposer.stats.requests == 2
 
     # row 0 accepts two draft tokens and a bonus; row 1 finished and holds a new request; row 2 is prefilling
     batch.commit(0, PATTERN[3:6])
@@ -126,7 +139,7 @@ def test_proposer_follows_requests_across_rows(monkeypatch):
     drafts = _propose(proposer, batch, [PATTERN[3:6], [70], []])
     assert drafts[0] == PATTERN[6:10] and drafts[2] == []
     assert drafts[1] == [71, 72, 70, 71]
-    assert sorted(proposer.drafter._requests) == [0, 2]  # request 1 ended, the new one is request 2
+    assert sorted(proposer.drafter.running_requests()) == [0, 2]  # request 1 ended, the new one is request 2
 
     # vLLM condenses the batch: request 0 moves to row 1 and request 2 to row 0; one more token each
     r0, r2 = batch.row(0), batch.row(1)
@@ -134,7 +147,7 @@ def test_proposer_follows_requests_across_rows(monkeypatch):
     batch.put(1, r0 + [PATTERN[6]])
     batch.put(2, [])
     drafts = _propose(proposer, batch, [[71], [PATTERN[6]]])
-    assert sorted(proposer.drafter._requests) == [0, 2] and proposer.stats.requests == 3  # moved, not new
+    assert sorted(proposer.drafter.running_requests()) == [0, 2] and proposer.stats.requests == 3  # moved, not new
     assert drafts == [[72, 70, 71, 72], PATTERN[7:11]]
 
 
@@ -145,11 +158,11 @@ def test_proposer_rows_with_identical_tokens_are_two_requests(monkeypatch):
     for row in (0, 1):
         batch.put(row, PATTERN + [PATTERN[0]])
     assert _propose(proposer, batch, [[PATTERN[0]], [PATTERN[0]]]) == [PATTERN[1:4]] * 2
-    assert sorted(proposer.drafter._requests) == [0, 1]
+    assert sorted(proposer.drafter.running_requests()) == [0, 1]
     for row in (0, 1):
         batch.commit(row, PATTERN[1:5])
     assert _propose(proposer, batch, [PATTERN[1:5], PATTERN[1:5]]) == [PATTERN[5:8]] * 2
-    assert sorted(proposer.drafter._requests) == [0, 1] and proposer.stats.requests == 2
+    assert sorted(proposer.drafter.running_requests()) == [0, 1] and proposer.stats.requests == 2
 
 
 def test_proposer_caps_drafts_at_the_model_length(monkeypatch):
@@ -188,7 +201,7 @@ def test_proposer_rejects_bad_input(monkeypatch, tmp_path):
     batch.put(1, [1, 2, 3])
     with pytest.raises(ValueError, match="row 1's token_ids_cpu"):
         _propose(proposer, batch, [[3], [4]])
-    assert proposer.drafter._requests == {}  # row 0 was fine, yet nothing was begun
+    assert proposer.drafter.running_requests() == []  # row 0 was fine, yet nothing was begun
     with pytest.raises(ValueError, match="num_tokens_no_spec must count"):
         proposer.propose([[1, 2, 3]], np.array([3], dtype=np.int32), batch.tokens)
 
@@ -214,11 +227,11 @@ def test_proposer_loads_and_saves_its_trie(monkeypatch, tmp_path):
 def test_token_cost_follows_the_measured_step(monkeypatch):
     from lookahead.integrations.vllm import STEP_TOKENS_CPU
 
-    proposer = LookaheadProposer(_config(k=8))
-    assert proposer.token_cost(1) == pytest.approx(1 / (STEP_TOKENS_CPU[1] + 1))
-    assert proposer.token_cost(8) == pytest.approx(1 / (STEP_TOKENS_CPU[8] / 8 + 1))
+    drafter = LookaheadProposer(_config(k=8)).drafter  # priced by vLLM's step through cost(rows, tokens)
+    assert drafter.token_cost(1) == pytest.approx(1 / (STEP_TOKENS_CPU[1] + 1))
+    assert drafter.token_cost(8) == pytest.approx(1 / (STEP_TOKENS_CPU[8] / 8 + 1))
     mid = STEP_TOKENS_CPU[1] + (STEP_TOKENS_CPU[8] - STEP_TOKENS_CPU[1]) * 3 / 7
-    assert proposer.token_cost(4) == pytest.approx(1 / (mid / 4 + 1))
-    assert proposer.token_cost(32) == pytest.approx(1 / (STEP_TOKENS_CPU[8] / 32 + 1))  # clamped a / b
+    assert drafter.token_cost(4) == pytest.approx(1 / (mid / 4 + 1))
+    assert drafter.token_cost(32) == pytest.approx(1 / (STEP_TOKENS_CPU[8] / 32 + 1))  # clamped a / b
     monkeypatch.setenv("LOOKAHEAD_VLLM_STEP_TOKENS", "inf")
-    assert LookaheadProposer(_config(k=8)).token_cost(3) == 0.0
+    assert LookaheadProposer(_config(k=8)).drafter.token_cost(3) == 0.0
