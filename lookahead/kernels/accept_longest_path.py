@@ -75,7 +75,7 @@ def launch(draft_tokens: torch.Tensor, parents: torch.Tensor,
 
 
 def accept_longest_path(draft_tokens, parents, target_tokens):
-    """Deepest draft node whose whole path matches the model's own tokens (API.md)."""
+    """Deepest draft node whose whole path matches the model's own tokens (docs/API.md)."""
     for name, t in (("draft_tokens", draft_tokens), ("parents", parents), ("target_tokens", target_tokens)):
         check_int64(name, t, 2)
     if parents.shape != draft_tokens.shape or target_tokens.shape != draft_tokens.shape:

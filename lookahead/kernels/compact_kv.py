@@ -69,7 +69,7 @@ def launch(cache: torch.Tensor, cache_lens: torch.Tensor, path: torch.Tensor, nu
 
 
 def compact_kv(cache, cache_lens, path, num_accepted):
-    """Move each row's accepted K/V rows to the slots right after its committed prefix, in place (API.md)."""
+    """Move each row's accepted K/V rows to the slots right after its committed prefix, in place (docs/API.md)."""
     if not isinstance(cache, torch.Tensor) or cache.dim() != 6 or cache.shape[1] != 2:
         raise ValueError(f"cache must be [L, 2, B, Hkv, S, D], got {tuple(getattr(cache, 'shape', ()))}")
     if not cache[0, 0, 0].is_contiguous() or (cache.shape[2] > 1 and cache.stride(2) < cache[0, 0, 0].numel()):

@@ -1,4 +1,4 @@
-"""Torch references of the kernels. They define the semantics (API.md) and are the path of every device the
+"""Torch references of the kernels. They define the semantics (docs/API.md) and are the path of every device the
 Triton kernels do not serve (CPU; CUDA without triton)."""
 
 from __future__ import annotations

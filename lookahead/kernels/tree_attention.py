@@ -63,7 +63,7 @@ def _exact_loops(q, k_base, v_base, bits_row, cache_len, node, T, split, m_i, l_
     itself at r = depth), in slot cache_len + (its node index). The one-token step at position cache_len + depth
     has exactly these keys at slots p. Both walk logical tiles [t BLOCK_N, (t + 1) BLOCK_N) up to the length
     cache_len + depth + 1, split among SPLITS by that length alone, each tile through _exact_tile: same tiles,
-    same order, same split, same bits. Relies on parents coming before children (DFS pre-order, API.md), so an
+    same order, same split, same bits. Relies on parents coming before children (DFS pre-order, docs/API.md), so an
     ancestor's depth is its rank by node index among the ancestors."""
     if CHAIN:
         depth = node
@@ -352,7 +352,7 @@ def ancestor_bits(tree_mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def tree_attention(q, k_cache, v_cache, cache_lens, tree_mask, scale=None, *, ancestor_bits=None, exact=False):
-    """Attention of T draft nodes over the committed prefix and their tree ancestors (API.md). ancestor_bits:
+    """Attention of T draft nodes over the committed prefix and their tree ancestors (docs/API.md). ancestor_bits:
     optional, `ancestor_bits(tree_mask)` computed once per step (the Triton kernel packs the mask otherwise).
     exact: each node's output has the bits of the one-token step that decodes it after compaction (the Triton
     kernel's EXACT mode; the torch reference ignores it). Needs parents before children (DFS pre-order)."""

@@ -480,6 +480,6 @@ class CausalLM(nn.Module):
 
     # ---- generation ----------------------------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor, **kwargs):
-        """Greedy or sampled generation, lookahead on by default; see API.md."""
+        """Greedy or sampled generation, lookahead on by default; see docs/API.md."""
         from lookahead.generation import generate
         return generate(self, input_ids, **kwargs)

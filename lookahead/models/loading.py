@@ -98,7 +98,7 @@ class Pretrained:
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype: torch.dtype | str | None = "auto", device=None):
-        """Load an HF checkpoint dir, a .gguf file or the embedded "smollm2-135m-instruct" (API.md)."""
+        """Load an HF checkpoint dir, a .gguf file or the embedded "smollm2-135m-instruct" (docs/API.md)."""
         return load_pretrained(cls, name_or_path, dtype, device)
 
 
