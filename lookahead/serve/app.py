@@ -4,7 +4,7 @@ The HTTP side never touches torch: it tokenizes, hands requests to the `Schedule
 model) and turns the events of each step, delivered in one call per step, into responses.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (the tokenizer's chat template), GET /v1/models,
-GET /health, GET /metrics (Prometheus), GET /v1/stats. With an API key every /v1 route needs
+GET /health, GET /metrics (Prometheus), GET /v1/stats (counters, and memory by part: `memory_bytes`). With an API key every /v1 route needs
 `Authorization: Bearer KEY` (401 otherwise, compared in constant time), as vLLM's --api-key. `stream: true` sends server-sent events in OpenAI's chunk format ending with
 `data: [DONE]`. Settings: max_tokens, temperature (0 = greedy), top_p, seed, stop, n=1. `usage` carries the
 OpenAI counts plus `usage.lookahead = {steps, accepted_tokens_per_step, draft_tokens_per_step}`: the forward
@@ -91,7 +91,7 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # OpenAI's; another is a 400 naming these
     content: str | list[TextPart] | None = None
     name: str | None = None
 
@@ -306,7 +306,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
         return {**scheduler.stats.as_dict(), **scheduler.load(), "max_batch": scheduler.max_batch,
                 "max_context": scheduler.max_context, "lookahead": scheduler.config is not None,
                 "trie_nodes": len(scheduler.trie), "free_rows": scheduler.engine.free_rows(),
-                "drafting_requests": scheduler.engine.drafting_requests()}
+                "drafting_requests": scheduler.engine.drafting_requests(), "memory_bytes": scheduler.memory()}
 
     @app.get("/v1/models")
     async def models():

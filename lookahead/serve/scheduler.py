@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 
 from lookahead.config import LookaheadConfig
-from lookahead.engine import Engine, Sequence, StopStrings
+from lookahead.engine import PREFILL_CHUNK_TOKENS, Engine, Sequence, StopStrings
+from lookahead.memory import (SUFFIX_TOKEN_BYTES, TRIE_NODE_BYTES, model_memory_bytes, rss_bytes, trim_allocator,
+                              workspace_bytes)
 from lookahead.sampling import SamplingParams
 from lookahead.trie import TokenTrie
 
@@ -82,6 +84,7 @@ class SchedulerStats:
     failed: int = 0
     rejected: int = 0
     trie_saves: int = 0
+    allocator_trims: int = 0  # times the C allocator handed its free memory back when the server went idle
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "mean_batch": self.row_steps / max(self.steps, 1)}
@@ -150,10 +153,11 @@ class Scheduler:
         if metrics:
             from lookahead.serve.metrics import Metrics  # prometheus_client: the serve extra
 
-            self.metrics = Metrics(self.load)
+            self.metrics = Metrics(self.load, self.memory)
         self.stats = SchedulerStats()
         self.deliver: Callable[[list[tuple[Request, object]]], None] = _deliver_now
         self.model = self.engine = None
+        self.weights_bytes = 0  # model_memory_bytes, measured on the decode thread (at start and when idle)
         self._pending: deque[Request] = deque()
         self._running: list[Request] = []
         self._cond = threading.Condition()
@@ -222,6 +226,28 @@ class Scheduler:
     def load(self) -> dict:
         return {"running": len(self._running), "queued": len(self._pending)}
 
+    def memory(self) -> dict[str, int]:
+        """Bytes by part (lookahead.memory): weights (with any packed copy), KV cache, trie (request-local
+        windows included), the running requests' suffix automata, the largest forward's workspace (an estimate
+        from shapes), and the process's resident size now and at its peak."""
+        engine = self.engine
+        if engine is None:
+            return {}
+        drafting = engine.drafter is not None
+        suffix_tokens = sum(len(s.context) + sum(len(r) + 1 for r in s.references) for s in engine.busy()) \
+            if drafting else 0
+        cfg, element = self.model.config, engine.cache.buffer.element_size()
+        step_tokens = engine.max_batch * (engine.config.decoding_length + 1 if drafting else 1)
+        keys = engine.cache.max_len
+        rss, peak = rss_bytes()
+        return {"weights": self.weights_bytes,
+                "kv_cache": engine.cache.buffer.nbytes + engine.cache.lens.nbytes,
+                "trie": len(self.trie) * TRIE_NODE_BYTES,
+                "suffix_automata": suffix_tokens * SUFFIX_TOKEN_BYTES,
+                "workspace": max(workspace_bytes(cfg, PREFILL_CHUNK_TOKENS, keys, element),
+                                 workspace_bytes(cfg, step_tokens, keys, element)),
+                "rss": rss, "rss_peak": peak}
+
     def close(self, timeout: float = 30.0) -> None:
         """Stop the thread: requests still queued or running end "cancelled"; the trie is saved (trie_path)."""
         with self._cond:
@@ -248,6 +274,7 @@ class Scheduler:
                                TokenTrie(shape.branch_length, shape.max_trie_nodes))
         self.trie = self.model.trie  # shared by every request (the drafter's), saved to trie_path
         self.engine = Engine(self.model, self.max_batch, max_context, self.config, isolate_failures=True)
+        self.weights_bytes = model_memory_bytes(self.model)
 
     def _run(self) -> None:
         try:
@@ -259,6 +286,8 @@ class Scheduler:
         self._ready.set()
         with torch.inference_mode():
             while True:
+                if not (self._closing or self._pending or self._running):
+                    self._idle()
                 with self._cond:
                     while not (self._closing or self._pending or self._running):
                         self._cond.wait(self._seconds_to_save())
@@ -282,6 +311,13 @@ class Scheduler:
             out = []
             self._shutdown(out)
             self._deliver(out)
+
+    def _idle(self) -> None:
+        """The last request left: hand the allocator's free memory back (what long prefills' activations left in
+        glibc's heaps stays resident otherwise; README "Memory") and measure the weights again."""
+        if trim_allocator():
+            self.stats.allocator_trims += 1
+        self.weights_bytes = model_memory_bytes(self.model)
 
     def _seconds_to_save(self) -> float | None:
         if self.trie_path is None or self.save_every_s <= 0:
