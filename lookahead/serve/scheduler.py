@@ -124,12 +124,13 @@ class Scheduler:
     after which a request ends with reason "timeout" (None = never). threads: torch threads of the decode thread
     (None = torch's default). tokenizer: reads stop strings (the scheduler keeps its own copy: a fast tokenizer is
     not safe to share across threads). metrics: keep Prometheus metrics (`self.metrics`, for GET /metrics).
+trim_allocator: hand the C allocator's free memory back to the OS whenever the last request leaves.
     """
 
     def __init__(self, model, *, max_batch: int = 16, max_context: int | None = None, max_queue: int = 256,
                  lookahead: LookaheadConfig | None = LookaheadConfig(), trie_path: str | Path | None = None,
                  trie_save_minutes: float = 10.0, request_timeout: float | None = None, threads: int | None = None,
-                 tokenizer=None, metrics: bool = False):
+                 tokenizer=None, metrics: bool = False, trim_allocator: bool = True):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
@@ -148,6 +149,7 @@ class Scheduler:
         self.trie_path = Path(trie_path) if trie_path is not None else None
         self.save_every_s = trie_save_minutes * 60.0
         self.request_timeout, self.threads = request_timeout, threads
+        self.trim_allocator = trim_allocator
         self.use_tokenizer(tokenizer)
         self.metrics = None
         if metrics:
@@ -273,6 +275,8 @@ class Scheduler:
             self.model.trie = (TokenTrie.load(self.trie_path) if self.trie_path.exists() else
                                TokenTrie(shape.branch_length, shape.max_trie_nodes))
         self.trie = self.model.trie  # shared by every request (the drafter's), saved to trie_path
+        if self.config is not None:
+            self.trie.max_trie_nodes = self.config.max_trie_nodes  # the configured bound, a loaded trie's too
         self.engine = Engine(self.model, self.max_batch, max_context, self.config, isolate_failures=True)
         self.weights_bytes = model_memory_bytes(self.model)
 
@@ -315,7 +319,7 @@ class Scheduler:
     def _idle(self) -> None:
         """The last request left: hand the allocator's free memory back (what long prefills' activations left in
         glibc's heaps stays resident otherwise; README "Memory") and measure the weights again."""
-        if trim_allocator():
+        if self.trim_allocator and trim_allocator():
             self.stats.allocator_trims += 1
         self.weights_bytes = model_memory_bytes(self.model)
 
