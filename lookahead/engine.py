@@ -43,6 +43,16 @@ log = logging.getLogger("lookahead.engine")
 # first token in bench-serve at concurrency 16, 2026-11-26).
 PREFILL_MAX_PADDING = 0.25
 
+# Tokens of one prefill forward, all its rows together (at least one per row): longer prompts are prefilled in
+# chunks, so a wave of long prompts cannot raise the activations' high-water mark (16 rows of 1.5k tokens in one
+# forward: ~1.3 GB of fp32 attention scores and ~0.4 GB of MLP activations on SmolLM2-135M). A chunk after the
+# first is a verify, whose fp32 logits take 197 KB per token with a 49k vocabulary: 1024 tokens = 200 MB. One
+# 1.5k-token prompt, SmolLM2-135M fp32, AMD EPYC 2 cores shared with other jobs, 2026-12-05, prefill seconds and
+# peak RSS over the loaded model: unchunked 74.7 s +313 MiB, 1024: 19.9 s +388 MiB, 512: 25.2 s +460 MiB,
+# 256: 30.4 s +356 MiB, 128: 42.4 s +306 MiB (the chunks' causal attention is the C++ tree attention; the
+# unchunked prefill's is torch's sdpa).
+PREFILL_CHUNK_TOKENS = 1024
+
 _request_ids = itertools.count()
 
 
@@ -287,16 +297,39 @@ class Engine:
         return events
 
     def _prefill(self, group: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
-        """One forward over consecutive rows: prompts right-padded, K/V at slots 0.., each row's first token."""
+        """Consecutive rows' prompts, right-padded, K/V at slots 0.., each row's first token. At most
+        PREFILL_CHUNK_TOKENS tokens (all rows together) go through one forward, so a long prompt's activations
+        stay bounded: the first chunk is a prefill, the next ones are causal chains through `verify`."""
         start, n = group[0].row, len(group)
         width = max(len(s.prompt) for s in group)
         ids = torch.tensor([s.prompt + [0] * (width - len(s.prompt)) for s in group], device=self.device)  # (n, W)
         lengths = torch.tensor([len(s.prompt) for s in group], device=self.device)
-        logits = self.model.prefill(ids, lengths, self.cache.rows(start, start + n))  # (n, V)
+        logits = self._chunked_prefill(ids, lengths, self.cache.rows(start, start + n))  # (n, V)
         first = self.chooser(logits[:, None], lengths[:, None], start=start)[:, 0].tolist()
         for seq in group:
             self.active[seq.row] = 1
         return [self._commit(seq, [tok]) for seq, tok in zip(group, first)]
+
+    def _chunked_prefill(self, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """`model.prefill` over ids [n, W] in chunks of PREFILL_CHUNK_TOKENS // n tokens per row -> logits [n, V]
+        after each row's last real token. A row whose prompt ended in an earlier chunk keeps its length: the
+        padding K/V a later chunk writes past it are scratch."""
+        n, width = ids.shape
+        chunk = max(1, PREFILL_CHUNK_TOKENS // n)
+        if width <= chunk:
+            return self.model.prefill(ids, lengths, cache)
+        last = lengths - 1  # (n,) the position whose logits give each row's first token
+        logits = self.model.prefill(ids[:, :chunk], lengths.clamp(max=chunk), cache)  # (n, V), right for rows <= chunk
+        for begin in range(chunk, width, chunk):
+            tokens = ids[:, begin:begin + chunk]  # (n, C)
+            C = tokens.shape[1]
+            depths = torch.arange(C, device=ids.device).expand(n, C)
+            out = self.model.verify(tokens, depths, cache, None)  # (n, C, V): K/V at slots lens + i
+            here = (last >= begin) & (last < begin + C)  # (n,) rows whose last prompt token is in this chunk
+            rows = here.nonzero()[:, 0]
+            logits[rows] = out[rows, last[rows] - begin]
+            cache.lens.copy_(torch.minimum(lengths, torch.full_like(lengths, begin + C)))
+        return logits
 
     def remove(self, seq: Sequence, reason: str) -> None:
         """End a running request now (cancelled, timed out, failed): its row, sampler row and drafter state go."""

@@ -16,97 +16,192 @@ import heapq
 import json
 import math
 import os
+from array import array
 from collections.abc import Sequence
 from pathlib import Path
 
 # Count ratios are child / (parent + SMOOTHING), so a continuation seen once is not certain. Replay of the
 # shipped recording, CPU curve: 1.44x modeled speedup without it, 1.57x with 0.5, 1.57x with 1, 1.55x with 2.
 SMOOTHING = 0.5
+# Request-local nodes (running requests' prompt and reference windows) may take at most this share of
+# max_trie_nodes on top of the persistent nodes: with the persistent part evicted to 90% of the bound, the trie
+# never holds more than 1.1x its bound and keeps >= 90% of it as history when long prompts come in waves.
+LOCAL_SHARE = 0.1
 FORMAT = "lookahead-token-trie"
 VERSION = 1
 
 
-class _Node:
-    __slots__ = ("token", "parent", "children", "count", "local", "stamp")
-
-    def __init__(self, token: int, parent: _Node | None, stamp: int = 0):
-        self.token = token
-        self.parent = parent
-        self.children: dict[int, _Node] = {}
-        self.count = 0                     # global windows through this node
-        self.local: dict[int, int] | None = None  # request id -> local windows through this node
-        self.stamp = stamp                 # the trie's clock when a window last passed through (recency)
-
-    def empty(self) -> bool:
-        return self.count <= 0 and not self.local and not self.children
+# Nodes with more children than this get a token -> child dict beside their sibling list (the root, frequent
+# tokens); below it a lookup walks the siblings.
+WIDE = 16
 
 
 class _Request:
-    __slots__ = ("tail", "open", "counted", "touched")
+    __slots__ = ("tail", "open", "counted", "local")
 
     def __init__(self, tail: list[int]):
-        self.tail = tail                      # last branch_length - 1 tokens of the sequence
-        self.open: list[_Node] | None = None  # nodes of the windows still growing (None: walk them again)
-        self.counted = False                  # whether the windows of the tail hold their global counts
-        self.touched: list[_Node] = []        # nodes holding this request's local counts
+        self.tail = tail                    # last branch_length - 1 tokens of the sequence
+        self.open: list[int] | None = None  # nodes of the windows still growing (None: walk them again)
+        self.counted = False                # whether the windows of the tail hold their global counts
+        self.local: dict[int, int] = {}     # node -> this request's local windows through it, in first-touch order
 
 
 class TokenTrie:
-    """n-gram trie with request-local and global counts, bounded to max_trie_nodes nodes."""
+    """n-gram trie with request-local and global counts, bounded to max_trie_nodes nodes.
+
+    Layout: a node is an index into flat arrays (44 bytes a node in all: token, parent, first / last child, next /
+    previous sibling, how many running requests hold local counts on it, global count, recency stamp); children
+    are a sibling list in insertion order, with a dict for wide nodes. Index 0 is the root; freed indices are
+    reused. A running request's local counts live in its own dict and leave with it."""
 
     def __init__(self, branch_length: int = 16, max_trie_nodes: int = 1 << 20):
         if branch_length < 2 or max_trie_nodes < 16:
             raise ValueError("TokenTrie needs branch_length >= 2 and max_trie_nodes >= 16")
         self.branch_length = branch_length
         self.max_trie_nodes = max_trie_nodes
-        self.root = _Node(-1, None)
+        self._requests: dict[int, _Request] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._token, self._parent = array("i", [-1]), array("i", [-1])
+        self._first, self._last = array("i", [-1]), array("i", [-1])  # children: first and last
+        self._next, self._prev = array("i", [-1]), array("i", [-1])   # siblings
+        self._holders = array("i", [0])  # running requests with local counts on the node
+        self._count = array("q", [0])    # global windows through the node
+        self._stamp = array("q", [0])    # the trie's clock when a window last passed through (recency)
+        self._wide: dict[int, dict[int, int]] = {0: {}}  # node -> {token: child} for nodes with many children
+        self._free: list[int] = []
         self._size = 0
         self._transient = 0  # nodes only running requests' local counts hold: they leave with their requests
         self._clock = 0  # tokens inserted so far: the time scale of recency
-        self._requests: dict[int, _Request] = {}
 
     def __len__(self) -> int:
         return self._size
 
     def clear(self) -> None:
         """Forget everything, running requests' local counts included."""
-        self.root = _Node(-1, None)
-        self._size = self._transient = 0
+        self._reset()
         for req in self._requests.values():
-            req.open, req.counted, req.touched = None, False, []
+            req.open, req.counted, req.local = None, False, {}
 
-    # ---- insertion ---------------------------------------------------------------------------------------------
-    def _count(self, node: _Node, weight: int) -> None:
-        """A global count: a node only a request's local counts held now persists."""
-        if node.count <= 0 and node.local:
-            self._transient -= 1
-        node.count += weight
-
-    def _child(self, node: _Node, token: int) -> _Node:
-        child = node.children.get(token)
-        if child is None:
-            child = node.children[token] = _Node(token, node)
-            self._size += 1
-        child.stamp = self._clock
+    # ---- nodes -------------------------------------------------------------------------------------------------
+    def _find(self, node: int, token: int) -> int:
+        """The child of node for token, -1 if none."""
+        wide = self._wide.get(node)
+        if wide is not None:
+            return wide.get(token, -1)
+        tokens, nxt = self._token, self._next
+        child = self._first[node]
+        while child >= 0 and tokens[child] != token:
+            child = nxt[child]
         return child
 
-    def _insert_windows(self, tokens: Sequence[int], weight: int, request: int | None) -> None:
+    def _children(self, node: int) -> list[int]:
+        """node's children in insertion order."""
+        out, nxt = [], self._next
+        child = self._first[node]
+        while child >= 0:
+            out.append(child)
+            child = nxt[child]
+        return out
+
+    def _child(self, node: int, token: int) -> int:
+        child = self._find(node, token)
+        if child < 0:
+            child = self._new(node, token)
+        self._stamp[child] = self._clock
+        return child
+
+    def _new(self, parent: int, token: int) -> int:
+        """A new last child of parent."""
+        last = self._last[parent]
+        if self._free:
+            node = self._free.pop()
+            self._token[node], self._parent[node] = token, parent
+            self._first[node] = self._last[node] = self._next[node] = -1
+            self._prev[node], self._holders[node], self._count[node] = last, 0, 0
+        else:
+            node = len(self._token)
+            self._token.append(token)
+            self._parent.append(parent)
+            self._first.append(-1)
+            self._last.append(-1)
+            self._next.append(-1)
+            self._prev.append(last)
+            self._holders.append(0)
+            self._count.append(0)
+            self._stamp.append(0)
+        if last < 0:
+            self._first[parent] = node
+        else:
+            self._next[last] = node
+        self._last[parent] = node
+        wide = self._wide.get(parent)
+        if wide is not None:
+            wide[token] = node
+        elif last >= 0 and self._prev[last] >= 0 and len(self._children(parent)) > WIDE:
+            self._wide[parent] = {self._token[c]: c for c in self._children(parent)}
+        self._size += 1
+        return node
+
+    def _remove(self, node: int) -> None:
+        """Unlink a childless node from its parent and free its index."""
+        parent, prev, nxt = self._parent[node], self._prev[node], self._next[node]
+        if prev < 0:
+            self._first[parent] = nxt
+        else:
+            self._next[prev] = nxt
+        if nxt < 0:
+            self._last[parent] = prev
+        else:
+            self._prev[nxt] = prev
+        wide = self._wide.get(parent)
+        if wide is not None:
+            del wide[self._token[node]]
+        self._wide.pop(node, None)
+        self._parent[node] = -2  # freed
+        self._free.append(node)
+        self._size -= 1
+
+    def _empty(self, node: int) -> bool:
+        return self._count[node] <= 0 and self._holders[node] == 0 and self._first[node] < 0
+
+    # ---- insertion ---------------------------------------------------------------------------------------------
+    def _add_count(self, node: int, weight: int) -> None:
+        """A global count: a node only a request's local counts held now persists."""
+        if self._count[node] <= 0 and self._holders[node]:
+            self._transient -= 1
+        self._count[node] += weight
+
+    def _insert_windows(self, tokens: Sequence[int], weight: int, request: int | None, room: int = 0) -> int:
+        """Every window of tokens, global or local to `request`. A request's windows add at most `room` new
+        nodes: when they might need more, the windows go in from the last one back (the text nearest what comes
+        next) and a window stops where it would add a node past the room. -> the room left."""
         L = self.branch_length
-        touched = self._requests[request].touched if request is not None else None
+        local = self._requests[request].local if request is not None else None
+        count, holders = self._count, self._holders
         self._clock += len(tokens)
-        for start in range(len(tokens)):
-            node = self.root
+        starts = range(len(tokens))
+        if local is not None and len(tokens) * L > room:
+            starts = reversed(starts)
+        for start in starts:
+            node = 0
             for token in tokens[start:start + L]:
+                if local is None:
+                    node = self._child(node, token)
+                    self._add_count(node, weight)
+                    continue
+                if room <= 0 and self._find(node, token) < 0:
+                    break
                 node = self._child(node, token)
-                if touched is None:
-                    self._count(node, weight)
-                else:
-                    if node.count <= 0 and not node.local:
+                held = local.get(node, 0)
+                if not held:
+                    if count[node] <= 0 and not holders[node]:
                         self._transient += 1  # a new node, held by this request alone
-                    if node.local is None:
-                        node.local = {}
-                    node.local[request] = node.local.get(request, 0) + weight
-                    touched.append(node)
+                        room -= 1
+                    holders[node] += 1
+                local[node] = held + weight
+        return room
 
     def insert(self, tokens: Sequence[int], weight: int = 1) -> None:
         """Insert every window of a whole sequence with global counts (warm-up, or outputs from elsewhere)."""
@@ -117,19 +212,25 @@ class TokenTrie:
 
     def begin_request(self, request_id: int, prompt: Sequence[int],
                       references: Sequence[Sequence[int]] = ()) -> None:
-        """Insert a request's prompt and references with counts local to it."""
+        """Insert a request's prompt and references with counts local to it. Running requests' local nodes take
+        at most LOCAL_SHARE x max_trie_nodes, a request at most that share over the requests running: a prompt
+        past its room keeps the windows of its end."""
         if request_id in self._requests:
             raise ValueError(f"request {request_id} is already running in this trie")
         prompt = [int(t) for t in prompt]
         self._requests[request_id] = _Request(prompt[-(self.branch_length - 1):])
+        share = int(self.max_trie_nodes * LOCAL_SHARE)
+        room = min(share - self._transient, share // len(self._requests))
         for seq in (prompt, *references):
-            self._insert_windows([int(t) for t in seq], 1, request_id)
+            room = self._insert_windows([int(t) for t in seq], 1, request_id, room)
         self._bound()
 
     def append(self, request_id: int, tokens: Sequence[int]) -> None:
         """Stream a running request's new tokens in: every window they extend gains a global count.
         O(len(tokens) * branch_length)."""
         req = self._requests[request_id]
+        if not tokens:
+            return
         L = self.branch_length
         if req.open is None:
             self._open_windows(req)
@@ -137,9 +238,9 @@ class TokenTrie:
             token = int(token)
             self._clock += 1
             grown = []
-            for node in [*req.open, self.root]:
+            for node in [*req.open, 0]:
                 child = self._child(node, token)
-                self._count(child, 1)
+                self._add_count(child, 1)
                 grown.append(child)
             # a window of L tokens is complete and stops growing; the oldest open window is the longest
             req.open = grown[1:] if len(grown) >= L else grown
@@ -151,11 +252,11 @@ class TokenTrie:
         gain their global counts; after an eviction they are only re-walked."""
         req.open = []
         for start in range(len(req.tail)):
-            node = self.root
+            node = 0
             for token in req.tail[start:]:
                 node = self._child(node, token)
                 if not req.counted:
-                    self._count(node, 1)
+                    self._add_count(node, 1)
             req.open.append(node)
         req.counted = True
 
@@ -164,22 +265,14 @@ class TokenTrie:
         req = self._requests.pop(request_id, None)
         if req is None:
             return
-        for node in reversed(req.touched):
-            if node.local and request_id in node.local:
-                del node.local[request_id]
-                if not node.local:
-                    node.local = None
-            self._prune_up(node)
-
-    def _prune_up(self, node: _Node) -> None:
-        while node is not self.root and node.empty() and node.parent is not None:
-            parent = node.parent
-            if parent.children.get(node.token) is node:
-                del parent.children[node.token]
-                self._size -= 1
+        holders = self._holders
+        for node in reversed(req.local):  # children after their parents: deepest first
+            holders[node] -= 1
+            while node > 0 and self._empty(node):
+                parent = self._parent[node]
+                self._remove(node)
                 self._transient -= 1  # empty: only local counts had held it
-            node.parent = None
-            node = parent
+                node = parent
 
     # ---- memory bound ------------------------------------------------------------------------------------------
     def _bound(self) -> None:
@@ -187,51 +280,45 @@ class TokenTrie:
         (count halved per `max_trie_nodes / branch_length` tokens of age, about the text the trie holds), so
         what recent requests produced stays. The bound is on what persists: nodes that only running requests'
         prompts and references hold come on top and leave with their requests (a long prompt never evicts the
-        history), so len(trie) <= max_trie_nodes whenever no request is running."""
+        history), so len(trie) <= max_trie_nodes whenever no request is running and <= 1.1 x max_trie_nodes always
+        (begin_request keeps the local nodes within LOCAL_SHARE of the bound)."""
         if self._size - self._transient <= self.max_trie_nodes:
             return
         target = int(self.max_trie_nodes * 0.9) + self._transient
         for req in self._requests.values():  # open windows may point at evicted nodes: walk them again later
             req.open = None
         halflife = max(1.0, self.max_trie_nodes / self.branch_length)
-        clock = self._clock
+        clock, count, stamp, holders, first = self._clock, self._count, self._stamp, self._holders, self._first
 
-        def score(node: _Node) -> float:
-            return math.log2(max(node.count, 1)) - (clock - node.stamp) / halflife
+        def score(node: int) -> float:
+            return math.log2(max(count[node], 1)) - (clock - stamp[node]) / halflife
 
-        heap = []
-        stack = [self.root]
-        while stack:
-            node = stack.pop()
-            if node.children:
-                stack.extend(node.children.values())
-            elif node is not self.root and not node.local:
-                heap.append((score(node), id(node), node))
+        parents = self._parent
+        heap = [(score(node), node) for node in range(1, len(parents))
+                if parents[node] >= 0 and first[node] < 0 and not holders[node]]
         heapq.heapify(heap)
         while self._size > target and heap:
-            _, _, node = heapq.heappop(heap)
-            parent = node.parent
-            if parent is None or node.children or node.local:
+            _, node = heapq.heappop(heap)
+            parent = parents[node]
+            if parent < 0 or first[node] >= 0 or holders[node]:
                 continue
-            del parent.children[node.token]
-            node.parent = None
-            self._size -= 1
-            if parent is not self.root and not parent.children and not parent.local:
-                heapq.heappush(heap, (score(parent), id(parent), parent))
+            self._remove(node)
+            if parent != 0 and first[parent] < 0 and not holders[parent]:
+                heapq.heappush(heap, (score(parent), parent))
 
     # ---- retrieval ---------------------------------------------------------------------------------------------
-    def _match(self, context: Sequence[int], max_query_length: int) -> tuple[_Node | None, int]:
+    def _match(self, context: Sequence[int], max_query_length: int) -> tuple[int, int]:
         """The node of the longest context suffix (<= max_query_length tokens) that has continuations, and its
-        length (0 when none matches)."""
+        length (-1 and 0 when none matches)."""
         for q in range(min(max_query_length, len(context), self.branch_length - 1), 0, -1):
-            node = self.root
+            node = 0
             for token in context[len(context) - q:]:
-                node = node.children.get(int(token))
-                if node is None:
+                node = self._find(node, int(token))
+                if node < 0:
                     break
-            if node is not None and node.children:
+            if node >= 0 and self._first[node] >= 0:
                 return node, q
-        return None, 0
+        return -1, 0
 
     def candidates(self, context: Sequence[int], limit: int, request_id: int | None = None,
                    max_query_length: int = 2) -> tuple[int, int, list[tuple[int, int, float]]]:
@@ -245,34 +332,38 @@ class TokenTrie:
         request's own latest window passes through the match node without a continuation yet: it is not
         counted in the match node's global denominator. Ratios are smoothed (count / (parent count + 0.5)) so
         that a continuation seen once is not certain. Retrieval never changes the trie."""
-        start, q = self._match(context, max_query_length) if limit > 0 else (None, 0)
-        if start is None:
+        start, q = self._match(context, max_query_length) if limit > 0 else (-1, 0)
+        if start < 0:
             return 0, 0, []
         req = self._requests.get(request_id) if request_id is not None else None
         inflight = bool(req is not None and req.counted and len(req.tail) >= q
                         and req.tail[len(req.tail) - q:] == [int(t) for t in context[len(context) - q:]])
-        global_root = start.count - (1 if inflight else 0)
-        local_root = start.local.get(request_id, 0) if start.local and request_id is not None else 0
+        count, tokens, nxt = self._count, self._token, self._next
+        local = req.local if req is not None else {}
+        global_root = count[start] - (1 if inflight else 0)
+        local_root = local.get(start, 0)
 
         out: list[tuple[int, int, float]] = []
         heap = []
         tie = 0
 
-        def push(node: _Node, index: int, p_global: float, p_local: float, g_den: float, l_den: float) -> None:
+        def push(node: int, index: int, p_global: float, p_local: float, g_den: float, l_den: float) -> None:
             nonlocal tie
-            for child in node.children.values():
-                pg = p_global * min(1.0, child.count / (g_den + SMOOTHING)) if g_den > 0 else 0.0
-                loc = child.local.get(request_id, 0) if child.local and request_id is not None else 0
+            child = self._first[node]
+            while child >= 0:
+                pg = p_global * min(1.0, count[child] / (g_den + SMOOTHING)) if g_den > 0 else 0.0
+                loc = local.get(child, 0)
                 pl = p_local * min(1.0, loc / (l_den + SMOOTHING)) if l_den > 0 else 0.0
                 if pg > 0 or pl > 0:
                     heapq.heappush(heap, (-max(pg, pl), tie, child, index, pg, pl, loc))
                     tie += 1
+                child = nxt[child]
 
         push(start, -1, 1.0, 1.0, global_root, local_root)
         while heap and len(out) < limit:
             neg_p, _, node, parent, pg, pl, loc = heapq.heappop(heap)
-            out.append((node.token, parent, -neg_p))
-            push(node, len(out) - 1, pg, pl, node.count, loc)
+            out.append((tokens[node], parent, -neg_p))
+            push(node, len(out) - 1, pg, pl, count[node], loc)
         return q, max(global_root, local_root), out
 
     def retrieve(self, context: Sequence[int], budget: int, request_id: int | None = None,
@@ -286,15 +377,15 @@ class TokenTrie:
     def save(self, path: str | os.PathLike) -> None:
         """Write the global counts as JSON (request-local counts are transient and not saved)."""
         tokens, parents, counts = [], [], []
-        queue = [(self.root, -1)]
+        queue = [(0, -1)]
         while queue:  # breadth first, so a parent is always listed before its children
             nxt = []
             for node, parent_index in queue:
-                for child in node.children.values():
-                    if child.count > 0 or child.children:
-                        tokens.append(child.token)
+                for child in self._children(node):
+                    if self._count[child] > 0 or self._first[child] >= 0:
+                        tokens.append(self._token[child])
                         parents.append(parent_index)
-                        counts.append(child.count)
+                        counts.append(self._count[child])
                         nxt.append((child, len(tokens) - 1))
             queue = nxt
         data = {"format": FORMAT, "version": VERSION, "branch_length": self.branch_length,
@@ -321,14 +412,16 @@ class TokenTrie:
             tokens, parents, counts = data["tokens"], data["parents"], data["counts"]
             if not (len(tokens) == len(parents) == len(counts)):
                 raise ValueError("tokens, parents and counts differ in length")
-            nodes: list[_Node] = []
+            nodes: list[int] = []
             for i, (token, parent, count) in enumerate(zip(tokens, parents, counts)):
                 if not (isinstance(token, int) and isinstance(parent, int) and isinstance(count, int)):
                     raise ValueError(f"entry {i} is not integers")
                 if not -1 <= parent < i:
                     raise ValueError(f"entry {i} has parent {parent}, not an earlier entry")
-                node = trie._child(trie.root if parent < 0 else nodes[parent], token)
-                node.count = count
+                if not -2**31 <= token < 2**31 or not 0 <= count < 2**63:
+                    raise ValueError(f"entry {i} has a token or count out of range")
+                node = trie._child(0 if parent < 0 else nodes[parent], token)
+                trie._count[node] = count
                 nodes.append(node)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path} is a damaged TokenTrie file: {e}") from None

@@ -117,3 +117,37 @@ def test_an_engine_made_under_inference_mode_serves_later_calls_outside_it():
         first = model.generate(ids, max_new_tokens=8, lookahead=False, eos_token_id=[], repetition_penalty=1.3)
     again = model.generate(ids, max_new_tokens=8, lookahead=False, eos_token_id=[], repetition_penalty=1.3)
     assert again.tolist() == first.tolist()
+
+
+def test_long_prompts_are_prefilled_in_chunks_with_the_same_outputs(monkeypatch):
+    """Prompts longer than a chunk (rows of 5, 23 and 40 tokens, 12 tokens per forward): the cache holds
+    each prompt's K/V and its length, and every row decodes what an unchunked prefill decodes."""
+    import lookahead.engine as engine_module
+
+    model = _tiny_llama(5)
+    prompts = [prompt(11, 5), prompt(12, 23), prompt(13, 40)]
+
+    def run(chunk_tokens):
+        monkeypatch.setattr(engine_module, "PREFILL_CHUNK_TOKENS", chunk_tokens)
+        calls = []
+        verify = model.verify
+        monkeypatch.setattr(model, "verify", lambda *a: calls.append(a[0].shape) or verify(*a))
+        engine = Engine(model, max_batch=3, max_context=80, lookahead=LookaheadConfig(adaptive=False))
+        seqs = [Sequence(p, 12) for p in prompts]
+        first = engine.add(seqs)
+        lens = engine.cache.lens.tolist()
+        kv = engine.cache.buffer.clone()
+        monkeypatch.undo()
+        run_to_end(engine, seqs)
+        return first, lens, kv, [s.output for s in seqs], calls
+
+    first, lens, kv, outputs, calls = run(12)
+    # rows 23 and 40 share a forward (row 5 pads too much): 6 tokens per row, the first 6 as a prefill, then
+    # 34 more of the widest row as verifies of at most 12 tokens in all
+    assert [tuple(c) for c in calls] == [(2, 6)] * 5 + [(2, 4)]
+    assert lens == [5, 23, 40]
+    first_whole, lens_whole, kv_whole, outputs_whole, calls_whole = run(10_000)
+    assert calls_whole == [] and lens_whole == lens
+    assert [t for _, t in first] == [t for _, t in first_whole] and outputs == outputs_whole
+    for row, n in enumerate(lens):
+        torch.testing.assert_close(kv[:, :, row, :, :n], kv_whole[:, :, row, :, :n])

@@ -203,6 +203,35 @@ def test_a_saved_trie_of_other_settings_is_served_with_the_defaults_for_it(tiny,
         model.trie = trie
 
 
+def test_stats_and_metrics_account_memory_by_part(tiny, server):
+    from lookahead.memory import TRIE_NODE_BYTES, model_memory_bytes
+
+    model, _ = tiny
+    httpx.post(server.url + "/v1/chat/completions", json=body("Count to ten.", 8), headers=auth(), timeout=TIMEOUT)
+    stats = httpx.get(server.url + "/v1/stats", headers=auth(), timeout=TIMEOUT).json()
+    memory = stats["memory_bytes"]
+    assert set(memory) == {"weights", "kv_cache", "trie", "suffix_automata", "workspace", "rss", "rss_peak"}
+    assert memory["weights"] == model_memory_bytes(model) > 0
+    cache = server.scheduler.engine.cache
+    assert memory["kv_cache"] == cache.buffer.nbytes + cache.lens.nbytes
+    assert memory["trie"] == stats["trie_nodes"] * TRIE_NODE_BYTES > 0  # the finished request's output stays
+    assert memory["suffix_automata"] == 0  # no request is running
+    assert 0 < memory["rss"] <= memory["rss_peak"] and memory["workspace"] > 0
+    text = httpx.get(server.url + "/metrics", timeout=TIMEOUT).text
+    assert metric(text, "lookahead:memory_bytes", 'part="weights"') == memory["weights"]
+    assert metric(text, "lookahead:memory_bytes", 'part="rss"') > 0
+
+
+def test_an_unknown_message_role_is_a_400_naming_the_allowed_roles(server):
+    bad = {**body("Hi", 2), "messages": [{"role": "wizard", "content": "Hi"}]}
+    r = httpx.post(server.url + "/v1/chat/completions", json=bad, headers=auth(), timeout=TIMEOUT)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "messages.0.role"
+    assert all(role in error["message"] for role in ("system", "developer", "user", "assistant", "tool"))
+    ok = {**body("Hi", 2), "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
+    assert httpx.post(server.url + "/v1/chat/completions", json=ok, headers=auth(), timeout=TIMEOUT).status_code == 200
+
+
 def test_a_request_past_its_timeout_ends_with_504_and_frees_its_row(tiny):
     model, tokenizer = tiny
     scheduler = Scheduler(model, max_batch=2, max_context=1000, request_timeout=0.3,

@@ -135,3 +135,72 @@ def test_overflows_evict_gently_and_keep_recent_requests():
         for i in range(4, min(60, len(out)), 7):
             _, _, nodes = trie.candidates(out[i - 4:i], 4, max_query_length=4)
             assert out[i] in [t for t, parent, _ in nodes if parent == -1]
+
+
+def _lcg_tokens(state: int, n: int, vocab: int = 2000) -> list[int]:
+    out = []
+    for _ in range(n):
+        state = (state * 1103515245 + 12345) % 2**31
+        out.append(state % vocab)
+    return out
+
+
+def test_the_bound_covers_request_local_windows_of_many_long_concurrent_prompts():
+    """Sixteen 1,500-token prompts at once over a full trie bounded at 20,000 nodes (each prompt alone would add
+    ~20k local nodes): the trie never holds more than 1.1x its bound, each request keeps the windows of its
+    prompt's end, and everything local leaves with the requests."""
+    bound = 20_000
+    trie = TokenTrie(branch_length=16, max_trie_nodes=bound)
+    trie.insert(_lcg_tokens(1, 3000))
+    assert 0.9 * bound <= len(trie) <= bound
+    prompts = [_lcg_tokens(100 + r, 1500) for r in range(16)]
+    for rid, prompt in enumerate(prompts):
+        trie.begin_request(rid, prompt)
+        assert len(trie) <= 1.1 * bound
+    for step in range(20):
+        for rid, prompt in enumerate(prompts):
+            trie.append(rid, _lcg_tokens(10_000 * rid + step, 3))
+            assert len(trie) <= 1.1 * bound
+    for rid, prompt in enumerate(prompts):  # the prompt's last windows are local drafts of this request
+        tokens, _ = trie.retrieve(prompt[-20:-10], 4, request_id=rid, max_query_length=8)
+        assert tokens[:1] == prompt[-10:-9]
+    for rid in range(16):
+        trie.end_request(rid)
+    assert len(trie) <= bound and trie._transient == 0
+
+
+def test_one_long_prompt_alone_keeps_all_its_windows():
+    """Under the local share, nothing changes: every window of the prompt is counted, first to last."""
+    trie = TokenTrie(branch_length=8, max_trie_nodes=100_000)
+    prompt = _lcg_tokens(7, 1000)
+    trie.begin_request(0, prompt)
+    for i in (0, 400, 990):
+        tokens, _ = trie.retrieve(prompt[i:i + 3], 2, request_id=0, max_query_length=3)
+        assert tokens[:1] == prompt[i + 3:i + 4]
+
+
+def test_retention_under_the_bound_on_replay_with_concurrent_requests():
+    """The shipped recording, 16 requests at a time (prompts in, outputs streamed, requests ending) through a
+    trie bounded at 20,000 nodes: never more than 1.1x the bound, and once full it keeps >= 80% of the bound."""
+    from lookahead.replay import SHIPPED, load_recording
+
+    _, records = load_recording(SHIPPED)
+    bound = 20_000
+    trie = TokenTrie(branch_length=16, max_trie_nodes=bound)
+    full, highest = False, 0
+    for batch in range(0, len(records), 16):
+        running = list(enumerate(records[batch:batch + 16], start=batch))
+        for rid, r in running:
+            trie.begin_request(rid, r["prompt_ids"])
+            highest = max(highest, len(trie))
+        for pos in range(0, max(len(r["output_ids"]) for _, r in running), 4):
+            for rid, r in running:
+                if pos < len(r["output_ids"]):
+                    trie.append(rid, r["output_ids"][pos:pos + 4])
+                    highest = max(highest, len(trie))
+        for rid, _ in running:
+            trie.end_request(rid)
+        full = full or len(trie) >= 0.9 * bound
+        if full:
+            assert len(trie) >= 0.8 * bound
+    assert full and highest <= 1.1 * bound

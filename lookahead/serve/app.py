@@ -93,7 +93,7 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # OpenAI's; another is a 400 naming these
     content: str | list[TextPart] | None = None
     name: str | None = None
 
@@ -316,7 +316,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
         return {**scheduler.stats.as_dict(), **scheduler.load(), "max_batch": scheduler.max_batch,
                 "max_context": scheduler.max_context, "lookahead": scheduler.config is not None,
                 "trie_nodes": len(scheduler.trie), "free_rows": scheduler.engine.free_rows(),
-                "drafting_requests": scheduler.engine.drafting_requests()}
+                "drafting_requests": scheduler.engine.drafting_requests(), "memory_bytes": scheduler.memory()}
 
     @app.get("/v1/models")
     async def models():
@@ -531,10 +531,19 @@ def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="HF checkpoint dir, .gguf file, or smollm2-135m-instruct")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16, help="rows of the KV cache: requests decoded together")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="rows of the KV cache: requests decoded together. KV cache bytes = max-batch x (max-context "
+                        "+ 128) x layers x 2 x kv heads x head dim x dtype bytes (SmolLM2-135M fp32: 45 KB per token, "
+                        "1.6 GB at 16 x 2048); memory by part: GET /v1/stats")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a row before 503s")
     p.add_argument("--max-context", type=int, default=None,
-                   help="tokens per row, prompt + completion (default: the model's context, at most 2048)")
+                   help="tokens per row, prompt + completion (default: the model's context, at most 2048); sizes "
+                        "the KV cache with --max-batch")
+    p.add_argument("--max-trie-nodes", type=int, default=1 << 20,
+                   help="the shared trie's bound, request-local prompt windows included (at most 1.1x it): about "
+                        "52 bytes per node, 55 MB at the default 1048576")
+    p.add_argument("--no-malloc-trim", action="store_true",
+                   help="keep what the C allocator frees instead of handing it back when the server goes idle")
     p.add_argument("--trie", default=None, metavar="PATH",
                    help="load the shared trie from PATH at start (missing = empty), save it there at shutdown")
     p.add_argument("--trie-save-minutes", type=float, default=10.0, help="also save the trie this often (0 = never)")
@@ -568,9 +577,10 @@ def run(args) -> int:
     api_key = args.api_key or os.environ.get("LOOKAHEAD_API_KEY") or None
     scheduler = Scheduler(lambda: load_model(args.model, args.dtype, args.device)[0], max_batch=args.max_batch,
                           max_context=args.max_context, max_queue=args.max_queue,
-                          lookahead=None if args.no_lookahead else True, trie_path=args.trie,
-                          trie_save_minutes=args.trie_save_minutes, request_timeout=args.request_timeout,
-                          threads=args.threads, metrics=True)
+                          lookahead=None if args.no_lookahead else True, max_trie_nodes=args.max_trie_nodes,
+                          trie_path=args.trie, trie_save_minutes=args.trie_save_minutes,
+                          request_timeout=args.request_timeout, threads=args.threads, metrics=True,
+                          trim_allocator=not args.no_malloc_trim)
     scheduler.start()  # the decode thread resolves (converts once) and loads the checkpoint
     tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(args.model))  # the converted dir: no torch work
     name = args.served_model_name or args.model

@@ -11,6 +11,10 @@ Per run: requests/s and output tokens/s over the wall time, time to first token 
 `usage.lookahead`), and how many outputs equal the plain server's at concurrency 1. Writes JSON, a Markdown
 table and a PNG plot.
 
+`--soak ROUNDS`: memory instead of speed. One lookahead server takes ROUNDS rounds of distinct long prompts
+(Spec-Bench first turns joined to --prompt-tokens) at one concurrency; /v1/stats' memory by part is read when
+idle and after each round, and the greedy answers to four short questions before and after must be the same.
+
 The baseline the server is held to: `generate()` on the same prompts, one after another, in a fresh process of
 its own (mode "generate-plain" / "generate-lookahead", concurrency 1), with the same warm-up request and the same
 drafting memory protocol (a fresh trie that learns from the earlier outputs).
@@ -134,7 +138,7 @@ class ServerProcess:
     """`python -m lookahead.serve` on a free port of 127.0.0.1 with an empty trie; stopped with SIGINT."""
 
     def __init__(self, model: str, lookahead: bool, max_batch: int, log_path: Path, dtype: str | None = None,
-                 device: str | None = None, threads: int | None = None):
+                 device: str | None = None, threads: int | None = None, extra: tuple[str, ...] = ()):
         import httpx
 
         host = "127.0.0.1"
@@ -146,6 +150,7 @@ class ServerProcess:
         cmd += ["--dtype", dtype] if dtype else []
         cmd += ["--device", device] if device else []
         cmd += ["--threads", str(threads)] if threads else []
+        cmd += list(extra)
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy())
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -317,6 +322,113 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# ---- the soak: memory over rounds of long prompts -----------------------------------------------------------------
+SOAK_QUESTIONS = ("What is the capital of France?", "Name three primary colors.", "What is 12 times 12?",
+                  "Who wrote Romeo and Juliet?")  # greedy answers compared before the first and after the last round
+CHARS_PER_TOKEN = 4  # a long prompt of N tokens is cut at about 4N characters of English
+
+
+def long_conversations(count: int, prompt_tokens: int, start: int) -> tuple[list[list[dict]], int]:
+    """`count` distinct summarisation prompts of about `prompt_tokens` tokens, each Spec-Bench first turns joined
+    from index `start` on -> (conversations, the next unused index)."""
+    from lookahead.data import spec_bench_first_turns
+
+    texts = [t for _, t in spec_bench_first_turns(None)]
+    convs, i = [], start
+    for _ in range(count):
+        parts: list[str] = []
+        while sum(len(p) for p in parts) < CHARS_PER_TOKEN * prompt_tokens:
+            parts.append(texts[i % len(texts)])
+            i += 1
+        body = "\n\n".join(parts)[:CHARS_PER_TOKEN * prompt_tokens]
+        convs.append([{"role": "user", "content": "Summarise the following in one sentence.\n\n" + body}])
+    return convs, i
+
+
+def soak(model: str = DEFAULT_MODEL, rounds: int = 8, num_prompts: int = 40, prompt_tokens: int = 1500,
+         max_tokens: int = 32, concurrency: int = 16, out: str | Path = "bench/serve", name: str = "soak",
+         max_batch: int = 16, dtype: str | None = None, device: str | None = None, threads: int | None = None,
+         extra: tuple[str, ...] = ()) -> dict:
+    """One lookahead server; `rounds` rounds of `num_prompts` distinct long prompts at `concurrency`; memory by
+    part (GET /v1/stats) when idle and after each round; the greedy answers to SOAK_QUESTIONS before and after.
+    Writes `{out}/{name}.json`, `.md` and `.png` and returns the record."""
+    import httpx
+
+    if min(rounds, num_prompts, prompt_tokens, max_tokens, concurrency) < 1:
+        raise ValueError("rounds, num_prompts, prompt_tokens, max_tokens and concurrency must be >= 1")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    server = ServerProcess(model, True, max_batch, out / f"{name}.log", dtype, device, threads, extra)
+    questions = [[{"role": "user", "content": q}] for q in SOAK_QUESTIONS]
+
+    def snapshot(label: str, **more) -> dict:
+        time.sleep(1.0)  # the decode thread trims the allocator when the last request has left
+        stats = httpx.get(server.url + "/v1/stats", timeout=60).json()
+        row = {"round": label, **stats["memory_bytes"], "trie_nodes": stats["trie_nodes"], **more}
+        print(f"soak {label}: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in stats["memory_bytes"].items())
+              + f", trie {stats['trie_nodes']} nodes", file=sys.stderr, flush=True)
+        return row
+
+    try:
+        before, _ = asyncio.run(run_load(server.url, model, questions, 1, 24))
+        rows = [snapshot("idle")]
+        start = 0
+        for r in range(1, rounds + 1):
+            convs, start = long_conversations(num_prompts, prompt_tokens, start)
+            results, wall = asyncio.run(run_load(server.url, model, convs, concurrency, max_tokens))
+            rows.append(snapshot(str(r), errors=sum(x.error is not None for x in results), wall_s=wall))
+        after, _ = asyncio.run(run_load(server.url, model, questions, 1, 24))
+    finally:
+        server.close()
+    record = {"model": model, "rounds": rounds, "num_prompts": num_prompts, "prompt_tokens": prompt_tokens,
+              "max_tokens": max_tokens, "concurrency": concurrency, "max_batch": max_batch, "server_args": list(extra),
+              "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
+              "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows,
+              "answers_unchanged": [a.text == b.text for a, b in zip(before, after)],
+              "failed": sum(row.get("errors", 0) for row in rows)}
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1))
+    (out / f"{name}.md").write_text(soak_table(rows) + "\n")
+    soak_plot(rows, out / f"{name}.png", f"{model}: {rounds} rounds x {num_prompts} prompts of ~{prompt_tokens} "
+              f"tokens, c={concurrency}")
+    return record
+
+
+SOAK_PARTS = ("weights", "kv_cache", "trie", "suffix_automata", "workspace")
+
+
+def soak_table(rows: list[dict]) -> str:
+    head = "| round | RSS (MiB) | peak RSS so far (MiB) | " + " | ".join(f"{p} (MiB)" for p in SOAK_PARTS) + \
+        " | trie nodes | failed |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        parts = " | ".join(f"{r[p] / 2**20:.0f}" for p in SOAK_PARTS)
+        lines.append(f"| {r['round']} | {r['rss'] / 2**20:.0f} | {r['rss_peak'] / 2**20:.0f} | {parts} | "
+                     f"{r['trie_nodes']} | {r.get('errors', '-')} |")
+    return "\n".join(lines)
+
+
+def soak_plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    x = list(range(len(rows)))
+    ax.stackplot(x, *[[r[p] / 2**20 for r in rows] for p in SOAK_PARTS], labels=SOAK_PARTS, alpha=0.6)
+    ax.plot(x, [r["rss"] / 2**20 for r in rows], "k-o", label="RSS")
+    ax.plot(x, [r["rss_peak"] / 2**20 for r in rows], "k--", label="peak RSS so far")
+    ax.set_xticks(x, [r["round"] for r in rows])
+    ax.set_xlabel("after round")
+    ax.set_ylabel("MiB")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def add_arguments(p) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF checkpoint dir, .gguf file, or smollm2-135m-instruct")
     p.add_argument("--url", default=None, help="bench this running server instead of starting plain and lookahead ones")
@@ -330,11 +442,24 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=Path("bench/serve"))
-    p.add_argument("--name", default="serve", help="file name stem of the JSON, Markdown and PNG")
+    p.add_argument("--name", default=None, help="file name stem of the JSON, Markdown and PNG (serve / soak)")
+    p.add_argument("--soak", type=int, default=None, metavar="ROUNDS",
+                   help="instead: one lookahead server, ROUNDS rounds of --num-prompts distinct long prompts of "
+                        "--prompt-tokens at the first --concurrency; memory by part per round")
+    p.add_argument("--prompt-tokens", type=int, default=1500, help="with --soak: tokens per long prompt (about)")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="with --soak: pass ARG to the server (repeatable, e.g. --server-arg=--no-malloc-trim)")
 
 
 def run(args) -> int:
-    rows = bench_serve(args.model, args.num_prompts, args.max_tokens, tuple(args.concurrency), args.out, args.name,
+    if args.soak is not None:
+        record = soak(args.model, args.soak, args.num_prompts, args.prompt_tokens, args.max_tokens,
+                      args.concurrency[0], args.out, args.name or "soak", args.max_batch, args.dtype, args.device,
+                      args.threads, tuple(args.server_arg))
+        print(soak_table(record["rows"]))
+        return 0 if record["failed"] == 0 and all(record["answers_unchanged"]) else 1
+    rows = bench_serve(args.model, args.num_prompts, args.max_tokens, tuple(args.concurrency), args.out,
+                       args.name or "serve",
                        args.max_batch, args.url, args.served_model_name, args.dtype, args.device, args.threads,
                        not args.no_baseline)
     print(markdown_table(rows))

@@ -3,7 +3,7 @@ decode thread and read by the HTTP thread (prometheus_client's metrics are threa
 
 Names follow vLLM's where one exists (`lookahead:` prefix instead of `vllm:`): requests running / waiting,
 finished requests by reason, prompt and generation tokens, accepted tokens per step, step latency and time to
-first token histograms.
+first token histograms; memory by part (`lookahead:memory_bytes{part=...}`, as in /v1/stats).
 """
 
 from __future__ import annotations
@@ -19,13 +19,17 @@ _ACCEPTED_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 class Metrics:
     CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-    def __init__(self, load=lambda: {"running": 0, "queued": 0}):
+    def __init__(self, load=lambda: {"running": 0, "queued": 0}, memory=dict):
         self.registry = CollectorRegistry()
         r = self.registry
         self.running = Gauge("lookahead:num_requests_running", "Requests holding a row of the batch", registry=r)
         self.waiting = Gauge("lookahead:num_requests_waiting", "Requests queued for a row", registry=r)
         self.running.set_function(lambda: load()["running"])
         self.waiting.set_function(lambda: load()["queued"])
+        self.memory = Gauge("lookahead:memory_bytes", "Bytes by part: weights, kv_cache, trie, suffix_automata, "
+                            "workspace (estimated), rss, rss_peak (the process)", ["part"], registry=r)
+        for part in ("weights", "kv_cache", "trie", "suffix_automata", "workspace", "rss", "rss_peak"):
+            self.memory.labels(part=part).set_function(lambda part=part: memory().get(part, 0))
         self.requests = Counter("lookahead:request_success", "Finished requests by reason", ["finished_reason"],
                                 registry=r)
         self.prompt_tokens = Counter("lookahead:prompt_tokens", "Prompt tokens of admitted requests", registry=r)

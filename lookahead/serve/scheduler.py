@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 from lookahead.config import LookaheadConfig
-from lookahead.engine import ContextTooLong, Engine, Sequence, context_limit
+from lookahead.engine import PREFILL_CHUNK_TOKENS, ContextTooLong, Engine, Sequence, context_limit
+from lookahead.memory import (SUFFIX_TOKEN_BYTES, TRIE_NODE_BYTES, model_memory_bytes, rss_bytes, trim_allocator,
+                              workspace_bytes)
 from lookahead.sampling import SamplingParams
 from lookahead.trie import TokenTrie
 
@@ -80,6 +82,7 @@ class SchedulerStats:
     failed: int = 0
     rejected: int = 0
     trie_saves: int = 0
+    allocator_trims: int = 0  # times the C allocator handed its free memory back when the server went idle
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "mean_batch": self.row_steps / max(self.steps, 1)}
@@ -120,13 +123,15 @@ class Scheduler:
     atomically, every `trie_save_minutes` (0 = only at close) and at close. request_timeout: seconds from submit
     after which a request ends with reason "timeout" (None = never). threads: torch threads of the decode thread
     (None = torch's default). metrics: keep Prometheus metrics (`self.metrics`, for GET /metrics). Stop strings
-    are the HTTP side's: its text stream finds them and calls `stop`.
+    are the HTTP side's: its text stream finds them and calls `stop`. max_trie_nodes: the shared trie's bound
+    (request-local windows included), set on a loaded trie too (None = the trie's own). trim_allocator: hand the C
+    allocator's free memory back to the OS whenever the last request leaves.
     """
 
     def __init__(self, model, *, max_batch: int = 16, max_context: int | None = None, max_queue: int = 256,
                  lookahead: LookaheadConfig | bool | None = True, trie_path: str | Path | None = None,
                  trie_save_minutes: float = 10.0, request_timeout: float | None = None, threads: int | None = None,
-                 metrics: bool = False):
+                 max_trie_nodes: int | None = None, metrics: bool = False, trim_allocator: bool = True):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
@@ -145,14 +150,16 @@ class Scheduler:
         self.trie_path = Path(trie_path) if trie_path is not None else None
         self.save_every_s = trie_save_minutes * 60.0
         self.request_timeout, self.threads = request_timeout, threads
+        self.trim_allocator, self.max_trie_nodes = trim_allocator, max_trie_nodes
         self.metrics = None
         if metrics:
             from lookahead.serve.metrics import Metrics  # prometheus_client: the serve extra
 
-            self.metrics = Metrics(self.load)
+            self.metrics = Metrics(self.load, self.memory)
         self.stats = SchedulerStats()
         self.deliver: Callable[[list[tuple[Request, object]]], None] = _deliver_now
         self.model = self.engine = None
+        self.weights_bytes = 0  # model_memory_bytes, measured on the decode thread (at start and when idle)
         self._pending: deque[Request] = deque()
         self._running: list[Request] = []
         self._cond = threading.Condition()
@@ -213,6 +220,28 @@ class Scheduler:
     def load(self) -> dict:
         return {"running": len(self._running), "queued": len(self._pending)}
 
+    def memory(self) -> dict[str, int]:
+        """Bytes by part (lookahead.memory): weights (with any packed copy), KV cache, trie (request-local
+        windows included), the running requests' suffix automata, the largest forward's workspace (an estimate
+        from shapes), and the process's resident size now and at its peak."""
+        engine = self.engine
+        if engine is None:
+            return {}
+        drafting = engine.drafter is not None
+        suffix_tokens = sum(len(s.context) + sum(len(r) + 1 for r in s.references) for s in engine.busy()) \
+            if drafting else 0
+        cfg, element = self.model.config, engine.cache.buffer.element_size()
+        step_tokens = engine.max_batch * (engine.config.decoding_length + 1 if drafting else 1)
+        keys = engine.cache.max_len
+        rss, peak = rss_bytes()
+        return {"weights": self.weights_bytes,
+                "kv_cache": engine.cache.buffer.nbytes + engine.cache.lens.nbytes,
+                "trie": len(self.trie) * TRIE_NODE_BYTES,
+                "suffix_automata": suffix_tokens * SUFFIX_TOKEN_BYTES,
+                "workspace": max(workspace_bytes(cfg, PREFILL_CHUNK_TOKENS, keys, element),
+                                 workspace_bytes(cfg, step_tokens, keys, element)),
+                "rss": rss, "rss_peak": peak}
+
     def close(self, timeout: float = 30.0) -> None:
         """Stop the thread: requests still queued or running end "cancelled"; the trie is saved (trie_path)."""
         with self._cond:
@@ -237,11 +266,14 @@ class Scheduler:
             self.model.trie = (TokenTrie.load(self.trie_path) if self.trie_path.exists() else
                                TokenTrie(shape.branch_length, shape.max_trie_nodes))
         self.trie = self.model.trie  # shared by every request (the drafter's), saved to trie_path
+        if self.max_trie_nodes is not None:
+            self.trie.max_trie_nodes = self.max_trie_nodes  # the configured bound, a loaded trie's too
         if self.config is True:
             self.config = LookaheadConfig.for_trie(self.trie)
         elif self.config is False:
             self.config = None
         self.engine = Engine(self.model, self.max_batch, max_context, self.config, isolate_failures=True)
+        self.weights_bytes = model_memory_bytes(self.model)
 
     def _run(self) -> None:
         try:
@@ -253,6 +285,8 @@ class Scheduler:
         self._ready.set()
         with torch.inference_mode():
             while True:
+                if not (self._closing or self._pending or self._running):
+                    self._idle()
                 with self._cond:
                     while not (self._closing or self._pending or self._running):
                         self._cond.wait(self._seconds_to_save())
@@ -276,6 +310,13 @@ class Scheduler:
             out = []
             self._shutdown(out)
             self._deliver(out)
+
+    def _idle(self) -> None:
+        """The last request left: hand the allocator's free memory back (what long prefills' activations left in
+        glibc's heaps stays resident otherwise; README "Memory") and measure the weights again."""
+        if self.trim_allocator and trim_allocator():
+            self.stats.allocator_trims += 1
+        self.weights_bytes = model_memory_bytes(self.model)
 
     def _seconds_to_save(self) -> float | None:
         if self.trie_path is None or self.save_every_s <= 0:

@@ -1,0 +1,30 @@
+"""model_memory_bytes: each weight storage once (tied weights, views), plus any prepacked copy a module holds."""
+
+import torch
+
+from lookahead.memory import model_memory_bytes, rss_bytes, trim_allocator
+from tests.conftest import _tiny_llama
+
+
+def test_weights_count_each_storage_once_and_a_packed_copy():
+    model = _tiny_llama(0)
+    params = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    weights = model_memory_bytes(model)
+    assert weights == sum(params.values()) + buffers
+    tied = _tiny_llama(0, tie_word_embeddings=True)
+    assert model_memory_bytes(tied) == weights - model.output.weight.nbytes  # the LM head shares the embedding
+    linear = model.layers[0].feed_forward.w2
+    linear.packed = linear.weight.detach().t().contiguous()  # what a backend keeps beside the weight
+    assert model_memory_bytes(model) == weights + linear.weight.nbytes
+    linear.packed = (linear.packed, linear.weight)  # the parameter itself is not counted twice
+    assert model_memory_bytes(model) == weights + linear.weight.nbytes
+
+
+def test_process_resident_size_and_trimming():
+    rss, peak = rss_bytes()
+    assert 0 < rss <= peak
+    block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+    assert rss_bytes()[0] >= rss + (48 << 20)
+    del block
+    assert isinstance(trim_allocator(), bool)
