@@ -20,7 +20,7 @@ CHILD = r"""
 import json, sys, time, torch
 from lookahead.data import encode_prompt, spec_bench_first_turns
 from lookahead.models.auto import load_model
-model, tok = load_model("smollm2-135m-instruct", "fp32", "cpu")
+model, tok = load_model("smollm2-135m-instruct", "auto", "cpu")  # the default a new user gets
 ids = encode_prompt(tok, spec_bench_first_turns(1)[int(sys.argv[2])][1], True)
 t0 = time.perf_counter()
 out = model.generate(ids, max_new_tokens=int(sys.argv[3]), lookahead=sys.argv[1] == "1", return_dict_in_generate=True)
