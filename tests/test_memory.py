@@ -1,5 +1,7 @@
 """model_memory_bytes: each weight storage once (tied weights, views), plus any prepacked copy a module holds."""
 
+import mmap
+
 import torch
 
 from lookahead.memory import model_memory_bytes, rss_bytes, trim_allocator
@@ -24,7 +26,15 @@ def test_weights_count_each_storage_once_and_a_packed_copy():
 def test_process_resident_size_and_trimming():
     rss, peak = rss_bytes()
     assert 0 < rss <= peak
-    block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
-    assert rss_bytes()[0] >= rss + (48 << 20)
-    del block
+    # Fresh anonymous pages, touched one by one: a tensor could reuse memory the allocator already holds (the
+    # resident size would not move), an mmap of its own cannot.
+    block = mmap.mmap(-1, 64 << 20)
+    for offset in range(0, len(block), mmap.PAGESIZE):
+        block[offset] = 1
+    grown, grown_peak = rss_bytes()
+    assert grown >= rss + (48 << 20) and grown_peak >= grown
+    block.close()
+    assert rss_bytes()[0] <= grown - (48 << 20)  # unmapped: the pages left the resident set
+    freed = torch.ones(64 << 20, dtype=torch.uint8)
+    del freed
     assert isinstance(trim_allocator(), bool)
