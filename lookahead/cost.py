@@ -198,43 +198,46 @@ def prior_curve(model, max_tree: int = 64) -> dict[int, float]:
 
 
 class StepCost:
-    """c(B, T): seconds of one engine step with B computed rows that each verify a tree of T nodes (T = 1: a plain
-    step), learned from the engine's own steps.
+    """c(B, N): seconds of one engine step over B rows that verify N tokens in all (each row its own tree, its root
+    included, and any prompt chunk riding in the step; B = N: a plain step), learned from the engine's own steps.
+    `cost(rows, tokens)` takes the tokens per row (the StepPrice interface; N = rows x tokens, any real number).
 
-    Every step the engine runs is a sample (`observe`): a (B, T) seen before is priced by its decayed mean
+    Every step the engine runs is a sample (`observe`): a (B, N) seen before is priced by its decayed mean
     (recent steps weigh most, so the model follows the machine: graphs on or off, load, heat). An unseen one is
-    priced by the prior, a batch-1 curve priced at B x T nodes, in the units of the nearest seen (B, T) (nearest in
-    log B, then log T): the prior gives the shape, the steps the scale, so a batch's B prefixes that a batch-1
-    curve underprices are corrected as soon as steps of that B have run. `cost(B, T)` is what `Drafter` calls."""
+    priced by the prior, a batch-1 curve priced at N tokens, in the units of the nearest seen (B, N) (nearest in
+    log B, then log N): the prior gives the shape, the steps the scale, so a batch's B rows that a batch-1
+    curve underprices (attention per row over its own context) are corrected as soon as steps of that B have
+    run. `cost(B, N / B)` is what `Drafter` calls."""
 
     def __init__(self, prior: Mapping[int, float], decay: float = 0.9):
         self.source = prior  # the curve it started from (a new one starts a new model)
         self.prior = CostModel(prior)
         self.decay = decay
-        self.seen: dict[tuple[int, int], list[float]] = {}  # (B, T) -> [decayed count, decayed seconds]
+        self.seen: dict[tuple[int, int], list[float]] = {}  # (B, N) -> [decayed count, decayed seconds]
         self._priced: dict[tuple[int, int], float] = {}  # cost()'s answers since the last observe
 
-    def observe(self, rows: int, nodes: int, seconds: float) -> None:
+    def observe(self, rows: int, nodes: float, seconds: float) -> None:
+        """A step of `rows` rows that verified `nodes` tokens per row (rows x nodes in all) took `seconds`."""
         if seconds > 0:
-            entry = self.seen.setdefault((rows, nodes), [0.0, 0.0])
+            entry = self.seen.setdefault((rows, max(1, round(rows * nodes))), [0.0, 0.0])
             entry[0] = entry[0] * self.decay + 1.0
             entry[1] = entry[1] * self.decay + seconds
             self._priced.clear()
 
-    def cost(self, rows: int, tokens: int) -> float:
-        key = (rows, tokens)
+    def cost(self, rows: int, tokens: float) -> float:
+        key = (rows, max(1, round(rows * tokens)))
         price = self._priced.get(key)
         if price is None:
-            price = self._priced[key] = self._price(rows, tokens)
+            price = self._priced[key] = self._price(*key)
         return price
 
-    def _price(self, rows: int, nodes: int) -> float:
-        entry = self.seen.get((rows, nodes))
+    def _price(self, rows: int, total: int) -> float:
+        entry = self.seen.get((rows, total))
         if entry is not None:
             return entry[1] / entry[0]
-        prior = self.prior.cost(rows, nodes)
+        prior = self.prior(total)
         if not self.seen:
             return prior
-        near = min(self.seen, key=lambda k: (abs(math.log(k[0] / rows)), abs(math.log(k[1] / nodes))))
+        near = min(self.seen, key=lambda k: (abs(math.log(k[0] / rows)), abs(math.log(k[1] / total))))
         count, seconds = self.seen[near]
-        return prior * (seconds / count) / self.prior.cost(*near)
+        return prior * (seconds / count) / self.prior(near[1])

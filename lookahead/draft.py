@@ -135,3 +135,91 @@ def ancestor_mask(parents: np.ndarray, max_depth: int) -> np.ndarray:
         up = up[rows, up]
         span *= 2
     return mask
+
+
+@dataclass
+class RaggedBatch:
+    """One step's work, every row's tokens flattened into one dimension [N] (no padding to the longest row).
+
+    Row b carries a causal chain of `shift[b]` prompt tokens (a chunk of a prefill riding in the step; empty for a
+    decoding row) and then a tree under its last token (the row's last committed token and its drafts; none for a
+    row whose prompt goes on in a later step, or a free row). Node i of a row sits at slot cache.lens + i; the chain
+    is committed as it is (cache.lens += shift), the tree is accepted and compacted as a draft tree.
+
+    The tree part is also laid out padded, [B, Td] (Td = the largest tree), for acceptance, the chooser and the
+    compaction, which cost O(B * Td) and nothing per layer. uniform: every row a tree of Td nodes and no chains (the
+    padded layout of pack_drafts, which a CUDA graph replays); only `pack_ragged(pad=True)` makes such batches."""
+    tokens: torch.Tensor       # [N] int64
+    rows: torch.Tensor         # [N] int64: the token's row
+    nodes: torch.Tensor        # [N] int64: its node index in the row (slot offset from cache.lens)
+    depths: torch.Tensor       # [N] int64: its position offset from cache.lens
+    mask: torch.Tensor         # [N, W] bool: token n sees node j of its row
+    logit_index: torch.Tensor  # [M] int64: the flat index of every tree node, row by row (the LM head's rows)
+    tree: DraftBatch           # the trees padded to [B, Td] (a free or mid-prefill row: one padding root)
+    tree_index: torch.Tensor   # [B, Td] int64: each tree node's index in logit_index (padding: 0)
+    shift: torch.Tensor        # [B] int64: chain tokens before the tree
+    has_tree: torch.Tensor     # [B] int64: 1 where the row has a tree (it gets tokens this step)
+    num_tokens: int            # N, host side
+    num_logits: int            # M, host side
+    uniform: bool
+
+
+def pack_ragged(chains: list[list[int]], trees: list[DraftTree | None], device: torch.device | str,
+                pad: bool = False) -> RaggedBatch:
+    """Flatten every row's chain and tree into one step (see RaggedBatch) and move it to the device in two copies.
+    pad: pad every tree to one bucket and give a free row a padding root, with no chains allowed (the fixed shapes
+    a CUDA graph replays: the padded layout of pack_drafts, `uniform`); a batch with a chain is never padded."""
+    B = len(trees)
+    if len(chains) != B:
+        raise ValueError(f"{len(chains)} chains for {B} rows")
+    pad = pad and not any(chains)
+    sizes = [len(t.tokens) if t is not None else 0 for t in trees]
+    Td = bucket_size(max(sizes + [1])) if pad else max(sizes + [1])
+    if pad:
+        trees = [t if t is not None else DraftTree([0], [-1], [0]) for t in trees]
+        sizes = [Td] * B
+    counts = [len(c) + s for c, s in zip(chains, sizes)]
+    N, W = sum(counts), max(counts + [1])
+    M = sum(sizes)
+    ints = np.zeros((4, N), dtype=np.int64)  # tokens, rows, nodes, depths
+    tree_ints = np.zeros((4, B, Td), dtype=np.int64)  # tokens, parents, depths, index into the logits
+    tree_ints[1] = -1
+    per_row = np.zeros((2, B), dtype=np.int64)  # shift, has_tree
+    logit_index = np.zeros(M, dtype=np.int64)
+    for b, (chain, tree) in enumerate(zip(chains, trees)):
+        if tree is not None:
+            n = len(tree.tokens)
+            if n > Td:
+                raise ValueError(f"row {b} has {n} nodes, more than the bucket of {Td}")
+            tree_ints[0, b, :n], tree_ints[1, b, :n], tree_ints[2, b, :n] = tree.tokens, tree.parents, tree.depths
+    anc = ancestor_mask(tree_ints[1], int(tree_ints[2].max()))  # (B, Td, Td)
+    mask = np.zeros((N, W), dtype=np.bool_)
+    off = m = 0
+    for b, (chain, tree) in enumerate(zip(chains, trees)):
+        P, T = len(chain), sizes[b]
+        rows = slice(off, off + P + T)
+        ints[1, rows] = b
+        ints[2, rows] = np.arange(P + T)
+        if P:
+            ints[0, off:off + P] = chain
+            ints[3, off:off + P] = np.arange(P)
+            mask[off:off + P, :P] = np.tri(P, dtype=np.bool_)
+        if T:
+            t = slice(off + P, off + P + T)
+            ints[0, t] = tree_ints[0, b, :T]
+            ints[3, t] = P + tree_ints[2, b, :T]
+            mask[t, :P] = True
+            mask[t, P:P + T] = anc[b, :T, :T]
+            logit_index[m:m + T] = np.arange(off + P, off + P + T)
+            tree_ints[3, b, :T] = np.arange(m, m + T)
+            per_row[1, b] = 1
+        per_row[0, b] = P
+        off += P + T
+        m += T
+    flat = torch.from_numpy(np.concatenate([ints.ravel(), tree_ints.ravel(), per_row.ravel(), logit_index])).to(device)
+    masks = torch.from_numpy(np.concatenate([mask.ravel(), anc.ravel()])).to(device)
+    ints_d, tree_d = flat[:4 * N].view(4, N), flat[4 * N:4 * N + 4 * B * Td].view(4, B, Td)
+    rest = flat[4 * N + 4 * B * Td:]
+    tree = DraftBatch(tree_d[0], tree_d[1], tree_d[2], masks[N * W:].view(B, Td, Td))
+    return RaggedBatch(ints_d[0], ints_d[1], ints_d[2], ints_d[3], masks[:N * W].view(N, W), rest[2 * B:], tree,
+                       tree_d[3], rest[:B], rest[B:2 * B], N, M, pad)

@@ -206,56 +206,63 @@ class Drafter:
         return self.draft_batch([request_id], [context_ids])[0]
 
     def draft_batch(self, request_ids: Sequence[int], contexts: Sequence[Sequence[int] | None],
-                    batch_size: int | None = None) -> list[tuple[list[int], list[int]]]:
-        """Drafts for the rows of one step, priced together: every row's tree is padded to one bucket, so the
-        policy picks the bucket T maximising sum over rows of (1 + kept probabilities) / cost(B x T). A None
-        context is a row that takes no draft (finished); batch_size (default: the rows given) is B."""
+                    batch_size: int | None = None, extra_tokens: int = 0) -> list[tuple[list[int], list[int]]]:
+        """Drafts for the rows of one step, priced together. Every row verifies its own tree (a ragged step: no
+        row is padded to another's size), so the step verifies N = rows + kept nodes + extra_tokens tokens and
+        costs price.cost(rows, N / rows). The policy keeps, across all rows, the nodes of highest calibrated
+        probability while they raise the step's expected tokens per cost, (drafting rows + sum of kept p) /
+        cost: each row keeps the prefix of its proposal that pays at the step's marginal price, and a row with
+        nothing worth verifying costs its root alone. Keeping nothing is among the choices, so a step never
+        prices below a plain one. A None context is a row that takes no draft (finished); batch_size (default:
+        the rows given) is the step's rows; extra_tokens: tokens of the step besides the rows' trees (prompt
+        chunks riding in it)."""
         limit = self.config.decoding_length
         rows = batch_size if batch_size is not None else len(contexts)
-        proposals = [self._proposal(rid, ctx, limit, rows) if ctx is not None and limit > 0 else []
+        proposals = [self._proposal(rid, ctx, limit, rows, extra_tokens) if ctx is not None and limit > 0 else []
                      for rid, ctx in zip(request_ids, contexts)]
-        size = self._choose_bucket(proposals, rows)
+        keep = self._choose_nodes(proposals, rows, sum(ctx is not None for ctx in contexts), extra_tokens)
         out = []
-        for rid, nodes in zip(request_ids, proposals):
-            nodes = nodes[:size - 1]
+        for rid, nodes, k in zip(request_ids, proposals, keep):
+            nodes = nodes[:k]
             if rid in self._requests:
                 self._requests[rid].sent = nodes
             out.append(preorder([(n.token, n.parent) for n in nodes]))
         return out
 
-    def _choose_bucket(self, proposals: list[list[_Node]], rows: int) -> int:
-        """Tree size (root included) for every row of the step."""
-        longest = max((len(p) for p in proposals), default=0)
-        if longest == 0:
-            return 1
-        if self._price is None:
-            return longest + 1
-        cumulative = []
-        for nodes in proposals:
-            acc, sums = 0.0, [0.0]
-            for n in nodes:
-                acc += n.p
-                sums.append(acc)
-            cumulative.append(sums)
-        best, best_score = 1, rows / self._price.cost(rows, 1)
-        for T in TREE_BUCKETS[1:]:
-            if T - 1 > self.config.decoding_length:
-                break
-            gain = sum(1.0 + sums[min(T - 1, len(sums) - 1)] for sums in cumulative)
-            score = gain / self._price.cost(rows, T)
-            if score > best_score:
-                best, best_score = T, score
-            if T - 1 >= longest:
-                break
-        return min(best, longest + 1)
+    def step_price(self, rows: int, tokens: int) -> float:
+        """The price of one step of `rows` rows verifying `tokens` tokens in all (the StepPrice's unit)."""
+        rows = max(rows, 1)
+        return self._price.cost(rows, tokens / rows)
 
-    def _proposal(self, request_id: int, context: Sequence[int], limit: int, rows: int = 1,
+    def _choose_nodes(self, proposals: list[list[_Node]], rows: int, drafting: int, extra: int) -> list[int]:
+        """How many nodes of each row's proposal (best-first, each prefix a tree) the step verifies: the k most
+        probable nodes over all rows, k maximising (drafting + sum of their p) / step_price(rows, base + k), base =
+        every row's root and the extra tokens. Each row's list is non-increasing in p, so the k best nodes are a
+        prefix of every row's list."""
+        if self._price is None:
+            return [len(p) for p in proposals]
+        merged = sorted(((n.p, b) for b, nodes in enumerate(proposals) for n in nodes), key=lambda e: -e[0])
+        base = rows + extra
+        gain, best, best_k = float(drafting), drafting / self.step_price(rows, base), 0
+        for k, (p, _) in enumerate(merged, start=1):
+            gain += p
+            score = gain / self.step_price(rows, base + k)
+            if score > best:
+                best, best_k = score, k
+        keep = [0] * len(proposals)
+        for _, b in merged[:best_k]:
+            keep[b] += 1
+        return keep
+
+    def _proposal(self, request_id: int, context: Sequence[int], limit: int, rows: int = 1, extra: int = 0,
                   cut: bool = True) -> list[_Node]:
         """Up to `limit` nodes best-first by probability, trie, recycled and copy nodes merged (nodes of one token
         under one parent from several sources are one node, which carries every source's subtree); each node's
         probability is at most its parent's, so every prefix of the list is a tree. With a step price the list
-        stops at a bucket boundary once the next bucket could not pay, at the step's `rows`, even if all its nodes
-        were as likely as the last one (cut=False: a chain, priced by its length instead)."""
+        stops at a bucket boundary once the next bucket could not pay in a step of `rows` rows and `extra` other
+        tokens where the other rows verify their roots only (the cheapest such step: `_choose_nodes` keeps no
+        more), even if all its nodes were as likely as the last one (cut=False: a chain, priced by its length
+        instead)."""
         # the longest match, and the next shorter one that has continuations (more evidence, other tokens)
         matches = []
         max_q = self.config.max_query_length
@@ -354,9 +361,10 @@ class Drafter:
             gain += p
             n = len(out)
             if cut and self._price is not None and n + 1 in TREE_BUCKETS and n + 1 < TREE_BUCKETS[-1]:
-                best = max(best, gain / self._price.cost(rows, n + 1))
+                others = rows - 1 + extra  # tokens of the step besides this row's tree
+                best = max(best, (rows - 1 + gain) / self.step_price(rows, others + n + 1))
                 nxt = bucket_size(n + 2)
-                if (gain + (nxt - 1 - n) * p) / self._price.cost(rows, nxt) < best:
+                if (rows - 1 + gain + (nxt - 1 - n) * p) / self.step_price(rows, others + nxt) < best:
                     break
         return out
 

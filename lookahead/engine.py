@@ -6,11 +6,20 @@ learned cost model of its steps. `add` prefills requests into free rows; `step` 
 [0, last busy row] and commits every row's accepted tokens; `remove` ends a request early. `generate` adds its
 rows and steps until they end; the server admits, cancels and evicts requests around the same calls.
 
-Per step: draft (the Drafter prices the trees at the step's row count with `StepCost`) -> pack -> one device step
-(`tree_step`, or its CUDA graph) -> one device-to-host read -> commit per row (eos / stop strings / max tokens
-cut, sampler and drafter updates). Host work is O(draft size) per row; the step's seconds are fed back into the
-cost model. Rows never see each other: the linear layers are batch-invariant on the CPU path and attention is
-per row, so a greedy request returns the tokens it would return alone.
+Per step: draft (the Drafter prices every row's tree in one ragged step with `StepCost`) -> pack (`pack_ragged`:
+each row's tokens flattened, no padding to the longest row; prompt chunks of rows still prefilling ride in the
+same step) -> one device step (`ragged_step`; on CUDA a decode-only step is padded to a bucket and replayed as a
+CUDA graph by `tree_step`) -> one device-to-host read -> commit per row (eos / stop strings / max tokens cut,
+sampler and drafter updates). Host work is O(draft size + prompt chunk) per row; the step's seconds are fed back
+into the cost model. Rows never see each other: the linear layers are batch-invariant on the CPU path and
+attention is per row, so a greedy request returns the tokens it would return alone.
+
+Prefill on CPU is the same step: a prompt is a causal chain of tokens verified in chunks (tree attention over the
+key sequence makes a chunk's bits independent of where chunks end), its last token the root of the row's first
+tree. `add(defer=False)` (generate) runs such steps for the new rows at once; `add(defer=True)` (the server) lets
+each later `step` carry at most `prefill_chunk` prompt tokens beside the running rows' trees (vLLM v1's chunked
+prefill), so a new request neither waits for nor stalls the others. On CUDA the prefill is `model.prefill`
+(flash-attn or sdpa) at `add`.
 
 All torch work of an engine happens on the thread that calls it (torch's OpenMP pool is per thread).
 """
@@ -29,12 +38,12 @@ import torch
 from lookahead.cache import KVCache
 from lookahead.config import LookaheadConfig
 from lookahead.cost import StepCost, StepPrice, curve_key, prior_curve
-from lookahead.draft import bucket_size, draft_trees, pack_drafts
+from lookahead.draft import DraftTree, bucket_size, build_draft, pack_ragged
 from lookahead.drafter import Drafter
 from lookahead.nvtx import nvtx_range
 from lookahead.sampling import SamplingParams, TokenChooser
 from lookahead.settings import MAX_TREE_NODES
-from lookahead.steps import StepGraphs, graphs_enabled, read_step_row, tree_step
+from lookahead.steps import StepGraphs, graphs_enabled, ragged_step, read_step_row, tree_step
 
 log = logging.getLogger("lookahead.engine")
 
@@ -124,6 +133,7 @@ class Sequence:
     request_id: int = field(default_factory=lambda: next(_request_ids))
     context: list[int] = field(init=False)  # prompt + output so far
     row: int | None = field(default=None, init=False)
+    prefilled: int = field(default=0, init=False)  # prompt tokens whose K/V are in its row
     steps: int = field(default=0, init=False)         # forward passes that produced its tokens (prefill included)
     draft_tokens: int = field(default=0, init=False)  # draft nodes verified for it
     finish_reason: str | None = field(default=None, init=False)  # "stop", "length", or what remove() was told
@@ -171,16 +181,24 @@ class Engine:
     otherwise the error propagates (generate).
     cost: a fixed step price for the drafter (`StepPrice`: `cost(rows, tokens)`; replay's modeled curves); None =
     the model's `StepCost`, learned from the engine's own steps.
+    prefill_chunk: prompt tokens one step carries (all rows together) for requests added with defer=True, and the
+    chunk of a prefill at add (at least one token per row).
     """
 
     def __init__(self, model, max_batch: int, max_context: int, lookahead: LookaheadConfig | None = None,
-                 isolate_failures: bool = False, cost: StepPrice | None = None):
+                 isolate_failures: bool = False, cost: StepPrice | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK_TOKENS):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         cfg = model.config
         if not isinstance(max_context, int) or max_context < 2:
             raise ValueError(f"max_context must be an int >= 2, got {max_context!r}")
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be an int >= 1 (prompt tokens per step), got {prefill_chunk!r}")
         self.model, self.max_batch, self.max_context = model, max_batch, max_context
+        self.prefill_chunk = prefill_chunk
+        # the prefill is a verify chain where that gives a one-token step's bits (the C++ CPU path)
+        self.prefill_in_steps = bool(getattr(model, "prefill_in_verify", False))
         self.dtype, self.device = model.dtype, model.device
         self.isolate_failures = isolate_failures
         # normal tensors even when built under inference_mode: a later call outside it updates them in place
@@ -196,7 +214,7 @@ class Engine:
         self.steps = 0
         self.host_s = 0.0  # drafting, packing and committing, summed over steps
         self._device_s = 0.0  # the last step's device work and its one read (for StepCost and host_s)
-        self._shapes_run: set[tuple[int, int]] = set()  # (rows, tree size) of the steps run so far
+        self._shapes_run: set[tuple[int, int]] = set()  # (rows, tree size) of the padded (graph) steps run so far
         self.config: LookaheadConfig | None = None
         self.drafter: Drafter | None = None
         self.fixed_cost = cost
@@ -252,24 +270,31 @@ class Engine:
         """Requests the drafter still holds state for (0 once every request has left)."""
         return len(self.drafter.running_requests()) if self.drafter is not None else 0
 
-    def add(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
-        """Prefill the sequences into free rows (lowest first; consecutive rows in one forward) and commit each one's
-        first token -> [(sequence, [first token])]; a sequence that ends there (eos, max_new_tokens 1) has left
-        its row again. ValueError if a prompt + max_new_tokens does not fit a row or there are too few free rows;
-        nothing is changed then. A prefill that raises: with isolate_failures its rows are retried alone and a row
-        that still fails ends with finish_reason "error" (no event); otherwise every row of the call is freed and
-        the error propagates."""
+    def add(self, seqs: list[Sequence], defer: bool = False) -> list[tuple[Sequence, list[int]]]:
+        """Admit the sequences into free rows (lowest first) -> [(sequence, [first token])] of those prefilled
+        here; a sequence that ends there (eos, max_new_tokens 1) has left its row again. defer=False: prefilled now
+        (on CPU by steps that carry only these rows' prompt chunks; on CUDA one padded `model.prefill` per run of
+        consecutive rows). defer=True, where the prefill is a verify chain (CPU): each later `step` carries up to
+        `prefill_chunk` prompt tokens beside the running rows, and a row's first token is an event of the step
+        that finishes its prompt. ValueError if a prompt + max_new_tokens does not fit a row or there are too few
+        free rows; nothing is changed then. A prefill that raises: with isolate_failures its rows are retried
+        alone and a row that still fails ends with finish_reason "error" (no event); otherwise every row of the
+        call is freed and the error propagates."""
         for seq in seqs:
             seq.check(self.model.config.vocab_size, self.max_context)
         free = [r for r, s in enumerate(self.slots) if s is None]
         if len(seqs) > len(free):
             raise ValueError(f"{len(seqs)} requests but {len(free)} free rows: finish or remove requests first")
         for seq, row in zip(seqs, free):
-            seq.row = row
+            seq.row, seq.prefilled = row, 0
             self.slots[row] = seq
+            self.active[row] = 1
             self.chooser.set_row(row, seq.sampling, seq.prompt, seq.noise_row)
             if self.drafter is not None:
                 self.drafter.begin_request(seq.request_id, seq.prompt, seq.references)
+        if self.prefill_in_steps:
+            self.cache.lens[[s.row for s in seqs]] = 0
+            return [] if defer else self._prefill_in_steps(seqs)
         groups: list[list[Sequence]] = []  # runs of consecutive rows whose right-padding stays small
         for seq in sorted(seqs, key=lambda s: s.row):
             group = groups[-1] if groups else None
@@ -296,6 +321,22 @@ class Engine:
                             self._release(seq, "error")
         return events
 
+    def _prefill_in_steps(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+        """Steps that carry only these rows' prompt chunks (at most prefill_chunk tokens each, at least one per
+        row) until every prompt is in: the other rows wait. A failure frees the rows of this call (propagating it
+        unless isolate_failures, which retries row by row inside the step)."""
+        events, waiting = [], set(seqs)
+        try:
+            while any(s.row is not None and s.prefilled < len(s.prompt) for s in waiting):
+                budget = max(self.prefill_chunk, len(waiting))
+                events += self._step_rows(lambda seq: seq in waiting, budget, draft=False)
+        except Exception:
+            for seq in seqs:
+                if seq.row is not None:
+                    self._release(seq, "error")
+            raise
+        return events
+
     def _prefill(self, group: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
         """Consecutive rows' prompts, right-padded, K/V at slots 0.., each row's first token. At most
         PREFILL_CHUNK_TOKENS tokens (all rows together) go through one forward, so a long prompt's activations
@@ -308,6 +349,7 @@ class Engine:
         first = self.chooser(logits[:, None], lengths[:, None], start=start)[:, 0].tolist()
         for seq in group:
             self.active[seq.row] = 1
+            seq.prefilled = len(seq.prompt)
         return [self._commit(seq, [tok]) for seq, tok in zip(group, first)]
 
     def _chunked_prefill(self, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -347,78 +389,117 @@ class Engine:
 
     # ---- one step ---------------------------------------------------------------------------------------------
     def step(self) -> list[tuple[Sequence, list[int]]]:
-        """One decode step over rows [0, last busy row] -> [(sequence, its new tokens)] for every busy row (a
-        failed row, with isolate_failures, gets no entry and has finish_reason "error")."""
-        n = max((r for r, s in enumerate(self.slots) if s is not None), default=-1) + 1
+        """One decode step over rows [0, last busy row] -> [(sequence, its new tokens)] for every row that got
+        tokens (a failed row, with isolate_failures, gets no entry and has finish_reason "error"). Rows still
+        prefilling (add(defer=True)) carry up to prefill_chunk prompt tokens in all, oldest rows first; a row's
+        first token comes from the step that finishes its prompt."""
+        return self._step_rows(lambda seq: True, self.prefill_chunk, draft=True)
+
+    def _step_rows(self, chosen, budget: int, draft: bool) -> list[tuple[Sequence, list[int]]]:
+        """One ragged step over the busy rows `chosen` takes: prompt chunks within `budget` tokens, and (draft)
+        every decoding row's tree."""
+        n = max((r for r, s in enumerate(self.slots) if s is not None and chosen(s)), default=-1) + 1
         if n == 0:
             return []
         t0 = time.perf_counter()
-        seqs = self.slots[:n]
+        seqs = [s if s is not None and chosen(s) else None for s in self.slots[:n]]
+        chains: list[list[int]] = [[] for _ in range(n)]
+        trees: list[DraftTree | None] = [None] * n
+        decoding = [s is not None and s.prefilled >= len(s.prompt) and draft for s in seqs]
+        for b in sorted((b for b, s in enumerate(seqs) if s is not None and not decoding[b] and
+                         s.prefilled < len(s.prompt)), key=lambda b: seqs[b].request_id):  # oldest first
+            seq = seqs[b]
+            take = min(len(seq.prompt) - seq.prefilled, budget)
+            if take <= 0:
+                break
+            chunk = seq.prompt[seq.prefilled:seq.prefilled + take]
+            budget -= take
+            if seq.prefilled + take == len(seq.prompt):  # the prompt's last token: the root of its first tree
+                chains[b], trees[b] = chunk[:-1], DraftTree([chunk[-1]], [-1], [0])
+            else:
+                chains[b] = chunk
         with nvtx_range("draft"):
             proposals = [([], [])] * n
-            if self.drafter is not None:
-                ids = [s.request_id if s is not None else -1 for s in seqs]
-                contexts = [s.context if s is not None else None for s in seqs]
-                proposals = self.drafter.draft_batch(ids, contexts, batch_size=n)
+            rows = sum(1 for b in range(n) if decoding[b] or chains[b] or trees[b] is not None)
+            if self.drafter is not None and any(decoding):
+                ids = [s.request_id if decoding[b] else -1 for b, s in enumerate(seqs)]
+                contexts = [s.context if decoding[b] else None for b, s in enumerate(seqs)]
+                proposals = self.drafter.draft_batch(ids, contexts, batch_size=rows,
+                                                     extra_tokens=sum(len(c) for c in chains))
             layout = self.config.layout if self.config is not None else "hier"
-            drafts = draft_trees([s.context[-1] if s is not None else 0 for s in seqs], proposals, layout)
+            for b, seq in enumerate(seqs):
+                if decoding[b]:
+                    tokens, parents = proposals[b]
+                    trees[b] = build_draft(seq.context[-1], tokens, parents, layout=layout, budget=len(tokens))
         top_k = min(self.config.recycle_top_k, self.model.config.vocab_size) if self.config is not None else 0
         with torch.inference_mode():
             try:
-                results = self._run(0, n, drafts, top_k)
+                results = self._run(0, n, chains, trees, top_k)
             except Exception:
                 if not self.isolate_failures:
                     raise
                 log.exception("a step of %d rows failed: retrying its rows one by one", n)
-                results = self._run_alone(seqs, drafts, top_k)
+                results = self._run_alone(seqs, chains, trees, top_k)
         t2 = time.perf_counter()
         events = []
         with nvtx_range("commit"):
             for b, seq in enumerate(seqs):
-                if seq is None or results[b] is None:
+                if seq is None or results[b] is None or (not chains[b] and trees[b] is None):
                     continue
-                seq.draft_tokens += drafts[b].num_draft
-                events.append(self._commit(seq, *read_step_row(results[b], drafts[b].tokens, top_k)))
+                seq.prefilled += len(chains[b]) + (0 if decoding[b] or trees[b] is None else 1)
+                if trees[b] is None:  # a prompt chunk that does not end the prompt: no token yet
+                    continue
+                seq.draft_tokens += trees[b].num_draft
+                events.append(self._commit(seq, *read_step_row(results[b], trees[b].tokens, top_k)))
         self.steps += 1
         self.host_s += (t2 - t0) - self._device_s + (time.perf_counter() - t2)
         return events
 
-    def _run(self, start: int, stop: int, drafts, top_k: int) -> list[list[int]]:
+    def _run(self, start: int, stop: int, chains: list[list[int]], trees: list[DraftTree | None],
+             top_k: int) -> list[list[int]]:
         """The device step over rows [start, stop) and its one device-to-host read; the cost model learns its
         seconds."""
         n = stop - start
-        batch = pack_drafts(drafts[start:stop] if (start, stop) != (0, len(drafts)) else drafts, self.device)
-        T = batch.tokens.shape[1]
+        batch = pack_ragged(chains[start:stop], trees[start:stop], self.device, pad=self.device.type == "cuda")
         view = self.views[n] if start == 0 else self.cache.rows(start, stop)
-        inputs = (batch.tokens, batch.parents, batch.depths, batch.tree_mask, self.active[start:stop])
+        active = self.active[start:stop]
         t1 = time.perf_counter()
         lens = view.lens.clone() if self.isolate_failures else None
         try:
-            if start == 0 and self.chooser.plain_argmax(n) and graphs_enabled(self.model):
-                if self.graphs is None or self.graphs.exact != self.model.exact:  # captured with other kernels
-                    self.graphs = StepGraphs(self.model)
-                result = self.graphs.run(view, self.chooser, *inputs, top_k=top_k)
+            if batch.uniform:  # a padded decode step (CUDA): fixed shapes, replayed as a graph where it can be
+                tree = batch.tree
+                inputs = (tree.tokens, tree.parents, tree.depths, tree.tree_mask, active)
+                if start == 0 and self.chooser.plain_argmax(n) and graphs_enabled(self.model):
+                    if self.graphs is None or self.graphs.exact != self.model.exact:  # captured with other kernels
+                        self.graphs = StepGraphs(self.model)
+                    result = self.graphs.run(view, self.chooser, *inputs, top_k=top_k)
+                else:
+                    result = tree_step(self.model, view, partial(self.chooser, start=start), *inputs, top_k=top_k)
             else:
-                result = tree_step(self.model, view, partial(self.chooser, start=start), *inputs, top_k=top_k)
+                result = ragged_step(self.model, view, self.chooser, batch, active, top_k=top_k, start=start)
             host = result.tolist()  # the one device-to-host sync of the step
         except Exception:
             if lens is not None:
                 view.lens.copy_(lens)  # the step wrote only scratch slots past each row's length
             raise
         self._device_s = time.perf_counter() - t1
-        if (n, T) not in self._shapes_run:  # a shape's first step pays one-time work (a graph capture, oneDNN
-            self._shapes_run.add((n, T))     # primitives for a new row count): it would overprice that shape
-        elif self.cost is not None:
-            self.cost.observe(n, T, self._device_s)
+        rows = sum(1 for t in trees[start:stop] if t is not None)
+        tokens = batch.num_tokens
+        if batch.uniform and (n, tokens) not in self._shapes_run:  # a graph's first step captures it: that would
+            self._shapes_run.add((n, tokens))                        # overprice its shape
+        elif self.cost is not None and rows and not any(chains[start:stop]):
+            # steps with prompt chunks are not samples: a chunk's causal attention (each token over the chunk
+            # before it) costs more than a tree of as many tokens, and would overprice the trees' (rows, tokens)
+            self.cost.observe(rows, tokens / rows, self._device_s)
         return host
 
-    def _run_alone(self, seqs: list[Sequence | None], drafts, top_k: int) -> list[list[int] | None]:
+    def _run_alone(self, seqs: list[Sequence | None], chains, trees, top_k: int) -> list[list[int] | None]:
         results: list[list[int] | None] = [None] * len(seqs)
         for b, seq in enumerate(seqs):
-            if seq is None:
+            if seq is None or (not chains[b] and trees[b] is None):
                 continue
             try:
-                results[b] = self._run(b, b + 1, drafts, top_k)[0]
+                results[b] = self._run(b, b + 1, chains, trees, top_k)[0]
             except Exception as e:
                 log.exception("request %s failed in its step", seq.request_id)
                 seq.error = f"{type(e).__name__}: {e}"

@@ -195,7 +195,7 @@ class RecordedModel:
         self.ranks = torch.arange(max(k, 1), 0, -1, dtype=torch.float32)  # top-k logits, descending
         self.state = GenerationState()
         self.admitted: list[int] = []  # record indices of the requests added next, in row order
-        self.last_shape: tuple[int, int] = (0, 0)  # (rows, tree nodes) of the latest verify
+        self.last_shape: tuple[int, float] = (0, 0)  # (rows, tokens per row) of the latest verify
         self._stale: dict[int, list[int] | None] = {}
 
     @property
@@ -253,6 +253,25 @@ class RecordedModel:
                     self._stale.setdefault(token, successors.get(token))
                 logits[b, i, torch.tensor(top)] = self.ranks[:len(top)]
         return logits
+
+    def verify_ragged(self, tokens, rows, nodes, depths, cache, tree_mask, logit_index=None):
+        """The engine's ragged step: every row's tokens laid out padded again for `verify` (replay steps carry
+        no prompt chunks: `prefill` takes the whole prompt) -> logits [M, V] of logit_index."""
+        import torch
+
+        R, W = cache.lens.shape[0], tree_mask.shape[1]
+        padded = torch.zeros(R, W, dtype=torch.long)
+        padded_depths = torch.zeros(R, W, dtype=torch.long)
+        mask = torch.eye(W, dtype=torch.bool).repeat(R, 1, 1)
+        padded[rows, nodes], padded_depths[rows, nodes], mask[rows, nodes] = tokens, depths, tree_mask
+        used = sorted(set(rows.tolist()))
+        logits = torch.zeros(R, W, self.config.vocab_size)
+        view = cache.rows(0, R)
+        if used:
+            logits[:] = self.verify(padded, padded_depths, view, mask)
+        self.last_shape = (len(used), tokens.shape[0] / max(len(used), 1))  # what the ragged step verified
+        out = logits[rows, nodes]  # (N, V)
+        return out if logit_index is None else out[logit_index]
 
     def settle(self) -> None:
         """After a step: the recycled top-k of tokens whose nodes had no recorded top-k is what it was before."""
@@ -401,7 +420,7 @@ class SuffixDecodingDrafter:
     def update(self, request_id: int, new_tokens, predictions=None) -> None:
         self.cache.add_active_response(request_id, list(new_tokens))
 
-    def draft_batch(self, request_ids, contexts, batch_size=None) -> list[tuple[list[int], list[int]]]:
+    def draft_batch(self, request_ids, contexts, batch_size=None, extra_tokens=0) -> list[tuple[list[int], list[int]]]:
         out = []
         for rid, context in zip(request_ids, contexts):
             if context is None:

@@ -61,6 +61,47 @@ def tree_step(model, cache: KVCache, chooser, tokens: torch.Tensor, parents: tor
     return torch.cat(parts, dim=1)
 
 
+def ragged_step(model, cache: KVCache, chooser, batch, active: torch.Tensor, top_k: int = 0,
+                start: int = 0) -> torch.Tensor:
+    """One decode step over a ragged batch (`draft.RaggedBatch`: each row's prompt chunk and tree flattened, no
+    padding to the longest row) -> [B, 1 + Td (+ Td * top_k)] int64 as tree_step's, a row without a tree (its
+    prompt goes on next step, or a free row) reporting 0 tokens. The forward runs the linear layers over the N flat
+    tokens and attention per row over its prefix, its chain and its own tree; the LM head runs on the tree nodes
+    only. Chains are committed as they are (cache.lens += shift); trees are accepted and compacted per row.
+    chooser: the engine's TokenChooser, whose rows [start, start + B) these are."""
+    tree = batch.tree
+    B, Td = tree.tokens.shape
+    with nvtx_range("verify"):
+        hidden_logits = model.verify_ragged(batch.tokens, batch.rows, batch.nodes, batch.depths, cache, batch.mask,
+                                            batch.logit_index) if batch.num_tokens else None  # (M, V)
+        cache.lens += batch.shift  # the chains' K/V are in place: the tree's root now sits at slot cache.lens
+        if not batch.num_logits:  # only chunks of prompts that go on: nothing to choose
+            return torch.zeros(B, 1 + Td * (1 + top_k), dtype=torch.long, device=cache.lens.device)
+        positions = cache.lens[:, None] + tree.depths + 1  # (B, Td) where each node's next token goes
+        if chooser.plain_argmax(B, start):
+            targets = hidden_logits.argmax(-1)[batch.tree_index]  # (B, Td): padding reads node 0's
+        else:
+            targets = chooser(hidden_logits[batch.tree_index], positions, tree.tokens, tree.tree_mask, start=start)
+    live = active * batch.has_tree  # rows whose tree is accepted
+    if Td == 1:  # plain steps: the root alone is accepted, its K/V already in place
+        num = batch.has_tree
+        cache.lens += live
+        new = targets
+    else:
+        with nvtx_range("accept"):
+            path, num = kernels.accept_longest_path(tree.tokens, tree.parents, targets)
+            new = accepted_tokens(tree.tokens, targets, path, num)
+        with nvtx_range("compact"):
+            kernels.compact_kv(cache.buffer, cache.lens, path, num)
+            cache.lens += num * live
+        num = num * batch.has_tree
+    parts = [num[:, None], new]
+    if top_k:
+        top = hidden_logits.topk(top_k, dim=-1).indices[batch.tree_index]  # (B, Td, top_k)
+        parts.append(top.flatten(1))
+    return torch.cat(parts, dim=1)
+
+
 def read_step_row(row: list[int], node_tokens: list[int], top_k: int) -> tuple[list[int], dict | None]:
     """One row of tree_step's result, read on the host -> (the new tokens, {node token: the model's top-k next
     tokens} for the row's real nodes, or None without top_k). O(tree size)."""

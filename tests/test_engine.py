@@ -64,33 +64,34 @@ def test_bad_input_changes_nothing():
 def test_a_failing_prefill_or_step_fails_only_its_request(monkeypatch):
     model = _tiny_llama(1)
     engine = Engine(model, max_batch=4, max_context=60, isolate_failures=True)
+    assert engine.prefill_in_steps  # the CPU path: a prefill is a verify chain of the ragged step
     bad_prompt = prompt(9, 6)
-    prefill = model.prefill
+    verify = model.verify_ragged
 
-    def faulty_prefill(ids, lengths, cache):
-        if any(row[:len(bad_prompt)] == bad_prompt for row in ids.tolist()):
+    def faulty_prefill(tokens, rows, nodes, depths, cache, tree_mask, logit_index=None):
+        flat = tokens.tolist()
+        if any(flat[i:i + len(bad_prompt)] == bad_prompt for i in range(len(flat))):
             raise RuntimeError("injected prefill fault")
-        return prefill(ids, lengths, cache)
+        return verify(tokens, rows, nodes, depths, cache, tree_mask, logit_index)
 
-    monkeypatch.setattr(model, "prefill", faulty_prefill)
+    monkeypatch.setattr(model, "verify_ragged", faulty_prefill)
     good, bad = Sequence(prompt(1, 5), 12), Sequence(bad_prompt, 12)
     events = engine.add([good, bad])
     assert bad.finish_reason == "error" and "injected prefill fault" in bad.error and bad.row is None
     assert [s for s, _ in events] == [good]
     monkeypatch.undo()
 
-    verify = model.verify
     victim = Sequence(prompt(2, 7), 12)
     engine.add([victim])
 
-    def faulty_verify(tokens, depths, cache, tree_mask):
+    def faulty_verify(tokens, rows, nodes, depths, cache, tree_mask, logit_index=None):
         if cache.lens.shape[0] == 1 and cache.lens.data_ptr() == engine.cache.lens[victim.row:].data_ptr():
             raise RuntimeError("injected step fault")  # the victim's row, alone
         if cache.lens.shape[0] > 1:
             raise RuntimeError("the batched step fails")  # so every row is retried alone
-        return verify(tokens, depths, cache, tree_mask)
+        return verify(tokens, rows, nodes, depths, cache, tree_mask, logit_index)
 
-    monkeypatch.setattr(model, "verify", faulty_verify)
+    monkeypatch.setattr(model, "verify_ragged", faulty_verify)
     engine.step()
     monkeypatch.undo()
     assert victim.finish_reason == "error" and "injected step fault" in victim.error
@@ -119,35 +120,59 @@ def test_an_engine_made_under_inference_mode_serves_later_calls_outside_it():
     assert again.tolist() == first.tolist()
 
 
-def test_long_prompts_are_prefilled_in_chunks_with_the_same_outputs(monkeypatch):
-    """Prompts longer than a chunk (rows of 5, 23 and 40 tokens, 12 tokens per forward): the cache holds
-    each prompt's K/V and its length, and every row decodes what an unchunked prefill decodes."""
-    import lookahead.engine as engine_module
-
+def test_long_prompts_are_prefilled_in_chunks_with_the_same_bits():
+    """Prompts longer than a chunk (rows of 5, 23 and 40 tokens, 12 prompt tokens per step, oldest row first): the
+    cache holds each prompt's K/V and its length bit for bit as one unchunked step does, and every row decodes the
+    same tokens."""
     model = _tiny_llama(5)
     prompts = [prompt(11, 5), prompt(12, 23), prompt(13, 40)]
 
     def run(chunk_tokens):
-        monkeypatch.setattr(engine_module, "PREFILL_CHUNK_TOKENS", chunk_tokens)
         calls = []
-        verify = model.verify
-        monkeypatch.setattr(model, "verify", lambda *a: calls.append(a[0].shape) or verify(*a))
-        engine = Engine(model, max_batch=3, max_context=80, lookahead=LookaheadConfig(adaptive=False))
-        seqs = [Sequence(p, 12) for p in prompts]
-        first = engine.add(seqs)
+        verify = model.verify_ragged
+        engine = Engine(model, max_batch=3, max_context=80, lookahead=LookaheadConfig(adaptive=False),
+                        prefill_chunk=chunk_tokens)
+        model.verify_ragged = lambda *a: calls.append(a[0].shape[0]) or verify(*a)
+        try:
+            seqs = [Sequence(p, 12) for p in prompts]
+            first = engine.add(seqs)
+        finally:
+            del model.verify_ragged
         lens = engine.cache.lens.tolist()
         kv = engine.cache.buffer.clone()
-        monkeypatch.undo()
         run_to_end(engine, seqs)
         return first, lens, kv, [s.output for s in seqs], calls
 
     first, lens, kv, outputs, calls = run(12)
-    # rows 23 and 40 share a forward (row 5 pads too much): 6 tokens per row, the first 6 as a prefill, then
-    # 34 more of the widest row as verifies of at most 12 tokens in all
-    assert [tuple(c) for c in calls] == [(2, 6)] * 5 + [(2, 4)]
-    assert lens == [5, 23, 40]
+    assert calls == [12] * 5 + [8]  # 5 + 7 | 12 | 4 + 8 | 12 | 12 | 8 of row 40's, flattened: no padding
+    assert lens == [5, 23, 40]  # each prompt in its row (the first token's K/V come with the next step)
     first_whole, lens_whole, kv_whole, outputs_whole, calls_whole = run(10_000)
-    assert calls_whole == [] and lens_whole == lens
+    assert calls_whole == [68] and lens_whole == lens
     assert [t for _, t in first] == [t for _, t in first_whole] and outputs == outputs_whole
     for row, n in enumerate(lens):
-        torch.testing.assert_close(kv[:, :, row, :, :n], kv_whole[:, :, row, :, :n])
+        assert torch.equal(kv[:, :, row, :, :n], kv_whole[:, :, row, :, :n])
+
+
+def test_a_deferred_prefill_rides_in_the_running_rows_steps():
+    """add(defer=True): a long prompt is prefilled a chunk per step beside a decoding row; neither row's tokens
+    change, no step carries more prompt tokens than prefill_chunk, and the new row's first token is an event."""
+    model = _tiny_llama(6)
+    running, late = Sequence(prompt(14, 6), 20), Sequence(prompt(15, 37), 10)
+    engine = Engine(model, max_batch=2, max_context=80, lookahead=LookaheadConfig(adaptive=False), prefill_chunk=8)
+    engine.add([running])
+    engine.step()
+    assert engine.add([late], defer=True) == [] and late.prefilled == 0 and not late.output
+    sizes, verify = [], model.verify_ragged
+    model.verify_ragged = lambda *a: sizes.append((a[1] == late.row).sum().item()) or verify(*a)
+    try:
+        firsts = []
+        while late.prefilled < len(late.prompt):
+            events = engine.step()
+            assert running in [s for s, _ in events]  # the running row decodes every step
+            firsts += [new for s, new in events if s is late]
+    finally:
+        del model.verify_ragged
+    assert sizes == [8, 8, 8, 8, 5] and firsts == [late.output[:1]]  # 37 prompt tokens, the first token with the last
+    run_to_end(engine, [running, late])
+    assert running.output == alone(model, running.prompt, 20)
+    assert late.output == alone(model, late.prompt, 10)

@@ -126,6 +126,8 @@ class AttentionContext:
     rows: torch.Tensor | None = None       # [B, 1] verify: arange(B)
     tree_mask: torch.Tensor | None = None  # [B, T, T] verify: node i sees node j
     ancestor_bits: torch.Tensor | None = None  # the tree mask packed once for the Triton kernel (or None)
+    token_rows: torch.Tensor | None = None   # [N] ragged verify (x is [1, N, dim]): each token's cache row ...
+    token_nodes: torch.Tensor | None = None  # [N] ... and node index; attention runs on rows padded to tree_mask's T
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -201,8 +203,16 @@ class Attention(nn.Module):
             k_cache, v_cache = ctx.cache.buffer[self.layer]  # (B, Hkv, S, D) each
             k_cache[ctx.rows, :, ctx.slots] = k
             v_cache[ctx.rows, :, ctx.slots] = v
-            y = kernels.tree_attention(q, k_cache, v_cache, ctx.cache.lens, ctx.tree_mask,
-                                       ancestor_bits=ctx.ancestor_bits, exact=self.exact)
+            if ctx.token_rows is None:
+                y = kernels.tree_attention(q, k_cache, v_cache, ctx.cache.lens, ctx.tree_mask,
+                                           ancestor_bits=ctx.ancestor_bits, exact=self.exact)
+            else:  # ragged: each row's tokens at their node index of rows padded to W nodes, then back
+                R, W = ctx.tree_mask.shape[:2]
+                padded = q.new_zeros(R, W, self.n_heads, self.head_dim)
+                padded[ctx.token_rows, ctx.token_nodes] = q[0]
+                y = kernels.tree_attention(padded, k_cache, v_cache, ctx.cache.lens, ctx.tree_mask,
+                                           ancestor_bits=ctx.ancestor_bits, exact=self.exact)
+                y = y[ctx.token_rows, ctx.token_nodes][None]  # (1, N, Hq, D)
         else:
             if ctx.mode == "prefill":
                 kv = ctx.cache.buffer[self.layer, :, :, :, :T]  # (2, B, Hkv, T, D)
@@ -313,6 +323,13 @@ class CausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.tok_embeddings.weight.dtype
 
+    @property
+    def prefill_in_verify(self) -> bool:
+        """Whether an engine prefills through verify chains (`verify_ragged`): on the C++ CPU path, where tree
+        attention over the key sequence gives a prompt token the bits of a one-token step wherever chunks end, so
+        a prefill at `add` and one spread over decode steps agree bit for bit."""
+        return cpu_path(self.tok_embeddings.weight)
+
     # ---- loading: the family hooks (loading.py's `Pretrained.from_pretrained` uses them) ---------------------
     @classmethod
     def family_config(cls, hf: dict) -> ModelConfig:
@@ -376,11 +393,15 @@ class CausalLM(nn.Module):
             h = torch.ops.lookahead.decode_layers(
                 x, self._layer_weights(), ctx.cos[:, :, 0], ctx.sin[:, :, 0], ctx.cache.buffer, ctx.cache.lens,
                 ctx.slots, ctx.tree_mask, self.config.n_heads, self.config.rope_interleaved, self.config.norm_eps,
-                self.norm.weight)  # (B, T, dim), after the final norm
+                self.norm.weight, ctx.token_rows, ctx.token_nodes)  # (B, T, dim), after the final norm
+            if logit_rows is not None:
+                h = h[0, logit_rows]  # (M, dim)
             return self.output(h)
         for layer in self.layers:
             x = layer(x, ctx)
-        if logit_rows is not None:  # only the rows asked for go through the LM head
+        if logit_rows is not None and ctx.token_rows is not None:  # ragged: only the tokens asked for
+            x = x[0, logit_rows]  # (M, dim)
+        elif logit_rows is not None:  # only the rows asked for go through the LM head
             x = x[torch.arange(x.shape[0], device=x.device), logit_rows]  # (B, dim)
         return self.output(self.norm(x))
 
@@ -428,6 +449,33 @@ class CausalLM(nn.Module):
                                rows=torch.arange(B, device=tokens.device)[:, None],  # (B, 1)
                                tree_mask=tree_mask, ancestor_bits=kernels.ancestor_bits(tree_mask))
         return self._run(tokens, ctx)
+
+    def verify_ragged(self, tokens: torch.Tensor, rows: torch.Tensor, nodes: torch.Tensor, depths: torch.Tensor,
+                      cache: KVCache, tree_mask: torch.Tensor | None, logit_index: torch.Tensor | None = None,
+                      ) -> torch.Tensor:
+        """Forward over every row's tokens flattened into one dimension (no padding to the longest row): tokens,
+        rows, nodes, depths [N]; token n is node nodes[n] of cache row rows[n], at position cache.lens[rows[n]] +
+        depths[n], its K/V at slot cache.lens[rows[n]] + nodes[n]. tree_mask [N, W] bool: token n sees node j of
+        its own row (itself and its ancestors; None = every row's tokens one causal chain). -> logits [M, V] of the
+        tokens logit_index [M] (default all N): the LM head runs on those only. cache.lens is not advanced.
+        A row may carry a causal chain (a prompt chunk) and a tree under its last token in the same step."""
+        N = tokens.shape[0]
+        lens = cache.lens[rows]  # (N,)
+        positions = (lens + depths)[None]  # (1, N)
+        cos, sin = self._rope(positions, cache.max_len)
+        slots = (lens + nodes)[None]  # (1, N)
+        if cpu_path(tokens):  # the C++ ops take the ragged layout as it is
+            ctx = AttentionContext("verify", cos, sin, cache, slots=slots, rows=rows[None], tree_mask=tree_mask,
+                                   token_rows=rows, token_nodes=nodes)
+        else:  # the modules' attention pads rows to W nodes for the tree-attention kernel
+            W = int(nodes.max()) + 1 if tree_mask is None else tree_mask.shape[1]
+            padded = torch.eye(W, dtype=torch.bool, device=tokens.device).repeat(cache.batch, 1, 1)  # (R, W, W)
+            padded[rows, nodes] = (torch.arange(W, device=tokens.device)[None] <= nodes[:, None] if tree_mask is None
+                                   else tree_mask)
+            ctx = AttentionContext("verify", cos, sin, cache, slots=slots, rows=rows[None], tree_mask=padded,
+                                   ancestor_bits=kernels.ancestor_bits(padded), token_rows=rows, token_nodes=nodes)
+        return self._run(tokens[None], ctx, logit_rows=logit_index if logit_index is not None else
+                         torch.arange(N, device=tokens.device))
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (

@@ -139,66 +139,95 @@ struct CacheView {  // a [B, H, S, D] cache tensor's pointer and strides (rows m
 
 }  // namespace
 
-// q [B, T, Hq, D]; k/v_cache [B, Hkv, S, D] (node j's K/V at slot lens[b] + j); lens [B] int64;
-// tree_mask [B, T, T] bool or None (a causal chain) -> out [B, T, Hq, D]
+// Two layouts of a step's tokens. Padded: q [B, T, Hq, D], token (b, i) is node i of cache row b, tree_mask
+// [B, T, T] bool (tree_mask[b, i, j]: node i sees node j) or None (a causal chain). Ragged (rows given): q [N, Hq, D]
+// flattened over the rows (as flash-attn's varlen), rows [N] / nodes [N] int64 the cache row and node index of each
+// token, tree_mask [N, W] bool (token n sees node j of its row) or None. Either way node i of row b has its K/V at
+// slot lens[b] + i of k/v_cache [R, Hkv, S, D] (R cache rows) -> out shaped as q.
 at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& lens, const c10::optional<at::Tensor>& tree_mask, double scale) {
+                          const at::Tensor& lens, const c10::optional<at::Tensor>& tree_mask, double scale,
+                          const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& nodes) {
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() && lens.device().is_cpu(),
               "lookahead::tree_attention runs on CPU tensors");
-  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
-              "lookahead::tree_attention: q [B, T, Hq, D], k/v_cache [B, Hkv, S, D], got ", q.sizes(), " ",
-              k_cache.sizes(), " ", v_cache.sizes());
-  const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k_cache.size(1), S = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == D && Hq % Hkv == 0,
+  const bool ragged = rows.has_value();
+  TORCH_CHECK(ragged == nodes.has_value(), "lookahead::tree_attention: rows and nodes come together");
+  TORCH_CHECK(q.dim() == (ragged ? 3 : 4) && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "lookahead::tree_attention: q [B, T, Hq, D] (or [N, Hq, D] with rows), k/v_cache [R, Hkv, S, D], got ",
+              q.sizes(), " ", k_cache.sizes(), " ", v_cache.sizes());
+  const int64_t N = ragged ? q.size(0) : q.size(0) * q.size(1), Hq = q.size(-2), D = q.size(-1);
+  const int64_t R = k_cache.size(0), Hkv = k_cache.size(1), S = k_cache.size(2);
+  const int64_t T = ragged ? 0 : q.size(1);  // the padded layout's nodes per row
+  TORCH_CHECK((ragged || R == q.size(0)) && k_cache.size(3) == D && Hq % Hkv == 0,
               "lookahead::tree_attention: cache rows / head dim / head groups do not fit q");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type(),
               "lookahead::tree_attention: q and the cache must share a dtype");
   TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1 && k_cache.strides() == v_cache.strides(),
               "lookahead::tree_attention: cache head dim must be contiguous and k/v strided alike");
-  TORCH_CHECK(lens.scalar_type() == at::kLong && lens.dim() == 1 && lens.size(0) == B,
-              "lookahead::tree_attention: cache_lens must be int64 [B]");
+  TORCH_CHECK(lens.scalar_type() == at::kLong && lens.dim() == 1 && lens.size(0) == R,
+              "lookahead::tree_attention: cache_lens must be int64 [cache rows]");
   const at::Tensor lc = lens.contiguous();
   const int64_t* lp = lc.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(lp[b] >= 0 && lp[b] + T <= S, "lookahead::tree_attention: row ", b, " has ", lp[b],
-                " committed slots and ", T, " nodes: more than the cache's ", S);
+  std::vector<int64_t> row_of(N), node_of(N);  // each token's cache row and node index
+  if (ragged) {
+    TORCH_CHECK(rows->scalar_type() == at::kLong && nodes->scalar_type() == at::kLong && rows->dim() == 1 &&
+                nodes->dim() == 1 && rows->size(0) == N && nodes->size(0) == N,
+                "lookahead::tree_attention: rows and nodes must be int64 [N]");
+    const at::Tensor rc = rows->contiguous(), nc = nodes->contiguous();
+    std::copy(rc.data_ptr<int64_t>(), rc.data_ptr<int64_t>() + N, row_of.begin());
+    std::copy(nc.data_ptr<int64_t>(), nc.data_ptr<int64_t>() + N, node_of.begin());
+  } else {
+    for (int64_t n = 0; n < N; ++n) row_of[n] = n / T, node_of[n] = n % T;
+  }
   at::Tensor mask;
+  int64_t W = 0;  // nodes per mask row
   if (tree_mask.has_value()) {
-    TORCH_CHECK(tree_mask->scalar_type() == at::kBool && tree_mask->dim() == 3 && tree_mask->size(0) == B &&
-                tree_mask->size(1) == T && tree_mask->size(2) == T,
-                "lookahead::tree_attention: tree_mask must be bool [B, T, T]");
+    if (ragged) {
+      TORCH_CHECK(tree_mask->scalar_type() == at::kBool && tree_mask->dim() == 2 && tree_mask->size(0) == N,
+                  "lookahead::tree_attention: with rows, tree_mask must be bool [N, W]");
+    } else {
+      TORCH_CHECK(tree_mask->scalar_type() == at::kBool && tree_mask->dim() == 3 && tree_mask->size(0) == R &&
+                  tree_mask->size(1) == T && tree_mask->size(2) == T,
+                  "lookahead::tree_attention: tree_mask must be bool [B, T, T]");
+    }
     mask = tree_mask->contiguous();
+    W = mask.size(-1);
   }
   const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  if (mp)
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0; i < T; ++i)
-        TORCH_CHECK(mp[(b * T + i) * T + i], "lookahead::tree_attention: tree_mask[", b, ", ", i, ", ", i,
-                    "] is False: a node must see itself");
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t b = row_of[n], i = node_of[n];
+    TORCH_CHECK(b >= 0 && b < R && i >= 0 && (!mp || i < W), "lookahead::tree_attention: token ", n,
+                " is node ", i, " of row ", b, ", outside the cache's ", R, " rows or the mask's ", W, " nodes");
+    TORCH_CHECK(lp[b] >= 0 && lp[b] + i < S, "lookahead::tree_attention: row ", b, " has ", lp[b],
+                " committed slots and a node ", i, ": more than the cache's ", S);
+    TORCH_CHECK(!mp || mp[n * W + i], "lookahead::tree_attention: token ", n, " (node ", i, " of row ", b,
+                ") does not see itself in tree_mask");
+  }
   const at::Tensor qc = q.contiguous();
   at::Tensor out = at::empty_like(qc);
   const int64_t group = Hq / Hkv;
   const CacheView kv{k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
   const float sc = static_cast<float>(scale);
+  int64_t keys = 0;  // multiply-adds of one query head, on average
+  for (int64_t n = 0; n < N; ++n) keys += lp[row_of[n]] + node_of[n] + 1;
+  const int64_t per_item = std::max<int64_t>(1, keys / std::max<int64_t>(1, N)) * D;
   LOOKAHEAD_DISPATCH(q.scalar_type(), "lookahead::tree_attention", [&] {
     const scalar_t* qp = qc.data_ptr<scalar_t>();
     const scalar_t* kp = k_cache.data_ptr<scalar_t>();
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    const int64_t per_item = (lp[0] + T) * D;  // multiply-adds of one query head, about
-    at::parallel_for(0, B * T * Hq, std::max<int64_t>(1, (1 << 15) / per_item), [&](int64_t w0, int64_t w1) {
+    at::parallel_for(0, N * Hq, std::max<int64_t>(1, (1 << 15) / per_item), [&](int64_t w0, int64_t w1) {
       std::vector<float> qf(D), o(D), scores;
       std::vector<int64_t> slots;
       for (int64_t w = w0; w < w1; ++w) {
-        const int64_t h = w % Hq, i = (w / Hq) % T, b = w / (Hq * T);
+        const int64_t h = w % Hq, t = w / Hq;
+        const int64_t b = row_of[t], i = node_of[t];
         const int64_t L = lp[b];
         slots.clear();  // the node's path, root first
         for (int64_t j = 0; j <= i; ++j)
-          if (mp ? mp[(b * T + i) * T + j] : true) slots.push_back(L + j);
+          if (mp ? mp[t * W + j] : true) slots.push_back(L + j);
         const int64_t n_keys = L + static_cast<int64_t>(slots.size());
         scores.resize(n_keys);
-        const scalar_t* qrow = qp + ((b * T + i) * Hq + h) * D;
+        const scalar_t* qrow = qp + (t * Hq + h) * D;
         for (int64_t d = 0; d < D; ++d) qf[d] = to_float(qrow[d]);
         const scalar_t* kh = kp + b * kv.sb + (h / group) * kv.sh;
         const scalar_t* vh = vp + b * kv.sb + (h / group) * kv.sh;
@@ -242,7 +271,7 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
         if (fast) attend_avx512(qf.data(), D, kh, vh, kv.ss, slot, n_keys, sc, sp_, o.data(), true);
 #endif
         const float inv = 1.0f / lane_sum(lsum);
-        scalar_t* orow = op + ((b * T + i) * Hq + h) * D;
+        scalar_t* orow = op + (t * Hq + h) * D;
         for (int64_t d = 0; d < D; ++d) orow[d] = from_float<scalar_t>(o[d] * inv);
       }
     });
@@ -253,15 +282,18 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
 // RoPE on q and k of a step's tokens and the store of their K/V.
 // qkv [B, T, (Hq + 2 Hkv) * D]; cos/sin [B, T, R] (R = rotary dims, in the dtype); k/v_cache [B, Hkv, S, D];
 // slots [B, T] int64 -> q [B, T, Hq, D]; k_cache[b, :, slots[b, t]] = RoPE(k), v likewise (unrotated).
+// Ragged (rows [B * T] int64 given): token t goes to cache row rows[t] instead of t / T, of any of the cache's rows.
 // interleaved: rotate the pairs (x0, x1), (x2, x3), ...; otherwise the two halves of the first R dims.
 at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
-                      at::Tensor& v_cache, const at::Tensor& slots, int64_t n_heads, bool interleaved) {
+                      at::Tensor& v_cache, const at::Tensor& slots, int64_t n_heads, bool interleaved,
+                      const c10::optional<at::Tensor>& rows) {
   TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 3 && qkv.is_contiguous(),
               "lookahead::rope_store: qkv must be a contiguous CPU tensor [B, T, (Hq + 2 Hkv) * D]");
   const int64_t B = qkv.size(0), T = qkv.size(1);
   const int64_t Hkv = k_cache.size(1), S = k_cache.size(2), D = k_cache.size(3);
   const int64_t R = cos.size(-1);
-  TORCH_CHECK(qkv.size(2) == (n_heads + 2 * Hkv) * D && k_cache.size(0) == B && v_cache.sizes() == k_cache.sizes(),
+  TORCH_CHECK(qkv.size(2) == (n_heads + 2 * Hkv) * D && (rows.has_value() || k_cache.size(0) == B) &&
+                  v_cache.sizes() == k_cache.sizes(),
               "lookahead::rope_store: qkv ", qkv.sizes(), " does not fit a cache ", k_cache.sizes(), " with ",
               n_heads, " query heads");
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 3 && cos.size(0) == B && cos.size(1) == T && R <= D &&
@@ -274,6 +306,18 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
               "lookahead::rope_store: cache head dim must be contiguous and k/v strided alike");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 2 && slots.size(0) == B && slots.size(1) == T,
               "lookahead::rope_store: slots must be int64 [B, T]");
+  std::vector<int64_t> row_of(B * T);
+  if (rows.has_value()) {
+    TORCH_CHECK(rows->scalar_type() == at::kLong && rows->numel() == B * T,
+                "lookahead::rope_store: rows must be int64 with one entry per token");
+    const at::Tensor rc = rows->contiguous();
+    std::copy(rc.data_ptr<int64_t>(), rc.data_ptr<int64_t>() + B * T, row_of.begin());
+    for (int64_t t = 0; t < B * T; ++t)
+      TORCH_CHECK(row_of[t] >= 0 && row_of[t] < k_cache.size(0), "lookahead::rope_store: row ", row_of[t],
+                  " outside the cache's ", k_cache.size(0));
+  } else {
+    for (int64_t t = 0; t < B * T; ++t) row_of[t] = t / T;
+  }
   const at::Tensor sl = slots.contiguous();
   const int64_t* sp = sl.data_ptr<int64_t>();
   for (int64_t t = 0; t < B * T; ++t)
@@ -306,7 +350,7 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
     };
     at::parallel_for(0, B * T, 64, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / T;
+        const int64_t b = row_of[t];
         const T_* x = xp + t * width;
         const T_* c = cp + t * R;
         const T_* s = snp + t * R;
@@ -324,10 +368,10 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
 }
 
 TORCH_LIBRARY_FRAGMENT(lookahead, m) {
-  m.def("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lens, Tensor? tree_mask, float scale)"
-        " -> Tensor");
+  m.def("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lens, Tensor? tree_mask, float scale, "
+        "Tensor? rows=None, Tensor? nodes=None) -> Tensor");
   m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, "
-        "int n_heads, bool interleaved) -> Tensor");
+        "int n_heads, bool interleaved, Tensor? rows=None) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(lookahead, CPU, m) {
   m.impl("tree_attention", tree_attention);

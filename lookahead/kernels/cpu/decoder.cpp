@@ -17,11 +17,14 @@ c10::optional<at::Tensor> given(const at::Tensor& t) {
 
 // x [B, T, dim] (the embeddings; used in place as the residual stream); weights: PER_LAYER tensors per layer;
 // cos/sin [B, T, R]; cache [L, 2, B, Hkv, S, D]; lens [B]; slots [B, T]; tree_mask [B, T, T] or None ->
-// the final RMSNorm of the last hidden states [B, T, dim] (the LM head's input)
+// the final RMSNorm of the last hidden states [B, T, dim] (the LM head's input).
+// Ragged (rows and nodes [N] given, attention.cpp): x [1, N, dim] holds every row's tokens flattened, cos/sin
+// [1, N, R], slots [1, N], tree_mask [N, W] or None, and the cache's rows are [L, 2, R, Hkv, S, D], lens [R].
 at::Tensor decode_layers(at::Tensor x, at::TensorList weights, const at::Tensor& cos, const at::Tensor& sin,
                          at::Tensor cache, const at::Tensor& lens, const at::Tensor& slots,
                          const c10::optional<at::Tensor>& tree_mask, int64_t n_heads, bool interleaved, double eps,
-                         const at::Tensor& final_norm) {
+                         const at::Tensor& final_norm, const c10::optional<at::Tensor>& rows,
+                         const c10::optional<at::Tensor>& nodes) {
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "lookahead::decode_layers: x must be contiguous [B, T, dim]");
   TORCH_CHECK(weights.size() % PER_LAYER == 0 && cache.dim() == 6 &&
                   cache.size(0) == static_cast<int64_t>(weights.size()) / PER_LAYER,
@@ -34,8 +37,10 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList weights, const at::Tensor&
     const at::Tensor* w = weights.data() + l * PER_LAYER;
     at::Tensor k_cache = cache.select(0, l).select(0, 0), v_cache = cache.select(0, l).select(0, 1);
     const at::Tensor qkv = lookahead_cpu::linear(h, w[WQKV], given(w[BQKV]));
-    const at::Tensor q = lookahead_cpu::rope_store(qkv, cos, sin, k_cache, v_cache, slots, n_heads, interleaved);
-    const at::Tensor y = lookahead_cpu::tree_attention(q, k_cache, v_cache, lens, tree_mask, scale).view({B, T, -1});
+    const at::Tensor q = lookahead_cpu::rope_store(qkv, cos, sin, k_cache, v_cache, slots, n_heads, interleaved, rows);
+    const at::Tensor y = lookahead_cpu::tree_attention(rows.has_value() ? q.view({B * T, n_heads, D}) : q, k_cache,
+                                                       v_cache, lens, tree_mask, scale, rows, nodes)
+                             .view({B, T, -1});
     at::Tensor o = lookahead_cpu::linear(y, w[WO], given(w[BO]));
     if (w[POST_ATTN_NORM].numel()) o = lookahead_cpu::rms_norm(o, w[POST_ATTN_NORM], eps);
     h = lookahead_cpu::add_rms_norm_(x, o, w[FFN_NORM], eps);
@@ -50,7 +55,8 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList weights, const at::Tensor&
 
 TORCH_LIBRARY_FRAGMENT(lookahead, m) {
   m.def("decode_layers(Tensor(a!) x, Tensor[] weights, Tensor cos, Tensor sin, Tensor(b!) cache, Tensor lens, "
-        "Tensor slots, Tensor? tree_mask, int n_heads, bool interleaved, float eps, Tensor final_norm) -> Tensor");
+        "Tensor slots, Tensor? tree_mask, int n_heads, bool interleaved, float eps, Tensor final_norm, "
+        "Tensor? rows=None, Tensor? nodes=None) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(lookahead, CPU, m) { m.impl("decode_layers", decode_layers); }
 

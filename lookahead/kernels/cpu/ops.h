@@ -10,8 +10,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor add_rms_norm_(at::Tensor& x, const at::Tensor& h, const at::Tensor& weight, double eps);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& lens, const c10::optional<at::Tensor>& tree_mask, double scale);
+                          const at::Tensor& lens, const c10::optional<at::Tensor>& tree_mask, double scale,
+                          const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& nodes);
 at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
-                      at::Tensor& v_cache, const at::Tensor& slots, int64_t n_heads, bool interleaved);
+                      at::Tensor& v_cache, const at::Tensor& slots, int64_t n_heads, bool interleaved,
+                      const c10::optional<at::Tensor>& rows);
 
 }  // namespace lookahead_cpu
