@@ -204,8 +204,9 @@ class StepCost:
 
     Every step the engine runs is a sample (`observe`): a (B, N) seen before is priced by its decayed mean
     (recent steps weigh most, so the model follows the machine: graphs on or off, load, heat). An unseen one is
-    priced by the prior, a batch-1 curve priced at N tokens, in the units of the nearest seen (B, N) (nearest in
-    log B, then log N): the prior gives the shape, the steps the scale, so a batch's B rows that a batch-1
+    priced linearly between the nearest seen sizes of the same B, else by the prior, a batch-1 curve priced at N
+    tokens, in the units of the nearest seen (B, N) (nearest in log B, then log N): the prior gives the shape, the
+    steps the scale, so a batch's B rows that a batch-1
     curve underprices (attention per row over its own context) are corrected as soon as steps of that B have
     run. `cost(B, N / B)` is what `Drafter` calls."""
 
@@ -235,9 +236,19 @@ class StepCost:
         entry = self.seen.get((rows, total))
         if entry is not None:
             return entry[1] / entry[0]
+        # between two seen sizes of the same row count: linear between them (the steps' own slope, which a
+        # batch-1 prior underprices once the rows' tokens make the step compute-bound)
+        below = max((n for r, n in self.seen if r == rows and n < total), default=None)
+        above = min((n for r, n in self.seen if r == rows and n > total), default=None)
+        if below is not None and above is not None:
+            lo, hi = self._mean(rows, below), self._mean(rows, above)
+            return lo + (hi - lo) * (total - below) / (above - below)
         prior = self.prior(total)
         if not self.seen:
             return prior
         near = min(self.seen, key=lambda k: (abs(math.log(k[0] / rows)), abs(math.log(k[1] / total))))
-        count, seconds = self.seen[near]
-        return prior * (seconds / count) / self.prior(near[1])
+        return prior * self._mean(*near) / self.prior(near[1])
+
+    def _mean(self, rows: int, total: int) -> float:
+        count, seconds = self.seen[rows, total]
+        return seconds / count

@@ -210,9 +210,10 @@ class Drafter:
         """Drafts for the rows of one step, priced together. Every row verifies its own tree (a ragged step: no
         row is padded to another's size), so the step verifies N = rows + kept nodes + extra_tokens tokens and
         costs price.cost(rows, N / rows). The policy keeps, across all rows, the nodes of highest calibrated
-        probability while they raise the step's expected tokens per cost, (drafting rows + sum of kept p) /
-        cost: each row keeps the prefix of its proposal that pays at the step's marginal price, and a row with
-        nothing worth verifying costs its root alone. Keeping nothing is among the choices, so a step never
+        probability while they raise the expected tokens per cost, (drafting rows + sum of kept p) / (a plain
+        step of the rows + what the kept nodes add to the step, priced at its N with the prompt chunks in): each
+        row keeps the prefix of its proposal that pays at the step's marginal price, and a row with nothing worth
+        verifying costs its root alone. Keeping nothing is among the choices, so a step never
         prices below a plain one. A None context is a row that takes no draft (finished); batch_size (default:
         the rows given) is the step's rows; extra_tokens: tokens of the step besides the rows' trees (prompt
         chunks riding in it)."""
@@ -236,17 +237,20 @@ class Drafter:
 
     def _choose_nodes(self, proposals: list[list[_Node]], rows: int, drafting: int, extra: int) -> list[int]:
         """How many nodes of each row's proposal (best-first, each prefix a tree) the step verifies: the k most
-        probable nodes over all rows, k maximising (drafting + sum of their p) / step_price(rows, base + k), base =
-        every row's root and the extra tokens. Each row's list is non-increasing in p, so the k best nodes are a
+        probable nodes over all rows, k maximising (drafting + sum of their p) / (price(rows, rows) +
+        price(rows, rows + extra + k) - price(rows, rows + extra)): the prompt chunks' tokens are paid anyway and
+        produce none of these rows' tokens, so they only raise the price of the nodes on top of them. Each row's list is non-increasing in p, so the k best nodes are a
         prefix of every row's list."""
         if self._price is None:
             return [len(p) for p in proposals]
         merged = sorted(((n.p, b) for b, nodes in enumerate(proposals) for n in nodes), key=lambda e: -e[0])
-        base = rows + extra
-        gain, best, best_k = float(drafting), drafting / self.step_price(rows, base), 0
+        # the decoding rows' share of the step: a plain step of the rows plus what the drafts add on top of the
+        # prompt chunks (which the step runs anyway and which produce no token of these rows)
+        plain, base = self.step_price(rows, rows), self.step_price(rows, rows + extra)
+        gain, best, best_k = float(drafting), drafting / plain, 0
         for k, (p, _) in enumerate(merged, start=1):
             gain += p
-            score = gain / self.step_price(rows, base + k)
+            score = gain / (plain + self.step_price(rows, rows + extra + k) - base)
             if score > best:
                 best, best_k = score, k
         keep = [0] * len(proposals)
@@ -361,10 +365,12 @@ class Drafter:
             gain += p
             n = len(out)
             if cut and self._price is not None and n + 1 in TREE_BUCKETS and n + 1 < TREE_BUCKETS[-1]:
-                others = rows - 1 + extra  # tokens of the step besides this row's tree
-                best = max(best, (rows - 1 + gain) / self.step_price(rows, others + n + 1))
+                # priced as _choose_nodes prices it, in the step where the other rows verify their roots only
+                plain, base = self.step_price(rows, rows), self.step_price(rows, rows + extra)
+                best = max(best, (rows - 1 + gain) / (plain + self.step_price(rows, rows + extra + n) - base))
                 nxt = bucket_size(n + 2)
-                if (rows - 1 + gain + (nxt - 1 - n) * p) / self.step_price(rows, others + nxt) < best:
+                if (rows - 1 + gain + (nxt - 1 - n) * p) / (
+                        plain + self.step_price(rows, rows + extra + nxt - 1) - base) < best:
                     break
         return out
 

@@ -391,9 +391,12 @@ class Engine:
     def step(self) -> list[tuple[Sequence, list[int]]]:
         """One decode step over rows [0, last busy row] -> [(sequence, its new tokens)] for every row that got
         tokens (a failed row, with isolate_failures, gets no entry and has finish_reason "error"). Rows still
-        prefilling (add(defer=True)) carry up to prefill_chunk prompt tokens in all, oldest rows first; a row's
-        first token comes from the step that finishes its prompt."""
-        return self._step_rows(lambda seq: True, self.prefill_chunk, draft=True)
+        prefilling (add(defer=True)) carry up to prefill_chunk prompt tokens in all (PREFILL_CHUNK_TOKENS while no
+        row decodes), oldest rows first; a row's first token comes from the step that finishes its prompt."""
+        decoding = any(s is not None and s.prefilled >= len(s.prompt) for s in self.slots)
+        # with no row decoding, no row's time per token is at stake: prompts go in whole chunks
+        budget = self.prefill_chunk if decoding else max(self.prefill_chunk, PREFILL_CHUNK_TOKENS)
+        return self._step_rows(lambda seq: True, budget, draft=True)
 
     def _step_rows(self, chosen, budget: int, draft: bool) -> list[tuple[Sequence, list[int]]]:
         """One ragged step over the busy rows `chosen` takes: prompt chunks within `budget` tokens, and (draft)

@@ -145,3 +145,12 @@ def test_a_batch_whose_steps_rise_steeply_gets_smaller_trees_than_one_row():
     alone = len(drafter.draft(0, context)[0])
     batch = drafter.draft_batch(list(range(8)), [context] * 8)
     assert 0 < max(len(tokens) for tokens, _ in batch) < alone
+
+
+def test_a_size_between_two_seen_ones_is_priced_on_their_line():
+    cost = StepCost({1: 1.0, 8: 1.1, 64: 2.0})
+    for _ in range(3):
+        cost.observe(8, 1, 0.016)  # 8 rows, 8 tokens: 16 ms
+        cost.observe(8, 1.5, 0.022)  # 12 tokens: 22 ms (a compute-bound step: 1.5 ms a token)
+    assert cost.cost(8, 10 / 8) == pytest.approx(0.019)  # 10 tokens: on the line, not the prior's flat slope
+    assert cost.cost(8, 2) > cost.cost(8, 1.5)  # past the largest seen: the prior's shape, scaled

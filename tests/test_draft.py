@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lookahead.draft import TREE_BUCKETS, bucket_size, build_draft, pack_drafts
+from lookahead.draft import TREE_BUCKETS, DraftTree, bucket_size, build_draft, pack_drafts, pack_ragged
 
 # retrieved nodes (root excluded), DFS pre-order: 2 -> (3 -> (7, 8), 4)
 TOKENS, PARENTS = [2, 3, 7, 8, 4], [0, 1, 2, 2, 1]
@@ -80,3 +80,31 @@ def test_the_ancestor_mask_of_random_trees_equals_walking_up_each_node():
                     expected[b, i, j] = True
                     j = d.parents[j]
         assert torch.equal(batch.tree_mask, expected)
+
+
+def test_a_ragged_batch_flattens_every_rows_chain_and_tree_without_padding():
+    tree = build_draft(1, TOKENS, PARENTS)  # 6 nodes
+    root = DraftTree([9], [-1], [0])
+    batch = pack_ragged([[], [5, 6], [7, 8, 9], []], [tree, root, None, None], "cpu")
+    assert batch.num_tokens == 6 + 3 + 3 and batch.num_logits == 7 and not batch.uniform
+    assert batch.tokens.tolist() == [1, 2, 3, 7, 8, 4, 5, 6, 9, 7, 8, 9]
+    assert batch.rows.tolist() == [0] * 6 + [1] * 3 + [2] * 3
+    assert batch.nodes.tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 0, 1, 2]
+    assert batch.depths.tolist() == [0, 1, 2, 3, 3, 2, 0, 1, 2, 0, 1, 2]
+    assert batch.shift.tolist() == [0, 2, 3, 0] and batch.has_tree.tolist() == [1, 1, 0, 0]
+    assert batch.logit_index.tolist() == [0, 1, 2, 3, 4, 5, 8]  # every tree node, and the chunk's last token
+    assert batch.mask.shape == (12, 6)
+    assert batch.mask[3].tolist() == [True, True, True, True, False, False]  # 7 sees 1, 2, 3 and itself
+    assert batch.mask[8].tolist() == [True, True, True, False, False, False]  # the root under a chunk sees it all
+    assert batch.mask[10].tolist() == [True, True, False, False, False, False]  # a chain is causal
+    assert batch.tree.tokens.shape == (4, 6) and batch.tree.parents[1].tolist() == [-1] * 6
+    assert batch.tree_index[1, 0] == 6 and batch.tree_index[0].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_padded_ragged_batch_is_the_padded_layout_of_pack_drafts():
+    tree = build_draft(1, TOKENS, PARENTS)
+    padded = pack_drafts([tree, DraftTree([4], [-1], [0])], "cpu")
+    batch = pack_ragged([[], []], [tree, None], "cpu", pad=True)
+    assert batch.uniform and batch.num_tokens == 2 * padded.tokens.shape[1]
+    assert torch.equal(batch.tree.parents, padded.parents) and torch.equal(batch.tree.tree_mask, padded.tree_mask)
+    assert not pack_ragged([[], [3]], [tree, None], "cpu", pad=True).uniform  # a chain is never padded

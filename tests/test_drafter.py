@@ -229,3 +229,55 @@ def test_the_step_price_is_one_interface_given_once():
         Drafter(cfg, cost_curve={1: 1.0}, trie=trie(), step_cost=CostModel({1: 1.0}))
     with pytest.raises(ValueError, match="cost\\(rows, tokens\\)"):
         Drafter(cfg, trie=trie(), step_cost={1: 1.0})
+
+
+def test_a_ragged_step_gives_nodes_to_the_rows_whose_drafts_pay():
+    """One row whose context the trie knows well, three it does not: the well-known row keeps a long tree while
+    the others verify their roots alone (no row pays for another's tree), and the modeled tokens per cost of the
+    chosen step are never below a plain step's."""
+    trie = TokenTrie(branch_length=16, max_trie_nodes=10_000)
+    sequence = list(range(1, 30))
+    for _ in range(4):
+        trie.insert(sequence)
+    cfg = LookaheadConfig(branch_length=16, decoding_length=32, recycle_top_k=0)
+    curve = {1: 1.0, 2: 1.05, 4: 1.1, 8: 1.2, 16: 1.9, 32: 3.4, 64: 6.6, 256: 60.0}  # steeper past 64 tokens
+    drafter = Drafter(cfg, cost_curve=curve, trie=trie)
+    for rid in range(4):
+        drafter.begin_request(rid, [100 + rid])
+    contexts = [sequence[:3], [200, 201], [202, 203], [204, 205]]
+    drafts = drafter.draft_batch(list(range(4)), contexts)
+    sizes = [len(tokens) for tokens, _ in drafts]
+    assert sizes[0] >= 4 and sizes[1:] == [0, 0, 0]
+    # the same request in a step that also carries 200 prompt tokens: its nodes cost 3x more there
+    crowded = drafter.draft_batch(list(range(4)), contexts, extra_tokens=200)
+    assert len(crowded[0][0]) < sizes[0]
+
+
+def test_the_ragged_policy_never_models_a_step_below_plain():
+    import random
+
+    from lookahead.drafter import _Node
+
+    rng = random.Random(0)
+    curve = {1: 1.0, 4: 1.3, 8: 2.0, 16: 4.5, 64: 20.0}
+    drafter = Drafter(LookaheadConfig(recycle_top_k=0), cost_curve=curve)
+    for _ in range(200):
+        rows = rng.randint(1, 8)
+        proposals = []
+        for _ in range(rows):
+            p, nodes = 1.0, []
+            for i in range(rng.randint(0, 12)):
+                p *= rng.uniform(0.3, 1.0)
+                nodes.append(_Node(1, i - 1, p, None, p, i + 1))
+            proposals.append(nodes)
+        extra = rng.choice([0, 0, 16, 100])
+        keep = drafter._choose_nodes(proposals, rows, rows, extra)
+        kept = sorted((n.p for b, nodes in enumerate(proposals) for n in nodes[:keep[b]]), reverse=True)
+        price = drafter.step_price
+        plain, base = price(rows, rows), price(rows, rows + extra)
+        score = (rows + sum(kept)) / (plain + price(rows, rows + extra + len(kept)) - base)
+        assert score >= rows / plain - 1e-12
+        everything = sorted((n.p for nodes in proposals for n in nodes), reverse=True)
+        for k in range(len(everything) + 1):  # and no other number of most likely nodes models better
+            other = (rows + sum(everything[:k])) / (plain + price(rows, rows + extra + k) - base)
+            assert other <= score + 1e-12

@@ -122,3 +122,49 @@ def test_other_hosts_code_paths_are_exact_too(arch, tmp_path):
     run = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0 and "exact" in run.stdout, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_ragged_step_gives_each_row_the_bits_of_its_own_padded_step(dtype):
+    """One ragged step: row 0 a tree of 5 nodes after a prefix of 37, row 1 a prompt chunk of 9 tokens (a causal
+    chain) with a 3-node tree under its last token, row 2 nothing, row 3 a lone root. Every token's logits, and
+    every K/V written, equal those of each row verified alone in the padded layout, bit for bit; the LM head on a
+    subset of tokens gives those tokens' bits too."""
+    from lookahead.draft import DraftTree, pack_ragged
+
+    model = tiny(dtype, seed=3)
+    gen = torch.Generator().manual_seed(9)
+    prefixes = [37, 4, 11, 20]
+    cache = model.kv_cache(4, 64)
+    with torch.inference_mode():
+        model.prefill(torch.randint(0, VOCAB, (4, 37), generator=gen), torch.tensor(prefixes), cache)
+        alone = model.kv_cache(4, 64)
+        alone.buffer.copy_(cache.buffer)
+        alone.lens.copy_(cache.lens)
+        chain = torch.randint(0, VOCAB, (9,), generator=gen).tolist()
+        trees = [DraftTree(torch.randint(0, VOCAB, (5,), generator=gen).tolist(), [-1, 0, 1, 0, 3], [0, 1, 2, 1, 2]),
+                 DraftTree(torch.randint(0, VOCAB, (3,), generator=gen).tolist(), [-1, 0, 0], [0, 1, 1]), None,
+                 DraftTree([int(torch.randint(0, VOCAB, (1,), generator=gen))], [-1], [0])]
+        batch = pack_ragged([[], chain, [], []], trees, "cpu")
+        assert batch.num_tokens == 5 + 9 + 3 + 1 and not batch.uniform
+        got = model.verify_ragged(batch.tokens, batch.rows, batch.nodes, batch.depths, cache, batch.mask)
+        heads = model.verify_ragged(batch.tokens, batch.rows, batch.nodes, batch.depths, cache, batch.mask,
+                                    batch.logit_index)
+        assert torch.equal(heads, got[batch.logit_index])
+        for b, (prefix, tree) in enumerate(zip([[], chain, [], []], trees)):
+            if tree is None:
+                continue
+            P, T = len(prefix), len(tree.tokens)
+            tokens = torch.tensor([prefix + tree.tokens])
+            depths = torch.tensor([list(range(P)) + [P + d for d in tree.depths]])
+            parents = [i - 1 for i in range(P)] + [P - 1 if p < 0 else P + p for p in tree.parents]
+            mask = torch.zeros(1, P + T, P + T, dtype=torch.bool)
+            for i in range(P + T):
+                j = i
+                while j >= 0:
+                    mask[0, i, j] = True
+                    j = parents[j]
+            ref = model.verify(tokens, depths, alone.rows(b, b + 1), mask)[0]  # (P + T, V)
+            assert torch.equal(got[batch.rows == b], ref), f"row {b}"
+            n = prefixes[b] + P + T
+            assert torch.equal(cache.buffer[:, :, b, :, :n], alone.buffer[:, :, b, :, :n]), f"row {b}'s K/V"

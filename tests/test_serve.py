@@ -191,7 +191,8 @@ def test_requests_queued_together_share_every_step_and_equal_generate(smollm2):
     prompts = [encode_prompt(tokenizer, text, True)[0].tolist() for _, text in spec_bench_first_turns(1)[:8]]
     lengths = [8, 24, 12, 20, 10, 16, 22, 14]
     with fresh_state(model):
-        scheduler = Scheduler(model, max_batch=8, max_context=512, lookahead=None).start()
+        # every prompt fits one step's prefill chunk: one step prefills all eight, then they decode together
+        scheduler = Scheduler(model, max_batch=8, max_context=512, lookahead=None, prefill_chunk=4096).start()
         done = threading.Event()
         outputs = {}
 
@@ -208,8 +209,8 @@ def test_requests_queued_together_share_every_step_and_equal_generate(smollm2):
         assert done.wait(TIMEOUT)
         stats = scheduler.stats
         scheduler.close()
-    assert stats.max_batch_seen == 8 and stats.steps == max(lengths) - 1  # the prefill gave each its first token
-    assert stats.row_steps == sum(n - 1 for n in lengths)
+    assert stats.max_batch_seen == 8 and stats.steps == 1 + max(lengths) - 1  # the prefill step gave each its first
+    assert stats.row_steps == 8 + sum(n - 1 for n in lengths)                # token, then every step ran them all
     for i, (prompt, n, req) in enumerate(zip(prompts, lengths, requests)):
         assert outputs[i].reason == "length"
         expected = model.generate(torch.tensor([prompt]), max_new_tokens=n, lookahead=False, eos_token_id=[])

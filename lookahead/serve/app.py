@@ -542,6 +542,10 @@ def add_arguments(p) -> None:
     p.add_argument("--max-trie-nodes", type=int, default=1 << 20,
                    help="the shared trie's bound, request-local prompt windows included (at most 1.1x it): about "
                         "52 bytes per node, 55 MB at the default 1048576")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens one decode step carries beside the running requests (CPU: new prompts ride "
+                        "in the steps in chunks; default 128): smaller keeps time per output token flatter while "
+                        "requests arrive, larger gives the first token sooner")
     p.add_argument("--no-malloc-trim", action="store_true",
                    help="keep what the C allocator frees instead of handing it back when the server goes idle")
     p.add_argument("--trie", default=None, metavar="PATH",
@@ -580,7 +584,7 @@ def run(args) -> int:
                           lookahead=None if args.no_lookahead else True, max_trie_nodes=args.max_trie_nodes,
                           trie_path=args.trie, trie_save_minutes=args.trie_save_minutes,
                           request_timeout=args.request_timeout, threads=args.threads, metrics=True,
-                          trim_allocator=not args.no_malloc_trim)
+                          trim_allocator=not args.no_malloc_trim, prefill_chunk=args.prefill_chunk)
     scheduler.start()  # the decode thread resolves (converts once) and loads the checkpoint
     tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(args.model))  # the converted dir: no torch work
     name = args.served_model_name or args.model

@@ -179,11 +179,17 @@ class ServerProcess:
         self.log.close()
 
 
-def conversations(num_prompts: int) -> list[list[dict]]:
-    """The first `num_prompts` Spec-Bench first turns, round-robin over the categories, as chat messages."""
+COPY_HEAVY = ("rag", "summarization", "extraction")  # Spec-Bench's categories whose answers copy from the prompt
+
+
+def conversations(num_prompts: int, prompt_set: str = "spec-bench") -> list[list[dict]]:
+    """The first `num_prompts` Spec-Bench first turns, round-robin over the categories (prompt_set "copy-heavy": over
+    rag, summarization and extraction only), as chat messages."""
     from lookahead.data import spec_bench_first_turns
 
-    items = spec_bench_first_turns(None)[:num_prompts]
+    if prompt_set not in ("spec-bench", "copy-heavy"):
+        raise ValueError(f"prompt_set must be 'spec-bench' or 'copy-heavy', got {prompt_set!r}")
+    items = spec_bench_first_turns(None, list(COPY_HEAVY) if prompt_set == "copy-heavy" else None)[:num_prompts]
     if len(items) < num_prompts:
         raise ValueError(f"Spec-Bench has {len(items)} prompts, {num_prompts} were asked for")
     return [[{"role": "user", "content": text}] for _, text in items]
@@ -230,7 +236,7 @@ def bench_serve(model: str = DEFAULT_MODEL, num_prompts: int = 8, max_tokens: in
                 concurrencies: tuple[int, ...] = (1, 4, 8, 16), out: str | Path = "bench/serve", name: str = "serve",
                 max_batch: int = 16, url: str | None = None, served_model_name: str | None = None,
                 dtype: str | None = None, device: str | None = None, threads: int | None = None,
-                baseline: bool = True) -> list[dict]:
+                baseline: bool = True, prompt_set: str = "spec-bench", server_args: tuple[str, ...] = ()) -> list[dict]:
     """Run the load for plain and lookahead servers (or only the server at `url`), and with `baseline` the same
     prompts through generate() in a process of its own; write `{out}/{name}.json`, `.md` and `.png`, and return
     the rows."""
@@ -238,7 +244,7 @@ def bench_serve(model: str = DEFAULT_MODEL, num_prompts: int = 8, max_tokens: in
         raise ValueError("num_prompts, max_tokens and every concurrency must be >= 1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    convs = conversations(num_prompts)
+    convs = conversations(num_prompts, prompt_set)
     warmup = [[{"role": "user", "content": "Hello!"}]]
     modes = [("server", None)] if url else [("plain", False), ("lookahead", True)]
     rows, texts = [], {}
@@ -251,7 +257,7 @@ def bench_serve(model: str = DEFAULT_MODEL, num_prompts: int = 8, max_tokens: in
     for mode, lookahead in modes:
         for c in concurrencies:
             server = None if url else ServerProcess(model, lookahead, max_batch, out / f"{name}-{mode}-c{c}.log",
-                                                    dtype, device, threads)
+                                                    dtype, device, threads, server_args)
             base = url.rstrip("/").removesuffix("/v1") if url else server.url
             served = served_model_name or model
             try:
@@ -271,11 +277,11 @@ def bench_serve(model: str = DEFAULT_MODEL, num_prompts: int = 8, max_tokens: in
         if row["identical_to_plain"] is None and ("generate-plain", 1) in texts and not url:
             row["identical_to_plain"] = sum(a == b for a, b in zip(texts[row["mode"], 1], texts["generate-plain", 1]))
     meta = {"model": model, "num_prompts": num_prompts, "max_tokens": max_tokens, "max_batch": max_batch,
-            "threads": threads, "date": time.strftime("%Y-%m-%d"), "results": rows,
+            "threads": threads, "prompt_set": prompt_set, "server_args": list(server_args), "dtype": dtype, "date": time.strftime("%Y-%m-%d"), "results": rows,
             "requests": {f"{m}-c{c}": t for (m, c), t in texts.items()}}
     (out / f"{name}.json").write_text(json.dumps(meta, indent=1))
     (out / f"{name}.md").write_text(markdown_table(rows) + "\n")
-    plot(rows, out / f"{name}.png", f"{model}: {num_prompts} Spec-Bench prompts, {max_tokens} tokens")
+    plot(rows, out / f"{name}.png", f"{model}: {num_prompts} {prompt_set} prompts, {max_tokens} tokens")
     return rows
 
 
@@ -434,6 +440,8 @@ def add_arguments(p) -> None:
     p.add_argument("--url", default=None, help="bench this running server instead of starting plain and lookahead ones")
     p.add_argument("--served-model-name", default=None, help="the model id the server at --url expects")
     p.add_argument("--num-prompts", type=int, default=8, help="Spec-Bench first turns, round-robin over categories")
+    p.add_argument("--set", dest="prompt_set", choices=["spec-bench", "copy-heavy"], default="spec-bench",
+                   help="copy-heavy: only Spec-Bench's rag, summarization and extraction prompts")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--max-batch", type=int, default=16, help="--max-batch of the servers started")
@@ -461,6 +469,6 @@ def run(args) -> int:
     rows = bench_serve(args.model, args.num_prompts, args.max_tokens, tuple(args.concurrency), args.out,
                        args.name or "serve",
                        args.max_batch, args.url, args.served_model_name, args.dtype, args.device, args.threads,
-                       not args.no_baseline)
+                       not args.no_baseline, args.prompt_set, tuple(args.server_arg))
     print(markdown_table(rows))
     return 0 if all(r["errors"] == 0 for r in rows) else 1

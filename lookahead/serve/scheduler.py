@@ -5,9 +5,11 @@
 is per thread: a second thread doing torch work would bring a second pool of spinning workers onto the same
 cores). Other threads only queue requests, flag them cancelled and read counters.
 
-Between two steps the thread drops cancelled and timed-out requests, admits queued ones into free rows (one
-prefill per run of consecutive rows), and saves the trie when it is due; then one `Engine.step` runs over the
-busy rows. The events of a whole step (each request's new tokens, and `Finished` for those that ended) go out in
+Between two steps the thread drops cancelled and timed-out requests, admits queued ones into free rows, and saves
+the trie when it is due; then one `Engine.step` runs over the busy rows. On CPU an admitted request's prompt rides
+in the steps (`Engine.add(defer=True)`: at most `prefill_chunk` prompt tokens per step beside the running rows'
+trees, vLLM v1's chunked prefill), so a new request neither waits for the running ones nor stalls them; elsewhere
+it is prefilled at admission (one forward per run of consecutive rows). The events of a whole step (each request's new tokens, and `Finished` for those that ended) go out in
 one `deliver` call, so an event loop wakes once per step, not once per row.
 """
 
@@ -42,6 +44,10 @@ class QueueFull(Exception):
 class EngineClosed(Exception):
     """The server is shutting down and takes no new requests (HTTP 503)."""
 
+
+# Prompt tokens one server step carries beside the running rows' trees. SmolLM2-135M bf16 on the AMD EPYC 2-core
+# host (2026-12-05): see the README's "Chunked prefill" for the TTFT / TPOT it gives at c = 1..16.
+SERVE_PREFILL_CHUNK = 128
 
 @dataclass
 class Tokens:
@@ -125,13 +131,16 @@ class Scheduler:
     (None = torch's default). metrics: keep Prometheus metrics (`self.metrics`, for GET /metrics). Stop strings
     are the HTTP side's: its text stream finds them and calls `stop`. max_trie_nodes: the shared trie's bound
     (request-local windows included), set on a loaded trie too (None = the trie's own). trim_allocator: hand the C
-    allocator's free memory back to the OS whenever the last request leaves.
+    allocator's free memory back to the OS whenever the last request leaves. prefill_chunk: prompt tokens one step
+    carries beside the running rows (all admitted requests together; SERVE_PREFILL_CHUNK by default): smaller keeps
+    the running rows' time per token flatter while prompts arrive, larger gives new requests their first token sooner.
     """
 
     def __init__(self, model, *, max_batch: int = 16, max_context: int | None = None, max_queue: int = 256,
                  lookahead: LookaheadConfig | bool | None = True, trie_path: str | Path | None = None,
                  trie_save_minutes: float = 10.0, request_timeout: float | None = None, threads: int | None = None,
-                 max_trie_nodes: int | None = None, metrics: bool = False, trim_allocator: bool = True):
+                 max_trie_nodes: int | None = None, metrics: bool = False, trim_allocator: bool = True,
+                 prefill_chunk: int | None = None):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
@@ -144,6 +153,10 @@ class Scheduler:
             raise ValueError(f"request_timeout must be > 0 seconds (or None), got {request_timeout!r}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be an int >= 1 (prompt tokens per step), got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk if prefill_chunk is not None else SERVE_PREFILL_CHUNK
         self._model_or_loader = model
         self.max_batch, self.max_queue, self._max_context = max_batch, max_queue, max_context
         self.config = lookahead
@@ -238,7 +251,8 @@ class Scheduler:
                 "kv_cache": engine.cache.buffer.nbytes + engine.cache.lens.nbytes,
                 "trie": len(self.trie) * TRIE_NODE_BYTES,
                 "suffix_automata": suffix_tokens * SUFFIX_TOKEN_BYTES,
-                "workspace": max(workspace_bytes(cfg, PREFILL_CHUNK_TOKENS, keys, element),
+                "workspace": max(workspace_bytes(cfg, engine.prefill_chunk + step_tokens if engine.prefill_in_steps
+                                                 else PREFILL_CHUNK_TOKENS, keys, element),
                                  workspace_bytes(cfg, step_tokens, keys, element)),
                 "rss": rss, "rss_peak": peak}
 
@@ -272,7 +286,8 @@ class Scheduler:
             self.config = LookaheadConfig.for_trie(self.trie)
         elif self.config is False:
             self.config = None
-        self.engine = Engine(self.model, self.max_batch, max_context, self.config, isolate_failures=True)
+        self.engine = Engine(self.model, self.max_batch, max_context, self.config, isolate_failures=True,
+                             prefill_chunk=self.prefill_chunk)
         self.weights_bytes = model_memory_bytes(self.model)
 
     def _run(self) -> None:
@@ -375,7 +390,8 @@ class Scheduler:
             self._end(req, why, out)
 
     def _admit(self, out: list) -> None:
-        """Queued requests into the free rows, oldest first (their prefills in one forward per run of rows)."""
+        """Queued requests into the free rows, oldest first: their prompts ride in the next steps (CPU), or are
+        prefilled now (one forward per run of rows)."""
         with self._cond:
             n = min(self.engine.free_rows(), len(self._pending))
             admitted = [self._pending.popleft() for _ in range(n)]
@@ -386,7 +402,8 @@ class Scheduler:
             self.stats.prompt_tokens += len(req.seq.prompt)
             if self.metrics is not None:
                 self.metrics.admitted(len(req.seq.prompt))
-        events = self.engine.add([req.seq for req in admitted])  # a prefill that fails fails its request alone
+        # a prefill that fails fails its request alone
+        events = self.engine.add([req.seq for req in admitted], defer=True)
         self._collect(admitted, events, out, from_step=False)
 
     def _step(self, out: list) -> None:
@@ -408,8 +425,8 @@ class Scheduler:
         for seq, new in events:
             req = by_seq[seq]
             if new:
-                if self.metrics is not None:
-                    self.metrics.tokens(new, from_step)
+                if self.metrics is not None:  # a first token is a prefill's, whichever call made it
+                    self.metrics.tokens(new, from_step and req.first_token_s is not None)
                 if req.first_token_s is None:
                     req.first_token_s = now - req.submitted
                     if self.metrics is not None:
