@@ -246,7 +246,11 @@ class StepCost:
         prior = self.prior(total)
         if not self.seen:
             return prior
-        near = min(self.seen, key=lambda k: (abs(math.log(k[0] / rows)), abs(math.log(k[1] / total))))
+        # a plain step (one token a row) is priced from plain steps, a drafting one from drafting ones, where seen:
+        # a step with trees also runs acceptance and compaction, and its cells are the ones the policy compares
+        plain = total == rows
+        kind = [k for k in self.seen if (k[1] == k[0]) == plain] or list(self.seen)
+        near = min(kind, key=lambda k: (abs(math.log(k[0] / rows)), abs(math.log(k[1] / total))))
         return prior * self._mean(*near) / self.prior(near[1])
 
     def _mean(self, rows: int, total: int) -> float:

@@ -32,6 +32,11 @@ RECYCLED_PRIOR = (0.35, 0.08, 0.04, 0.025, 0.015, 0.01, 0.008, 0.006)
 # Trie matches drafted from: the longest, and the next shorter one with continuations (replay, CPU curve:
 # 1.604x with the longest alone, 1.608x with two, 1.603x with three).
 BACKOFF_MATCHES = 2
+# The kept nodes' own accuracy (Drafter.kept_accuracy): the decay per settled step, the predicted p it needs before
+# it counts, and the least it may scale p by.
+KEPT_DECAY = 0.99
+KEPT_EVIDENCE = 20.0
+KEPT_TRUST_MIN = 0.25
 P_BINS = (0.01, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # upper edges; the last bin is 1
 # Copy chains: the deepest a chain runs, and the prior probability that a copied token is accepted given its
 # parent was, per match length bin (1, 2, 3-4, 5-8, 9-16, 17-32, 33+ tokens), before observations refine it.
@@ -153,6 +158,7 @@ class Drafter:
         self.calibration = calibration if calibration is not None else Calibration()
         self.successors = successors if successors is not None else {}  # token -> the model's latest top-k
         self._requests: dict[int, _Request] = {}
+        self._kept = [0.0, 0.0]  # decayed sums over the verified nodes: their calibrated p, and how many were accepted
 
     # ---- a request's life ------------------------------------------------------------------------------------
     def running_requests(self) -> list[int]:
@@ -192,6 +198,9 @@ class Drafter:
                     self.calibration.observe(node.key, node.raw, correct[i])
                 if node.copy and ok:  # copy rates are conditional on the parent's acceptance
                     self.calibration.observe_copy(req.copy_match, node.copy, correct[i])
+            kept = self._kept
+            kept[0] = kept[0] * KEPT_DECAY + sum(n.p for n in req.sent)
+            kept[1] = kept[1] * KEPT_DECAY + sum(correct)
             req.sent = []
         req.suffix.extend(new)
         self.trie.append(request_id, new)
@@ -230,6 +239,16 @@ class Drafter:
             out.append(preorder([(n.token, n.parent) for n in nodes]))
         return out
 
+    def kept_accuracy(self) -> float:
+        """Accepted over predicted (sum of calibrated p) of the nodes the policy kept lately, in [KEPT_TRUST_MIN, 1]
+        (1 until KEPT_EVIDENCE nodes' worth of p were kept). The calibration is per bin; the nodes that win the
+        step's selection are the ones whose p came out high, and at a steep price only the very top wins: their
+        accuracy, measured as such, scales their p before they are priced."""
+        predicted, accepted = self._kept
+        if predicted < KEPT_EVIDENCE:
+            return 1.0
+        return min(1.0, max(KEPT_TRUST_MIN, accepted / predicted))
+
     def step_price(self, rows: int, tokens: int) -> float:
         """The price of one step of `rows` rows verifying `tokens` tokens in all (the StepPrice's unit)."""
         rows = max(rows, 1)
@@ -243,7 +262,8 @@ class Drafter:
         prefix of every row's list."""
         if self._price is None:
             return [len(p) for p in proposals]
-        merged = sorted(((n.p, b) for b, nodes in enumerate(proposals) for n in nodes), key=lambda e: -e[0])
+        trust = self.kept_accuracy()
+        merged = sorted(((n.p * trust, b) for b, nodes in enumerate(proposals) for n in nodes), key=lambda e: -e[0])
         # the decoding rows' share of the step: a plain step of the rows plus what the drafts add on top of the
         # prompt chunks (which the step runs anyway and which produce no token of these rows)
         plain, base = self.step_price(rows, rows), self.step_price(rows, rows + extra)

@@ -57,6 +57,15 @@ class SamplingParams:
         return not self.do_sample and self.repetition_penalty == 1.0
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1). On CPU a bf16/fp16 argmax is read in fp32 (the same first maximum: widening is exact):
+    torch's half-precision argmax there took 0.7 ms for 8 x 49k logits against 0.19 ms in fp32 (AMD EPYC Zen 4, 2
+    threads, torch 2.13), 5% of an 8-row SmolLM2 step."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float16):
+        return logits.float().argmax(-1)
+    return logits.argmax(-1)
+
+
 class TokenChooser:
     """Turns logits of the first n rows into target tokens, each row with its own settings and the transformers
     processors in transformers' order: repetition penalty, temperature, top-k, top-p.
@@ -121,7 +130,7 @@ class TokenChooser:
         tokens [n, T]. tokens / tree_mask (None = chain) give each node's ancestors for the repetition penalty."""
         n, T, V = logits.shape
         if self.plain_argmax(n, start):
-            return logits.argmax(-1)
+            return greedy_tokens(logits)
         rows = self.params[start:start + n]
         sel = slice(start, start + n)
         scores = logits.float()

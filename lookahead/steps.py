@@ -17,6 +17,7 @@ import torch
 from lookahead import kernels
 from lookahead.cache import KVCache
 from lookahead.nvtx import nvtx_range
+from lookahead.sampling import greedy_tokens
 from lookahead.settings import cuda_graphs_enabled
 
 
@@ -79,7 +80,7 @@ def ragged_step(model, cache: KVCache, chooser, batch, active: torch.Tensor, top
             return torch.zeros(B, 1 + Td * (1 + top_k), dtype=torch.long, device=cache.lens.device)
         positions = cache.lens[:, None] + tree.depths + 1  # (B, Td) where each node's next token goes
         if chooser.plain_argmax(B, start):
-            targets = hidden_logits.argmax(-1)[batch.tree_index]  # (B, Td): padding reads node 0's
+            targets = greedy_tokens(hidden_logits)[batch.tree_index]  # (B, Td): padding reads node 0's
         else:
             targets = chooser(hidden_logits[batch.tree_index], positions, tree.tokens, tree.tree_mask, start=start)
     live = active * batch.has_tree  # rows whose tree is accepted

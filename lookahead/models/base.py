@@ -301,7 +301,7 @@ class CausalLM(nn.Module):
         self.name_or_path = None
         self._rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # _rope_table: cos, sin [P, rot]
         self._no_tensor = torch.empty(0)  # _layer_weights' stand-in for an absent bias or norm
-        self._weights_list: tuple | None = None  # _layer_weights' last answer, the parameters and dtype it was for
+        self._weights_list: tuple | None = None  # _layer_weights' last answer and the (dtype, device) it was for
         self.state = GenerationState()  # trie, KV cache, CUDA graphs, cost curves, drafter calibration
 
     @property
@@ -408,10 +408,11 @@ class CausalLM(nn.Module):
 
     def _layer_weights(self) -> list[torch.Tensor]:
         """Every layer's tensors in decode_layers' order (kernels/cpu/decoder.cpp); an absent one is empty. Kept
-        between steps (about 1 ms of Python per step to gather) while every tensor is still the module's own."""
+        between steps (gathering them through the modules costs about 1 ms of Python a step); `.to()` and the like
+        (`_apply`) and `load_state_dict` make it anew, and so must anything else that puts a new Parameter object
+        into a layer (`model._weights_list = None`)."""
         cached = self._weights_list
-        if cached is not None and cached[2] == (self.dtype, self.device) and all(
-                a is b for a, b in zip(cached[1], self.parameters())):
+        if cached is not None and cached[1] == (self.dtype, self.device):
             return cached[0]
         none = self._no_tensor
         if none.dtype != self.dtype or none.device != self.device:
@@ -423,7 +424,7 @@ class CausalLM(nn.Module):
                     _or(a.wo.bias, none), layer.ffn_norm.weight, f.w13.weight, _or(f.w13.bias, none), f.w2.weight,
                     _or(f.w2.bias, none), layer.post_attention_norm.weight if layer.sandwich else none,
                     layer.post_ffn_norm.weight if layer.sandwich else none]
-        self._weights_list = (out, list(self.parameters()), (self.dtype, self.device))
+        self._weights_list = (out, (self.dtype, self.device))
         return out
 
     def forward(self, input_ids: torch.Tensor) -> CausalLMOutput:
@@ -525,10 +526,16 @@ class CausalLM(nn.Module):
         return previous
 
     # ---- weights -------------------------------------------------------------------------------------------
+    def load_state_dict(self, *args, **kwargs):
+        """nn.Module's, then the decode step's weight list is gathered anew (assign=True puts new Parameters in)."""
+        result = super().load_state_dict(*args, **kwargs)
+        self._weights_list = None
+        return result
+
     def _apply(self, fn, recurse=True):
         """.to() / .float() / .cuda() / ...: the RoPE frequencies stay fp32 and the RoPE table is made anew."""
         super()._apply(fn, recurse)
-        self._rope_tables = None
+        self._rope_tables = self._weights_list = None
         if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
             self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)  # RoPE frequencies stay fp32
         return self

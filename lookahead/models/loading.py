@@ -125,6 +125,7 @@ def load_pretrained(cls: type[CausalLM], name_or_path, dtype: torch.dtype | str 
     result = model.load_state_dict(sd, assign=True, strict=False)
     if cfg.tie_word_embeddings:  # assign=True replaced the embedding Parameter: tie the new one
         model.output.weight = model.tok_embeddings.weight
+        model._weights_list = None  # the decode step's weight list (CausalLM._layer_weights) holds the old head
     missing = [n for n in result.missing_keys if not (cfg.tie_word_embeddings and n == "output.weight")]
     if missing or result.unexpected_keys:
         raise ValueError(f"checkpoint {path} does not fit a {cfg.model_type} model: missing "
