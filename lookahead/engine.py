@@ -62,6 +62,11 @@ PREFILL_MAX_PADDING = 0.25
 # unchunked prefill's is torch's sdpa).
 PREFILL_CHUNK_TOKENS = 1024
 
+# The drafting gate (Engine._gate_open): every GATE_PROBE-th decode step of a row count tries the arm that looked
+# worse; each arm's sums of seconds and tokens decay by 1 - GATE_EMA per step it measures.
+GATE_PROBE = 8
+GATE_EMA = 0.1
+
 _request_ids = itertools.count()
 
 
@@ -218,6 +223,7 @@ class Engine:
         self.config: LookaheadConfig | None = None
         self.drafter: Drafter | None = None
         self.fixed_cost = cost
+        self._gate: dict[int, _GateArms] = {}  # decoding rows -> the steps measured with and without drafting
         self.cost: StepCost | None = None  # the learned step costs the steps feed (None with a fixed cost)
         self.configure(lookahead)
 
@@ -247,6 +253,7 @@ class Engine:
         if lookahead is not None and lookahead.exact and not self.model.exact:
             self.model.set_exact(True)  # stays on (plain steps must be batch-invariant too) until set_exact(False)
         self.config, self.drafter = lookahead, drafter
+        self._gate = {}  # other drafting settings and prices: what drafting costs per token is measured anew
 
     def step_cost(self, max_tree: int) -> StepCost:
         """The model's learned step costs (kept on `model.state` across engines and calls), started from
@@ -329,7 +336,7 @@ class Engine:
         try:
             while any(s.row is not None and s.prefilled < len(s.prompt) for s in waiting):
                 budget = max(self.prefill_chunk, len(waiting))
-                events += self._step_rows(lambda seq: seq in waiting, budget, draft=False)
+                events += self._step_rows(lambda seq: seq in waiting, budget, decode=False)
         except Exception:
             for seq in seqs:
                 if seq.row is not None:
@@ -396,11 +403,11 @@ class Engine:
         decoding = any(s is not None and s.prefilled >= len(s.prompt) for s in self.slots)
         # with no row decoding, no row's time per token is at stake: prompts go in whole chunks
         budget = self.prefill_chunk if decoding else max(self.prefill_chunk, PREFILL_CHUNK_TOKENS)
-        return self._step_rows(lambda seq: True, budget, draft=True)
+        return self._step_rows(lambda seq: True, budget, decode=True)
 
-    def _step_rows(self, chosen, budget: int, draft: bool) -> list[tuple[Sequence, list[int]]]:
-        """One ragged step over the busy rows `chosen` takes: prompt chunks within `budget` tokens, and (draft)
-        every decoding row's tree."""
+    def _step_rows(self, chosen, budget: int, decode: bool) -> list[tuple[Sequence, list[int]]]:
+        """One ragged step over the busy rows `chosen` takes: prompt chunks within `budget` tokens, and (decode)
+        every decoding row's tree (its root alone where the drafter is off or gated off)."""
         n = max((r for r, s in enumerate(self.slots) if s is not None and chosen(s)), default=-1) + 1
         if n == 0:
             return []
@@ -408,7 +415,7 @@ class Engine:
         seqs = [s if s is not None and chosen(s) else None for s in self.slots[:n]]
         chains: list[list[int]] = [[] for _ in range(n)]
         trees: list[DraftTree | None] = [None] * n
-        decoding = [s is not None and s.prefilled >= len(s.prompt) and draft for s in seqs]
+        decoding = [s is not None and s.prefilled >= len(s.prompt) and decode for s in seqs]
         for b in sorted((b for b, s in enumerate(seqs) if s is not None and not decoding[b] and
                          s.prefilled < len(s.prompt)), key=lambda b: seqs[b].request_id):  # oldest first
             seq = seqs[b]
@@ -424,7 +431,9 @@ class Engine:
         with nvtx_range("draft"):
             proposals = [([], [])] * n
             rows = sum(1 for b in range(n) if decoding[b] or chains[b] or trees[b] is not None)
-            if self.drafter is not None and any(decoding):
+            drafting = self.drafter is not None and any(decoding) and self._gate_open(sum(decoding),
+                                                                                         any(chains))
+            if drafting:
                 ids = [s.request_id if decoding[b] else -1 for b, s in enumerate(seqs)]
                 contexts = [s.context if decoding[b] else None for b, s in enumerate(seqs)]
                 proposals = self.drafter.draft_batch(ids, contexts, batch_size=rows,
@@ -434,7 +443,7 @@ class Engine:
                 if decoding[b]:
                     tokens, parents = proposals[b]
                     trees[b] = build_draft(seq.context[-1], tokens, parents, layout=layout, budget=len(tokens))
-        top_k = min(self.config.recycle_top_k, self.model.config.vocab_size) if self.config is not None else 0
+        top_k = min(self.config.recycle_top_k, self.model.config.vocab_size) if drafting else 0
         with torch.inference_mode():
             try:
                 results = self._run(0, n, chains, trees, top_k)
@@ -455,8 +464,46 @@ class Engine:
                 seq.draft_tokens += trees[b].num_draft
                 events.append(self._commit(seq, *read_step_row(results[b], trees[b].tokens, top_k)))
         self.steps += 1
-        self.host_s += (t2 - t0) - self._device_s + (time.perf_counter() - t2)
+        end = time.perf_counter()
+        self.host_s += (t2 - t0) - self._device_s + (end - t2)
+        if self._gating() and any(decoding) and not any(chains):
+            self._gate_learn(sum(decoding), drafting, end - t0, sum(len(new) for _, new in events))
         return events
+
+    # ---- the gate: drafting on or off, by what the steps cost per token ------------------------------------------
+    def _gating(self) -> bool:
+        """Whether steps learn and obey the gate: adaptive drafting priced by this engine's own steps (never with
+        a fixed price: replay must stay deterministic)."""
+        return self.drafter is not None and self.fixed_cost is None and self.config is not None and self.config.adaptive
+
+    def _gate_open(self, rows: int, prefilling: bool) -> bool:
+        """Whether this step of `rows` decoding rows drafts. The policy prices nodes by the step's device time;
+        drafting also costs host time on every row (building proposals, ~0.2 ms a row here) and rests on
+        calibrated guesses. So the engine keeps, per row count, the measured seconds per committed token of
+        decode steps with drafting and without (decayed sums of seconds and of tokens) and runs the cheaper,
+        trying the other every GATE_PROBE-th step so both stay measured: a batch where drafts do not pay decodes
+        as plain steps, bar the probes. A row count measured one way or not at all follows the nearest one
+        measured both ways."""
+        if not self._gating() or prefilling:
+            return True
+        entry = self._gate.setdefault(rows, _GateArms())
+        count = entry.decisions
+        entry.decisions += 1
+        probe = count % GATE_PROBE == GATE_PROBE - 1
+        on, off = entry.per_token(True), entry.per_token(False)
+        if on is None or off is None:
+            known = [r for r, e in self._gate.items() if e.per_token(True) is not None and e.per_token(False) is not None]
+            if not known:
+                return off is not None or not probe  # measure drafting first, then plain
+            near = self._gate[min(known, key=lambda r: (abs(r - rows), r))]
+            better = near.per_token(True) <= near.per_token(False)
+            if on is None and off is None:
+                return better != probe
+            return on is None if probe else better  # a probe measures the arm this row count lacks
+        return (on <= off) != probe
+
+    def _gate_learn(self, rows: int, drafted: bool, seconds: float, tokens: int) -> None:
+        self._gate.setdefault(rows, _GateArms()).learn(drafted, seconds, tokens)
 
     def _run(self, start: int, stop: int, chains: list[list[int]], trees: list[DraftTree | None],
              top_k: int) -> list[list[int]]:
@@ -521,6 +568,25 @@ class Engine:
         if ended is not None:
             self._release(seq, ended)
         return seq, new
+
+
+class _GateArms:
+    """Decode steps of one row count, with drafting and without: decayed sums of their seconds and of the tokens
+    they committed (a ratio of sums: a mean of per-step ratios would overweigh the steps that accepted little)."""
+
+    def __init__(self):
+        self.sums = {True: [0.0, 0.0], False: [0.0, 0.0]}  # drafted -> [seconds, tokens]
+        self.decisions = 0
+
+    def learn(self, drafted: bool, seconds: float, tokens: int) -> None:
+        if tokens > 0:
+            arm = self.sums[drafted]
+            arm[0] = arm[0] * (1 - GATE_EMA) + seconds
+            arm[1] = arm[1] * (1 - GATE_EMA) + tokens
+
+    def per_token(self, drafted: bool) -> float | None:
+        seconds, tokens = self.sums[drafted]
+        return seconds / tokens if tokens > 0 else None
 
 
 def _padding(group: list[Sequence]) -> float:
