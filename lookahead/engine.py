@@ -223,7 +223,7 @@ class Engine:
         self.config: LookaheadConfig | None = None
         self.drafter: Drafter | None = None
         self.fixed_cost = cost
-        self._gate: dict[int, _GateArms] = {}  # decoding rows -> the steps measured with and without drafting
+        self._gate: dict[tuple[int, bool], _GateArms] = {}  # (decoding rows, prompt chunks in the step) -> arms
         self.cost: StepCost | None = None  # the learned step costs the steps feed (None with a fixed cost)
         self.configure(lookahead)
 
@@ -453,7 +453,7 @@ class Engine:
                 log.exception("a step of %d rows failed: retrying its rows one by one", n)
                 results = self._run_alone(seqs, chains, trees, top_k)
         t2 = time.perf_counter()
-        events = []
+        events, decoded = [], 0  # decoded: tokens of the decoding rows (a prompt's first token is not theirs)
         with nvtx_range("commit"):
             for b, seq in enumerate(seqs):
                 if seq is None or results[b] is None or (not chains[b] and trees[b] is None):
@@ -463,11 +463,12 @@ class Engine:
                     continue
                 seq.draft_tokens += trees[b].num_draft
                 events.append(self._commit(seq, *read_step_row(results[b], trees[b].tokens, top_k)))
+                decoded += len(events[-1][1]) if decoding[b] else 0
         self.steps += 1
         end = time.perf_counter()
         self.host_s += (t2 - t0) - self._device_s + (end - t2)
-        if self._gating() and any(decoding) and not any(chains):
-            self._gate_learn(sum(decoding), drafting, end - t0, sum(len(new) for _, new in events))
+        if self._gating() and any(decoding):
+            self._gate_learn(sum(decoding), any(chains), drafting, end - t0, decoded)
         return events
 
     # ---- the gate: drafting on or off, by what the steps cost per token ------------------------------------------
@@ -479,31 +480,33 @@ class Engine:
     def _gate_open(self, rows: int, prefilling: bool) -> bool:
         """Whether this step of `rows` decoding rows drafts. The policy prices nodes by the step's device time;
         drafting also costs host time on every row (building proposals, ~0.2 ms a row here) and rests on
-        calibrated guesses. So the engine keeps, per row count, the measured seconds per committed token of
-        decode steps with drafting and without (decayed sums of seconds and of tokens) and runs the cheaper,
-        trying the other every GATE_PROBE-th step so both stay measured: a batch where drafts do not pay decodes
-        as plain steps, bar the probes. A row count measured one way or not at all follows the nearest one
-        measured both ways."""
-        if not self._gating() or prefilling:
+        calibrated guesses. So the engine keeps, per row count and per kind of step (with prompt chunks riding in
+        it or not: a step paced by a prefill gains little from decoding rows that finish sooner), the measured
+        seconds per committed token of steps with drafting and without (decayed sums of seconds and of tokens)
+        and runs the cheaper, trying the other every GATE_PROBE-th step so both stay measured: where drafts do
+        not pay the rows decode as plain steps, bar the probes. A row count measured one way or not at all
+        follows the nearest one of its kind measured both ways."""
+        if not self._gating():
             return True
-        entry = self._gate.setdefault(rows, _GateArms())
+        entry = self._gate.setdefault((rows, prefilling), _GateArms())
         count = entry.decisions
         entry.decisions += 1
         probe = count % GATE_PROBE == GATE_PROBE - 1
         on, off = entry.per_token(True), entry.per_token(False)
         if on is None or off is None:
-            known = [r for r, e in self._gate.items() if e.per_token(True) is not None and e.per_token(False) is not None]
+            known = [k for k, e in self._gate.items() if k[1] == prefilling and e.per_token(True) is not None
+                     and e.per_token(False) is not None]
             if not known:
                 return off is not None or not probe  # measure drafting first, then plain
-            near = self._gate[min(known, key=lambda r: (abs(r - rows), r))]
+            near = self._gate[min(known, key=lambda k: (abs(k[0] - rows), k[0]))]
             better = near.per_token(True) <= near.per_token(False)
             if on is None and off is None:
                 return better != probe
             return on is None if probe else better  # a probe measures the arm this row count lacks
         return (on <= off) != probe
 
-    def _gate_learn(self, rows: int, drafted: bool, seconds: float, tokens: int) -> None:
-        self._gate.setdefault(rows, _GateArms()).learn(drafted, seconds, tokens)
+    def _gate_learn(self, rows: int, prefilling: bool, drafted: bool, seconds: float, tokens: int) -> None:
+        self._gate.setdefault((rows, prefilling), _GateArms()).learn(drafted, seconds, tokens)
 
     def _run(self, start: int, stop: int, chains: list[list[int]], trees: list[DraftTree | None],
              top_k: int) -> list[list[int]]:

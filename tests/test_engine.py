@@ -180,27 +180,28 @@ def test_a_deferred_prefill_rides_in_the_running_rows_steps():
 
 
 def test_the_gate_decodes_plain_where_drafting_costs_more_per_token_and_still_probes_it():
-    """The engine keeps, per row count, the seconds per committed token of decode steps with and without drafting:
-    where drafting costs more it drafts only every GATE_PROBE-th step (to keep measuring it), where it costs
-    less it decodes plain only that often. Replay's fixed price has no gate (its figures stay deterministic)."""
+    """The engine keeps, per row count and kind of step (prompt chunks in it or not), the seconds per committed
+    token of steps with and without drafting: where drafting costs more it drafts only every GATE_PROBE-th step
+    (to keep measuring it), where it costs less it decodes plain only that often; an unmeasured row count follows
+    the nearest measured one of its kind. Replay's fixed price has no gate (its figures stay deterministic)."""
     import lookahead.engine as engine_module
 
     model = _tiny_llama(7)
-    engine = Engine(model, max_batch=2, max_context=60, lookahead=LookaheadConfig())
+    engine = Engine(model, max_batch=4, max_context=60, lookahead=LookaheadConfig())
     probe = engine_module.GATE_PROBE
-    decisions = [engine._gate_open(2, prefilling=False) for _ in range(probe)]
+    decisions = [engine._gate_open(2, False) for _ in range(probe)]
     assert decisions == [True] * (probe - 1) + [False]  # nothing measured: draft, then try plain once
-    engine._gate_learn(2, True, seconds=0.030, tokens=3)   # 10 ms a token drafting
-    engine._gate_learn(2, False, seconds=0.016, tokens=2)  # 8 ms plain
-    decisions = [engine._gate_open(2, prefilling=False) for _ in range(4 * probe)]
+    engine._gate_learn(2, False, True, seconds=0.030, tokens=3)   # 10 ms a token drafting
+    engine._gate_learn(2, False, False, seconds=0.016, tokens=2)  # 8 ms plain
+    decisions = [engine._gate_open(2, False) for _ in range(4 * probe)]
     assert sum(decisions) == 4  # plain, bar one probe in GATE_PROBE
-    assert engine._gate_open(2, prefilling=True)  # steps that carry prompt chunks are not gated
-    engine._gate_learn(2, True, seconds=0.012, tokens=3)  # drafting got cheap: the EMA moves, then flips the gate
-    for _ in range(40):
-        engine._gate_learn(2, True, seconds=0.012, tokens=3)
-    decisions = [engine._gate_open(2, prefilling=False) for _ in range(4 * probe)]
+    assert sum(engine._gate_open(3, False) for _ in range(probe)) == 1  # 3 rows follow 2 rows, probing drafting
+    assert engine._gate_open(2, True)  # a step with prompt chunks is another kind: not measured yet, it drafts
+    for _ in range(40):  # drafting got cheap: the decayed sums move, then the gate flips
+        engine._gate_learn(2, False, True, seconds=0.012, tokens=3)
+    decisions = [engine._gate_open(2, False) for _ in range(4 * probe)]
     assert sum(decisions) == 4 * probe - 4
     fixed = Engine(model, max_batch=2, max_context=60, lookahead=LookaheadConfig(), cost=CostModel({1: 1.0}))
-    fixed._gate_learn(2, True, seconds=1.0, tokens=1)
-    fixed._gate_learn(2, False, seconds=0.001, tokens=1)
-    assert all(fixed._gate_open(2, prefilling=False) for _ in range(2 * probe))
+    fixed._gate_learn(2, False, True, seconds=1.0, tokens=1)
+    fixed._gate_learn(2, False, False, seconds=0.001, tokens=1)
+    assert all(fixed._gate_open(2, False) for _ in range(2 * probe))
