@@ -68,13 +68,6 @@ def build_draft(root_token: int, node_tokens: list[int], node_parents: list[int]
     return tree
 
 
-def draft_trees(roots: list[int], proposals: list[tuple[list[int], list[int]]], layout: str) -> list[DraftTree]:
-    """The trees of one step: each row's drafted (tokens, parents) under its root token (its context's last
-    token; any token for a row that takes no draft), cut to the nodes the drafter priced."""
-    return [build_draft(root, tokens, parents, layout=layout, budget=len(tokens))
-            for root, (tokens, parents) in zip(roots, proposals)]
-
-
 def _parallel(tokens: list[int], parents: list[int]) -> DraftTree:
     """Each leaf's root-to-leaf path as a separate chain hanging off the root."""
     has_child = [False] * len(tokens)
