@@ -256,3 +256,69 @@ class StepCost:
     def _mean(self, rows: int, total: int) -> float:
         count, seconds = self.seen[rows, total]
         return seconds / count
+
+
+# The drafting gate: every GATE_PROBE-th decision of a row count tries the arm that looked worse; each arm's sums
+# of seconds and tokens decay by 1 - GATE_EMA per step it measures.
+GATE_PROBE = 8
+GATE_EMA = 0.1
+
+
+class DraftGate:
+    """Drafting on or off, by what steps measurably cost per committed token. A price model picks nodes by the
+    step's device time, but drafting also costs host time on every row and rests on calibrated guesses; so the
+    gate keeps, per row count and kind of step (any hashable: the engine tells steps that carry prompt chunks from
+    pure decode steps), the measured seconds per committed token of steps that drafted and of steps that did not
+    (decayed sums of seconds and of tokens: a ratio of sums, since a mean of per-step ratios would overweigh steps
+    that accepted little) and runs the cheaper arm, trying the other every GATE_PROBE-th decision so both stay
+    measured. A row count measured one way or not at all follows the nearest one of its kind measured both ways;
+    with nothing measured it drafts, then tries a plain step. The engine and the vLLM proposer both gate with it."""
+
+    def __init__(self):
+        self._arms: dict[tuple, _GateArms] = {}
+
+    def open(self, rows: int, kind=None) -> bool:
+        """Whether the next step of `rows` rows drafts."""
+        entry = self._arms.setdefault((rows, kind), _GateArms())
+        count = entry.decisions
+        entry.decisions += 1
+        probe = count % GATE_PROBE == GATE_PROBE - 1
+        on, off = entry.per_token(True), entry.per_token(False)
+        if on is None or off is None:
+            known = [k for k, e in self._arms.items() if k[1] == kind and e.per_token(True) is not None
+                     and e.per_token(False) is not None]
+            if not known:
+                return off is not None or not probe  # measure drafting first, then plain
+            near = self._arms[min(known, key=lambda k: (abs(k[0] - rows), k[0]))]
+            better = near.per_token(True) <= near.per_token(False)
+            if on is None and off is None:
+                return better != probe
+            return on is None if probe else better  # a probe measures the arm this row count lacks
+        return (on <= off) != probe
+
+    def learn(self, rows: int, kind, drafted: bool, seconds: float, tokens: int) -> None:
+        """A step of `rows` rows of this kind, with drafts or without, took `seconds` and committed `tokens`."""
+        self._arms.setdefault((rows, kind), _GateArms()).learn(drafted, seconds, tokens)
+
+    def per_token(self, rows: int, kind=None) -> tuple[float | None, float | None]:
+        """Measured seconds per committed token (drafting, plain) at this row count and kind (None: unmeasured)."""
+        entry = self._arms.get((rows, kind))
+        return (None, None) if entry is None else (entry.per_token(True), entry.per_token(False))
+
+
+class _GateArms:
+    """Steps of one row count and kind, with drafting and without: decayed sums of their seconds and tokens."""
+
+    def __init__(self):
+        self.sums = {True: [0.0, 0.0], False: [0.0, 0.0]}  # drafted -> [seconds, tokens]
+        self.decisions = 0
+
+    def learn(self, drafted: bool, seconds: float, tokens: int) -> None:
+        if tokens > 0:
+            arm = self.sums[drafted]
+            arm[0] = arm[0] * (1 - GATE_EMA) + seconds
+            arm[1] = arm[1] * (1 - GATE_EMA) + tokens
+
+    def per_token(self, drafted: bool) -> float | None:
+        seconds, tokens = self.sums[drafted]
+        return seconds / tokens if tokens > 0 else None

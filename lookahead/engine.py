@@ -37,7 +37,7 @@ import torch
 
 from lookahead.cache import KVCache
 from lookahead.config import LookaheadConfig
-from lookahead.cost import StepCost, StepPrice, curve_key, prior_curve
+from lookahead.cost import DraftGate, StepCost, StepPrice, curve_key, prior_curve
 from lookahead.draft import DraftTree, bucket_size, build_draft, pack_ragged
 from lookahead.drafter import Drafter
 from lookahead.nvtx import nvtx_range
@@ -61,11 +61,6 @@ PREFILL_MAX_PADDING = 0.25
 # 256: 30.4 s +356 MiB, 128: 42.4 s +306 MiB (the chunks' causal attention is the C++ tree attention; the
 # unchunked prefill's is torch's sdpa).
 PREFILL_CHUNK_TOKENS = 1024
-
-# The drafting gate (Engine._gate_open): every GATE_PROBE-th decode step of a row count tries the arm that looked
-# worse; each arm's sums of seconds and tokens decay by 1 - GATE_EMA per step it measures.
-GATE_PROBE = 8
-GATE_EMA = 0.1
 
 _request_ids = itertools.count()
 
@@ -223,7 +218,7 @@ class Engine:
         self.config: LookaheadConfig | None = None
         self.drafter: Drafter | None = None
         self.fixed_cost = cost
-        self._gate: dict[tuple[int, bool], _GateArms] = {}  # (decoding rows, prompt chunks in the step) -> arms
+        self._gate = DraftGate()  # by decoding rows and whether prompt chunks ride in the step
         self.cost: StepCost | None = None  # the learned step costs the steps feed (None with a fixed cost)
         self.configure(lookahead)
 
@@ -253,7 +248,7 @@ class Engine:
         if lookahead is not None and lookahead.exact and not self.model.exact:
             self.model.set_exact(True)  # stays on (plain steps must be batch-invariant too) until set_exact(False)
         self.config, self.drafter = lookahead, drafter
-        self._gate = {}  # other drafting settings and prices: what drafting costs per token is measured anew
+        self._gate = DraftGate()  # other drafting settings and prices: what drafting costs per token is measured anew
 
     def step_cost(self, max_tree: int) -> StepCost:
         """The model's learned step costs (kept on `model.state` across engines and calls), started from
@@ -478,35 +473,13 @@ class Engine:
         return self.drafter is not None and self.fixed_cost is None and self.config is not None and self.config.adaptive
 
     def _gate_open(self, rows: int, prefilling: bool) -> bool:
-        """Whether this step of `rows` decoding rows drafts. The policy prices nodes by the step's device time;
-        drafting also costs host time on every row (building proposals, ~0.2 ms a row here) and rests on
-        calibrated guesses. So the engine keeps, per row count and per kind of step (with prompt chunks riding in
-        it or not: a step paced by a prefill gains little from decoding rows that finish sooner), the measured
-        seconds per committed token of steps with drafting and without (decayed sums of seconds and of tokens)
-        and runs the cheaper, trying the other every GATE_PROBE-th step so both stay measured: where drafts do
-        not pay the rows decode as plain steps, bar the probes. A row count measured one way or not at all
-        follows the nearest one of its kind measured both ways."""
-        if not self._gating():
-            return True
-        entry = self._gate.setdefault((rows, prefilling), _GateArms())
-        count = entry.decisions
-        entry.decisions += 1
-        probe = count % GATE_PROBE == GATE_PROBE - 1
-        on, off = entry.per_token(True), entry.per_token(False)
-        if on is None or off is None:
-            known = [k for k, e in self._gate.items() if k[1] == prefilling and e.per_token(True) is not None
-                     and e.per_token(False) is not None]
-            if not known:
-                return off is not None or not probe  # measure drafting first, then plain
-            near = self._gate[min(known, key=lambda k: (abs(k[0] - rows), k[0]))]
-            better = near.per_token(True) <= near.per_token(False)
-            if on is None and off is None:
-                return better != probe
-            return on is None if probe else better  # a probe measures the arm this row count lacks
-        return (on <= off) != probe
+        """Whether this step of `rows` decoding rows drafts (`DraftGate`: per row count and kind of step, with
+        prompt chunks riding in it or not, since a step paced by a prefill gains little from decoding rows that
+        finish sooner). Always open without the gate."""
+        return self._gate.open(rows, prefilling) if self._gating() else True
 
     def _gate_learn(self, rows: int, prefilling: bool, drafted: bool, seconds: float, tokens: int) -> None:
-        self._gate.setdefault((rows, prefilling), _GateArms()).learn(drafted, seconds, tokens)
+        self._gate.learn(rows, prefilling, drafted, seconds, tokens)
 
     def _run(self, start: int, stop: int, chains: list[list[int]], trees: list[DraftTree | None],
              top_k: int) -> list[list[int]]:
@@ -571,25 +544,6 @@ class Engine:
         if ended is not None:
             self._release(seq, ended)
         return seq, new
-
-
-class _GateArms:
-    """Decode steps of one row count, with drafting and without: decayed sums of their seconds and of the tokens
-    they committed (a ratio of sums: a mean of per-step ratios would overweigh the steps that accepted little)."""
-
-    def __init__(self):
-        self.sums = {True: [0.0, 0.0], False: [0.0, 0.0]}  # drafted -> [seconds, tokens]
-        self.decisions = 0
-
-    def learn(self, drafted: bool, seconds: float, tokens: int) -> None:
-        if tokens > 0:
-            arm = self.sums[drafted]
-            arm[0] = arm[0] * (1 - GATE_EMA) + seconds
-            arm[1] = arm[1] * (1 - GATE_EMA) + tokens
-
-    def per_token(self, drafted: bool) -> float | None:
-        seconds, tokens = self.sums[drafted]
-        return seconds / tokens if tokens > 0 else None
 
 
 def _padding(group: list[Sequence]) -> float:

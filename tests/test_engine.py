@@ -179,16 +179,17 @@ def test_a_deferred_prefill_rides_in_the_running_rows_steps():
     assert late.output == alone(model, late.prompt, 10)
 
 
+@pytest.mark.live_gate
 def test_the_gate_decodes_plain_where_drafting_costs_more_per_token_and_still_probes_it():
     """The engine keeps, per row count and kind of step (prompt chunks in it or not), the seconds per committed
     token of steps with and without drafting: where drafting costs more it drafts only every GATE_PROBE-th step
     (to keep measuring it), where it costs less it decodes plain only that often; an unmeasured row count follows
     the nearest measured one of its kind. Replay's fixed price has no gate (its figures stay deterministic)."""
-    import lookahead.engine as engine_module
+    import lookahead.cost as cost_module
 
     model = _tiny_llama(7)
     engine = Engine(model, max_batch=4, max_context=60, lookahead=LookaheadConfig())
-    probe = engine_module.GATE_PROBE
+    probe = cost_module.GATE_PROBE
     decisions = [engine._gate_open(2, False) for _ in range(probe)]
     assert decisions == [True] * (probe - 1) + [False]  # nothing measured: draft, then try plain once
     engine._gate_learn(2, False, True, seconds=0.030, tokens=3)   # 10 ms a token drafting
