@@ -359,7 +359,11 @@ class Drafter:
         if chain:
             push_copy(1, -1)
         push_recycled(-1)
-        gain, best = 1.0, 1.0
+        gain = 1.0
+        if cut and self._price is not None:  # priced as _choose_nodes prices it, in the step where the other rows
+            # verify their roots only; the bar to beat is that step without drafts (in the price's own unit)
+            plain, base = self.step_price(rows, rows), self.step_price(rows, rows + extra)
+            best = rows / plain
         while heap and len(out) < limit:
             neg_p, _, source, parent, token, raw, key = heapq.heappop(heap)
             existing = index_of.get((parent, token))
@@ -385,8 +389,6 @@ class Drafter:
             gain += p
             n = len(out)
             if cut and self._price is not None and n + 1 in TREE_BUCKETS and n + 1 < TREE_BUCKETS[-1]:
-                # priced as _choose_nodes prices it, in the step where the other rows verify their roots only
-                plain, base = self.step_price(rows, rows), self.step_price(rows, rows + extra)
                 best = max(best, (rows - 1 + gain) / (plain + self.step_price(rows, rows + extra + n) - base))
                 nxt = bucket_size(n + 2)
                 if (rows - 1 + gain + (nxt - 1 - n) * p) / (

@@ -281,3 +281,29 @@ def test_the_ragged_policy_never_models_a_step_below_plain():
         for k in range(len(everything) + 1):  # and no other number of most likely nodes models better
             other = (rows + sum(everything[:k])) / (plain + price(rows, rows + extra + k) - base)
             assert other <= score + 1e-12
+
+
+def test_the_policy_reads_a_price_in_any_unit():
+    """Only ratios of prices matter: a step price in seconds, in units of one verified token (vLLM's linear step,
+    a plain step = 82.8) or relative gives the same drafts (the proposal's cut once compared scores with 1.0,
+    which only a relative price's plain step scores, and cut a price in token units after the first bucket)."""
+    from lookahead.cost import CostModel
+
+    class Scaled:
+        def __init__(self, price, factor):
+            self.price, self.factor = price, factor
+
+        def cost(self, rows, tokens):
+            return self.factor * self.price.cost(rows, tokens)
+
+    trie = TokenTrie(branch_length=4, max_trie_nodes=100_000)
+    for a in range(30):
+        for b in range(3):
+            trie.insert([1, 100 + a, 200 + b])
+    cfg = LookaheadConfig(branch_length=4, decoding_length=63, recycle_top_k=0)
+    drafts = []
+    for rid, factor in enumerate((1.0, 82.8, 0.004)):
+        drafter = Drafter(cfg, trie=trie, step_cost=Scaled(CostModel(FLAT), factor))
+        drafter.begin_request(rid, [7])
+        drafts.append(drafter.draft_batch([rid], [[7, 1]])[0])
+    assert len(drafts[0][0]) == 63 and drafts[1] == drafts[0] and drafts[2] == drafts[0]
