@@ -13,6 +13,17 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 TINY_VOCAB = 48  # vocabulary of the tiny_llama models
 
 
+@pytest.fixture(autouse=True)
+def _drafting_gate_held_open(request, monkeypatch):
+    """The engine's drafting gate turns drafting off where it measurably costs more per token than plain steps on
+    this host (the wall clock of a shared CI machine). Tests check what drafting does, bits and accepted tokens, so
+    the gate is held open; tests marked `live_gate` see the real one."""
+    if request.node.get_closest_marker("live_gate") is None:
+        from lookahead.engine import Engine
+
+        monkeypatch.setattr(Engine, "_gate_open", lambda self, rows, prefilling: True)
+
+
 def _tiny_llama(seed: int = 0, **overrides):
     """A random-weight 2-layer Llama (vocab 48, dim 32, GQA 4/2), weights large enough that its greedy
     continuations vary; overrides update the transformers config dict."""
