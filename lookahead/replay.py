@@ -313,9 +313,10 @@ def replay(records: list[dict], config: LookaheadConfig, curve: Mapping[int, flo
            trie: TokenTrie | None = None) -> dict[str, ReplayTotals]:
     """Replay recorded requests through the real `Engine`, in file order, up to `batch` at once (a request takes
     the first free row, as the server admits them); the engine's drafter prices each step at its rows with the
-    curve (`CostModel`, cost(rows, tokens)), or with `curve` itself when it is a step price (vLLM's linear step). warm keeps one drafter (trie, calibration, recycled tokens) across the
-    requests, cold starts each from a fresh one (batch 1 only). policy=False drafts decoding_length nodes every
-    step. drafter: another drafter to replay instead of the engine's own (a peer, `SuffixDecodingDrafter`).
+    curve (`CostModel`, cost(rows, tokens)), or with `curve` itself when it is a step price (vLLM's linear step).
+    warm keeps one drafter (trie, calibration, recycled tokens) across the requests, cold starts each from a fresh
+    one (batch 1 only). policy=False drafts decoding_length nodes every step. drafter: another drafter to replay
+    instead of the engine's own (a peer, `SuffixDecodingDrafter`, or a vLLM-style proposer behind `ProposerRows`).
     trie: the trie to start from (used, not copied; token ids are then kept as recorded). Returns totals per
     category and "ALL"."""
     import torch

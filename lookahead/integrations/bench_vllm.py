@@ -178,7 +178,8 @@ def run(args) -> int:
         except RuntimeError as e:  # one method failing leaves the others' figures
             print(f"vLLM {config['name']} failed: {e}", flush=True)
             failed[config["name"]] = str(e)[-1500:]
-    report = {"machine": _machine(args.dtype), "dtype": args.dtype, "max_tokens": args.max_tokens, "repeats": args.repeats,
+    report = {"machine": _machine(args.dtype), "dtype": args.dtype, "max_tokens": args.max_tokens,
+              "repeats": args.repeats,
               "suffix": (suffix_missing or failed.get("suffix", "ran") if "suffix" in args.methods.split(",")
                          else "not run (--methods)"), "failed": failed,
               "sets": {"spec_bench": [], "copy_heavy": []},

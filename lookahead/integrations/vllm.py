@@ -208,8 +208,10 @@ class LookaheadProposer:
         drafts: list[list[int]] = []
         for row, sampled in enumerate(sampled_token_ids):
             req = held[row]
-            room = 0 if req is None or not len(sampled) or not drafting else self.k if self.max_model_len is None else min(
-                self.k, self.max_model_len - req.length - 1)  # drafts never run past the model's length
+            if req is None or not len(sampled) or not drafting:
+                room = 0
+            else:  # drafts never run past the model's length
+                room = self.k if self.max_model_len is None else min(self.k, self.max_model_len - req.length - 1)
             if room <= 0:
                 drafts.append([])
                 continue
