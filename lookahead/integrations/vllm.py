@@ -55,8 +55,8 @@ STEP_TOKENS_CPU = {"float32": {1: 8.5, 8: 30.8}, "bfloat16": {1: 81.8, 8: 25.5}}
 
 
 def step_table(dtype) -> dict[int, float]:
-    """The measured a / b table for vLLM's dtype (a torch dtype or its name): bf16's for the half types (vLLM's
-    CPU default where the CPU has native bf16), fp32's otherwise."""
+    """The measured a / b table for vLLM's dtype (a torch dtype or its name): bf16's for bf16 (vLLM's CPU default
+    where the CPU has native bf16) and for fp16, which was not measured; fp32's otherwise."""
     name = str(dtype).replace("torch.", "")
     return STEP_TOKENS_CPU["bfloat16" if name in ("bfloat16", "float16", "half") else "float32"]
 
