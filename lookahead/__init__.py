@@ -1,8 +1,8 @@
 """lookahead: lossless lookahead decoding with trie-drafted token trees and Triton tree attention."""
 
 from lookahead.config import LookaheadConfig
-from lookahead.drafter import Drafter
-from lookahead.trie import TokenTrie
+from lookahead.drafting.drafter import Drafter
+from lookahead.drafting.trie import TokenTrie
 
 __version__ = "0.1.0"
 __all__ = ["Drafter", "LookaheadConfig", "TokenTrie", "__version__"]

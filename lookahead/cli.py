@@ -22,11 +22,11 @@ DEMO_PROMPTS = [
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")  # meaningful only with --do-sample
 # Subcommands whose module is imported only when chosen: `lookahead --help` and the others work without it.
 LAZY_SUBCOMMANDS = {
-    "bench": ("lookahead.bench", "benchmark against transformers on Spec-Bench, HumanEval or a JSONL"),
-    "replay": ("lookahead.replay", "judge drafters on recorded greedy outputs, without the model"),
+    "bench": ("lookahead.benchmarks.bench", "benchmark against transformers on Spec-Bench, HumanEval or a JSONL"),
+    "replay": ("lookahead.benchmarks.replay", "judge drafters on recorded greedy outputs, without the model"),
     "serve": ("lookahead.serve.app", "OpenAI-compatible HTTP server with iteration-level batching"),
-    "bench-serve": ("lookahead.serve.bench", "load-test `lookahead serve`: lookahead on vs off at several concurrencies"),
-    "bench-vllm": ("lookahead.integrations.bench_vllm", "vLLM plain / ngram / suffix / our proposer on Spec-Bench"),
+    "bench-serve": ("lookahead.benchmarks.serve_bench", "load-test `lookahead serve`: lookahead on vs off at several concurrencies"),
+    "bench-vllm": ("lookahead.benchmarks.vllm_bench", "vLLM plain / ngram / suffix / our proposer on Spec-Bench"),
 }
 
 
@@ -48,7 +48,7 @@ def calibrate_untimed(model, args) -> None:
     """Load the cached verify cost curve, or measure the quick prior (9 forward passes) the learned step costs start from,
     so that the first call's summary does not include it."""
     if not args.no_lookahead:
-        from lookahead.cost import prior_curve
+        from lookahead.engine.pricing import prior_curve
 
         prior_curve(model)
 
@@ -126,7 +126,7 @@ def cmd_chat(args) -> int:
 def cmd_demo(args) -> int:
     import torch
 
-    from lookahead.cost import calibrate
+    from lookahead.engine.pricing import calibrate
     from lookahead.data import encode_prompt
     from lookahead.models.auto import load_model
 

@@ -18,8 +18,8 @@ import triton.testing
 from torch.nn.attention.bias import causal_lower_right
 
 from lookahead import kernels
-from lookahead.draft import build_draft, pack_drafts
-from lookahead.kernels.tree_attention import build_ancestor_bits
+from lookahead.drafting.tree import build_draft, pack_drafts
+from lookahead.kernels.triton.tree_attention import build_ancestor_bits
 
 
 def copy_bandwidth() -> float:

@@ -31,16 +31,16 @@ def build(jitfn, types: dict[str, str], constexprs: dict, **options) -> None:
 
 
 def main() -> None:
-    linear = importlib.import_module("lookahead.kernels.invariant_linear")
+    linear = importlib.import_module("lookahead.kernels.triton.invariant_linear")
     for dt in ("bf16", "fp16", "fp32"):
         for block_n in (32, 64):
             build(linear._invariant_linear_kernel, {p: f"*{dt}" for p in ("x_ptr", "w_ptr", "bias_ptr", "out_ptr")},
                   dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=64 if dt == "fp32" else 128,
                        PRECISION="ieee" if dt == "fp32" else "tf32"), num_warps=4, num_stages=4, enable_fp_fusion=False)
-    norm = importlib.import_module("lookahead.kernels.rms_norm")
+    norm = importlib.import_module("lookahead.kernels.triton.rms_norm")
     build(norm._rms_norm_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32"},
           dict(BLOCK_D=1024), num_warps=4, enable_fp_fusion=False)
-    attention = importlib.import_module("lookahead.kernels.tree_attention")
+    attention = importlib.import_module("lookahead.kernels.triton.tree_attention")
     for chain in (True, False):
         for splits in (1, 4):
             types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "lens_ptr": "*i64", "bits_ptr": "*i64",

@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import torch
 
-from lookahead.cache import KVCache
+from lookahead.models.cache import KVCache
 from lookahead.kernels.cpu import available, cpu_name
 from lookahead.models.auto import load_model
 

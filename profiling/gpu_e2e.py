@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from lookahead import LookaheadConfig
-from lookahead.cost import measure_cost_curve
+from lookahead.engine.pricing import measure_cost_curve
 from lookahead.data import encode_prompt, spec_bench_first_turns
 from lookahead.models.base import rope_inv_freq
-from lookahead.trie import TokenTrie
+from lookahead.drafting.trie import TokenTrie
 
 
 def smollm2(dtype):
@@ -165,7 +165,7 @@ def shape7b(args) -> list[str]:
 def batch_cost(args) -> list[str]:
     """Verify cost per (B, nodes per row) on a random-weight SmolLM2-shape model (no checkpoint needed), timed
     on graph replays: what the adaptive budget weighs as the batch grows."""
-    from lookahead.cache import KVCache
+    from lookahead.models.cache import KVCache
     from lookahead.models import LlamaForLookahead
 
     hf_cfg = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

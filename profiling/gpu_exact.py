@@ -112,7 +112,7 @@ def random_model(hf: dict, dtype: torch.dtype):
 
 def gemm(args) -> list[str]:
     from lookahead import kernels
-    from lookahead.kernels.invariant_linear import launch, tile_config
+    from lookahead.kernels.triton.invariant_linear import launch, tile_config
 
     dtype = torch.float32 if SMOKE else torch.bfloat16
     models = {"tiny": TINY} if SMOKE else {"SmolLM2": SMOLLM2, "Llama-2-7B": LLAMA2_7B}
@@ -162,7 +162,7 @@ def gemm(args) -> list[str]:
 
 def step_time(model, T: int, prefix: int = 256) -> float:
     """Seconds of one graph-replayed verify step of T chain nodes over `prefix` committed tokens, batch 1."""
-    from lookahead.cache import KVCache
+    from lookahead.models.cache import KVCache
 
     cfg = model.config
     cache = KVCache(cfg.n_layers, 1, cfg.n_kv_heads, prefix + T + 8, cfg.head_dim, model.dtype, model.device)

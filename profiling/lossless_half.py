@@ -30,7 +30,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from lookahead.data import encode_prompt, spec_bench_first_turns
-    from lookahead.engine import Engine
+    from lookahead.engine.engine import Engine
     from lookahead.kernels.cpu import cpu_name
     from lookahead.models import LlamaForLookahead, resolve_checkpoint
 

@@ -11,9 +11,9 @@ against the torch reference so that a kernel that writes nothing cannot pass.
 import torch
 
 from lookahead import kernels
-from lookahead.draft import build_draft, pack_drafts
+from lookahead.drafting.tree import build_draft, pack_drafts
 from lookahead.kernels import reference
-from lookahead.kernels.tree_attention import launch as launch_attention
+from lookahead.kernels.triton.tree_attention import launch as launch_attention
 
 
 def random_tree(B: int, T: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 greedy, one thread each, one process per system, the first 12 Spec-Bench first turns x 128 new tokens, one prompt at
 a time, in bf16 (or --dtype). Reports tokens per second of wall time and per CPU second of the process (a process
 on one thread: the CPU figure leaves out time other processes took from it on a shared machine), and whether our
-lookahead equals our plain. vLLM runs in `.venv-vllm` (`make vllm-venv`) through lookahead.integrations.vllm_runner.
+lookahead equals our plain. vLLM runs in `.venv-vllm` (`make vllm-venv`) through lookahead.benchmarks.vllm_runner.
 
     python profiling/vs_vllm.py --dtype bf16 --max-tokens 128
 """
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OURS = r"""
 import json, sys, time, torch
 torch.set_num_threads(1)
-from lookahead.cost import calibrate
+from lookahead.engine.pricing import calibrate
 from lookahead.models.auto import load_model
 job = json.load(open(sys.argv[1]))
 model, _ = load_model(job["model"], job["dtype"], "cpu")
@@ -61,7 +61,7 @@ def run_ours(model: str, dtype: str, prompts: list[list[int]], max_tokens: int) 
 
 
 def run_vllm(model_dir: str, dtype: str, prompts: list[list[int]], max_tokens: int, vllm_python: str) -> dict:
-    from lookahead.integrations.vllm_runner import CPU_ENV
+    from lookahead.benchmarks.vllm_runner import CPU_ENV
 
     job = {"model": model_dir, "dtype": {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype],
            "max_tokens": max_tokens, "repeats": 1, "groups": [[[p] for p in prompts]],
@@ -75,7 +75,7 @@ def run_vllm(model_dir: str, dtype: str, prompts: list[list[int]], max_tokens: i
         with tempfile.TemporaryDirectory() as work:
             Path(work, "job.json").write_text(json.dumps(one))
             env = {**os.environ, **CPU_ENV, "PYTHONPATH": str(ROOT)}
-            done = subprocess.run([vllm_python, "-m", "lookahead.integrations.vllm_runner", "job.json", "result.json"],
+            done = subprocess.run([vllm_python, "-m", "lookahead.benchmarks.vllm_runner", "job.json", "result.json"],
                                   cwd=work, env=env, capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(done.stderr[-3000:])

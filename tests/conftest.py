@@ -19,7 +19,7 @@ def _drafting_gate_held_open(request, monkeypatch):
     this host (the wall clock of a shared CI machine). Tests check what drafting does, bits and accepted tokens, so
     the gate is held open; tests marked `live_gate` see the real one."""
     if request.node.get_closest_marker("live_gate") is None:
-        from lookahead.engine import Engine
+        from lookahead.engine.engine import Engine
 
         monkeypatch.setattr(Engine, "_gate_open", lambda self, rows, prefilling: True)
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from lookahead.cli import main
-from lookahead.trie import TokenTrie
+from lookahead.drafting.trie import TokenTrie
 
 MODEL = ["--model", "smollm2-135m-instruct"]
 PROMPT = ["--chat", "--prompt", "Name three fruits."]

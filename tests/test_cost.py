@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from lookahead import Drafter, LookaheadConfig, TokenTrie, cost
-from lookahead.cost import CostModel, StepCost, calibrate, curve_key, measure_cost_curve
-from lookahead.draft import TREE_BUCKETS
+from lookahead import Drafter, LookaheadConfig, TokenTrie
+from lookahead.engine import pricing as cost
+from lookahead.engine.pricing import CostModel, StepCost, calibrate, curve_key, measure_cost_curve
+from lookahead.drafting.tree import TREE_BUCKETS
 
 
 def test_cost_model_prices_relative_to_one_token():

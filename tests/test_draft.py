@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lookahead.draft import TREE_BUCKETS, DraftTree, bucket_size, build_draft, pack_drafts, pack_ragged
+from lookahead.drafting.tree import TREE_BUCKETS, DraftTree, bucket_size, build_draft, pack_drafts, pack_ragged
 
 # retrieved nodes (root excluded), DFS pre-order: 2 -> (3 -> (7, 8), 4)
 TOKENS, PARENTS = [2, 3, 7, 8, 4], [0, 1, 2, 2, 1]

@@ -4,7 +4,7 @@ recycled branches, and the request life of docs/API.md."""
 import pytest
 
 from lookahead import Drafter, LookaheadConfig, TokenTrie
-from lookahead.drafter import Calibration
+from lookahead.drafting.drafter import Calibration
 from tests.test_trie import golden_trie
 
 FLAT = {1: 1.0, 128: 1.0}  # verifying more nodes costs nothing (a GPU far from its limits)
@@ -211,7 +211,7 @@ def test_negative_ids_are_refused_before_anything_changes():
 
 
 def test_the_step_price_is_one_interface_given_once():
-    from lookahead.cost import CostModel
+    from lookahead.engine.pricing import CostModel
 
     def trie():
         made = TokenTrie(branch_length=4, max_trie_nodes=1000)
@@ -256,7 +256,7 @@ def test_a_ragged_step_gives_nodes_to_the_rows_whose_drafts_pay():
 def test_the_ragged_policy_never_models_a_step_below_plain():
     import random
 
-    from lookahead.drafter import _Node
+    from lookahead.drafting.drafter import _Node
 
     rng = random.Random(0)
     curve = {1: 1.0, 4: 1.3, 8: 2.0, 16: 4.5, 64: 20.0}
@@ -287,7 +287,7 @@ def test_the_policy_reads_a_price_in_any_unit():
     """Only ratios of prices matter: a step price in seconds, in units of one verified token (vLLM's linear step,
     a plain step = 82.8) or relative gives the same drafts (the proposal's cut once compared scores with 1.0,
     which only a relative price's plain step scores, and cut a price in token units after the first bucket)."""
-    from lookahead.cost import CostModel
+    from lookahead.engine.pricing import CostModel
 
     class Scaled:
         def __init__(self, price, factor):

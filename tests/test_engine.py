@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from lookahead import LookaheadConfig
-from lookahead.cost import CostModel
-from lookahead.engine import Engine, Sequence
-from lookahead.sampling import SamplingParams
+from lookahead.engine.pricing import CostModel
+from lookahead.engine.engine import Engine, Sequence
+from lookahead.engine.sampling import SamplingParams
 from tests.conftest import TINY_VOCAB, _tiny_llama
 
 
@@ -185,7 +185,7 @@ def test_the_gate_decodes_plain_where_drafting_costs_more_per_token_and_still_pr
     token of steps with and without drafting: where drafting costs more it drafts only every GATE_PROBE-th step
     (to keep measuring it), where it costs less it decodes plain only that often; an unmeasured row count follows
     the nearest measured one of its kind. Replay's fixed price has no gate (its figures stay deterministic)."""
-    import lookahead.cost as cost_module
+    import lookahead.engine.pricing as cost_module
 
     model = _tiny_llama(7)
     engine = Engine(model, max_batch=4, max_context=60, lookahead=LookaheadConfig())

@@ -130,7 +130,7 @@ def test_a_ragged_step_gives_each_row_the_bits_of_its_own_padded_step(dtype):
     chain) with a 3-node tree under its last token, row 2 nothing, row 3 a lone root. Every token's logits, and
     every K/V written, equal those of each row verified alone in the padded layout, bit for bit; the LM head on a
     subset of tokens gives those tokens' bits too."""
-    from lookahead.draft import DraftTree, pack_ragged
+    from lookahead.drafting.tree import DraftTree, pack_ragged
 
     model = tiny(dtype, seed=3)
     gen = torch.Generator().manual_seed(9)

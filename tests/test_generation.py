@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lookahead import LookaheadConfig, TokenTrie
-from lookahead.cost import curve_key
-from lookahead.replay import replay
+from lookahead.engine.pricing import curve_key
+from lookahead.benchmarks.replay import replay
 from tests.conftest import TINY_VOCAB, _tiny_llama
 
 VOCAB = TINY_VOCAB

@@ -4,7 +4,7 @@ import mmap
 
 import torch
 
-from lookahead.memory import model_memory_bytes, rss_bytes, trim_allocator
+from lookahead.serve.memory import model_memory_bytes, rss_bytes, trim_allocator
 from tests.conftest import _tiny_llama
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lookahead import LookaheadConfig
-from lookahead.replay import COPY_HEAVY, CURVES, SHIPPED, load_recording, record, replay
+from lookahead.benchmarks.replay import COPY_HEAVY, CURVES, SHIPPED, load_recording, record, replay
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +145,9 @@ def test_cli_replays_the_copy_heavy_recording_by_name_and_explains_a_missing_pee
 def test_replay_runs_the_engine_and_each_request_gets_its_recorded_tokens(recording):
     """The stand-in model through the real Engine: every request decodes exactly its recorded output (the prefill's
     token excluded from the decode counts), one request at a time or four in a batch."""
-    from lookahead.cost import CostModel
-    from lookahead.engine import Engine, Sequence
-    from lookahead.replay import RecordedModel, relabel
+    from lookahead.engine.pricing import CostModel
+    from lookahead.engine.engine import Engine, Sequence
+    from lookahead.benchmarks.replay import RecordedModel, relabel
 
     _, records = recording
     records, vocab = relabel(records[:6])
@@ -213,7 +213,7 @@ def test_the_suffix_decoding_peer_replays_through_the_same_engine(recording, mon
     module.SuffixDecodingCache = Cache
     monkeypatch.setitem(sys.modules, "arctic_inference", types.ModuleType("arctic_inference"))
     monkeypatch.setitem(sys.modules, "arctic_inference.suffix_decoding", module)
-    from lookahead.replay import SuffixDecodingDrafter, best_suffix_decoding
+    from lookahead.benchmarks.replay import SuffixDecodingDrafter, best_suffix_decoding
 
     _, records = recording
     records = records[:13]

@@ -7,7 +7,7 @@ import torch
 
 from lookahead import LookaheadConfig
 from lookahead.kernels import gumbel_noise
-from lookahead.trie import TokenTrie
+from lookahead.drafting.trie import TokenTrie
 from tests.test_generation import tiny_model
 from tests.test_smollm2 import chat_ids, spec_bench_prompts
 

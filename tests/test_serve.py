@@ -18,10 +18,10 @@ openai = pytest.importorskip("openai")
 
 from lookahead import LookaheadConfig  # noqa: E402
 from lookahead.data import encode_prompt, spec_bench_first_turns  # noqa: E402
-from lookahead.sampling import TokenChooser  # noqa: E402
+from lookahead.engine.sampling import TokenChooser  # noqa: E402
 from lookahead.serve.app import BackgroundServer, decode  # noqa: E402
 from lookahead.serve.scheduler import Scheduler  # noqa: E402
-from lookahead.state import GenerationState  # noqa: E402
+from lookahead.engine.state import GenerationState  # noqa: E402
 
 pytestmark = pytest.mark.slow
 NAME = "smollm2-135m-instruct"

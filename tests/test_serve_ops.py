@@ -204,7 +204,7 @@ def test_a_saved_trie_of_other_settings_is_served_with_the_defaults_for_it(tiny,
 
 
 def test_stats_and_metrics_account_memory_by_part(tiny, server):
-    from lookahead.memory import TRIE_NODE_BYTES, model_memory_bytes
+    from lookahead.serve.memory import TRIE_NODE_BYTES, model_memory_bytes
 
     model, _ = tiny
     httpx.post(server.url + "/v1/chat/completions", json=body("Count to ten.", 8), headers=auth(), timeout=TIMEOUT)

@@ -5,7 +5,7 @@ import tracemalloc
 
 import pytest
 
-from lookahead.suffix import SuffixAutomaton
+from lookahead.drafting.suffix import SuffixAutomaton
 
 
 def brute_match_length(text: list[int]) -> int:

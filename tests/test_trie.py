@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lookahead.trie import TokenTrie
+from lookahead.drafting.trie import TokenTrie
 
 
 def golden_trie() -> TokenTrie:
@@ -116,7 +116,7 @@ def test_bad_arguments():
 def test_overflows_evict_gently_and_keep_recent_requests():
     """80 recorded SmolLM2 requests through a trie bounded at 20,000 nodes: each overflow evicts only down to
     90% of the bound (the old halving dropped it to 4,000-7,000), and the latest outputs are still drafted."""
-    from lookahead.replay import SHIPPED, load_recording
+    from lookahead.benchmarks.replay import SHIPPED, load_recording
 
     _, records = load_recording(SHIPPED)
     trie = TokenTrie(branch_length=12, max_trie_nodes=20_000)
@@ -182,7 +182,7 @@ def test_one_long_prompt_alone_keeps_all_its_windows():
 def test_retention_under_the_bound_on_replay_with_concurrent_requests():
     """The shipped recording, 16 requests at a time (prompts in, outputs streamed, requests ending) through a
     trie bounded at 20,000 nodes: never more than 1.1x the bound, and once full it keeps >= 80% of the bound."""
-    from lookahead.replay import SHIPPED, load_recording
+    from lookahead.benchmarks.replay import SHIPPED, load_recording
 
     _, records = load_recording(SHIPPED)
     bound = 20_000

@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 
 from lookahead.config import LookaheadConfig
-from lookahead.cost import DraftGate
-from lookahead.drafter import Drafter
-from lookahead.trie import TokenTrie
+from lookahead.engine.pricing import DraftGate
+from lookahead.drafting.drafter import Drafter
+from lookahead.drafting.trie import TokenTrie
 
 # vLLM's CPU step as a + b * tokens, a / b by batch size and dtype: SmolLM2-135M, 1 OpenMP thread, process CPU
 # time with exactly k = 0, 1, 2, 4, 8 draft tokens per row (`lookahead bench-vllm --step-cost [--dtype]`, this

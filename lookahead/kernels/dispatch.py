@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lookahead.settings import forced_kernels, value_checks_on_cuda
+from lookahead.config import forced_kernels, value_checks_on_cuda
 
 try:
     import triton

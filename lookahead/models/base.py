@@ -16,11 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lookahead import kernels
-from lookahead.cache import KVCache
+from lookahead.models.cache import KVCache
 from lookahead.kernels import cpu as cpu_ops
 from lookahead.kernels.reference import sdpa
-from lookahead.state import GenerationState
-from lookahead.trie import TokenTrie
 
 try:  # optional prefill kernel on CUDA
     from flash_attn import flash_attn_func
@@ -302,19 +300,25 @@ class CausalLM(nn.Module):
         self._rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # _rope_table: cos, sin [P, rot]
         self._no_tensor = torch.empty(0)  # _layer_weights' stand-in for an absent bias or norm
         self._weights_list: tuple | None = None  # _layer_weights' last answer and the (dtype, device) it was for
-        self.state = GenerationState()  # trie, KV cache, CUDA graphs, cost curves, drafter calibration
+        self._state = None  # the engine's GenerationState, made at first use (`state`)
 
     @property
-    def trie(self) -> TokenTrie:
+    def state(self):
+        """What generation keeps on this model between calls (`lookahead.engine.state.GenerationState`: trie, KV
+        cache, CUDA graphs, cost curves, drafter calibration). The model only holds it; the engine owns its type."""
+        if self._state is None:
+            from lookahead.engine.state import GenerationState
+            self._state = GenerationState()
+        return self._state
+
+    @property
+    def trie(self):
         """The token trie lookahead drafts from; persists across generate calls (assign a loaded one to warm up)."""
         return self.state.trie
 
     @trie.setter
-    def trie(self, trie: TokenTrie) -> None:
-        if not isinstance(trie, TokenTrie):
-            raise ValueError(f"model.trie must be a lookahead.TokenTrie, got {type(trie).__name__}: use "
-                             "model.trie.clear() to empty it or TokenTrie.load(path) to restore one")
-        self.state.trie = trie
+    def trie(self, trie) -> None:
+        self.state.set_trie(trie)
 
     @property
     def device(self) -> torch.device:
@@ -543,5 +547,5 @@ class CausalLM(nn.Module):
     # ---- generation ----------------------------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor, **kwargs):
         """Greedy or sampled generation, lookahead on by default; see docs/API.md."""
-        from lookahead.generation import generate
+        from lookahead.engine.generation import generate
         return generate(self, input_ids, **kwargs)

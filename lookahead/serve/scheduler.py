@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 from lookahead.config import LookaheadConfig
-from lookahead.engine import PREFILL_CHUNK_TOKENS, ContextTooLong, Engine, Sequence, context_limit
-from lookahead.memory import (SUFFIX_TOKEN_BYTES, TRIE_NODE_BYTES, model_memory_bytes, rss_bytes, trim_allocator,
+from lookahead.engine.engine import PREFILL_CHUNK_TOKENS, ContextTooLong, Engine, Sequence, context_limit
+from lookahead.serve.memory import (SUFFIX_TOKEN_BYTES, TRIE_NODE_BYTES, model_memory_bytes, rss_bytes, trim_allocator,
                               workspace_bytes)
-from lookahead.sampling import SamplingParams
-from lookahead.trie import TokenTrie
+from lookahead.engine.sampling import SamplingParams
+from lookahead.drafting.trie import TokenTrie
 
 log = logging.getLogger("lookahead.serve")
 
@@ -234,7 +234,7 @@ class Scheduler:
         return {"running": len(self._running), "queued": len(self._pending)}
 
     def memory(self) -> dict[str, int]:
-        """Bytes by part (lookahead.memory): weights (with any packed copy), KV cache, trie (request-local
+        """Bytes by part (lookahead.serve.memory): weights (with any packed copy), KV cache, trie (request-local
         windows included), the running requests' suffix automata, the largest forward's workspace (an estimate
         from shapes), and the process's resident size now and at its peak."""
         engine = self.engine

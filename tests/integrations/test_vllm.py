@@ -1,6 +1,6 @@
 """vLLM (CPU build, its own venv .venv-vllm that `make test` creates) with our proposer: exactly plain vLLM's greedy
 tokens on 8 Spec-Bench prompts, one at a time and as one batch, with draft tokens accepted. vLLM runs once for the
-module, in a subprocess with that venv's python (lookahead.integrations.vllm_runner)."""
+module, in a subprocess with that venv's python (lookahead.benchmarks.vllm_runner)."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from lookahead.data import encode_prompt, spec_bench_first_turns
-from lookahead.integrations.vllm_runner import CPU_ENV
+from lookahead.benchmarks.vllm_runner import CPU_ENV
 from lookahead.models import resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ def runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("vllm")
     (work / "job.json").write_text(json.dumps(job))
     env = {**os.environ, **CPU_ENV, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([str(VLLM_PYTHON), "-m", "lookahead.integrations.vllm_runner", "job.json", "result.json"],
+    done = subprocess.run([str(VLLM_PYTHON), "-m", "lookahead.benchmarks.vllm_runner", "job.json", "result.json"],
                           cwd=work, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads((work / "result.json").read_text())

@@ -8,8 +8,8 @@ import pytest
 
 from lookahead.config import LookaheadConfig
 from lookahead.integrations.vllm import LinearStep, LookaheadProposer
-from lookahead.integrations.vllm_replay import ProposerRows, VllmNgram, compare, vllm_ngram
-from lookahead.replay import replay
+from lookahead.benchmarks.vllm_replay import ProposerRows, VllmNgram, compare, vllm_ngram
+from lookahead.benchmarks.replay import replay
 
 
 def _kmp_ngram(tokens, min_n, max_n, k):
@@ -131,7 +131,7 @@ def test_proposer_gate_drafts_only_where_vllms_steps_pay(monkeypatch):
     """The proposer times vLLM's steps between its calls: where steps that verified drafts cost more per committed
     token than plain ones it proposes nothing, bar one probe in GATE_PROBE; steps that admit or end requests are
     not measured."""
-    from lookahead.cost import GATE_PROBE
+    from lookahead.engine.pricing import GATE_PROBE
 
     monkeypatch.setenv("LOOKAHEAD_VLLM_STEP_TOKENS", "inf")  # no cost cut: the gate alone decides
     clock = _Clock()

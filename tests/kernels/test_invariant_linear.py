@@ -62,7 +62,7 @@ def test_batched_and_strided_inputs(device):
 @pytest.mark.parametrize("config", [(16, 64, 128, 4, 4), (32, 32, 64, 4, 3), (64, 128, 64, 4, 3)])
 def test_other_tiles_are_invariant_too(device, config):
     # tile_config's wide-N tile (BLOCK_N 64, N >= 16384) and the GPU sweep's candidates, on a small weight
-    from lookahead.kernels.invariant_linear import launch
+    from lookahead.kernels.triton.invariant_linear import launch
 
     x, w, b = operands(150, 70, 80, device, torch.float32)
     full = launch(x, w, b, config)

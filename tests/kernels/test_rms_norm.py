@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lookahead import kernels
-from lookahead.kernels.rms_norm import reference
+from lookahead.kernels.triton.rms_norm import reference
 from tests.kernels.conftest import DEVICES, dtypes_for
 
 pytestmark = pytest.mark.kernels

@@ -77,7 +77,7 @@ def test_reruns_are_bitwise_equal(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("prefix, T, group, D, splits", [(300, 7, 3, 64, 3), (37, 16, 1, 128, 2), (1, 64, 1, 64, 4)])
 def test_prefix_splits_match_reference(device, prefix, T, group, D, splits):
-    from lookahead.kernels.tree_attention import launch
+    from lookahead.kernels.triton.tree_attention import launch
 
     for dtype, atol, rtol in dtypes_for(device):
         q, k, v, lens, mask = inputs(prefix, T, group, D, device, dtype)
@@ -122,7 +122,7 @@ def test_head_dims_padded_to_a_power_of_two(device, prefix, T, group, D):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_padded_head_dim_with_prefix_splits(device):
-    from lookahead.kernels.tree_attention import launch
+    from lookahead.kernels.triton.tree_attention import launch
 
     q, k, v, lens, mask = inputs(300, 7, 3, 96, device, torch.float32, Hkv=1)
     ref = reference.tree_attention(q.cpu(), k.cpu(), v.cpu(), lens.cpu(), mask.cpu())
@@ -150,7 +150,7 @@ def test_ancestor_bits_are_validated():
 
 
 def test_ancestor_bits_pack_the_mask():
-    from lookahead.kernels.tree_attention import build_ancestor_bits
+    from lookahead.kernels.triton.tree_attention import build_ancestor_bits
 
     mask = random_tree_mask(2, 100, torch.Generator().manual_seed(1))
     bits = build_ancestor_bits(mask)
@@ -200,7 +200,7 @@ def one_token_steps(q, k, v, lens, mask, num_splits=None):
     """Each node's output from the one-token step that decodes it after its path was accepted: the cache compacted
     (the node's root-to-node path at slots lens[b] .. lens[b] + depth), T = 1, no tree mask. The B * T steps run
     as one batch of B * T rows: EXACT programs are per row, so this also checks that the batch changes nothing."""
-    from lookahead.kernels.tree_attention import launch
+    from lookahead.kernels.triton.tree_attention import launch
 
     B, T, Hq, D = q.shape
     k1 = k.repeat_interleave(T, 0)  # (B * T, Hkv, S, D): row b * T + i is node i's compacted cache
@@ -232,7 +232,7 @@ def exact_dtypes(device, dtype):
 def test_exact_nodes_equal_one_token_steps_bitwise(device, prefix, T, group, B, cpu_dtype):
     # the default kernel packs nodes into one tile and walks the draft after the prefix tiles: a node's sums run
     # in another order than in the one-token step (most nodes differ in the last bits); EXACT must not
-    from lookahead.kernels.tree_attention import launch
+    from lookahead.kernels.triton.tree_attention import launch
 
     for dtype, atol, rtol in exact_dtypes(device, cpu_dtype):
         q, k, v, lens, mask = inputs(prefix, T, group, 16, device, dtype, B=B, Hkv=1)
@@ -248,7 +248,7 @@ def test_exact_nodes_equal_one_token_steps_bitwise(device, prefix, T, group, B, 
                                                                     (0, 5, 1, 16, 4, torch.float32)])
 def test_exact_with_prefix_splits_and_padded_head_dim(device, prefix, T, group, D, splits, cpu_dtype):
     # splits are cut by each node's own key count, so a node and its one-token step split alike
-    from lookahead.kernels.tree_attention import launch
+    from lookahead.kernels.triton.tree_attention import launch
 
     for dtype, atol, rtol in exact_dtypes(device, cpu_dtype):
         q, k, v, lens, mask = inputs(prefix, T, group, D, device, dtype, B=1, Hkv=1)
@@ -262,7 +262,7 @@ def test_exact_with_prefix_splits_and_padded_head_dim(device, prefix, T, group, 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("T, group, dtype, splits", [(16, 4, torch.float16, None), (8, 1, torch.float32, 4)])
 def test_exact_after_a_4k_prefix(device, T, group, dtype, splits):
-    from lookahead.kernels.tree_attention import launch
+    from lookahead.kernels.triton.tree_attention import launch
 
     q, k, v, lens, mask = inputs(4096, T, group, 16, device, dtype, B=1, Hkv=1)
     out = launch(q, k, v, lens, mask, num_splits=splits, exact=True)

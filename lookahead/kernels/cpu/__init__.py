@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lookahead.settings import cache_dir, cpu_arch
+from lookahead.config import cache_dir, cpu_arch
 
 log = logging.getLogger("lookahead.kernels.cpu")
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lookahead.drafter import Calibration
-from lookahead.trie import TokenTrie
+from lookahead.drafting.drafter import Calibration
+from lookahead.drafting.trie import TokenTrie
 
 if TYPE_CHECKING:
-    from lookahead.cost import StepCost
-    from lookahead.engine import Engine
+    from lookahead.engine.pricing import StepCost
+    from lookahead.engine.engine import Engine
 
 
 @dataclass
@@ -27,6 +27,13 @@ class GenerationState:
     step_costs: dict[str, StepCost] = field(default_factory=dict)
     calibration: Calibration = field(default_factory=Calibration)
     successors: dict[int, list[int]] = field(default_factory=dict)
+
+    def set_trie(self, trie: TokenTrie) -> None:
+        """`model.trie = trie`: only a TokenTrie (a loaded one warms the model up)."""
+        if not isinstance(trie, TokenTrie):
+            raise ValueError(f"model.trie must be a lookahead.TokenTrie, got {type(trie).__name__}: use "
+                             "model.trie.clear() to empty it or TokenTrie.load(path) to restore one")
+        self.trie = trie
 
     def forget_drafting(self) -> None:
         """Forget what drafting learned from outputs (the trie's contents, the recycled tokens, the calibration);

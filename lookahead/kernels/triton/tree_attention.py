@@ -27,7 +27,7 @@ import torch
 
 from lookahead.kernels import reference
 from lookahead.kernels.dispatch import backend, check_int64, check_same_device, check_values, jit, tl, triton
-from lookahead.settings import MAX_TREE_NODES, forced_kernels
+from lookahead.config import MAX_TREE_NODES, forced_kernels
 
 MAX_HEAD_DIM = 256  # the largest head dim of common models (Gemma); larger ones run the reference unless forced
 

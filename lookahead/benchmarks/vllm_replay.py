@@ -113,7 +113,7 @@ def compare(records: list[dict], batch: int = 1, k: int = 8, step=None, ngram_k=
     {method: {category: ReplayTotals}}. The proposer runs without its timing gate (replay has no clock)."""
     from lookahead.config import LookaheadConfig
     from lookahead.integrations.vllm import STEP_TOKENS_CPU, LinearStep, LookaheadProposer
-    from lookahead.replay import replay
+    from lookahead.benchmarks.replay import replay
 
     step = step or LinearStep(STEP_TOKENS_CPU["bfloat16"])
     config = LookaheadConfig(decoding_length=max(16, k, *ngram_k))

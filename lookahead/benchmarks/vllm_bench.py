@@ -2,7 +2,7 @@
 arctic_inference imports in the vLLM venv) and vLLM + our LookaheadProposer, greedy, on Spec-Bench (N per category)
 and its copy-heavy categories, at batch 1 and batch 8. Writes vllm_bench.json / .md / .png under --out.
 
-vLLM runs in its own venv (`make vllm-venv`) through lookahead.integrations.vllm_runner, one fresh engine per
+vLLM runs in its own venv (`make vllm-venv`) through lookahead.benchmarks.vllm_runner, one fresh engine per
 method, batch size and repeat, so no drafter remembers outputs across them. The primary figure is deterministic:
 tokens per row-step = generated / (generated - accepted) (each step of a row commits one token plus the drafts it
 accepted; vLLM's spec-decode counters give the accepted ones). tokens/s is the median over repeats.
@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from lookahead.integrations.vllm_runner import CPU_ENV
+from lookahead.benchmarks.vllm_runner import CPU_ENV
 
 COPY_HEAVY = ["rag", "summarization", "extraction"]
 PROPOSER = "lookahead.integrations.vllm.LookaheadProposer"
@@ -94,7 +94,7 @@ def _run_vllm(args, job: dict, extra_path: str | None = None) -> dict:
     env = {**os.environ, **CPU_ENV, "PYTHONPATH": path}
     with tempfile.TemporaryDirectory() as work:
         Path(work, "job.json").write_text(json.dumps(job))
-        done = subprocess.run([str(python.absolute()), "-m", "lookahead.integrations.vllm_runner", "job.json",
+        done = subprocess.run([str(python.absolute()), "-m", "lookahead.benchmarks.vllm_runner", "job.json",
                                "result.json"], cwd=work, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"vLLM run failed:\n{done.stderr[-3000:]}")
@@ -292,7 +292,7 @@ def _step_cost(args, model: str, sizes: list[int], out: Path) -> int:
     ks = [1, 2, 4, 8]
     configs = [{"name": "plain", "speculative_config": None}] + [
         {"name": f"k={k}", "speculative_config": {"method": "custom_class", "num_speculative_tokens": k,
-                                                  "model": "lookahead.integrations.vllm_runner.FixedDraftProposer"}}
+                                                  "model": "lookahead.benchmarks.vllm_runner.FixedDraftProposer"}}
         for k in ks]
     job = {"model": model, "max_tokens": 32, "repeats": args.repeats, "ignore_eos": True, "configs": configs,
            "groups": [[prompts[:bs]] for bs in sizes], "dtype": args.dtype}

@@ -10,7 +10,7 @@ Honest warm-up: before prompt i the warm memory holds only our own outputs of pr
 --warmup-split prompts, which are never measured); no other system's run touches it, and the prompt being
 measured was never generated into it beforehand.
 
-Before anything is timed the verify cost curve is calibrated (`lookahead.cost.calibrate`) and one untimed
+Before anything is timed the verify cost curve is calibrated (`lookahead.engine.pricing.calibrate`) and one untimed
 lookahead run allocates the cache and compiles what needs compiling. tokens/s counts new tokens over wall
 time, prefill included; for our systems the decode-only rate (tokens after the first over `stats.decode_s`)
 is reported too.
@@ -88,12 +88,12 @@ def run(args) -> int:
     from transformers import AutoModelForCausalLM
 
     from lookahead import LookaheadConfig
-    from lookahead.cost import calibrate
+    from lookahead.engine.pricing import calibrate
     from lookahead.data import encode_prompt
     from lookahead.models import resolve_checkpoint
     from lookahead.models.auto import load_model
-    from lookahead.drafter import Calibration
-    from lookahead.trie import TokenTrie
+    from lookahead.drafting.drafter import Calibration
+    from lookahead.drafting.trie import TokenTrie
 
     ours, tokenizer = load_model(args.model, args.dtype, args.device)
     cost_curve = calibrate(ours)  # measured once per model/device/dtype/threads, then loaded from the cache

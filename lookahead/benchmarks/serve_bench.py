@@ -46,7 +46,7 @@ class RequestResult:
     ttft_s: float            # time to the first text
     latency_s: float         # time to the last chunk
     completion_tokens: int
-    steps: int               # usage.lookahead.steps: forward passes that produced this request's tokens
+    steps: int               # usage.lookahead.engine.step: forward passes that produced this request's tokens
     text: str
     error: str | None = None
 

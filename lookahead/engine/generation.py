@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from lookahead.config import LookaheadConfig
-from lookahead.engine import Engine, Sequence, StopStrings, context_limit
-from lookahead.sampling import SamplingParams
+from lookahead.engine.engine import Engine, Sequence, StopStrings, context_limit
+from lookahead.engine.sampling import SamplingParams
 
 
 @dataclass

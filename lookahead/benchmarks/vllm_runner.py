@@ -1,7 +1,7 @@
 """Run vLLM on token-id prompts and write what it did as JSON: the script the vLLM tests and `lookahead bench-vllm`
 start with the vLLM environment's python (vLLM lives in its own venv: it pins its own torch).
 
-    python -m lookahead.integrations.vllm_runner job.json result.json
+    python -m lookahead.benchmarks.vllm_runner job.json result.json
 
 job: {"model": HF dir, "max_tokens": int, "repeats": int, "max_model_len": int, "ignore_eos": bool,
       "configs": [{"name": str, "speculative_config": dict | null}],
@@ -137,7 +137,7 @@ def run(job: dict) -> dict:
 
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
-        raise SystemExit("usage: python -m lookahead.integrations.vllm_runner job.json result.json")
+        raise SystemExit("usage: python -m lookahead.benchmarks.vllm_runner job.json result.json")
     if any(os.environ.get(key) is None for key in CPU_ENV):  # too late for torch's OpenMP pool: start again
         os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *argv], {**CPU_ENV, **os.environ})
     with open(argv[0]) as f:

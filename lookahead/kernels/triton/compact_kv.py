@@ -15,7 +15,7 @@ import torch
 
 from lookahead.kernels import reference
 from lookahead.kernels.dispatch import backend, check_int64, check_same_device, check_values, jit, tl, triton
-from lookahead.settings import MAX_TREE_NODES
+from lookahead.config import MAX_TREE_NODES
 
 
 @jit

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lookahead.settings import LAYOUTS, MAX_TREE_NODES
+from lookahead.config import LAYOUTS, MAX_TREE_NODES
 
 # Tree sizes (root included) a step is padded to: few static shapes for CUDA graphs, steps of <= 1.5x so
 # padding wastes at most a third of a tree.

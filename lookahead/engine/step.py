@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 
 from lookahead import kernels
-from lookahead.cache import KVCache
-from lookahead.nvtx import nvtx_range
-from lookahead.sampling import greedy_tokens
-from lookahead.settings import cuda_graphs_enabled
+from lookahead.models.cache import KVCache
+from lookahead.engine.nvtx import nvtx_range
+from lookahead.engine.sampling import greedy_tokens
+from lookahead.config import cuda_graphs_enabled
 
 
 def accepted_tokens(tokens: torch.Tensor, targets: torch.Tensor, path: torch.Tensor,

@@ -35,17 +35,17 @@ from functools import partial
 
 import torch
 
-from lookahead.cache import KVCache
+from lookahead.models.cache import KVCache
 from lookahead.config import LookaheadConfig
-from lookahead.cost import DraftGate, StepCost, StepPrice, curve_key, prior_curve
-from lookahead.draft import DraftTree, bucket_size, build_draft, pack_ragged
-from lookahead.drafter import Drafter
-from lookahead.nvtx import nvtx_range
-from lookahead.sampling import SamplingParams, TokenChooser
-from lookahead.settings import MAX_TREE_NODES
-from lookahead.steps import StepGraphs, graphs_enabled, ragged_step, read_step_row, tree_step
+from lookahead.engine.pricing import DraftGate, StepCost, StepPrice, curve_key, prior_curve
+from lookahead.drafting.tree import DraftTree, bucket_size, build_draft, pack_ragged
+from lookahead.drafting.drafter import Drafter
+from lookahead.engine.nvtx import nvtx_range
+from lookahead.engine.sampling import SamplingParams, TokenChooser
+from lookahead.config import MAX_TREE_NODES
+from lookahead.engine.step import StepGraphs, graphs_enabled, ragged_step, read_step_row, tree_step
 
-log = logging.getLogger("lookahead.engine")
+log = logging.getLogger("lookahead.engine.engine")
 
 # A prefill forward pads every prompt of its rows to the longest: rows join one forward only while padding stays
 # under a quarter of its tokens (16 Spec-Bench prompts prefilled as one padded forward took 17.5 s before the
@@ -67,6 +67,8 @@ _request_ids = itertools.count()
 
 class ContextTooLong(ValueError):
     """A prompt plus its max_new_tokens do not fit a row (the server answers context_length_exceeded)."""
+
+    __module__ = "lookahead.engine"  # its public name (docs/API.md), as tracebacks print it
 
 
 class StopStrings:

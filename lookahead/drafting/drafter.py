@@ -20,10 +20,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lookahead.config import LookaheadConfig
-from lookahead.cost import CostModel, StepPrice
-from lookahead.draft import TREE_BUCKETS, bucket_size
-from lookahead.suffix import SuffixAutomaton
-from lookahead.trie import TokenTrie, preorder
+from lookahead.drafting.price import CostModel, StepPrice
+from lookahead.drafting.tree import TREE_BUCKETS, bucket_size
+from lookahead.drafting.suffix import SuffixAutomaton
+from lookahead.drafting.trie import TokenTrie, preorder
 
 # Prior probability that the model's rank-r next token (from its latest verify) is what it produces next
 # time. Measured on the shipped SmolLM2 recording: where a token had been seen before, its latest rank-1
@@ -123,7 +123,7 @@ class Drafter:
 
     config: None = the defaults (`LookaheadConfig.for_trie` of the given trie). cost_curve: {tree nodes (root
     included): cost}, seconds or relative, shorthand for step_cost=CostModel(cost_curve). step_cost: the step
-    price, anything with `cost(rows, tokens)` (`lookahead.cost.StepPrice`: the engine's learned `StepCost`,
+    price, anything with `cost(rows, tokens)` (`lookahead.engine.pricing.StepPrice`: the engine's learned `StepCost`,
     replay's `CostModel`, the vLLM proposer's linear step); neither = draft up to decoding_length nodes every step
     (no size policy).
     trie: a TokenTrie to share (model.trie in generate), whose branch_length must be the config's; None = a new

@@ -1,0 +1,7 @@
+"""The engine: one step runner behind `generate`, `lookahead serve` and replay (engine.py), the step itself
+(step.py), sampling, the step's measured price and the drafting gate (pricing.py), and what generation keeps on a
+model between calls (state.py)."""
+
+from lookahead.engine.engine import PREFILL_CHUNK_TOKENS, ContextTooLong, Engine, Sequence, StopStrings, context_limit
+
+__all__ = ["PREFILL_CHUNK_TOKENS", "ContextTooLong", "Engine", "Sequence", "StopStrings", "context_limit"]
