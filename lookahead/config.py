@@ -34,6 +34,12 @@ def cuda_graphs_enabled() -> bool:
     return os.environ.get("LOOKAHEAD_CUDA_GRAPHS", "1") != "0"
 
 
+def draft_gate_enabled() -> bool:
+    """LOOKAHEAD_DRAFT_GATE=0 turns the engine's drafting gate off: every step drafts what the size policy keeps,
+    even where drafting measured dearer per token than plain steps (tests that check what drafting does)."""
+    return os.environ.get("LOOKAHEAD_DRAFT_GATE", "1") != "0"
+
+
 def cpu_arch() -> str:
     """LOOKAHEAD_CPU_ARCH: the -march the C++ CPU ops are built for (default native: this host's ISA)."""
     arch = os.environ.get("LOOKAHEAD_CPU_ARCH", "native")

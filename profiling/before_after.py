@@ -1,9 +1,10 @@
 """This checkout against an older commit, in one process: the old package is exported from git as `lookahead_old`
-and both decode the same Spec-Bench prompts, interleaved prompt by prompt (old plain, new plain, old lookahead,
-new lookahead), each lookahead with its own warm drafting memory. Prints tokens/s per system and whether every
-output is identical.
+(its C++ ops registered as `torch.ops.lookahead_old*`, so both sets load side by side) and both decode the same
+Spec-Bench prompts in each dtype, interleaved prompt by prompt (old plain, new plain, old lookahead, new
+lookahead), each lookahead with its own warm drafting memory. Prints tokens/s per system, new / old per system,
+and whether every output is identical to the old system's.
 
-    python profiling/before_after.py --old f9945b7 --per-category 1 --max-new-tokens 128
+    python profiling/before_after.py --old 7f75892 --dtypes bf16 fp32 --threads 2
 """
 
 from __future__ import annotations
@@ -28,15 +29,18 @@ def export_old(commit: str, into: Path) -> None:
     subprocess.run(["tar", "-x", "-C", str(into)], input=tar.stdout, check=True)
     (into / "lookahead").rename(into / "lookahead_old")
     for path in (into / "lookahead_old").rglob("*.py"):
-        text = path.read_text()
-        path.write_text(re.sub(r"\b(from|import) lookahead\b", r"\1 lookahead_old", text))  # not `lookahead.x` attributes
+        text = re.sub(r"\b(from|import) lookahead\b", r"\1 lookahead_old", path.read_text())  # not `lookahead.x`
+        path.write_text(re.sub(r"torch\.ops\.lookahead(_cpu)?\.", r"torch.ops.lookahead_old\1.", text))
+    for path in (into / "lookahead_old").rglob("*.cpp"):  # the old ops under their own namespace
+        path.write_text(re.sub(r"TORCH_LIBRARY(_FRAGMENT|_IMPL)\(lookahead(_cpu)?,", r"TORCH_LIBRARY\1(lookahead_old\2,",
+                               path.read_text()))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--old", required=True, help="the commit to compare against (run in fp32)")
-    p.add_argument("--dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
-                   help="dtypes of this checkout to run beside the old fp32")
+    p.add_argument("--old", required=True, help="the commit to compare against")
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["fp32", "bf16", "fp16"],
+                   help="dtypes both run in")
     p.add_argument("--per-category", type=int, default=1)
     p.add_argument("--last", action="store_true", help="the last per-category prompts of Spec-Bench, not the first")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -54,7 +58,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     models = {}
-    for name, dtype in [("old", "fp32")] + [("new", d) for d in args.dtypes]:
+    for name, dtype in [(n, d) for d in args.dtypes for n in ("old", "new")]:
         pkg = packages[name]
         models[name, dtype] = importlib.import_module(pkg.__name__ + ".models").LlamaForLookahead.from_pretrained(
             "smollm2-135m-instruct", dtype=DTYPES[dtype], device="cpu")
@@ -96,11 +100,15 @@ def main() -> None:
         print(f"{name} {dtype} {'lookahead' if lookahead else 'plain':9s}: {tokens[k] / wall[k]:6.2f} tok/s wall, "
               f"{tokens[k] / decode[k]:6.2f} decode-only, {tokens[k] / cpu[k]:6.2f} per CPU s ({tokens[k]} tokens, "
               f"{wall[k]:.1f} s; identical to its own plain {same}/{len(prompts)})")
-    base = tokens[("old", "fp32"), False] / decode[("old", "fp32"), False]
-    base_cpu = tokens[("old", "fp32"), False] / cpu[("old", "fp32"), False]
-    for k in systems:
-        print(f"{k[0][0]} {k[0][1]} {'lookahead' if k[1] else 'plain'} / old fp32 plain: decode-only "
-              f"{tokens[k] / decode[k] / base:.2f}x, per CPU s {tokens[k] / cpu[k] / base_cpu:.2f}x")
+    for (name, dtype), lookahead in systems:
+        if name != "new":
+            continue
+        old, new = ((("old", dtype), lookahead)), ((("new", dtype), lookahead))
+        same = sum(a == b for a, b in zip(outputs[new], outputs[old]))
+        print(f"new / old {dtype} {'lookahead' if lookahead else 'plain':9s}: decode-only "
+              f"{tokens[new] / decode[new] / (tokens[old] / decode[old]):.3f}x, wall "
+              f"{tokens[new] / wall[new] / (tokens[old] / wall[old]):.3f}x, per CPU s "
+              f"{tokens[new] / cpu[new] / (tokens[old] / cpu[old]):.3f}x; identical outputs {same}/{len(prompts)}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import triton.testing
 from torch.nn.attention.bias import causal_lower_right
 
 from lookahead import kernels
-from lookahead.drafting.tree import build_draft, pack_drafts
+from lookahead.drafting.tree import build_draft, pack_ragged
 from lookahead.kernels.triton.tree_attention import build_ancestor_bits
 
 
@@ -33,7 +33,7 @@ def tree_mask(T: int) -> torch.Tensor:
     """[1, T, T] mask of a random tree of T nodes, built as the decode step builds it."""
     g = torch.Generator().manual_seed(0)
     parents = [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, T)]
-    return pack_drafts([build_draft(0, [0] * (T - 1), parents)], "cuda", size=T).tree_mask
+    return pack_ragged([[]], [build_draft(0, [0] * (T - 1), parents)], "cuda", pad=True).tree.tree_mask[:, :T, :T]
 
 
 def bench(fn) -> float:

@@ -20,7 +20,7 @@ import torch
 from lookahead import LookaheadConfig
 from lookahead.engine.pricing import measure_cost_curve
 from lookahead.data import encode_prompt, spec_bench_first_turns
-from lookahead.models.base import rope_inv_freq
+from lookahead.models.config import rope_inv_freq
 from lookahead.drafting.trie import TokenTrie
 
 

@@ -11,7 +11,7 @@ against the torch reference so that a kernel that writes nothing cannot pass.
 import torch
 
 from lookahead import kernels
-from lookahead.drafting.tree import build_draft, pack_drafts
+from lookahead.drafting.tree import build_draft, pack_ragged
 from lookahead.kernels import reference
 from lookahead.kernels.triton.tree_attention import launch as launch_attention
 
@@ -20,7 +20,7 @@ def random_tree(B: int, T: int, g: torch.Generator) -> tuple[torch.Tensor, torch
     """(parents [B, T], tree_mask [B, T, T]) of random trees of T nodes, laid out as the decode step does."""
     drafts = [build_draft(0, [0] * (T - 1), [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, T)])
               for _ in range(B)]
-    batch = pack_drafts(drafts, "cpu")  # padded to a bucket: keep the first T nodes (T need not be a bucket)
+    batch = pack_ragged([[]] * len(drafts), drafts, "cpu", pad=True).tree  # padded to a bucket: keep the first T nodes (T need not be a bucket)
     return batch.parents[:, :T].contiguous(), batch.tree_mask[:, :T, :T].contiguous()
 
 

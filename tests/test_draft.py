@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lookahead.drafting.tree import TREE_BUCKETS, DraftTree, bucket_size, build_draft, pack_drafts, pack_ragged
+from lookahead.drafting.tree import TREE_BUCKETS, DraftTree, bucket_size, build_draft, pack_ragged
 
 # retrieved nodes (root excluded), DFS pre-order: 2 -> (3 -> (7, 8), 4)
 TOKENS, PARENTS = [2, 3, 7, 8, 4], [0, 1, 2, 2, 1]
@@ -40,7 +40,7 @@ def test_buckets():
 def test_pack_pads_rows_to_one_bucket_with_the_ancestor_mask():
     a = build_draft(1, TOKENS, PARENTS)
     b = build_draft(5, [], [])
-    batch = pack_drafts([a, b], "cpu")
+    batch = pack_ragged([[], []], [a, b], "cpu", pad=True).tree
     assert batch.tokens.shape == (2, 6)
     assert batch.tokens[0].tolist() == [1, 2, 3, 7, 8, 4] and batch.tokens[1, 0] == 5
     assert batch.parents[1].tolist() == [-1] * 6  # padding nodes have no parent: never accepted
@@ -48,7 +48,7 @@ def test_pack_pads_rows_to_one_bucket_with_the_ancestor_mask():
     assert mask[3].tolist() == [True, True, True, True, False, False]  # 7 sees root, 2, 3, itself
     assert mask[5].tolist() == [True, True, False, False, False, True]  # 4 sees root, 2, itself
     assert torch.equal(batch.tree_mask[1], torch.eye(6, dtype=torch.bool))  # padding sees only itself
-    assert pack_drafts([a], "cpu", size=16).tokens.shape == (1, 16)
+    assert pack_ragged([[]], [build_draft(1, [2] * 6, list(range(6)))], "cpu", pad=True).tree.tokens.shape == (1, 8)
 
 
 def test_bad_trees_raise_value_error():
@@ -70,7 +70,7 @@ def test_the_ancestor_mask_of_random_trees_equals_walking_up_each_node():
             n = rng.choice([0, 1, 2, 7, 40, 127])  # draft nodes; the chains of long ones reach depth ~n
             parents = [rng.randrange(i) if rng.random() < 0.3 else i - 1 for i in range(1, n + 1)]
             drafts.append(build_draft(0, list(range(1, n + 1)), parents))
-        batch = pack_drafts(drafts, "cpu")
+        batch = pack_ragged([[]] * n_rows, drafts, "cpu", pad=True).tree
         T = batch.tokens.shape[1]
         expected = torch.eye(T, dtype=torch.bool).repeat(n_rows, 1, 1)
         for b, d in enumerate(drafts):
@@ -101,10 +101,13 @@ def test_a_ragged_batch_flattens_every_rows_chain_and_tree_without_padding():
     assert batch.tree_index[1, 0] == 6 and batch.tree_index[0].tolist() == [0, 1, 2, 3, 4, 5]
 
 
-def test_a_padded_ragged_batch_is_the_padded_layout_of_pack_drafts():
+def test_a_padded_ragged_batch_pads_every_tree_to_one_bucket_and_free_rows_to_a_padding_root():
     tree = build_draft(1, TOKENS, PARENTS)
-    padded = pack_drafts([tree, DraftTree([4], [-1], [0])], "cpu")
     batch = pack_ragged([[], []], [tree, None], "cpu", pad=True)
-    assert batch.uniform and batch.num_tokens == 2 * padded.tokens.shape[1]
-    assert torch.equal(batch.tree.parents, padded.parents) and torch.equal(batch.tree.tree_mask, padded.tree_mask)
+    assert batch.uniform and batch.num_tokens == 2 * 6 and batch.tree.tokens.shape == (2, 6)
+    assert batch.has_tree.tolist() == [1, 1] and batch.shift.tolist() == [0, 0]
+    assert batch.tree.parents[1].tolist() == [-1] * 6  # the free row: a padding root, never accepted past it
+    assert torch.equal(batch.tree.tree_mask[1], torch.eye(6, dtype=torch.bool))
+    ragged = pack_ragged([[], []], [tree, None], "cpu")
+    assert torch.equal(batch.tree.tree_mask[0], ragged.tree.tree_mask[0])  # the same tree, the same mask
     assert not pack_ragged([[], [3]], [tree, None], "cpu", pad=True).uniform  # a chain is never padded

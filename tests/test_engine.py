@@ -190,19 +190,46 @@ def test_the_gate_decodes_plain_where_drafting_costs_more_per_token_and_still_pr
     model = _tiny_llama(7)
     engine = Engine(model, max_batch=4, max_context=60, lookahead=LookaheadConfig())
     probe = cost_module.GATE_PROBE
-    decisions = [engine._gate_open(2, False) for _ in range(probe)]
+    decisions = [engine.gate_open(2, False) for _ in range(probe)]
     assert decisions == [True] * (probe - 1) + [False]  # nothing measured: draft, then try plain once
-    engine._gate.learn(2, False, True, seconds=0.030, tokens=3)   # 10 ms a token drafting
-    engine._gate.learn(2, False, False, seconds=0.016, tokens=2)  # 8 ms plain
-    decisions = [engine._gate_open(2, False) for _ in range(4 * probe)]
+    engine.gate.learn(2, False, True, seconds=0.030, tokens=3)   # 10 ms a token drafting
+    engine.gate.learn(2, False, False, seconds=0.016, tokens=2)  # 8 ms plain
+    decisions = [engine.gate_open(2, False) for _ in range(4 * probe)]
     assert sum(decisions) == 4  # plain, bar one probe in GATE_PROBE
-    assert sum(engine._gate_open(3, False) for _ in range(probe)) == 1  # 3 rows follow 2 rows, probing drafting
-    assert engine._gate_open(2, True)  # a step with prompt chunks is another kind: not measured yet, it drafts
+    assert sum(engine.gate_open(3, False) for _ in range(probe)) == 1  # 3 rows follow 2 rows, probing drafting
+    assert engine.gate_open(2, True)  # a step with prompt chunks is another kind: not measured yet, it drafts
     for _ in range(40):  # drafting got cheap: the decayed sums move, then the gate flips
-        engine._gate.learn(2, False, True, seconds=0.012, tokens=3)
-    decisions = [engine._gate_open(2, False) for _ in range(4 * probe)]
+        engine.gate.learn(2, False, True, seconds=0.012, tokens=3)
+    decisions = [engine.gate_open(2, False) for _ in range(4 * probe)]
     assert sum(decisions) == 4 * probe - 4
     fixed = Engine(model, max_batch=2, max_context=60, lookahead=LookaheadConfig(), cost=CostModel({1: 1.0}))
-    fixed._gate.learn(2, False, True, seconds=1.0, tokens=1)
-    fixed._gate.learn(2, False, False, seconds=0.001, tokens=1)
-    assert all(fixed._gate_open(2, False) for _ in range(2 * probe))
+    fixed.gate.learn(2, False, True, seconds=1.0, tokens=1)
+    fixed.gate.learn(2, False, False, seconds=0.001, tokens=1)
+    assert all(fixed.gate_open(2, False) for _ in range(2 * probe))
+
+
+@pytest.mark.live_gate
+def test_the_gate_learns_the_seconds_of_the_engines_own_clock():
+    """The engine times its steps with the clock it is given: each step feeds the gate its seconds and committed
+    tokens, so a fake clock that ticks 10 ms per reading shows up, exactly, as the gate's seconds per token."""
+    model = _tiny_llama(3)
+    readings = []
+
+    def clock():
+        readings.append(0.010 * len(readings))
+        return readings[-1]
+
+    engine = Engine(model, max_batch=2, max_context=60, lookahead=LookaheadConfig(), clock=clock)
+    seq = Sequence(list(range(1, 9)), max_new_tokens=12)
+    engine.add([seq])
+    learned = []
+    real_learn = engine.gate.learn
+    engine.gate.learn = lambda rows, kind, drafted, seconds, tokens: (learned.append((seconds, tokens)),
+                                                                      real_learn(rows, kind, drafted, seconds, tokens))
+    while not seq.finished:
+        engine.step()
+    # a step reads the clock at its start, around its device work and its commit, and at its end: 4 ticks
+    assert learned and all(abs(seconds - 0.040) < 1e-9 for seconds, _ in learned)
+    drafted, plain = engine.gate.per_token(1, False)
+    measured = [p for p in (drafted, plain) if p is not None]
+    assert measured and all(0.040 / 12 <= p <= 0.040 for p in measured)

@@ -97,21 +97,6 @@ class DraftBatch:
     tree_mask: torch.Tensor  # [B, T, T] bool, i sees j iff j is i or an ancestor of i
 
 
-def pack_drafts(drafts: list[DraftTree], device: torch.device | str, size: int | None = None) -> DraftBatch:
-    """Pad every row to one bucket (the largest row's, or `size`) and move the batch to device in one copy."""
-    B = len(drafts)
-    T = bucket_size(max(len(d.tokens) for d in drafts) if size is None else size)
-    ints = np.zeros((3, B, T), dtype=np.int64)  # tokens, parents, depths
-    ints[1] = -1
-    for b, d in enumerate(drafts):
-        n = len(d.tokens)
-        if n > T:
-            raise ValueError(f"row {b} has {n} nodes, more than the bucket of {T}")
-        ints[0, b, :n], ints[1, b, :n], ints[2, b, :n] = d.tokens, d.parents, d.depths
-    flat = torch.from_numpy(ints).to(device)
-    return DraftBatch(flat[0], flat[1], flat[2], torch.from_numpy(ancestor_mask(ints[1], int(ints[2].max()))).to(device))
-
-
 def ancestor_mask(parents: np.ndarray, max_depth: int) -> np.ndarray:
     """[B, T] parents (-1 for roots and padding) -> [B, T, T] bool, i sees j iff j is i or an ancestor of i, by
     pointer doubling: after round k every node sees its ancestors closer than 2^k and points at the one 2^k up
@@ -140,8 +125,8 @@ class RaggedBatch:
     is committed as it is (cache.lens += shift), the tree is accepted and compacted as a draft tree.
 
     The tree part is also laid out padded, [B, Td] (Td = the largest tree), for acceptance, the chooser and the
-    compaction, which cost O(B * Td) and nothing per layer. uniform: every row a tree of Td nodes and no chains (the
-    padded layout of pack_drafts, which a CUDA graph replays); only `pack_ragged(pad=True)` makes such batches."""
+    compaction, which cost O(B * Td) and nothing per layer. uniform: every row a tree of Td nodes and no chains (which a
+    CUDA graph replays); only `pack_ragged(pad=True)` makes such batches."""
     tokens: torch.Tensor       # [N] int64
     rows: torch.Tensor         # [N] int64: the token's row
     nodes: torch.Tensor        # [N] int64: its node index in the row (slot offset from cache.lens)
@@ -161,7 +146,7 @@ def pack_ragged(chains: list[list[int]], trees: list[DraftTree | None], device: 
                 pad: bool = False) -> RaggedBatch:
     """Flatten every row's chain and tree into one step (see RaggedBatch) and move it to the device in two copies.
     pad: pad every tree to one bucket and give a free row a padding root, with no chains allowed (the fixed shapes
-    a CUDA graph replays: the padded layout of pack_drafts, `uniform`); a batch with a chain is never padded."""
+    a CUDA graph replays, `uniform`); a batch with a chain is never padded."""
     B = len(trees)
     if len(chains) != B:
         raise ValueError(f"{len(chains)} chains for {B} rows")

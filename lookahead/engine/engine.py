@@ -8,8 +8,8 @@ rows and steps until they end; the server admits, cancels and evicts requests ar
 
 Per step: draft (the Drafter prices every row's tree in one ragged step with `StepCost`) -> pack (`pack_ragged`:
 each row's tokens flattened, no padding to the longest row; prompt chunks of rows still prefilling ride in the
-same step) -> one device step (`ragged_step`; on CUDA a decode-only step is padded to a bucket and replayed as a
-CUDA graph by `tree_step`) -> one device-to-host read -> commit per row (eos / stop strings / max tokens cut,
+same step) -> one device step (`verify_step`; on CUDA a decode-only step is padded to a bucket and replayed as a
+CUDA graph) -> one device-to-host read -> commit per row (eos / stop strings / max tokens cut,
 sampler and drafter updates). Host work is O(draft size + prompt chunk) per row; the step's seconds are fed back
 into the cost model. Rows never see each other: the linear layers are batch-invariant on the CPU path and
 attention is per row, so a greedy request returns the tokens it would return alone.
@@ -31,19 +31,17 @@ import logging
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 
-from lookahead.models.cache import KVCache
-from lookahead.config import LookaheadConfig
-from lookahead.engine.pricing import DraftGate, StepCost, StepPrice, curve_key, prior_curve
-from lookahead.drafting.tree import DraftTree, bucket_size, build_draft, pack_ragged
+from lookahead.config import MAX_TREE_NODES, LookaheadConfig, draft_gate_enabled
 from lookahead.drafting.drafter import Drafter
-from lookahead.engine.nvtx import nvtx_range
+from lookahead.drafting.proposer import Proposer
+from lookahead.drafting.tree import DraftTree, bucket_size, build_draft, pack_ragged
+from lookahead.engine.pricing import DraftGate, StepCost, StepPrice, curve_key, prior_curve
 from lookahead.engine.sampling import SamplingParams, TokenChooser
-from lookahead.config import MAX_TREE_NODES
-from lookahead.engine.step import StepGraphs, graphs_enabled, ragged_step, read_step_row, tree_step
+from lookahead.engine.step import StepGraphs, graphs_enabled, nvtx_range, read_step_row, verify_step
+from lookahead.models.cache import KVCache
 
 log = logging.getLogger("lookahead.engine.engine")
 
@@ -185,11 +183,12 @@ class Engine:
     the model's `StepCost`, learned from the engine's own steps.
     prefill_chunk: prompt tokens one step carries (all rows together) for requests added with defer=True, and the
     chunk of a prefill at add (at least one token per row).
+    clock: the seconds the engine times its steps by (what the learned step costs and the drafting gate see).
     """
 
     def __init__(self, model, max_batch: int, max_context: int, lookahead: LookaheadConfig | None = None,
                  isolate_failures: bool = False, cost: StepPrice | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK_TOKENS):
+                 prefill_chunk: int = PREFILL_CHUNK_TOKENS, clock=time.perf_counter):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         cfg = model.config
@@ -197,7 +196,7 @@ class Engine:
             raise ValueError(f"max_context must be an int >= 2, got {max_context!r}")
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an int >= 1 (prompt tokens per step), got {prefill_chunk!r}")
-        self.model, self.max_batch, self.max_context = model, max_batch, max_context
+        self.model, self.max_batch, self.max_context, self.clock = model, max_batch, max_context, clock
         self.prefill_chunk = prefill_chunk
         # the prefill is a verify chain where that gives a one-token step's bits (the C++ CPU path)
         self.prefill_in_steps = bool(getattr(model, "prefill_in_verify", False))
@@ -218,9 +217,9 @@ class Engine:
         self._device_s = 0.0  # the last step's device work and its one read (for StepCost and host_s)
         self._shapes_run: set[tuple[int, int]] = set()  # (rows, tree size) of the padded (graph) steps run so far
         self.config: LookaheadConfig | None = None
-        self.drafter: Drafter | None = None
+        self.drafter: Proposer | None = None
         self.fixed_cost = cost
-        self._gate = DraftGate()  # by decoding rows and whether prompt chunks ride in the step
+        self.gate = DraftGate()  # by decoding rows and whether prompt chunks ride in the step
         self.cost: StepCost | None = None  # the learned step costs the steps feed (None with a fixed cost)
         self.configure(lookahead)
 
@@ -250,7 +249,7 @@ class Engine:
         if lookahead is not None and lookahead.exact and not self.model.exact:
             self.model.set_exact(True)  # stays on (plain steps must be batch-invariant too) until set_exact(False)
         self.config, self.drafter = lookahead, drafter
-        self._gate = DraftGate()  # other drafting settings and prices: what drafting costs per token is measured anew
+        self.gate = DraftGate()  # other drafting settings and prices: what drafting costs per token is measured anew
 
     def step_cost(self, max_tree: int) -> StepCost:
         """The model's learned step costs (kept on `model.state` across engines and calls), started from
@@ -408,7 +407,7 @@ class Engine:
         n = max((r for r, s in enumerate(self.slots) if s is not None and chosen(s)), default=-1) + 1
         if n == 0:
             return []
-        t0 = time.perf_counter()
+        t0 = self.clock()
         seqs = [s if s is not None and chosen(s) else None for s in self.slots[:n]]
         chains: list[list[int]] = [[] for _ in range(n)]
         trees: list[DraftTree | None] = [None] * n
@@ -428,7 +427,7 @@ class Engine:
         with nvtx_range("draft"):
             proposals = [([], [])] * n
             rows = sum(1 for b in range(n) if decoding[b] or chains[b] or trees[b] is not None)
-            drafting = self.drafter is not None and any(decoding) and self._gate_open(sum(decoding),
+            drafting = self.drafter is not None and any(decoding) and self.gate_open(sum(decoding),
                                                                                          any(chains))
             if drafting:
                 ids = [s.request_id if decoding[b] else -1 for b, s in enumerate(seqs)]
@@ -449,7 +448,7 @@ class Engine:
                     raise
                 log.exception("a step of %d rows failed: retrying its rows one by one", n)
                 results = self._run_alone(seqs, chains, trees, top_k)
-        t2 = time.perf_counter()
+        t2 = self.clock()
         events, decoded = [], 0  # decoded: tokens of the decoding rows (a prompt's first token is not theirs)
         with nvtx_range("commit"):
             for b, seq in enumerate(seqs):
@@ -462,23 +461,24 @@ class Engine:
                 events.append(self._commit(seq, *read_step_row(results[b], trees[b].tokens, top_k)))
                 decoded += len(events[-1][1]) if decoding[b] else 0
         self.steps += 1
-        end = time.perf_counter()
+        end = self.clock()
         self.host_s += (t2 - t0) - self._device_s + (end - t2)
         if self._gating() and any(decoding):
-            self._gate.learn(sum(decoding), any(chains), drafting, end - t0, decoded)
+            self.gate.learn(sum(decoding), any(chains), drafting, end - t0, decoded)
         return events
 
     # ---- the gate: drafting on or off, by what the steps cost per token ------------------------------------------
     def _gating(self) -> bool:
         """Whether steps learn and obey the gate: adaptive drafting priced by this engine's own steps (never with
-        a fixed price: replay must stay deterministic)."""
-        return self.drafter is not None and self.fixed_cost is None and self.config is not None and self.config.adaptive
+        a fixed price: replay must stay deterministic), unless LOOKAHEAD_DRAFT_GATE=0."""
+        return (self.drafter is not None and self.fixed_cost is None and self.config is not None
+                and self.config.adaptive and draft_gate_enabled())
 
-    def _gate_open(self, rows: int, prefilling: bool) -> bool:
+    def gate_open(self, rows: int, prefilling: bool) -> bool:
         """Whether this step of `rows` decoding rows drafts (`DraftGate`: per row count and kind of step, with
         prompt chunks riding in it or not, since a step paced by a prefill gains little from decoding rows that
         finish sooner). Always open without the gate."""
-        return self._gate.open(rows, prefilling) if self._gating() else True
+        return self.gate.open(rows, prefilling) if self._gating() else True
 
     def _run(self, start: int, stop: int, chains: list[list[int]], trees: list[DraftTree | None],
              top_k: int) -> list[list[int]]:
@@ -488,26 +488,21 @@ class Engine:
         batch = pack_ragged(chains[start:stop], trees[start:stop], self.device, pad=self.device.type == "cuda")
         view = self.views[n] if start == 0 else self.cache.rows(start, stop)
         active = self.active[start:stop]
-        t1 = time.perf_counter()
+        t1 = self.clock()
         lens = view.lens.clone() if self.isolate_failures else None
         try:
-            if batch.uniform:  # a padded decode step (CUDA): fixed shapes, replayed as a graph where it can be
-                tree = batch.tree
-                inputs = (tree.tokens, tree.parents, tree.depths, tree.tree_mask, active)
-                if start == 0 and self.chooser.plain_argmax(n) and graphs_enabled(self.model):
-                    if self.graphs is None or self.graphs.exact != self.model.exact:  # captured with other kernels
-                        self.graphs = StepGraphs(self.model)
-                    result = self.graphs.run(view, self.chooser, *inputs, top_k=top_k)
-                else:
-                    result = tree_step(self.model, view, partial(self.chooser, start=start), *inputs, top_k=top_k)
+            if batch.uniform and start == 0 and self.chooser.plain_argmax(n) and graphs_enabled(self.model):
+                if self.graphs is None or self.graphs.exact != self.model.exact:  # captured with other kernels
+                    self.graphs = StepGraphs(self.model)
+                result = self.graphs.run(view, self.chooser, batch, active, top_k=top_k)
             else:
-                result = ragged_step(self.model, view, self.chooser, batch, active, top_k=top_k, start=start)
+                result = verify_step(self.model, view, self.chooser, batch, active, top_k=top_k, start=start)
             host = result.tolist()  # the one device-to-host sync of the step
         except Exception:
             if lens is not None:
                 view.lens.copy_(lens)  # the step wrote only scratch slots past each row's length
             raise
-        self._device_s = time.perf_counter() - t1
+        self._device_s = self.clock() - t1
         rows = sum(1 for t in trees[start:stop] if t is not None)
         tokens = batch.num_tokens
         if batch.uniform and (n, tokens) not in self._shapes_run:  # a graph's first step captures it: that would

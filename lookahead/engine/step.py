@@ -1,24 +1,53 @@
 """The device side of one decode step, run eagerly or replayed from a CUDA graph.
 
-`tree_step` verifies every row's draft tree (a single root node for plain decoding), chooses the target
-tokens, accepts the longest correct path, compacts the KV cache and advances the committed lengths. It only
-launches device work: the host reads its small output once per step.
+`verify_step` runs one step over a packed batch (`drafting.tree.pack_ragged`): it verifies every row's draft tree (a
+single root node for plain decoding) and any prompt chunk riding in the step, chooses the target tokens, accepts the
+longest correct path, compacts the KV cache and advances the committed lengths. It only launches device work: the
+host reads its small output once per step (`read_step_row`).
 
-On CUDA, `StepGraphs` captures the step per (batch, tree bucket, top-k) the first time it runs and replays it
-after: a 30-layer model's step is hundreds of small launches, which a replay turns into one. Inputs go
-through static buffers; the KV cache and its lengths are the model's own (static) tensors. Graphs are used
-for greedy decoding only: a sampled step bakes its seed into the captured noise.
+On CUDA, `StepGraphs` captures the step of a padded batch (every row a tree of one bucket, no chunks) per (rows,
+tree bucket, top-k) the first time it runs and replays it after: a 30-layer model's step is hundreds of small
+launches, which a replay turns into one. Inputs go through static buffers; the KV cache and its lengths are the
+model's own (static) tensors. Graphs are used for greedy decoding only: a sampled step bakes its seed into the
+captured noise.
+
+`nvtx_range` names the parts of a step on the Nsight timeline (LOOKAHEAD_NVTX=1, CUDA) and in torch.profiler.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
+
 import torch
+import torch.autograd.profiler as _profiler
 
 from lookahead import kernels
-from lookahead.models.cache import KVCache
-from lookahead.engine.nvtx import nvtx_range
-from lookahead.engine.sampling import greedy_tokens
 from lookahead.config import cuda_graphs_enabled
+from lookahead.drafting.tree import DraftBatch, RaggedBatch
+from lookahead.engine.sampling import greedy_tokens
+from lookahead.models.cache import KVCache
+
+NVTX = os.environ.get("LOOKAHEAD_NVTX") == "1" and torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def _nvtx(name: str):
+    torch.cuda.nvtx.range_push(name)
+    try:
+        yield
+    finally:
+        torch.cuda.nvtx.range_pop()
+
+
+def nvtx_range(name: str):
+    """A context manager marking `name` on the Nsight / torch.profiler timeline (a no-op unless one is on)."""
+    if NVTX:
+        return _nvtx(name)
+    if _profiler._is_profiler_enabled:
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
 
 
 def accepted_tokens(tokens: torch.Tensor, targets: torch.Tensor, path: torch.Tensor,
@@ -34,60 +63,40 @@ def accepted_tokens(tokens: torch.Tensor, targets: torch.Tensor, path: torch.Ten
     return torch.where(col == (num - 1)[:, None], bonus, shifted)
 
 
-def tree_step(model, cache: KVCache, chooser, tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
-              tree_mask: torch.Tensor, active: torch.Tensor, top_k: int = 0) -> torch.Tensor:
-    """One decode step over draft trees [B, T] -> [B, 1 + T (+ T * top_k)] int64: per row the number n of
-    accepted nodes (root included), the n new tokens (the accepted draft tokens and the bonus token) padded to
-    T, then with top_k > 0 every node's top-k next tokens (for recycled drafts). Rows with active[b] = 0 are
-    computed but do not advance. `cache` may be a row range of a bigger cache (`KVCache.rows`): an engine steps
-    over its busy rows only."""
-    with nvtx_range("verify"):
-        logits = model.verify(tokens, depths, cache, tree_mask)  # (B, T, V)
-        positions = cache.lens[:, None] + depths + 1  # (B, T) where each node's next token goes
-        targets = chooser(logits, positions, tokens, tree_mask)  # (B, T)
-    if tokens.shape[1] == 1:  # plain steps: the root alone is accepted, its K/V already in place
-        num = torch.ones_like(cache.lens)
-        cache.lens += active
-        return torch.cat([num[:, None], targets] + ([logits.topk(top_k, dim=-1).indices.flatten(1)] if top_k else []),
-                         dim=1)
-    with nvtx_range("accept"):
-        path, num = kernels.accept_longest_path(tokens, parents, targets)
-        new = accepted_tokens(tokens, targets, path, num)
-    with nvtx_range("compact"):
-        kernels.compact_kv(cache.buffer, cache.lens, path, num)
-        cache.lens += num * active
-    parts = [num[:, None], new]
-    if top_k:
-        parts.append(logits.topk(top_k, dim=-1).indices.flatten(1))  # (B, T * top_k)
-    return torch.cat(parts, dim=1)
-
-
-def ragged_step(model, cache: KVCache, chooser, batch, active: torch.Tensor, top_k: int = 0,
+def verify_step(model, cache: KVCache, chooser, batch: RaggedBatch, active: torch.Tensor, top_k: int = 0,
                 start: int = 0) -> torch.Tensor:
-    """One decode step over a ragged batch (`draft.RaggedBatch`: each row's prompt chunk and tree flattened, no
-    padding to the longest row) -> [B, 1 + Td (+ Td * top_k)] int64 as tree_step's, a row without a tree (its
-    prompt goes on next step, or a free row) reporting 0 tokens. The forward runs the linear layers over the N flat
-    tokens and attention per row over its prefix, its chain and its own tree; the LM head runs on the tree nodes
-    only. Chains are committed as they are (cache.lens += shift); trees are accepted and compacted per row.
-    chooser: the engine's TokenChooser, whose rows [start, start + B) these are."""
+    """One decode step over a packed batch -> [B, 1 + Td (+ Td * top_k)] int64: per row the number n of accepted
+    nodes (root included), the n new tokens (the accepted draft tokens and the bonus token) padded to Td, then with
+    top_k > 0 every node's top-k next tokens (for recycled drafts). A row without a tree (its prompt goes on next
+    step, or a free row) reports 0 tokens; rows with active[b] = 0 are computed but do not advance.
+
+    A ragged batch runs the linear layers over its N flat tokens and attention per row over its prefix, its chain and
+    its own tree, and the LM head over the tree nodes only; chains are committed as they are (cache.lens += shift).
+    A uniform batch (padded rows, no chains) runs `model.verify` on fixed shapes, which a CUDA graph can replay.
+    `cache` may be a row range of a bigger cache (`KVCache.rows`); chooser: the engine's TokenChooser, whose rows
+    [start, start + B) these are."""
     tree = batch.tree
     B, Td = tree.tokens.shape
     with nvtx_range("verify"):
-        hidden_logits = model.verify_ragged(batch.tokens, batch.rows, batch.nodes, batch.depths, cache, batch.mask,
-                                            batch.logit_index) if batch.num_tokens else None  # (M, V)
-        cache.lens += batch.shift  # the chains' K/V are in place: the tree's root now sits at slot cache.lens
-        if not batch.num_logits:  # only chunks of prompts that go on: nothing to choose
-            return torch.zeros(B, 1 + Td * (1 + top_k), dtype=torch.long, device=cache.lens.device)
+        if batch.uniform:
+            logits = model.verify(tree.tokens, tree.depths, cache, tree.tree_mask)  # (B, Td, V)
+            by_node = lambda t: t  # noqa: E731 - already [B, Td, ...]
+        else:
+            logits = model.verify_ragged(batch.tokens, batch.rows, batch.nodes, batch.depths, cache, batch.mask,
+                                         batch.logit_index) if batch.num_tokens else None  # (M, V)
+            cache.lens += batch.shift  # the chains' K/V are in place: the tree's root now sits at slot cache.lens
+            if not batch.num_logits:  # only chunks of prompts that go on: nothing to choose
+                return torch.zeros(B, 1 + Td * (1 + top_k), dtype=torch.long, device=cache.lens.device)
+            by_node = lambda t: t[batch.tree_index]  # noqa: E731 - [M, ...] -> [B, Td, ...]: padding reads node 0's
         positions = cache.lens[:, None] + tree.depths + 1  # (B, Td) where each node's next token goes
         if chooser.plain_argmax(B, start):
-            targets = greedy_tokens(hidden_logits)[batch.tree_index]  # (B, Td): padding reads node 0's
+            targets = by_node(greedy_tokens(logits))  # (B, Td)
         else:
-            targets = chooser(hidden_logits[batch.tree_index], positions, tree.tokens, tree.tree_mask, start=start)
+            targets = chooser(by_node(logits), positions, tree.tokens, tree.tree_mask, start=start)
     live = active * batch.has_tree  # rows whose tree is accepted
     if Td == 1:  # plain steps: the root alone is accepted, its K/V already in place
-        num = batch.has_tree
+        num, new = batch.has_tree, targets
         cache.lens += live
-        new = targets
     else:
         with nvtx_range("accept"):
             path, num = kernels.accept_longest_path(tree.tokens, tree.parents, targets)
@@ -98,13 +107,12 @@ def ragged_step(model, cache: KVCache, chooser, batch, active: torch.Tensor, top
         num = num * batch.has_tree
     parts = [num[:, None], new]
     if top_k:
-        top = hidden_logits.topk(top_k, dim=-1).indices[batch.tree_index]  # (B, Td, top_k)
-        parts.append(top.flatten(1))
+        parts.append(by_node(logits.topk(top_k, dim=-1).indices).flatten(1))  # (B, Td * top_k)
     return torch.cat(parts, dim=1)
 
 
 def read_step_row(row: list[int], node_tokens: list[int], top_k: int) -> tuple[list[int], dict | None]:
-    """One row of tree_step's result, read on the host -> (the new tokens, {node token: the model's top-k next
+    """One row of verify_step's result, read on the host -> (the new tokens, {node token: the model's top-k next
     tokens} for the row's real nodes, or None without top_k). O(tree size)."""
     n, rest = row[0], row[1:]
     if not top_k:
@@ -135,7 +143,10 @@ class StepGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.entries: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
 
-    def run(self, cache: KVCache, chooser, *inputs: torch.Tensor, top_k: int = 0) -> torch.Tensor:
+    def run(self, cache: KVCache, chooser, batch: RaggedBatch, active: torch.Tensor, top_k: int = 0) -> torch.Tensor:
+        """verify_step of a uniform batch, replayed from the graph of its shape (captured at its first call)."""
+        tree = batch.tree
+        inputs = (tree.tokens, tree.parents, tree.depths, tree.tree_mask, batch.has_tree, active)
         key = tuple(tuple(t.shape) for t in inputs) + (top_k,)
         entry = self.entries.get(key)
         if entry is not None:
@@ -146,10 +157,11 @@ class StepGraphs:
             graph.replay()
             return out
         static = [t.clone() for t in inputs]
-        result = tree_step(self.model, cache, chooser, *static, top_k=top_k).clone()  # the real step
+        fixed = dataclasses.replace(batch, tree=DraftBatch(*static[:4]), has_tree=static[4])
+        result = verify_step(self.model, cache, chooser, fixed, static[5], top_k=top_k).clone()  # the real step
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):  # records the launches, runs nothing
-            out = tree_step(self.model, cache, chooser, *static, top_k=top_k)
+            out = verify_step(self.model, cache, chooser, fixed, static[5], top_k=top_k)
         self.entries[key] = (graph, static, out)
         return result

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lookahead.models.base import CausalLM, ModelConfig
+from lookahead.models.causal_lm import CausalLM
+from lookahead.models.config import ModelConfig
 from lookahead.models.loading import Pretrained, decoder_config, fuse_llama_style
 
 

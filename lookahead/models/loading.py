@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from lookahead.kernels import cpu as cpu_ops
-from lookahead.models.base import CausalLM, ModelConfig, rope_inv_freq
+from lookahead.models.causal_lm import CausalLM
+from lookahead.models.config import ModelConfig, rope_inv_freq
 from lookahead.models.checkpoint import load_config, load_state_dict, resolve_checkpoint
 
 

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.kernels
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("D", [32, 100, 576])
 def test_matches_the_model_norm_and_rows_are_independent(device, D):
-    from lookahead.models.base import RMSNorm
+    from lookahead.models.layers import RMSNorm
 
     g = torch.Generator().manual_seed(D)
     for dtype, atol, rtol in dtypes_for(device):

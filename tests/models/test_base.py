@@ -1,12 +1,13 @@
-"""The shared decoder (models/base.py): verify over branching draft trees equals full forwards of each
+"""The shared decoder (models/causal_lm.py, models/layers.py): verify over branching draft trees equals full forwards of each
 root-to-node path; the CPU path keeps one copy of each weight and follows `.to()` / `.float()`."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lookahead.models import LlamaForLookahead, base
-from lookahead.models.base import Linear
+from lookahead.kernels import cpu as cpu_ops
+from lookahead.models import LlamaForLookahead
+from lookahead.models.layers import Linear
 from tests.models.test_llama import TINY, random_hf
 
 # Two draft trees of 8 nodes (node 0 = the root, the last committed token; parents[i] < i).
@@ -79,13 +80,13 @@ def test_dtype_moves_keep_one_copy_of_each_weight_and_new_rope_tables(name, ours
 
 
 def test_cpu_path_equals_the_torch_path_within_rounding(ours_from_hf, monkeypatch):
-    if not base.cpu_ops.available():
+    if not cpu_ops.available():
         pytest.skip("the C++ CPU ops could not be built here")
     ours = ours_from_hf(random_hf("llama"))
     ids = torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         fast = ours(ids).logits
-        monkeypatch.setattr(base, "cpu_path", lambda x: False)
+        monkeypatch.setenv("LOOKAHEAD_KERNELS", "torch")  # the registry's torch references on the CPU
         plain = ours(ids).logits
     torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)
 

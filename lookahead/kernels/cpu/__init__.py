@@ -1,12 +1,14 @@
-"""The CPU path's ops in C++ (`torch.ops.lookahead.*`): the invariant linear layer, RMSNorm (with the residual add),
-silu(gate) * up, RoPE with the K/V store, and exact tree attention. Every value is computed in an order fixed by the
-data's own indices (common.h), so a verify step of T nodes gives each node the bits of the one-token step that
-later decodes the same token, in fp32, bf16 and fp16: the CPU twin of `LookaheadConfig(exact=True)` on CUDA.
+"""The CPU path's ops in C++ (`torch.ops.lookahead_cpu.*`, the CPU implementations behind the op registry
+`torch.ops.lookahead.*`, kernels/ops.py): the invariant linear layer, RMSNorm (with the residual add), silu(gate) * up,
+RoPE with the K/V store, exact tree attention, and decode_layers (every decoder layer of a forward in one call).
+Every value is computed in an order fixed by the data's own indices (common.h), so a verify step of T nodes gives
+each node the bits of the one-token step that later decodes the same token, in fp32, bf16 and fp16.
 
-The sources are compiled once per host by the system C++ compiler (`-march=native`: the host's own ISA, AVX-512
-and AVX512_BF16 where present) against the installed torch, and cached under $LOOKAHEAD_CACHE/cpu_ops keyed by
-the sources, the flags, torch, the compiler and the CPU, so a fresh process only loads the library. Without a
-compiler the model falls back to torch ops (`available()` is False; bf16 is then not bitwise lossless).
+The sources (every *.cpp here) are compiled once per host by `torch.utils.cpp_extension.load` (ninja, the system
+C++ compiler, `-march=native` or $LOOKAHEAD_CPU_ARCH) and cached under $LOOKAHEAD_CACHE/cpu_ops in a directory
+keyed by the sources, the flags, torch, the compiler and the CPU, so a fresh process only loads the library; the
+compiler's warnings are logged. Without a compiler the registry runs torch references (`available()` is False;
+bf16 is then not bitwise lossless).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import platform
 import re
 import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -28,15 +29,22 @@ from lookahead.config import cache_dir, cpu_arch
 
 log = logging.getLogger("lookahead.kernels.cpu")
 
-SOURCES = ("linear.cpp", "norm.cpp", "attention.cpp", "decoder.cpp")
-HEADERS = ("common.h", "ops.h")
-BASE_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-std=c++17", "-DNDEBUG", "-w")
+LIBRARY = "lookahead_cpu"
+# -Wno-(maybe-)uninitialized: GCC 12's own AVX-512 headers make their "undefined" vectors by self-initialisation,
+# which it reports at every inlined use (GCC bug 105593, fixed in GCC 13); the only warnings of these sources.
+BASE_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-DNDEBUG", "-Wall", "-Wextra",
+              "-Wno-unused-parameter", "-Wno-uninitialized", "-Wno-maybe-uninitialized")
+# Per decoder layer, the tensors decode_layers takes, in this order (decoder.cpp's WEIGHT_NAMES; an absent bias or
+# sandwich norm is an empty tensor). The model gathers its weights by these names.
+LAYER_WEIGHTS = ("attention_norm", "wqkv", "wqkv_bias", "wo", "wo_bias", "ffn_norm", "w13", "w13_bias", "w2",
+                 "w2_bias", "post_attention_norm", "post_ffn_norm")
 
 
 def flags() -> tuple[str, ...]:
     """Compiler flags: the host's own ISA (-march=native), or LOOKAHEAD_CPU_ARCH (e.g. x86-64-v3 for the AVX2 code
     path, x86-64-v4 for AVX-512 without BF16: how the tests cover the other hosts' code paths on one machine)."""
     return BASE_FLAGS + (f"-march={cpu_arch()}",)
+
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -65,41 +73,41 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
+def _sources() -> list[Path]:
+    return sorted(Path(__file__).parent.glob("*.cpp"))
+
+
 def _build_dir(cxx: str) -> Path:
     here = Path(__file__).parent
     digest = hashlib.sha256()
-    for name in SOURCES + HEADERS:
-        digest.update((here / name).read_bytes())
+    for path in _sources() + sorted(here.glob("*.h")):
+        digest.update(path.name.encode() + path.read_bytes())
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     for part in (flags(), torch.__version__, torch.__file__, version, cpu_name()):
         digest.update(repr(part).encode())
     return cache_dir() / "cpu_ops" / digest.hexdigest()[:16]
 
 
-def _compile(cxx: str, out: Path) -> None:
-    """Compile every source in parallel, then link; the library appears atomically (another process may race)."""
-    here = Path(__file__).parent
-    torch_dir = Path(torch.__file__).parent
-    includes = [f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}"]
-    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        objects, jobs = [], []
-        for src in SOURCES:
-            obj = Path(tmp) / (src + ".o")
-            objects.append(str(obj))
-            jobs.append(subprocess.Popen([cxx, *flags(), *includes, abi, "-c", str(here / src), "-o", str(obj)],
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        errors = [err for job in jobs for _, err in [job.communicate()] if job.returncode]
-        if errors:
-            raise RuntimeError(errors[0][-4000:])
-        lib = Path(tmp) / out.name
-        link = subprocess.run([cxx, "-shared", "-fopenmp", *objects, "-o", str(lib), f"-L{torch_dir / 'lib'}",
-                               "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}"],
-                              capture_output=True, text=True)
-        if link.returncode:
-            raise RuntimeError(link.stderr[-4000:])
-        os.replace(lib, out)
+def _compile(cxx: str, build: Path) -> None:
+    """Build and load the library with torch's cpp_extension: ninja compiles the sources in parallel, its file lock
+    serialises processes that race on one build directory. The compiler's warnings are logged."""
+    from torch.utils import cpp_extension
+
+    build.mkdir(parents=True, exist_ok=True)
+    log_path = build / "build.log"
+    saved = os.dup(1)  # ninja writes the compiler's output to file descriptor 1
+    with open(log_path, "w") as out:
+        os.dup2(out.fileno(), 1)
+        try:
+            os.environ.setdefault("CXX", cxx)
+            cpp_extension.load(name=LIBRARY, sources=[str(s) for s in _sources()], extra_cflags=list(flags()),
+                               extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
+                               verbose=True)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+    for line in [line for line in log_path.read_text().splitlines() if "warning:" in line][:20]:
+        log.warning("lookahead CPU ops: %s", line)
 
 
 def load() -> bool:
@@ -111,11 +119,16 @@ def load() -> bool:
             cxx = _compiler()
             if cxx is None:
                 raise RuntimeError("no C++ compiler (g++, c++ or clang++; or set CXX)")
-            lib = _build_dir(cxx) / "lookahead_cpu.so"
-            if not lib.exists():
-                log.info("building the CPU ops for %s (once per host, ~20 s)", cpu_name())
-                _compile(cxx, lib)
-            torch.ops.load_library(str(lib))
+            lib = _build_dir(cxx) / f"{LIBRARY}.so"
+            if lib.exists():
+                torch.ops.load_library(str(lib))
+            else:
+                log.info("building the CPU ops for %s (once per host, ~30 s)", cpu_name())
+                _compile(cxx, lib.parent)
+            names = tuple(torch.ops.lookahead_cpu.decode_layers_weights())
+            if names != LAYER_WEIGHTS:
+                raise RuntimeError(f"decode_layers takes its weights in the order {names}, the model gathers them "
+                                   f"as {LAYER_WEIGHTS}: rebuild from one checkout")
             _state["ok"] = True
         except Exception as e:  # noqa: BLE001 - any failure leaves the torch path, said once
             log.warning("lookahead: the CPU ops could not be built (%s); the model runs torch ops instead, and "

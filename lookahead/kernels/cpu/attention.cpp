@@ -367,13 +367,13 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
   return q;
 }
 
-TORCH_LIBRARY_FRAGMENT(lookahead, m) {
+TORCH_LIBRARY_FRAGMENT(lookahead_cpu, m) {
   m.def("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lens, Tensor? tree_mask, float scale, "
         "Tensor? rows=None, Tensor? nodes=None) -> Tensor");
   m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, "
         "int n_heads, bool interleaved, Tensor? rows=None) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(lookahead, CPU, m) {
+TORCH_LIBRARY_IMPL(lookahead_cpu, CPU, m) {
   m.impl("tree_attention", tree_attention);
   m.impl("rope_store", rope_store);
 }

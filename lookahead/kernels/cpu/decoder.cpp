@@ -3,13 +3,22 @@
 // 16 ms SmolLM2 bf16 step when the modules called each op). The same kernels, so the same bits.
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
 #include "ops.h"
 
 namespace lookahead_cpu {
 namespace {
 
-// Per layer, in this order; an absent bias or sandwich norm is an empty tensor.
+// Per layer, in this order; an absent bias or sandwich norm is an empty tensor. WEIGHT_NAMES says the order to
+// Python (kernels/cpu/__init__.py checks it against the list the model gathers by, LAYER_WEIGHTS, when it loads).
 enum Weight { ATTN_NORM, WQKV, BQKV, WO, BO, FFN_NORM, W13, B13, W2, B2, POST_ATTN_NORM, POST_FFN_NORM, PER_LAYER };
+const char* const WEIGHT_NAMES[PER_LAYER] = {"attention_norm", "wqkv", "wqkv_bias", "wo", "wo_bias", "ffn_norm",
+                                             "w13", "w13_bias", "w2", "w2_bias", "post_attention_norm",
+                                             "post_ffn_norm"};
+
+std::vector<std::string> decode_layers_weights() { return {WEIGHT_NAMES, WEIGHT_NAMES + PER_LAYER}; }
 
 c10::optional<at::Tensor> given(const at::Tensor& t) {
   return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt;
@@ -53,11 +62,12 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList weights, const at::Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(lookahead, m) {
+TORCH_LIBRARY_FRAGMENT(lookahead_cpu, m) {
   m.def("decode_layers(Tensor(a!) x, Tensor[] weights, Tensor cos, Tensor sin, Tensor(b!) cache, Tensor lens, "
         "Tensor slots, Tensor? tree_mask, int n_heads, bool interleaved, float eps, Tensor final_norm, "
         "Tensor? rows=None, Tensor? nodes=None) -> Tensor");
+  m.def("decode_layers_weights() -> str[]", decode_layers_weights);
 }
-TORCH_LIBRARY_IMPL(lookahead, CPU, m) { m.impl("decode_layers", decode_layers); }
+TORCH_LIBRARY_IMPL(lookahead_cpu, CPU, m) { m.impl("decode_layers", decode_layers); }
 
 }  // namespace lookahead_cpu

@@ -185,9 +185,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::opti
   return y;
 }
 
-TORCH_LIBRARY_FRAGMENT(lookahead, m) {
+TORCH_LIBRARY_FRAGMENT(lookahead_cpu, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(lookahead, CPU, m) { m.impl("linear", linear); }
+TORCH_LIBRARY_IMPL(lookahead_cpu, CPU, m) { m.impl("linear", linear); }
 
 }  // namespace lookahead_cpu

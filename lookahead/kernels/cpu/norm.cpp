@@ -100,12 +100,12 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
-TORCH_LIBRARY_FRAGMENT(lookahead, m) {
+TORCH_LIBRARY_FRAGMENT(lookahead_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm_(Tensor(a!) x, Tensor h, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(lookahead, CPU, m) {
+TORCH_LIBRARY_IMPL(lookahead_cpu, CPU, m) {
   m.impl("rms_norm", rms_norm);
   m.impl("add_rms_norm_", add_rms_norm_);
   m.impl("silu_mul", silu_mul);

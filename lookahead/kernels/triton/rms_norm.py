@@ -4,7 +4,7 @@ torch's CUDA reduction sizes its thread block from the number of outputs too (Re
 512 threads / block height, the height grows with the rows), so `x.pow(2).mean(-1)` of the same row is summed
 in another order at M = 1 than at M = 64. The exact verify step (LookaheadConfig.exact) uses this kernel
 instead: the row's D values are reduced by one tl.sum over one block of next_power_of_2(D) lanes, whatever M.
-Same math as lookahead.models.base.RMSNorm: fp32 statistics, the normalised row cast to x's dtype, times weight.
+Same math as lookahead.models.layers.RMSNorm: fp32 statistics, the normalised row cast to x's dtype, times weight.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The model's RMSNorm in torch (lookahead.models.base.RMSNorm.forward)."""
+    """The model's RMSNorm in torch (lookahead.models.layers.RMSNorm.forward)."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
