@@ -18,12 +18,13 @@ is reported too.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from collections import defaultdict
 from datetime import date
 from pathlib import Path
+
+from lookahead.benchmarks.report import write_report
 
 SYSTEMS = ("hf_greedy", "hf_pld", "ours_plain", "ours_cold", "ours_warm")
 
@@ -254,29 +255,21 @@ def markdown(table: dict, systems: list[str], meta: dict) -> str:
 
 
 def write_outputs(report: dict, records: list[dict], args) -> None:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or args.dataset
-    (out / f"{stem}.json").write_text(json.dumps({**report, "records": records}, indent=1))
-    (out / f"{stem}.md").write_text(report["markdown"] + "\n")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
     table = report["table"]
     cats = list(table)
     systems = [s for s in table["ALL"] if s != "prompts"]
-    fig, ax = plt.subplots(figsize=(max(8, len(cats) * 1.1), 4.5))
-    width = 0.8 / len(systems)
-    for k, s in enumerate(systems):
-        ax.bar([i + k * width for i in range(len(cats))], [table[c][s]["tokens_per_s"] for c in cats], width,
-               label=s)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cats))], cats, rotation=30, ha="right")
-    ax.set_ylabel("tokens / s")
-    m = report["meta"]
-    ax.set_title(f"{m['dataset']}: {m['model']} {m['dtype']} {m['device']}, {m['date']}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / f"{stem}.png", dpi=110)
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(max(8, len(cats) * 1.1), 4.5))
+        width = 0.8 / len(systems)
+        for k, s in enumerate(systems):
+            ax.bar([i + k * width for i in range(len(cats))], [table[c][s]["tokens_per_s"] for c in cats], width,
+                   label=s)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cats))], cats, rotation=30, ha="right")
+        ax.set_ylabel("tokens / s")
+        m = report["meta"]
+        ax.set_title(f"{m['dataset']}: {m['model']} {m['dtype']} {m['device']}, {m['date']}")
+        ax.legend(fontsize=8)
+        return fig
+
+    write_report(args.out, args.name or args.dataset, {**report, "records": records}, report["markdown"], draw)

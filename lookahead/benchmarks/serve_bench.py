@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lookahead.benchmarks.report import write_report
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 START_TIMEOUT_S = 900  # model load, plus a cost-curve measurement on a machine that has none cached
 
@@ -279,9 +281,8 @@ def bench_serve(model: str = DEFAULT_MODEL, num_prompts: int = 8, max_tokens: in
     meta = {"model": model, "num_prompts": num_prompts, "max_tokens": max_tokens, "max_batch": max_batch,
             "threads": threads, "prompt_set": prompt_set, "server_args": list(server_args), "dtype": dtype, "date": time.strftime("%Y-%m-%d"), "results": rows,
             "requests": {f"{m}-c{c}": t for (m, c), t in texts.items()}}
-    (out / f"{name}.json").write_text(json.dumps(meta, indent=1))
-    (out / f"{name}.md").write_text(markdown_table(rows) + "\n")
-    plot(rows, out / f"{name}.png", f"{model}: {num_prompts} {prompt_set} prompts, {max_tokens} tokens")
+    write_report(out, name, meta, markdown_table(rows),
+                 plot(rows, f"{model}: {num_prompts} {prompt_set} prompts, {max_tokens} tokens"), dpi=120)
     return rows
 
 
@@ -304,28 +305,24 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    panels = [("output_tokens_per_s", "output tokens/s"), ("tpot_p50_ms", "time per output token p50 (ms)"),
-              ("ttft_p50_ms", "time to first token p50 (ms)")]
-    for ax, (key, label) in zip(axes, panels):
-        for mode in dict.fromkeys(r["mode"] for r in rows):
-            mine = [r for r in rows if r["mode"] == mode]
-            ax.plot([r["concurrency"] for r in mine], [r[key] for r in mine], marker="o", label=mode)
-        ax.set_xticks(sorted({r["concurrency"] for r in rows}))
-        ax.set_xlabel("concurrent clients")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def plot(rows: list[dict], title: str):
+    """The figure of a load run: output tokens/s, TPOT and TTFT by concurrency, one line per mode."""
+    def draw(plt):
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+        panels = [("output_tokens_per_s", "output tokens/s"), ("tpot_p50_ms", "time per output token p50 (ms)"),
+                  ("ttft_p50_ms", "time to first token p50 (ms)")]
+        for ax, (key, label) in zip(axes, panels):
+            for mode in dict.fromkeys(r["mode"] for r in rows):
+                mine = [r for r in rows if r["mode"] == mode]
+                ax.plot([r["concurrency"] for r in mine], [r[key] for r in mine], marker="o", label=mode)
+            ax.set_xticks(sorted({r["concurrency"] for r in rows}))
+            ax.set_xlabel("concurrent clients")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        fig.suptitle(title)
+        return fig
+    return draw
 
 
 # ---- the soak: memory over rounds of long prompts -----------------------------------------------------------------
@@ -392,10 +389,9 @@ def soak(model: str = DEFAULT_MODEL, rounds: int = 8, num_prompts: int = 40, pro
               "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows,
               "answers_unchanged": [a.text == b.text for a, b in zip(before, after)],
               "failed": sum(row.get("errors", 0) for row in rows)}
-    (out / f"{name}.json").write_text(json.dumps(record, indent=1))
-    (out / f"{name}.md").write_text(soak_table(rows) + "\n")
-    soak_plot(rows, out / f"{name}.png", f"{model}: {rounds} rounds x {num_prompts} prompts of ~{prompt_tokens} "
-              f"tokens, c={concurrency}")
+    write_report(out, name, record, soak_table(rows),
+                 soak_plot(rows, f"{model}: {rounds} rounds x {num_prompts} prompts of ~{prompt_tokens} tokens, "
+                                 f"c={concurrency}"), dpi=120)
     return record
 
 
@@ -413,26 +409,22 @@ def soak_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def soak_plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    x = list(range(len(rows)))
-    ax.stackplot(x, *[[r[p] / 2**20 for r in rows] for p in SOAK_PARTS], labels=SOAK_PARTS, alpha=0.6)
-    ax.plot(x, [r["rss"] / 2**20 for r in rows], "k-o", label="RSS")
-    ax.plot(x, [r["rss_peak"] / 2**20 for r in rows], "k--", label="peak RSS so far")
-    ax.set_xticks(x, [r["round"] for r in rows])
-    ax.set_xlabel("after round")
-    ax.set_ylabel("MiB")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def soak_plot(rows: list[dict], title: str):
+    """The figure of a soak run: memory by part after each round, with the RSS and its peak."""
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(8, 4))
+        x = list(range(len(rows)))
+        ax.stackplot(x, *[[r[p] / 2**20 for r in rows] for p in SOAK_PARTS], labels=SOAK_PARTS, alpha=0.6)
+        ax.plot(x, [r["rss"] / 2**20 for r in rows], "k-o", label="RSS")
+        ax.plot(x, [r["rss_peak"] / 2**20 for r in rows], "k--", label="peak RSS so far")
+        ax.set_xticks(x, [r["round"] for r in rows])
+        ax.set_xlabel("after round")
+        ax.set_ylabel("MiB")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.set_title(title, fontsize=9)
+        return fig
+    return draw
 
 
 def add_arguments(p) -> None:

@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from lookahead.benchmarks.report import write_report
 from lookahead.benchmarks.vllm_runner import CPU_ENV
 
 COPY_HEAVY = ["rag", "summarization", "extraction"]
@@ -193,9 +194,7 @@ def _write(report: dict, out: Path) -> None:
     """vllm_bench.{json,md,png} (fp32, the earlier runs' names), vllm_bench_<dtype>.* otherwise."""
     dtype = report.get("dtype", "float32")
     stem = "vllm_bench" if dtype == "float32" else f"vllm_bench_{dtype}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    (out / f"{stem}.md").write_text(_markdown(report))
-    _plot(report, out / f"{stem}.png")
+    write_report(out, stem, report, _markdown(report), _plot(report))
     print(_markdown(report))
 
 
@@ -256,30 +255,28 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(report: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sets = list(report["sets"])
-    fig, axes = plt.subplots(3, len(sets), figsize=(6 * len(sets), 10), squeeze=False)
-    for j, name in enumerate(sets):
-        rows = report["sets"][name]
-        panels = [("tokens_per_step", "tokens per row-step"), ("tokens_per_s", "tokens/s (busy machine)"),
-                  ("tokens_per_cpu_s", "tokens per CPU second")]
-        for i, (key, label) in enumerate(panels):
-            ax = axes[i][j]
-            methods = list(dict.fromkeys(r["method"] for r in rows))
-            sizes = sorted({r["batch"] for r in rows})
-            width = 0.8 / len(sizes)
-            for s, bs in enumerate(sizes):
-                vals = [next((r[key] for r in rows if r["method"] == m and r["batch"] == bs), 0) for m in methods]
-                ax.bar([x + s * width for x in range(len(methods))], vals, width, label=f"batch {bs}")
-            ax.set_xticks([x + width * (len(sizes) - 1) / 2 for x in range(len(methods))], methods, rotation=20)
-            ax.set_title(f"{name}: {label}")
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def _plot(report: dict):
+    """The figure: tokens per row-step, tokens/s and tokens per CPU second by method and batch, per prompt set."""
+    def draw(plt):
+        sets = list(report["sets"])
+        fig, axes = plt.subplots(3, len(sets), figsize=(6 * len(sets), 10), squeeze=False)
+        for j, name in enumerate(sets):
+            rows = report["sets"][name]
+            panels = [("tokens_per_step", "tokens per row-step"), ("tokens_per_s", "tokens/s (busy machine)"),
+                      ("tokens_per_cpu_s", "tokens per CPU second")]
+            for i, (key, label) in enumerate(panels):
+                ax = axes[i][j]
+                methods = list(dict.fromkeys(r["method"] for r in rows))
+                sizes = sorted({r["batch"] for r in rows})
+                width = 0.8 / len(sizes)
+                for s, bs in enumerate(sizes):
+                    vals = [next((r[key] for r in rows if r["method"] == m and r["batch"] == bs), 0) for m in methods]
+                    ax.bar([x + s * width for x in range(len(methods))], vals, width, label=f"batch {bs}")
+                ax.set_xticks([x + width * (len(sizes) - 1) / 2 for x in range(len(methods))], methods, rotation=20)
+                ax.set_title(f"{name}: {label}")
+                ax.legend()
+        return fig
+    return draw
 
 
 def _step_cost(args, model: str, sizes: list[int], out: Path) -> int:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from lookahead.config import LookaheadConfig
 from lookahead.drafting.price import CostModel, StepPrice
-from lookahead.drafting.tree import TREE_BUCKETS, bucket_size
+from lookahead.drafting.tree import TREE_BUCKETS
 from lookahead.drafting.suffix import SuffixAutomaton
 from lookahead.drafting.trie import TokenTrie, preorder
 
@@ -251,8 +251,14 @@ class Drafter:
 
     def step_price(self, rows: int, tokens: int) -> float:
         """The price of one step of `rows` rows verifying `tokens` tokens in all (the StepPrice's unit)."""
+        return self.step_prices(rows, [tokens])[0]
+
+    def step_prices(self, rows: int, totals: Sequence[int]) -> list[float]:
+        """step_price at several totals, asked of the price in one call where it takes them (`costs`)."""
         rows = max(rows, 1)
-        return self._price.cost(rows, tokens / rows)
+        costs = getattr(self._price, "costs", None)
+        per_row = [t / rows for t in totals]
+        return costs(rows, per_row) if costs is not None else [self._price.cost(rows, t) for t in per_row]
 
     def _choose_nodes(self, proposals: list[list[_Node]], rows: int, drafting: int, extra: int) -> list[int]:
         """How many nodes of each row's proposal (best-first, each prefix a tree) the step verifies: the k most
@@ -266,11 +272,12 @@ class Drafter:
         merged = sorted(((n.p * trust, b) for b, nodes in enumerate(proposals) for n in nodes), key=lambda e: -e[0])
         # the decoding rows' share of the step: a plain step of the rows plus what the drafts add on top of the
         # prompt chunks (which the step runs anyway and which produce no token of these rows)
-        plain, base = self.step_price(rows, rows), self.step_price(rows, rows + extra)
+        plain, base, *priced = self.step_prices(rows, [rows, rows + extra] +
+                                                [rows + extra + k for k in range(1, len(merged) + 1)])
         gain, best, best_k = float(drafting), drafting / plain, 0
         for k, (p, _) in enumerate(merged, start=1):
             gain += p
-            score = gain / (plain + self.step_price(rows, rows + extra + k) - base)
+            score = gain / (plain + priced[k - 1] - base)
             if score > best:
                 best, best_k = score, k
         keep = [0] * len(proposals)
@@ -362,7 +369,9 @@ class Drafter:
         gain = 1.0
         if cut and self._price is not None:  # priced as _choose_nodes prices it, in the step where the other rows
             # verify their roots only; the bar to beat is that step without drafts (in the price's own unit)
-            plain, base = self.step_price(rows, rows), self.step_price(rows, rows + extra)
+            sizes = [b - 1 for b in TREE_BUCKETS]  # draft nodes at the end of each bucket
+            plain, base, *priced = self.step_prices(rows, [rows, rows + extra] + [rows + extra + n for n in sizes])
+            price_at = dict(zip(sizes, priced))
             best = rows / plain
         while heap and len(out) < limit:
             neg_p, _, source, parent, token, raw, key = heapq.heappop(heap)
@@ -389,10 +398,9 @@ class Drafter:
             gain += p
             n = len(out)
             if cut and self._price is not None and n + 1 in TREE_BUCKETS and n + 1 < TREE_BUCKETS[-1]:
-                best = max(best, (rows - 1 + gain) / (plain + self.step_price(rows, rows + extra + n) - base))
-                nxt = bucket_size(n + 2)
-                if (rows - 1 + gain + (nxt - 1 - n) * p) / (
-                        plain + self.step_price(rows, rows + extra + nxt - 1) - base) < best:
+                best = max(best, (rows - 1 + gain) / (plain + price_at[n] - base))
+                nxt = TREE_BUCKETS[bisect.bisect_left(TREE_BUCKETS, n + 2)]  # the next bucket
+                if (rows - 1 + gain + (nxt - 1 - n) * p) / (plain + price_at[nxt - 1] - base) < best:
                     break
         return out
 

@@ -36,9 +36,10 @@ import torch
 
 from lookahead.config import MAX_TREE_NODES, LookaheadConfig, draft_gate_enabled
 from lookahead.drafting.drafter import Drafter
+from lookahead.drafting.price import StepCost, StepPrice
 from lookahead.drafting.proposer import Proposer
 from lookahead.drafting.tree import DraftTree, bucket_size, build_draft, pack_ragged
-from lookahead.engine.pricing import DraftGate, StepCost, StepPrice, curve_key, prior_curve
+from lookahead.engine.pricing import DraftGate, curve_key, prior_curve
 from lookahead.engine.sampling import SamplingParams, TokenChooser
 from lookahead.engine.step import StepGraphs, graphs_enabled, nvtx_range, read_step_row, verify_step
 from lookahead.models.cache import KVCache
@@ -250,6 +251,10 @@ class Engine:
             self.model.set_exact(True)  # stays on (plain steps must be batch-invariant too) until set_exact(False)
         self.config, self.drafter = lookahead, drafter
         self.gate = DraftGate()  # other drafting settings and prices: what drafting costs per token is measured anew
+        # the gate: adaptive drafting priced by this engine's own steps (never with a fixed price: replay must stay
+        # deterministic), unless LOOKAHEAD_DRAFT_GATE=0
+        self._gating = (drafter is not None and self.fixed_cost is None and lookahead is not None
+                        and lookahead.adaptive and draft_gate_enabled())
 
     def step_cost(self, max_tree: int) -> StepCost:
         """The model's learned step costs (kept on `model.state` across engines and calls), started from
@@ -463,22 +468,16 @@ class Engine:
         self.steps += 1
         end = self.clock()
         self.host_s += (t2 - t0) - self._device_s + (end - t2)
-        if self._gating() and any(decoding):
+        if self._gating and any(decoding):
             self.gate.learn(sum(decoding), any(chains), drafting, end - t0, decoded)
         return events
 
     # ---- the gate: drafting on or off, by what the steps cost per token ------------------------------------------
-    def _gating(self) -> bool:
-        """Whether steps learn and obey the gate: adaptive drafting priced by this engine's own steps (never with
-        a fixed price: replay must stay deterministic), unless LOOKAHEAD_DRAFT_GATE=0."""
-        return (self.drafter is not None and self.fixed_cost is None and self.config is not None
-                and self.config.adaptive and draft_gate_enabled())
-
     def gate_open(self, rows: int, prefilling: bool) -> bool:
         """Whether this step of `rows` decoding rows drafts (`DraftGate`: per row count and kind of step, with
         prompt chunks riding in it or not, since a step paced by a prefill gains little from decoding rows that
         finish sooner). Always open without the gate."""
-        return self.gate.open(rows, prefilling) if self._gating() else True
+        return self.gate.open(rows, prefilling) if self._gating else True
 
     def _run(self, start: int, stop: int, chains: list[list[int]], trees: list[DraftTree | None],
              top_k: int) -> list[list[int]]:

@@ -1,5 +1,5 @@
-"""What a step costs: the batch-1 verify cost curve, and the engine's cost model of batched steps learned from
-its own steps.
+"""What a step costs, measured: the batch-1 verify cost curve (the prior of the learned `drafting.price.StepCost`),
+and the drafting gate.
 
 The curve (seconds of one verify forward by tree size) is measured once per model, device, dtype, threads and
 CUDA-graph setting, cached on the model (`model.state.cost_curves`) and under $LOOKAHEAD_CACHE;
@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import statistics
 import time
-from collections.abc import Mapping
 
-from lookahead.drafting.price import CostModel, StepPrice
 from lookahead.drafting.tree import TREE_BUCKETS
 from lookahead.config import cache_dir, cuda_graphs_enabled
 
@@ -160,67 +157,6 @@ def prior_curve(model, max_tree: int = 64) -> dict[int, float]:
                  ", ".join(f"T={T} {1e3 * c:.1f} ms" for T, c in curve.items()))
         model.state.cost_curves[quick_key] = curve
     return curve
-
-
-class StepCost:
-    """c(B, N): seconds of one engine step over B rows that verify N tokens in all (each row its own tree, its root
-    included, and any prompt chunk riding in the step; B = N: a plain step), learned from the engine's own steps.
-    `cost(rows, tokens)` takes the tokens per row (the StepPrice interface; N = rows x tokens, any real number).
-
-    Every step the engine runs is a sample (`observe`): a (B, N) seen before is priced by its decayed mean
-    (recent steps weigh most, so the model follows the machine: graphs on or off, load, heat). An unseen one is
-    priced linearly between the nearest seen sizes of the same B, else by the prior, a batch-1 curve priced at N
-    tokens, in the units of the nearest seen (B, N) (nearest in log B, then log N): the prior gives the shape, the
-    steps the scale, so a batch's B rows that a batch-1
-    curve underprices (attention per row over its own context) are corrected as soon as steps of that B have
-    run. `cost(B, N / B)` is what `Drafter` calls."""
-
-    def __init__(self, prior: Mapping[int, float], decay: float = 0.9):
-        self.source = prior  # the curve it started from (a new one starts a new model)
-        self.prior = CostModel(prior)
-        self.decay = decay
-        self.seen: dict[tuple[int, int], list[float]] = {}  # (B, N) -> [decayed count, decayed seconds]
-        self._priced: dict[tuple[int, int], float] = {}  # cost()'s answers since the last observe
-
-    def observe(self, rows: int, nodes: float, seconds: float) -> None:
-        """A step of `rows` rows that verified `nodes` tokens per row (rows x nodes in all) took `seconds`."""
-        if seconds > 0:
-            entry = self.seen.setdefault((rows, max(1, round(rows * nodes))), [0.0, 0.0])
-            entry[0] = entry[0] * self.decay + 1.0
-            entry[1] = entry[1] * self.decay + seconds
-            self._priced.clear()
-
-    def cost(self, rows: int, tokens: float) -> float:
-        key = (rows, max(1, round(rows * tokens)))
-        price = self._priced.get(key)
-        if price is None:
-            price = self._priced[key] = self._price(*key)
-        return price
-
-    def _price(self, rows: int, total: int) -> float:
-        entry = self.seen.get((rows, total))
-        if entry is not None:
-            return entry[1] / entry[0]
-        # between two seen sizes of the same row count: linear between them (the steps' own slope, which a
-        # batch-1 prior underprices once the rows' tokens make the step compute-bound)
-        below = max((n for r, n in self.seen if r == rows and n < total), default=None)
-        above = min((n for r, n in self.seen if r == rows and n > total), default=None)
-        if below is not None and above is not None:
-            lo, hi = self._mean(rows, below), self._mean(rows, above)
-            return lo + (hi - lo) * (total - below) / (above - below)
-        prior = self.prior(total)
-        if not self.seen:
-            return prior
-        # a plain step (one token a row) is priced from plain steps, a drafting one from drafting ones, where seen:
-        # a step with trees also runs acceptance and compaction, and its cells are the ones the policy compares
-        plain = total == rows
-        kind = [k for k in self.seen if (k[1] == k[0]) == plain] or list(self.seen)
-        near = min(kind, key=lambda k: (abs(math.log(k[0] / rows)), abs(math.log(k[1] / total))))
-        return prior * self._mean(*near) / self.prior(near[1])
-
-    def _mean(self, rows: int, total: int) -> float:
-        count, seconds = self.seen[rows, total]
-        return seconds / count
 
 
 # The drafting gate: every GATE_PROBE-th decision of a row count tries the arm that looked worse; each arm's sums

@@ -99,10 +99,10 @@ def verify_step(model, cache: KVCache, chooser, batch: RaggedBatch, active: torc
         cache.lens += live
     else:
         with nvtx_range("accept"):
-            path, num = kernels.accept_longest_path(tree.tokens, tree.parents, targets)
+            path, num = torch.ops.lookahead.accept_longest_path(tree.tokens, tree.parents, targets)
             new = accepted_tokens(tree.tokens, targets, path, num)
         with nvtx_range("compact"):
-            kernels.compact_kv(cache.buffer, cache.lens, path, num)
+            torch.ops.lookahead.compact_kv(cache.buffer, cache.lens, path, num)
             cache.lens += num * live
         num = num * batch.has_tree
     parts = [num[:, None], new]

@@ -4,7 +4,7 @@ implementation per device. The model calls these ops and never asks which backen
 | op | CPU | CUDA |
 |---|---|---|
 | linear, rms_norm, add_rms_norm_, silu_mul, rope_store, tree_attention, decode_layers | the C++ ops (kernels/cpu) | Triton where exact mode asks for it (linear, rms_norm, tree_attention), torch otherwise |
-| accept_longest_path, compact_kv | torch references | Triton |
+| accept_longest_path, compact_kv | torch references (the step's inputs are well formed: no checks) | Triton (checked where LOOKAHEAD_CHECKS=1) |
 
 Where the C++ ops cannot be built (no compiler) or `LOOKAHEAD_KERNELS=torch` is set, the CPU runs the torch
 references (reference.py), which are also what a CUDA device without triton runs. `decode_layers` (every decoder
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,7 @@ _exact = contextvars.ContextVar("lookahead_exact", default=False)
 
 
 @contextlib.contextmanager
-def exact_mode(on: bool):
+def exact_mode(on: bool = True):
     """Within it, the CUDA implementations run batch-invariant (`LookaheadConfig(exact=True)`, `model.set_exact`);
     the CPU ones always are."""
     token = _exact.set(on)
@@ -66,9 +67,17 @@ def exact_mode(on: bool):
         _exact.reset(token)
 
 
+_UNSET = object()
+_native_memo: list = [_UNSET, False]  # the LOOKAHEAD_KERNELS value last seen, and _native's answer for it
+
+
 def _native(t: torch.Tensor) -> bool:
-    """Whether the C++ ops run for a CPU tensor t (built here, and not forced off by LOOKAHEAD_KERNELS=torch)."""
-    return forced_kernels() != "torch" and cpu.available()
+    """Whether the C++ ops run for a CPU tensor t (built here, and not forced off by LOOKAHEAD_KERNELS=torch);
+    decided again only when the variable changes."""
+    forced = os.environ.get("LOOKAHEAD_KERNELS")
+    if _native_memo[0] is _UNSET or _native_memo[0] != forced:
+        _native_memo[:] = [forced, forced_kernels() != "torch" and cpu.available()]
+    return _native_memo[1]
 
 
 def fused_decoder(x: torch.Tensor) -> bool:
@@ -192,8 +201,8 @@ IMPLS = {  # op: (CPU, CUDA)
     "rope_store": (_cpu_impl("rope_store", _rope_store_torch), _rope_store_torch),
     "tree_attention": (_cpu_impl("tree_attention", _tree_attention_torch), _tree_attention_cuda),
     "decode_layers": (_cpu_impl("decode_layers", _no_fused), _no_fused),
-    "accept_longest_path": (accept_longest_path, accept_longest_path),
-    "compact_kv": (compact_kv, compact_kv),
+    "accept_longest_path": (reference.accept_longest_path, accept_longest_path),
+    "compact_kv": (reference.compact_kv, compact_kv),
 }
 
 _lib = torch.library.Library("lookahead", "DEF")

@@ -16,18 +16,12 @@ class KVCache:
                  dtype: torch.dtype, device: torch.device | str):
         self.buffer = torch.zeros(num_layers, 2, batch, num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.lens = torch.zeros(batch, dtype=torch.long, device=device)
-
-    @property
-    def batch(self) -> int:
-        return self.buffer.shape[2]
-
-    @property
-    def max_len(self) -> int:
-        return self.buffer.shape[4]
+        self.batch, self.max_len = batch, max_len  # rows, and slots per row
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """Rows [start, stop) as a cache of their own: views of this buffer and lengths, so a forward over them
         writes and reads only those rows (a server prefills one row while the others wait)."""
         view = KVCache.__new__(KVCache)
         view.buffer, view.lens = self.buffer[:, :, start:stop], self.lens[start:stop]  # (L, 2, n, Hkv, S, D), (n,)
+        view.batch, view.max_len = stop - start, self.max_len
         return view

@@ -7,6 +7,7 @@ translation and how checkpoint tensor names map onto ours; loading.py does the r
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -138,15 +139,17 @@ class CausalLM(nn.Module):
         """Embeddings -> decoder layers -> final norm -> LM head over the hidden states h[pick] (all without)."""
         x = self.tok_embeddings(input_ids)  # (B, T, dim)
         cfg = self.config
-        with kernels.exact_mode(self._exact):
+        with kernels.exact_mode() if self._exact else contextlib.nullcontext():
             if kernels.fused_decoder(x):  # every layer in one C++ call, the layer order of Block.forward
                 h = torch.ops.lookahead.decode_layers(
                     x, self._layer_weights(), ctx.cos, ctx.sin, ctx.cache.buffer, ctx.lens, ctx.slots, ctx.tree_mask,
                     cfg.n_heads, cfg.rope_interleaved, cfg.norm_eps, self.norm.weight, ctx.rows, ctx.nodes)
-                return self.output(h if pick is None else h[pick])  # h: after the final norm
-            for layer in self.layers:
-                x = layer(x, ctx)
-            return self.output(self.norm(x if pick is None else x[pick]))
+                h = h if pick is None else h[pick]  # after the final norm
+            else:
+                for layer in self.layers:
+                    x = layer(x, ctx)
+                h = self.norm(x if pick is None else x[pick])
+            return torch.ops.lookahead.linear(h, self.output.weight, None)  # the LM head
 
     def _layer_weights(self) -> list[torch.Tensor]:
         """Every layer's tensors in decode_layers' order (kernels.ops.LAYER_WEIGHTS, checked against the C++ op's

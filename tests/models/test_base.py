@@ -1,14 +1,11 @@
-"""The shared decoder (models/causal_lm.py, models/layers.py): verify over branching draft trees equals full forwards of each
-root-to-node path; the CPU path keeps one copy of each weight and follows `.to()` / `.float()`."""
+"""The shared decoder (models/causal_lm.py, models/layers.py): verify over branching draft trees equals full
+forwards of each root-to-node path; the CPU path keeps one copy of each weight and follows `.to()` / `.float()`."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lookahead.kernels import cpu as cpu_ops
-from lookahead.models import LlamaForLookahead
-from lookahead.models.layers import Linear
-from tests.models.test_llama import TINY, random_hf
+from tests.helpers import TINY, random_hf, root_paths
 
 # Two draft trees of 8 nodes (node 0 = the root, the last committed token; parents[i] < i).
 # Row 0: the root has two children; the first has two children, one of which starts a chain 3 deep.
@@ -16,17 +13,6 @@ from tests.models.test_llama import TINY, random_hf
 # Row 1: three children of the root, the middle one branching again.
 #   0 -> 1,  0 -> 2 -> 3,  2 -> 4 -> 5,  0 -> 6 -> 7
 PARENTS = [[-1, 0, 1, 2, 3, 1, 0, 6], [-1, 0, 0, 2, 2, 4, 0, 6]]
-
-
-def root_paths(parents: list[int]) -> list[list[int]]:
-    """Node indices root .. i for every node i."""
-    paths = []
-    for i in range(len(parents)):
-        path = [i]
-        while parents[path[-1]] >= 0:
-            path.append(parents[path[-1]])
-        paths.append(path[::-1])
-    return paths
 
 
 @pytest.mark.parametrize("name", ["llama", "llama-head-dim"])

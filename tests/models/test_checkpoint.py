@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from lookahead.models import LlamaForLookahead, checkpoint, resolve_checkpoint
-from tests.models.test_llama import TINY
+from tests.helpers import TINY
 
 
 @pytest.fixture(scope="module")

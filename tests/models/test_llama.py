@@ -2,40 +2,10 @@
 
 import pytest
 import torch
-import transformers
 
 from lookahead.kernels import cpu as cpu_build
 from lookahead.models import LlamaForLookahead
-
-TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256)
-
-CONFIGS = {
-    "llama": lambda: transformers.LlamaConfig(**TINY),
-    "llama-tied-mha": lambda: transformers.LlamaConfig(**{**TINY, "num_key_value_heads": 4},
-                                                       tie_word_embeddings=True),
-    "llama3-rope": lambda: transformers.LlamaConfig(**TINY, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32}),
-    "llama-linear-rope": lambda: transformers.LlamaConfig(**TINY, rope_scaling={"rope_type": "linear", "factor": 4.0}),
-    "llama-head-dim": lambda: transformers.LlamaConfig(**{**TINY, "num_attention_heads": 8, "num_key_value_heads": 4},
-                                                       head_dim=24, attention_bias=True),
-    "mistral": lambda: transformers.MistralConfig(**TINY, sliding_window=None),
-    "qwen2": lambda: transformers.Qwen2Config(**TINY),
-}
-HF_CLASSES = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-              "qwen2": transformers.Qwen2ForCausalLM}
-
-
-def random_hf(name: str, seed: int = 0):
-    torch.manual_seed(seed)
-    config = CONFIGS[name]()
-    model = HF_CLASSES[config.model_type](config).eval()
-    with torch.no_grad():  # random biases and norms, so that a dropped bias or norm would show
-        for n, p in model.named_parameters():
-            if n.endswith("bias") or "norm" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+from tests.helpers import CONFIGS, TINY, random_hf
 
 
 @pytest.mark.parametrize("cpu_ops", [False, True], ids=["torch-ops", "cpu-ops"])

@@ -11,10 +11,8 @@ from hypothesis import strategies as st
 from lookahead import LookaheadConfig, TokenTrie
 from lookahead.engine.pricing import curve_key
 from lookahead.benchmarks.replay import replay
-from tests.conftest import TINY_VOCAB, _tiny_llama
+from tests.helpers import TINY_VOCAB, make_tiny_llama
 
-VOCAB = TINY_VOCAB
-tiny_model = _tiny_llama  # also imported by test_cuda
 
 
 def plain(model, ids, **kw):
@@ -30,8 +28,8 @@ def warm(model, ids, n: int = 64, **kw):
 
 @pytest.mark.parametrize("layout", ["hier", "par"])
 def test_lookahead_equals_plain_and_accepts_drafts(layout):
-    model = tiny_model()
-    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    model = make_tiny_llama()
+    ids = torch.randint(0, TINY_VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
     cfg = LookaheadConfig(layout=layout, adaptive=False, decoding_length=16)
     expected = plain(model, ids, max_new_tokens=80, eos_token_id=[])
     cold = model.generate(ids, max_new_tokens=80, lookahead=cfg, eos_token_id=[], return_dict_in_generate=True)
@@ -44,8 +42,8 @@ def test_lookahead_equals_plain_and_accepts_drafts(layout):
 
 
 def test_eos_inside_an_accepted_draft_ends_the_output_there():
-    model = tiny_model(1)
-    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    model = make_tiny_llama(1)
+    ids = torch.randint(0, TINY_VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
     truth = warm(model, ids)
     # an eos token that first occurs deep in the output, so it arrives inside an accepted multi-token draft
     pos = next(i for i in range(5, len(truth)) if truth[i] not in truth[:i])
@@ -59,8 +57,8 @@ def test_eos_inside_an_accepted_draft_ends_the_output_there():
 
 @pytest.mark.parametrize("max_new", [1, 2, 13, 31])
 def test_max_new_tokens_is_never_exceeded_even_mid_draft(max_new):
-    model = tiny_model(2)
-    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(5))
+    model = make_tiny_llama(2)
+    ids = torch.randint(0, TINY_VOCAB, (1, 5), generator=torch.Generator().manual_seed(5))
     truth = warm(model, ids)
     got = model.generate(ids, max_new_tokens=max_new, lookahead=LookaheadConfig(adaptive=False), eos_token_id=[],
                          return_dict_in_generate=True)
@@ -71,8 +69,8 @@ def test_max_new_tokens_is_never_exceeded_even_mid_draft(max_new):
 
 
 def test_stats_count_prefill_and_drafts():
-    model = tiny_model()
-    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(6))
+    model = make_tiny_llama()
+    ids = torch.randint(0, TINY_VOCAB, (1, 7), generator=torch.Generator().manual_seed(6))
     out = plain(model, ids, max_new_tokens=10, eos_token_id=[])
     assert (out.stats.steps, out.stats.decode_steps, out.stats.new_tokens, out.stats.draft_tokens) == (10, 9, 10, 0)
     truth = plain(model, ids, max_new_tokens=60, eos_token_id=[]).sequences[0, 7:].tolist()
@@ -92,8 +90,8 @@ def test_stats_count_prefill_and_drafts():
 
 
 def test_adaptive_policy_follows_the_cost_curve():
-    model = tiny_model()
-    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(6))
+    model = make_tiny_llama()
+    ids = torch.randint(0, TINY_VOCAB, (1, 7), generator=torch.Generator().manual_seed(6))
     truth = warm(model, ids)
     sizes = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96)  # the buckets up to decoding_length 64 + the root
     key = curve_key(model)
@@ -111,8 +109,8 @@ def test_stop_strings_cut_inside_an_accepted_draft():
         def decode(self, ids):
             return "".join(chr(ord("a") + i % 26) for i in ids)
 
-    model = tiny_model(5)
-    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(11))
+    model = make_tiny_llama(5)
+    ids = torch.randint(0, TINY_VOCAB, (1, 6), generator=torch.Generator().manual_seed(11))
     truth = warm(model, ids)
     text = Letters().decode(truth)
     at = next(i for i in range(8, len(text) - 2) if text[i:i + 2] not in text[:i + 1])  # first seen at i
@@ -129,16 +127,16 @@ def test_stop_strings_cut_inside_an_accepted_draft():
         model.generate(ids, stop_strings=[""], tokenizer=Letters())
 
 
-@pytest.mark.parametrize("eos", ["x", 1.5, [1, "2"], [VOCAB], -1, True])
+@pytest.mark.parametrize("eos", ["x", 1.5, [1, "2"], [TINY_VOCAB], -1, True])
 def test_bad_eos_token_id_is_a_value_error(eos):
-    model = tiny_model()
+    model = make_tiny_llama()
     with pytest.raises(ValueError, match="eos_token_id"):
         model.generate(torch.tensor([[1, 2]]), eos_token_id=eos)
 
 
 def test_forget_drafting_forgets_what_outputs_taught():
-    model = tiny_model()
-    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(6))
+    model = make_tiny_llama()
+    ids = torch.randint(0, TINY_VOCAB, (1, 7), generator=torch.Generator().manual_seed(6))
     warm(model, ids)
     assert len(model.trie) and model.state.successors and model.state.calibration.stats
     model.state.forget_drafting()
@@ -146,7 +144,7 @@ def test_forget_drafting_forgets_what_outputs_taught():
 
 
 def test_model_trie_is_always_a_token_trie_and_an_incompatible_one_is_refused():
-    model = tiny_model()
+    model = make_tiny_llama()
     assert isinstance(model.trie, TokenTrie) and len(model.trie) == 0
     with pytest.raises(ValueError, match="TokenTrie"):
         model.trie = None
@@ -165,8 +163,8 @@ def test_model_trie_is_always_a_token_trie_and_an_incompatible_one_is_refused():
 
 
 def test_adaptive_budget_stays_lossless():
-    model = tiny_model(3)
-    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(7))
+    model = make_tiny_llama(3)
+    ids = torch.randint(0, TINY_VOCAB, (1, 8), generator=torch.Generator().manual_seed(7))
     expected = plain(model, ids, max_new_tokens=60, eos_token_id=[]).sequences
     for _ in range(2):
         got = model.generate(ids, max_new_tokens=60, eos_token_id=[])
@@ -174,8 +172,8 @@ def test_adaptive_budget_stays_lossless():
 
 
 def test_trie_is_not_changed_by_a_rejected_call():
-    model = tiny_model()
-    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(8))
+    model = make_tiny_llama()
+    ids = torch.randint(0, TINY_VOCAB, (1, 7), generator=torch.Generator().manual_seed(8))
     warm(model, ids)
     before = len(model.trie)
     with pytest.raises(ValueError):
@@ -188,12 +186,12 @@ def test_trie_is_not_changed_by_a_rejected_call():
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**16), prompt_len=st.integers(1, 12), max_new=st.integers(1, 40),
        layout=st.sampled_from(["hier", "par"]), decoding_length=st.sampled_from([1, 3, 8, 24, 63]),
-       noise=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=2, max_size=16), max_size=6),
-       diverge=st.lists(st.tuples(st.integers(0, 40), st.integers(0, VOCAB - 1)), max_size=6))
+       noise=st.lists(st.lists(st.integers(0, TINY_VOCAB - 1), min_size=2, max_size=16), max_size=6),
+       diverge=st.lists(st.tuples(st.integers(0, 40), st.integers(0, TINY_VOCAB - 1)), max_size=6))
 def test_property_lookahead_equals_plain_with_random_and_adversarial_tries(seed, prompt_len, max_new, layout,
                                                                           decoding_length, noise, diverge):
-    model = tiny_model(seed % 7)
-    ids = torch.randint(0, VOCAB, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
+    model = make_tiny_llama(seed % 7)
+    ids = torch.randint(0, TINY_VOCAB, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
     expected = plain(model, ids, max_new_tokens=max_new, eos_token_id=[]).sequences
     truth = expected[0].tolist()
     cfg = LookaheadConfig(layout=layout, decoding_length=decoding_length, adaptive=False, branch_length=8)
@@ -208,9 +206,9 @@ def test_property_lookahead_equals_plain_with_random_and_adversarial_tries(seed,
 
 
 def test_batch_rows_equal_rows_alone():
-    model = tiny_model(4)
+    model = make_tiny_llama(4)
     g = torch.Generator().manual_seed(9)
-    prompts = [torch.randint(0, VOCAB, (n,), generator=g) for n in (3, 9, 6)]
+    prompts = [torch.randint(0, TINY_VOCAB, (n,), generator=g) for n in (3, 9, 6)]
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from lookahead import LookaheadConfig
-from tests.test_generation import VOCAB, tiny_model
+from tests.helpers import TINY_VOCAB, make_tiny_llama
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def cuda_model(seed: int = 0):
-    return tiny_model(seed, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+    return make_tiny_llama(seed, hidden_size=128, intermediate_size=256, num_attention_heads=4,
                       num_key_value_heads=2).to("cuda")
 
 
@@ -24,8 +24,8 @@ def run(model, ids, monkeypatch, graphs: bool, **kw):
 @pytest.mark.parametrize("layout", ["hier", "par"])
 def test_graph_replay_equals_eager_and_plain(monkeypatch, layout):
     model = cuda_model()
-    ids = torch.randint(0, VOCAB, (1, 11), generator=torch.Generator().manual_seed(5)).cuda()
-    cpu = tiny_model(0, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    ids = torch.randint(0, TINY_VOCAB, (1, 11), generator=torch.Generator().manual_seed(5)).cuda()
+    cpu = make_tiny_llama(0, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
     expected = cpu.generate(ids.cpu(), max_new_tokens=96, lookahead=False, eos_token_id=[])
     cfg = LookaheadConfig(layout=layout, adaptive=False, decoding_length=24)
     hot_steps = {}
@@ -47,7 +47,7 @@ def test_graph_replay_equals_eager_and_plain(monkeypatch, layout):
 def test_batch_with_left_padding_equals_rows_alone(monkeypatch):
     model = cuda_model(2)
     g = torch.Generator().manual_seed(7)
-    rows = [torch.randint(0, VOCAB, (n,), generator=g) for n in (5, 13, 9)]
+    rows = [torch.randint(0, TINY_VOCAB, (n,), generator=g) for n in (5, 13, 9)]
     width = max(len(r) for r in rows)
     ids = torch.zeros(3, width, dtype=torch.long)
     mask = torch.zeros(3, width, dtype=torch.long)
@@ -76,7 +76,7 @@ def test_value_checks_are_skipped_on_cuda_unless_asked(monkeypatch):
 def test_seeded_sampling_on_cuda_equals_plain(monkeypatch):
     # the noise comes from the Triton kernel here (tests/kernels/test_gumbel_noise.py: equal to the torch noise)
     model = cuda_model(3)
-    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(9))
+    ids = torch.randint(0, TINY_VOCAB, (1, 9), generator=torch.Generator().manual_seed(9))
     kw = dict(max_new_tokens=48, do_sample=True, temperature=0.8, top_p=0.95, seed=11, eos_token_id=[])
     plain = model.generate(ids.cuda(), lookahead=False, **kw)
     model.trie.clear()
@@ -133,10 +133,10 @@ def test_head_dim_96_tree_attention_under_graph_capture(monkeypatch, backend):
 def test_exact_lookahead_equals_exact_plain_in_16_bit(monkeypatch, dtype):
     # issue 21: in bf16/fp16 a node verified among T rows got logits a few ulps off those of the one-token step
     # that later decodes it, and near-ties flipped; with set_exact both run the batch-invariant kernels
-    model = tiny_model(4, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+    model = make_tiny_llama(4, hidden_size=128, intermediate_size=256, num_attention_heads=4,
                        num_key_value_heads=1).to("cuda", dtype)
     assert model.set_exact(True) is False
-    ids = torch.randint(0, VOCAB, (1, 11), generator=torch.Generator().manual_seed(6)).cuda()
+    ids = torch.randint(0, TINY_VOCAB, (1, 11), generator=torch.Generator().manual_seed(6)).cuda()
     for graphs in (False, True):
         plain = run(model, ids, monkeypatch, graphs, max_new_tokens=96, lookahead=False).sequences.tolist()
         for layout in ("hier", "par"):

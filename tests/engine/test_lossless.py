@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lookahead import LookaheadConfig
-from tests.test_smollm2 import chat_ids, spec_bench_prompts
+from tests.helpers import chat_ids, spec_bench_prompts
 
 # (layout, warm trie, with references): every combination, spread over the prompts
 VARIANTS = list(itertools.product(["hier", "par"], [False, True], [False, True]))

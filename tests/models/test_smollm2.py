@@ -3,16 +3,7 @@
 import pytest
 import torch
 
-from lookahead.data import encode_prompt, spec_bench_first_turns
-
-
-def spec_bench_prompts(per_category: int) -> list[tuple[str, str]]:
-    """(category, first turn) pairs of the packaged Spec-Bench, round-robin over categories."""
-    return spec_bench_first_turns(per_category)
-
-
-def chat_ids(tokenizer, text: str) -> torch.Tensor:
-    return encode_prompt(tokenizer, text, chat=True)
+from tests.helpers import chat_ids, spec_bench_prompts
 
 
 @pytest.mark.slow

@@ -5,14 +5,7 @@ import json
 import pytest
 
 from lookahead.drafting.trie import TokenTrie
-
-
-def golden_trie() -> TokenTrie:
-    trie = TokenTrie(branch_length=4, max_trie_nodes=1000)
-    trie.insert([1, 2, 3, 7])
-    trie.insert([1, 2, 3, 8])
-    trie.insert([1, 2, 4])
-    return trie
+from tests.helpers import golden_trie
 
 
 def test_golden_retrieval_tree():

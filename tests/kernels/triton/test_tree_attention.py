@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from lookahead import kernels
 from lookahead.kernels import reference
 from tests.kernels.conftest import DEVICES, dtypes_for
+from tests.helpers import random_tree_mask
 
 pytestmark = pytest.mark.kernels
 
@@ -14,17 +15,6 @@ PREFIXES, TS, GROUPS, HEAD_DIMS = (0, 1, 37, 300), (1, 7, 16, 64), (1, 3), (64, 
 # every value of every axis, in pairwise combinations (the interpreter runs programs one by one in numpy)
 CASES = [(p, t, g, d) for p, t, g, d in itertools.product(PREFIXES, TS, GROUPS, HEAD_DIMS)
          if (PREFIXES.index(p) + TS.index(t) + GROUPS.index(g) + HEAD_DIMS.index(d)) % 3 == 0]
-
-
-def random_tree_mask(B, T, g):
-    mask = torch.zeros(B, T, T, dtype=torch.bool)
-    for b in range(B):
-        parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, T)]
-        for i in range(T):
-            mask[b, i, i] = True
-            if i:
-                mask[b, i] |= mask[b, parents[i]]
-    return mask
 
 
 def inputs(prefix, T, group, D, device, dtype, B=2, Hkv=2, seed=0):

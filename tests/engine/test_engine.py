@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from lookahead import LookaheadConfig
-from lookahead.engine.pricing import CostModel
+from lookahead.drafting.price import CostModel
 from lookahead.engine.engine import Engine, Sequence
 from lookahead.engine.sampling import SamplingParams
-from tests.conftest import TINY_VOCAB, _tiny_llama
+from tests.helpers import TINY_VOCAB, make_tiny_llama
 
 
 def prompt(seed: int, n: int) -> list[int]:
@@ -25,7 +25,7 @@ def run_to_end(engine: Engine, seqs: list[Sequence]) -> None:
 
 
 def test_requests_join_and_leave_between_steps_and_each_equals_generate_alone():
-    model = _tiny_llama(3)
+    model = make_tiny_llama(3)
     engine = Engine(model, max_batch=3, max_context=80, lookahead=LookaheadConfig(adaptive=False, decoding_length=8))
     a, b = Sequence(prompt(1, 5), 30), Sequence(prompt(2, 9), 12)
     engine.add([a, b])
@@ -46,7 +46,7 @@ def test_requests_join_and_leave_between_steps_and_each_equals_generate_alone():
 
 
 def test_bad_input_changes_nothing():
-    model = _tiny_llama(0)
+    model = make_tiny_llama(0)
     engine = Engine(model, max_batch=2, max_context=40)
     running = Sequence(prompt(1, 5), 10)
     engine.add([running])
@@ -63,7 +63,7 @@ def test_bad_input_changes_nothing():
 
 
 def test_a_failing_prefill_or_step_fails_only_its_request(monkeypatch):
-    model = _tiny_llama(1)
+    model = make_tiny_llama(1)
     engine = Engine(model, max_batch=4, max_context=60, isolate_failures=True)
     assert engine.prefill_in_steps  # the CPU path: a prefill is a verify chain of the ragged step
     bad_prompt = prompt(9, 6)
@@ -101,7 +101,7 @@ def test_a_failing_prefill_or_step_fails_only_its_request(monkeypatch):
 
 
 def test_exact_config_turns_the_models_batch_invariant_forwards_on():
-    model = _tiny_llama(2)
+    model = make_tiny_llama(2)
     ids = torch.tensor([prompt(5, 6)])
     plain = model.generate(ids, max_new_tokens=20, lookahead=False, eos_token_id=[])
     assert not model.exact
@@ -113,7 +113,7 @@ def test_exact_config_turns_the_models_batch_invariant_forwards_on():
 
 
 def test_an_engine_made_under_inference_mode_serves_later_calls_outside_it():
-    model = _tiny_llama(4)
+    model = make_tiny_llama(4)
     ids = torch.tensor([prompt(6, 5)])
     with torch.inference_mode():  # the model's engine is built here
         first = model.generate(ids, max_new_tokens=8, lookahead=False, eos_token_id=[], repetition_penalty=1.3)
@@ -125,7 +125,7 @@ def test_long_prompts_are_prefilled_in_chunks_with_the_same_bits():
     """Prompts longer than a chunk (rows of 5, 23 and 40 tokens, 12 prompt tokens per step, oldest row first): the
     cache holds each prompt's K/V and its length bit for bit as one unchunked step does, and every row decodes the
     same tokens."""
-    model = _tiny_llama(5)
+    model = make_tiny_llama(5)
     prompts = [prompt(11, 5), prompt(12, 23), prompt(13, 40)]
 
     def run(chunk_tokens):
@@ -157,7 +157,7 @@ def test_long_prompts_are_prefilled_in_chunks_with_the_same_bits():
 def test_a_deferred_prefill_rides_in_the_running_rows_steps():
     """add(defer=True): a long prompt is prefilled a chunk per step beside a decoding row; neither row's tokens
     change, no step carries more prompt tokens than prefill_chunk, and the new row's first token is an event."""
-    model = _tiny_llama(6)
+    model = make_tiny_llama(6)
     running, late = Sequence(prompt(14, 6), 20), Sequence(prompt(15, 37), 10)
     engine = Engine(model, max_batch=2, max_context=80, lookahead=LookaheadConfig(adaptive=False), prefill_chunk=8)
     engine.add([running])
@@ -187,7 +187,7 @@ def test_the_gate_decodes_plain_where_drafting_costs_more_per_token_and_still_pr
     the nearest measured one of its kind. Replay's fixed price has no gate (its figures stay deterministic)."""
     import lookahead.engine.pricing as cost_module
 
-    model = _tiny_llama(7)
+    model = make_tiny_llama(7)
     engine = Engine(model, max_batch=4, max_context=60, lookahead=LookaheadConfig())
     probe = cost_module.GATE_PROBE
     decisions = [engine.gate_open(2, False) for _ in range(probe)]
@@ -212,7 +212,7 @@ def test_the_gate_decodes_plain_where_drafting_costs_more_per_token_and_still_pr
 def test_the_gate_learns_the_seconds_of_the_engines_own_clock():
     """The engine times its steps with the clock it is given: each step feeds the gate its seconds and committed
     tokens, so a fake clock that ticks 10 ms per reading shows up, exactly, as the gate's seconds per token."""
-    model = _tiny_llama(3)
+    model = make_tiny_llama(3)
     readings = []
 
     def clock():

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from lookahead import LookaheadConfig
-from tests.conftest import _tiny_llama
 from tests.kernels.conftest import DEVICES
-from tests.kernels.test_tree_attention import random_tree_mask
+from tests.helpers import make_tiny_llama, random_tree_mask
 
 pytestmark = pytest.mark.kernels
 
@@ -63,7 +62,7 @@ CASES = [(0, 16, 1, torch.float32), (37, 16, 4, torch.float16), (300, 7, 1, torc
 def test_verify_logits_equal_one_token_steps_bitwise(device, prefix, T, kv_heads, cpu_dtype):
     dtypes = [torch.float32, torch.float16, torch.bfloat16] if device == "cuda" else [cpu_dtype]
     for dtype in dtypes:
-        model = _tiny_llama(prefix + T, num_key_value_heads=kv_heads).to(device=device, dtype=dtype)
+        model = make_tiny_llama(prefix + T, num_key_value_heads=kv_heads).to(device=device, dtype=dtype)
         assert model.set_exact(True) is False and model.exact
         tree_logits, one = verify_and_one_token_logits(model, prefix, T, seed=T)
         assert torch.equal(tree_logits, one), (dtype, (tree_logits != one).any(-1).sum().item())
@@ -73,7 +72,7 @@ def test_verify_logits_equal_one_token_steps_bitwise(device, prefix, T, kv_heads
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("prefix, T, kv_heads, dtype", [(300, 64, 1, torch.float32), (4096, 8, 1, torch.float16)])
 def test_verify_logits_equal_one_token_steps_bitwise_big(device, prefix, T, kv_heads, dtype):
-    model = _tiny_llama(1, num_key_value_heads=kv_heads, max_position_embeddings=8192).to(device=device,
+    model = make_tiny_llama(1, num_key_value_heads=kv_heads, max_position_embeddings=8192).to(device=device,
                                                                                           dtype=dtype)
     model.set_exact(True)
     tree_logits, one = verify_and_one_token_logits(model, prefix, T, seed=3)
@@ -82,7 +81,7 @@ def test_verify_logits_equal_one_token_steps_bitwise_big(device, prefix, T, kv_h
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_exact_off_goes_back_to_the_default_kernels(device):
-    model = _tiny_llama(0).to(device)
+    model = make_tiny_llama(0).to(device)
     assert model.set_exact(True) is False
     assert model.set_exact(False) is True and not model.exact
     assert not any(getattr(m, "exact", False) for m in model.modules())
@@ -94,7 +93,7 @@ def test_cpu_torch_path_ignores_exact(monkeypatch):
     # fp32 on CPU runs the oneDNN linear and the torch references, exact already: set_exact changes nothing
     monkeypatch.setenv("LOOKAHEAD_KERNELS", "")
     ids = torch.randint(0, 48, (1, 9), generator=torch.Generator().manual_seed(2))
-    model = _tiny_llama(0)
+    model = make_tiny_llama(0)
     before = model(ids).logits
     model.set_exact(True)
     assert torch.equal(model(ids).logits, before)
@@ -111,7 +110,7 @@ def test_generate_fp16_lookahead_equals_plain_through_the_engine():
     # the whole path on CPU: the engine's plain and verify steps (buckets, padding nodes, compaction) with the
     # exact kernels in the interpreter, fp16; the second lookahead call drafts this very output (deep trees).
     # Small on purpose: the interpreter costs ~0.1 s per program (a node of a kv head of a layer)
-    model = _tiny_llama(5, num_key_value_heads=1).half()
+    model = make_tiny_llama(5, num_key_value_heads=1).half()
     ids = torch.randint(0, 48, (1, 9), generator=torch.Generator().manual_seed(4))
     model.set_exact(True)
     plain = model.generate(ids, max_new_tokens=12, lookahead=False, eos_token_id=[])

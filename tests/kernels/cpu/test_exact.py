@@ -8,6 +8,7 @@ import torch
 from lookahead import LookaheadConfig
 from lookahead.kernels import cpu as cpu_ops
 from lookahead.models import LlamaForLookahead
+from tests.helpers import root_paths
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="the C++ CPU ops could not be built here")
 
@@ -32,16 +33,6 @@ def random_tree(T: int, gen: torch.Generator) -> list[int]:
     return [-1] + [int(torch.randint(max(0, i - 4), i, (1,), generator=gen)) for i in range(1, T)]
 
 
-def paths_of(parents: list[int]) -> list[list[int]]:
-    out = []
-    for i in range(len(parents)):
-        path = [i]
-        while parents[path[-1]] >= 0:
-            path.append(parents[path[-1]])
-        out.append(path[::-1])
-    return out
-
-
 def check_tree_step_equals_one_token_steps(model, prefixes: list[int], T: int, seed: int) -> None:
     """Verify B rows of random trees after prefixes of the given lengths, then decode every root-to-leaf path one
     token at a time in a row of its own, and compare each node's logits bit for bit."""
@@ -57,7 +48,7 @@ def check_tree_step_equals_one_token_steps(model, prefixes: list[int], T: int, s
         cache.lens.copy_(lengths)
         tokens = torch.randint(0, VOCAB, (B, T), generator=gen)
         parents = [random_tree(T, gen) for _ in range(B)]
-        paths = [paths_of(p) for p in parents]
+        paths = [root_paths(p) for p in parents]
         depths = torch.tensor([[len(path) - 1 for path in row] for row in paths])
         mask = torch.zeros(B, T, T, dtype=torch.bool)
         for b, row in enumerate(paths):
@@ -111,7 +102,7 @@ def test_other_hosts_code_paths_are_exact_too(arch, tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    code = ("import torch, tests.test_exact_cpu as t\n"
+    code = ("import torch, tests.kernels.cpu.test_exact as t\n"
             "from lookahead.kernels import cpu\n"
             "assert cpu.available()\n"
             "for dt in (torch.bfloat16, torch.float16, torch.float32):\n"

@@ -8,8 +8,7 @@ import torch
 from lookahead import LookaheadConfig
 from lookahead.kernels import gumbel_noise
 from lookahead.drafting.trie import TokenTrie
-from tests.test_generation import tiny_model
-from tests.test_smollm2 import chat_ids, spec_bench_prompts
+from tests.helpers import chat_ids, make_tiny_llama, spec_bench_prompts
 
 SETTINGS = [dict(temperature=0.7), dict(temperature=1.0, top_k=20), dict(temperature=0.8, top_p=0.9),
             dict(temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.3), dict(temperature=0.5,
@@ -25,7 +24,7 @@ def fill_trie(model, cfg, vocab, seed=0, n=200):
 
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_same_seed_same_tokens_on_a_tiny_model(setting):
-    model = tiny_model(2)
+    model = make_tiny_llama(2)
     cfg = LookaheadConfig(adaptive=False, decoding_length=24)
     ids = torch.randint(0, 48, (1, 6), generator=torch.Generator().manual_seed(1))
     fill_trie(model, cfg, 48)
@@ -67,7 +66,7 @@ def test_sampled_distribution_matches_the_model_under_lookahead():
     """Two sampled tokens after a prompt, over many seeds, against the analytic joint distribution, with a
     trie that drafts every continuation (chi-square, significance 0.001)."""
     V = 6
-    model = tiny_model(5, vocab_size=V)
+    model = make_tiny_llama(5, vocab_size=V)
     ids = torch.tensor([[1, 2, 3]])
     temperature = 1.3
     with torch.no_grad():
@@ -94,7 +93,7 @@ def test_sampled_distribution_matches_the_model_under_lookahead():
 
 
 def test_top_k_one_is_greedy():
-    model = tiny_model(3)
+    model = make_tiny_llama(3)
     ids = torch.randint(0, 48, (1, 5), generator=torch.Generator().manual_seed(2))
     greedy = model.generate(ids, max_new_tokens=30, lookahead=False, eos_token_id=[])
     for lookahead in (False, LookaheadConfig(adaptive=False)):
@@ -104,7 +103,7 @@ def test_top_k_one_is_greedy():
 
 
 def test_greedy_repetition_penalty_is_lossless():
-    model = tiny_model(4)
+    model = make_tiny_llama(4)
     ids = torch.randint(0, 48, (1, 5), generator=torch.Generator().manual_seed(3))
     plain = model.generate(ids, max_new_tokens=40, lookahead=False, repetition_penalty=1.5, eos_token_id=[])
     assert plain.tolist() != model.generate(ids, max_new_tokens=40, lookahead=False, eos_token_id=[]).tolist()
@@ -126,7 +125,7 @@ def test_greedy_repetition_penalty_is_lossless():
     (dict(seed=-3), "seed"),
 ])
 def test_invalid_sampling_arguments(kwargs, match):
-    model = tiny_model()
+    model = make_tiny_llama()
     with pytest.raises(ValueError, match=match):
         model.generate(torch.tensor([[1, 2]]), do_sample=True, **kwargs)
 

@@ -6,7 +6,8 @@ import pytest
 
 from lookahead import Drafter, LookaheadConfig, TokenTrie
 from lookahead.engine import pricing as cost
-from lookahead.engine.pricing import CostModel, StepCost, calibrate, curve_key, measure_cost_curve
+from lookahead.drafting.price import CostModel, StepCost
+from lookahead.engine.pricing import calibrate, curve_key, measure_cost_curve
 from lookahead.drafting.tree import TREE_BUCKETS
 
 

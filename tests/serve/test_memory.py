@@ -5,16 +5,16 @@ import mmap
 import torch
 
 from lookahead.serve.memory import model_memory_bytes, rss_bytes, trim_allocator
-from tests.conftest import _tiny_llama
+from tests.helpers import make_tiny_llama
 
 
 def test_weights_count_each_storage_once_and_a_packed_copy():
-    model = _tiny_llama(0)
+    model = make_tiny_llama(0)
     params = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     weights = model_memory_bytes(model)
     assert weights == sum(params.values()) + buffers
-    tied = _tiny_llama(0, tie_word_embeddings=True)
+    tied = make_tiny_llama(0, tie_word_embeddings=True)
     assert model_memory_bytes(tied) == weights - model.output.weight.nbytes  # the LM head shares the embedding
     linear = model.layers[0].feed_forward.w2
     linear.packed = linear.weight.detach().t().contiguous()  # what a backend keeps beside the weight
