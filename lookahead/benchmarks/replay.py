@@ -113,9 +113,8 @@ def load_recording(path: str | Path = SHIPPED) -> tuple[dict, list[dict]]:
     return lines[0], lines[1:]
 
 
-# Relative verify cost curves to model speedups with (cost of a verify over T tree nodes / cost of one token).
-# cpu-smollm2: SmolLM2-135M fp32 on this project's 2-core CPU (the drafter issue's curve, 2026-11-24);
-# h100-7b: the Llama-2-7B shape in bf16 on an H100, graph replays (bench/gpu/gpu_e2e_h100.md, 2026-11-24).
+# Relative verify cost curves to model speedups with (cost of a verify over T tree nodes / cost of one token):
+# SmolLM2-135M fp32 on a 2-core CPU, and the Llama-2-7B shape in bf16 on an H100 (docs/benchmarks.md#curves).
 CURVES = {
     "cpu-smollm2": {1: 1.0, 8: 1.13, 16: 1.37, 32: 1.97, 64: 3.2},
     "h100-7b": {1: 1.0, 2: 1.069, 4: 1.08, 8: 1.171, 16: 1.215, 32: 1.228, 64: 1.273, 128: 1.38},
@@ -494,7 +493,7 @@ def add_arguments(p) -> None:
     s.add_argument("--no-policy", action="store_true", help="draft decoding_length nodes every step")
     s.add_argument("--batch", type=int, default=1,
                    help="requests decoded together, as the server batches them (each step priced at its rows; "
-                        "default 1: one request at a time, the figures of the README)")
+                        "default 1: one request at a time, as docs/benchmarks.md reports)")
     s.add_argument("--decoding-length", type=int, default=None)
     s.add_argument("--branch-length", type=int, default=None)
     s.add_argument("--max-query-length", type=int, default=None)

@@ -25,12 +25,11 @@ from lookahead.drafting.tree import TREE_BUCKETS
 from lookahead.drafting.suffix import SuffixAutomaton
 from lookahead.drafting.trie import TokenTrie, preorder
 
-# Prior probability that the model's rank-r next token (from its latest verify) is what it produces next
-# time. Measured on the shipped SmolLM2 recording: where a token had been seen before, its latest rank-1
-# successor was the next token 32% of the time, rank 2 9%, rank 3 5%, rank 4 3%. Calibration refines it.
+# Prior probability that the model's rank-r next token (from its latest verify) is what it produces next time,
+# from the shipped recording (docs/benchmarks.md#recycled_prior); calibration refines it.
 RECYCLED_PRIOR = (0.35, 0.08, 0.04, 0.025, 0.015, 0.01, 0.008, 0.006)
-# Trie matches drafted from: the longest, and the next shorter one with continuations (replay, CPU curve:
-# 1.604x with the longest alone, 1.608x with two, 1.603x with three).
+# Trie matches drafted from: the longest, and the next shorter one with continuations (replay:
+# docs/benchmarks.md#backoff_matches).
 BACKOFF_MATCHES = 2
 # The kept nodes' own accuracy (Drafter.kept_accuracy): the decay per settled step, the predicted p it needs before
 # it counts, and the least it may scale p by.
@@ -38,12 +37,9 @@ KEPT_DECAY = 0.99
 KEPT_EVIDENCE = 20.0
 KEPT_TRUST_MIN = 0.25
 P_BINS = (0.01, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # upper edges; the last bin is 1
-# Copy chains: the deepest a chain runs, and the prior probability that a copied token is accepted given its
-# parent was, per match length bin (1, 2, 3-4, 5-8, 9-16, 17-32, 33+ tokens), before observations refine it.
-# Depth: on the copy-heavy replay (h100-7b) 39 steps accepted 32+ tokens, 63 at most; 16 deep loses 0.01x on
-# Spec-Bench's h100-7b replay. The prior sits below the rates observed for a chain's first token on the
-# Spec-Bench replay (match 1: 22%, 2: 46%, 3-4: 57%, 5-8: 79%, 9-16: 84%, 17+: 97%; deeper tokens more), so a
-# chain earns its depth; priors at the observed rates replayed the same (1.62x cpu-smollm2, 1.81x h100-7b).
+# Copy chains: the deepest a chain runs (docs/benchmarks.md#copy_depth), and the prior probability that a copied
+# token is accepted given its parent was, per match length bin (1, 2, 3-4, 5-8, 9-16, 17-32, 33+ tokens), set
+# below the observed rates so a chain earns its depth (docs/benchmarks.md#copy_prior).
 COPY_DEPTH = 64
 COPY = -1  # the copy chain's tag where trie nodes carry their match's index
 COPY_PRIOR = (0.15, 0.3, 0.45, 0.6, 0.7, 0.8, 0.85)

@@ -21,8 +21,7 @@ class SuffixAutomaton:
     match_length: length of the longest suffix of the text that also ends earlier in it (0 = none);
     match_end: the index where that earlier occurrence ends (-1 = none); the copy continues from match_end + 1.
     Memory: per state a length, a suffix link and a first end position (4-byte arrays) and a dict of
-    transitions; per token one list slot: 12.6 MB for 32k tokens of the replay recordings' prompts and outputs
-    (45.7k states, 68.6k transitions; about 0.4 KB per token), built in 0.74 s (2026-11-26, busy 2-core CPU).
+    transitions; per token one list slot (about 0.4 KB per token: docs/benchmarks.md#suffixautomaton).
     """
 
     def __init__(self):

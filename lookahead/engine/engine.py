@@ -46,19 +46,13 @@ from lookahead.models.cache import KVCache
 
 log = logging.getLogger("lookahead.engine.engine")
 
-# A prefill forward pads every prompt of its rows to the longest: rows join one forward only while padding stays
-# under a quarter of its tokens (16 Spec-Bench prompts prefilled as one padded forward took 17.5 s before the
-# first token in bench-serve at concurrency 16, 2026-11-26).
+# A padded prefill forward takes rows together only while padding stays under this share of its tokens (one
+# padded forward of 16 prompts delayed every first token): docs/benchmarks.md#prefill_max_padding
 PREFILL_MAX_PADDING = 0.25
 
-# Tokens of one prefill forward, all its rows together (at least one per row): longer prompts are prefilled in
-# chunks, so a wave of long prompts cannot raise the activations' high-water mark (16 rows of 1.5k tokens in one
-# forward: ~1.3 GB of fp32 attention scores and ~0.4 GB of MLP activations on SmolLM2-135M). A chunk after the
-# first is a verify, whose fp32 logits take 197 KB per token with a 49k vocabulary: 1024 tokens = 200 MB. One
-# 1.5k-token prompt, SmolLM2-135M fp32, AMD EPYC 2 cores shared with other jobs, 2026-12-05, prefill seconds and
-# peak RSS over the loaded model: unchunked 74.7 s +313 MiB, 1024: 19.9 s +388 MiB, 512: 25.2 s +460 MiB,
-# 256: 30.4 s +356 MiB, 128: 42.4 s +306 MiB (the chunks' causal attention is the C++ tree attention; the
-# unchunked prefill's is torch's sdpa).
+# Tokens of one prefill forward, all its rows together (at least one per row): longer prompts go in chunks, so a
+# wave of long prompts cannot raise the activations' high-water mark; the size that prefilled fastest at a flat
+# peak: docs/benchmarks.md#prefill_chunk_tokens
 PREFILL_CHUNK_TOKENS = 1024
 
 _request_ids = itertools.count()

@@ -43,14 +43,8 @@ from lookahead.engine.pricing import DraftGate
 from lookahead.drafting.drafter import Drafter
 from lookahead.drafting.trie import TokenTrie
 
-# vLLM's CPU step as a + b * tokens, a / b by batch size and dtype: SmolLM2-135M, 1 OpenMP thread, process CPU
-# time with exactly k = 0, 1, 2, 4, 8 draft tokens per row (`lookahead bench-vllm --step-cost [--dtype]`, this
-# project's 2-core AMD EPYC (Zen 4, AVX512-BF16) machine). float32 (2026-11-26, bench/cpu/vllm_step_cost.json):
-# batch 1 a = 64 ms, b = 7.5 ms/token; batch 8 a = 108 ms, b = 3.5 ms. bfloat16 (2026-12-05,
-# bench/cpu/vllm_step_cost_bfloat16.json): batch 1 a = 30.6 ms, b = 0.37 ms/token (8 more tokens: 30.6 -> 35.5 ms);
-# batch 8 a = 43.7 ms, b = 1.7 ms. Between and beyond the measured sizes: linear in the batch size, clamped. On a
-# GPU a few verified tokens cost almost nothing next to the step (memory bound): a / b is in the hundreds and
-# whole chains pay.
+# vLLM's CPU step as a + b * tokens: a / b by batch size and dtype, measured by `lookahead bench-vllm --step-cost`
+# (docs/benchmarks.md#step_tokens_cpu); linear in the batch size between and beyond them, clamped.
 STEP_TOKENS_CPU = {"float32": {1: 8.5, 8: 30.8}, "bfloat16": {1: 81.8, 8: 25.5}}
 
 

@@ -15,12 +15,8 @@ import os
 
 import torch
 
-# tracemalloc over the 480 Spec-Bench first turns (134k tokens, SmolLM2 tokenizer), 2026-12-05: the trie held
-# 1,022,214 nodes in 53 MB (52 B/node: 44 bytes of flat arrays, their growth slack, the wide nodes' dicts; the
-# object-per-node layout before it took 296 B/node); with 40 requests' local windows on top, 51.7 B/node in all.
-# Suffix automata of the same prompts: 350 B per token (1.23 states per token, 285 B per state).
-TRIE_NODE_BYTES = 52
-SUFFIX_TOKEN_BYTES = 350
+TRIE_NODE_BYTES = 52  # a trie node's bytes, measured by tracemalloc: docs/benchmarks.md#trie_node_bytes
+SUFFIX_TOKEN_BYTES = 350  # a suffix automaton's bytes per token: docs/benchmarks.md#suffix_token_bytes
 
 
 def _tensor_bytes(t: torch.Tensor, seen: set) -> int:

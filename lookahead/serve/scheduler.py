@@ -45,8 +45,7 @@ class EngineClosed(Exception):
     """The server is shutting down and takes no new requests (HTTP 503)."""
 
 
-# Prompt tokens one server step carries beside the running rows' trees. SmolLM2-135M bf16 on the AMD EPYC 2-core
-# host (2026-12-05): see the README's "Chunked prefill" for the TTFT / TPOT it gives at c = 1..16.
+# Prompt tokens one server step carries beside the running rows' trees: TTFT against TPOT, docs/benchmarks.md#serve_prefill_chunk
 SERVE_PREFILL_CHUNK = 128
 
 @dataclass
@@ -328,7 +327,7 @@ class Scheduler:
 
     def _idle(self) -> None:
         """The last request left: hand the allocator's free memory back (what long prefills' activations left in
-        glibc's heaps stays resident otherwise; README "Memory") and measure the weights again."""
+        glibc's heaps stays resident otherwise; docs/serving.md#memory) and measure the weights again."""
         if self.trim_allocator and trim_allocator():
             self.stats.allocator_trims += 1
         self.weights_bytes = model_memory_bytes(self.model)

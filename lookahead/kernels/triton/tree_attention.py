@@ -253,7 +253,7 @@ _SM_COUNT: dict[int, int] = {}
 
 def _num_splits(programs: int, S: int, device: torch.device) -> int:
     """Prefix splits for about four programs per SM, each split at least 256 slots of the cache, at most 64. Set by
-    hand, not swept (the README's kernel table was measured with these values). S (the cache's capacity) stands
+    hand, not swept (docs/benchmarks.md#tree_attention was measured with these values). S (the cache's capacity) stands
     in for the committed length, which the host does not know without a sync."""
     if device.type != "cuda":
         return 1
