@@ -21,7 +21,7 @@ from datetime import date
 from pathlib import Path
 
 from lookahead.config import LookaheadConfig
-from lookahead.drafting.price import CostModel, StepPrice
+from lookahead.drafting.drafter import CostModel, StepPrice
 from lookahead.drafting.trie import TokenTrie
 
 FORMAT = "lookahead-replay"

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from lookahead.config import LookaheadConfig
-from lookahead.drafting.price import CostModel, StepPrice
 from lookahead.drafting.tree import TREE_BUCKETS
 from lookahead.drafting.suffix import SuffixAutomaton
 from lookahead.drafting.trie import TokenTrie, preorder
@@ -46,6 +47,138 @@ COPY_PRIOR = (0.15, 0.3, 0.45, 0.6, 0.7, 0.8, 0.85)
 COPY_PRIOR_MASS = 4.0  # pseudo-trials of the prior
 
 
+class DecayedRatio:
+    """Two running sums, of `num` and of `den`, each older sample weighted by `decay` per newer one; `ratio` is
+    their quotient: a decayed average of num per den. The drafter's calibration and kept accuracy, the learned step
+    costs and the drafting gate all keep their averages in it."""
+
+    __slots__ = ("decay", "num", "den")
+
+    def __init__(self, decay: float):
+        self.decay, self.num, self.den = decay, 0.0, 0.0
+
+    def add(self, num: float, den: float) -> None:
+        self.num = self.num * self.decay + num
+        self.den = self.den * self.decay + den
+
+    def ratio(self, prior_num: float = 0.0, prior_den: float = 0.0) -> float | None:
+        """(num + prior_num) / (den + prior_den), None while that denominator is 0."""
+        den = self.den + prior_den
+        return (self.num + prior_num) / den if den > 0 else None
+
+
+# ---- the step price the size policy asks ------------------------------------------------------------------
+class StepPrice(Protocol):
+    """The one interface a `Drafter` prices drafts with: `cost(rows, tokens)`, the cost of one step of `rows` rows
+    that each verify a tree of `tokens` nodes (root included; 1 = a plain step), in any unit (only ratios are
+    used). `CostModel` (a fixed batch-1 curve: replay, a bare Drafter), `StepCost` (learned from an engine's
+    steps) and the vLLM proposer's linear step model implement it."""
+
+    def cost(self, rows: int, tokens: int) -> float: ...
+
+
+class CostModel:
+    """A verify cost curve {tree nodes: cost}, in seconds or relative, priced relative to one token."""
+
+    def __init__(self, curve: Mapping[int, float]):
+        if not curve or any(int(T) < 1 or not float(c) > 0 for T, c in curve.items()):
+            raise ValueError(f"a cost curve maps tree sizes >= 1 to costs > 0, got {dict(curve)!r}")
+        self.sizes = sorted(int(T) for T in curve)
+        base = float(curve[1]) if 1 in curve else float(curve[self.sizes[0]])
+        self.rel = [float(curve[T]) / base for T in self.sizes]
+
+    def __call__(self, nodes: float) -> float:
+        """Relative cost of a verify over `nodes` tree nodes (all rows), linear between and beyond the points."""
+        xs, ys = self.sizes, self.rel
+        if nodes <= xs[0] or len(xs) == 1:
+            return ys[0] if nodes <= xs[0] else ys[0] * nodes / xs[0]
+        for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:]):
+            if nodes <= x1:
+                return y0 + (y1 - y0) * (nodes - x0) / (x1 - x0)
+        return ys[-1] + (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) * (nodes - xs[-1])
+
+    def cost(self, rows: int, tokens: int) -> float:
+        """Relative cost of one step of `rows` rows that each verify a tree of `tokens` nodes (1, 1 = a plain
+        one-row step). A batch-1 curve can only price the rows x tokens nodes as one row's."""
+        return self(rows * tokens)
+
+    def costs(self, rows: int, tokens: list[float]) -> list[float]:
+        """cost(rows, t) for every t, in one call (the drafter prices a step's candidate sizes at once)."""
+        return [self.cost(rows, t) for t in tokens]
+
+
+class StepCost:
+    """c(B, N): seconds of one engine step over B rows that verify N tokens in all (each row its own tree, its root
+    included, and any prompt chunk riding in the step; B = N: a plain step), learned from the engine's own steps.
+    `cost(rows, tokens)` takes the tokens per row (the StepPrice interface; N = rows x tokens, any real number).
+
+    Every step the engine runs is a sample (`observe`): a (B, N) seen before is priced by its decayed mean
+    (recent steps weigh most, so the model follows the machine: graphs on or off, load, heat). An unseen one is
+    priced linearly between the nearest seen sizes of the same B, else by the prior, a batch-1 curve priced at N
+    tokens, in the units of the nearest seen (B, N) (nearest in log B, then log N): the prior gives the shape, the
+    steps the scale, so a batch's B rows that a batch-1
+    curve underprices (attention per row over its own context) are corrected as soon as steps of that B have
+    run. `cost(B, N / B)` is what `Drafter` calls."""
+
+    def __init__(self, prior: Mapping[int, float], decay: float = 0.9):
+        self.source = prior  # the curve it started from (a new one starts a new model)
+        self.prior = CostModel(prior)
+        self.decay = decay
+        self.seen: dict[tuple[int, int], DecayedRatio] = {}  # (B, N) -> seconds per step
+        self._priced: dict[tuple[int, int], float] = {}  # cost()'s answers since the last observe
+
+    def observe(self, rows: int, nodes: float, seconds: float) -> None:
+        """A step of `rows` rows that verified `nodes` tokens per row (rows x nodes in all) took `seconds`."""
+        if seconds > 0:
+            key = (rows, max(1, round(rows * nodes)))
+            entry = self.seen.get(key)
+            if entry is None:
+                entry = self.seen[key] = DecayedRatio(self.decay)
+            entry.add(seconds, 1.0)
+            self._priced.clear()
+
+    def costs(self, rows: int, tokens: list[float]) -> list[float]:
+        """cost(rows, t) for every t, in one call (the drafter prices a step's candidate sizes at once)."""
+        return [self.cost(rows, t) for t in tokens]
+
+    def cost(self, rows: int, tokens: float) -> float:
+        key = (rows, max(1, round(rows * tokens)))
+        price = self._priced.get(key)
+        if price is None:
+            price = self._priced[key] = self._price(*key)
+        return price
+
+    def _price(self, rows: int, total: int) -> float:
+        entry = self.seen.get((rows, total))
+        if entry is not None:
+            return entry.ratio()
+        # between two seen sizes of the same row count: linear between them (the steps' own slope, which a
+        # batch-1 prior underprices once the rows' tokens make the step compute-bound)
+        below = max((n for r, n in self.seen if r == rows and n < total), default=None)
+        above = min((n for r, n in self.seen if r == rows and n > total), default=None)
+        if below is not None and above is not None:
+            lo, hi = self._mean(rows, below), self._mean(rows, above)
+            return lo + (hi - lo) * (total - below) / (above - below)
+        prior = self.prior(total)
+        if not self.seen:
+            return prior
+        # a plain step (one token a row) is priced from plain steps, a drafting one from drafting ones, where seen:
+        # a step with trees also runs acceptance and compaction, and its cells are the ones the policy compares
+        plain = total == rows
+        kind = [k for k in self.seen if (k[1] == k[0]) == plain] or list(self.seen)
+        near = min(kind, key=lambda k: (abs(math.log(k[0] / rows)), abs(math.log(k[1] / total))))
+        return prior * self._mean(*near) / self.prior(near[1])
+
+    def _mean(self, rows: int, total: int) -> float:
+        return self.seen[rows, total].ratio()
+
+
+def _tokens_per_cost(tokens: float, plain: float, priced: float, base: float) -> float:
+    """The size policy's score: expected tokens over the decoding rows' share of the step, a plain step plus what
+    the drafts (priced: the step with them) add on top of the prompt chunks (base: the step without them)."""
+    return tokens / (plain + priced - base)
+
+
 def _log2_bin(n: int) -> int:
     """1, 2, 3-4, 5-8, 9-16, 17-32, 33+ -> 0..6."""
     return min(max(n - 1, 0).bit_length(), 6)
@@ -66,34 +199,38 @@ class Calibration:
     calibrated p = p * (observed + prior) / (predicted + prior)."""
     decay: float = 0.999
     prior: float = 2.0  # pseudo-mass of predicted acceptance the raw probability starts with
-    stats: dict[tuple[str, int, int, int], list[float]] = field(default_factory=dict)
-    # copy chains: (match length bin, distance bin) -> [trials, accepted], trials = parent accepted
-    copy: dict[tuple[int, int], list[float]] = field(default_factory=dict)
+    stats: dict[tuple[str, int, int, int], DecayedRatio] = field(default_factory=dict)  # observed per predicted
+    # copy chains: (match length bin, distance bin) -> accepted per trial, a trial = the parent was accepted
+    copy: dict[tuple[int, int], DecayedRatio] = field(default_factory=dict)
 
     @staticmethod
     def key(source: str, q: int, evidence: int, p: float) -> tuple[str, int, int, int]:
         return source, _match_bin(q), _evidence_bin(evidence), bisect.bisect_left(P_BINS, p)
 
     def ratio(self, key: tuple[str, int, int, int]) -> float:
-        predicted, observed = self.stats.get(key, (0.0, 0.0))
-        return (observed + self.prior) / (predicted + self.prior)
+        entry = self.stats.get(key)
+        return 1.0 if entry is None else entry.ratio(self.prior, self.prior)
 
     def observe(self, key: tuple[str, int, int, int], p: float, accepted: bool) -> None:
-        entry = self.stats.setdefault(key, [0.0, 0.0])
-        entry[0] = entry[0] * self.decay + p
-        entry[1] = entry[1] * self.decay + float(accepted)
+        entry = self.stats.get(key)
+        if entry is None:
+            entry = self.stats[key] = DecayedRatio(self.decay)
+        entry.add(float(accepted), p)
 
     def copy_rate(self, match_length: int, distance: int) -> float:
         """Probability that a copy chain's node `distance` tokens past the end of a `match_length`-token match is
         accepted, given that its parent was."""
         m = _log2_bin(match_length)
-        trials, accepted = self.copy.get((m, _log2_bin(distance)), (0.0, 0.0))
-        return (accepted + COPY_PRIOR_MASS * COPY_PRIOR[m]) / (trials + COPY_PRIOR_MASS)
+        entry = self.copy.get((m, _log2_bin(distance)))
+        prior = COPY_PRIOR_MASS * COPY_PRIOR[m]
+        return prior / COPY_PRIOR_MASS if entry is None else entry.ratio(prior, COPY_PRIOR_MASS)
 
     def observe_copy(self, match_length: int, distance: int, accepted: bool) -> None:
-        entry = self.copy.setdefault((_log2_bin(match_length), _log2_bin(distance)), [0.0, 0.0])
-        entry[0] = entry[0] * self.decay + 1.0
-        entry[1] = entry[1] * self.decay + float(accepted)
+        key = (_log2_bin(match_length), _log2_bin(distance))
+        entry = self.copy.get(key)
+        if entry is None:
+            entry = self.copy[key] = DecayedRatio(self.decay)
+        entry.add(float(accepted), 1.0)
 
 
 @dataclass
@@ -154,7 +291,7 @@ class Drafter:
         self.calibration = calibration if calibration is not None else Calibration()
         self.successors = successors if successors is not None else {}  # token -> the model's latest top-k
         self._requests: dict[int, _Request] = {}
-        self._kept = [0.0, 0.0]  # decayed sums over the verified nodes: their calibrated p, and how many were accepted
+        self._kept = DecayedRatio(KEPT_DECAY)  # over the verified nodes: accepted per calibrated p
 
     # ---- a request's life ------------------------------------------------------------------------------------
     def running_requests(self) -> list[int]:
@@ -194,9 +331,7 @@ class Drafter:
                     self.calibration.observe(node.key, node.raw, correct[i])
                 if node.copy and ok:  # copy rates are conditional on the parent's acceptance
                     self.calibration.observe_copy(req.copy_match, node.copy, correct[i])
-            kept = self._kept
-            kept[0] = kept[0] * KEPT_DECAY + sum(n.p for n in req.sent)
-            kept[1] = kept[1] * KEPT_DECAY + sum(correct)
+            self._kept.add(sum(correct), sum(n.p for n in req.sent))
             req.sent = []
         req.suffix.extend(new)
         self.trie.append(request_id, new)
@@ -240,10 +375,9 @@ class Drafter:
         (1 until KEPT_EVIDENCE nodes' worth of p were kept). The calibration is per bin; the nodes that win the
         step's selection are the ones whose p came out high, and at a steep price only the very top wins: their
         accuracy, measured as such, scales their p before they are priced."""
-        predicted, accepted = self._kept
-        if predicted < KEPT_EVIDENCE:
+        if self._kept.den < KEPT_EVIDENCE:
             return 1.0
-        return min(1.0, max(KEPT_TRUST_MIN, accepted / predicted))
+        return min(1.0, max(KEPT_TRUST_MIN, self._kept.ratio()))
 
     def step_price(self, rows: int, tokens: int) -> float:
         """The price of one step of `rows` rows verifying `tokens` tokens in all (the StepPrice's unit)."""
@@ -273,7 +407,7 @@ class Drafter:
         gain, best, best_k = float(drafting), drafting / plain, 0
         for k, (p, _) in enumerate(merged, start=1):
             gain += p
-            score = gain / (plain + priced[k - 1] - base)
+            score = _tokens_per_cost(gain, plain, priced[k - 1], base)
             if score > best:
                 best, best_k = score, k
         keep = [0] * len(proposals)
@@ -394,9 +528,9 @@ class Drafter:
             gain += p
             n = len(out)
             if cut and self._price is not None and n + 1 in TREE_BUCKETS and n + 1 < TREE_BUCKETS[-1]:
-                best = max(best, (rows - 1 + gain) / (plain + price_at[n] - base))
+                best = max(best, _tokens_per_cost(rows - 1 + gain, plain, price_at[n], base))
                 nxt = TREE_BUCKETS[bisect.bisect_left(TREE_BUCKETS, n + 2)]  # the next bucket
-                if (rows - 1 + gain + (nxt - 1 - n) * p) / (plain + price_at[nxt - 1] - base) < best:
+                if _tokens_per_cost(rows - 1 + gain + (nxt - 1 - n) * p, plain, price_at[nxt - 1], base) < best:
                     break
         return out
 

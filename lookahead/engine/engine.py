@@ -36,7 +36,7 @@ import torch
 
 from lookahead.config import MAX_TREE_NODES, LookaheadConfig, draft_gate_enabled
 from lookahead.drafting.drafter import Drafter
-from lookahead.drafting.price import StepCost, StepPrice
+from lookahead.drafting.drafter import StepCost, StepPrice
 from lookahead.drafting.proposer import Proposer
 from lookahead.drafting.tree import DraftTree, bucket_size, build_draft, pack_ragged
 from lookahead.engine.pricing import DraftGate, curve_key, prior_curve

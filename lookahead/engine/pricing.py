@@ -1,4 +1,4 @@
-"""What a step costs, measured: the batch-1 verify cost curve (the prior of the learned `drafting.price.StepCost`),
+"""What a step costs, measured: the batch-1 verify cost curve (the prior of the learned `drafting.drafter.StepCost`),
 and the drafting gate.
 
 The curve (seconds of one verify forward by tree size) is measured once per model, device, dtype, threads and
@@ -17,6 +17,7 @@ import os
 import statistics
 import time
 
+from lookahead.drafting.drafter import DecayedRatio
 from lookahead.drafting.tree import TREE_BUCKETS
 from lookahead.config import cache_dir, cuda_graphs_enabled
 
@@ -211,15 +212,12 @@ class _GateArms:
     """Steps of one row count and kind, with drafting and without: decayed sums of their seconds and tokens."""
 
     def __init__(self):
-        self.sums = {True: [0.0, 0.0], False: [0.0, 0.0]}  # drafted -> [seconds, tokens]
+        self.sums = {drafted: DecayedRatio(1 - GATE_EMA) for drafted in (True, False)}  # seconds per token
         self.decisions = 0
 
     def learn(self, drafted: bool, seconds: float, tokens: int) -> None:
         if tokens > 0:
-            arm = self.sums[drafted]
-            arm[0] = arm[0] * (1 - GATE_EMA) + seconds
-            arm[1] = arm[1] * (1 - GATE_EMA) + tokens
+            self.sums[drafted].add(seconds, tokens)
 
     def per_token(self, drafted: bool) -> float | None:
-        seconds, tokens = self.sums[drafted]
-        return seconds / tokens if tokens > 0 else None
+        return self.sums[drafted].ratio()

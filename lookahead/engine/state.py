@@ -9,7 +9,7 @@ from lookahead.drafting.drafter import Calibration
 from lookahead.drafting.trie import TokenTrie
 
 if TYPE_CHECKING:
-    from lookahead.drafting.price import StepCost
+    from lookahead.drafting.drafter import StepCost
     from lookahead.engine.engine import Engine
 
 

@@ -145,7 +145,7 @@ def test_cli_replays_the_copy_heavy_recording_by_name_and_explains_a_missing_pee
 def test_replay_runs_the_engine_and_each_request_gets_its_recorded_tokens(recording):
     """The stand-in model through the real Engine: every request decodes exactly its recorded output (the prefill's
     token excluded from the decode counts), one request at a time or four in a batch."""
-    from lookahead.drafting.price import CostModel
+    from lookahead.drafting.drafter import CostModel
     from lookahead.engine.engine import Engine, Sequence
     from lookahead.benchmarks.replay import RecordedModel, relabel
 

@@ -211,7 +211,7 @@ def test_negative_ids_are_refused_before_anything_changes():
 
 
 def test_the_step_price_is_one_interface_given_once():
-    from lookahead.drafting.price import CostModel
+    from lookahead.drafting.drafter import CostModel
 
     def trie():
         made = TokenTrie(branch_length=4, max_trie_nodes=1000)
@@ -287,7 +287,7 @@ def test_the_policy_reads_a_price_in_any_unit():
     """Only ratios of prices matter: a step price in seconds, in units of one verified token (vLLM's linear step,
     a plain step = 82.8) or relative gives the same drafts (the proposal's cut once compared scores with 1.0,
     which only a relative price's plain step scores, and cut a price in token units after the first bucket)."""
-    from lookahead.drafting.price import CostModel
+    from lookahead.drafting.drafter import CostModel
 
     class Scaled:
         def __init__(self, price, factor):

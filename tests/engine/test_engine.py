@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lookahead import LookaheadConfig
-from lookahead.drafting.price import CostModel
+from lookahead.drafting.drafter import CostModel
 from lookahead.engine.engine import Engine, Sequence
 from lookahead.engine.sampling import SamplingParams
 from tests.helpers import TINY_VOCAB, make_tiny_llama

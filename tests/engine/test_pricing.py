@@ -6,7 +6,7 @@ import pytest
 
 from lookahead import Drafter, LookaheadConfig, TokenTrie
 from lookahead.engine import pricing as cost
-from lookahead.drafting.price import CostModel, StepCost
+from lookahead.drafting.drafter import CostModel, StepCost
 from lookahead.engine.pricing import calibrate, curve_key, measure_cost_curve
 from lookahead.drafting.tree import TREE_BUCKETS
 
