@@ -9,7 +9,7 @@
 // stream their own range of w: a verify of T nodes reads the weights once, not T times.
 //
 // Code paths: AVX-512 (4 x 4 tiles of 16-lane accumulators; bf16 on a CPU with AVX512_BF16 multiplies pairs with
-// vdpbf16ps, lane l taking the pairs (2l, 2l + 1) of each 32-element chunk); AVX2 + FMA (3 x 2 tiles, each
+// vdpbf16ps, lane l taking the pairs (2l, 2l + 1) of each 32-element chunk); AVX2 + FMA (2 x 3 tiles, each
 // 16-lane accumulator two __m256); portable C++ for any other CPU (ARM: 2 x 2 tiles of 16-lane arrays the
 // compiler vectorizes). Outside vdpbf16ps every element is widened to fp32 and fused-multiply-added; x is
 // widened once per call on the AVX2 and portable paths.
@@ -109,9 +109,10 @@ void tile(const T* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, i
 
 #elif defined(LOOKAHEAD_AVX2)
 
-// 3 x 2 tiles: 12 accumulators (two __m256 per 16-lane sum), 2 widened rows of w, 1 row of x = 15 of the 16 ymm
-// registers (docs/hosts.md: 3 x 2 against 2 x 2, 2 x 3 and 4 x 1).
-constexpr int TILE_M = 3, TILE_N = 2;
+// 2 x 3 tiles: 12 accumulators (two __m256 per 16-lane sum) and 3 widened rows of w in 15 of the 16 ymm registers,
+// x read as the FMAs' memory operand. Verify sizes are mostly even, which 2-row tiles split without a 1-row
+// remainder (docs/hosts.md: 2 x 3 against 3 x 2, 2 x 2 and 4 x 1).
+constexpr int TILE_M = 2, TILE_N = 3;
 constexpr bool WIDEN_X = true;  // x widened to fp32 once per call
 
 // acc[h][i][j] += x row i . w row j over the half h (lanes 8h .. 8h + 7) of the 16-element chunk at k (n valid
@@ -288,8 +289,23 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::opti
   return y;
 }
 
+// The code path these ops were compiled for (the -march they were built with decides it): "avx512_bf16",
+// "avx512", "avx2" or "portable". dtype="auto" is chosen by it (kernels/cpu/__init__.py).
+std::string cpu_code_path() {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  return "avx512_bf16";
+#elif defined(__AVX512F__)
+  return "avx512";
+#elif defined(LOOKAHEAD_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
 TORCH_LIBRARY_FRAGMENT(lookahead, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("cpu_code_path() -> str", cpu_code_path);
 }
 TORCH_LIBRARY_IMPL(lookahead, CPU, m) { m.impl("linear", linear); }
 

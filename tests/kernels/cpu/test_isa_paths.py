@@ -17,12 +17,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[3]
 ARCHS = pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64-v4", "native"],
                                 ids=["avx2", "avx512-without-bf16", "native"])
+# x86-64-v2 (no AVX2/FMA) compiles the portable path, the one ARM hosts get: checked here for its bits only
+# (std::fma is a library call without FMA, too slow for the end-to-end test)
+OP_ARCHS = pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64-v4", "native", "x86-64-v2"],
+                                   ids=["avx2", "avx512-without-bf16", "native", "portable"])
+EXPECTED_PATH = {"x86-64-v3": "avx2", "x86-64-v4": "avx512", "x86-64-v2": "portable"}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
 
 def run_on_path(arch: str, code: str) -> str:
-    """Run code in a fresh interpreter whose C++ ops are built for arch; its stdout (the test fails on an error)."""
+    """Run code in a fresh interpreter whose C++ ops are built for arch (an x86-64-vN one only on an x86 host that
+    runs it); its stdout (the test fails on an error)."""
     if arch != "native" and not _x86_64_v4_host():
         pytest.skip("this host cannot run x86-64-v3/v4 code (not x86-64 with AVX-512)")
     env = {k: v for k, v in os.environ.items() if k not in ("LOOKAHEAD_KERNELS", "LOOKAHEAD_CHECKS")}
@@ -116,16 +122,23 @@ def check_attention() -> None:
                 _same_rows(full[0, i], cut[0, i], f"attention {dtype} D={D} L={L} node {i}")
 
 
-@ARCHS
+@OP_ARCHS
 def test_ops_are_row_invariant_on_each_code_path(arch):
     """linear, rms_norm, add_rms_norm_, silu_mul and tree_attention built for arch: bitwise row-invariant in fp32,
-    bf16 and fp16, and close to an fp64 reference (a kernel that is invariant but wrong fails too)."""
-    out = run_on_path(arch, "from lookahead.kernels import cpu\n"
+    bf16 and fp16, and close to an fp64 reference (a kernel that is invariant but wrong fails too). The ops say
+    which code path they were built for; cost curves are keyed by it, and dtype="auto" follows it."""
+    out = run_on_path(arch, "import torch\n"
+                            "from lookahead.kernels import cpu\n"
+                            "from lookahead.cost import curve_key\n"
+                            "import tests.test_exact_cpu as e, tests.kernels.cpu.test_isa_paths as t\n"
                             "assert cpu.available()\n"
-                            "import tests.kernels.cpu.test_isa_paths as t\n"
                             "t.check_linear(); t.check_norms(); t.check_attention()\n"
-                            "print('row-invariant')\n")
+                            "print('row-invariant')\n"
+                            "print('path', cpu.code_path(), cpu.auto_dtype()[0], curve_key(e.tiny(torch.float32)))\n")
     assert "row-invariant" in out
+    path, auto, key = out.split("path ")[-1].split(" ", 2)
+    assert path == EXPECTED_PATH.get(arch, path) and f"cpu_ops={path}" in key
+    assert auto == ("torch.float32" if path == "portable" else "torch.bfloat16")
 
 
 PROMPTS = ("Write a haiku about the sea.", "List the first ten prime numbers, comma separated.",
