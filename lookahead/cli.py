@@ -137,10 +137,9 @@ def cmd_demo(args) -> int:
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s ({torch.get_num_threads()} threads, "
           f"{model.device}, {model.dtype})")
     if model.device.type == "cpu":
-        why = ("this CPU multiplies bf16 natively" if cpu_ops.native_bf16() else "this CPU has no native bf16 matmul")
-        print(f"CPU: {cpu_ops.cpu_name()}; {why}, so dtype auto is "
-              f"{'bf16' if cpu_ops.native_bf16() and cpu_ops.available() else 'fp32'}; the C++ CPU ops are "
-              f"{'on: decoding is bitwise lossless in every dtype' if cpu_ops.available() else 'off (no compiler)'}")
+        auto, why = cpu_ops.auto_dtype()
+        print(f"CPU: {cpu_ops.cpu_name()}; dtype auto is {str(auto).removeprefix('torch.')}: {why}; the C++ CPU ops "
+              f"are {'on: decoding is bitwise lossless in every dtype' if cpu_ops.available() else 'off (no compiler)'}")
     # Measure (or load) the verify cost curve and run once untimed, so that no timed row pays for either.
     t0 = time.perf_counter()
     curve = calibrate(model)

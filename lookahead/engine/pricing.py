@@ -30,13 +30,13 @@ _DRIFT = 0.10  # re-measure when T=1 timed again at the end moved by more than t
 
 def curve_key(model) -> str:
     """What a step's cost depends on: the model's shape, device, dtype, threads, CUDA graphs, and on CPU the host's
-    CPU (its name and ISA) and whether the C++ CPU ops run the step."""
+    CPU (its name and ISA), whether the C++ CPU ops run the step and which code path they were built for."""
     import torch
 
     from lookahead.kernels import cpu as cpu_ops
 
     c = model.config
-    host = f"|{cpu_ops.cpu_name()}|cpu_ops={int(cpu_ops.available())}" if model.device.type == "cpu" else ""
+    host = f"|{cpu_ops.cpu_name()}|cpu_ops={cpu_ops.code_path() or 0}" if model.device.type == "cpu" else ""
     return (f"{c.model_type}-{c.n_layers}x{c.dim}-h{c.n_heads}-kv{c.n_kv_heads}-d{c.head_dim}-v{c.vocab_size}|"
             f"{model.device.type}|{str(model.dtype).removeprefix('torch.')}|threads={torch.get_num_threads()}|"
             f"graphs={int(model.device.type == 'cuda' and cuda_graphs_enabled())}{host}")

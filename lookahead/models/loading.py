@@ -84,11 +84,11 @@ def fuse_llama_style(sd: dict[str, torch.Tensor], cfg: ModelConfig, prefix: str 
 
 
 def default_dtype(hf: dict, device: torch.device) -> torch.dtype:
-    """dtype="auto": on CPU bf16 where the CPU multiplies bf16 natively (AVX512_BF16 or AMX) and the exact C++ ops
-    run (bf16 decoding is bitwise lossless there), fp32 elsewhere; on CUDA the checkpoint's half dtype, bf16 when
-    it is stored in fp32."""
+    """dtype="auto": on CPU the faster exact dtype of the code path the C++ ops run (`cpu_ops.auto_dtype`: bf16 on
+    AVX2, AVX-512 and AVX512_BF16), fp32 elsewhere; on CUDA the checkpoint's half dtype, bf16 when it is stored in
+    fp32."""
     if device.type != "cuda":
-        return torch.bfloat16 if cpu_ops.native_bf16() and cpu_ops.available() else torch.float32
+        return cpu_ops.auto_dtype()[0]
     stored = hf.get("dtype") or hf.get("torch_dtype")
     return torch.float16 if stored == "float16" else torch.bfloat16
 

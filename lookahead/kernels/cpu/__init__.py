@@ -64,9 +64,32 @@ def cpu_name() -> str:
 
 
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16) and the ops are built for it:
-    `dtype="auto"` picks bf16 there."""
+    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16) and the ops are built for it."""
     return cpu_arch() == "native" and ("avx512_bf16" in cpu_name() or "amx_bf16" in cpu_name())
+
+
+# The code paths whose plain step is faster with bf16 weights than with fp32 ones (docs/hosts.md): a one-token step
+# streams the weights, bf16 halves the bytes and is widened to fp32 exactly in registers, so both dtypes are
+# lossless and bf16 wins wherever the widening is cheap. The portable path (ARM) is unmeasured: fp32 there.
+BF16_CODE_PATHS = ("avx512_bf16", "avx512", "avx2")
+
+
+def code_path() -> str | None:
+    """The code path the C++ ops were compiled for ("avx512_bf16", "avx512", "avx2" or "portable", decided by the
+    -march they were built with), or None where they are not available."""
+    return str(torch.ops.lookahead_cpu.cpu_code_path()) if available() else None
+
+
+def auto_dtype() -> tuple[torch.dtype, str]:
+    """`dtype="auto"` on CPU and why: bf16 where the ops run a code path on which bf16 storage is the faster exact
+    dtype (BF16_CODE_PATHS), fp32 elsewhere (and without the ops, where bf16 would not be bitwise lossless)."""
+    path = code_path()
+    if path is None:
+        return torch.float32, "the C++ CPU ops are not available, and without them only fp32 is lossless"
+    if path in BF16_CODE_PATHS:
+        return torch.bfloat16, (f"the ops run the {path} code path, where bf16 weights (widened exactly in "
+                                f"registers) read half the bytes of fp32 and the step is faster")
+    return torch.float32, f"the ops run the {path} code path, where bf16 storage has not been measured faster"
 
 
 def _compiler() -> str | None:

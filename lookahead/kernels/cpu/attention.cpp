@@ -27,6 +27,14 @@ inline float dot(const float* q, const T* k, int64_t D) {
     acc = _mm512_fmadd_ps(load16(q + d, n), load16(k + d, n), acc);
   }
   return lane_sum(acc);
+#elif defined(LOOKAHEAD_AVX2)
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();  // lanes 0-7 and 8-15 of the 16-lane sum
+  for (int64_t d = 0; d < D; d += LANES) {
+    const int n = static_cast<int>(std::min<int64_t>(LANES, D - d));
+    lo = _mm256_fmadd_ps(load8(q + d, n), load8(k + d, n), lo);
+    hi = _mm256_fmadd_ps(load8(q + d + 8, n - 8), load8(k + d + 8, n - 8), hi);
+  }
+  return lane_sum(lo, hi);
 #else
   float acc[LANES] = {0};
   for (int64_t d = 0; d < D; d += LANES) {
@@ -46,6 +54,12 @@ inline void axpy(float p, const T* v, float* o, int64_t D) {
     const int n = static_cast<int>(std::min<int64_t>(LANES, D - d));
     const __mmask16 m = (__mmask16)((1u << n) - 1);
     _mm512_mask_storeu_ps(o + d, m, _mm512_fmadd_ps(pv, load16(v + d, n), _mm512_maskz_loadu_ps(m, o + d)));
+  }
+#elif defined(LOOKAHEAD_AVX2)
+  const __m256 pv = _mm256_set1_ps(p);
+  for (int64_t d = 0; d < D; d += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, D - d));
+    store8(o + d, _mm256_fmadd_ps(pv, load8(v + d, n), load8(o + d, n)), n);
   }
 #else
   for (int64_t d = 0; d < D; ++d) o[d] = std::fma(p, to_float(v[d]), o[d]);
@@ -256,6 +270,32 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
             ls = _mm512_add_ps(ls, e);
           }
           _mm512_storeu_ps(lsum, ls);
+        }
+#elif defined(LOOKAHEAD_AVX2)
+        {  // the same, 16 keys at a time as two halves (keys n % 16 < 8 in lo, the others in hi): the scalar bits
+          __m256 mv = _mm256_set1_ps(-INFINITY);
+          for (int64_t n = 0; n < n_keys; n += 8) {
+            const int c = static_cast<int>(std::min<int64_t>(8, n_keys - n));
+            const __m256 valid = _mm256_castsi256_ps(
+                _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+            mv = _mm256_max_ps(mv, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), load8(sp_ + n, c), valid));
+          }
+          alignas(32) float lanes[8];
+          _mm256_store_ps(lanes, mv);
+          float mx = lanes[0];
+          for (int l = 1; l < 8; ++l) mx = std::max(mx, lanes[l]);
+          const __m256 m = _mm256_set1_ps(mx);
+          __m256 ls[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+          for (int64_t n = 0; n < n_keys; n += 8) {
+            const int c = static_cast<int>(std::min<int64_t>(8, n_keys - n));
+            const __m256 valid = _mm256_castsi256_ps(
+                _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+            const __m256 e = _mm256_and_ps(valid, exp8(_mm256_sub_ps(load8(sp_ + n, c), m)));
+            store8(sp_ + n, e, c);
+            ls[(n / 8) % 2] = _mm256_add_ps(ls[(n / 8) % 2], e);
+          }
+          _mm256_storeu_ps(lsum, ls[0]);
+          _mm256_storeu_ps(lsum + 8, ls[1]);
         }
 #else
         float m = -INFINITY;

@@ -19,6 +19,11 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+// The AVX2 code path (x86-64-v3: AMD Zen 2/3, Intel since Haswell): a 16-lane accumulator is two __m256, lanes 0-7
+// and 8-15, so every sum keeps the order of the 16-lane one.
+#define LOOKAHEAD_AVX2 1
 #endif
 
 namespace lookahead_cpu {
@@ -76,6 +81,71 @@ inline __m512 load16(const c10::Half* p, int n = 16) {
 }
 #endif
 
+#if defined(LOOKAHEAD_AVX2)
+// lane_sum of the 16 lanes lo (0-7), hi (8-15), by the same tree: l + (l + 8), then l + (l + 4), then
+// (l0 + l2) + (l1 + l3).
+inline float lane_sum(__m256 lo, __m256 hi) {
+  const __m256 b = _mm256_add_ps(lo, hi);
+  const __m128 c = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
+  const __m128 d = _mm_add_ps(c, _mm_movehl_ps(c, c));
+  return _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)));
+}
+
+// 8 elements from p (n of them, n <= 8; the rest read as 0, and nothing is read past p + n) as fp32 lanes.
+inline __m256 load8(const float* p, int n = 8) {
+  if (n >= 8) return _mm256_loadu_ps(p);
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_maskload_ps(p, mask);
+}
+inline __m128i load8_u16(const void* p, int n) {
+  if (n >= 8) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  alignas(16) uint16_t buf[8] = {0};
+  if (n > 0) std::memcpy(buf, p, 2 * n);
+  return _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+}
+inline __m256 load8(const c10::BFloat16* p, int n = 8) {  // bf16 is the top half of an fp32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load8_u16(p, n)), 16));
+}
+inline __m256 load8(const c10::Half* p, int n = 8) { return _mm256_cvtph_ps(load8_u16(p, n)); }
+
+// Store 8 fp32 lanes to p rounded to T (n <= 8 of them), with torch's rounding (to nearest even; a NaN stays NaN).
+inline void store8(float* p, __m256 v, int n = 8) {
+  if (n >= 8) return _mm256_storeu_ps(p, v);
+  _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), v);
+}
+inline void store8_u16(void* p, __m128i h, int n) {
+  if (n >= 8) return _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+  alignas(16) uint16_t buf[8];
+  _mm_store_si128(reinterpret_cast<__m128i*>(buf), h);
+  if (n > 0) std::memcpy(p, buf, 2 * n);
+}
+// The bf16 bits of 8 fp32 lanes (in the low half of each 32-bit lane) by c10::BFloat16's round_to_nearest_even:
+// (u + 0x7fff + ((u >> 16) & 1)) >> 16; a NaN becomes 0x7fc0.
+inline __m256i bf16_bits8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+inline void store8(c10::BFloat16* p, __m256 v, int n = 8) {
+  const __m256i r = bf16_bits8(v);
+  store8_u16(p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)), n);
+}
+inline void store8(c10::Half* p, __m256 v, int n = 8) {
+  store8_u16(p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), n);
+}
+
+// round_to<T> on 8 lanes: each value rounded to T (to nearest even) and back.
+template <typename T> inline __m256 round8(__m256 v);
+template <> inline __m256 round8<float>(__m256 v) { return v; }
+template <> inline __m256 round8<c10::BFloat16>(__m256 v) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v), 16));
+}
+template <> inline __m256 round8<c10::Half>(__m256 v) {
+  return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#endif
+
 // exp(x) in fp32 by Cody-Waite range reduction and a degree-6 polynomial (about 1 ulp); only IEEE basic operations,
 // so a vectorised copy of this code gives the bits of the scalar one.
 inline float exp_f32(float x) {
@@ -117,6 +187,28 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0f));
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_maskz_mul_ps(~underflow, p, _mm512_castsi512_ps(e));
+}
+#endif
+
+#if defined(LOOKAHEAD_AVX2)
+// exp_f32 on 8 lanes, operation for operation (so each lane gets exp_f32's bits; a NaN stays NaN as in std::max).
+inline __m256 exp8(__m256 x) {
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));  // a NaN x is returned
+  const __m256 shifter = _mm256_set1_ps(12582912.0f);
+  const __m256 n = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), shifter),
+                                 shifter);
+  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+  r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 #endif
 

@@ -4,11 +4,15 @@
 // gives every node the bits of the one-token step that later decodes the same token.
 //
 // The weight stays in its natural [N, K] layout (no packed copy: one copy of each weight, and a tied LM head
-// shares the embedding). Tiles of 4 rows of x by 4 rows of w keep 16 accumulators in registers; rows of x are
-// blocked so a block stays in L2 while the threads stream their own range of w.
+// shares the embedding). On every code path a register tile of TILE_M rows of x by TILE_N rows of w loads each
+// chunk of w once for all its rows of x, and rows of x are blocked so a block stays in L2 while the threads
+// stream their own range of w: a verify of T nodes reads the weights once, not T times.
 //
-// bf16 on a CPU with AVX512_BF16 multiplies pairs with vdpbf16ps (lane l takes the pairs (2l, 2l + 1) of each
-// 32-element chunk); elsewhere every element is widened to fp32 and fused-multiply-added.
+// Code paths: AVX-512 (4 x 4 tiles of 16-lane accumulators; bf16 on a CPU with AVX512_BF16 multiplies pairs with
+// vdpbf16ps, lane l taking the pairs (2l, 2l + 1) of each 32-element chunk); AVX2 + FMA (2 x 3 tiles, each
+// 16-lane accumulator two __m256); portable C++ for any other CPU (ARM: 2 x 2 tiles of 16-lane arrays the
+// compiler vectorizes). Outside vdpbf16ps every element is widened to fp32 and fused-multiply-added; x is
+// widened once per call on the AVX2 and portable paths.
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 
@@ -18,12 +22,14 @@
 namespace lookahead_cpu {
 namespace {
 
-constexpr int TILE = 4;          // rows of x and of w per register tile
-constexpr int64_t M_BLOCK = 64;
-constexpr int64_t PREFETCH_BYTES = 32768;
-constexpr int64_t PARALLEL_MACS = 1 << 17;  // per thread: ~3 us of bf16 work, a few barriers' cost  // rows of x per block (64 x 1536 bf16 = 192 KB, within L2)
+constexpr int64_t M_BLOCK = 64;  // rows of x per block (64 x 1536 fp32 = 384 KB, within L2)
+constexpr int64_t PREFETCH_BYTES = 32768;   // how far ahead a tile prefetches w: docs/benchmarks.md#prefetch_bytes
+constexpr int64_t PARALLEL_MACS = 1 << 17;  // per thread: ~3 us of bf16 work, a few barriers' cost (#parallel_macs)
 
 #if defined(__AVX512F__)
+
+constexpr int TILE_M = 4, TILE_N = 4;  // rows of x, rows of w per register tile (16 accumulators)
+constexpr bool WIDEN_X = false;  // x stays in its dtype (vdpbf16ps multiplies bf16 pairs)
 
 // Chunk width: 32 bf16 pairs for vdpbf16ps, 16 elements otherwise; the last chunk loads under a mask (zeros past K).
 template <typename T> constexpr int chunk_width() {
@@ -37,7 +43,7 @@ template <typename T> constexpr int chunk_width() {
 // acc[i][j] += x row i . w row j over one chunk at k (n valid elements). One loop body serves every chunk, the
 // masked last one included, so the accumulators stay in registers.
 template <typename T, int MI, int NJ>
-__attribute__((always_inline)) inline void chunk(__m512 (&acc)[TILE][TILE], const T* const* xr, const T* const* wr,
+__attribute__((always_inline)) inline void chunk(__m512 (&acc)[TILE_M][TILE_N], const T* const* xr, const T* const* wr,
                                                  int64_t k, int n) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -68,26 +74,24 @@ __attribute__((always_inline)) inline void chunk(__m512 (&acc)[TILE][TILE], cons
 template <typename T, int MI, int NJ>
 void tile(const T* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, int64_t K, int64_t N) {
   constexpr int W = chunk_width<T>();
-  const T* xr[TILE];
-  const T* wr[TILE];
+  const T* xr[TILE_M];
+  const T* wr[TILE_N];
 #pragma GCC unroll 4
   for (int i = 0; i < MI; ++i) xr[i] = x + (m0 + i) * K;
 #pragma GCC unroll 4
   for (int j = 0; j < NJ; ++j) wr[j] = w + (n0 + j) * K;
-  __m512 acc[TILE][TILE];
+  __m512 acc[TILE_M][TILE_N];
 #pragma GCC unroll 4
   for (int i = 0; i < MI; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_ps();
   const int64_t full = K / W * W;
   // Software prefetch into L2, PREFETCH_BYTES ahead of this tile, as one sequential stream: a tile reads its 4 rows
-  // of w interleaved (a line of each per chunk), which the hardware prefetchers follow poorly. Measured on SmolLM2's
-  // bf16 weights, one thread (AMD EPYC Zen 4): 8 rows of x cost 1.8x one row with 16 KB into L1, 1.04x with 32 KB
-  // into L2 (64 KB: 1.2x); one row is unchanged.
+  // of w interleaved (a line of each per chunk), which the hardware prefetchers follow poorly.
   const char* ahead = reinterpret_cast<const char*>(w + n0 * K) + PREFETCH_BYTES;
   for (int64_t k = 0; k < full; k += W) {
-    const char* line = ahead + k * sizeof(T) * TILE;
-    for (int j = 0; j < TILE; ++j) _mm_prefetch(line + 64 * j, _MM_HINT_T1);
+    const char* line = ahead + k * sizeof(T) * TILE_N;
+    for (int j = 0; j < TILE_N; ++j) _mm_prefetch(line + 64 * j, _MM_HINT_T1);
     chunk<T, MI, NJ>(acc, xr, wr, k, W);
   }
   if (full < K) chunk<T, MI, NJ>(acc, xr, wr, full, static_cast<int>(K - full));
@@ -101,20 +105,101 @@ void tile(const T* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, i
     }
 }
 
-#else  // no AVX-512: the same order in plain C++ (16 lanes per accumulator), vectorised by the compiler
+#elif defined(LOOKAHEAD_AVX2)
+
+// 2 x 3 tiles: 12 accumulators (two __m256 per 16-lane sum) and 3 widened rows of w in 15 of the 16 ymm registers,
+// x read as the FMAs' memory operand. Verify sizes are mostly even, which 2-row tiles split without a 1-row
+// remainder (docs/hosts.md: 2 x 3 against 3 x 2, 2 x 2 and 4 x 1).
+constexpr int TILE_M = 2, TILE_N = 3;
+constexpr bool WIDEN_X = true;  // x widened to fp32 once per call
+
+// acc[h][i][j] += x row i . w row j over the half h (lanes 8h .. 8h + 7) of the 16-element chunk at k (n valid
+// elements, zeros past them).
+template <typename T, int MI, int NJ>
+__attribute__((always_inline)) inline void chunk(__m256 (&acc)[2][TILE_M][TILE_N], const float* const* xr,
+                                                 const T* const* wr, int64_t k, int n) {
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    __m256 wv[NJ];
+#pragma GCC unroll 4
+    for (int j = 0; j < NJ; ++j) wv[j] = load8(wr[j] + k + 8 * h, n - 8 * h);
+#pragma GCC unroll 4
+    for (int i = 0; i < MI; ++i) {
+      const __m256 xv = load8(xr[i] + k + 8 * h, n - 8 * h);
+#pragma GCC unroll 4
+      for (int j = 0; j < NJ; ++j) acc[h][i][j] = _mm256_fmadd_ps(xv, wv[j], acc[h][i][j]);
+    }
+  }
+}
 
 template <typename T, int MI, int NJ>
-void tile(const T* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, int64_t K, int64_t N) {
+void tile(const float* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, int64_t K, int64_t N) {
+  const float* xr[TILE_M];
+  const T* wr[TILE_N];
+#pragma GCC unroll 4
+  for (int i = 0; i < MI; ++i) xr[i] = x + (m0 + i) * K;
+#pragma GCC unroll 4
+  for (int j = 0; j < NJ; ++j) wr[j] = w + (n0 + j) * K;
+  __m256 acc[2][TILE_M][TILE_N];
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 4
+    for (int i = 0; i < MI; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NJ; ++j) acc[h][i][j] = _mm256_setzero_ps();
+  const int64_t full = K / LANES * LANES;
+  // the tile's rows of w are one contiguous stream: prefetch it into L2 PREFETCH_BYTES ahead, a line at a time
+  const char* ahead = reinterpret_cast<const char*>(w + n0 * K) + PREFETCH_BYTES;
+  constexpr int64_t STEP = LANES * sizeof(T) * NJ;  // bytes of w one chunk reads
+  for (int64_t k = 0; k < full; k += LANES) {
+    const char* line = ahead + k * sizeof(T) * NJ;
+#pragma GCC unroll 4
+    for (int64_t b = 0; b < STEP; b += 64) _mm_prefetch(line + b, _MM_HINT_T1);
+    chunk<T, MI, NJ>(acc, xr, wr, k, LANES);
+  }
+  if (full < K) chunk<T, MI, NJ>(acc, xr, wr, full, static_cast<int>(K - full));
+#pragma GCC unroll 4
+  for (int i = 0; i < MI; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NJ; ++j) {
+      float s = lane_sum(acc[0][i][j], acc[1][i][j]);
+      if (bias) s = s + to_float(bias[n0 + j]);
+      y[(m0 + i) * N + n0 + j] = from_float<T>(s);
+    }
+}
+
+#else  // any other CPU (ARM): the same order in portable C++, vectorised by the compiler
+
+constexpr int TILE_M = 2, TILE_N = 2;  // 4 accumulators of 16 lanes: 16 NEON registers
+constexpr bool WIDEN_X = true;  // x widened to fp32 once per call
+
+template <typename T, int MI, int NJ>
+void tile(const float* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, int64_t K, int64_t N) {
+  float acc[MI][NJ][LANES] = {};
+  float wv[NJ][LANES];
+  for (int64_t k = 0; k < K; k += LANES) {
+    const int n = static_cast<int>(std::min<int64_t>(LANES, K - k));
+    for (int j = 0; j < NJ; ++j) {  // a chunk of each row of w, widened once for all MI rows of x (zeros past K)
+      const T* wr = w + (n0 + j) * K + k;
+      if (n == LANES)
+        for (int l = 0; l < LANES; ++l) wv[j][l] = to_float(wr[l]);
+      else
+        for (int l = 0; l < LANES; ++l) wv[j][l] = l < n ? to_float(wr[l]) : 0.0f;
+    }
+    for (int i = 0; i < MI; ++i) {
+      float xv[LANES];
+      const float* xr = x + (m0 + i) * K + k;
+      if (n == LANES)
+        for (int l = 0; l < LANES; ++l) xv[l] = xr[l];
+      else
+        for (int l = 0; l < LANES; ++l) xv[l] = l < n ? xr[l] : 0.0f;
+      for (int j = 0; j < NJ; ++j)
+        for (int l = 0; l < LANES; ++l) acc[i][j][l] = std::fma(xv[l], wv[j][l], acc[i][j][l]);
+    }
+  }
   for (int i = 0; i < MI; ++i)
     for (int j = 0; j < NJ; ++j) {
-      const T* xr = x + (m0 + i) * K;
-      const T* wr = w + (n0 + j) * K;
-      float acc[LANES] = {0};
-      for (int64_t k = 0; k < K; k += LANES) {
-        int n = static_cast<int>(std::min<int64_t>(LANES, K - k));
-        for (int l = 0; l < n; ++l) acc[l] = std::fma(to_float(xr[k + l]), to_float(wr[k + l]), acc[l]);
-      }
-      float s = lane_sum(acc);
+      float s = lane_sum(acc[i][j]);
       if (bias) s = s + to_float(bias[n0 + j]);
       y[(m0 + i) * N + n0 + j] = from_float<T>(s);
     }
@@ -122,38 +207,55 @@ void tile(const T* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, i
 
 #endif
 
-template <typename T, int MI>
-void tile_rows(const T* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, int nj, int64_t K,
+// x's element type inside the tiles: T itself, or fp32 where the path widens x once per call.
+template <typename T> using x_t = std::conditional_t<WIDEN_X, float, T>;
+
+// The tile of MI rows of x by the nj (<= NJ) rows of w left at n0.
+template <typename T, int MI, int NJ = TILE_N>
+void tile_cols(const x_t<T>* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, int nj, int64_t K,
                int64_t N) {
-  switch (nj) {
-    case 4: tile<T, MI, 4>(x, w, bias, y, m0, n0, K, N); break;
-    case 3: tile<T, MI, 3>(x, w, bias, y, m0, n0, K, N); break;
-    case 2: tile<T, MI, 2>(x, w, bias, y, m0, n0, K, N); break;
-    default: tile<T, MI, 1>(x, w, bias, y, m0, n0, K, N); break;
+  if constexpr (NJ > 1) {
+    if (nj < NJ) return tile_cols<T, MI, NJ - 1>(x, w, bias, y, m0, n0, nj, K, N);
   }
+  tile<T, MI, NJ>(x, w, bias, y, m0, n0, K, N);
+}
+
+// The tile of the mi (<= MI) rows of x left at m0.
+template <typename T, int MI = TILE_M>
+void tile_rows(const x_t<T>* x, const T* w, const T* bias, T* y, int64_t m0, int mi, int64_t n0, int nj,
+               int64_t K, int64_t N) {
+  if constexpr (MI > 1) {
+    if (mi < MI) return tile_rows<T, MI - 1>(x, w, bias, y, m0, mi, n0, nj, K, N);
+  }
+  tile_cols<T, MI>(x, w, bias, y, m0, n0, nj, K, N);
 }
 
 template <typename T>
 void linear_kernel(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
-  const int64_t n_tiles = (N + TILE - 1) / TILE;
+  const x_t<T>* xs;
+  std::vector<float> widened;  // x in fp32 where the path multiplies in fp32 (exact: every bf16/fp16 is an fp32)
+  if constexpr (std::is_same_v<x_t<T>, T>) {
+    xs = x;
+  } else {
+    widened.resize(M * K);
+    at::parallel_for(0, M * K, 1 << 16, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) widened[e] = to_float(x[e]);
+    });
+    xs = widened.data();
+  }
+  const int64_t n_tiles = (N + TILE_N - 1) / TILE_N;
   // each thread owns a range of w's rows; every tile's math is the same whoever runs it. A thread gets at least
   // PARALLEL_MACS of work: waking the pool costs microseconds idle and a whole time slice when another process
   // holds a core, which a small layer cannot win back.
-  const int64_t grain = std::max<int64_t>(1, PARALLEL_MACS / std::max<int64_t>(1, M * K * TILE));
+  const int64_t grain = std::max<int64_t>(1, PARALLEL_MACS / std::max<int64_t>(1, M * K * TILE_N));
   at::parallel_for(0, n_tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t mb = 0; mb < M; mb += M_BLOCK) {
       const int64_t me = std::min(M, mb + M_BLOCK);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n0 = t * TILE;
-        const int nj = static_cast<int>(std::min<int64_t>(TILE, N - n0));
-        int64_t m = mb;
-        for (; m + TILE <= me; m += TILE) tile_rows<T, 4>(x, w, bias, y, m, n0, nj, K, N);
-        switch (me - m) {
-          case 3: tile_rows<T, 3>(x, w, bias, y, m, n0, nj, K, N); break;
-          case 2: tile_rows<T, 2>(x, w, bias, y, m, n0, nj, K, N); break;
-          case 1: tile_rows<T, 1>(x, w, bias, y, m, n0, nj, K, N); break;
-          default: break;
-        }
+        const int64_t n0 = t * TILE_N;
+        const int nj = static_cast<int>(std::min<int64_t>(TILE_N, N - n0));
+        for (int64_t m = mb; m < me; m += TILE_M)
+          tile_rows<T>(xs, w, bias, y, m, static_cast<int>(std::min<int64_t>(TILE_M, me - m)), n0, nj, K, N);
       }
     }
   });
@@ -185,8 +287,23 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::opti
   return y;
 }
 
+// The code path these ops were compiled for (the -march they were built with decides it): "avx512_bf16",
+// "avx512", "avx2" or "portable". dtype="auto" is chosen by it (kernels/cpu/__init__.py).
+std::string cpu_code_path() {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  return "avx512_bf16";
+#elif defined(__AVX512F__)
+  return "avx512";
+#elif defined(LOOKAHEAD_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
 TORCH_LIBRARY_FRAGMENT(lookahead_cpu, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("cpu_code_path() -> str", cpu_code_path);
 }
 TORCH_LIBRARY_IMPL(lookahead_cpu, CPU, m) { m.impl("linear", linear); }
 

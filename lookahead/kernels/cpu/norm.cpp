@@ -13,6 +13,21 @@ namespace {
 
 template <typename T>
 void rms_row(const T* x, const T* w, T* out, int64_t D, float eps) {
+#if defined(LOOKAHEAD_AVX2)
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();  // lanes 0-7 and 8-15 of the 16-lane sum
+  for (int64_t d = 0; d < D; d += LANES) {
+    const int n = static_cast<int>(std::min<int64_t>(LANES, D - d));
+    const __m256 a = load8(x + d, n), b = load8(x + d + 8, n - 8);
+    lo = _mm256_add_ps(lo, _mm256_mul_ps(a, a));
+    hi = _mm256_add_ps(hi, _mm256_mul_ps(b, b));
+  }
+  const float r = 1.0f / std::sqrt(lane_sum(lo, hi) / static_cast<float>(D) + eps);
+  const __m256 rv = _mm256_set1_ps(r);
+  for (int64_t d = 0; d < D; d += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, D - d));
+    store8(out + d, _mm256_mul_ps(load8(w + d, n), round8<T>(_mm256_mul_ps(load8(x + d, n), rv))), n);
+  }
+#else
   float acc[LANES] = {0};
   for (int64_t d = 0; d < D; d += LANES) {
     const int n = static_cast<int>(std::min<int64_t>(LANES, D - d));
@@ -23,6 +38,40 @@ void rms_row(const T* x, const T* w, T* out, int64_t D, float eps) {
   }
   const float r = 1.0f / std::sqrt(lane_sum(acc) / static_cast<float>(D) + eps);
   for (int64_t d = 0; d < D; ++d) out[d] = from_float<T>(to_float(w[d]) * round_to<T>(to_float(x[d]) * r));
+#endif
+}
+
+// row[0:D] += h[0:D], rounded to T (the residual stream)
+template <typename T>
+void add_row(T* row, const T* h, int64_t D) {
+#if defined(LOOKAHEAD_AVX2)
+  for (int64_t d = 0; d < D; d += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, D - d));
+    store8(row + d, _mm256_add_ps(load8(row + d, n), load8(h + d, n)), n);
+  }
+#else
+  for (int64_t d = 0; d < D; ++d) row[d] = from_float<T>(to_float(row[d]) + to_float(h[d]));
+#endif
+}
+
+// o[0:I] = silu(g) * u, silu(g) = g / (1 + exp(-g)) rounded to T
+template <typename T>
+void silu_mul_row(const T* g, const T* u, T* o, int64_t I) {
+#if defined(LOOKAHEAD_AVX2)
+  const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+  for (int64_t i = 0; i < I; i += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, I - i));
+    const __m256 x = load8(g + i, n);
+    const __m256 act = round8<T>(_mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_xor_ps(x, sign)))));
+    store8(o + i, _mm256_mul_ps(act, load8(u + i, n)), n);
+  }
+#else
+  for (int64_t i = 0; i < I; ++i) {
+    const float x = to_float(g[i]);
+    const float act = round_to<T>(x / (1.0f + exp_f32(-x)));
+    o[i] = from_float<T>(act * to_float(u[i]));
+  }
+#endif
 }
 
 void check_rows(const at::Tensor& x, const at::Tensor& w, const char* name) {
@@ -65,7 +114,7 @@ at::Tensor add_rms_norm_(at::Tensor& x, const at::Tensor& h, const at::Tensor& w
     at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / D), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         scalar_t* row = xp + m * D;
-        for (int64_t d = 0; d < D; ++d) row[d] = from_float<scalar_t>(to_float(row[d]) + to_float(hp[m * D + d]));
+        add_row(row, hp + m * D, D);
         rms_row(row, wp, op + m * D, D, static_cast<float>(eps));
       }
     });
@@ -85,16 +134,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
     const scalar_t* gp = gate_up.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / I), [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) {
-        const scalar_t* g = gp + m * 2 * I;
-        const scalar_t* u = g + I;
-        scalar_t* o = op + m * I;
-        for (int64_t i = 0; i < I; ++i) {
-          const float x = to_float(g[i]);
-          const float act = round_to<scalar_t>(x / (1.0f + exp_f32(-x)));
-          o[i] = from_float<scalar_t>(act * to_float(u[i]));
-        }
-      }
+      for (int64_t m = m0; m < m1; ++m) silu_mul_row(gp + m * 2 * I, gp + m * 2 * I + I, op + m * I, I);
     });
   });
   return out;
