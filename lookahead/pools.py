@@ -57,9 +57,13 @@ class DraftPools:
     def __len__(self) -> int:
         return len(self._pools)
 
+    def values(self) -> tuple[Pool, ...]:
+        """The pools, least recently used first."""
+        return tuple(self._pools.values())
+
     def nodes(self) -> int:
         """Trie nodes in all pools (the base excluded). Safe to call from another thread."""
-        return sum(len(pool.trie) for pool in tuple(self._pools.values()))
+        return sum(len(pool.trie) for pool in self.values())
 
     def acquire(self, key: Hashable, base: TokenTrie) -> Pool:
         """The pool of `key` for a request that begins (made with the base's window length if new), now the most
