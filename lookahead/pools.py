@@ -114,6 +114,12 @@ class DraftPools:
                 pool.successors.clear()
                 self.dropped += 1
 
+    def discard(self, key: Hashable) -> None:
+        """Forget an idle pool now (a pool of one request, after it ended); a pool still in use stays."""
+        pool = self._pools.get(key)
+        if pool is not None and pool.running == 0:
+            del self._pools[key]
+
     def clear(self) -> None:
         """Forget every pool's history (running requests keep valid, empty pools)."""
         for key, pool in list(self._pools.items()):

@@ -131,3 +131,58 @@ def test_generate_with_a_pool_is_exact_and_keeps_its_history_apart(tiny_llama):
     assert again.stats.accepted_per_step > other.stats.accepted_per_step  # alice drafts from her first call
     with pytest.raises(ValueError, match="pool must be a non-empty string"):
         model.generate(ids, max_new_tokens=4, pool=3)
+
+
+def second_vllm_request_draft(monkeypatch, mode: str, salts=(None, None)) -> list[int]:
+    """vLLM's proposer: a request generates SECRET and ends, then another asks about SECRET's start in the same
+    row -> the chain drafted for the second (salts: each request's pool as its caller passes it)."""
+    from lookahead.integrations.vllm import LookaheadProposer
+    from tests.integrations.test_chain import Batch, _config
+
+    monkeypatch.setenv("LOOKAHEAD_VLLM_STEP_TOKENS", "inf")  # no cost cut: whole chains
+    monkeypatch.setenv("LOOKAHEAD_VLLM_POOLS", mode)
+    proposer = LookaheadProposer(_config(k=4), gate=False)
+    batch = Batch(rows=1, max_model_len=128)
+    batch.put(0, PROMPT + SECRET[:1])
+    proposer.propose([SECRET[:1]], batch.lengths, batch.tokens, pools=[salts[0]])
+    for token in SECRET[1:30]:
+        batch.commit(0, [token])
+        proposer.propose([[token]], batch.lengths, batch.tokens, pools=[salts[0]])
+    batch.put(0, [7, 8] + SECRET[:6])  # the first request left the row; the next sampled SECRET[5] after its prompt
+    draft = proposer.propose([[SECRET[5]]], batch.lengths, batch.tokens, pools=[salts[1]])[0]
+    assert proposer.drafter.running_requests() == [1]
+    assert len(proposer.drafter.pools) == (mode == "request") + len({s for s in salts if s is not None})
+    return draft
+
+
+def test_the_vllm_proposer_isolates_by_request_or_by_the_salt_its_caller_passes(monkeypatch):
+    assert second_vllm_request_draft(monkeypatch, "shared") == SECRET[6:10]  # today: one trie for every request
+    assert second_vllm_request_draft(monkeypatch, "shared", ("s", "s")) == SECRET[6:10]
+    assert SECRET[6] not in second_vllm_request_draft(monkeypatch, "shared", ("s", "t"))
+    assert SECRET[6] not in second_vllm_request_draft(monkeypatch, "request")
+    monkeypatch.setenv("LOOKAHEAD_VLLM_POOLS", "tenant")
+    with pytest.raises(ValueError, match="LOOKAHEAD_VLLM_POOLS"):
+        from lookahead.integrations.vllm import LookaheadProposer
+        from tests.integrations.test_chain import _config
+
+        LookaheadProposer(_config(k=4))
+
+
+def test_a_pool_over_an_empty_shared_trie_drafts_exactly_as_the_shared_trie_did():
+    """One tenant's requests in their own pool see what they would have seen in the shared trie: same drafts."""
+    import random
+
+    rng = random.Random(0)
+    texts = [[rng.randrange(30) for _ in range(60)] for _ in range(6)]  # a small vocabulary: many repeats
+    drafts = {}
+    for pool in (None, "tenant"):
+        d = Drafter(LookaheadConfig(branch_length=8, max_query_length=4, decoding_length=16),
+                    cost_curve={1: 1.0, 16: 1.3, 32: 1.9}, trie=TokenTrie(8, 10_000))
+        out = drafts[pool] = []
+        for rid, text in enumerate(texts):
+            d.begin_request(rid, text[:5], pool=pool)
+            for i in range(5, len(text), 3):
+                out.append(d.draft(rid, text[:i]))
+                d.update(rid, text[i:i + 3], predictions={text[i]: [text[(i + 7) % len(text)]]})
+            d.end_request(rid)
+    assert drafts["tenant"] == drafts[None] and any(tokens for tokens, _ in drafts[None])
