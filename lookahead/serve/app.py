@@ -173,8 +173,8 @@ def tenant_keys(api_key: str | list[str] | None = None, api_keys: dict[str, str]
     named = [(f"key{i}", key) for i, key in enumerate(keys, start=1)] + list((api_keys or {}).items())
     out: dict[str, str] = {}
     for name, key in named:
-        if not isinstance(key, str) or not key or any(c.isspace() for c in key):
-            raise ValueError(f"API key {name!r} must be a non-empty string without whitespace")
+        if not isinstance(key, str) or not key or key != key.strip():
+            raise ValueError(f"API key {name!r} must be a non-empty string without surrounding whitespace")
         if name in out:
             raise ValueError(f"two API keys are named {name!r}: give each tenant its own name")
         if key in out.values():

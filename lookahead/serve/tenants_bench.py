@@ -42,13 +42,18 @@ class Answer:
 
 
 def questions(n: int) -> tuple[list[str], list[str]]:
-    """2n Spec-Bench first turns round-robin over CATEGORIES, dealt alternately: (asked, never asked)."""
+    """2n Spec-Bench first turns round-robin over CATEGORIES -> (asked, never asked), n each, dealt so that every
+    category gives both sides alike: turn i (category i % C, round i // C) is asked when (round + category) is even.
+    (Dealing every other turn would give each side the same half of the categories, whose answers differ.)"""
     from lookahead.data import spec_bench_first_turns
 
     turns = [text for _, text in spec_bench_first_turns(None, list(CATEGORIES))][:2 * n]
     if len(turns) < 2 * n:
         raise ValueError(f"Spec-Bench has {len(turns)} questions in {CATEGORIES}, {2 * n} were asked for")
-    return turns[0::2], turns[1::2]
+    c = len(CATEGORIES)
+    asked = [t for i, t in enumerate(turns) if (i // c + i % c) % 2 == 0]
+    never = [t for i, t in enumerate(turns) if (i // c + i % c) % 2 == 1]
+    return asked[:n], never[:n]
 
 
 def ask(url: str, key: str | None, question: str, max_tokens: int, salt: str | None = None, model: str = MODEL,
@@ -148,8 +153,9 @@ def report(phases: dict[str, list[Answer]]) -> tuple[str, dict]:
         ms = [a.decode_ms_per_token for a in answers if a.decode_ms_per_token == a.decode_ms_per_token]
         lines.append(f"| {phase} | {len(answers)} | {sum(acc) / len(acc):.2f} | "
                      f"{sum(ms) / max(len(ms), 1):.1f} |")
-    pairs = [("attacker: asked by another", "attacker: never asked"), ("victim: repeats", "victim: first ask"),
-             ("salt y: asked by another", "salt y: never asked"), ("salt x: repeats", "salt x: first ask")]
+    pairs = [("attacker: asked by another", "attacker: never asked"), ("attacker: asked by another", "victim: first ask"),
+             ("victim: repeats", "victim: first ask"), ("salt y: asked by another", "salt y: never asked"),
+             ("salt y: asked by another", "salt x: first ask"), ("salt x: repeats", "salt x: first ask")]
     tests = {}
     lines += ["", "| comparison (a vs b) | measure | mean a | mean b | (a - b) / b | permutation p |",
               "|---|---|---|---|---|---|"]

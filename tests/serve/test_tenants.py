@@ -12,12 +12,12 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from lookahead import LookaheadConfig  # noqa: E402
-from lookahead.serve.app import BackgroundServer  # noqa: E402
+from lookahead.serve.app import BackgroundServer, read_api_keys, tenant_keys  # noqa: E402
 from lookahead.serve.scheduler import Scheduler  # noqa: E402
 from lookahead.serve.tenants_bench import compare, experiment  # noqa: E402
 from lookahead.state import GenerationState  # noqa: E402
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 NAME = "smollm2-135m-instruct"
 KEYS = {"victim": "victim-secret", "attacker": "attacker-secret"}
 TIMEOUT = 120
@@ -56,16 +56,19 @@ def accepted(answers) -> list[float]:
     return [a.accepted_per_step for a in answers]
 
 
-@pytest.mark.parametrize("who", ["attacker", "salt y"])
-def test_what_another_tenant_or_salt_asked_does_not_show_in_drafting(phases, who):
+@slow
+@pytest.mark.parametrize("who, baseline", [("attacker", "attacker: never asked"), ("attacker", "victim: first ask"),
+                                           ("salt y", "salt y: never asked"), ("salt y", "salt x: first ask")])
+def test_what_another_tenant_or_salt_asked_does_not_show_in_drafting(phases, who, baseline):
     """Another key (or another salt under the victim's key) gets no more accepted tokens/step on the questions the
-    victim asked than on questions nobody asked: no difference a permutation test finds, and means within 10%."""
+    victim asked than on questions nobody asked, or than the victim got on them when nobody had asked them: no
+    difference a permutation test finds, and means within 10%."""
     out, _, _ = phases
-    asked, never = accepted(out[f"{who}: asked by another"]), accepted(out[f"{who}: never asked"])
-    result = compare(asked, never)
+    result = compare(accepted(out[f"{who}: asked by another"]), accepted(out[baseline]))
     assert result["p"] > 0.05 and abs(result["relative_difference"]) <= 0.10, result
 
 
+@slow
 @pytest.mark.parametrize("who", ["victim", "salt x"])
 def test_within_one_tenant_and_salt_repeats_still_draft_from_history(phases, who):
     """The pool's own history drafts as the shared trie did: every repeat of a question beats its first ask."""
@@ -78,6 +81,7 @@ def test_within_one_tenant_and_salt_repeats_still_draft_from_history(phases, who
     assert sum(repeats) / len(repeats) > 1.5 * sum(other) / len(other)
 
 
+@slow
 def test_stats_and_metrics_count_pools_without_naming_keys(phases):
     _, stats, metrics = phases
     # pools: (victim, None), (attacker, None), (victim, "x"), (victim, "y"); the shared trie learned nothing
@@ -87,6 +91,7 @@ def test_stats_and_metrics_count_pools_without_naming_keys(phases):
         assert not any(word in text for word in ("victim", "attacker", "secret"))
 
 
+@slow
 def test_unknown_keys_and_bad_cache_salts_get_openai_errors(smollm2):
     ok = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}
     with serving(smollm2) as server:
@@ -112,3 +117,20 @@ def test_unknown_keys_and_bad_cache_salts_get_openai_errors(smollm2):
                           timeout=TIMEOUT).json()
         # (victim, None), (victim, 256 s), (victim, 128 é), (attacker, None): `user` selected no pool
         assert stats["drafting_pools"] == 4
+
+
+def test_api_keys_from_flags_and_a_file_name_the_tenants(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("# tenants\nalice: a-key\n\nbob:b-key\n")
+    assert read_api_keys(str(path)) == {"alice": "a-key", "bob": "b-key"}
+    assert tenant_keys(["k1", "k2"], read_api_keys(str(path))) == {"key1": "k1", "key2": "k2", "alice": "a-key",
+                                                                     "bob": "b-key"}
+    assert tenant_keys("only") == {"key1": "only"} and tenant_keys(None) == {} and tenant_keys("") == {}
+    for bad, match in (("alice a-key\n", "expected 'name:key'"), ("a:1\na:2\n", "used twice"), ("# none\n", "no")):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match=match):
+            read_api_keys(str(path))
+    with pytest.raises(ValueError, match="also another tenant's key"):
+        tenant_keys(["same"], {"bob": "same"})
+    with pytest.raises(ValueError, match="surrounding whitespace"):
+        tenant_keys([" padded"])
