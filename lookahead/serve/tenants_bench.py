@@ -10,8 +10,9 @@ to the asked and the never-asked set. Every request is greedy and streamed; per 
 accepted tokens/step and the decode time per token after the first. Each comparison is a two-sided permutation test
 on the difference of means (`permutation_p`) and the relative difference of the means.
 
-`--serve` starts the server itself on a free loopback port with two keys (`--control` also runs the experiment on
-a server with one key, today's shared trie, where the leak shows). Prints a Markdown table and the tests; --json
+`--serve` starts the server itself on a free loopback port with two keys, twice: the second time the two question
+sets trade roles (counterbalanced: `merge`), so both sides of each comparison hold the same questions. `--control`
+also runs the experiment on a server with one key, today's shared trie, where the leak shows. Prints a Markdown table and the tests; --json
 writes them. docs/tenants.md holds the figures.
 """
 
@@ -114,11 +115,14 @@ def compare(a: list[float], b: list[float]) -> dict:
 
 
 def experiment(url: str, victim_key: str | None, attacker_key: str | None, n: int = 16, max_tokens: int = 64,
-               salts: bool = True, model: str = MODEL, log=print) -> dict[str, list[Answer]]:
-    """The phases, in order -> {phase: answers}: victim asks; attacker asks the victim's and never-asked questions
-    alternately; victim repeats; (salts) under the victim's key salt "x" asks, salt "y" asks x's questions and
-    never-asked ones alternately, salt "x" repeats."""
+               salts: bool = True, model: str = MODEL, log=print, swap: bool = False) -> dict[str, list[Answer]]:
+    """The phases on a fresh server, in order -> {phase: answers}: victim asks; attacker asks the victim's and
+    never-asked questions alternately; victim repeats; (salts) under the victim's key salt "x" asks, salt "y" asks
+    x's questions and never-asked ones alternately, salt "x" repeats. swap: the two question sets trade roles (the
+    second half of a counterbalanced run, `merge`)."""
     asked, never = questions(n)
+    if swap:
+        asked, never = never, asked
     out: dict[str, list[Answer]] = {}
 
     def run(phase: str, key, items, salt=None):
@@ -141,6 +145,18 @@ def experiment(url: str, victim_key: str | None, attacker_key: str | None, n: in
         run("salt x: first ask", victim_key, asked, salt="x")
         alternately("salt y", victim_key, salt="y")
         run("salt x: repeats", victim_key, asked, salt="x")
+    return out
+
+
+def merge(*runs: dict[str, list[Answer]]) -> dict[str, list[Answer]]:
+    """Counterbalanced runs (`experiment` with swap False, then True, each on a fresh server) as one: every question
+    is then asked by another once and never asked once, so the two sides hold the same questions and differ only in
+    whether another tenant asked them first (questions' own acceptance differs by 30% between two random sets of
+    ten)."""
+    out: dict[str, list[Answer]] = {}
+    for run in runs:
+        for phase, answers in run.items():
+            out.setdefault(phase, []).extend(answers)
     return out
 
 
@@ -183,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--questions", type=int, default=16, help="questions on each side (asked / never asked)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--no-salts", action="store_true", help="skip the cache_salt phases")
+    p.add_argument("--once", action="store_true",
+                   help="one run, not two counterbalanced ones (the sets' own difference then shows as one)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if (args.url is None) == (not args.serve):
@@ -200,21 +218,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu_name()}, {args.questions} questions a side, "
           f"max_tokens {args.max_tokens}, greedy")
     for label, where, victim, attacker in runs:
-        server = None
-        if not isinstance(where, str):
-            from lookahead.serve.bench import ServerProcess
+        halves = []
+        for swap in (False,) if args.once or args.url else (False, True):  # a fresh server each (--serve)
+            server = None
+            if not isinstance(where, str):
+                from lookahead.serve.bench import ServerProcess
 
-            log_path = Path(tempfile.mkdtemp()) / "server.log"
-            server = ServerProcess(args.model, True, 1, log_path, dtype=args.dtype, extra=where)
-            url = server.url
-        else:
-            url = where
-        try:
-            phases = experiment(url, victim, attacker, args.questions, args.max_tokens, not args.no_salts,
-                                args.model, log=lambda line: print("  " + line, file=sys.stderr))
-        finally:
-            if server is not None:
-                server.close()
+                log_path = Path(tempfile.mkdtemp()) / "server.log"
+                server = ServerProcess(args.model, True, 1, log_path, dtype=args.dtype, extra=where)
+                url = server.url
+            else:
+                url = where
+            try:
+                salts = not args.no_salts and victim != attacker  # one key: the control shows the shared trie
+                halves.append(experiment(url, victim, attacker, args.questions, args.max_tokens, salts,
+                                         args.model, log=lambda line: print("  " + line, file=sys.stderr), swap=swap))
+            finally:
+                if server is not None:
+                    server.close()
+        phases = merge(*halves)
         table, tests = report(phases)
         print(f"\n### {label}\n\n{table}")
         results[label] = {"phases": {k: [asdict(a) for a in v] for k, v in phases.items()}, "tests": tests}

@@ -14,7 +14,7 @@ httpx = pytest.importorskip("httpx")
 from lookahead import LookaheadConfig  # noqa: E402
 from lookahead.serve.app import BackgroundServer, read_api_keys, tenant_keys  # noqa: E402
 from lookahead.serve.scheduler import Scheduler  # noqa: E402
-from lookahead.serve.tenants_bench import compare, experiment  # noqa: E402
+from lookahead.serve.tenants_bench import compare, experiment, merge  # noqa: E402
 from lookahead.state import GenerationState  # noqa: E402
 
 slow = pytest.mark.slow
@@ -44,12 +44,17 @@ def serving(smollm2, **scheduler_kwargs):
 
 @pytest.fixture(scope="module")
 def phases(smollm2):
-    with serving(smollm2) as server:
-        out = experiment(server.url, KEYS["victim"], KEYS["attacker"], QUESTIONS, max_tokens=48, log=lambda _: None)
-        stats = httpx.get(server.url + "/v1/stats", headers={"Authorization": "Bearer victim-secret"},
-                          timeout=TIMEOUT).json()
-        metrics = httpx.get(server.url + "/metrics", timeout=TIMEOUT).text
-    return out, stats, metrics
+    """The experiment, counterbalanced: on a fresh server, then on another with the question sets' roles swapped,
+    so each question is once asked by another and once never asked (the sets' own acceptance differs by ~30%)."""
+    halves = []
+    for swap in (False, True):
+        with serving(smollm2) as server:
+            halves.append(experiment(server.url, KEYS["victim"], KEYS["attacker"], QUESTIONS, max_tokens=48,
+                                     log=lambda _: None, swap=swap))
+            stats = httpx.get(server.url + "/v1/stats", headers={"Authorization": "Bearer victim-secret"},
+                              timeout=TIMEOUT).json()
+            metrics = httpx.get(server.url + "/metrics", timeout=TIMEOUT).text
+    return merge(*halves), stats, metrics
 
 
 def accepted(answers) -> list[float]:
@@ -65,6 +70,7 @@ def test_what_another_tenant_or_salt_asked_does_not_show_in_drafting(phases, who
     difference a permutation test finds, and means within 10%."""
     out, _, _ = phases
     result = compare(accepted(out[f"{who}: asked by another"]), accepted(out[baseline]))
+    print(f"{who}: asked by another vs {baseline}: {result}")
     assert result["p"] > 0.05 and abs(result["relative_difference"]) <= 0.10, result
 
 
