@@ -245,8 +245,9 @@ class Engine:
             if lookahead.adaptive:
                 price = self.fixed_cost if self.fixed_cost is not None else self.step_cost(
                     bucket_size(lookahead.decoding_length + 1))
+            # ValueError for a trie of another shape: nothing changed
             drafter = Drafter(lookahead, trie=self.model.trie, calibration=state.calibration, successors=state.successors,
-                              step_cost=price, pools=state.pools)  # ValueError for a trie of another shape: nothing changed
+                              step_cost=price, pools=state.pools)
         if lookahead is not None and lookahead.exact and not self.model.exact:
             self.model.set_exact(True)  # stays on (plain steps must be batch-invariant too) until set_exact(False)
         self.config, self.drafter = lookahead, drafter

@@ -621,8 +621,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="auto", help=DTYPE_HELP)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--api-key", action="append", default=None,
-                   help="require 'Authorization: Bearer KEY' on every /v1 route (default: $LOOKAHEAD_API_KEY, else none); "
-                        "give it several times for several tenants, each drafting only from its own history "
+                   help="require 'Authorization: Bearer KEY' on every /v1 route (default: $LOOKAHEAD_API_KEY, else "
+                        "none); give it several times for several tenants, each drafting only from its own history "
                         "(docs/tenants.md)")
     p.add_argument("--api-keys", default=None, metavar="FILE",
                    help="tenants' keys, one 'name:key' a line (with --api-key's: every key is a tenant); names are "

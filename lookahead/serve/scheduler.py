@@ -29,6 +29,7 @@ from lookahead.config import LookaheadConfig
 from lookahead.engine import PREFILL_CHUNK_TOKENS, ContextTooLong, Engine, Sequence, context_limit
 from lookahead.memory import (SUFFIX_TOKEN_BYTES, TRIE_NODE_BYTES, model_memory_bytes, rss_bytes, trim_allocator,
                               workspace_bytes)
+from lookahead.pools import DraftPools
 from lookahead.sampling import SamplingParams
 from lookahead.trie import TokenTrie
 
@@ -167,6 +168,7 @@ class Scheduler:
         self.save_every_s = trie_save_minutes * 60.0
         self.request_timeout, self.threads = request_timeout, threads
         self.trim_allocator, self.max_trie_nodes = trim_allocator, max_trie_nodes
+        DraftPools(max_pool_nodes)  # ValueError for a bad bound, here rather than on the decode thread
         self.max_pool_nodes = max_pool_nodes
         self.metrics = None
         if metrics:

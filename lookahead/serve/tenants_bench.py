@@ -5,15 +5,16 @@
 
 A "victim" key asks questions; an "attacker" key then asks the same questions and as many that nobody asked,
 alternately; the victim asks its questions again (history within a tenant still drafts); then the same under one
-key with two `cache_salt`s. Questions are Spec-Bench first turns of the short-prompt categories, dealt alternately
-to the asked and the never-asked set. Every request is greedy and streamed; per request: `usage.lookahead`'s
-accepted tokens/step and the decode time per token after the first. Each comparison is a two-sided permutation test
-on the difference of means (`permutation_p`) and the relative difference of the means.
+key with two `cache_salt`s. Questions are Spec-Bench first turns of the short-prompt categories, dealt to the asked
+and the never-asked set so that both cover the same categories (`questions`). Every request is greedy and streamed;
+per request: `usage.lookahead`'s accepted tokens/step and the decode time per token after the first. Each comparison
+is a two-sided permutation test on the difference of means (`permutation_p`) and the relative difference of the
+means.
 
 `--serve` starts the server itself on a free loopback port with two keys, twice: the second time the two question
 sets trade roles (counterbalanced: `merge`), so both sides of each comparison hold the same questions. `--control`
-also runs the experiment on a server with one key, today's shared trie, where the leak shows. Prints a Markdown table and the tests; --json
-writes them. docs/tenants.md holds the figures.
+also runs the experiment on a server with one key, today's shared trie, where the leak shows. Prints a Markdown
+table and the tests; --json writes them. docs/tenants.md holds the figures.
 """
 
 from __future__ import annotations
@@ -169,9 +170,10 @@ def report(phases: dict[str, list[Answer]]) -> tuple[str, dict]:
         ms = [a.decode_ms_per_token for a in answers if a.decode_ms_per_token == a.decode_ms_per_token]
         lines.append(f"| {phase} | {len(answers)} | {sum(acc) / len(acc):.2f} | "
                      f"{sum(ms) / max(len(ms), 1):.1f} |")
-    pairs = [("attacker: asked by another", "attacker: never asked"), ("attacker: asked by another", "victim: first ask"),
-             ("victim: repeats", "victim: first ask"), ("salt y: asked by another", "salt y: never asked"),
-             ("salt y: asked by another", "salt x: first ask"), ("salt x: repeats", "salt x: first ask")]
+    pairs = [("attacker: asked by another", "attacker: never asked"),
+             ("attacker: asked by another", "victim: first ask"), ("victim: repeats", "victim: first ask"),
+             ("salt y: asked by another", "salt y: never asked"), ("salt y: asked by another", "salt x: first ask"),
+             ("salt x: repeats", "salt x: first ask")]
     tests = {}
     lines += ["", "| comparison (a vs b) | measure | mean a | mean b | (a - b) / b | permutation p |",
               "|---|---|---|---|---|---|"]
