@@ -186,3 +186,19 @@ def test_a_pool_over_an_empty_shared_trie_drafts_exactly_as_the_shared_trie_did(
                 d.update(rid, text[i:i + 3], predictions={text[i]: [text[(i + 7) % len(text)]]})
             d.end_request(rid)
     assert drafts["tenant"] == drafts[None] and any(tokens for tokens, _ in drafts[None])
+
+
+def test_replay_deals_requests_to_tenants_and_each_tenant_drafts_from_its_own_history_only():
+    from lookahead.replay import CURVES, SHIPPED, load_recording, replay
+
+    _, records = load_recording(SHIPPED)
+    twice = records[:3] * 2  # every request asked again: in one pool its repeat drafts from its first answer
+    shared = replay(twice, LookaheadConfig(), CURVES["h100-7b"])["ALL"]
+    apart = replay(twice, LookaheadConfig(), CURVES["h100-7b"], tenants=2)["ALL"]  # (tenant of i: i % 2)
+    split = replay(twice, LookaheadConfig(), CURVES["h100-7b"], tenants=6)["ALL"]  # every request alone
+    assert shared.tokens == apart.tokens == split.tokens
+    # with 2 tenants (i % 2) every repeat i + 3 lands in the other pool, beside other requests' history; with 6 alone
+    assert shared.tokens_per_step > apart.tokens_per_step > split.tokens_per_step
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="tenants must be an int >= 1"):
+            replay(twice, LookaheadConfig(), CURVES["h100-7b"], tenants=bad)
