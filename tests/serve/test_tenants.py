@@ -80,6 +80,7 @@ def test_within_one_tenant_and_salt_repeats_still_draft_from_history(phases, who
     """The pool's own history drafts as the shared trie did: every repeat of a question beats its first ask."""
     out, _, _ = phases
     first, repeats = accepted(out[f"{who}: first ask"]), accepted(out[f"{who}: repeats"])
+    print(f"{who}: first ask {sum(first) / len(first):.3f}, repeats {sum(repeats) / len(repeats):.3f}")
     assert all(r > f for r, f in zip(repeats, first)), (first, repeats)
     assert sum(repeats) / len(repeats) > 1.5 * sum(first) / len(first)
     # what the other tenant / salt got on the very same questions is what nobody's history gives
