@@ -11,10 +11,12 @@ per request: `usage.lookahead`'s accepted tokens/step and the decode time per to
 is a two-sided permutation test on the difference of means (`permutation_p`) and the relative difference of the
 means.
 
-`--serve` starts the server itself on a free loopback port with two keys, twice: the second time the two question
-sets trade roles (counterbalanced: `merge`), so both sides of each comparison hold the same questions. `--control`
-also runs the experiment on a server with one key, today's shared trie, where the leak shows. Prints a Markdown
-table and the tests; --json writes them. docs/tenants.md holds the figures.
+`--serve` serves the model itself (the server's app and scheduler in this process, HTTP on a free loopback port)
+with two keys, twice, each time fresh: the second time the two question sets trade roles (counterbalanced:
+`merge`), so both sides of each comparison hold the same questions. Drafting is fixed (`adaptive=False`,
+`--decoding-length`): the drafting gate would follow this machine's timings, and on a loaded CPU it turns drafting
+off, where no history shows at all. `--control` also runs it with one key, today's shared trie, where the leak
+shows. Prints a Markdown table and the tests; --json writes them. docs/tenants.md holds the figures.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import argparse
 import json
 import random
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -188,16 +189,31 @@ def report(phases: dict[str, list[Answer]]) -> tuple[str, dict]:
     return "\n".join(lines), tests
 
 
+def _serve(model, tokenizer, name: str, keys: dict[str, str], decoding_length: int):
+    """The server's app and scheduler over `model` with an empty trie and no pools, on a free loopback port."""
+    from lookahead.config import LookaheadConfig
+    from lookahead.serve.app import BackgroundServer
+    from lookahead.serve.scheduler import Scheduler
+    from lookahead.state import GenerationState
+
+    saved = model.state
+    model.state = GenerationState(cost_curves=dict(saved.cost_curves), step_costs=saved.step_costs)
+    scheduler = Scheduler(model, max_batch=1, max_context=1024, metrics=True,
+                          lookahead=LookaheadConfig(adaptive=False, decoding_length=decoding_length))
+    return BackgroundServer(scheduler, tokenizer, name, api_keys=keys)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lookahead.serve.tenants_bench", description=__doc__.split("\n")[0])
     p.add_argument("--url", default=None, help="a running server (default: --serve starts one)")
     p.add_argument("--victim-key", default=None)
     p.add_argument("--attacker-key", default=None)
-    p.add_argument("--serve", action="store_true", help="start `lookahead serve` on loopback with two keys")
+    p.add_argument("--serve", action="store_true", help="serve the model on loopback with two keys, in this process")
+    p.add_argument("--decoding-length", type=int, default=12, help="with --serve: draft nodes per step (fixed)")
     p.add_argument("--control", action="store_true",
                    help="with --serve: also run it on a one-key server (today's shared trie: the leak)")
     p.add_argument("--model", default=MODEL)
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", default="fp32", help="with --serve: auto, fp32, bf16 or fp16")
     p.add_argument("--questions", type=int, default=16, help="questions on each side (asked / never asked)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--no-salts", action="store_true", help="skip the cache_salt phases")
@@ -211,23 +227,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         runs = [("as given", args.url, args.victim_key, args.attacker_key)]
     else:
-        runs = [("two keys", ("--api-key", "victim-secret", "--api-key", "attacker-secret"), "victim-secret",
+        runs = [("two keys", {"victim": "victim-secret", "attacker": "attacker-secret"}, "victim-secret",
                  "attacker-secret")]
         if args.control:
-            runs.append(("one key (control)", ("--api-key", "shared-secret"), "shared-secret", "shared-secret"))
+            runs.append(("one key (control)", {"shared": "shared-secret"}, "shared-secret", "shared-secret"))
     from lookahead.kernels.cpu import cpu_name
 
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu_name()}, {args.questions} questions a side, "
-          f"max_tokens {args.max_tokens}, greedy")
+          f"max_tokens {args.max_tokens}, greedy" + (f"; served here: {args.model} {args.dtype}, drafting fixed at "
+                                                     f"{args.decoding_length} nodes" if args.serve else ""))
+    model = tokenizer = None
+    if args.serve:
+        from lookahead.models.auto import load_model
+
+        model, tokenizer = load_model(args.model, args.dtype, "cpu")
     for label, where, victim, attacker in runs:
         halves = []
         for swap in (False,) if args.once or args.url else (False, True):  # a fresh server each (--serve)
             server = None
             if not isinstance(where, str):
-                from lookahead.serve.bench import ServerProcess
-
-                log_path = Path(tempfile.mkdtemp()) / "server.log"
-                server = ServerProcess(args.model, True, 1, log_path, dtype=args.dtype, extra=where)
+                server = _serve(model, tokenizer, args.model, where, args.decoding_length)
                 url = server.url
             else:
                 url = where
