@@ -195,7 +195,8 @@ class RecordedModel:
         self.state = GenerationState()
         self.admitted: list[int] = []  # record indices of the requests added next, in row order
         self.last_shape: tuple[int, float] = (0, 0)  # (rows, tokens per row) of the latest verify
-        self._stale: dict[int, list[int] | None] = {}
+        # (id of a recycled-token table, token) -> (the table, the token's top-k there before the step)
+        self._stale: dict[tuple[int, int], tuple[dict, list[int] | None]] = {}
 
     @property
     def trie(self):
@@ -238,7 +239,7 @@ class RecordedModel:
                 if pos + int(depths[b, i]) < len(topk):
                     predicted[int(tokens[b, i])] = _recorded_top(output, topk, pos + int(depths[b, i]))
         logits = torch.full((B, T, self.config.vocab_size), float("-inf"))  # (B, T, V)
-        successors = self.state.successors
+        tables = self._successor_tables()
         for b, (pos, output, topk, on_path) in enumerate(rows):
             for i in range(T):
                 token, d = int(tokens[b, i]), int(depths[b, i])
@@ -249,7 +250,8 @@ class RecordedModel:
                 else:
                     top = predicted.get(token, [self.unknown])  # past the end, or off the recorded path
                 if token not in predicted:  # no top-k recorded for it: the recycled tokens must not learn it
-                    self._stale.setdefault(token, successors.get(token))
+                    for successors in tables:
+                        self._stale.setdefault((id(successors), token), (successors, successors.get(token)))
                 logits[b, i, torch.tensor(top)] = self.ranks[:len(top)]
         return logits
 
@@ -272,10 +274,13 @@ class RecordedModel:
         out = logits[rows, nodes]  # (N, V)
         return out if logit_index is None else out[logit_index]
 
+    def _successor_tables(self) -> list[dict]:
+        """The recycled tokens the drafter may write: the shared ones, then each drafting pool's."""
+        return [self.state.successors, *(pool.successors for pool in self.state.pools.values())]
+
     def settle(self) -> None:
         """After a step: the recycled top-k of tokens whose nodes had no recorded top-k is what it was before."""
-        successors = self.state.successors
-        for token, before in self._stale.items():
+        for (_, token), (successors, before) in self._stale.items():
             if before is None:
                 successors.pop(token, None)
             else:
@@ -309,19 +314,24 @@ def relabel(records: list[dict]) -> tuple[list[dict], int]:
 
 def replay(records: list[dict], config: LookaheadConfig, curve: Mapping[int, float] | StepPrice, warm: bool = True,
            recycle: bool = True, policy: bool = True, batch: int = 1, drafter=None,
-           trie: TokenTrie | None = None) -> dict[str, ReplayTotals]:
+           trie: TokenTrie | None = None, tenants: int = 1) -> dict[str, ReplayTotals]:
     """Replay recorded requests through the real `Engine`, in file order, up to `batch` at once (a request takes
     the first free row, as the server admits them); the engine's drafter prices each step at its rows with the
     curve (`CostModel`, cost(rows, tokens)), or with `curve` itself when it is a step price (vLLM's linear step).
     warm keeps one drafter (trie, calibration, recycled tokens) across the requests, cold starts each from a fresh
     one (batch 1 only). policy=False drafts decoding_length nodes every step. drafter: another drafter to replay
     instead of the engine's own (a peer, `SuffixDecodingDrafter`, or a vLLM-style proposer behind `ProposerRows`).
-    trie: the trie to start from (used, not copied; token ids are then kept as recorded). Returns totals per
-    category and "ALL"."""
+    trie: the trie to start from (used, not copied; token ids are then kept as recorded). tenants: the requests
+    dealt round-robin to this many drafting pools (docs/tenants.md; 1 = one shared trie, today's server), the price
+    of isolating them. Returns totals per category and "ALL"."""
     import torch
 
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    if not isinstance(tenants, int) or isinstance(tenants, bool) or tenants < 1:
+        raise ValueError(f"tenants must be an int >= 1 (drafting pools the requests are dealt to), got {tenants!r}")
+    if tenants > 1 and (not warm or drafter is not None):
+        raise ValueError("tenants split our warm drafter's history: use warm=True and no peer drafter")
     if not warm and (batch != 1 or drafter is not None):
         raise ValueError("a cold replay (a fresh drafter per request) runs our drafter one request at a time: "
                          "use batch=1 and no peer drafter")
@@ -330,12 +340,12 @@ def replay(records: list[dict], config: LookaheadConfig, curve: Mapping[int, flo
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a replay step's tensors are small: more threads only wait for each other
     try:
-        return _replay(records, config, curve, warm, recycle, policy, batch, drafter, trie)
+        return _replay(records, config, curve, warm, recycle, policy, batch, drafter, trie, tenants)
     finally:
         torch.set_num_threads(threads)
 
 
-def _replay(records, config, curve, warm, recycle, policy, batch, drafter, trie) -> dict[str, ReplayTotals]:
+def _replay(records, config, curve, warm, recycle, policy, batch, drafter, trie, tenants=1) -> dict[str, ReplayTotals]:
     """`replay`'s loop: requests into free rows, one engine step, each row's tokens and share of the step's cost."""
     from dataclasses import replace
 
@@ -364,7 +374,8 @@ def _replay(records, config, curve, warm, recycle, policy, batch, drafter, trie)
             if not warm:
                 model.state = GenerationState(trie=TokenTrie(config.branch_length, config.max_trie_nodes))
                 engine.configure(config)
-            seq = Sequence(rec["prompt_ids"], len(rec["output_ids"]), references=rec.get("reference_ids", ()))
+            seq = Sequence(rec["prompt_ids"], len(rec["output_ids"]), references=rec.get("reference_ids", ()),
+                           pool=f"tenant {index % tenants}" if tenants > 1 else None)
             category[seq] = rec.get("category", "all")
             groups[category[seq]].requests += 1
             model.admitted.append(index)
@@ -505,6 +516,9 @@ def add_arguments(p) -> None:
                         "(num_speculative_tokens K), priced by vLLM's measured CPU step (--vllm-dtype)")
     s.add_argument("--vllm-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="whose measured vLLM step prices the chains (default bfloat16)")
+    s.add_argument("--tenants", type=int, nargs="+", default=None, metavar="N",
+                   help="deal the requests round-robin to N drafting pools that never see each other's history "
+                        "(docs/tenants.md), one replay per N given (e.g. 1 4 16): the price of isolation")
     s.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     s.set_defaults(func=_cmd_replay)
 
@@ -551,9 +565,16 @@ def _cmd_replay(args) -> int:
     overrides = {k: v for k, v in (("decoding_length", args.decoding_length), ("branch_length", args.branch_length),
                                    ("max_query_length", args.max_query_length)) if v is not None}
     config = LookaheadConfig(**overrides)
-    results = {"cold" if args.cold else "warm": replay(records, config, curve, warm=not args.cold,
-                                                        recycle=not args.no_recycle, policy=not args.no_policy,
-                                                        batch=args.batch)}
+    if args.tenants and args.cold:
+        raise ValueError("--tenants splits the warm drafter's history: leave out --cold")
+    if args.tenants:
+        results = {f"{n} tenant{'s' * (n > 1)}": replay(records, config, curve, recycle=not args.no_recycle,
+                                                      policy=not args.no_policy, batch=args.batch, tenants=n)
+                   for n in args.tenants}
+    else:
+        results = {"cold" if args.cold else "warm": replay(records, config, curve, warm=not args.cold,
+                                                            recycle=not args.no_recycle, policy=not args.no_policy,
+                                                            batch=args.batch)}
     print(f"{args.recording.name}: {len(records)} requests, curve {args.curve}, batch {args.batch}, {config}")
     print(markdown(results))
     out = {k: {c: t.as_dict() for c, t in v.items()} for k, v in results.items()}

@@ -17,13 +17,14 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from lookahead.config import LookaheadConfig
-from lookahead.drafting.tree import TREE_BUCKETS
+from lookahead.drafting.pools import DraftPools, Pool
 from lookahead.drafting.suffix import SuffixAutomaton
+from lookahead.drafting.tree import TREE_BUCKETS
 from lookahead.drafting.trie import TokenTrie, preorder
 
 # Prior probability that the model's rank-r next token (from its latest verify) is what it produces next time,
@@ -249,6 +250,7 @@ class _Request:
     suffix: SuffixAutomaton  # references, then prompt + output: the copy chains' source
     sent: list[_Node] = field(default_factory=list)  # the nodes of the last draft, for calibration
     copy_match: int = 0  # match length of the last draft's copy chain
+    pool: Pool | None = None  # its drafting pool (None: the shared trie, which it reads and writes)
 
 
 class Drafter:
@@ -263,11 +265,14 @@ class Drafter:
     one.
     calibration, successors: what the drafter learns besides the trie (acceptance statistics; the model's latest
     top-k next tokens per token), to keep across drafters (model.state's in generate); None = new ones.
+    pools: the drafting pools (`lookahead.drafting.pools`, docs/tenants.md) of requests begun with a pool key, to keep across
+    drafters (model.state's); their history stays apart from the trie's and each other's. None = new ones.
     """
 
     def __init__(self, config: LookaheadConfig | None = None, cost_curve: Mapping[int, float] | None = None,
                  trie: TokenTrie | None = None, calibration: Calibration | None = None,
-                 successors: dict[int, list[int]] | None = None, step_cost: StepPrice | None = None):
+                 successors: dict[int, list[int]] | None = None, step_cost: StepPrice | None = None,
+                 pools: DraftPools | None = None):
         if config is None:
             config = LookaheadConfig() if trie is None or not isinstance(trie, TokenTrie) else LookaheadConfig.for_trie(
                 trie)
@@ -290,6 +295,7 @@ class Drafter:
         self._price = CostModel(cost_curve) if cost_curve is not None else step_cost
         self.calibration = calibration if calibration is not None else Calibration()
         self.successors = successors if successors is not None else {}  # token -> the model's latest top-k
+        self.pools = pools if pools is not None else DraftPools()
         self._requests: dict[int, _Request] = {}
         self._kept = DecayedRatio(KEPT_DECAY)  # over the verified nodes: accepted per calibrated p
 
@@ -298,7 +304,11 @@ class Drafter:
         """The ids of the requests begun and not yet ended."""
         return list(self._requests)
 
-    def begin_request(self, request_id: int, prompt_ids: Sequence[int], references: Sequence[Sequence[int]] = ()):
+    def begin_request(self, request_id: int, prompt_ids: Sequence[int], references: Sequence[Sequence[int]] = (),
+                      pool: Hashable | None = None):
+        """A request's drafting starts: its prompt and references become its copy source and request-local trie
+        counts. pool: None = the shared trie (read and written, as every request before pools); a key = that pool:
+        the request drafts from the pool and the shared trie, and learns into the pool only."""
         if request_id in self._requests:
             raise ValueError(f"request {request_id} is already running in this drafter")
         suffix = SuffixAutomaton()  # built first: bad ids raise before the trie holds anything of the request
@@ -306,12 +316,25 @@ class Drafter:
             suffix.extend(reference)
             suffix.separate()
         suffix.extend(prompt_ids)
-        self.trie.begin_request(request_id, prompt_ids, references)
-        self._requests[request_id] = _Request(suffix)
+        if pool is None:
+            self.trie.begin_request(request_id, prompt_ids, references)
+            self._requests[request_id] = _Request(suffix)
+            return
+        drafting_pool = self.pools.acquire(pool, self.trie)
+        try:
+            drafting_pool.trie.begin_request(request_id, prompt_ids, references)
+        except BaseException:
+            self.pools.release(drafting_pool, self.trie)
+            raise
+        self._requests[request_id] = _Request(suffix, pool=drafting_pool)
 
     def end_request(self, request_id: int) -> None:
-        self._requests.pop(request_id, None)
-        self.trie.end_request(request_id)
+        req = self._requests.pop(request_id, None)
+        if req is None or req.pool is None:
+            self.trie.end_request(request_id)
+        else:
+            req.pool.trie.end_request(request_id)
+            self.pools.release(req.pool, self.trie)
 
     def update(self, request_id: int, new_tokens: Sequence[int], predictions: Mapping[int, Sequence[int]] | None = None):
         """The tokens a step committed (accepted drafts, then the bonus token), and optionally the model's top-k
@@ -334,10 +357,16 @@ class Drafter:
             self._kept.add(sum(correct), sum(n.p for n in req.sent))
             req.sent = []
         req.suffix.extend(new)
-        self.trie.append(request_id, new)
+        if req.pool is None:
+            self.trie.append(request_id, new)
+            successors = self.successors
+        else:
+            req.pool.trie.append(request_id, new)
+            successors = req.pool.successors
+            self.pools.learned(len(new), self.trie)
         if predictions:
             for token, nxt in predictions.items():
-                self.successors[int(token)] = [int(t) for t in nxt]
+                successors[int(token)] = [int(t) for t in nxt]
 
     # ---- drafting --------------------------------------------------------------------------------------------
     def draft(self, request_id: int, context_ids: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -424,19 +453,23 @@ class Drafter:
         tokens where the other rows verify their roots only (the cheapest such step: `_choose_nodes` keeps no
         more), even if all its nodes were as likely as the last one (cut=False: a chain, priced by its length
         instead)."""
-        # the longest match, and the next shorter one that has continuations (more evidence, other tokens)
+        req = self._requests.get(request_id)
+        pool = req.pool if req is not None else None
+        # the longest match, and the next shorter one that has continuations (more evidence, other tokens), in the
+        # trie the request learns into; a pooled request also reads the shared trie (as another request would)
         matches = []
-        max_q = self.config.max_query_length
-        while max_q > 0 and len(matches) < BACKOFF_MATCHES:
-            q, evidence, nodes = self.trie.candidates(context, limit, request_id, max_q)
-            if not nodes:
-                break
-            matches.append((q, evidence, nodes))
-            max_q = q - 1
+        for trie, rid in ((self.trie, request_id),) if pool is None else ((pool.trie, request_id), (self.trie, None)):
+            max_q, found = self.config.max_query_length, 0
+            while max_q > 0 and found < BACKOFF_MATCHES:
+                q, evidence, nodes = trie.candidates(context, limit, rid, max_q)
+                if not nodes:
+                    break
+                matches.append((q, evidence, nodes))
+                found, max_q = found + 1, q - 1
+        successors = self.successors if pool is None else pool.successors
         calib = self.calibration
         # the copy chain: what followed the longest earlier occurrence of the text's suffix (the automaton
         # follows begin_request and update; a context that does not end where it does gets no chain)
-        req = self._requests.get(request_id)
         chain, match_length = [], 0
         if req is not None and req.suffix.text and req.suffix.text[-1] == int(context[-1]):
             match_length = req.suffix.match_length
@@ -452,7 +485,7 @@ class Drafter:
         tie = 0
 
         def recycled_rank(parent: int, token: int) -> int | None:
-            nxt = self.successors.get(out[parent].token if parent >= 0 else root, ())
+            nxt = successors.get(out[parent].token if parent >= 0 else root, ())
             return nxt.index(token) if token in nxt[:len(RECYCLED_PRIOR)] else None
 
         def push(trie_i: int, parent: int, token: int, raw: float, key: tuple) -> None:
@@ -486,7 +519,7 @@ class Drafter:
                 root, 0, 1.0)
             if depth >= self.trie.branch_length:
                 return
-            for rank, nxt in enumerate(self.successors.get(token, ())[:len(RECYCLED_PRIOR)]):
+            for rank, nxt in enumerate(successors.get(token, ())[:len(RECYCLED_PRIOR)]):
                 raw = parent_raw * RECYCLED_PRIOR[rank]
                 push(None, parent, nxt, raw, calib.key("recycled", 0, 0, raw))
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Hashable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -126,6 +127,7 @@ class Sequence:
     references: Seq[Seq[int]] = ()
     noise_row: int = 0
     request_id: int = field(default_factory=lambda: next(_request_ids))
+    pool: Hashable | None = None  # its drafting pool (`Drafter.begin_request`; None: the shared trie)
     context: list[int] = field(init=False)  # prompt + output so far
     row: int | None = field(default=None, init=False)
     prefilled: int = field(default=0, init=False)  # prompt tokens whose K/V are in its row
@@ -239,8 +241,9 @@ class Engine:
             if lookahead.adaptive:
                 price = self.fixed_cost if self.fixed_cost is not None else self.step_cost(
                     bucket_size(lookahead.decoding_length + 1))
+            # ValueError for a trie of another shape: nothing changed
             drafter = Drafter(lookahead, trie=self.model.trie, calibration=state.calibration, successors=state.successors,
-                              step_cost=price)  # ValueError for a trie of another shape: nothing changed
+                              step_cost=price, pools=state.pools)
         if lookahead is not None and lookahead.exact and not self.model.exact:
             self.model.set_exact(True)  # stays on (plain steps must be batch-invariant too) until set_exact(False)
         self.config, self.drafter = lookahead, drafter
@@ -292,8 +295,10 @@ class Engine:
             self.slots[row] = seq
             self.active[row] = 1
             self.chooser.set_row(row, seq.sampling, seq.prompt, seq.noise_row)
-            if self.drafter is not None:
+            if self.drafter is not None and seq.pool is None:
                 self.drafter.begin_request(seq.request_id, seq.prompt, seq.references)
+            elif self.drafter is not None:
+                self.drafter.begin_request(seq.request_id, seq.prompt, seq.references, pool=seq.pool)
         if self.prefill_in_steps:
             self.cache.lens[[s.row for s in seqs]] = 0
             return [] if defer else self._prefill_in_steps(seqs)

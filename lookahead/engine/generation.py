@@ -123,9 +123,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, seed: int | None = None, eos_token_id=None, lookahead=True,
              references=None, tokenizer=None, stop_strings=None, streamer=None,
-             return_dict_in_generate: bool = False):
+             return_dict_in_generate: bool = False, pool: str | None = None):
     """Generate like transformers' `generate`, with lookahead drafts verified each step (docs/API.md,
-    "Generating"). Greedy lookahead returns exactly the tokens of plain greedy decoding."""
+    "Generating"). Greedy lookahead returns exactly the tokens of plain greedy decoding. pool: a name whose calls
+    share drafting history only with each other (docs/tenants.md); None = the model's trie."""
+    if pool is not None and (not isinstance(pool, str) or not pool):
+        raise ValueError(f"pool must be a non-empty string naming a drafting pool, or None, got {pool!r}")
     model._check_ids(input_ids)
     cfg = _lookahead_config(lookahead, model.trie)
     rows = _prompt_rows(input_ids, attention_mask)
@@ -135,7 +138,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     eos = frozenset(_eos_ids(eos_token_id, model.config.eos_token_id, model.config.vocab_size))
     stops = StopStrings(stop_strings, tokenizer) if stop_strings is not None else None
     B = input_ids.shape[0]
-    seqs = [Sequence(row, max_new_tokens, sampling, eos, stops, ref_ids, noise_row=b) for b, row in enumerate(rows)]
+    seqs = [Sequence(row, max_new_tokens, sampling, eos, stops, ref_ids, noise_row=b, pool=pool)
+            for b, row in enumerate(rows)]
     limit, where = context_limit(model)
     for seq in seqs:
         seq.check(model.config.vocab_size, limit, where)

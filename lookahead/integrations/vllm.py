@@ -11,6 +11,11 @@ committed tokens followed by the tokens the step sampled; any other row is a new
 row held before the step). Requests no row holds any more are ended in the drafter. One `Drafter` (one trie)
 serves every request, as in `generate`. vLLM is never imported here.
 
+Tenants (docs/tenants.md): vLLM (0.32.0) keeps a request's `cache_salt` in its scheduler and KV block hashes; the
+worker that calls `propose` is never told it, nor request ids. So the proposer isolates by request where asked
+(LOOKAHEAD_VLLM_POOLS=request: a request drafts only from its own tokens and the saved trie), and by salt only
+where its caller passes each row's salt (`propose(..., pools=[...])`).
+
 Options (environment variables, read when vLLM builds the proposer; speculative_config fields in brackets):
     [num_speculative_tokens]        K, the longest chain a row gets
     [prompt_lookup_max]             LookaheadConfig.max_query_length (default 8), the longest context suffix matched
@@ -24,6 +29,9 @@ Options (environment variables, read when vLLM builds the proposer; speculative_
     LOOKAHEAD_VLLM_GATE             1 (default): time vLLM's steps between calls and propose nothing where steps
                                     that verified drafts cost more per committed token than plain ones (probing
                                     drafting every 8th step); 0: off
+    LOOKAHEAD_VLLM_POOLS            shared (default): every request drafts from every earlier one's output;
+                                    request: from its own prompt and output and the saved trie only (read-only):
+                                    nothing one request generates is drafted for another
 """
 
 from __future__ import annotations
@@ -152,6 +160,9 @@ class LookaheadProposer:
         config = LookaheadConfig.for_trie(trie, max_query_length=max_query,
                                           decoding_length=max(LookaheadConfig.decoding_length, k))
         self.drafter = Drafter(config, trie=trie, step_cost=step)
+        self.isolate = os.environ.get("LOOKAHEAD_VLLM_POOLS", "shared") or "shared"
+        if self.isolate not in ("shared", "request"):
+            raise ValueError(f"LOOKAHEAD_VLLM_POOLS must be 'shared' or 'request', got {self.isolate!r}")
         self.stats = ProposerStats()
         self._held: dict[int, _Held] = {}  # row -> the request it held at the last step
         self._next_key = 0
@@ -171,10 +182,11 @@ class LookaheadProposer:
             self.drafter.trie.save(self.trie_path)
 
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray, token_ids_cpu: np.ndarray,
-                slot_mappings=None) -> list[list[int]]:
+                slot_mappings=None, pools=None) -> list[list[int]]:
         """sampled_token_ids[i]: what row i committed this step (empty = the row takes no draft);
         num_tokens_no_spec [rows] int: row i's committed length, those tokens included; token_ids_cpu
-        [max_num_seqs, max_model_len] int: row i's committed tokens in [:num_tokens_no_spec[i]]."""
+        [max_num_seqs, max_model_len] int: row i's committed tokens in [:num_tokens_no_spec[i]]. pools: per row,
+        the drafting pool (e.g. its cache_salt; None = shared) of a request that begins there (vLLM passes none)."""
         start = self.clock()
         rows = len(sampled_token_ids)
         if len(num_tokens_no_spec) < rows or token_ids_cpu.ndim != 2 or token_ids_cpu.shape[0] < rows:
@@ -182,11 +194,15 @@ class LookaheadProposer:
                              f"and token_ids_cpu has shape {tuple(token_ids_cpu.shape)}")
         self._check_rows(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)  # before anything changes
         begun = self.stats.requests
-        held, claimed = self._match_rows(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        if pools is not None and len(pools) < rows:
+            raise ValueError(f"pools has {len(pools)} entries for {rows} rows: give one per row (None = shared)")
+        held, claimed = self._match_rows(sampled_token_ids, num_tokens_no_spec, token_ids_cpu, pools)
         ended = 0
         for row, req in list(self._held.items()):  # requests no row holds any more have finished
             if id(req) not in claimed:
                 self.drafter.end_request(req.key)
+                if self.isolate == "request":
+                    self.drafter.pools.discard(("request", req.key))
                 ended += 1
         self._held = {row: req for row, req in enumerate(held) if req is not None}
 
@@ -231,7 +247,7 @@ class LookaheadProposer:
             if not np.array_equal(token_ids_cpu[row, n - m:n], np.asarray(sampled)):
                 raise ValueError(f"row {row}'s token_ids_cpu[{n - m}:{n}] is not the tokens sampled this step")
 
-    def _match_rows(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu) -> tuple[list, set]:
+    def _match_rows(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, pools=None) -> tuple[list, set]:
         """The request each row holds after this step (None: a row that has not sampled yet), with the
         committed tokens fed to the drafter; a tracked request is claimed by one row at most."""
         by_length: dict[int, list[_Held]] = {}
@@ -254,7 +270,9 @@ class LookaheadProposer:
             if match is None and len(new):  # a request this proposer has not seen: its prompt is the row so far
                 match = _Held(self._next_key, np.array(tokens[:before], dtype=np.int32), before)
                 self._next_key += 1
-                self.drafter.begin_request(match.key, match.tokens[:before])
+                pool = ("request", match.key) if self.isolate == "request" else (
+                    pools[row] if pools is not None else None)
+                self.drafter.begin_request(match.key, match.tokens[:before], pool=pool)
                 self.stats.requests += 1
             if match is not None:
                 claimed.add(id(match))

@@ -5,7 +5,9 @@ model) and turns the events of each step, delivered in one call per step, into r
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (the tokenizer's chat template), GET /v1/models,
 GET /health, GET /metrics (Prometheus), GET /v1/stats. With an API key every /v1 route needs
-`Authorization: Bearer KEY` (401 otherwise, compared in constant time), as vLLM's --api-key. `stream: true` sends server-sent events in OpenAI's chunk format ending with
+`Authorization: Bearer KEY` (401 otherwise, compared in constant time), as vLLM's --api-key. With several keys
+each is a tenant, and a request drafts only from its own tenant's history (and `cache_salt`'s: the pool is
+(tenant, salt); docs/tenants.md). `stream: true` sends server-sent events in OpenAI's chunk format ending with
 `data: [DONE]`. Settings: max_tokens, temperature (0 = greedy), top_p, seed, stop, n=1. `usage` carries the
 OpenAI counts plus `usage.lookahead = {steps, accepted_tokens_per_step, draft_tokens_per_step}`: the forward
 passes that produced the request's tokens (the prefill included, so plain decoding has exactly 1.0 tokens per
@@ -29,7 +31,7 @@ import threading
 import time
 import uuid
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 try:
     from fastapi import FastAPI, Request
@@ -53,6 +55,8 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; cha
 STOPPED = "the server stopped before the request finished"
 TIMED_OUT = "the request ran past the server's --request-timeout"
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
+MAX_CACHE_SALT_BYTES = 256  # a cache_salt's UTF-8 length limit (docs/tenants.md)
+TENANT = "lookahead.tenant"  # the ASGI scope key the key check stores the request's tenant under
 
 
 # ---- request bodies ----------------------------------------------------------------------------------------------
@@ -73,7 +77,8 @@ class _Settings(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = None  # OpenAI's end-user id: recorded nowhere, and never a drafting pool
+    cache_salt: Any = None  # vLLM's: only requests of one tenant with one salt share drafting history
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -145,6 +150,56 @@ def _unsupported(body: _Settings) -> None:
     for param, bad, message in checks:
         if bad:
             raise APIError(400, message, param=param)
+
+
+def _cache_salt(salt) -> str | None:
+    """400 unless the body's cache_salt is absent or a non-empty string of at most MAX_CACHE_SALT_BYTES."""
+    if salt is None:
+        return None
+    if not isinstance(salt, str) or not salt:
+        got = "an empty string" if salt == "" else f"a JSON {type(salt).__name__}"
+        raise APIError(400, f"cache_salt must be a non-empty string, got {got}", param="cache_salt")
+    size = len(salt.encode("utf-8", "surrogatepass"))
+    if size > MAX_CACHE_SALT_BYTES:
+        raise APIError(400, f"cache_salt is {size} bytes (UTF-8): at most {MAX_CACHE_SALT_BYTES} are allowed",
+                       param="cache_salt")
+    return salt
+
+
+def tenant_keys(api_key: str | list[str] | None = None, api_keys: dict[str, str] | None = None) -> dict[str, str]:
+    """{tenant name: key} of every key given: api_key (one, or a list named key1, key2, ... in order) and api_keys
+    (named). ValueError for an empty key, a key given twice or a name used twice."""
+    keys = [api_key] if isinstance(api_key, str) and api_key else list(api_key or [])
+    named = [(f"key{i}", key) for i, key in enumerate(keys, start=1)] + list((api_keys or {}).items())
+    out: dict[str, str] = {}
+    for name, key in named:
+        if not isinstance(key, str) or not key or key != key.strip():
+            raise ValueError(f"API key {name!r} must be a non-empty string without surrounding whitespace")
+        if name in out:
+            raise ValueError(f"two API keys are named {name!r}: give each tenant its own name")
+        if key in out.values():
+            raise ValueError(f"API key {name!r} is also another tenant's key: give each tenant its own key")
+        out[name] = key
+    return out
+
+
+def read_api_keys(path: str) -> dict[str, str]:
+    """`--api-keys FILE`: one `name:key` a line (blank lines and lines starting with # skipped) -> {name: key}."""
+    out: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, sep, key = line.partition(":")
+            if not sep or not name.strip() or not key.strip():
+                raise ValueError(f"{path} line {number}: expected 'name:key'")
+            if name.strip() in out:
+                raise ValueError(f"{path} line {number}: the name {name.strip()!r} is used twice")
+            out[name.strip()] = key.strip()
+    if not out:
+        raise ValueError(f"{path} holds no 'name:key' line")
+    return out
 
 
 def _stop_strings(stop) -> tuple[str, ...]:
@@ -219,16 +274,22 @@ class TextStream:
 
 class _Guard:
     """Pure ASGI middleware (Starlette's BaseHTTPMiddleware would hide client disconnects from the endpoints): the
-    API key check of /v1 routes."""
+    API key check of /v1 routes, which also names the request's tenant (scope[TENANT]): the key's name where there
+    are several keys, None where there is at most one (one tenant: the shared trie)."""
 
-    def __init__(self, app, expected: bytes | None):
+    def __init__(self, app, expected: dict[str, bytes]):
         self.app, self.expected = app, expected
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            if self.expected is not None and scope["path"].startswith("/v1"):
+            if self.expected and scope["path"].startswith("/v1"):
                 given = dict(scope["headers"]).get(b"authorization", b"")
-                if not hmac.compare_digest(given, self.expected):
+                tenant = None
+                for name, header in self.expected.items():  # every key compared: the time names none of them
+                    if hmac.compare_digest(given, header):
+                        tenant = name
+                scope[TENANT] = tenant if len(self.expected) > 1 else None
+                if tenant is None:
                     response = error_response(401, "Incorrect API key provided: send it as 'Authorization: "
                                               "Bearer KEY'", code="invalid_api_key")
                     await response(scope, receive, send)
@@ -257,12 +318,14 @@ def _sse(data) -> str:
 
 # ---- the app -----------------------------------------------------------------------------------------------------
 def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | None = None,
-               metrics: Metrics | None = None) -> FastAPI:
+               metrics: Metrics | None = None, api_keys: dict[str, str] | None = None) -> FastAPI:
     """The HTTP front of a started scheduler; `tokenizer` encodes prompts and decodes outputs (on the event loop).
-    api_key: required as `Authorization: Bearer KEY` on every /v1 route. metrics: what GET /metrics renders."""
+    api_key: required as `Authorization: Bearer KEY` on every /v1 route. api_keys: {tenant name: key}, any of which
+    is accepted; with more than one, each names a tenant whose drafting history is its own (docs/tenants.md).
+    metrics: what GET /metrics renders."""
     app = FastAPI(title="lookahead", description="OpenAI-compatible server with lossless lookahead decoding")
     created = int(time.time())
-    expected = f"Bearer {api_key}".encode() if api_key else None
+    expected = {name: f"Bearer {key}".encode() for name, key in tenant_keys(api_key, api_keys).items()}
     loop_holder: list[asyncio.AbstractEventLoop] = []
 
     def dispatch(events) -> None:
@@ -315,7 +378,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
     async def stats():
         return {**scheduler.stats.as_dict(), **scheduler.load(), "max_batch": scheduler.max_batch,
                 "max_context": scheduler.max_context, "lookahead": scheduler.config is not None,
-                "trie_nodes": len(scheduler.trie), "free_rows": scheduler.engine.free_rows(),
+                "trie_nodes": len(scheduler.trie), **scheduler.pools_stats(), "free_rows": scheduler.engine.free_rows(),
                 "drafting_requests": scheduler.engine.drafting_requests(), "memory_bytes": scheduler.memory()}
 
     @app.get("/v1/models")
@@ -340,7 +403,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
             sampling = SamplingParams(do_sample=True, temperature=body.temperature, top_p=body.top_p, seed=seed)
         else:
             sampling = SamplingParams()
-        return max_tokens, sampling, _stop_strings(body.stop)
+        return max_tokens, sampling, _stop_strings(body.stop), _cache_salt(body.cache_salt)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -368,11 +431,13 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
         return await respond(request, body, ids, params, chat=True)
 
     async def respond(request: Request, body: _Settings, ids: list[int], params, chat: bool):
-        max_tokens, sampling, stop = params
+        max_tokens, sampling, stop, salt = params
+        tenant = request.scope.get(TENANT)
+        pool = None if tenant is None and salt is None else (tenant, salt)  # None: the shared trie (one tenant)
         bind_loop()  # before the request's first event can be delivered
         events: asyncio.Queue = asyncio.Queue()
         try:
-            req = scheduler.submit(ids, max_tokens, sampling, events.put_nowait)
+            req = scheduler.submit(ids, max_tokens, sampling, events.put_nowait, pool=pool)
         except QueueFull as e:
             raise APIError(503, str(e), type="server_error", code="queue_full") from None
         except EngineClosed as e:
@@ -490,7 +555,7 @@ class BackgroundServer:
     the trie)."""
 
     def __init__(self, scheduler: Scheduler, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 0,
-                 log_level: str = "warning", api_key: str | None = None):
+                 log_level: str = "warning", api_key: str | None = None, api_keys: dict[str, str] | None = None):
         import uvicorn
 
         self.scheduler = scheduler.start()
@@ -500,7 +565,7 @@ class BackgroundServer:
         self.sock.bind((host, port))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
-        config = uvicorn.Config(create_app(scheduler, tokenizer, model_name, api_key, scheduler.metrics),
+        config = uvicorn.Config(create_app(scheduler, tokenizer, model_name, api_key, scheduler.metrics, api_keys),
                                 log_level=log_level, timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
@@ -555,8 +620,17 @@ def add_arguments(p) -> None:
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
     p.add_argument("--dtype", choices=list(DTYPES), default="auto", help=DTYPE_HELP)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every /v1 route (default: $LOOKAHEAD_API_KEY, else none)")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="require 'Authorization: Bearer KEY' on every /v1 route (default: $LOOKAHEAD_API_KEY, else "
+                        "none); give it several times for several tenants, each drafting only from its own history "
+                        "(docs/tenants.md)")
+    p.add_argument("--api-keys", default=None, metavar="FILE",
+                   help="tenants' keys, one 'name:key' a line (with --api-key's: every key is a tenant); names are "
+                        "never reported")
+    p.add_argument("--max-pool-nodes", type=int, default=None,
+                   help="one drafting pool's trie bound (a tenant and cache_salt's history; default a quarter of "
+                        "--max-trie-nodes, which bounds the shared trie and all pools together, least recently used "
+                        "pools dropped first)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of the decode thread (default: torch's, the physical cores)")
     p.add_argument("--request-timeout", type=float, default=None,
@@ -578,20 +652,21 @@ def run(args) -> int:
     from lookahead.models.checkpoint import resolve_checkpoint
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    api_key = args.api_key or os.environ.get("LOOKAHEAD_API_KEY") or None
+    keys = tenant_keys(args.api_key or os.environ.get("LOOKAHEAD_API_KEY") or None,
+                       read_api_keys(args.api_keys) if args.api_keys else None)
     scheduler = Scheduler(lambda: load_model(args.model, args.dtype, args.device)[0], max_batch=args.max_batch,
                           max_context=args.max_context, max_queue=args.max_queue,
                           lookahead=None if args.no_lookahead else True, max_trie_nodes=args.max_trie_nodes,
                           trie_path=args.trie, trie_save_minutes=args.trie_save_minutes,
                           request_timeout=args.request_timeout, threads=args.threads, metrics=True,
-                          trim_allocator=not args.no_malloc_trim, prefill_chunk=args.prefill_chunk)
+                          trim_allocator=not args.no_malloc_trim, prefill_chunk=args.prefill_chunk,
+                          max_pool_nodes=args.max_pool_nodes)
     scheduler.start()  # the decode thread resolves (converts once) and loads the checkpoint
     tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(args.model))  # the converted dir: no torch work
     name = args.served_model_name or args.model
-    log.info("serving %s on http://%s:%d/v1 (max batch %d, context %d, lookahead %s, trie %s, threads %s, api key %s)",
+    log.info("serving %s on http://%s:%d/v1 (max batch %d, context %d, lookahead %s, trie %s, threads %s, api keys %d)",
              name, args.host, args.port, scheduler.max_batch, scheduler.max_context,
-             "on" if scheduler.config else "off", args.trie or "-", args.threads or "default",
-             "on" if api_key else "off")
+             "on" if scheduler.config else "off", args.trie or "-", args.threads or "default", len(keys))
     def stop(signum, frame):
         raise SystemExit(0)
 
@@ -600,7 +675,7 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        uvicorn.run(create_app(scheduler, tokenizer, name, api_key, scheduler.metrics), host=args.host,
+        uvicorn.run(create_app(scheduler, tokenizer, name, metrics=scheduler.metrics, api_keys=keys), host=args.host,
                     port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout)
     except SystemExit:
         pass

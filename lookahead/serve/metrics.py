@@ -19,7 +19,7 @@ _ACCEPTED_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 class Metrics:
     CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-    def __init__(self, load=lambda: {"running": 0, "queued": 0}, memory=dict):
+    def __init__(self, load=lambda: {"running": 0, "queued": 0}, memory=dict, pools=dict):
         self.registry = CollectorRegistry()
         r = self.registry
         self.running = Gauge("lookahead:num_requests_running", "Requests holding a row of the batch", registry=r)
@@ -30,6 +30,12 @@ class Metrics:
                             "workspace (estimated), rss, rss_peak (the process)", ["part"], registry=r)
         for part in ("weights", "kv_cache", "trie", "suffix_automata", "workspace", "rss", "rss_peak"):
             self.memory.labels(part=part).set_function(lambda part=part: memory().get(part, 0))
+        self.pools = Gauge("lookahead:drafting_pools", "Drafting pools (tenant and cache_salt histories) held",
+                           registry=r)
+        self.pools.set_function(lambda: pools().get("drafting_pools", 0))
+        self.pool_nodes = Gauge("lookahead:pool_trie_nodes", "Trie nodes of all drafting pools (the shared trie's "
+                                "not included)", registry=r)
+        self.pool_nodes.set_function(lambda: pools().get("pool_trie_nodes", 0))
         self.requests = Counter("lookahead:request_success", "Finished requests by reason", ["finished_reason"],
                                 registry=r)
         self.prompt_tokens = Counter("lookahead:prompt_tokens", "Prompt tokens of admitted requests", registry=r)

@@ -29,8 +29,9 @@ from lookahead.config import LookaheadConfig
 from lookahead.engine.engine import PREFILL_CHUNK_TOKENS, ContextTooLong, Engine, Sequence, context_limit
 from lookahead.serve.memory import (SUFFIX_TOKEN_BYTES, TRIE_NODE_BYTES, model_memory_bytes, rss_bytes, trim_allocator,
                               workspace_bytes)
-from lookahead.engine.sampling import SamplingParams
+from lookahead.drafting.pools import DraftPools
 from lookahead.drafting.trie import TokenTrie
+from lookahead.engine.sampling import SamplingParams
 
 log = logging.getLogger("lookahead.serve")
 
@@ -133,13 +134,16 @@ class Scheduler:
     allocator's free memory back to the OS whenever the last request leaves. prefill_chunk: prompt tokens one step
     carries beside the running rows (all admitted requests together; SERVE_PREFILL_CHUNK by default): smaller keeps
     the running rows' time per token flatter while prompts arrive, larger gives new requests their first token sooner.
+    max_pool_nodes: one drafting pool's trie bound (`lookahead.drafting.pools`; None = its default share of
+    max_trie_nodes, which bounds the shared trie and every pool together). Only the shared trie is saved to trie_path: pools are
+    never written anywhere (docs/tenants.md).
     """
 
     def __init__(self, model, *, max_batch: int = 16, max_context: int | None = None, max_queue: int = 256,
                  lookahead: LookaheadConfig | bool | None = True, trie_path: str | Path | None = None,
                  trie_save_minutes: float = 10.0, request_timeout: float | None = None, threads: int | None = None,
                  max_trie_nodes: int | None = None, metrics: bool = False, trim_allocator: bool = True,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, max_pool_nodes: int | None = None):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
@@ -163,11 +167,13 @@ class Scheduler:
         self.save_every_s = trie_save_minutes * 60.0
         self.request_timeout, self.threads = request_timeout, threads
         self.trim_allocator, self.max_trie_nodes = trim_allocator, max_trie_nodes
+        DraftPools(max_pool_nodes)  # ValueError for a bad bound, here rather than on the decode thread
+        self.max_pool_nodes = max_pool_nodes
         self.metrics = None
         if metrics:
             from lookahead.serve.metrics import Metrics  # prometheus_client: the serve extra
 
-            self.metrics = Metrics(self.load, self.memory)
+            self.metrics = Metrics(self.load, self.memory, self.pools_stats)
         self.stats = SchedulerStats()
         self.deliver: Callable[[list[tuple[Request, object]]], None] = _deliver_now
         self.model = self.engine = None
@@ -199,10 +205,11 @@ class Scheduler:
         return self.engine.max_context
 
     def submit(self, prompt: list[int], max_tokens: int, sampling: SamplingParams = SamplingParams(),
-               sink: Callable[[object], None] = lambda event: None) -> Request:
+               sink: Callable[[object], None] = lambda event: None, pool=None) -> Request:
         """Queue a request; ValueError for bad settings, ContextTooLong for a prompt + max_tokens beyond the
-        context of a row (`Sequence.check`, the engine's admission check)."""
-        seq = Sequence(list(prompt), max_tokens, sampling, frozenset(self.model.config.eos_token_id))
+        context of a row (`Sequence.check`, the engine's admission check). pool: its drafting pool, a hashable key
+        (the HTTP side's (tenant, cache_salt)); None = the shared trie."""
+        seq = Sequence(list(prompt), max_tokens, sampling, frozenset(self.model.config.eos_token_id), pool=pool)
         seq.check(self.model.config.vocab_size, self.max_context, "this server's context")
         deadline = time.monotonic() + self.request_timeout if self.request_timeout else None
         req = Request(seq, sink, deadline)
@@ -232,6 +239,12 @@ class Scheduler:
     def load(self) -> dict:
         return {"running": len(self._running), "queued": len(self._pending)}
 
+    def pools_stats(self) -> dict[str, int]:
+        """The drafting pools (tenant and cache_salt histories) by count and trie nodes; never their keys."""
+        pools = self.model.state.pools if self.model is not None else None
+        return {"drafting_pools": len(pools) if pools is not None else 0,
+                "pool_trie_nodes": pools.nodes() if pools is not None else 0}
+
     def memory(self) -> dict[str, int]:
         """Bytes by part (lookahead.serve.memory): weights (with any packed copy), KV cache, trie (request-local
         windows included), the running requests' suffix automata, the largest forward's workspace (an estimate
@@ -248,7 +261,7 @@ class Scheduler:
         rss, peak = rss_bytes()
         return {"weights": self.weights_bytes,
                 "kv_cache": engine.cache.buffer.nbytes + engine.cache.lens.nbytes,
-                "trie": len(self.trie) * TRIE_NODE_BYTES,
+                "trie": (len(self.trie) + self.pools_stats()["pool_trie_nodes"]) * TRIE_NODE_BYTES,
                 "suffix_automata": suffix_tokens * SUFFIX_TOKEN_BYTES,
                 "workspace": max(workspace_bytes(cfg, engine.prefill_chunk + step_tokens if engine.prefill_in_steps
                                                  else PREFILL_CHUNK_TOKENS, keys, element),
@@ -281,6 +294,7 @@ class Scheduler:
         self.trie = self.model.trie  # shared by every request (the drafter's), saved to trie_path
         if self.max_trie_nodes is not None:
             self.trie.max_trie_nodes = self.max_trie_nodes  # the configured bound, a loaded trie's too
+        self.model.state.pools.configure(self.max_pool_nodes)  # the total: the trie's bound (max_trie_nodes)
         if self.config is True:
             self.config = LookaheadConfig.for_trie(self.trie)
         elif self.config is False:
