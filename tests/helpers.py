@@ -1,5 +1,8 @@
 """Helpers the tests share: tiny random models, transformers twins, Spec-Bench prompts, golden tries and trees."""
 
+from types import SimpleNamespace
+
+import numpy as np
 import torch
 import transformers
 
@@ -111,3 +114,31 @@ def root_paths(parents: list[int]) -> list[list[int]]:
             path.append(parents[path[-1]])
         paths.append(path[::-1])
     return paths
+
+
+def vllm_config(k, max_model_len=64):
+    """What a vLLM proposer reads of vLLM's config: the draft length and the model's context."""
+    return SimpleNamespace(speculative_config=SimpleNamespace(num_speculative_tokens=k, prompt_lookup_max=None),
+                           model_config=SimpleNamespace(max_model_len=max_model_len))
+
+
+class VllmBatch:
+    """vLLM's persistent batch as the proposer sees it: token_ids_cpu [max_num_seqs, max_model_len] int32 and
+    num_tokens_no_spec [max_num_seqs] int32."""
+
+    def __init__(self, rows=4, max_model_len=64):
+        self.tokens = np.zeros((rows, max_model_len), dtype=np.int32)
+        self.lengths = np.zeros(rows, dtype=np.int32)
+
+    def put(self, row, seq):
+        self.tokens[row] = 0
+        self.tokens[row, :len(seq)] = seq
+        self.lengths[row] = len(seq)
+
+    def commit(self, row, new):
+        n = self.lengths[row]
+        self.tokens[row, n:n + len(new)] = new
+        self.lengths[row] = n + len(new)
+
+    def row(self, row):
+        return self.tokens[row, :self.lengths[row]].tolist()

@@ -137,12 +137,12 @@ def second_vllm_request_draft(monkeypatch, mode: str, salts=(None, None)) -> lis
     """vLLM's proposer: a request generates SECRET and ends, then another asks about SECRET's start in the same
     row -> the chain drafted for the second (salts: each request's pool as its caller passes it)."""
     from lookahead.integrations.vllm import LookaheadProposer
-    from tests.integrations.test_chain import Batch, _config
+    from tests.helpers import VllmBatch, vllm_config
 
     monkeypatch.setenv("LOOKAHEAD_VLLM_STEP_TOKENS", "inf")  # no cost cut: whole chains
     monkeypatch.setenv("LOOKAHEAD_VLLM_POOLS", mode)
-    proposer = LookaheadProposer(_config(k=4), gate=False)
-    batch = Batch(rows=1, max_model_len=128)
+    proposer = LookaheadProposer(vllm_config(k=4), gate=False)
+    batch = VllmBatch(rows=1, max_model_len=128)
     batch.put(0, PROMPT + SECRET[:1])
     proposer.propose([SECRET[:1]], batch.lengths, batch.tokens, pools=[salts[0]])
     for token in SECRET[1:30]:
@@ -163,9 +163,9 @@ def test_the_vllm_proposer_isolates_by_request_or_by_the_salt_its_caller_passes(
     monkeypatch.setenv("LOOKAHEAD_VLLM_POOLS", "tenant")
     with pytest.raises(ValueError, match="LOOKAHEAD_VLLM_POOLS"):
         from lookahead.integrations.vllm import LookaheadProposer
-        from tests.integrations.test_chain import _config
+        from tests.helpers import vllm_config
 
-        LookaheadProposer(_config(k=4))
+        LookaheadProposer(vllm_config(k=4))
 
 
 def test_a_pool_over_an_empty_shared_trie_drafts_exactly_as_the_shared_trie_did():

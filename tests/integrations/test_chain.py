@@ -1,13 +1,13 @@
 """The chain mode of the Drafter and the vLLM proposer driven with vLLM-shaped numpy inputs, without vLLM: rows
 changing requests, requests moving rows, empty rows, the K and model-length caps, the cost policy."""
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from lookahead import Drafter, LookaheadConfig, TokenTrie
 from lookahead.integrations.vllm import LookaheadProposer
+from tests.helpers import VllmBatch, vllm_config
 
 PATTERN = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
 
@@ -96,41 +96,14 @@ def test_chain_is_calibrated_against_what_the_step_commits():
 
 
 # ---- the proposer -------------------------------------------------------------------------------------------------
-def _config(k, max_model_len=64):
-    return SimpleNamespace(speculative_config=SimpleNamespace(num_speculative_tokens=k, prompt_lookup_max=None),
-                           model_config=SimpleNamespace(max_model_len=max_model_len))
-
-
-class Batch:
-    """vLLM's persistent batch as the proposer sees it: token_ids_cpu [max_num_seqs, max_model_len] int32 and
-    num_tokens_no_spec [max_num_seqs] int32."""
-
-    def __init__(self, rows=4, max_model_len=64):
-        self.tokens = np.zeros((rows, max_model_len), dtype=np.int32)
-        self.lengths = np.zeros(rows, dtype=np.int32)
-
-    def put(self, row, seq):
-        self.tokens[row] = 0
-        self.tokens[row, :len(seq)] = seq
-        self.lengths[row] = len(seq)
-
-    def commit(self, row, new):
-        n = self.lengths[row]
-        self.tokens[row, n:n + len(new)] = new
-        self.lengths[row] = n + len(new)
-
-    def row(self, row):
-        return self.tokens[row, :self.lengths[row]].tolist()
-
-
 def _propose(proposer, batch, sampled):
     return proposer.propose(sampled, batch.lengths, batch.tokens)
 
 
 def test_proposer_follows_requests_across_rows(monkeypatch):
     monkeypatch.setenv("LOOKAHEAD_VLLM_STEP_TOKENS", "inf")  # no cost cut: whole chains
-    proposer = LookaheadProposer(_config(k=4))
-    batch = Batch()
+    proposer = LookaheadProposer(vllm_config(k=4))
+    batch = VllmBatch()
     other = [40, 41, 42, 43, 44, 45, 46, 47, 48, 40, 41]
     batch.put(0, PATTERN + PATTERN[:2] + [PATTERN[2]])  # prompt, then the first sampled token
     batch.put(1, other + [42])
@@ -159,8 +132,8 @@ def test_proposer_follows_requests_across_rows(monkeypatch):
 
 def test_proposer_rows_with_identical_tokens_are_two_requests(monkeypatch):
     monkeypatch.setenv("LOOKAHEAD_VLLM_STEP_TOKENS", "inf")
-    proposer = LookaheadProposer(_config(k=3))
-    batch = Batch()
+    proposer = LookaheadProposer(vllm_config(k=3))
+    batch = VllmBatch()
     for row in (0, 1):
         batch.put(row, PATTERN + [PATTERN[0]])
     assert _propose(proposer, batch, [[PATTERN[0]], [PATTERN[0]]]) == [PATTERN[1:4]] * 2
@@ -173,8 +146,8 @@ def test_proposer_rows_with_identical_tokens_are_two_requests(monkeypatch):
 
 def test_proposer_caps_drafts_at_the_model_length(monkeypatch):
     monkeypatch.setenv("LOOKAHEAD_VLLM_STEP_TOKENS", "inf")
-    proposer = LookaheadProposer(_config(k=8, max_model_len=len(PATTERN) + 4))
-    batch = Batch(rows=1, max_model_len=len(PATTERN) + 4)
+    proposer = LookaheadProposer(vllm_config(k=8, max_model_len=len(PATTERN) + 4))
+    batch = VllmBatch(rows=1, max_model_len=len(PATTERN) + 4)
     batch.put(0, PATTERN + [PATTERN[0]])
     # 12 committed: 2 drafts, then the bonus token, fill the model's 15 positions
     assert _propose(proposer, batch, [[PATTERN[0]]]) == [PATTERN[1:3]]
@@ -183,26 +156,26 @@ def test_proposer_caps_drafts_at_the_model_length(monkeypatch):
 
 
 def test_proposer_cost_policy(monkeypatch):
-    batch = Batch(rows=1)
+    batch = VllmBatch(rows=1)
     batch.put(0, PATTERN + PATTERN[:3])
     monkeypatch.setenv("LOOKAHEAD_VLLM_STEP_TOKENS", "1e-9")  # a token costs a whole step: nothing pays
-    assert _propose(LookaheadProposer(_config(k=8)), batch, [[PATTERN[2]]]) == [[]]
+    assert _propose(LookaheadProposer(vllm_config(k=8)), batch, [[PATTERN[2]]]) == [[]]
     monkeypatch.setenv("LOOKAHEAD_VLLM_STEP_TOKENS", "inf")
-    full = _propose(LookaheadProposer(_config(k=8)), batch, [[PATTERN[2]]])[0]
+    full = _propose(LookaheadProposer(vllm_config(k=8)), batch, [[PATTERN[2]]])[0]
     monkeypatch.setenv("LOOKAHEAD_VLLM_STEP_TOKENS", "2")
-    cut = _propose(LookaheadProposer(_config(k=8)), batch, [[PATTERN[2]]])[0]
+    cut = _propose(LookaheadProposer(vllm_config(k=8)), batch, [[PATTERN[2]]])[0]
     assert full == (PATTERN[3:] + PATTERN)[:8] and 0 < len(cut) < len(full) and cut == full[:len(cut)]
 
 
 def test_proposer_rejects_bad_input(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="num_speculative_tokens"):
-        LookaheadProposer(_config(k=0))
+        LookaheadProposer(vllm_config(k=0))
     monkeypatch.setenv("LOOKAHEAD_VLLM_STEP_TOKENS", "cheap")
     with pytest.raises(ValueError, match="LOOKAHEAD_VLLM_STEP_TOKENS must be a number"):
-        LookaheadProposer(_config(k=2))
+        LookaheadProposer(vllm_config(k=2))
     monkeypatch.delenv("LOOKAHEAD_VLLM_STEP_TOKENS")
-    proposer = LookaheadProposer(_config(k=2))
-    batch = Batch(rows=2)
+    proposer = LookaheadProposer(vllm_config(k=2))
+    batch = VllmBatch(rows=2)
     batch.put(0, [1, 2, 3])
     batch.put(1, [1, 2, 3])
     with pytest.raises(ValueError, match="row 1's token_ids_cpu"):
@@ -219,9 +192,9 @@ def test_proposer_loads_and_saves_its_trie(monkeypatch, tmp_path):
     trie.save(path)
     monkeypatch.setenv("LOOKAHEAD_VLLM_TRIE", str(path))
     monkeypatch.setenv("LOOKAHEAD_VLLM_STEP_TOKENS", "inf")
-    proposer = LookaheadProposer(_config(k=8))
+    proposer = LookaheadProposer(vllm_config(k=8))
     assert proposer.drafter.config.branch_length == 6
-    batch = Batch(rows=1)
+    batch = VllmBatch(rows=1)
     batch.put(0, [1, 50, 51])
     assert _propose(proposer, batch, [[51]]) == [[52, 53, 54, 55]]  # drafted from the loaded trie alone
     batch.commit(0, [60, 61])
@@ -234,14 +207,14 @@ def test_token_cost_follows_the_measured_step(monkeypatch):
     from lookahead.integrations.vllm import STEP_TOKENS_CPU as TABLES
 
     STEP_TOKENS_CPU = TABLES["float32"]  # no dtype in the config: fp32's table
-    drafter = LookaheadProposer(_config(k=8)).drafter  # priced by vLLM's step through cost(rows, tokens)
+    drafter = LookaheadProposer(vllm_config(k=8)).drafter  # priced by vLLM's step through cost(rows, tokens)
     assert drafter.token_cost(1) == pytest.approx(1 / (STEP_TOKENS_CPU[1] + 1))
     assert drafter.token_cost(8) == pytest.approx(1 / (STEP_TOKENS_CPU[8] / 8 + 1))
     mid = STEP_TOKENS_CPU[1] + (STEP_TOKENS_CPU[8] - STEP_TOKENS_CPU[1]) * 3 / 7
     assert drafter.token_cost(4) == pytest.approx(1 / (mid / 4 + 1))
     assert drafter.token_cost(32) == pytest.approx(1 / (STEP_TOKENS_CPU[8] / 32 + 1))  # clamped a / b
-    bf16 = _config(k=8)
+    bf16 = vllm_config(k=8)
     bf16.model_config.dtype = "torch.bfloat16"
     assert LookaheadProposer(bf16).drafter.token_cost(1) == pytest.approx(1 / (TABLES["bfloat16"][1] + 1))
     monkeypatch.setenv("LOOKAHEAD_VLLM_STEP_TOKENS", "inf")
-    assert LookaheadProposer(_config(k=8)).drafter.token_cost(3) == 0.0
+    assert LookaheadProposer(vllm_config(k=8)).drafter.token_cost(3) == 0.0
