@@ -28,7 +28,7 @@ from lookahead.settings import cache_dir, cpu_arch
 
 log = logging.getLogger("lookahead.kernels.cpu")
 
-SOURCES = ("linear.cpp", "norm.cpp", "attention.cpp", "decoder.cpp")
+SOURCES = ("linear.cpp", "norm.cpp", "attention.cpp", "decoder.cpp", "quant.cpp")
 HEADERS = ("common.h", "ops.h")
 BASE_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-std=c++17", "-DNDEBUG", "-w")
 
