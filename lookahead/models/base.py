@@ -156,9 +156,16 @@ class Embedding(nn.Embedding):
     """nn.Embedding without the random init when built on the meta device (its first use imports torch._dynamo,
     seconds of a model load)."""
 
+    act_dtype: torch.dtype | None = None  # a GGUF-quantized table (uint8 blocks, models/gguf.py): its rows' dtype
+
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:
             super().reset_parameters()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.uint8:
+            return torch.ops.lookahead.quant_embedding(self.weight, ids, self.act_dtype)
+        return super().forward(ids)
 
 
 class Linear(nn.Linear):
@@ -278,6 +285,13 @@ def _or(t: torch.Tensor | None, none: torch.Tensor) -> torch.Tensor:
     return none if t is None else t
 
 
+def _split_parts(linear: nn.Module, n: int, none: torch.Tensor) -> list[torch.Tensor]:
+    """decode_layers' WK, WV (n = 2) or W3 (n = 1) slots: the other parts of a q/k/v or gate/up projection whose
+    GGUF types differ (models/gguf.py's SplitLinear), else empty tensors."""
+    rest = list(getattr(linear, "rest", ()))
+    return rest + [none] * (n - len(rest))
+
+
 @dataclass
 class CausalLMOutput:
     logits: torch.Tensor  # [B, T, V]
@@ -322,7 +336,9 @@ class CausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tok_embeddings.weight.dtype
+        """The activations' dtype (a GGUF-quantized model's weights are uint8 blocks)."""
+        weight = self.tok_embeddings.weight
+        return self.tok_embeddings.act_dtype if weight.dtype == torch.uint8 else weight.dtype
 
     @property
     def prefill_in_verify(self) -> bool:
@@ -423,7 +439,8 @@ class CausalLM(nn.Module):
             out += [layer.attention_norm.weight, a.wqkv.weight, _or(a.wqkv.bias, none), a.wo.weight,
                     _or(a.wo.bias, none), layer.ffn_norm.weight, f.w13.weight, _or(f.w13.bias, none), f.w2.weight,
                     _or(f.w2.bias, none), layer.post_attention_norm.weight if layer.sandwich else none,
-                    layer.post_ffn_norm.weight if layer.sandwich else none]
+                    layer.post_ffn_norm.weight if layer.sandwich else none,
+                    *_split_parts(a.wqkv, 2, none), *_split_parts(f.w13, 1, none)]
         self._weights_list = (out, (self.dtype, self.device))
         return out
 
