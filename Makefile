@@ -47,6 +47,8 @@ llamacpp-venv: $(LLAMACPP_STAMP)
 $(LLAMACPP_STAMP):
 	test -x $(LLAMACPP_PY) || $(PYTHON) -m venv $(LLAMACPP_VENV)
 	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" $(LLAMACPP_PY) -m pip install -q llama-cpp-python==0.3.36
+	# sentencepiece alone, for convert_hf_to_gguf.py under the main venv (PYTHONPATH, see profiling/make_1b_gguf.py)
+	$(LLAMACPP_PY) -m pip install -q --no-deps --target $(LLAMACPP_VENV)/convert-deps sentencepiece
 	mkdir -p $(LLAMACPP_VENV)/src
 	$(LLAMACPP_PY) -m pip download -q --no-binary :all: --no-deps llama-cpp-python==0.3.36 -d $(LLAMACPP_VENV)/src
 	tar -xzf $(LLAMACPP_VENV)/src/llama_cpp_python-0.3.36.tar.gz -C $(LLAMACPP_VENV)/src

@@ -35,7 +35,11 @@ constexpr int64_t PARALLEL_BYTES = 1 << 16;  // weight bytes per thread at least
 inline float fp16(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);  // exact, as the software conversion below
+#else
   return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
 }
 
 // ---- 32 int8 values and 8 int32 lanes: the three ISA paths, one set of operations -------------------------
@@ -232,6 +236,19 @@ template <bool FIVE> struct QAff {
   }
 };
 
+// The 8 6-bit scales (bytes 0..7 of out) and mins (bytes 8..15) of Q4_K / Q5_K from their 12 packed bytes, in a
+// few 32-bit operations (ggml's utmp unpacking; scale_min_k4 below is the one-at-a-time definition).
+inline void scales_mins_k4(const uint8_t* s, uint8_t* out) {
+  uint32_t u[4];
+  std::memcpy(u, s, 12);
+  u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+  const uint32_t mins_lo = u[1] & 0x3f3f3f3f;
+  u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+  u[2] = mins_lo;
+  u[0] &= 0x3f3f3f3f;
+  std::memcpy(out, u, 16);
+}
+
 // The 6-bit scales and mins of Q4_K / Q5_K (ggml's get_scale_min_k4).
 inline void scale_min_k4(const uint8_t* s, int j, int& sc, int& m) {
   if (j < 4) {
@@ -263,7 +280,7 @@ template <bool FIVE> struct QK {
       for (int i = 32 * j; i < 32 * j + 32; ++i) y[i] = ds * static_cast<float>(value(b, i)) - dm;
     }
   }
-  struct W { Bytes q[8]; int sc[8], m[8]; float d, dmin; };
+  struct W { Bytes q[8]; uint8_t sm[16]; float d, dmin; };  // sm: scales 0..7, mins 8..15
   static void unpack(const uint8_t* b, W& u) {
     const Bytes high = FIVE ? load32(b + QH) : splat8(0);
     for (int g = 0; g < 4; ++g) {
@@ -275,7 +292,7 @@ template <bool FIVE> struct QK {
         u.q[2 * g + 1] = bor(u.q[2 * g + 1], band(is_set(high, 2 << (2 * g)), splat8(0x10)));
       }
     }
-    for (int j = 0; j < 8; ++j) scale_min_k4(b + 4, j, u.sc[j], u.m[j]);
+    scales_mins_k4(b + 4, u.sm);
     u.d = fp16(b);
     u.dmin = fp16(b + 2);
   }
@@ -285,8 +302,8 @@ template <bool FIVE> struct QK {
     Lanes total = lanes_zero();
     int32_t mins = 0;
     for (int j = 0; j < 8; ++j) {
-      total = add32(total, mul32(dot_us(u.q[j], load32(xq + 32 * j)), u.sc[j]));
-      mins += u.m[j] * s[j];
+      total = add32(total, mul32(dot_us(u.q[j], load32(xq + 32 * j)), u.sm[j]));
+      mins += u.sm[8 + j] * s[j];
     }
     acc = acc_add(acc, total, u.d * a.d[blk]);
     extra = extra - (u.dmin * a.d[blk]) * static_cast<float>(mins);
@@ -357,17 +374,21 @@ void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* su
 }
 
 // y[m0 .. m0 + mi) x [n0, n1): each weight block is unpacked once and dotted with the tile's rows.
-template <typename F, typename T>
-void rows_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t m0, int mi, int64_t n0, int64_t n1,
+// (MI a constant, so the accumulators live in registers)
+template <typename F, typename T, int MI>
+void rows_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t m0, int64_t n0, int64_t n1,
                int64_t nb, int64_t N) {
+  constexpr int mi = MI;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * nb * F::BYTES;
-    Acc acc[MT];
-    float extra[MT];
+    Acc acc[MI];
+    float extra[MI];
+#pragma GCC unroll 8
     for (int i = 0; i < mi; ++i) { acc[i] = acc_zero(); extra[i] = 0.0f; }
     typename F::W u;
     for (int64_t b = 0; b < nb; ++b) {
       F::unpack(wr + b * F::BYTES, u);
+#pragma GCC unroll 8
       for (int i = 0; i < mi; ++i) F::dot(u, act[m0 + i], b, acc[i], extra[i]);
     }
     for (int i = 0; i < mi; ++i) {
@@ -394,8 +415,19 @@ void linear_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M,
   at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t n0 = r0; n0 < r1; n0 += NB) {
       const int64_t n1 = std::min(r1, n0 + NB);
-      for (int64_t m0 = 0; m0 < M; m0 += MT)
-        rows_tile<F, T>(w, act.data(), bias, y, m0, static_cast<int>(std::min<int64_t>(MT, M - m0)), n0, n1, nb, N);
+      for (int64_t m0 = 0; m0 < M; m0 += MT) {
+        const ActRow* a = act.data();
+        switch (std::min<int64_t>(MT, M - m0)) {
+          case 8: rows_tile<F, T, 8>(w, a, bias, y, m0, n0, n1, nb, N); break;
+          case 7: rows_tile<F, T, 7>(w, a, bias, y, m0, n0, n1, nb, N); break;
+          case 6: rows_tile<F, T, 6>(w, a, bias, y, m0, n0, n1, nb, N); break;
+          case 5: rows_tile<F, T, 5>(w, a, bias, y, m0, n0, n1, nb, N); break;
+          case 4: rows_tile<F, T, 4>(w, a, bias, y, m0, n0, n1, nb, N); break;
+          case 3: rows_tile<F, T, 3>(w, a, bias, y, m0, n0, n1, nb, N); break;
+          case 2: rows_tile<F, T, 2>(w, a, bias, y, m0, n0, n1, nb, N); break;
+          default: rows_tile<F, T, 1>(w, a, bias, y, m0, n0, n1, nb, N); break;
+        }
+      }
     }
   });
 }
