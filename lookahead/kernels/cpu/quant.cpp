@@ -7,8 +7,9 @@
 //   2. Every weight block's dot with the activation is integer arithmetic in 8 int32 lanes (lane l takes the
 //      products 4l..4l+3 of each 32 elements; exact in any order, so vpdpbusd, maddubs/madd or plain C agree).
 //   3. The fp32 part runs in one order: per weight block, in ascending block order, each of 8 fp32 lanes adds
-//      float(int lane) * (d_w * d_x), and one scalar adds the block's min/offset term; at the end the lanes are
-//      summed by one tree (lane_sum8), then the scalar, then the bias. -ffp-contract=off keeps mul and add apart.
+//      float(int lane) * (d_w * d_x) (then, for Q4_K / Q5_K, lane j adds sub-block j's min term), and for Q4_1 /
+//      Q5_1 one scalar adds the block's min term; at the end the lanes are summed by one tree (lane_sum8), then
+//      the scalar, then the bias. -ffp-contract=off keeps mul and add apart.
 // So a verify step of T nodes gives each node the bits of the one-token step that decodes the same token.
 //
 // Weight layout: uint8 [N, K / block_elems, block_bytes], the raw GGUF blocks of each output row; block_bytes
@@ -81,12 +82,30 @@ inline Lanes dot_us(Bytes u, Bytes s) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 #endif
 }
+// 16 int16 scales: int16 lane i scales the elements 2i, 2i + 1 of 32
+using Scales = __m256i;
+inline Scales scales_splat(int v) { return _mm256_set1_epi16(static_cast<int16_t>(v)); }
+inline Scales scales_halves(int lo, int hi) {  // elements 0..15 by lo, 16..31 by hi
+  return _mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(hi)), _mm_set1_epi16(static_cast<int16_t>(lo)));
+}
+// acc + the lanes of dot_us with each product scaled: maddubs pairs (exact: 2 * 32 * 127 < 32768) times the
+// int16 scales, summed in pairs into the same int32 lanes as dot_us
+inline Lanes dot_us_scaled(Lanes acc, Bytes u, Bytes s, Scales sc) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(acc, _mm256_maddubs_epi16(u, s), sc);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(acc, _mm256_maddubs_epi16(u, s), sc);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), sc));
+#endif
+}
+inline Lanes load_u8x8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+inline Lanes load_i32x8(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline Lanes mul32v(Lanes a, Lanes b) { return _mm256_mullo_epi32(a, b); }
 inline Lanes lanes_zero() { return _mm256_setzero_si256(); }
 inline Lanes add32(Lanes a, Lanes b) { return _mm256_add_epi32(a, b); }
-inline Lanes mul32(Lanes a, int s) { return _mm256_mullo_epi32(a, _mm256_set1_epi32(s)); }
-inline Lanes mul32(Lanes a, int lo, int hi) {  // lanes 0..3 by lo, 4..7 by hi
-  return _mm256_mullo_epi32(a, _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi));
-}
 using Acc = __m256;  // 8 fp32 lanes
 inline Acc acc_zero() { return _mm256_setzero_ps(); }
 inline Acc acc_add(Acc acc, Lanes l, float s) {
@@ -136,10 +155,22 @@ inline Lanes dot_us(Bytes u, Bytes s) {
   }
   return l;
 }
+struct Scales { int16_t v[16]; };
+inline Scales scales_splat(int v) { Scales s; for (auto& e : s.v) e = static_cast<int16_t>(v); return s; }
+inline Scales scales_halves(int lo, int hi) {
+  Scales s;
+  for (int i = 0; i < 16; ++i) s.v[i] = static_cast<int16_t>(i < 8 ? lo : hi);
+  return s;
+}
+inline Lanes dot_us_scaled(Lanes acc, Bytes u, Bytes s, Scales sc) {
+  for (int i = 0; i < 32; ++i) acc.v[i / 4] += static_cast<int32_t>(static_cast<uint8_t>(u.v[i])) * s.v[i] * sc.v[i / 2];
+  return acc;
+}
+inline Lanes load_u8x8(const uint8_t* p) { Lanes l; for (int i = 0; i < 8; ++i) l.v[i] = p[i]; return l; }
+inline Lanes load_i32x8(const int32_t* p) { Lanes l; std::memcpy(l.v, p, sizeof(l.v)); return l; }
+inline Lanes mul32v(Lanes a, Lanes b) { for (int i = 0; i < 8; ++i) a.v[i] *= b.v[i]; return a; }
 inline Lanes lanes_zero() { return Lanes{}; }
 inline Lanes add32(Lanes a, Lanes b) { for (int i = 0; i < 8; ++i) a.v[i] += b.v[i]; return a; }
-inline Lanes mul32(Lanes a, int s) { for (auto& e : a.v) e *= s; return a; }
-inline Lanes mul32(Lanes a, int lo, int hi) { for (int i = 0; i < 8; ++i) a.v[i] *= i < 4 ? lo : hi; return a; }
 struct Acc { float v[8]; };
 inline Acc acc_zero() { return Acc{}; }
 inline Acc acc_add(Acc acc, Lanes l, float s) {
@@ -296,17 +327,14 @@ template <bool FIVE> struct QK {
     u.d = fp16(b);
     u.dmin = fp16(b + 2);
   }
-  static void dot(const W& u, const ActRow& a, int64_t blk, Acc& acc, float& extra) {
+  // lane l of the 8 also takes sub-block l's min term m_l * sum(xq_l), scaled by -dmin * dx
+  static void dot(const W& u, const ActRow& a, int64_t blk, Acc& acc, float&) {
     const uint8_t* xq = reinterpret_cast<const uint8_t*>(a.q) + 256 * blk;
-    const int32_t* s = a.sum32 + 8 * blk;
     Lanes total = lanes_zero();
-    int32_t mins = 0;
-    for (int j = 0; j < 8; ++j) {
-      total = add32(total, mul32(dot_us(u.q[j], load32(xq + 32 * j)), u.sm[j]));
-      mins += u.sm[8 + j] * s[j];
-    }
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) total = dot_us_scaled(total, u.q[j], load32(xq + 32 * j), scales_splat(u.sm[j]));
     acc = acc_add(acc, total, u.d * a.d[blk]);
-    extra = extra - (u.dmin * a.d[blk]) * static_cast<float>(mins);
+    acc = acc_add(acc, mul32v(load_u8x8(u.sm + 8), load_i32x8(a.sum32 + 8 * blk)), -(u.dmin * a.d[blk]));
   }
 };
 
@@ -328,7 +356,7 @@ struct Q6K {
       for (int i = 16 * j; i < 16 * j + 16; ++i) y[i] = ds * static_cast<float>(value(b, i));
     }
   }
-  struct W { Bytes w[8], aw[8]; int sc[16]; float d; };
+  struct W { Bytes w[8], aw[8]; Scales sc[8]; float d; };  // sc[c]: chunk c's two scales, 16 elements each
   static void unpack(const uint8_t* b, W& u) {
     for (int h = 0; h < 2; ++h) {
       const Bytes qh = load32(b + 128 + 32 * h);
@@ -340,14 +368,16 @@ struct Q6K {
         u.aw[4 * h + k] = abs8(u.w[4 * h + k]);
       }
     }
-    for (int j = 0; j < 16; ++j) u.sc[j] = static_cast<int8_t>(b[192 + j]);
+    for (int c = 0; c < 8; ++c)
+      u.sc[c] = scales_halves(static_cast<int8_t>(b[192 + 2 * c]), static_cast<int8_t>(b[193 + 2 * c]));
     u.d = fp16(b + 208);
   }
   static void dot(const W& u, const ActRow& a, int64_t blk, Acc& acc, float&) {
     const uint8_t* xq = reinterpret_cast<const uint8_t*>(a.q) + 256 * blk;
     Lanes total = lanes_zero();
+#pragma GCC unroll 8
     for (int c = 0; c < 8; ++c)
-      total = add32(total, mul32(dot_us(u.aw[c], sign8(load32(xq + 32 * c), u.w[c])), u.sc[2 * c], u.sc[2 * c + 1]));
+      total = dot_us_scaled(total, u.aw[c], sign8(load32(xq + 32 * c), u.w[c]), u.sc[c]);
     acc = acc_add(acc, total, u.d * a.d[blk]);
   }
 };
