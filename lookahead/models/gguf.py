@@ -179,6 +179,19 @@ def native_gguf(name_or_path, dtype, device, quantization) -> Path | None:
     return path
 
 
+def open_gguf(path: Path) -> GGUFFile:
+    """The parsed GGUFFile of path, parsed once per process and file version (gguf-py reads the token arrays of the
+    metadata item by item: seconds for a 49k vocabulary)."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if _opened.get("key") != key:
+        _opened.update(key=key, file=GGUFFile(Path(path)))
+    return _opened["file"]
+
+
+_opened: dict = {}  # open_gguf's last file: one at a time (the map stays open while a model uses it anyway)
+
+
 def native_supported(gguf: Path, device) -> list[str]:
     """Why `quantization="auto"` cannot run this file natively on device (empty: it can)."""
     why = []
@@ -186,7 +199,7 @@ def native_supported(gguf: Path, device) -> list[str]:
         why.append("the device is not the CPU")
     elif not cpu_ops.available():
         why.append("the C++ CPU ops could not be built")
-    return why + GGUFFile(gguf).unsupported()
+    return why + open_gguf(gguf).unsupported()
 
 
 def activation_dtype() -> torch.dtype:
@@ -198,7 +211,7 @@ def activation_dtype() -> torch.dtype:
 def load_quantized(cls: type[CausalLM], path: Path, dtype) -> CausalLM:
     """cls's model over the GGUF file at path, its weights in their block formats (zero-copy views of the map);
     dtype is the activations' ("auto": activation_dtype())."""
-    f = GGUFFile(path)
+    f = open_gguf(path)
     why = f.unsupported()
     if why:
         raise ValueError(f"{path} cannot run quantized: {'; '.join(why)}. Load it with quantization=None "
