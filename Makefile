@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Converted checkpoints and cost curves stay inside the checkout: `make demo/test/bench` never write ~/.cache.
 export LOOKAHEAD_CACHE ?= $(CURDIR)/.cache/lookahead
 
-.PHONY: demo test test-kernels bench setup clean vllm-venv
+.PHONY: demo test test-kernels bench setup clean vllm-venv llamacpp-venv
 
 setup: $(STAMP)
 
@@ -35,6 +35,25 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_PY) -m pip install -q --no-deps -e .
 	touch $(VLLM_STAMP)
 
+# llama.cpp (llama-cpp-python, built from its sdist for this host) in its own venv: the anchor of the GGUF benchmarks
+# (docs/gguf.md); convert_hf_to_gguf.py comes from the same sdist, unpacked under .venv-llamacpp/src (it runs
+# under the main venv, which has torch, transformers and sentencepiece)
+LLAMACPP_VENV := .venv-llamacpp
+LLAMACPP_PY := $(LLAMACPP_VENV)/bin/python
+LLAMACPP_STAMP := $(LLAMACPP_VENV)/.installed
+
+llamacpp-venv: $(LLAMACPP_STAMP)
+
+$(LLAMACPP_STAMP):
+	test -x $(LLAMACPP_PY) || $(PYTHON) -m venv $(LLAMACPP_VENV)
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" $(LLAMACPP_PY) -m pip install -q llama-cpp-python==0.3.36
+	# sentencepiece alone, for convert_hf_to_gguf.py under the main venv (PYTHONPATH, see profiling/make_1b_gguf.py)
+	$(LLAMACPP_PY) -m pip install -q --no-deps --target $(LLAMACPP_VENV)/convert-deps sentencepiece
+	mkdir -p $(LLAMACPP_VENV)/src
+	$(LLAMACPP_PY) -m pip download -q --no-binary :all: --no-deps llama-cpp-python==0.3.36 -d $(LLAMACPP_VENV)/src
+	tar -xzf $(LLAMACPP_VENV)/src/llama_cpp_python-0.3.36.tar.gz -C $(LLAMACPP_VENV)/src
+	touch $(LLAMACPP_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/lookahead demo
 
@@ -48,4 +67,4 @@ bench: $(STAMP)
 	$(VENV)/bin/lookahead bench --out bench
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMACPP_VENV) *.egg-info .pytest_cache

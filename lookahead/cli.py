@@ -58,10 +58,12 @@ def cmd_generate(args) -> int:
 
     from lookahead.data import encode_prompt
     from lookahead.models.auto import load_model
+    from lookahead.models.gguf import describe as describe_weights
 
     sampling = sampling_kwargs(args)
     refs = [Path(f).read_text() for f in args.reference] if args.reference else None
     model, tokenizer = load_model(args.model, args.dtype, args.device)
+    print(describe_weights(model), file=sys.stderr)
     calibrate_untimed(model, args)
     ids = encode_prompt(tokenizer, args.prompt, args.chat).to(model.device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -80,9 +82,11 @@ def cmd_chat(args) -> int:
 
     from lookahead.data import encode_chat
     from lookahead.models.auto import load_model
+    from lookahead.models.gguf import describe as describe_weights
 
     sampling = sampling_kwargs(args)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
+    print(describe_weights(model), file=sys.stderr)
     calibrate_untimed(model, args)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     prompt = ""
@@ -131,11 +135,13 @@ def cmd_demo(args) -> int:
     from lookahead.models.auto import load_model
 
     from lookahead.kernels import cpu as cpu_ops
+    from lookahead.models.gguf import describe as describe_weights
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s ({torch.get_num_threads()} threads, "
           f"{model.device}, {model.dtype})")
+    print(describe_weights(model))
     if model.device.type == "cpu":
         auto, why = cpu_ops.auto_dtype()
         print(f"CPU: {cpu_ops.cpu_name()}; dtype auto is {str(auto).removeprefix('torch.')}: {why}; the C++ CPU ops "

@@ -5,6 +5,7 @@ implementation per device. The model calls these ops and never asks which backen
 |---|---|---|
 | linear, rms_norm, add_rms_norm_, silu_mul, rope_store, tree_attention, decode_layers | the C++ ops (kernels/cpu) | Triton where exact mode asks for it (linear, rms_norm, tree_attention), torch otherwise |
 | accept_longest_path, compact_kv | torch references (the step's inputs are well formed: no checks) | Triton (checked where LOOKAHEAD_CHECKS=1) |
+| quant_linear, quant_embedding (GGUF blocks, kernels/cpu/quant.cpp) | the C++ ops | none: quantized weights run on the CPU |
 
 Where the C++ ops cannot be built (no compiler) or `LOOKAHEAD_KERNELS=torch` is set, the CPU runs the torch
 references (reference.py), which are also what a CUDA device without triton runs. `decode_layers` (every decoder
@@ -50,6 +51,8 @@ SCHEMAS = (
     "Tensor slots, Tensor? tree_mask, int n_heads, bool interleaved, float eps, Tensor final_norm, "
     "Tensor? rows=None, Tensor? nodes=None) -> Tensor",
     "accept_longest_path(Tensor draft_tokens, Tensor parents, Tensor target_tokens) -> (Tensor, Tensor)",
+    "quant_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
+    "quant_embedding(Tensor weight, Tensor ids, ScalarType dtype) -> Tensor",
     "compact_kv(Tensor(a!) cache, Tensor lens, Tensor path, Tensor num_accepted) -> ()",
 )
 
@@ -170,6 +173,13 @@ def _cpu_impl(name: str, fallback):
     return run
 
 
+def _cpu_only(name: str):
+    def run(*args):
+        raise NotImplementedError(f"{name} takes GGUF blocks (uint8 weights), which run on the CPU's C++ ops only: "
+                                  "load the model with quantization=None for another device")
+    return run
+
+
 def _no_fused(*args):
     raise NotImplementedError("decode_layers runs where the C++ CPU ops do (kernels.fused_decoder(x)); the model's "
                               "layers serve every other device")
@@ -203,6 +213,8 @@ IMPLS = {  # op: (CPU, CUDA)
     "decode_layers": (_cpu_impl("decode_layers", _no_fused), _no_fused),
     "accept_longest_path": (reference.accept_longest_path, accept_longest_path),
     "compact_kv": (reference.compact_kv, compact_kv),
+    "quant_linear": (_cpu_impl("quant_linear", _cpu_only("quant_linear")), _cpu_only("quant_linear")),
+    "quant_embedding": (_cpu_impl("quant_embedding", _cpu_only("quant_embedding")), _cpu_only("quant_embedding")),
 }
 
 _lib = torch.library.Library("lookahead", "DEF")

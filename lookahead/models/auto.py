@@ -32,13 +32,21 @@ def model_class(path: Path) -> type:
     raise ValueError(f"model_type {model_type!r} is not served; supported: {', '.join(served)}")
 
 
-def load_model(name_or_path: str | Path, dtype: str | None = None, device: str | torch.device | None = None):
+def load_model(name_or_path: str | Path, dtype: str | None = None, device: str | torch.device | None = None,
+               quantization: str | None = "auto"):
     """(model, tokenizer) of the embedded name, an HF checkpoint dir or a .gguf file. dtype: a DTYPES name
-    (None = "auto"); device: None = cuda when available, else cpu."""
+    (None = "auto"); device: None = cuda when available, else cpu; quantization: docs/gguf.md."""
     from transformers import AutoTokenizer
+
+    from lookahead.models import gguf
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    native = gguf.native_gguf(name_or_path, DTYPES[dtype or "auto"], device, quantization)
+    if native is not None:  # quantized blocks, no conversion: the tokenizer comes from the GGUF's metadata too
+        model = LlamaForLookahead.from_pretrained(native, dtype=DTYPES[dtype or "auto"], device=device,
+                                                  quantization="gguf")
+        return model, gguf.tokenizer(native)
     path = resolve_checkpoint(name_or_path)
     model = model_class(path).from_pretrained(path, dtype=DTYPES[dtype or "auto"], device=device)
     return model, AutoTokenizer.from_pretrained(path)

@@ -73,7 +73,9 @@ class CausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tok_embeddings.weight.dtype
+        """The activations' dtype (a GGUF-quantized model's weights are uint8 blocks)."""
+        weight = self.tok_embeddings.weight
+        return self.tok_embeddings.act_dtype if weight.dtype == torch.uint8 else weight.dtype
 
     @property
     def prefill_in_verify(self) -> bool:

@@ -61,9 +61,16 @@ class Embedding(nn.Embedding):
     """nn.Embedding without the random init when built on the meta device (its first use imports torch._dynamo,
     seconds of a model load)."""
 
+    act_dtype: torch.dtype | None = None  # a GGUF-quantized table (uint8 blocks, models/gguf.py): its rows' dtype
+
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:
             super().reset_parameters()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.uint8:  # GGUF blocks: the rows asked for, dequantized
+            return torch.ops.lookahead.quant_embedding(self.weight, ids, self.act_dtype)
+        return super().forward(ids)
 
 
 class Linear(nn.Linear):
@@ -134,9 +141,12 @@ class Block(nn.Module):
         return x.add_(self.post_ffn_norm(h) if self.sandwich else h)
 
     def weights(self) -> dict[str, torch.Tensor | None]:
-        """This layer's tensors by the names of kernels.ops.LAYER_WEIGHTS (None: absent)."""
+        """This layer's tensors by the names of kernels.ops.LAYER_WEIGHTS (None: absent). wk, wv and w3 are the
+        other parts of a q/k/v or gate/up projection whose GGUF types differ (models/gguf.py's SplitLinear)."""
         a, f = self.attention, self.feed_forward
-        return {"attention_norm": self.attention_norm.weight, "wqkv": a.wqkv.weight, "wqkv_bias": a.wqkv.bias,
+        wk, wv = (list(getattr(a.wqkv, "rest", ())) + [None, None])[:2]
+        w3 = (list(getattr(f.w13, "rest", ())) + [None])[0]
+        return {"wk": wk, "wv": wv, "w3": w3, "attention_norm": self.attention_norm.weight, "wqkv": a.wqkv.weight, "wqkv_bias": a.wqkv.bias,
                 "wo": a.wo.weight, "wo_bias": a.wo.bias, "ffn_norm": self.ffn_norm.weight, "w13": f.w13.weight,
                 "w13_bias": f.w13.bias, "w2": f.w2.weight, "w2_bias": f.w2.bias,
                 "post_attention_norm": self.post_attention_norm.weight if self.sandwich else None,

@@ -98,15 +98,23 @@ class Pretrained:
     on the modules of base.py, never the other way round."""
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype: torch.dtype | str | None = "auto", device=None):
-        """Load an HF checkpoint dir, a .gguf file or the embedded "smollm2-135m-instruct" (docs/API.md)."""
-        return load_pretrained(cls, name_or_path, dtype, device)
+    def from_pretrained(cls, name_or_path, dtype: torch.dtype | str | None = "auto", device=None,
+                        quantization: str | None = "auto"):
+        """Load an HF checkpoint dir, a .gguf file or the embedded "smollm2-135m-instruct" (docs/API.md); a GGUF
+        runs its quantized blocks natively where it can (quantization=, docs/gguf.md)."""
+        return load_pretrained(cls, name_or_path, dtype, device, quantization)
 
 
-def load_pretrained(cls: type[CausalLM], name_or_path, dtype: torch.dtype | str | None, device) -> CausalLM:
+def load_pretrained(cls: type[CausalLM], name_or_path, dtype: torch.dtype | str | None, device,
+                    quantization: str | None = "auto") -> CausalLM:
     """`cls.from_pretrained`: the model is built on the meta device (no random init), the checkpoint's tensors
     are assigned in place of its parameters, and one `.to(device, dtype)` moves it. dtype "auto" (or None):
-    `default_dtype`."""
+    `default_dtype`. A GGUF that runs quantized (models/gguf.py's `native_gguf`) keeps its blocks instead."""
+    from lookahead.models import gguf
+
+    native = gguf.native_gguf(name_or_path, dtype, device, quantization)
+    if native is not None:
+        return gguf.load_quantized(cls, native, dtype)
     path = resolve_checkpoint(name_or_path)
     hf = load_config(path)
     cfg = cls.config_from_hf(hf)

@@ -37,7 +37,7 @@ BASE_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-DNDEB
 # Per decoder layer, the tensors decode_layers takes, in this order (decoder.cpp's WEIGHT_NAMES; an absent bias or
 # sandwich norm is an empty tensor). The model gathers its weights by these names.
 LAYER_WEIGHTS = ("attention_norm", "wqkv", "wqkv_bias", "wo", "wo_bias", "ffn_norm", "w13", "w13_bias", "w2",
-                 "w2_bias", "post_attention_norm", "post_ffn_norm")
+                 "w2_bias", "post_attention_norm", "post_ffn_norm", "wk", "wv", "w3")
 
 
 def flags() -> tuple[str, ...]:

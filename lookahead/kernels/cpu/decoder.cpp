@@ -11,17 +11,38 @@
 namespace lookahead_cpu {
 namespace {
 
-// Per layer, in this order; an absent bias or sandwich norm is an empty tensor. WEIGHT_NAMES says the order to
-// Python (kernels/cpu/__init__.py checks it against the list the model gathers by, LAYER_WEIGHTS, when it loads).
-enum Weight { ATTN_NORM, WQKV, BQKV, WO, BO, FFN_NORM, W13, B13, W2, B2, POST_ATTN_NORM, POST_FFN_NORM, PER_LAYER };
+// Per layer, in this order; an absent bias or sandwich norm is an empty tensor. WK, WV and W3 are empty unless
+// q/k/v (gate/up) are GGUF blocks of different types, which cannot be one uint8 tensor: WQKV then holds q and W13
+// gate, and the parts' outputs are concatenated (each row on its own, so exactness holds). WEIGHT_NAMES says the
+// order to Python (kernels/cpu/__init__.py checks it against LAYER_WEIGHTS, the names the model gathers by).
+enum Weight {
+  ATTN_NORM, WQKV, BQKV, WO, BO, FFN_NORM, W13, B13, W2, B2, POST_ATTN_NORM, POST_FFN_NORM, WK, WV, W3, PER_LAYER
+};
 const char* const WEIGHT_NAMES[PER_LAYER] = {"attention_norm", "wqkv", "wqkv_bias", "wo", "wo_bias", "ffn_norm",
                                              "w13", "w13_bias", "w2", "w2_bias", "post_attention_norm",
-                                             "post_ffn_norm"};
+                                             "post_ffn_norm", "wk", "wv", "w3"};
 
 std::vector<std::string> decode_layers_weights() { return {WEIGHT_NAMES, WEIGHT_NAMES + PER_LAYER}; }
 
 c10::optional<at::Tensor> given(const at::Tensor& t) {
   return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+// h @ [w[first]; w[more...]].T + bias: one linear, or one per part (bias sliced to each) concatenated.
+at::Tensor parts_linear(const at::Tensor& h, const at::Tensor* w, int first, std::initializer_list<int> more,
+                        int bias) {
+  if (!w[*more.begin()].numel()) return lookahead_cpu::linear(h, w[first], given(w[bias]));
+  std::vector<at::Tensor> outs;
+  int64_t offset = 0;
+  std::vector<int> slots{first};
+  slots.insert(slots.end(), more);
+  for (int slot : slots) {
+    const int64_t n = w[slot].size(0);
+    outs.push_back(lookahead_cpu::linear(h, w[slot], w[bias].numel() ? c10::optional<at::Tensor>(
+                                                         w[bias].narrow(0, offset, n)) : c10::nullopt));
+    offset += n;
+  }
+  return at::cat(outs, -1);
 }
 
 // x [B, T, dim] (the embeddings; used in place as the residual stream); weights: PER_LAYER tensors per layer;
@@ -45,7 +66,7 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList weights, const at::Tensor&
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* w = weights.data() + l * PER_LAYER;
     at::Tensor k_cache = cache.select(0, l).select(0, 0), v_cache = cache.select(0, l).select(0, 1);
-    const at::Tensor qkv = lookahead_cpu::linear(h, w[WQKV], given(w[BQKV]));
+    const at::Tensor qkv = parts_linear(h, w, WQKV, {WK, WV}, BQKV);
     const at::Tensor q = lookahead_cpu::rope_store(qkv, cos, sin, k_cache, v_cache, slots, n_heads, interleaved, rows);
     const at::Tensor y = lookahead_cpu::tree_attention(rows.has_value() ? q.view({B * T, n_heads, D}) : q, k_cache,
                                                        v_cache, lens, tree_mask, scale, rows, nodes)
@@ -53,7 +74,7 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList weights, const at::Tensor&
     at::Tensor o = lookahead_cpu::linear(y, w[WO], given(w[BO]));
     if (w[POST_ATTN_NORM].numel()) o = lookahead_cpu::rms_norm(o, w[POST_ATTN_NORM], eps);
     h = lookahead_cpu::add_rms_norm_(x, o, w[FFN_NORM], eps);
-    at::Tensor d = lookahead_cpu::linear(lookahead_cpu::silu_mul(lookahead_cpu::linear(h, w[W13], given(w[B13]))), w[W2], given(w[B2]));
+    at::Tensor d = lookahead_cpu::linear(lookahead_cpu::silu_mul(parts_linear(h, w, W13, {W3}, B13)), w[W2], given(w[B2]));
     if (w[POST_FFN_NORM].numel()) d = lookahead_cpu::rms_norm(d, w[POST_FFN_NORM], eps);
     h = lookahead_cpu::add_rms_norm_(x, d, l + 1 < L ? weights[(l + 1) * PER_LAYER + ATTN_NORM] : final_norm, eps);
   }

@@ -265,6 +265,7 @@ void linear_kernel(const T* x, const T* w, const T* bias, T* y, int64_t M, int64
 
 // x [..., K], weight [N, K], bias [N] or None -> [..., N], all of one dtype (fp32, bf16, fp16), contiguous.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  if (weight.scalar_type() == at::kByte) return quant_linear(x, weight, bias);  // GGUF blocks (quant.cpp)
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "lookahead::linear runs on CPU tensors");
   TORCH_CHECK(weight.dim() == 2 && x.size(-1) == weight.size(1), "lookahead::linear: x [..., K] and weight [N, K]"
               " must agree on K, got ", x.sizes(), " and ", weight.sizes());

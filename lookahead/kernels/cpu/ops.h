@@ -16,4 +16,8 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
                       at::Tensor& v_cache, const at::Tensor& slots, int64_t n_heads, bool interleaved,
                       const c10::optional<at::Tensor>& rows);
 
+// quant.cpp: weights in their GGUF block format, uint8 [N, K / block_elems, block_bytes]
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+at::Tensor quant_embedding(const at::Tensor& weight, const at::Tensor& ids, at::ScalarType dtype);
+
 }  // namespace lookahead_cpu

@@ -1,0 +1,555 @@
+// Linear layers and embeddings on GGUF-quantized weights, read in their own block format (no dequantized copy).
+//
+// Exactness contract: y[m, n] is a fixed-order function of x[m] and w[n] alone, whatever the number of rows M,
+// the tile a row falls in, the thread or the ISA path (AVX512-VNNI, AVX-VNNI, AVX2 or scalar give the same bits):
+//   1. x[m] is quantized alone, per group of G elements (G = 32 for the legacy formats, 256 for the K-quants):
+//      d = amax / 127, q = round-to-nearest-even(x * (127 / amax)), the same scalar IEEE operations everywhere.
+//   2. Every weight block's dot with the activation is integer arithmetic in 8 int32 lanes (lane l takes the
+//      products 4l..4l+3 of each 32 elements; exact in any order, so vpdpbusd, maddubs/madd or plain C agree).
+//   3. The fp32 part runs in one order: per weight block, in ascending block order, each of 8 fp32 lanes adds
+//      float(int lane) * (d_w * d_x) (then, for Q4_K / Q5_K, lane j adds sub-block j's min term), and for Q4_1 /
+//      Q5_1 one scalar adds the block's min term; at the end the lanes are summed by one tree (lane_sum8), then
+//      the scalar, then the bias. -ffp-contract=off keeps mul and add apart.
+// So a verify step of T nodes gives each node the bits of the one-token step that decodes the same token.
+//
+// Weight layout: uint8 [N, K / block_elems, block_bytes], the raw GGUF blocks of each output row; block_bytes
+// names the ggml type (FORMATS below, the one table every op reads). The activation is quantized once per call
+// into a per-row buffer; tiles of up to 8 rows of x share each unpacked weight block, and threads own ranges of
+// output rows (at::parallel_for), so a verify of T rows reads the weight once per 8 rows from cache, not memory.
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+
+#include "common.h"
+#include "ops.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace lookahead_cpu {
+namespace {
+
+constexpr int MT = 8;          // rows of x per tile (8 fp32 accumulators of 8 lanes each stay in registers)
+constexpr int64_t NB = 16;     // rows of w per cache block: their blocks stay in L1/L2 while every x tile passes
+constexpr int64_t PARALLEL_BYTES = 1 << 16;  // weight bytes per thread at least (waking the pool costs microseconds)
+
+inline float fp16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);  // exact, as the software conversion below
+#else
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
+}
+
+// ---- 32 int8 values and 8 int32 lanes: the three ISA paths, one set of operations -------------------------
+#if defined(__AVX2__)
+using Bytes = __m256i;  // 32 int8 (or uint8) values
+using Lanes = __m256i;  // 8 int32 lanes
+inline Bytes load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline Bytes splat8(int v) { return _mm256_set1_epi8(static_cast<char>(v)); }
+inline Bytes band(Bytes a, Bytes b) { return _mm256_and_si256(a, b); }
+inline Bytes bor(Bytes a, Bytes b) { return _mm256_or_si256(a, b); }
+inline Bytes sub8(Bytes a, Bytes b) { return _mm256_sub_epi8(a, b); }
+inline Bytes shr_and(Bytes a, int n, int mask) { return band(_mm256_srli_epi16(a, n), splat8(mask)); }
+inline Bytes shl4(Bytes a) { return _mm256_slli_epi16(a, 4); }  // values <= 15: no carry into the next byte
+// 16 bytes -> 32 values: the low nibbles (elements 0..15), then the high nibbles (16..31)
+inline Bytes nibbles16(const uint8_t* p) {
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return band(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), splat8(0x0F));
+}
+// 0xFF where bit i of bits is set, byte i
+inline Bytes bits_to_bytes(uint32_t bits) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  return _mm256_movm_epi8(static_cast<__mmask32>(bits));
+#else
+  const __m256i shuffle = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  const __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)), shuffle);
+  return _mm256_cmpeq_epi8(_mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)), _mm256_set1_epi64x(-1));
+#endif
+}
+inline Bytes is_set(Bytes a, int bit) { return _mm256_cmpeq_epi8(band(a, splat8(bit)), splat8(bit)); }
+inline Bytes abs8(Bytes a) { return _mm256_abs_epi8(a); }
+inline Bytes sign8(Bytes x, Bytes w) { return _mm256_sign_epi8(x, w); }  // x * sign(w)
+// lane l = sum over i < 4 of u[4l + i] * s[4l + i]; u unsigned <= 128, s signed in [-127, 127]
+inline Lanes dot_us(Bytes u, Bytes s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else  // pairs fit int16: 2 * 128 * 127 < 32768
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+// 16 int16 scales: int16 lane i scales the elements 2i, 2i + 1 of 32
+using Scales = __m256i;
+inline Scales scales_splat(int v) { return _mm256_set1_epi16(static_cast<int16_t>(v)); }
+inline Scales scales_halves(int lo, int hi) {  // elements 0..15 by lo, 16..31 by hi
+  return _mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(hi)), _mm_set1_epi16(static_cast<int16_t>(lo)));
+}
+// acc + the lanes of dot_us with each product scaled: maddubs pairs (exact: 2 * 32 * 127 < 32768) times the
+// int16 scales, summed in pairs into the same int32 lanes as dot_us
+inline Lanes dot_us_scaled(Lanes acc, Bytes u, Bytes s, Scales sc) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(acc, _mm256_maddubs_epi16(u, s), sc);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(acc, _mm256_maddubs_epi16(u, s), sc);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), sc));
+#endif
+}
+inline Lanes load_u8x8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+inline Lanes load_i32x8(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline Lanes mul32v(Lanes a, Lanes b) { return _mm256_mullo_epi32(a, b); }
+inline Lanes lanes_zero() { return _mm256_setzero_si256(); }
+inline Lanes add32(Lanes a, Lanes b) { return _mm256_add_epi32(a, b); }
+using Acc = __m256;  // 8 fp32 lanes
+inline Acc acc_zero() { return _mm256_setzero_ps(); }
+inline Acc acc_add(Acc acc, Lanes l, float s) {
+  return _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(l), _mm256_set1_ps(s)));
+}
+inline void acc_store(Acc acc, float* out) { _mm256_storeu_ps(out, acc); }
+
+#else  // portable C++: the same integer lanes and the same fp32 operations, element by element
+
+struct Bytes { int8_t v[32]; };
+struct Lanes { int32_t v[8]; };
+inline Bytes load32(const uint8_t* p) { Bytes b; std::memcpy(b.v, p, 32); return b; }
+inline Bytes splat8(int v) { Bytes b; for (auto& e : b.v) e = static_cast<int8_t>(v); return b; }
+inline Bytes band(Bytes a, Bytes b) { for (int i = 0; i < 32; ++i) a.v[i] &= b.v[i]; return a; }
+inline Bytes bor(Bytes a, Bytes b) { for (int i = 0; i < 32; ++i) a.v[i] |= b.v[i]; return a; }
+inline Bytes sub8(Bytes a, Bytes b) {
+  for (int i = 0; i < 32; ++i) a.v[i] = static_cast<int8_t>(a.v[i] - b.v[i]);
+  return a;
+}
+inline Bytes shr_and(Bytes a, int n, int mask) {
+  for (auto& e : a.v) e = static_cast<int8_t>((static_cast<uint8_t>(e) >> n) & mask);
+  return a;
+}
+inline Bytes shl4(Bytes a) { for (auto& e : a.v) e = static_cast<int8_t>(static_cast<uint8_t>(e) << 4); return a; }
+inline Bytes nibbles16(const uint8_t* p) {
+  Bytes b;
+  for (int i = 0; i < 16; ++i) { b.v[i] = p[i] & 0x0F; b.v[i + 16] = p[i] >> 4; }
+  return b;
+}
+inline Bytes bits_to_bytes(uint32_t bits) {
+  Bytes b;
+  for (int i = 0; i < 32; ++i) b.v[i] = (bits >> i) & 1 ? -1 : 0;
+  return b;
+}
+inline Bytes is_set(Bytes a, int bit) { for (auto& e : a.v) e = (e & bit) == bit ? -1 : 0; return a; }
+inline Bytes abs8(Bytes a) { for (auto& e : a.v) e = static_cast<int8_t>(e < 0 ? -e : e); return a; }
+inline Bytes sign8(Bytes x, Bytes w) {
+  for (int i = 0; i < 32; ++i) x.v[i] = static_cast<int8_t>(w.v[i] < 0 ? -x.v[i] : w.v[i] == 0 ? 0 : x.v[i]);
+  return x;
+}
+inline Lanes dot_us(Bytes u, Bytes s) {
+  Lanes l;
+  for (int i = 0; i < 8; ++i) {
+    int32_t t = 0;
+    for (int j = 4 * i; j < 4 * i + 4; ++j) t += static_cast<int32_t>(static_cast<uint8_t>(u.v[j])) * s.v[j];
+    l.v[i] = t;
+  }
+  return l;
+}
+struct Scales { int16_t v[16]; };
+inline Scales scales_splat(int v) { Scales s; for (auto& e : s.v) e = static_cast<int16_t>(v); return s; }
+inline Scales scales_halves(int lo, int hi) {
+  Scales s;
+  for (int i = 0; i < 16; ++i) s.v[i] = static_cast<int16_t>(i < 8 ? lo : hi);
+  return s;
+}
+inline Lanes dot_us_scaled(Lanes acc, Bytes u, Bytes s, Scales sc) {
+  for (int i = 0; i < 32; ++i) acc.v[i / 4] += static_cast<int32_t>(static_cast<uint8_t>(u.v[i])) * s.v[i] * sc.v[i / 2];
+  return acc;
+}
+inline Lanes load_u8x8(const uint8_t* p) { Lanes l; for (int i = 0; i < 8; ++i) l.v[i] = p[i]; return l; }
+inline Lanes load_i32x8(const int32_t* p) { Lanes l; std::memcpy(l.v, p, sizeof(l.v)); return l; }
+inline Lanes mul32v(Lanes a, Lanes b) { for (int i = 0; i < 8; ++i) a.v[i] *= b.v[i]; return a; }
+inline Lanes lanes_zero() { return Lanes{}; }
+inline Lanes add32(Lanes a, Lanes b) { for (int i = 0; i < 8; ++i) a.v[i] += b.v[i]; return a; }
+struct Acc { float v[8]; };
+inline Acc acc_zero() { return Acc{}; }
+inline Acc acc_add(Acc acc, Lanes l, float s) {
+  for (int i = 0; i < 8; ++i) acc.v[i] = acc.v[i] + static_cast<float>(l.v[i]) * s;
+  return acc;
+}
+inline void acc_store(Acc acc, float* out) { std::memcpy(out, acc.v, sizeof(acc.v)); }
+#endif
+
+// The 8 lanes in one tree, whatever the path: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
+inline float lane_sum8(Acc acc) {
+  float a[8];
+  acc_store(acc, a);
+  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+// One row of x, quantized alone: q [K] int8; per group of G elements d (fp32); per 32 elements the sum of q.
+struct ActRow {
+  const int8_t* q;
+  const float* d;
+  const int32_t* sum32;
+};
+
+// ---- the block formats: unpack a weight block once, dot it with any number of activation rows -----------------
+// Each format: ELEMS per block, BYTES per block, GROUP (the activation's quantization group), dequant (gguf-py's
+// `dequantize` bit for bit: the same fp32 operations in the same order), a W (the unpacked block) and dot.
+struct Q8_0 {
+  static constexpr int ELEMS = 32, BYTES = 34, GROUP = 32;
+  static void dequant(const uint8_t* b, float* y) {
+    const float d = fp16(b);
+    for (int i = 0; i < 32; ++i) y[i] = static_cast<float>(static_cast<int8_t>(b[2 + i])) * d;
+  }
+  struct W { Bytes w, aw; float d; };
+  static void unpack(const uint8_t* b, W& u) { u.w = load32(b + 2); u.aw = abs8(u.w); u.d = fp16(b); }
+  static void dot(const W& u, const ActRow& a, int64_t blk, Acc& acc, float&) {
+    const Lanes l = dot_us(u.aw, sign8(load32(reinterpret_cast<const uint8_t*>(a.q) + 32 * blk), u.w));
+    acc = acc_add(acc, l, u.d * a.d[blk]);
+  }
+};
+
+// Q4_0 and Q5_0: signed values (q - 8, q - 16) times d: the sign trick makes them u8 x s8 products.
+template <bool FIVE> struct QSym {
+  static constexpr int ELEMS = 32, BYTES = FIVE ? 22 : 18, GROUP = 32;
+  static constexpr int QS = FIVE ? 6 : 2;
+  static uint32_t high(const uint8_t* b) { uint32_t h; std::memcpy(&h, b + 2, 4); return h; }
+  static void dequant(const uint8_t* b, float* y) {
+    const float d = fp16(b);
+    const uint32_t h = FIVE ? high(b) : 0;
+    for (int i = 0; i < 32; ++i) {
+      int q = i < 16 ? (b[QS + i] & 0x0F) : (b[QS + i - 16] >> 4);
+      if (FIVE) q |= ((h >> i) & 1) << 4;
+      y[i] = d * static_cast<float>(q - (FIVE ? 16 : 8));
+    }
+  }
+  struct W { Bytes w, aw; float d; };
+  static void unpack(const uint8_t* b, W& u) {
+    Bytes q = nibbles16(b + QS);
+    if (FIVE) q = bor(q, band(bits_to_bytes(high(b)), splat8(0x10)));
+    u.w = sub8(q, splat8(FIVE ? 16 : 8));
+    u.aw = abs8(u.w);
+    u.d = fp16(b);
+  }
+  static void dot(const W& u, const ActRow& a, int64_t blk, Acc& acc, float&) {
+    const Lanes l = dot_us(u.aw, sign8(load32(reinterpret_cast<const uint8_t*>(a.q) + 32 * blk), u.w));
+    acc = acc_add(acc, l, u.d * a.d[blk]);
+  }
+};
+
+// Q4_1 and Q5_1: d * q + m with q unsigned: the dot is d * dx * (q . xq) + m * dx * sum(xq).
+template <bool FIVE> struct QAff {
+  static constexpr int ELEMS = 32, BYTES = FIVE ? 24 : 20, GROUP = 32;
+  static constexpr int QS = FIVE ? 8 : 4;
+  static uint32_t high(const uint8_t* b) { uint32_t h; std::memcpy(&h, b + 4, 4); return h; }
+  static void dequant(const uint8_t* b, float* y) {
+    const float d = fp16(b), m = fp16(b + 2);
+    const uint32_t h = FIVE ? high(b) : 0;
+    for (int i = 0; i < 32; ++i) {
+      int q = i < 16 ? (b[QS + i] & 0x0F) : (b[QS + i - 16] >> 4);
+      if (FIVE) q |= ((h >> i) & 1) << 4;
+      y[i] = (d * static_cast<float>(q)) + m;
+    }
+  }
+  struct W { Bytes q; float d, m; };
+  static void unpack(const uint8_t* b, W& u) {
+    u.q = nibbles16(b + QS);
+    if (FIVE) u.q = bor(u.q, band(bits_to_bytes(high(b)), splat8(0x10)));
+    u.d = fp16(b);
+    u.m = fp16(b + 2);
+  }
+  static void dot(const W& u, const ActRow& a, int64_t blk, Acc& acc, float& extra) {
+    const Lanes l = dot_us(u.q, load32(reinterpret_cast<const uint8_t*>(a.q) + 32 * blk));
+    acc = acc_add(acc, l, u.d * a.d[blk]);
+    extra = extra + (u.m * a.d[blk]) * static_cast<float>(a.sum32[blk]);
+  }
+};
+
+// The 8 6-bit scales (bytes 0..7 of out) and mins (bytes 8..15) of Q4_K / Q5_K from their 12 packed bytes, in a
+// few 32-bit operations (ggml's utmp unpacking; scale_min_k4 below is the one-at-a-time definition).
+inline void scales_mins_k4(const uint8_t* s, uint8_t* out) {
+  uint32_t u[4];
+  std::memcpy(u, s, 12);
+  u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+  const uint32_t mins_lo = u[1] & 0x3f3f3f3f;
+  u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+  u[2] = mins_lo;
+  u[0] &= 0x3f3f3f3f;
+  std::memcpy(out, u, 16);
+}
+
+// The 6-bit scales and mins of Q4_K / Q5_K (ggml's get_scale_min_k4).
+inline void scale_min_k4(const uint8_t* s, int j, int& sc, int& m) {
+  if (j < 4) {
+    sc = s[j] & 63;
+    m = s[j + 4] & 63;
+  } else {
+    sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+    m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// Q4_K and Q5_K: 256 elements, 8 sub-blocks of 32 with 6-bit scale sc and min m; y = (d * sc) * q - dmin * m.
+// The dot: d * dx * sum_j sc_j (q_j . xq_j) - dmin * dx * sum_j m_j sum(xq_j), both sums in integers.
+template <bool FIVE> struct QK {
+  static constexpr int ELEMS = 256, BYTES = FIVE ? 176 : 144, GROUP = 256;
+  static constexpr int QH = 16, QS = FIVE ? 48 : 16;
+  static int value(const uint8_t* b, int i) {  // element i's unsigned quant
+    const int g = i / 64, r = i % 64, l = r % 32;
+    int q = r < 32 ? (b[QS + 32 * g + l] & 0x0F) : (b[QS + 32 * g + l] >> 4);
+    if (FIVE) q |= ((b[QH + l] >> (i / 32)) & 1) << 4;
+    return q;
+  }
+  static void dequant(const uint8_t* b, float* y) {
+    const float d = fp16(b), dmin = fp16(b + 2);
+    for (int j = 0; j < 8; ++j) {
+      int sc, m;
+      scale_min_k4(b + 4, j, sc, m);
+      const float ds = d * static_cast<float>(sc), dm = dmin * static_cast<float>(m);
+      for (int i = 32 * j; i < 32 * j + 32; ++i) y[i] = ds * static_cast<float>(value(b, i)) - dm;
+    }
+  }
+  struct W { Bytes q[8]; uint8_t sm[16]; float d, dmin; };  // sm: scales 0..7, mins 8..15
+  static void unpack(const uint8_t* b, W& u) {
+    const Bytes high = FIVE ? load32(b + QH) : splat8(0);
+    for (int g = 0; g < 4; ++g) {
+      const Bytes v = load32(b + QS + 32 * g);
+      u.q[2 * g] = band(v, splat8(0x0F));
+      u.q[2 * g + 1] = shr_and(v, 4, 0x0F);
+      if (FIVE) {
+        u.q[2 * g] = bor(u.q[2 * g], band(is_set(high, 1 << (2 * g)), splat8(0x10)));
+        u.q[2 * g + 1] = bor(u.q[2 * g + 1], band(is_set(high, 2 << (2 * g)), splat8(0x10)));
+      }
+    }
+    scales_mins_k4(b + 4, u.sm);
+    u.d = fp16(b);
+    u.dmin = fp16(b + 2);
+  }
+  // lane l of the 8 also takes sub-block l's min term m_l * sum(xq_l), scaled by -dmin * dx
+  static void dot(const W& u, const ActRow& a, int64_t blk, Acc& acc, float&) {
+    const uint8_t* xq = reinterpret_cast<const uint8_t*>(a.q) + 256 * blk;
+    Lanes total = lanes_zero();
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) total = dot_us_scaled(total, u.q[j], load32(xq + 32 * j), scales_splat(u.sm[j]));
+    acc = acc_add(acc, total, u.d * a.d[blk]);
+    acc = acc_add(acc, mul32v(load_u8x8(u.sm + 8), load_i32x8(a.sum32 + 8 * blk)), -(u.dmin * a.d[blk]));
+  }
+};
+
+// Q6_K: 256 elements, ql [128] low nibbles, qh [64] 2 high bits, 16 int8 scales per 16 elements, d (fp16, last);
+// y = (d * sc) * (q - 32). Chunk c of 32 elements (c = 4h + k) takes ql[64h + 32(k & 1) ...] (low nibbles for
+// k < 2, high for k >= 2) and bits 2k, 2k + 1 of qh[32h ...].
+struct Q6K {
+  static constexpr int ELEMS = 256, BYTES = 210, GROUP = 256;
+  static int value(const uint8_t* b, int i) {
+    const int h = i / 128, k = (i % 128) / 32, l = i % 32;
+    const uint8_t ql = b[64 * h + 32 * (k & 1) + l];
+    const int low = k < 2 ? (ql & 0x0F) : (ql >> 4);
+    return (low | (((b[128 + 32 * h + l] >> (2 * k)) & 3) << 4)) - 32;
+  }
+  static void dequant(const uint8_t* b, float* y) {
+    const float d = fp16(b + 208);
+    for (int j = 0; j < 16; ++j) {
+      const float ds = d * static_cast<float>(static_cast<int8_t>(b[192 + j]));
+      for (int i = 16 * j; i < 16 * j + 16; ++i) y[i] = ds * static_cast<float>(value(b, i));
+    }
+  }
+  struct W { Bytes w[8], aw[8]; Scales sc[8]; float d; };  // sc[c]: chunk c's two scales, 16 elements each
+  static void unpack(const uint8_t* b, W& u) {
+    for (int h = 0; h < 2; ++h) {
+      const Bytes qh = load32(b + 128 + 32 * h);
+      for (int k = 0; k < 4; ++k) {
+        const Bytes ql = load32(b + 64 * h + 32 * (k & 1));
+        const Bytes low = k < 2 ? band(ql, splat8(0x0F)) : shr_and(ql, 4, 0x0F);
+        const Bytes q = bor(low, shl4(shr_and(qh, 2 * k, 3)));
+        u.w[4 * h + k] = sub8(q, splat8(32));
+        u.aw[4 * h + k] = abs8(u.w[4 * h + k]);
+      }
+    }
+    for (int c = 0; c < 8; ++c)
+      u.sc[c] = scales_halves(static_cast<int8_t>(b[192 + 2 * c]), static_cast<int8_t>(b[193 + 2 * c]));
+    u.d = fp16(b + 208);
+  }
+  static void dot(const W& u, const ActRow& a, int64_t blk, Acc& acc, float&) {
+    const uint8_t* xq = reinterpret_cast<const uint8_t*>(a.q) + 256 * blk;
+    Lanes total = lanes_zero();
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c)
+      total = dot_us_scaled(total, u.aw[c], sign8(load32(xq + 32 * c), u.w[c]), u.sc[c]);
+    acc = acc_add(acc, total, u.d * a.d[blk]);
+  }
+};
+
+// ---- activation quantization -----------------------------------------------------------------------------
+// One row x [K] -> q, d per group of G, sums per 32. Scalar code: the same bits on every path.
+template <typename T>
+void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* sum32) {
+  for (int64_t g = 0; g < K / G; ++g) {
+    float amax = 0.0f;
+    for (int64_t i = g * G; i < (g + 1) * G; ++i) amax = std::max(amax, std::fabs(to_float(x[i])));
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    d[g] = amax / 127.0f;
+    for (int64_t i = g * G; i < (g + 1) * G; ++i) {
+      const float v = std::nearbyint(to_float(x[i]) * inv);
+      q[i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, v)));
+    }
+  }
+  for (int64_t b = 0; b < K / 32; ++b) {
+    int32_t s = 0;
+    for (int i = 0; i < 32; ++i) s += q[32 * b + i];
+    sum32[b] = s;
+  }
+}
+
+// y[m0 .. m0 + mi) x [n0, n1): each weight block is unpacked once and dotted with the tile's rows.
+// (MI a constant, so the accumulators live in registers)
+template <typename F, typename T, int MI>
+void rows_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t m0, int64_t n0, int64_t n1,
+               int64_t nb, int64_t N) {
+  constexpr int mi = MI;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * nb * F::BYTES;
+    Acc acc[MI];
+    float extra[MI];
+#pragma GCC unroll 8
+    for (int i = 0; i < mi; ++i) { acc[i] = acc_zero(); extra[i] = 0.0f; }
+    typename F::W u;
+    for (int64_t b = 0; b < nb; ++b) {
+      F::unpack(wr + b * F::BYTES, u);
+#pragma GCC unroll 8
+      for (int i = 0; i < mi; ++i) F::dot(u, act[m0 + i], b, acc[i], extra[i]);
+    }
+    for (int i = 0; i < mi; ++i) {
+      float s = lane_sum8(acc[i]) + extra[i];
+      if (bias) s = s + to_float(bias[n]);
+      y[(m0 + i) * N + n] = from_float<T>(s);
+    }
+  }
+}
+
+template <typename F, typename T>
+void linear_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
+  const int64_t nb = K / F::ELEMS, groups = K / F::GROUP;
+  std::vector<int8_t> q(M * K);
+  std::vector<float> d(M * groups);
+  std::vector<int32_t> sums(M * (K / 32));
+  std::vector<ActRow> act(M);
+  for (int64_t m = 0; m < M; ++m) {
+    quantize_row(x + m * K, K, F::GROUP, q.data() + m * K, d.data() + m * groups, sums.data() + m * (K / 32));
+    act[m] = ActRow{q.data() + m * K, d.data() + m * groups, sums.data() + m * (K / 32)};
+  }
+  const int64_t row_bytes = nb * F::BYTES;
+  const int64_t grain = std::max<int64_t>(1, PARALLEL_BYTES / std::max<int64_t>(1, row_bytes));
+  at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t n0 = r0; n0 < r1; n0 += NB) {
+      const int64_t n1 = std::min(r1, n0 + NB);
+      for (int64_t m0 = 0; m0 < M; m0 += MT) {
+        const ActRow* a = act.data();
+        switch (std::min<int64_t>(MT, M - m0)) {
+          case 8: rows_tile<F, T, 8>(w, a, bias, y, m0, n0, n1, nb, N); break;
+          case 7: rows_tile<F, T, 7>(w, a, bias, y, m0, n0, n1, nb, N); break;
+          case 6: rows_tile<F, T, 6>(w, a, bias, y, m0, n0, n1, nb, N); break;
+          case 5: rows_tile<F, T, 5>(w, a, bias, y, m0, n0, n1, nb, N); break;
+          case 4: rows_tile<F, T, 4>(w, a, bias, y, m0, n0, n1, nb, N); break;
+          case 3: rows_tile<F, T, 3>(w, a, bias, y, m0, n0, n1, nb, N); break;
+          case 2: rows_tile<F, T, 2>(w, a, bias, y, m0, n0, n1, nb, N); break;
+          default: rows_tile<F, T, 1>(w, a, bias, y, m0, n0, n1, nb, N); break;
+        }
+      }
+    }
+  });
+}
+
+// ---- the table: one entry per ggml type, keyed by its block bytes ------------------------------------------
+struct Format {
+  const char* name;
+  int elems, bytes;
+  void (*dequant)(const uint8_t*, float*);
+  void (*linear_f32)(const float*, const uint8_t*, const float*, float*, int64_t, int64_t, int64_t);
+  void (*linear_bf16)(const c10::BFloat16*, const uint8_t*, const c10::BFloat16*, c10::BFloat16*, int64_t, int64_t,
+                      int64_t);
+};
+
+template <typename F> constexpr Format entry(const char* name) {
+  return Format{name, F::ELEMS, F::BYTES, &F::dequant, &linear_kernel<F, float>, &linear_kernel<F, c10::BFloat16>};
+}
+
+const Format FORMATS[] = {
+    entry<Q8_0>("Q8_0"),         entry<QSym<false>>("Q4_0"), entry<QAff<false>>("Q4_1"),
+    entry<QSym<true>>("Q5_0"),   entry<QAff<true>>("Q5_1"),  entry<QK<false>>("Q4_K"),
+    entry<QK<true>>("Q5_K"),     entry<Q6K>("Q6_K"),
+};
+
+const Format& format_of(const at::Tensor& w, const char* op) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 3 && w.is_contiguous(), op,
+              ": a quantized weight is a contiguous CPU uint8 tensor [N, K / block_elems, block_bytes], got ",
+              w.scalar_type(), " ", w.sizes());
+  for (const Format& f : FORMATS)
+    if (f.bytes == w.size(2)) return f;
+  TORCH_CHECK(false, op, ": no block format of ", w.size(2), " bytes; supported: Q8_0 (34), Q4_0 (18), Q4_1 (20), "
+              "Q5_0 (22), Q5_1 (24), Q4_K (144), Q5_K (176), Q6_K (210)");
+}
+
+}  // namespace
+
+// x [..., K] (fp32 or bf16), w uint8 [N, K / elems, bytes], bias [N] of x's dtype or None -> [..., N] in x's dtype.
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  const Format& f = format_of(weight, "lookahead::quant_linear");
+  const int64_t N = weight.size(0), K = weight.size(1) * f.elems;
+  TORCH_CHECK(x.device().is_cpu() && x.size(-1) == K, "lookahead::quant_linear: x [..., K] must be on the CPU with K = ",
+              K, " (the weight's ", weight.size(1), " ", f.name, " blocks of ", f.elems, "), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "lookahead::quant_linear: x must be float32 or bfloat16, got ", x.scalar_type());
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == x.scalar_type() &&
+                bias->is_contiguous(), "lookahead::quant_linear: bias must be a contiguous [N] tensor of x's dtype");
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.numel() / K;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  if (x.scalar_type() == at::kFloat)
+    f.linear_f32(xc.data_ptr<float>(), w, bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(),
+                 M, K, N);
+  else
+    f.linear_bf16(xc.data_ptr<c10::BFloat16>(), w, bias.has_value() ? bias->data_ptr<c10::BFloat16>() : nullptr,
+                  y.data_ptr<c10::BFloat16>(), M, K, N);
+  return y;
+}
+
+// w uint8 [V, K / elems, bytes], ids (int64, any shape) -> [*ids.shape, K] in dtype: the dequantized rows.
+at::Tensor quant_embedding(const at::Tensor& weight, const at::Tensor& ids, at::ScalarType dtype) {
+  const Format& f = format_of(weight, "lookahead::quant_embedding");
+  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+              "lookahead::quant_embedding: ids must be int64 or int32, got ", ids.scalar_type());
+  const int64_t V = weight.size(0), nb = weight.size(1), K = nb * f.elems;
+  const at::Tensor idc = ids.to(at::kLong).contiguous();
+  const int64_t n = idc.numel();
+  const int64_t* id = idc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(id[i] >= 0 && id[i] < V, "lookahead::quant_embedding: id ", id[i], " outside [0, ", V, ")");
+  at::Tensor out = at::empty({n, K}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t b = 0; b < nb; ++b) f.dequant(w + (id[i] * nb + b) * f.bytes, o + i * K + b * f.elems);
+  });
+  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  shape.push_back(K);
+  return out.view(shape).to(dtype);
+}
+
+TORCH_LIBRARY_FRAGMENT(lookahead_cpu, m) {
+  m.def("quant_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("quant_embedding(Tensor weight, Tensor ids, ScalarType dtype) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(lookahead_cpu, CPU, m) {
+  m.impl("quant_linear", quant_linear);
+  m.impl("quant_embedding", quant_embedding);
+}
+
+}  // namespace lookahead_cpu

@@ -1,0 +1,289 @@
+"""GGUF files run as they are: the file is memory-mapped and every weight of a supported block format stays in it,
+a uint8 view [N, K / block_elems, block_bytes] that the quantized CPU ops (kernels/cpu/quant.cpp) read in place.
+No dequantized copy, no conversion cache: loading reads the metadata and maps the tensors.
+
+F32/F16/BF16 tensors (the norms) become float tensors in the activation dtype; a tensor of any other type is
+dequantized once by gguf-py, said once in the log. The q and k rows of a llama GGUF are permuted for ggml's
+adjacent-pair RoPE (convert_hf_to_gguf.py); the model runs them as they are with `rope_interleaved=True`, the same
+attention scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from lookahead.kernels import cpu as cpu_ops
+from lookahead.models.causal_lm import CausalLM
+from lookahead.models.config import rope_inv_freq
+from lookahead.models.checkpoint import EMBEDDED, embedded_gguf
+
+log = logging.getLogger("lookahead.models.gguf")
+
+QUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")  # quant.cpp's FORMATS
+FLOATS = ("F32", "F16", "BF16")
+ARCHITECTURES = ("llama",)
+QUANTIZATION = ("auto", "gguf", None)  # from_pretrained's quantization= values (docs/gguf.md)
+
+
+def gguf_file(name_or_path) -> Path | None:
+    """The GGUF file behind an embedded name or a .gguf path, else None (an HF dir)."""
+    key = str(name_or_path)
+    if key.lower() in EMBEDDED:
+        return embedded_gguf(key.lower())
+    path = Path(name_or_path).expanduser()
+    return path if path.suffix.lower() == ".gguf" and path.is_file() else None
+
+
+class SplitLinear(nn.Module):
+    """A projection whose parts (q, k, v or gate, up) cannot be one uint8 tensor (different GGUF types, or not
+    adjacent in the file): each part's output, concatenated. decode_layers takes `rest` in its WK/WV/W3 slots and
+    computes the same thing (kernels/cpu/decoder.cpp)."""
+
+    def __init__(self, parts: list[torch.Tensor], bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(parts[0], requires_grad=False)
+        self.rest = nn.ParameterList([nn.Parameter(p, requires_grad=False) for p in parts[1:]])
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs, offset = [], 0
+        for w in [self.weight, *self.rest]:
+            bias = None if self.bias is None else self.bias[offset:offset + w.shape[0]]
+            outs.append(torch.ops.lookahead.linear(x, w, bias))
+            offset += w.shape[0]
+        return torch.cat(outs, dim=-1)
+
+
+class GGUFFile:
+    """The metadata and tensors of one GGUF file (gguf-py's reader over a numpy memmap)."""
+
+    def __init__(self, path: Path):
+        from gguf import GGUFReader
+
+        try:
+            self.reader = GGUFReader(path)
+        except Exception as e:  # gguf-py raises assorted errors on foreign or truncated files
+            raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+        self.path = path
+        self.tensors = {t.name: t for t in self.reader.tensors}
+
+    def get(self, key: str, default=None):
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def type_name(self, name: str) -> str:
+        return self.tensors[name].tensor_type.name
+
+    def unsupported(self) -> list[str]:
+        """Why this file cannot run natively (empty when it can)."""
+        why = []
+        arch = self.get("general.architecture")
+        if arch not in ARCHITECTURES:
+            why.append(f"architecture {arch!r} (native: {', '.join(ARCHITECTURES)})")
+        if "rope_freqs.weight" in self.tensors:
+            why.append("a rope_freqs tensor (llama3 RoPE scaling)")
+        if self.get(f"{arch}.rope.scaling.type", "none") not in ("none", "linear"):
+            why.append(f"RoPE scaling {self.get(f'{arch}.rope.scaling.type')!r}")
+        return why
+
+    def hf_config(self) -> dict:
+        """The config.json fields our llama family reads, from the GGUF metadata (transformers' GGUF mapping)."""
+        a = self.get("general.architecture")
+        heads = int(self.get(f"{a}.attention.head_count"))
+        dim = int(self.get(f"{a}.embedding_length"))
+        hf = dict(model_type=a, vocab_size=int(self.tensors["token_embd.weight"].shape[1]), hidden_size=dim,
+                  num_hidden_layers=int(self.get(f"{a}.block_count")), num_attention_heads=heads,
+                  num_key_value_heads=int(self.get(f"{a}.attention.head_count_kv", heads)),
+                  head_dim=int(self.get(f"{a}.attention.key_length", dim // heads)),
+                  intermediate_size=int(self.get(f"{a}.feed_forward_length")),
+                  rms_norm_eps=float(self.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+                  max_position_embeddings=int(self.get(f"{a}.context_length", 4096)),
+                  rope_theta=float(self.get(f"{a}.rope.freq_base", 10000.0)),
+                  tie_word_embeddings="output.weight" not in self.tensors,
+                  eos_token_id=self.get("tokenizer.ggml.eos_token_id"))
+        if self.get(f"{a}.rope.scaling.type") == "linear":
+            hf["rope_scaling"] = {"rope_type": "linear", "factor": float(self.get(f"{a}.rope.scaling.factor"))}
+        return hf
+
+    def tensor(self, name: str, float_dtype: torch.dtype) -> torch.Tensor:
+        """A tensor as the model runs it: a zero-copy uint8 block view [N, nb, bb] for QUANTIZED types, a float
+        tensor (float_dtype) for the others."""
+        from gguf import quants
+
+        t = self.tensors[name]
+        kind = t.tensor_type.name
+        shape = tuple(int(s) for s in reversed(t.shape))
+        if kind in QUANTIZED:
+            return self._blocks(int(t.data_offset), int(t.n_bytes), t.tensor_type, shape)
+        if kind in FLOATS:
+            data = (t.data.view(np.uint16).astype(np.uint32) << 16).view(np.float32) if kind == "BF16" else t.data
+            return _from_numpy(np.asarray(data)).reshape(shape).to(float_dtype)
+        log.info("lookahead: %s is %s, which the quantized ops do not read: dequantized once", name, kind)
+        return torch.from_numpy(quants.dequantize(t.data, t.tensor_type)).reshape(shape).to(float_dtype)
+
+    def _blocks(self, offset: int, nbytes: int, qtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """uint8 [rows, K / block_elems, block_bytes] over the file's bytes [offset, offset + nbytes)."""
+        from gguf.constants import GGML_QUANT_SIZES
+
+        elems, size = GGML_QUANT_SIZES[qtype]
+        K = shape[-1]
+        return _from_numpy(self.reader.data[offset:offset + nbytes]).view(-1, K // elems, size)
+
+    def fused(self, names: list[str]) -> list[torch.Tensor]:
+        """Parts of one projection: one zero-copy view when they are quantized blocks of one type lying back to
+        back in the file (then the fused linear runs), else one tensor per part (float32 where not quantized)."""
+        ts = [self.tensors[n] for n in names]
+        kinds = {t.tensor_type.name for t in ts}
+        adjacent = all(int(a.data_offset) + int(a.n_bytes) == int(b.data_offset) for a, b in zip(ts, ts[1:]))
+        if len(kinds) == 1 and kinds <= set(QUANTIZED) and adjacent:
+            K = int(ts[0].shape[0])
+            if all(int(t.shape[0]) == K for t in ts):
+                start, end = int(ts[0].data_offset), int(ts[-1].data_offset) + int(ts[-1].n_bytes)
+                return [self._blocks(start, end - start, ts[0].tensor_type, (-1, K))]
+        return [self.tensor(n, torch.float32) for n in names]
+
+
+def _from_numpy(a: np.ndarray) -> torch.Tensor:
+    """torch.from_numpy without a copy; the map is read-only and the ops never write a weight."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+def native_gguf(name_or_path, dtype, device, quantization) -> Path | None:
+    """The GGUF file to load with its blocks kept, or None for the dequantized path. quantization "auto": a GGUF
+    with dtype "auto" where native_supported says yes (else one log line why not); "gguf": always (load_quantized
+    raises where it cannot); None: never."""
+    if quantization not in QUANTIZATION:
+        raise ValueError(f"quantization must be \"auto\", \"gguf\" or None, got {quantization!r}")
+    if quantization is None:
+        return None
+    path = gguf_file(name_or_path)
+    if path is None:
+        if quantization == "gguf":
+            raise ValueError(f"quantization=\"gguf\" needs a .gguf file or an embedded name, got {name_or_path!r}")
+        return None
+    if quantization == "gguf":
+        return path
+    if dtype not in (None, "auto"):
+        return None  # an explicit dtype asks for the dequantized model
+    why = native_supported(path, device)
+    if why:
+        log.info("lookahead: %s runs dequantized (%s)", path.name, "; ".join(why))
+        return None
+    return path
+
+
+def open_gguf(path: Path) -> GGUFFile:
+    """The parsed GGUFFile of path, parsed once per process and file version (gguf-py reads the token arrays of the
+    metadata item by item: seconds for a 49k vocabulary)."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if _opened.get("key") != key:
+        _opened.update(key=key, file=GGUFFile(Path(path)))
+    return _opened["file"]
+
+
+_opened: dict = {}  # open_gguf's last file: one at a time (the map stays open while a model uses it anyway)
+
+
+def native_supported(gguf: Path, device) -> list[str]:
+    """Why `quantization="auto"` cannot run this file natively on device (empty: it can)."""
+    why = []
+    if torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")).type != "cpu":
+        why.append("the device is not the CPU")
+    elif not cpu_ops.available():
+        why.append("the C++ CPU ops could not be built")
+    return why + open_gguf(gguf).unsupported()
+
+
+def activation_dtype() -> torch.dtype:
+    """dtype "auto" of a quantized model: bf16 where the CPU multiplies bf16 natively (the rest of the step runs
+    the bf16 ops), fp32 elsewhere."""
+    return torch.bfloat16 if cpu_ops.native_bf16() else torch.float32
+
+
+def load_quantized(cls: type[CausalLM], path: Path, dtype) -> CausalLM:
+    """cls's model over the GGUF file at path, its weights in their block formats (zero-copy views of the map);
+    dtype is the activations' ("auto": activation_dtype())."""
+    f = open_gguf(path)
+    why = f.unsupported()
+    if why:
+        raise ValueError(f"{path} cannot run quantized: {'; '.join(why)}. Load it with quantization=None "
+                         "(dequantized)")
+    if not cpu_ops.available():
+        raise ValueError("quantization=\"gguf\" runs the C++ CPU ops, which could not be built here: load with "
+                         "quantization=None")
+    act = activation_dtype() if dtype in (None, "auto") else dtype
+    if act not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"a quantized model's activations are torch.float32 or torch.bfloat16, got {dtype!r}")
+    cfg = cls.config_from_hf(f.hf_config())
+    cfg.rope_interleaved = True  # the GGUF q/k rows are in ggml's adjacent-pair order
+    with torch.device("meta"):
+        model = cls(cfg)
+
+    def param(t: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(t if t.dtype == torch.uint8 else t.to(act), requires_grad=False)
+
+    try:
+        model.tok_embeddings.weight = param(f.tensor("token_embd.weight", act))
+        model.tok_embeddings.act_dtype = act
+        model.norm.weight = param(f.tensor("output_norm.weight", act))
+        model.output.weight = (model.tok_embeddings.weight if cfg.tie_word_embeddings
+                               else param(f.tensor("output.weight", act)))
+        for i, layer in enumerate(model.layers):
+            p = f"blk.{i}."
+            layer.attention_norm.weight = param(f.tensor(p + "attn_norm.weight", act))
+            layer.ffn_norm.weight = param(f.tensor(p + "ffn_norm.weight", act))
+            layer.attention.wo.weight = param(f.tensor(p + "attn_output.weight", act))
+            layer.feed_forward.w2.weight = param(f.tensor(p + "ffn_down.weight", act))
+            qkv = f.fused([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"])
+            w13 = f.fused([p + "ffn_gate.weight", p + "ffn_up.weight"])
+            _set_projection(layer.attention, "wqkv", qkv, act)
+            _set_projection(layer.feed_forward, "w13", w13, act)
+    except KeyError as e:
+        raise ValueError(f"{path} lacks the tensor {e.args[0]!r}: is it a complete {cfg.model_type} GGUF?") from None
+    if cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
+        raise ValueError(f"{path}: biases are not read from GGUF files yet; load it with quantization=None")
+    model.inv_freq = rope_inv_freq(cfg)
+    model.name_or_path = str(path)
+    model._weights_list = None
+    return model.eval()
+
+
+def _set_projection(module: nn.Module, name: str, parts: list[torch.Tensor], act: torch.dtype) -> None:
+    parts = [p if p.dtype == torch.uint8 else p.to(act) for p in parts]
+    if len(parts) == 1:
+        getattr(module, name).weight = nn.Parameter(parts[0], requires_grad=False)
+    else:
+        setattr(module, name, SplitLinear(parts))
+
+
+def tokenizer(path: Path):
+    """The tokenizer stored in the GGUF's metadata (transformers reads only the metadata for it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def describe(model: CausalLM) -> str:
+    """One line: whether the model runs GGUF blocks natively, and which formats."""
+    kinds = {}
+    for name, p in model.named_parameters():
+        if p.dtype == torch.uint8:
+            from gguf.constants import GGML_QUANT_SIZES
+
+            fmt = next((t.name for t, (_, b) in GGML_QUANT_SIZES.items() if b == p.shape[-1] and t.name in QUANTIZED),
+                       "?")
+            kinds[fmt] = kinds.get(fmt, 0) + p.numel()
+    if not kinds:
+        return f"weights {str(model.dtype).removeprefix('torch.')} (dequantized)"
+    mb = sum(kinds.values()) / 2 ** 20
+    return (f"GGUF weights run quantized ({', '.join(sorted(kinds))}; {mb:.0f} MiB), activations "
+            f"{str(model.dtype).removeprefix('torch.')}")

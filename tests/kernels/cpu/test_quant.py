@@ -1,0 +1,148 @@
+"""The quantized CPU ops (lookahead/kernels/cpu/quant.cpp) on every GGUF block format they read: dequantization equals
+gguf-py's bit for bit, a row's output never depends on the other rows, the thread count or the ISA path, and the
+integer kernels stay within the Q8 activation rounding of the fp32 reference."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lookahead.kernels import cpu as cpu_ops
+
+gguf = pytest.importorskip("gguf")
+pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="the C++ CPU ops could not be built here")
+
+# name -> (elements per block, bytes per block, offsets of the fp16 scales in a block)
+FORMATS = {
+    "Q8_0": (32, 34, (0,)), "Q4_0": (32, 18, (0,)), "Q4_1": (32, 20, (0, 2)), "Q5_0": (32, 22, (0,)),
+    "Q5_1": (32, 24, (0, 2)), "Q4_K": (256, 144, (0, 2)), "Q5_K": (256, 176, (0, 2)), "Q6_K": (256, 210, (208,)),
+}
+
+
+def random_weight(name: str, N: int, K: int, seed: int) -> torch.Tensor:
+    """uint8 [N, K / elems, bytes] of random valid blocks: random quants and scale bytes, sane fp16 scales."""
+    elems, nbytes, scales = FORMATS[name]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(N, K // elems, nbytes), dtype=np.uint8)
+    for off in scales:
+        d = rng.uniform(-0.02 if off == 2 else 0.002, 0.02, size=(N, K // elems)).astype(np.float16)
+        blocks[..., off:off + 2] = d.view(np.uint8).reshape(N, K // elems, 2)
+    return torch.from_numpy(blocks)
+
+
+def reference_dequant(name: str, w: torch.Tensor) -> torch.Tensor:
+    """gguf-py's dequantize of the same bytes -> fp32 [N, K]."""
+    qtype = gguf.GGMLQuantizationType[name]
+    return torch.from_numpy(gguf.quants.dequantize(w.reshape(w.shape[0], -1).numpy(), qtype).copy())
+
+
+def dequant(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.lookahead.quant_embedding(w, torch.arange(w.shape[0]), torch.float32)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_dequantize_equals_gguf_py_bit_for_bit(name):
+    elems = FORMATS[name][0]
+    w = random_weight(name, 13, 3 * elems, seed=1)
+    assert torch.equal(dequant(w), reference_dequant(name, w))
+    ids = torch.tensor([[4, 0], [12, 4]])
+    rows = torch.ops.lookahead.quant_embedding(w, ids, torch.bfloat16)
+    assert rows.shape == (2, 2, 3 * elems) and rows.dtype == torch.bfloat16
+    assert torch.equal(rows, reference_dequant(name, w)[ids].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_dequantize_of_gguf_py_quantized_weights(name):
+    """Blocks written by gguf-py's own quantizer (the real value distribution, not random bytes)."""
+    x = np.random.default_rng(2).normal(size=(7, 64)).astype(np.float32)
+    raw = gguf.quants.quantize(x, gguf.GGMLQuantizationType[name])
+    w = torch.from_numpy(raw.reshape(7, 2, -1).copy())
+    assert torch.equal(dequant(w), reference_dequant(name, w))
+
+
+def error_bound(x: torch.Tensor, w_deq: torch.Tensor, group: int) -> torch.Tensor:
+    """|y - x @ w.T| bound [M, N]: each activation is rounded to its group's step amax / 127 (error <= half a
+    step), plus fp32 rounding of the sums."""
+    xf = x.float()
+    amax = xf.abs().reshape(xf.shape[0], -1, group).amax(-1)
+    step = (amax / 127).repeat_interleave(group, dim=1)  # (M, K)
+    return w_deq.abs() @ (step / 2).T * 1.001 + 1e-5 * (w_deq.abs() @ xf.abs().T) + 1e-6  # (N, M)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", FORMATS)
+def test_quant_linear_is_row_invariant_and_close_to_the_reference(name, dtype):
+    elems = FORMATS[name][0]
+    K, N = 2 * max(elems, 128), 37  # odd N: a tail of w rows
+    w = random_weight(name, N, K, seed=3)
+    bias = torch.randn(N, generator=torch.Generator().manual_seed(5)).to(dtype)
+    x = torch.randn(64, K, generator=torch.Generator().manual_seed(4)).to(dtype)
+    full = torch.ops.lookahead.quant_linear(x, w, bias)
+    assert full.dtype == dtype and full.shape == (64, N)
+    for M in (1, 3, 7, 16):
+        assert torch.equal(torch.ops.lookahead.quant_linear(x[:M], w, bias), full[:M]), M
+    for m in (0, 5, 63):
+        assert torch.equal(torch.ops.lookahead.quant_linear(x[m:m + 1], w, bias), full[m:m + 1]), m
+    assert torch.equal(torch.ops.lookahead.linear(x[None, 9:12], w, bias)[0], full[9:12])  # linear's early branch
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(torch.ops.lookahead.quant_linear(x, w, bias), full)
+    finally:
+        torch.set_num_threads(threads)
+
+    w_deq = reference_dequant(name, w)
+    ref = x.float() @ w_deq.T + bias.float()
+    group = 256 if elems == 256 else 32
+    bound = error_bound(x, w_deq, group).T + (ref.abs() * 2 ** -8 if dtype == torch.bfloat16 else 0)
+    err = (full.float() - ref).abs()
+    assert (err <= bound).all(), f"max err {err.max():.3g}, bound there {bound[err == err.max()][0]:.3g}"
+    assert err.max() > 0  # the activations are really quantized (an fp32 path would not err at all)
+
+
+def test_bad_weights_are_refused_with_a_clear_message():
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="no block format of 19 bytes"):
+        torch.ops.lookahead.quant_linear(x, torch.zeros(3, 2, 19, dtype=torch.uint8), None)
+    with pytest.raises(RuntimeError, match="K = 32"):
+        torch.ops.lookahead.quant_linear(x, torch.zeros(3, 1, 18, dtype=torch.uint8), None)
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.lookahead.quant_embedding(torch.zeros(3, 1, 18, dtype=torch.uint8), torch.tensor([3]),
+                                            torch.float32)
+
+
+def outputs(seed: int = 7) -> dict[str, torch.Tensor]:
+    """Every format's quant_linear on fixed inputs, in fp32 and bf16 (compared across ISA builds)."""
+    out = {}
+    for name, (elems, _, _) in FORMATS.items():
+        K = 2 * max(elems, 128)
+        w = random_weight(name, 21, K, seed)
+        x = torch.randn(11, K, generator=torch.Generator().manual_seed(seed))
+        for dtype in (torch.float32, torch.bfloat16):
+            y = torch.ops.lookahead.quant_linear(x.to(dtype), w, None)
+            for m in (0, 4, 10):  # rows alone: the same bits on this ISA path too
+                assert torch.equal(torch.ops.lookahead.quant_linear(x[m:m + 1].to(dtype), w, None), y[m:m + 1])
+            out[f"{name}-{dtype}"] = y
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64-v2"], ids=["avx2", "scalar"])
+def test_every_isa_path_gives_the_same_bits(arch, tmp_path):
+    """The ops built for an AVX2 host (maddubs/madd) and for one without AVX2 (the portable C++ path), in fresh
+    processes: each is row-invariant, and each gives this host's (AVX512-VNNI here) bits exactly."""
+    root = Path(__file__).resolve().parents[3]
+    code = ("import torch, tests.kernels.cpu.test_quant as t\n"
+            "from lookahead.kernels import cpu\n"
+            "assert cpu.available()\n"
+            f"torch.save(t.outputs(), {str(tmp_path / 'out.pt')!r})\n")
+    env = {**os.environ, "LOOKAHEAD_CPU_ARCH": arch}
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    theirs, ours = torch.load(tmp_path / "out.pt"), outputs()
+    for key, y in ours.items():
+        assert torch.equal(theirs[key], y), key

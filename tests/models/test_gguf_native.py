@@ -1,0 +1,167 @@
+"""GGUF files running on their quantized blocks (lookahead/models/gguf.py over kernels/cpu/quant.cpp): the embedded
+SmolLM2 (Q4_1, its embedding Q8_0) loads as uint8 block views, stays close to the dequantized model, and is exact:
+a verified node gets the bits of its one-token step on every path of random trees, for every block format and ISA
+path, so lookahead returns plain greedy's tokens."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lookahead.kernels import cpu as cpu_ops
+from lookahead.models import LlamaForLookahead
+from lookahead.models.gguf import SplitLinear, describe
+from tests.kernels.cpu.test_quant import FORMATS, random_weight
+from tests.kernels.cpu.test_exact import check_tree_step_equals_one_token_steps
+
+pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="the C++ CPU ops could not be built here")
+
+TEXT = ("The quick brown fox jumps over the lazy dog. In 1905, Albert Einstein published four papers that changed "
+        "physics: on the photoelectric effect, Brownian motion, special relativity and the equivalence of mass and "
+        "energy. def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n")
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    return LlamaForLookahead.from_pretrained("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from lookahead.models.gguf import gguf_file, tokenizer
+
+    return tokenizer(gguf_file("smollm2-135m-instruct"))
+
+
+def test_the_embedded_gguf_loads_as_its_own_blocks(quantized):
+    m = quantized
+    assert m.dtype == (torch.bfloat16 if cpu_ops.native_bf16() else torch.float32)
+    assert m.config.rope_interleaved and m.config.tie_word_embeddings
+    assert m.tok_embeddings.weight.dtype == torch.uint8 and m.tok_embeddings.weight.shape == (49152, 18, 34)  # Q8_0
+    assert m.output.weight is m.tok_embeddings.weight  # the tied head reads the same blocks
+    layer = m.layers[0]
+    assert layer.feed_forward.w13.weight.shape == (2 * 1536, 18, 20)  # gate and up lie back to back: one view
+    assert layer.feed_forward.w2.weight.shape == (576, 48, 20)
+    qkv = layer.attention.wqkv  # q, k, v are apart in the file: three views
+    assert isinstance(qkv, SplitLinear) and [w.shape[0] for w in [qkv.weight, *qkv.rest]] == [576, 192, 192]
+    assert layer.attention_norm.weight.dtype == m.dtype
+    assert "quantized (Q4_1, Q8_0" in describe(m)
+    total = sum(p.numel() for p in m.parameters() if p.dtype == torch.uint8)
+    assert 80e6 < total < 100e6  # the file's bytes, not a dequantized copy (135M params x 4 bytes)
+
+
+def test_quantization_none_and_an_explicit_dtype_keep_the_dequantized_path():
+    for kwargs in ({"quantization": None}, {"dtype": torch.float32}):
+        m = LlamaForLookahead.from_pretrained("smollm2-135m-instruct", **kwargs)
+        assert m.tok_embeddings.weight.dtype.is_floating_point and "dequantized" in describe(m)
+    with pytest.raises(ValueError, match="quantization must be"):
+        LlamaForLookahead.from_pretrained("smollm2-135m-instruct", quantization="q4")
+
+
+def test_logits_are_close_to_the_dequantized_model(tokenizer):
+    """fp32 activations on both sides: the only difference is the Q8 rounding of the activations."""
+    ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    q = LlamaForLookahead.from_pretrained("smollm2-135m-instruct", dtype=torch.float32, quantization="gguf")
+    d = LlamaForLookahead.from_pretrained("smollm2-135m-instruct", dtype=torch.float32)
+    with torch.inference_mode():
+        lq, ld = q(ids).logits[0], d(ids).logits[0]
+    agree = (lq.argmax(-1) == ld.argmax(-1)).float().mean().item()
+    diff = (lq - ld).abs().max().item()
+    print(f"top-1 agreement {agree:.3f} over {ids.shape[1]} tokens, max |logit diff| {diff:.3f}")
+    assert agree >= 0.9 and diff < 0.1 * ld.abs().max().item()
+
+
+def test_verify_logits_equal_one_token_logits_on_the_quantized_model(quantized):
+    check_tree_step_equals_one_token_steps(quantized, [37, 5], 9, seed=1)
+
+
+def quantized_tiny(kinds: dict[str, str], dtype: torch.dtype, seed: int = 0) -> LlamaForLookahead:
+    """A 2-layer Llama (dim 256, GQA 4/2 of 64, intermediate 256, vocab 97) whose projections are random blocks of
+    the given formats: kinds["q"], ["k"], ["v"], ["gate"], ["up"], ["o"], ["down"], ["embed"]. q/k/v or gate/up of
+    one format are fused like a GGUF whose parts lie back to back; of different formats they are SplitLinear."""
+    hf = dict(model_type="llama", vocab_size=97, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
+              rope_theta=10000.0, tie_word_embeddings=True, eos_token_id=None)
+    cfg = LlamaForLookahead.config_from_hf(hf)
+    cfg.rope_interleaved = True
+    model = LlamaForLookahead(cfg).eval().to(dtype)
+    seeds = iter(range(seed * 1000, seed * 1000 + 1000))
+
+    def blocks(kind: str, N: int) -> torch.Tensor:
+        return random_weight(kinds[kind], N, 256, next(seeds))
+
+    def projection(parts: list[tuple[str, int]]):
+        ws = [blocks(k, n) for k, n in parts]
+        if len({kinds[k] for k, _ in parts}) == 1:
+            return torch.cat(ws)
+        return SplitLinear(ws)
+
+    with torch.no_grad():
+        model.tok_embeddings.weight = torch.nn.Parameter(blocks("embed", 97), requires_grad=False)
+        model.tok_embeddings.act_dtype = dtype
+        model.output.weight = model.tok_embeddings.weight
+        for layer in model.layers:
+            for module, name, parts in ((layer.attention, "wqkv", [("q", 256), ("k", 128), ("v", 128)]),
+                                        (layer.feed_forward, "w13", [("gate", 256), ("up", 256)])):
+                p = projection(parts)
+                if isinstance(p, SplitLinear):
+                    setattr(module, name, p)
+                else:
+                    getattr(module, name).weight = torch.nn.Parameter(p, requires_grad=False)
+            layer.attention.wo.weight = torch.nn.Parameter(blocks("o", 256), requires_grad=False)
+            layer.feed_forward.w2.weight = torch.nn.Parameter(blocks("down", 256), requires_grad=False)
+    model._weights_list = None
+    return model
+
+
+def every(kind: str) -> dict[str, str]:
+    return dict.fromkeys(["q", "k", "v", "gate", "up", "o", "down", "embed"], kind)
+
+
+# Q4_K_M's mix: attn_v and ffn_down Q6_K, the rest Q4_K (so q/k/v and gate/up split by type)
+Q4_K_M = dict(every("Q4_K"), v="Q6_K", down="Q6_K", embed="Q6_K", up="Q5_K")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kinds", [every(k) for k in FORMATS] + [Q4_K_M], ids=list(FORMATS) + ["mixed"])
+def test_every_format_is_exact_along_every_path_of_random_trees(kinds, dtype):
+    model = quantized_tiny(kinds, dtype)
+    with torch.inference_mode():
+        logits = model.verify(torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]]), model.kv_cache(1, 8), None)
+    assert torch.isfinite(logits).all() and logits.dtype == dtype
+    check_tree_step_equals_one_token_steps(model, [37, 0, 5], 13, seed=2)
+
+
+@pytest.mark.slow
+def test_lookahead_equals_plain_greedy_on_the_quantized_model(quantized, tokenizer):
+    from lookahead.data import encode_prompt
+
+    prompts = ["Write a Python function that returns the n-th Fibonacci number, with a docstring.",
+               "Repeat this list back to me: apples, pears, plums, apples, pears, plums.",
+               "Explain in three sentences why the sky is blue."]
+    accepted = []
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, prompt, True)
+        plain = quantized.generate(ids, max_new_tokens=48, lookahead=False)
+        out = quantized.generate(ids, max_new_tokens=48, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, plain), prompt
+        accepted.append(out.stats.accepted_per_step)
+    assert max(accepted) > 1.0  # drafts were really verified and accepted
+
+
+@pytest.mark.slow
+def test_the_avx2_path_is_exact_on_quantized_models_too():
+    """Built for an AVX2 host (maddubs/madd, no VNNI) in a fresh process: the same bitwise checks."""
+    root = Path(__file__).resolve().parents[2]
+    code = ("import torch, tests.models.test_gguf_native as t\n"
+            "from lookahead.kernels import cpu\n"
+            "assert cpu.available()\n"
+            "for kinds in (t.Q4_K_M, t.every('Q4_1'), t.every('Q8_0')):\n"
+            "    t.check_tree_step_equals_one_token_steps(t.quantized_tiny(kinds, torch.float32), [37, 0], 9, seed=3)\n"
+            "print('exact')\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "LOOKAHEAD_CPU_ARCH": "x86-64-v3"},
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and "exact" in run.stdout, run.stderr[-2000:]
