@@ -220,4 +220,5 @@ class _GateArms:
             self.sums[drafted].add(seconds, tokens)
 
     def per_token(self, drafted: bool) -> float | None:
-        return self.sums[drafted].ratio()
+        arm = self.sums[drafted]  # DecayedRatio.ratio() read in place: the gate asks it several times a step
+        return arm.num / arm.den if arm.den > 0 else None

@@ -58,6 +58,10 @@ class CausalLM(nn.Module):
             self._state = GenerationState()
         return self._state
 
+    @state.setter
+    def state(self, state) -> None:
+        self._state = state  # a fresh GenerationState (a server's first request sees a new process's state)
+
     @property
     def trie(self):
         """The token trie lookahead drafts from; persists across generate calls (assign a loaded one to warm up)."""
@@ -73,9 +77,8 @@ class CausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activations' dtype (a GGUF-quantized model's weights are uint8 blocks)."""
-        weight = self.tok_embeddings.weight
-        return self.tok_embeddings.act_dtype if weight.dtype == torch.uint8 else weight.dtype
+        """The activations' dtype (a GGUF-quantized model's weights are uint8 blocks: its QuantEmbedding says)."""
+        return getattr(self.tok_embeddings, "act_dtype", None) or self.tok_embeddings.weight.dtype
 
     @property
     def prefill_in_verify(self) -> bool:

@@ -60,6 +60,17 @@ class SplitLinear(nn.Module):
         return torch.cat(outs, dim=-1)
 
 
+class QuantEmbedding(nn.Module):
+    """A token embedding table in GGUF blocks: the rows asked for, dequantized to act_dtype (quant_embedding)."""
+
+    def __init__(self, weight: nn.Parameter, act_dtype: torch.dtype):
+        super().__init__()
+        self.weight, self.act_dtype = weight, act_dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.ops.lookahead.quant_embedding(self.weight, ids, self.act_dtype)
+
+
 class GGUFFile:
     """The metadata and tensors of one GGUF file (gguf-py's reader over a numpy memmap)."""
 
@@ -232,8 +243,11 @@ def load_quantized(cls: type[CausalLM], path: Path, dtype) -> CausalLM:
         return nn.Parameter(t if t.dtype == torch.uint8 else t.to(act), requires_grad=False)
 
     try:
-        model.tok_embeddings.weight = param(f.tensor("token_embd.weight", act))
-        model.tok_embeddings.act_dtype = act
+        table = param(f.tensor("token_embd.weight", act))
+        if table.dtype == torch.uint8:
+            model.tok_embeddings = QuantEmbedding(table, act)
+        else:
+            model.tok_embeddings.weight = table
         model.norm.weight = param(f.tensor("output_norm.weight", act))
         model.output.weight = (model.tok_embeddings.weight if cfg.tie_word_embeddings
                                else param(f.tensor("output.weight", act)))

@@ -61,16 +61,9 @@ class Embedding(nn.Embedding):
     """nn.Embedding without the random init when built on the meta device (its first use imports torch._dynamo,
     seconds of a model load)."""
 
-    act_dtype: torch.dtype | None = None  # a GGUF-quantized table (uint8 blocks, models/gguf.py): its rows' dtype
-
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:
             super().reset_parameters()
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.weight.dtype == torch.uint8:  # GGUF blocks: the rows asked for, dequantized
-            return torch.ops.lookahead.quant_embedding(self.weight, ids, self.act_dtype)
-        return super().forward(ids)
 
 
 class Linear(nn.Linear):

@@ -13,7 +13,7 @@ import torch
 
 from lookahead.kernels import cpu as cpu_ops
 from lookahead.models import LlamaForLookahead
-from lookahead.models.gguf import SplitLinear, describe
+from lookahead.models.gguf import QuantEmbedding, SplitLinear, describe
 from tests.kernels.cpu.test_quant import FORMATS, random_weight
 from tests.kernels.cpu.test_exact import check_tree_step_equals_one_token_steps
 
@@ -100,8 +100,7 @@ def quantized_tiny(kinds: dict[str, str], dtype: torch.dtype, seed: int = 0) -> 
         return SplitLinear(ws)
 
     with torch.no_grad():
-        model.tok_embeddings.weight = torch.nn.Parameter(blocks("embed", 97), requires_grad=False)
-        model.tok_embeddings.act_dtype = dtype
+        model.tok_embeddings = QuantEmbedding(torch.nn.Parameter(blocks("embed", 97), requires_grad=False), dtype)
         model.output.weight = model.tok_embeddings.weight
         for layer in model.layers:
             for module, name, parts in ((layer.attention, "wqkv", [("q", 256), ("k", 128), ("v", 128)]),
