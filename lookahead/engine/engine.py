@@ -42,7 +42,7 @@ from lookahead.drafting.proposer import Proposer
 from lookahead.drafting.tree import DraftTree, bucket_size, build_draft, pack_ragged
 from lookahead.engine.pricing import DraftGate, curve_key, prior_curve
 from lookahead.engine.sampling import SamplingParams, TokenChooser
-from lookahead.engine.step import StepGraphs, graphs_enabled, nvtx_range, read_step_row, verify_step
+from lookahead.engine.step import StepGraphs, graphs_enabled, nvtx_range, verify_step
 from lookahead.models.cache import KVCache
 
 log = logging.getLogger("lookahead.engine.engine")
@@ -159,6 +159,17 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def read_step_row(row: list[int], node_tokens: list[int], top_k: int) -> tuple[list[int], dict | None]:
+    """One row of verify_step's result, read on the host -> (the new tokens, {node token: the model's top-k next
+    tokens} for the row's real nodes, or None without top_k). O(tree size)."""
+    n, rest = row[0], row[1:]
+    if not top_k:
+        return rest[:n], None
+    T = len(rest) // (1 + top_k)
+    tops = rest[T:]
+    return rest[:n], {tok: tops[i * top_k:(i + 1) * top_k] for i, tok in enumerate(node_tokens)}
 
 
 def context_limit(model) -> tuple[int, str]:

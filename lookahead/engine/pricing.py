@@ -181,7 +181,7 @@ class DraftGate:
 
     def open(self, rows: int, kind=None) -> bool:
         """Whether the next step of `rows` rows drafts."""
-        entry = self._arms.setdefault((rows, kind), _GateArms())
+        entry = self._arm(rows, kind)
         count = entry.decisions
         entry.decisions += 1
         probe = count % GATE_PROBE == GATE_PROBE - 1
@@ -200,7 +200,13 @@ class DraftGate:
 
     def learn(self, rows: int, kind, drafted: bool, seconds: float, tokens: int) -> None:
         """A step of `rows` rows of this kind, with drafts or without, took `seconds` and committed `tokens`."""
-        self._arms.setdefault((rows, kind), _GateArms()).learn(drafted, seconds, tokens)
+        self._arm(rows, kind).learn(drafted, seconds, tokens)
+
+    def _arm(self, rows: int, kind) -> _GateArms:
+        entry = self._arms.get((rows, kind))
+        if entry is None:
+            entry = self._arms[rows, kind] = _GateArms()
+        return entry
 
     def per_token(self, rows: int, kind=None) -> tuple[float | None, float | None]:
         """Measured seconds per committed token (drafting, plain) at this row count and kind (None: unmeasured)."""

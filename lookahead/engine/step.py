@@ -3,7 +3,7 @@
 `verify_step` runs one step over a packed batch (`drafting.tree.pack_ragged`): it verifies every row's draft tree (a
 single root node for plain decoding) and any prompt chunk riding in the step, chooses the target tokens, accepts the
 longest correct path, compacts the KV cache and advances the committed lengths. It only launches device work: the
-host reads its small output once per step (`read_step_row`).
+host reads its small output once per step (the engine's commit reads each row of it).
 
 On CUDA, `StepGraphs` captures the step of a padded batch (every row a tree of one bucket, no chunks) per (rows,
 tree bucket, top-k) the first time it runs and replays it after: a 30-layer model's step is hundreds of small
@@ -109,17 +109,6 @@ def verify_step(model, cache: KVCache, chooser, batch: RaggedBatch, active: torc
     if top_k:
         parts.append(by_node(logits.topk(top_k, dim=-1).indices).flatten(1))  # (B, Td * top_k)
     return torch.cat(parts, dim=1)
-
-
-def read_step_row(row: list[int], node_tokens: list[int], top_k: int) -> tuple[list[int], dict | None]:
-    """One row of verify_step's result, read on the host -> (the new tokens, {node token: the model's top-k next
-    tokens} for the row's real nodes, or None without top_k). O(tree size)."""
-    n, rest = row[0], row[1:]
-    if not top_k:
-        return rest[:n], None
-    T = len(rest) // (1 + top_k)
-    tops = rest[T:]
-    return rest[:n], {tok: tops[i * top_k:(i + 1) * top_k] for i, tok in enumerate(node_tokens)}
 
 
 def graphs_enabled(model) -> bool:
