@@ -30,6 +30,7 @@ from lookahead.config import cache_dir, cpu_arch
 log = logging.getLogger("lookahead.kernels.cpu")
 
 LIBRARY = "lookahead_cpu"
+READY = "READY"  # written into a build directory once its library is complete
 # -Wno-(maybe-)uninitialized: GCC 12's own AVX-512 headers make their "undefined" vectors by self-initialisation,
 # which it reports at every inlined use (GCC bug 105593, fixed in GCC 13); the only warnings of these sources.
 BASE_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-DNDEBUG", "-Wall", "-Wextra",
@@ -113,24 +114,32 @@ def _build_dir(cxx: str) -> Path:
 
 def _compile(cxx: str, build: Path) -> None:
     """Build and load the library with torch's cpp_extension: ninja compiles the sources in parallel, its file lock
-    serialises processes that race on one build directory. The compiler's warnings are logged."""
+    serialises processes that race on one build directory. The compiler's warnings are logged; a finished build
+    leaves READY beside the library, so another process loads only a complete one."""
     from torch.utils import cpp_extension
 
     build.mkdir(parents=True, exist_ok=True)
     log_path = build / "build.log"
-    saved = os.dup(1)  # ninja writes the compiler's output to file descriptor 1
+    saved, saved_cxx = os.dup(1), os.environ.get("CXX")
     with open(log_path, "w") as out:
-        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 1)  # ninja writes the compiler's output to file descriptor 1
+        os.environ["CXX"] = cxx  # the compiler cpp_extension runs
         try:
-            os.environ.setdefault("CXX", cxx)
             cpp_extension.load(name=LIBRARY, sources=[str(s) for s in _sources()], extra_cflags=list(flags()),
                                extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
                                verbose=True)
+        except Exception as e:
+            raise RuntimeError(f"{e}: {log_path.read_text()[-2000:]}") from None
         finally:
             os.dup2(saved, 1)
             os.close(saved)
+            if saved_cxx is None:
+                os.environ.pop("CXX", None)
+            else:
+                os.environ["CXX"] = saved_cxx
     for line in [line for line in log_path.read_text().splitlines() if "warning:" in line][:20]:
         log.warning("lookahead CPU ops: %s", line)
+    (build / READY).touch()
 
 
 def load() -> bool:
@@ -142,12 +151,12 @@ def load() -> bool:
             cxx = _compiler()
             if cxx is None:
                 raise RuntimeError("no C++ compiler (g++, c++ or clang++; or set CXX)")
-            lib = _build_dir(cxx) / f"{LIBRARY}.so"
-            if lib.exists():
-                torch.ops.load_library(str(lib))
+            build = _build_dir(cxx)
+            if (build / READY).exists():
+                torch.ops.load_library(str(build / f"{LIBRARY}.so"))
             else:
                 log.info("building the CPU ops for %s (once per host, ~30 s)", cpu_name())
-                _compile(cxx, lib.parent)
+                _compile(cxx, build)
             names = tuple(torch.ops.lookahead_cpu.decode_layers_weights())
             if names != LAYER_WEIGHTS:
                 raise RuntimeError(f"decode_layers takes its weights in the order {names}, the model gathers them "
