@@ -20,6 +20,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -112,6 +113,15 @@ def _build_dir(cxx: str) -> Path:
     return cache_dir() / "cpu_ops" / digest.hexdigest()[:16]
 
 
+def _ninja_dir() -> str:
+    """Where the ninja package (a dependency) put its binary, which cpp_extension runs from PATH."""
+    try:
+        import ninja
+        return ninja.BIN_DIR
+    except ImportError:  # a system ninja on PATH may still do
+        return os.path.dirname(sys.executable)
+
+
 def _compile(cxx: str, build: Path) -> None:
     """Build and load the library with torch's cpp_extension: ninja compiles the sources in parallel, its file lock
     serialises processes that race on one build directory. The compiler's warnings are logged; a finished build
@@ -120,10 +130,11 @@ def _compile(cxx: str, build: Path) -> None:
 
     build.mkdir(parents=True, exist_ok=True)
     log_path = build / "build.log"
-    saved, saved_cxx = os.dup(1), os.environ.get("CXX")
+    saved, saved_env = os.dup(1), {k: os.environ.get(k) for k in ("CXX", "PATH")}
     with open(log_path, "w") as out:
         os.dup2(out.fileno(), 1)  # ninja writes the compiler's output to file descriptor 1
         os.environ["CXX"] = cxx  # the compiler cpp_extension runs
+        os.environ["PATH"] = os.pathsep.join([_ninja_dir(), os.environ.get("PATH", "")])  # a venv not activated
         try:
             cpp_extension.load(name=LIBRARY, sources=[str(s) for s in _sources()], extra_cflags=list(flags()),
                                extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
@@ -133,10 +144,11 @@ def _compile(cxx: str, build: Path) -> None:
         finally:
             os.dup2(saved, 1)
             os.close(saved)
-            if saved_cxx is None:
-                os.environ.pop("CXX", None)
-            else:
-                os.environ["CXX"] = saved_cxx
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
     for line in [line for line in log_path.read_text().splitlines() if "warning:" in line][:20]:
         log.warning("lookahead CPU ops: %s", line)
     (build / READY).touch()
