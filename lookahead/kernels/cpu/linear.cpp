@@ -107,8 +107,8 @@ void tile(const T* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, i
 
 #elif defined(LOOKAHEAD_AVX2)
 
-// 2 x 3 tiles: 12 accumulators (two __m256 per 16-lane sum) and 3 widened rows of w in 15 of the 16 ymm registers,
-// x read as the FMAs' memory operand. Verify sizes are mostly even, which 2-row tiles split without a 1-row
+// 2 x 3 tiles: 12 accumulators (two __m256 per 16-lane sum), 3 widened rows of w and a row of x fill the 16 ymm
+// registers, one half-chunk at a time. Verify sizes are mostly even, which 2-row tiles split without a 1-row
 // remainder (docs/hosts.md: 2 x 3 against 3 x 2, 2 x 2 and 4 x 1).
 constexpr int TILE_M = 2, TILE_N = 3;
 constexpr bool WIDEN_X = true;  // x widened to fp32 once per call
