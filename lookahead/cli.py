@@ -58,12 +58,10 @@ def cmd_generate(args) -> int:
 
     from lookahead.data import encode_prompt
     from lookahead.models.auto import load_model
-    from lookahead.models.gguf import describe as describe_weights
 
     sampling = sampling_kwargs(args)
     refs = [Path(f).read_text() for f in args.reference] if args.reference else None
     model, tokenizer = load_model(args.model, args.dtype, args.device)
-    print(describe_weights(model), file=sys.stderr)
     calibrate_untimed(model, args)
     ids = encode_prompt(tokenizer, args.prompt, args.chat).to(model.device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -82,11 +80,9 @@ def cmd_chat(args) -> int:
 
     from lookahead.data import encode_chat
     from lookahead.models.auto import load_model
-    from lookahead.models.gguf import describe as describe_weights
 
     sampling = sampling_kwargs(args)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
-    print(describe_weights(model), file=sys.stderr)
     calibrate_untimed(model, args)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     prompt = ""

@@ -37,6 +37,8 @@ def curve_key(model) -> str:
 
     c = model.config
     host = f"|{cpu_ops.cpu_name()}|cpu_ops={cpu_ops.code_path() or 0}" if model.device.type == "cpu" else ""
+    blocks = sorted({p.shape[-1] for p in model.parameters() if p.dtype == torch.uint8})  # GGUF block bytes
+    host += f"|gguf_blocks={blocks}" if blocks else ""
     return (f"{c.model_type}-{c.n_layers}x{c.dim}-h{c.n_heads}-kv{c.n_kv_heads}-d{c.head_dim}-v{c.vocab_size}|"
             f"{model.device.type}|{str(model.dtype).removeprefix('torch.')}|threads={torch.get_num_threads()}|"
             f"graphs={int(model.device.type == 'cuda' and cuda_graphs_enabled())}{host}")

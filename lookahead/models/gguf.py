@@ -25,7 +25,10 @@ from lookahead.models.checkpoint import EMBEDDED, embedded_gguf
 
 log = logging.getLogger("lookahead.models.gguf")
 
-QUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")  # quant.cpp's FORMATS
+# quant.cpp's FORMATS: type -> (elements, bytes) per block
+BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
+          "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+QUANTIZED = tuple(BLOCKS)
 FLOATS = ("F32", "F16", "BF16")
 ARCHITECTURES = ("llama",)
 QUANTIZATION = ("auto", "gguf", None)  # from_pretrained's quantization= values (docs/gguf.md)
@@ -236,6 +239,8 @@ def load_quantized(cls: type[CausalLM], path: Path, dtype) -> CausalLM:
         raise ValueError(f"a quantized model's activations are torch.float32 or torch.bfloat16, got {dtype!r}")
     cfg = cls.config_from_hf(f.hf_config())
     cfg.rope_interleaved = True  # the GGUF q/k rows are in ggml's adjacent-pair order
+    if cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
+        raise ValueError(f"{path}: biases are not read from GGUF files yet; load it with quantization=None")
     with torch.device("meta"):
         model = cls(cfg)
 
@@ -263,8 +268,6 @@ def load_quantized(cls: type[CausalLM], path: Path, dtype) -> CausalLM:
             _set_projection(layer.feed_forward, "w13", w13, act)
     except KeyError as e:
         raise ValueError(f"{path} lacks the tensor {e.args[0]!r}: is it a complete {cfg.model_type} GGUF?") from None
-    if cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
-        raise ValueError(f"{path}: biases are not read from GGUF files yet; load it with quantization=None")
     model.inv_freq = rope_inv_freq(cfg)
     model.name_or_path = str(path)
     model._weights_list = None
@@ -288,13 +291,11 @@ def tokenizer(path: Path):
 
 def describe(model: CausalLM) -> str:
     """One line: whether the model runs GGUF blocks natively, and which formats."""
-    kinds = {}
-    for name, p in model.named_parameters():
+    by_bytes = {bb: name for name, (_, bb) in BLOCKS.items()}
+    kinds: dict[str, int] = {}
+    for p in model.parameters():
         if p.dtype == torch.uint8:
-            from gguf.constants import GGML_QUANT_SIZES
-
-            fmt = next((t.name for t, (_, b) in GGML_QUANT_SIZES.items() if b == p.shape[-1] and t.name in QUANTIZED),
-                       "?")
+            fmt = by_bytes[p.shape[-1]]
             kinds[fmt] = kinds.get(fmt, 0) + p.numel()
     if not kinds:
         return f"weights {str(model.dtype).removeprefix('torch.')} (dequantized)"

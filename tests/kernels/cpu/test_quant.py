@@ -131,10 +131,11 @@ def outputs(seed: int = 7) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64-v2"], ids=["avx2", "scalar"])
+@pytest.mark.parametrize("arch", ["x86-64-v4", "x86-64-v3", "x86-64-v2"],
+                         ids=["avx512-without-vnni", "avx2", "scalar"])
 def test_every_isa_path_gives_the_same_bits(arch, tmp_path):
-    """The ops built for an AVX2 host (maddubs/madd) and for one without AVX2 (the portable C++ path), in fresh
-    processes: each is row-invariant, and each gives this host's (AVX512-VNNI here) bits exactly."""
+    """The ops built for AVX-512 without VNNI and for AVX2 (maddubs/madd), and without AVX2 (the portable C++ path),
+    in fresh processes: each is row-invariant, and each gives this host's (AVX512-VNNI here) bits exactly."""
     root = Path(__file__).resolve().parents[3]
     code = ("import torch, tests.kernels.cpu.test_quant as t\n"
             "from lookahead.kernels import cpu\n"
