@@ -553,6 +553,8 @@ class CausalLM(nn.Module):
         """.to() / .float() / .cuda() / ...: the RoPE frequencies stay fp32 and the RoPE table is made anew."""
         super()._apply(fn, recurse)
         self._rope_tables = self._weights_list = None
+        if self.tok_embeddings.weight.dtype == torch.uint8:  # GGUF blocks stay; activations follow the norms' dtype
+            self.tok_embeddings.act_dtype = self.norm.weight.dtype
         if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
             self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)  # RoPE frequencies stay fp32
         return self
