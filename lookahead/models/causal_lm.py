@@ -270,6 +270,8 @@ class CausalLM(nn.Module):
         """.to() / .float() / .cuda() / ...: the RoPE frequencies stay fp32 and the RoPE table is made anew."""
         super()._apply(fn, recurse)
         self._rope_tables = self._weights_list = None
+        if getattr(self.tok_embeddings, "act_dtype", None) is not None:  # GGUF blocks stay; the activations
+            self.tok_embeddings.act_dtype = self.norm.weight.dtype       # follow the norms' dtype
         if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
             self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)  # RoPE frequencies stay fp32
         return self

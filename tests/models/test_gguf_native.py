@@ -134,6 +134,14 @@ def test_every_format_is_exact_along_every_path_of_random_trees(kinds, dtype):
     check_tree_step_equals_one_token_steps(model, [37, 0, 5], 13, seed=2)
 
 
+def test_to_a_dtype_changes_the_activations_and_keeps_the_blocks():
+    model = quantized_tiny(every("Q4_0"), torch.bfloat16).to(torch.float32)
+    assert model.dtype == torch.float32 and model.tok_embeddings.weight.dtype == torch.uint8
+    with torch.inference_mode():
+        logits = model.verify(torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), model.kv_cache(1, 4), None)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
 @pytest.mark.slow
 def test_lookahead_equals_plain_greedy_on_the_quantized_model(quantized, tokenizer):
     from lookahead.data import encode_prompt
