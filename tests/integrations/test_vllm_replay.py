@@ -8,7 +8,7 @@ import pytest
 
 from lookahead.config import LookaheadConfig
 from lookahead.integrations.vllm import LinearStep, LookaheadProposer
-from lookahead.benchmarks.vllm_replay import ProposerRows, VllmNgram, compare, vllm_ngram
+from lookahead.benchmarks.replay import ProposerRows, VllmNgram, compare, vllm_ngram
 from lookahead.benchmarks.replay import replay
 
 
