@@ -15,6 +15,7 @@ import torch
 from lookahead.config import LookaheadConfig
 from lookahead.engine.engine import Engine, Sequence, StopStrings, context_limit
 from lookahead.engine.sampling import SamplingParams
+from lookahead.models.causal_lm import CausalLM
 
 
 @dataclass
@@ -187,3 +188,6 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         new[b, :len(seq.output)] = torch.tensor(seq.output, dtype=input_ids.dtype)
     sequences = torch.cat([input_ids.cpu(), new], dim=1).to(input_ids.device)
     return GenerateOutput(sequences, stats) if return_dict_in_generate else sequences
+
+
+CausalLM.run_generate = staticmethod(generate)  # what model.generate runs

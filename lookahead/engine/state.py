@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from lookahead.drafting.drafter import Calibration
 from lookahead.drafting.pools import DraftPools
 from lookahead.drafting.trie import TokenTrie
+from lookahead.models.causal_lm import CausalLM
 
 if TYPE_CHECKING:
     from lookahead.drafting.drafter import StepCost
@@ -46,3 +47,6 @@ class GenerationState:
         self.successors.clear()
         self.pools.clear()
         self.calibration = Calibration()
+
+
+CausalLM.new_state = GenerationState  # what model.state holds (the model imports nothing of the engine)

@@ -4,6 +4,7 @@ implementation per device. The model calls these ops and never asks which backen
 | op | CPU | CUDA |
 |---|---|---|
 | linear, rms_norm, add_rms_norm_, silu_mul, rope_store, tree_attention, decode_layers | the C++ ops (kernels/cpu) | Triton where exact mode asks for it (linear, rms_norm, tree_attention), torch otherwise |
+| causal_attention (a prefill's, off the fused path) | torch's sdpa | flash-attn where installed, else sdpa |
 | accept_longest_path, compact_kv | torch references (the step's inputs are well formed: no checks) | Triton (checked where LOOKAHEAD_CHECKS=1) |
 | quant_linear, quant_embedding (GGUF blocks, kernels/cpu/quant.cpp) | the C++ ops | none: quantized weights run on the CPU |
 
@@ -29,12 +30,18 @@ import torch
 import torch.nn.functional as F
 
 from lookahead.config import forced_kernels
-from lookahead.kernels import cpu, reference
+import lookahead.kernels.cpu as cpu
+import lookahead.kernels.reference as reference
 from lookahead.kernels.triton.compact_kv import compact_kv
 from lookahead.kernels.triton.accept_longest_path import accept_longest_path
 from lookahead.kernels.triton.invariant_linear import invariant_linear
 from lookahead.kernels.triton.rms_norm import rms_norm as triton_rms_norm
 from lookahead.kernels.triton.tree_attention import ancestor_bits, tree_attention as triton_tree_attention
+
+try:  # optional prefill kernel on CUDA
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
 
 LAYER_WEIGHTS = cpu.LAYER_WEIGHTS  # decode_layers' weights per layer, in order
 
@@ -47,6 +54,7 @@ SCHEMAS = (
     "int n_heads, bool interleaved, Tensor? rows=None) -> Tensor",
     "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lens, Tensor? tree_mask, float scale, "
     "Tensor? rows=None, Tensor? nodes=None) -> Tensor",
+    "causal_attention(Tensor q, Tensor k, Tensor v) -> Tensor",
     "decode_layers(Tensor(a!) x, Tensor[] weights, Tensor cos, Tensor sin, Tensor(b!) cache, Tensor lens, "
     "Tensor slots, Tensor? tree_mask, int n_heads, bool interleaved, float eps, Tensor final_norm, "
     "Tensor? rows=None, Tensor? nodes=None) -> Tensor",
@@ -147,6 +155,18 @@ def _tree_attention_padded(q, k_cache, v_cache, lens, tree_mask, scale, rows, no
     return attend(padded, k_cache, v_cache, lens, mask, scale)[rows, nodes]  # (N, Hq, D)
 
 
+def _causal_attention_torch(q, k, v):
+    """q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]: a prefill's attention over the tokens just written."""
+    out = reference.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)  # (B, Hq, T, D)
+    return out.transpose(1, 2)
+
+
+def _causal_attention_cuda(q, k, v):
+    if flash_attn_func is not None and q.dtype in (torch.float16, torch.bfloat16):
+        return flash_attn_func(q, k, v, causal=True)
+    return _causal_attention_torch(q, k, v)
+
+
 def _tree_attention_torch(q, k_cache, v_cache, lens, tree_mask, scale, rows=None, nodes=None):
     return _tree_attention_padded(q, k_cache, v_cache, lens, tree_mask, scale, rows, nodes, reference.tree_attention)
 
@@ -210,6 +230,7 @@ IMPLS = {  # op: (CPU, CUDA)
     "silu_mul": (_cpu_impl("silu_mul", _silu_mul_torch), _silu_mul_torch),
     "rope_store": (_cpu_impl("rope_store", _rope_store_torch), _rope_store_torch),
     "tree_attention": (_cpu_impl("tree_attention", _tree_attention_torch), _tree_attention_cuda),
+    "causal_attention": (_causal_attention_torch, _causal_attention_cuda),
     "decode_layers": (_cpu_impl("decode_layers", _no_fused), _no_fused),
     "accept_longest_path": (reference.accept_longest_path, accept_longest_path),
     "compact_kv": (reference.compact_kv, compact_kv),

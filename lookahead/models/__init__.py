@@ -1,6 +1,6 @@
 """Model families served by lookahead, and checkpoint resolution."""
 
-from lookahead.models import checkpoint
+import lookahead.models.checkpoint as checkpoint
 from lookahead.models.checkpoint import resolve_checkpoint
 from lookahead.models.glm import GlmForLookahead
 from lookahead.models.llama import LlamaForLookahead

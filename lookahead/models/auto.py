@@ -16,7 +16,7 @@ DTYPE_HELP = ("default auto: bf16 on a CPU with native bf16 matmul (AVX512_BF16 
 
 
 def model_classes() -> list[type]:
-    from lookahead.models import glm
+    import lookahead.models.glm as glm
 
     return [LlamaForLookahead, glm.GlmForLookahead]
 
@@ -38,7 +38,7 @@ def load_model(name_or_path: str | Path, dtype: str | None = None, device: str |
     (None = "auto"); device: None = cuda when available, else cpu; quantization: docs/gguf.md."""
     from transformers import AutoTokenizer
 
-    from lookahead.models import gguf
+    import lookahead.models.gguf as gguf
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -31,6 +32,10 @@ class CausalLM(nn.Module):
     """Decoder-only transformer with a static KV cache and draft-tree verification."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    # What `generate` runs and what `state` holds: the engine installs both when it is imported (lookahead/__init__
+    # imports it), so the model imports nothing of the engine or of drafting.
+    run_generate: ClassVar[Callable]
+    new_state: ClassVar[Callable]
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -51,11 +56,10 @@ class CausalLM(nn.Module):
 
     @property
     def state(self):
-        """What generation keeps on this model between calls (`lookahead.engine.state.GenerationState`: trie, KV
-        cache, CUDA graphs, cost curves, drafter calibration). The model only holds it; the engine owns its type."""
+        """What generation keeps on this model between calls (a `GenerationState`: trie, KV cache, CUDA graphs,
+        cost curves, drafter calibration). The model only holds it: the engine owns its type (`new_state`)."""
         if self._state is None:
-            from lookahead.engine.state import GenerationState
-            self._state = GenerationState()
+            self._state = type(self).new_state()
         return self._state
 
     @state.setter
@@ -279,5 +283,4 @@ class CausalLM(nn.Module):
     # ---- generation ----------------------------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor, **kwargs):
         """Greedy or sampled generation, lookahead on by default; see docs/API.md."""
-        from lookahead.engine.generation import generate
-        return generate(self, input_ids, **kwargs)
+        return type(self).run_generate(self, input_ids, **kwargs)

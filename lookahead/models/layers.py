@@ -10,15 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lookahead.kernels.reference import sdpa
 from lookahead.models.cache import KVCache
 from lookahead.models.config import ModelConfig
-
-try:  # optional prefill kernel on CUDA
-    from flash_attn import flash_attn_func
-except ImportError:
-    flash_attn_func = None
-
 
 @dataclass
 class AttentionContext:
@@ -37,14 +30,6 @@ class AttentionContext:
     tree_mask: torch.Tensor | None = None   # [B, T, T] or ragged [N, W]: token i sees node j; None = causal chains
     rows: torch.Tensor | None = None        # [N] ragged: each token's cache row ...
     nodes: torch.Tensor | None = None       # [N] ... and its node index in that row's tree
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]."""
-    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        return flash_attn_func(q, k, v, causal=True)
-    out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)  # (B, Hq, T, D)
-    return out.transpose(1, 2)
 
 
 class RMSNorm(nn.Module):
@@ -96,7 +81,8 @@ class Attention(nn.Module):
             y = torch.ops.lookahead.tree_attention(q if ctx.rows is None else q[0], k_cache, v_cache, ctx.lens,
                                                    ctx.tree_mask, self.head_dim ** -0.5, ctx.rows, ctx.nodes)
         else:  # prefill: causal attention over the slots just written
-            y = causal_attention(q, k_cache[:, :, :T].transpose(1, 2), v_cache[:, :, :T].transpose(1, 2))
+            y = torch.ops.lookahead.causal_attention(q, k_cache[:, :, :T].transpose(1, 2),
+                                                     v_cache[:, :, :T].transpose(1, 2))
         return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
 
 

@@ -110,7 +110,7 @@ def load_pretrained(cls: type[CausalLM], name_or_path, dtype: torch.dtype | str 
     """`cls.from_pretrained`: the model is built on the meta device (no random init), the checkpoint's tensors
     are assigned in place of its parameters, and one `.to(device, dtype)` moves it. dtype "auto" (or None):
     `default_dtype`. A GGUF that runs quantized (models/gguf.py's `native_gguf`) keeps its blocks instead."""
-    from lookahead.models import gguf
+    import lookahead.models.gguf as gguf
 
     native = gguf.native_gguf(name_or_path, dtype, device, quantization)
     if native is not None:

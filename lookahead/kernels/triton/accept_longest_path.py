@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lookahead.kernels import reference
+import lookahead.kernels.reference as reference
 from lookahead.kernels.dispatch import backend, check_int64, check_same_device, check_values, jit, tl, triton
 from lookahead.config import MAX_TREE_NODES
 

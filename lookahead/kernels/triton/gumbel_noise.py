@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lookahead.kernels import reference
+import lookahead.kernels.reference as reference
 from lookahead.kernels.dispatch import backend, check_int64, check_same_device, jit, tl, triton
 
 _M32 = 0xFFFFFFFF
