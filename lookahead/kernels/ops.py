@@ -10,8 +10,8 @@ implementation per device. The model calls these ops and never asks which backen
 
 Where the C++ ops cannot be built (no compiler) or `LOOKAHEAD_KERNELS=torch` is set, the CPU runs the torch
 references (reference.py), which are also what a CUDA device without triton runs. `decode_layers` (every decoder
-layer of a forward in one C++ call) exists on the CPU only: `fused_decoder(x)` says whether it runs for x, and the
-model's layers are the layer order everywhere else. The weight order `decode_layers` expects is `LAYER_WEIGHTS`,
+layer of a verify step in one C++ call: every decode step, and the engine's prompt chunks on CPU) exists on the CPU
+only: `fused_decoder(x)` says whether it runs for x; the model's layers (models/layers.py) run every other forward. The weight order `decode_layers` expects is `LAYER_WEIGHTS`,
 checked against the C++ op's own list (`lookahead_cpu::decode_layers_weights`) when the ops load.
 
 tree_attention's ragged signature: q [B, T, Hq, D] with tree_mask [B, T, T] (or None: causal chains), or, with
