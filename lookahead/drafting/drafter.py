@@ -532,10 +532,14 @@ class Drafter:
         gain = 1.0
         if cut and self._price is not None:  # priced as _choose_nodes prices it, in the step where the other rows
             # verify their roots only; the bar to beat is that step without drafts (in the price's own unit)
-            sizes = [b - 1 for b in TREE_BUCKETS]  # draft nodes at the end of each bucket
-            plain, base, *priced = self.step_prices(rows, [rows, rows + extra] + [rows + extra + n for n in sizes])
-            price_at = dict(zip(sizes, priced))
+            plain, base = self.step_prices(rows, [rows, rows + extra])
             best = rows / plain
+            price_at = {}  # draft nodes -> the step's price with them, asked only where the list reaches
+
+            def priced(n: int) -> float:
+                if n not in price_at:
+                    price_at[n] = self.step_price(rows, rows + extra + n)
+                return price_at[n]
         while heap and len(out) < limit:
             neg_p, _, source, parent, token, raw, key = heapq.heappop(heap)
             existing = index_of.get((parent, token))
@@ -561,9 +565,9 @@ class Drafter:
             gain += p
             n = len(out)
             if cut and self._price is not None and n + 1 in TREE_BUCKETS and n + 1 < TREE_BUCKETS[-1]:
-                best = max(best, _tokens_per_cost(rows - 1 + gain, plain, price_at[n], base))
+                best = max(best, _tokens_per_cost(rows - 1 + gain, plain, priced(n), base))
                 nxt = TREE_BUCKETS[bisect.bisect_left(TREE_BUCKETS, n + 2)]  # the next bucket
-                if _tokens_per_cost(rows - 1 + gain + (nxt - 1 - n) * p, plain, price_at[nxt - 1], base) < best:
+                if _tokens_per_cost(rows - 1 + gain + (nxt - 1 - n) * p, plain, priced(nxt - 1), base) < best:
                     break
         return out
 
