@@ -137,21 +137,27 @@ def _rope_store_torch(qkv, cos, sin, k_cache, v_cache, slots, n_heads, interleav
     return q
 
 
-def _pad_ragged(q, lens, tree_mask, rows, nodes, R):
-    """The ragged layout as padded rows: q [N, Hq, D] -> [R, W, Hq, D] and the tree mask [R, W, W]."""
+def _padded_mask(tree_mask, rows, nodes, R):
+    """The ragged layout's mask as padded rows [R, W, W] (a padding node sees only itself)."""
     W = int(nodes.max()) + 1 if tree_mask is None else tree_mask.shape[1]
-    mask = torch.eye(W, dtype=torch.bool, device=q.device).repeat(R, 1, 1)  # (R, W, W)
-    mask[rows, nodes] = (torch.arange(W, device=q.device)[None] <= nodes[:, None] if tree_mask is None
+    mask = torch.eye(W, dtype=torch.bool, device=nodes.device).repeat(R, 1, 1)  # (R, W, W)
+    mask[rows, nodes] = (torch.arange(W, device=nodes.device)[None] <= nodes[:, None] if tree_mask is None
                          else tree_mask)
-    padded = q.new_zeros(R, W, *q.shape[1:])
-    padded[rows, nodes] = q
-    return padded, mask
+    return mask
+
+
+_pad_memo: list = [None, None, None]  # the last (nodes, tree_mask) and its padded mask: one per forward, not per layer
 
 
 def _tree_attention_padded(q, k_cache, v_cache, lens, tree_mask, scale, rows, nodes, attend):
     if rows is None:
         return attend(q, k_cache, v_cache, lens, tree_mask, scale)
-    padded, mask = _pad_ragged(q, lens, tree_mask, rows, nodes, k_cache.shape[0])
+    R = k_cache.shape[0]
+    if _pad_memo[0] is not nodes or _pad_memo[1] is not tree_mask:  # a new forward: pad its mask once
+        _pad_memo[:] = [nodes, tree_mask, _padded_mask(tree_mask, rows, nodes, R)]
+    mask = _pad_memo[2]
+    padded = q.new_zeros(R, mask.shape[1], *q.shape[1:])  # (R, W, Hq, D)
+    padded[rows, nodes] = q
     return attend(padded, k_cache, v_cache, lens, mask, scale)[rows, nodes]  # (N, Hq, D)
 
 
