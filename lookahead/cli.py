@@ -27,6 +27,7 @@ LAZY_SUBCOMMANDS = {
     "serve": ("lookahead.serve.app", "OpenAI-compatible HTTP server with iteration-level batching"),
     "bench-serve": ("lookahead.benchmarks.serve_bench", "load-test `lookahead serve`: lookahead on vs off at several concurrencies"),
     "bench-vllm": ("lookahead.benchmarks.vllm_bench", "vLLM plain / ngram / suffix / our proposer on Spec-Bench"),
+    "bench-llamacpp": ("lookahead.benchmarks.llamacpp_bench", "ours vs llama.cpp on GGUF files: Spec-Bench, decode, logits"),
 }
 
 
