@@ -19,11 +19,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lookahead.benchmarks.llamacpp_bench import run_job
+from lookahead.benchmarks.llamacpp_runner import FTYPES
+
 ROOT = Path(__file__).resolve().parent.parent
 LLAMACPP_PY = ROOT / ".venv-llamacpp" / "bin" / "python"
 SDIST = ROOT / ".venv-llamacpp" / "src" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
 CONVERT_DEPS = ROOT / ".venv-llamacpp" / "convert-deps"  # sentencepiece, which the converter imports
-FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}  # llama_ftype values
 
 CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048, num_hidden_layers=16,
               num_attention_heads=32, num_key_value_heads=8, head_dim=64, intermediate_size=8192, vocab_size=49152,
@@ -68,13 +70,8 @@ def convert(hf: Path, gguf: Path) -> None:
 
 
 def quantize(src: Path, dst: Path, kind: str) -> None:
-    code = ("import sys, llama_cpp\n"
-            "p = llama_cpp.llama_model_quantize_default_params()\n"
-            f"p.ftype = {FTYPES[kind]}\n"
-            "p.nthread = 2\n"
-            "rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p)\n"
-            "sys.exit(rc)\n")
-    subprocess.run([str(LLAMACPP_PY), "-c", code, str(src), str(dst)], check=True)
+    run_job(LLAMACPP_PY, {"system": "llamacpp", "task": "quantize", "gguf": str(src), "dst": str(dst), "type": kind,
+                          "threads": 2})
 
 
 def main() -> None:
