@@ -10,6 +10,7 @@ import pytest
 
 from lookahead.benchmarks import llamacpp_bench as lb
 from lookahead.benchmarks.llamacpp_runner import _until_eos
+from lookahead.config import cache_dir
 
 LLAMACPP_PYTHON = Path(__file__).resolve().parents[2] / ".venv-llamacpp" / "bin" / "python"
 
@@ -128,14 +129,14 @@ def test_markdown_of_each_suite():
 @pytest.mark.slow
 @pytest.mark.skipif(not LLAMACPP_PYTHON.is_file(),
                     reason=f"{LLAMACPP_PYTHON} is absent: `make llamacpp-venv` installs llama-cpp-python 0.3.36 there")
-def test_each_suite_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.setenv("LOOKAHEAD_CACHE", str(tmp_path / "cache"))  # the requantized files are made here
+def test_each_suite_end_to_end(tmp_path):
     common = ["--threads", "1", "--rounds", "1", "--out", str(tmp_path)]
-    assert lb.run(parse("--suite", "smollm2", "--prompts", "2", "--max-new-tokens", "16", "--types", "Q4_1",
-                        "Q8_0", *common)) == 0
+    assert lb.run(parse("--suite", "smollm2", "--prompts", "2", "--max-new-tokens", "16", "--types", "Q8_0",
+                        *common)) == 0
     smollm2 = json.loads((tmp_path / "llamacpp_smollm2.json").read_text())
-    assert (tmp_path / "cache" / "llamacpp" / "SmolLM2-135M-Instruct.Q8_0.gguf").is_file()
-    assert [r["type"] for r in smollm2["results"]] == ["Q4_1", "Q8_0"]
+    assert smollm2["files"]["Q8_0"] == str(cache_dir() / "llamacpp" / "SmolLM2-135M-Instruct.Q8_0.gguf")
+    assert Path(smollm2["files"]["Q8_0"]).is_file()  # made once, kept for later runs
+    assert [r["type"] for r in smollm2["results"]] == ["Q8_0"]
     for res in smollm2["results"]:
         assert res["prompts"] == 2
         assert res["identical"]["ours lookahead / ours plain"] == 2  # lossless
@@ -143,7 +144,7 @@ def test_each_suite_end_to_end(tmp_path, monkeypatch):
         for name, s in res["systems"].items():
             assert 0 < s["tokens"] <= 2 * 16, name
             assert 1.0 <= s["tokens_per_step"] <= 11, name
-    assert (tmp_path / "llamacpp_smollm2.md").read_text().count("| Q") == 2
+    assert (tmp_path / "llamacpp_smollm2.md").read_text().count("| Q8_0 | 1 |") == 1
 
     assert lb.run(parse("--suite", "quality", "--text-tokens", "64", *common)) == 0
     quality = json.loads((tmp_path / "llamacpp_quality.json").read_text())
