@@ -398,16 +398,16 @@ def quality_markdown(record: dict) -> str:
 
 def quality_plot(record: dict):
     def draw(plt):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        width = 0.8 / len(record["results"])
+        fig, axes = plt.subplots(1, 2, figsize=(12, 1.5 + 0.5 * len(QUALITY_PAIRS)), sharey=True)
+        height = 0.8 / len(record["results"])
         for i, res in enumerate(record["results"]):
-            xs = [x + i * width for x in range(len(res["pairs"]))]
-            axes[0].bar(xs, [p["top1_agreement"] for p in res["pairs"]], width, label=Path(res["file"]).name)
-            axes[1].bar(xs, [p["max_abs_diff"] for p in res["pairs"]], width, label=Path(res["file"]).name)
-        labels = [f"{p['a']}\nvs {p['b']}" for p in record["results"][0]["pairs"]]
+            ys = [y + i * height for y in range(len(res["pairs"]))]
+            axes[0].barh(ys, [p["top1_agreement"] for p in res["pairs"]], height, label=Path(res["file"]).name)
+            axes[1].barh(ys, [p["max_abs_diff"] for p in res["pairs"]], height, label=Path(res["file"]).name)
+        labels = [f"{p['a']} vs {p['b']}" for p in record["results"][0]["pairs"]]
+        axes[0].set_yticks([y + height * (len(record["results"]) - 1) / 2 for y in range(len(labels))], labels)
+        axes[0].invert_yaxis()
         for ax, title in zip(axes, ("top-1 agreement", "max |logit diff|")):
-            ax.set_xticks([x + width * (len(record["results"]) - 1) / 2 for x in range(len(labels))], labels,
-                          fontsize=7)
             ax.set_title(title)
             ax.legend(fontsize=7)
         return fig
