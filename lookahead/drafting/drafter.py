@@ -25,7 +25,8 @@ from lookahead.config import LookaheadConfig
 from lookahead.drafting.pools import DraftPools, Pool
 from lookahead.drafting.suffix import SuffixAutomaton
 from lookahead.drafting.tree import TREE_BUCKETS
-from lookahead.drafting.trie import TokenTrie, preorder
+from lookahead.drafting.tree import DraftTree, draft_tree, preorder
+from lookahead.drafting.trie import TokenTrie
 
 # Prior probability that the model's rank-r next token (from its latest verify) is what it produces next time,
 # from the shipped recording (docs/benchmarks.md#recycled_prior); calibration refines it.
@@ -386,6 +387,19 @@ class Drafter:
         prices below a plain one. A None context is a row that takes no draft (finished); batch_size (default:
         the rows given) is the step's rows; extra_tokens: tokens of the step besides the rows' trees (prompt
         chunks riding in it)."""
+        return [preorder([(n.token, n.parent) for n in nodes])
+                for nodes in self._kept_nodes(request_ids, contexts, batch_size, extra_tokens)]
+
+    def draft_trees(self, request_ids: Sequence[int], contexts: Sequence[Sequence[int] | None],
+                    batch_size: int | None = None, extra_tokens: int = 0) -> list[DraftTree | None]:
+        """draft_batch's drafts as the rows' trees (`DraftTree`, root = the context's last token, in the
+        config's layout); None for a None context."""
+        layout = self.config.layout
+        return [None if ctx is None else draft_tree(int(ctx[-1]), [(n.token, n.parent) for n in nodes], layout)
+                for ctx, nodes in zip(contexts, self._kept_nodes(request_ids, contexts, batch_size, extra_tokens))]
+
+    def _kept_nodes(self, request_ids, contexts, batch_size, extra_tokens) -> list[list[_Node]]:
+        """Every row's proposal cut to the nodes the step's price keeps (remembered to settle at `update`)."""
         limit = self.config.decoding_length
         rows = batch_size if batch_size is not None else len(contexts)
         proposals = [self._proposal(rid, ctx, limit, rows, extra_tokens) if ctx is not None and limit > 0 else []
@@ -396,7 +410,7 @@ class Drafter:
             nodes = nodes[:k]
             if rid in self._requests:
                 self._requests[rid].sent = nodes
-            out.append(preorder([(n.token, n.parent) for n in nodes]))
+            out.append(nodes)
         return out
 
     def kept_accuracy(self) -> float:
@@ -459,13 +473,7 @@ class Drafter:
         # trie the request learns into; a pooled request also reads the shared trie (as another request would)
         matches = []
         for trie, rid in ((self.trie, request_id),) if pool is None else ((pool.trie, request_id), (self.trie, None)):
-            max_q, found = self.config.max_query_length, 0
-            while max_q > 0 and found < BACKOFF_MATCHES:
-                q, evidence, nodes = trie.candidates(context, limit, rid, max_q)
-                if not nodes:
-                    break
-                matches.append((q, evidence, nodes))
-                found, max_q = found + 1, q - 1
+            matches += trie.matches(context, limit, rid, self.config.max_query_length, BACKOFF_MATCHES)
         successors = self.successors if pool is None else pool.successors
         calib = self.calibration
         # the copy chain: what followed the longest earlier occurrence of the text's suffix (the automaton

@@ -7,6 +7,7 @@ so a step has one of a few static shapes; padding nodes have parent -1 and are n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +67,39 @@ def build_draft(root_token: int, node_tokens: list[int], node_parents: list[int]
         keep = budget + 1  # pre-order prefixes are closed under parents, so the cut is still a tree
         tree = DraftTree(tree.tokens[:keep], tree.parents[:keep], tree.depths[:keep])
     return tree
+
+
+def preorder(nodes: Sequence[tuple]) -> tuple[list[int], list[int]]:
+    """Best-first (token, parent, ...) nodes, parent indexing the list (-1 = root) -> (tokens, parents) in DFS
+    pre-order with parents indexing the tree (0 = root); siblings keep their best-first order."""
+    children: list[list[int]] = [[] for _ in range(len(nodes) + 1)]  # slot 0 = the root, i + 1 = nodes[i]
+    for i, node in enumerate(nodes):
+        children[node[1] + 1].append(i + 1)
+    tokens, parents = [], []
+    stack = [(c, 0) for c in reversed(children[0])]
+    while stack:
+        slot, parent_index = stack.pop()
+        tokens.append(nodes[slot - 1][0])
+        parents.append(parent_index)
+        index = len(tokens)
+        stack.extend((c, index) for c in reversed(children[slot]))
+    return tokens, parents
+
+
+def draft_tree(root_token: int, nodes: Sequence[tuple], layout: str = "hier") -> DraftTree:
+    """The tree of best-first (token, parent, ...) nodes (parent indexing the list, -1 = the root) under the root
+    token: `preorder`, then `build_draft`."""
+    tokens, parents = preorder(nodes)
+    return build_draft(root_token, tokens, parents, layout=layout, budget=len(tokens))
+
+
+def trees_of_batch(proposer, layout: str, request_ids, contexts, batch_size: int | None = None,
+                   extra_tokens: int = 0) -> list[DraftTree | None]:
+    """A proposer's `draft_batch` laid out as the rows' trees (root = the context's last token; None for a None
+    context): what `Drafter.draft_trees` returns, for any other proposer."""
+    drafts = proposer.draft_batch(request_ids, contexts, batch_size=batch_size, extra_tokens=extra_tokens)
+    return [None if ctx is None else build_draft(int(ctx[-1]), tokens, parents, layout=layout, budget=len(tokens))
+            for ctx, (tokens, parents) in zip(contexts, drafts)]
 
 
 def _parallel(tokens: list[int], parents: list[int]) -> DraftTree:

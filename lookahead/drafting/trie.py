@@ -20,6 +20,8 @@ from array import array
 from collections.abc import Sequence
 from pathlib import Path
 
+from lookahead.drafting.tree import preorder
+
 # Count ratios are child / (parent + SMOOTHING), so a continuation seen once is not certain. Replay of the
 # shipped recording, CPU curve: 1.44x modeled speedup without it, 1.57x with 0.5, 1.57x with 1, 1.55x with 2.
 SMOOTHING = 0.5
@@ -320,6 +322,19 @@ class TokenTrie:
                 return node, q
         return -1, 0
 
+    def matches(self, context: Sequence[int], limit: int, request_id: int | None, max_query_length: int,
+                count: int) -> list[tuple[int, int, list[tuple[int, int, float]]]]:
+        """`candidates` of the longest match, then of the next shorter matches that have continuations (more
+        evidence, other tokens): up to `count` of them, longest first."""
+        found = []
+        while max_query_length > 0 and len(found) < count:
+            q, evidence, nodes = self.candidates(context, limit, request_id, max_query_length)
+            if not nodes:
+                break
+            found.append((q, evidence, nodes))
+            max_query_length = q - 1
+        return found
+
     def candidates(self, context: Sequence[int], limit: int, request_id: int | None = None,
                    max_query_length: int = 2) -> tuple[int, int, list[tuple[int, int, float]]]:
         """Up to `limit` draft nodes after the context's last token, best first: (match length, evidence,
@@ -427,20 +442,3 @@ class TokenTrie:
             raise ValueError(f"{path} is a damaged TokenTrie file: {e}") from None
         trie._bound()
         return trie
-
-
-def preorder(nodes: Sequence[tuple]) -> tuple[list[int], list[int]]:
-    """Best-first (token, parent, ...) nodes, parent indexing the list (-1 = root) -> (tokens, parents) in DFS
-    pre-order with parents indexing the tree (0 = root); siblings keep their best-first order."""
-    children: list[list[int]] = [[] for _ in range(len(nodes) + 1)]  # slot 0 = the root, i + 1 = nodes[i]
-    for i, node in enumerate(nodes):
-        children[node[1] + 1].append(i + 1)
-    tokens, parents = [], []
-    stack = [(c, 0) for c in reversed(children[0])]
-    while stack:
-        slot, parent_index = stack.pop()
-        tokens.append(nodes[slot - 1][0])
-        parents.append(parent_index)
-        index = len(tokens)
-        stack.extend((c, index) for c in reversed(children[slot]))
-    return tokens, parents

@@ -26,6 +26,7 @@ All torch work of an engine happens on the thread that calls it (torch's OpenMP 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -39,7 +40,7 @@ from lookahead.config import MAX_TREE_NODES, LookaheadConfig, draft_gate_enabled
 from lookahead.drafting.drafter import Drafter
 from lookahead.drafting.drafter import StepCost, StepPrice
 from lookahead.drafting.proposer import Proposer
-from lookahead.drafting.tree import DraftTree, bucket_size, build_draft, pack_ragged
+from lookahead.drafting.tree import DraftTree, bucket_size, pack_ragged, trees_of_batch
 from lookahead.engine.pricing import DraftGate, curve_key, prior_curve
 from lookahead.engine.sampling import SamplingParams, TokenChooser
 from lookahead.engine.step import StepGraphs, graphs_enabled, nvtx_range, verify_step
@@ -227,7 +228,6 @@ class Engine:
         self.config: LookaheadConfig | None = None
         self.drafter: Proposer | None = None
         self.fixed_cost = cost
-        self.gate = DraftGate()  # by decoding rows and whether prompt chunks ride in the step
         self.cost: StepCost | None = None  # the learned step costs the steps feed (None with a fixed cost)
         self.configure(lookahead)
 
@@ -258,7 +258,12 @@ class Engine:
         if lookahead is not None and lookahead.exact and not self.model.exact:
             self.model.set_exact(True)  # stays on (plain steps must be batch-invariant too) until set_exact(False)
         self.config, self.drafter = lookahead, drafter
-        self.gate = DraftGate()  # other drafting settings and prices: what drafting costs per token is measured anew
+        # a step's trees: the Drafter builds them itself; another proposer's (tokens, parents) are laid out here
+        self._draft_trees = getattr(drafter, "draft_trees", None) or functools.partial(
+            trees_of_batch, drafter, lookahead.layout if lookahead is not None else "hier")
+        # other drafting settings and prices: what drafting costs per token is measured anew; kinds of step: with
+        # prompt chunks in it or not
+        self.gate = DraftGate([(rows, chunks) for rows in range(1, self.max_batch + 1) for chunks in (False, True)])
         # the gate: adaptive drafting priced by this engine's own steps (never with a fixed price: replay must stay
         # deterministic), unless LOOKAHEAD_DRAFT_GATE=0
         self._gating = (drafter is not None and self.fixed_cost is None and lookahead is not None
@@ -440,20 +445,17 @@ class Engine:
             else:
                 chains[b] = chunk
         with nvtx_range("draft"):
-            proposals = [([], [])] * n
             rows = sum(1 for b in range(n) if decoding[b] or chains[b] or trees[b] is not None)
             drafting = self.drafter is not None and any(decoding) and self.gate_open(sum(decoding),
                                                                                          any(chains))
             if drafting:
                 ids = [s.request_id if decoding[b] else -1 for b, s in enumerate(seqs)]
                 contexts = [s.context if decoding[b] else None for b, s in enumerate(seqs)]
-                proposals = self.drafter.draft_batch(ids, contexts, batch_size=rows,
-                                                     extra_tokens=sum(len(c) for c in chains))
-            layout = self.config.layout if self.config is not None else "hier"
-            for b, seq in enumerate(seqs):
-                if decoding[b]:
-                    tokens, parents = proposals[b]
-                    trees[b] = build_draft(seq.context[-1], tokens, parents, layout=layout, budget=len(tokens))
+                drafted = self._draft_trees(ids, contexts, batch_size=rows, extra_tokens=sum(len(c) for c in chains))
+                trees = [drafted[b] if decoding[b] else trees[b] for b in range(n)]
+            else:  # decoding rows verify their root alone
+                trees = [DraftTree([s.context[-1]], [-1], [0]) if decoding[b] else trees[b]
+                         for b, s in enumerate(seqs)]
         top_k = min(self.config.recycle_top_k, self.model.config.vocab_size) if drafting else 0
         with torch.inference_mode():
             try:
@@ -472,7 +474,7 @@ class Engine:
                 seq.prefilled += len(chains[b]) + (0 if decoding[b] or trees[b] is None else 1)
                 if trees[b] is None:  # a prompt chunk that does not end the prompt: no token yet
                     continue
-                seq.draft_tokens += trees[b].num_draft
+                seq.draft_tokens += len(trees[b].tokens) - 1
                 events.append(self._commit(seq, *read_step_row(results[b], trees[b].tokens, top_k)))
                 decoded += len(events[-1][1]) if decoding[b] else 0
         self.steps += 1

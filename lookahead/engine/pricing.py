@@ -16,6 +16,7 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Iterable
 
 from lookahead.drafting.drafter import DecayedRatio
 from lookahead.drafting.tree import TREE_BUCKETS
@@ -178,8 +179,9 @@ class DraftGate:
     measured. A row count measured one way or not at all follows the nearest one of its kind measured both ways;
     with nothing measured it drafts, then tries a plain step. The engine and the vLLM proposer both gate with it."""
 
-    def __init__(self):
-        self._arms: dict[tuple, _GateArms] = {}
+    def __init__(self, keys: Iterable[tuple] = ()):
+        """keys: the (rows, kind) pairs to make room for now (others are added as they come)."""
+        self._arms: dict[tuple, _GateArms] = {key: _GateArms() for key in keys}
 
     def open(self, rows: int, kind=None) -> bool:
         """Whether the next step of `rows` rows drafts."""

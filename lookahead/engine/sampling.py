@@ -118,6 +118,16 @@ class TokenChooser:
         CUDA graph."""
         return not any(start <= b < start + n for b in self._special)
 
+    def targets(self, logits: torch.Tensor, node_index: torch.Tensor | None, positions: torch.Tensor,
+                tokens: torch.Tensor, tree_mask: torch.Tensor | None, start: int = 0) -> torch.Tensor:
+        """A step's target tokens [n, T]: logits [n, T, V], or [M, V] per verified node that node_index [n, T]
+        spreads over the rows' trees (the plain argmax runs on the M nodes before they are spread)."""
+        n = tokens.shape[0]
+        if self.plain_argmax(n, start):
+            greedy = greedy_tokens(logits)
+            return greedy if node_index is None else greedy[node_index]
+        return self(logits if node_index is None else logits[node_index], positions, tokens, tree_mask, start=start)
+
     def commit(self, b: int, tokens: list[int]) -> None:
         """Tokens appended to row b (for the repetition penalty)."""
         params = self.params[b]

@@ -5,7 +5,7 @@ implementation per device. The model calls these ops and never asks which backen
 |---|---|---|
 | linear, rms_norm, add_rms_norm_, silu_mul, rope_store, tree_attention, decode_layers | the C++ ops (kernels/cpu) | Triton where exact mode asks for it (linear, rms_norm, tree_attention), torch otherwise |
 | causal_attention (a prefill's, off the fused path) | torch's sdpa | flash-attn where installed, else sdpa |
-| accept_longest_path, compact_kv | torch references (the step's inputs are well formed: no checks) | Triton (checked where LOOKAHEAD_CHECKS=1) |
+| accept_longest_path, compact_kv | the C++ ops (kernels/cpu/accept.cpp, registered from C++), the torch references until they load | Triton (checked where LOOKAHEAD_CHECKS=1) |
 | quant_linear, quant_embedding (GGUF blocks, kernels/cpu/quant.cpp) | the C++ ops | none: quantized weights run on the CPU |
 
 Where the C++ ops cannot be built (no compiler) or `LOOKAHEAD_KERNELS=torch` is set, the CPU runs the torch
@@ -238,16 +238,23 @@ IMPLS = {  # op: (CPU, CUDA)
     "tree_attention": (_cpu_impl("tree_attention", _tree_attention_torch), _tree_attention_cuda),
     "causal_attention": (_causal_attention_torch, _causal_attention_cuda),
     "decode_layers": (_cpu_impl("decode_layers", _no_fused), _no_fused),
-    "accept_longest_path": (reference.accept_longest_path, accept_longest_path),
-    "compact_kv": (reference.compact_kv, compact_kv),
+    "accept_longest_path": (None, accept_longest_path),  # CPU: kernels/cpu/accept.cpp registers it (FALLBACKS)
+    "compact_kv": (None, compact_kv),
     "quant_linear": (_cpu_impl("quant_linear", _cpu_only("quant_linear")), _cpu_only("quant_linear")),
     "quant_embedding": (_cpu_impl("quant_embedding", _cpu_only("quant_embedding")), _cpu_only("quant_embedding")),
 }
+
+# Ops whose C++ CPU kernels register themselves with the dispatcher when the library loads (no Python frame between
+# the step and them); until then, and where they cannot be built, these references serve the CPU.
+FALLBACKS = {"accept_longest_path": reference.accept_longest_path, "compact_kv": reference.compact_kv}
 
 _lib = torch.library.Library("lookahead", "DEF")
 for _schema in SCHEMAS:
     _name = _schema.split("(", 1)[0]
     _lib.define(_schema)
     _cpu_fn, _cuda_fn = IMPLS[_name]
-    _lib.impl(_name, _cpu_fn, "CPU")
+    if _cpu_fn is not None:
+        _lib.impl(_name, _cpu_fn, "CPU")
     _lib.impl(_name, _cuda_fn, "CUDA")
+for _name, _fallback in FALLBACKS.items():
+    _lib.impl(_name, _fallback, "CompositeExplicitAutograd")

@@ -233,3 +233,18 @@ def test_the_gate_learns_the_seconds_of_the_engines_own_clock():
     drafted, plain = engine.gate.per_token(1, False)
     measured = [p for p in (drafted, plain) if p is not None]
     assert measured and all(0.040 / 12 <= p <= 0.040 for p in measured)
+
+
+def test_the_step_names_its_parts_in_torch_profilers_trace():
+    """draft, verify, accept, compact and commit appear as ranges of a torch.profiler trace of a lookahead step
+    (on CUDA with LOOKAHEAD_NVTX=1 the same names go to Nsight instead)."""
+    from torch.profiler import profile
+
+    model = make_tiny_llama()
+    prompt = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]])
+    fixed = LookaheadConfig(adaptive=False, decoding_length=8)  # drafts whatever the step costs here
+    model.generate(prompt, max_new_tokens=4, lookahead=fixed)  # warm: the trie has the repeats, the engine exists
+    with profile() as prof:
+        model.generate(prompt, max_new_tokens=8, lookahead=fixed)
+    names = {e.name for e in prof.events()}
+    assert {"draft", "verify", "accept", "compact", "commit"} <= names
