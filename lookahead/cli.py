@@ -1,4 +1,5 @@
-"""Command line: `lookahead generate`, `chat`, `demo`, `bench`, `replay`, `serve`, `bench-serve` and `bench-vllm`."""
+"""Command line: `lookahead generate`, `chat`, `demo`, `bench`, `replay`, `serve`, `bench-serve`, `bench-vllm` and
+`bench-llamacpp`."""
 
 from __future__ import annotations
 

@@ -45,6 +45,9 @@ def main() -> None:
     p.add_argument("--last", action="store_true", help="the last per-category prompts of Spec-Bench, not the first")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--own-curves", action="store_true",
+                   help="each version drafts by its own cached or measured verify cost curve (default: the new one "
+                        "takes the old one's, measured or cached for this dtype, so both price drafts alike)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,12 +60,16 @@ def main() -> None:
     from lookahead.models.auto import DTYPES
     from transformers import AutoTokenizer
 
-    models = {}
+    models, curves = {}, {}
     for name, dtype in [(n, d) for d in args.dtypes for n in ("old", "new")]:
         pkg = packages[name]
-        models[name, dtype] = importlib.import_module(pkg.__name__ + ".models").LlamaForLookahead.from_pretrained(
-            "smollm2-135m-instruct", dtype=DTYPES[dtype], device="cpu")
-        importlib.import_module(pkg.__name__ + ".cost").calibrate(models[name, dtype])
+        family = importlib.import_module(pkg.__name__ + ".models").LlamaForLookahead
+        models[name, dtype] = model = family.from_pretrained("smollm2-135m-instruct", dtype=DTYPES[dtype],
+                                                             device="cpu")
+        cost = importlib.import_module(pkg.__name__ + ".cost")
+        if name == "new" and not args.own_curves:  # the old model's curve: the same prices, only the code differs
+            model.state.cost_curves[cost.curve_key(model)] = dict(curves[dtype])
+        curves[dtype] = cost.calibrate(model)
     tokenizer = AutoTokenizer.from_pretrained(packages["new"].models.resolve_checkpoint("smollm2-135m-instruct"))
     turns = spec_bench_first_turns(None if args.last else args.per_category)
     if args.last:  # the last per_category prompts of each category
@@ -92,7 +99,8 @@ def main() -> None:
             tokens[key, lookahead] += len(new)
             outputs[key, lookahead].append(new)
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, {len(prompts)} Spec-Bench prompts x "
-          f"{args.max_new_tokens} tokens, old = {args.old}")
+          f"{args.max_new_tokens} tokens, old = {args.old}, "
+          f"{'own cost curves' if args.own_curves else 'one cost curve per dtype (the old one)'}")
     for (name, dtype), lookahead in systems:
         plain = outputs[(name, dtype), False]
         same = sum(a == b for a, b in zip(outputs[(name, dtype), lookahead], plain))
