@@ -10,9 +10,10 @@ implementation per device. The model calls these ops and never asks which backen
 
 Where the C++ ops cannot be built (no compiler) or `LOOKAHEAD_KERNELS=torch` is set, the CPU runs the torch
 references (reference.py), which are also what a CUDA device without triton runs. `decode_layers` (every decoder
-layer of a verify step in one C++ call: every decode step, and the engine's prompt chunks on CPU) exists on the CPU
-only: `fused_decoder(x)` says whether it runs for x; the model's layers (models/layers.py) run every other forward. The weight order `decode_layers` expects is `LAYER_WEIGHTS`,
-checked against the C++ op's own list (`lookahead_cpu::decode_layers_weights`) when the ops load.
+layer of a forward in one C++ call: the CPU's one layer order, for steps, prompt chunks and full forwards) exists
+on the CPU only: `fused_decoder(x)` says whether it runs for x; the model's layers (models/layers.py) serve every
+other device. The weight order `decode_layers` expects is `LAYER_WEIGHTS`, checked against the C++ op's own list
+(`lookahead_cpu::decode_layers_weights`) when the ops load.
 
 tree_attention's ragged signature: q [B, T, Hq, D] with tree_mask [B, T, T] (or None: causal chains), or, with
 rows and nodes [N], q [N, Hq, D] holding every row's tokens flattened (token n is node nodes[n] of cache row

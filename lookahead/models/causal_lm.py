@@ -149,7 +149,7 @@ class CausalLM(nn.Module):
         x = self.tok_embeddings(input_ids)  # (B, T, dim)
         cfg = self.config
         with kernels.exact_mode() if self._exact else contextlib.nullcontext():
-            if ctx.mode == "verify" and kernels.fused_decoder(x):  # a step's layers in one C++ call, Block's order
+            if kernels.fused_decoder(x):  # on the C++ CPU path every forward's layers run in one C++ call
                 h = torch.ops.lookahead.decode_layers(
                     x, self._layer_weights(), ctx.cos, ctx.sin, ctx.cache.buffer, ctx.lens, ctx.slots, ctx.tree_mask,
                     cfg.n_heads, cfg.rope_interleaved, cfg.norm_eps, self.norm.weight, ctx.rows, ctx.nodes)

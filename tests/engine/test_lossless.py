@@ -124,19 +124,26 @@ def test_half_precision_lookahead_equals_plain_on_spec_bench(smollm2_half, dtype
 
 
 @pytest.mark.slow
-def test_bf16_logits_match_transformers_within_bf16_rounding(smollm2_half):
+def test_bf16_logits_are_as_close_to_fp32_as_transformers_bf16(smollm2_half):
+    """Our bf16 forward (on CPU the C++ decode_layers, every forward's layers) against the fp32 model's logits, on
+    three Spec-Bench prompts: no further from them than transformers' bf16 forward is, in max and mean |diff|, and
+    agreeing on the top-1 token at least as often. (Two bf16 forwards differ by a few rounding steps of ~0.125
+    at logits of ~20, in either direction: the fp32 logits are the measure of both.)"""
     from transformers import AutoModelForCausalLM
 
     from lookahead.models import resolve_checkpoint
 
     models, tokenizer = smollm2_half
-    hf = AutoModelForCausalLM.from_pretrained(resolve_checkpoint("smollm2-135m-instruct"),
-                                              dtype=torch.bfloat16).eval()
-    ids = chat_ids(tokenizer, spec_bench_prompts(1)[0][1])
-    with torch.no_grad():
-        ours = models[torch.bfloat16](ids).logits.float()
-        theirs = hf(ids).logits.float()
-    # bf16 keeps 8 significant bits: logits of magnitude ~20 round in steps of 0.125, and 30 layers of differently
-    # ordered fp32 sums shift them by a few such steps
-    assert (ours - theirs).abs().max() < 1.0
-    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.95
+    path = resolve_checkpoint("smollm2-135m-instruct")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    hf32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for _, text in spec_bench_prompts(1)[:3]:
+        ids = chat_ids(tokenizer, text)
+        with torch.no_grad():
+            exact = hf32(ids).logits
+            ours = models[torch.bfloat16](ids).logits.float()
+            theirs = hf(ids).logits.float()
+        ours_err, their_err = (ours - exact).abs(), (theirs - exact).abs()
+        assert ours_err.max() <= their_err.max() and ours_err.mean() <= their_err.mean()
+        top1 = exact.argmax(-1)
+        assert (ours.argmax(-1) == top1).float().mean() >= (theirs.argmax(-1) == top1).float().mean()
