@@ -70,6 +70,8 @@ def _converted(gguf: Path) -> Path:
     try:
         _convert_gguf(gguf, tmp)
         _drop_quantization_claim(tmp / "config.json")
+        if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+            return out  # another process converted it meanwhile: keep theirs (it may be in use)
         if out.exists():  # a half-written dir of an older interrupted run (no model.safetensors): replace it
             shutil.rmtree(out)
         os.replace(tmp, out)
