@@ -307,3 +307,26 @@ def test_the_policy_reads_a_price_in_any_unit():
         drafter.begin_request(rid, [7])
         drafts.append(drafter.draft_batch([rid], [[7, 1]])[0])
     assert len(drafts[0][0]) == 63 and drafts[1] == drafts[0] and drafts[2] == drafts[0]
+
+
+@pytest.mark.parametrize("layout", ["hier", "par"])
+def test_draft_trees_are_draft_batchs_drafts_laid_out_in_the_configs_layout(layout):
+    """What the engine asks (`draft_trees`) is `draft_batch`'s (tokens, parents) under each row's last token, built
+    as any other proposer's are (`tree.trees_of_batch`); a row without a context gets no tree."""
+    from lookahead.drafting.tree import trees_of_batch
+
+    cfg = LookaheadConfig(branch_length=4, decoding_length=12, recycle_top_k=0, layout=layout)
+    contexts = [[7, 1], None, [9, 1, 100]]
+    made = []
+    for build in ("trees", "batch"):
+        drafter = Drafter(cfg, cost_curve=FLAT, trie=golden_trie())
+        for rid, ctx in enumerate(contexts):
+            drafter.begin_request(rid, ctx[:1] if ctx else [5])
+        if build == "trees":
+            made.append(drafter.draft_trees([0, 1, 2], contexts))
+        else:
+            made.append(trees_of_batch(drafter, layout, [0, 1, 2], contexts))
+    trees, expected = made
+    assert trees == expected and trees[1] is None
+    assert [t.tokens[0] for t in (trees[0], trees[2])] == [1, 100]  # the root is the context's last token
+    assert len(trees[0].tokens) > 1  # the golden trie drafts after token 1
