@@ -91,9 +91,6 @@ class GGUFFile:
         field = self.reader.fields.get(key)
         return default if field is None else field.contents()
 
-    def type_name(self, name: str) -> str:
-        return self.tensors[name].tensor_type.name
-
     def unsupported(self) -> list[str]:
         """Why this file cannot run natively (empty when it can)."""
         why = []

@@ -197,66 +197,67 @@ struct ActRow {
 // ---- the block formats: unpack a weight block once, dot it with any number of activation rows -----------------
 // Each format: ELEMS per block, BYTES per block, GROUP (the activation's quantization group), dequant (gguf-py's
 // `dequantize` bit for bit: the same fp32 operations in the same order), a W (the unpacked block) and dot.
+// Signed weights (Q8_0, Q4_0, Q5_0): w and |w| of a block and its scale; the dot with the activation block is a
+// u8 x s8 product through the sign trick, scaled by d * dx.
+struct Signed { Bytes w, aw; float d; };
+inline void signed_dot(const Signed& u, const ActRow& a, int64_t blk, Acc& acc) {
+  const Lanes l = dot_us(u.aw, sign8(load32(reinterpret_cast<const uint8_t*>(a.q) + 32 * blk), u.w));
+  acc = acc_add(acc, l, u.d * a.d[blk]);
+}
+
+// The 32 unsigned values of a 4-bit block (nibbles at qs) or, FIVE, a 5-bit one (the 5th bits at h): one value
+// (scalar, for dequant) or all 32 (for the kernels).
+template <bool FIVE> inline int value45(const uint8_t* qs, uint32_t h, int i) {
+  const int q = i < 16 ? (qs[i] & 0x0F) : (qs[i - 16] >> 4);
+  return FIVE ? q | static_cast<int>(((h >> i) & 1) << 4) : q;
+}
+template <bool FIVE> inline Bytes values45(const uint8_t* qs, uint32_t h) {
+  const Bytes q = nibbles16(qs);
+  return FIVE ? bor(q, band(bits_to_bytes(h), splat8(0x10))) : q;
+}
+inline uint32_t high_bits(const uint8_t* p) { uint32_t h; std::memcpy(&h, p, 4); return h; }
+
 struct Q8_0 {
   static constexpr int ELEMS = 32, BYTES = 34, GROUP = 32;
   static void dequant(const uint8_t* b, float* y) {
     const float d = fp16(b);
     for (int i = 0; i < 32; ++i) y[i] = static_cast<float>(static_cast<int8_t>(b[2 + i])) * d;
   }
-  struct W { Bytes w, aw; float d; };
+  using W = Signed;
   static void unpack(const uint8_t* b, W& u) { u.w = load32(b + 2); u.aw = abs8(u.w); u.d = fp16(b); }
-  static void dot(const W& u, const ActRow& a, int64_t blk, Acc& acc, float&) {
-    const Lanes l = dot_us(u.aw, sign8(load32(reinterpret_cast<const uint8_t*>(a.q) + 32 * blk), u.w));
-    acc = acc_add(acc, l, u.d * a.d[blk]);
-  }
+  static void dot(const W& u, const ActRow& a, int64_t blk, Acc& acc, float&) { signed_dot(u, a, blk, acc); }
 };
 
-// Q4_0 and Q5_0: signed values (q - 8, q - 16) times d: the sign trick makes them u8 x s8 products.
+// Q4_0 and Q5_0: signed values (q - 8, q - 16) times d.
 template <bool FIVE> struct QSym {
   static constexpr int ELEMS = 32, BYTES = FIVE ? 22 : 18, GROUP = 32;
   static constexpr int QS = FIVE ? 6 : 2;
-  static uint32_t high(const uint8_t* b) { uint32_t h; std::memcpy(&h, b + 2, 4); return h; }
   static void dequant(const uint8_t* b, float* y) {
     const float d = fp16(b);
-    const uint32_t h = FIVE ? high(b) : 0;
-    for (int i = 0; i < 32; ++i) {
-      int q = i < 16 ? (b[QS + i] & 0x0F) : (b[QS + i - 16] >> 4);
-      if (FIVE) q |= ((h >> i) & 1) << 4;
-      y[i] = d * static_cast<float>(q - (FIVE ? 16 : 8));
-    }
+    const uint32_t h = FIVE ? high_bits(b + 2) : 0;
+    for (int i = 0; i < 32; ++i) y[i] = d * static_cast<float>(value45<FIVE>(b + QS, h, i) - (FIVE ? 16 : 8));
   }
-  struct W { Bytes w, aw; float d; };
+  using W = Signed;
   static void unpack(const uint8_t* b, W& u) {
-    Bytes q = nibbles16(b + QS);
-    if (FIVE) q = bor(q, band(bits_to_bytes(high(b)), splat8(0x10)));
-    u.w = sub8(q, splat8(FIVE ? 16 : 8));
+    u.w = sub8(values45<FIVE>(b + QS, FIVE ? high_bits(b + 2) : 0), splat8(FIVE ? 16 : 8));
     u.aw = abs8(u.w);
     u.d = fp16(b);
   }
-  static void dot(const W& u, const ActRow& a, int64_t blk, Acc& acc, float&) {
-    const Lanes l = dot_us(u.aw, sign8(load32(reinterpret_cast<const uint8_t*>(a.q) + 32 * blk), u.w));
-    acc = acc_add(acc, l, u.d * a.d[blk]);
-  }
+  static void dot(const W& u, const ActRow& a, int64_t blk, Acc& acc, float&) { signed_dot(u, a, blk, acc); }
 };
 
 // Q4_1 and Q5_1: d * q + m with q unsigned: the dot is d * dx * (q . xq) + m * dx * sum(xq).
 template <bool FIVE> struct QAff {
   static constexpr int ELEMS = 32, BYTES = FIVE ? 24 : 20, GROUP = 32;
   static constexpr int QS = FIVE ? 8 : 4;
-  static uint32_t high(const uint8_t* b) { uint32_t h; std::memcpy(&h, b + 4, 4); return h; }
   static void dequant(const uint8_t* b, float* y) {
     const float d = fp16(b), m = fp16(b + 2);
-    const uint32_t h = FIVE ? high(b) : 0;
-    for (int i = 0; i < 32; ++i) {
-      int q = i < 16 ? (b[QS + i] & 0x0F) : (b[QS + i - 16] >> 4);
-      if (FIVE) q |= ((h >> i) & 1) << 4;
-      y[i] = (d * static_cast<float>(q)) + m;
-    }
+    const uint32_t h = FIVE ? high_bits(b + 4) : 0;
+    for (int i = 0; i < 32; ++i) y[i] = (d * static_cast<float>(value45<FIVE>(b + QS, h, i))) + m;
   }
   struct W { Bytes q; float d, m; };
   static void unpack(const uint8_t* b, W& u) {
-    u.q = nibbles16(b + QS);
-    if (FIVE) u.q = bor(u.q, band(bits_to_bytes(high(b)), splat8(0x10)));
+    u.q = values45<FIVE>(b + QS, FIVE ? high_bits(b + 4) : 0);
     u.d = fp16(b);
     u.m = fp16(b + 2);
   }
