@@ -60,9 +60,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])
     p.add_argument("--no-profile", action="store_true", help="timings and the roofline only")
+    p.add_argument("--quantization", choices=["gguf"], default=None,
+                   help="keep a GGUF model's blocks (the native quantized kernels, docs/gguf.md); the dtype is then "
+                        "the activations'")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    models = {dt: load_model(args.model, dt, "cpu")[0] for dt in args.dtypes}
+    models = {dt: load_model(args.model, dt, "cpu", quantization=args.quantization)[0]
+              for dt in args.dtypes}
     steps = {}
     for dt, model in models.items():
         cfg = model.config

@@ -4,18 +4,22 @@
 // the tile a row falls in, the thread or the ISA path (AVX512-VNNI, AVX-VNNI, AVX2 or scalar give the same bits):
 //   1. x[m] is quantized alone, per group of G elements (G = 32 for the legacy formats, 256 for the K-quants):
 //      d = amax / 127, q = round-to-nearest-even(x * (127 / amax)), the same scalar IEEE operations everywhere.
-//   2. Every weight block's dot with the activation is integer arithmetic in 8 int32 lanes (lane l takes the
-//      products 4l..4l+3 of each 32 elements; exact in any order, so vpdpbusd, maddubs/madd or plain C agree).
-//   3. The fp32 part runs in one order: per weight block, in ascending block order, each of 8 fp32 lanes adds
-//      float(int lane) * (d_w * d_x) (then, for Q4_K / Q5_K, lane j adds sub-block j's min term), and for Q4_1 /
-//      Q5_1 one scalar adds the block's min term; at the end the lanes are summed by one tree (lane_sum8), then
-//      the scalar, then the bias. -ffp-contract=off keeps mul and add apart.
+//   2. Every weight block's dot with the activation block is one exact integer t (int32 lanes of products added in
+//      any order: vpdpbusd, maddubs/madd or plain C agree; for Q4_K / Q5_K the block's min term is a second exact
+//      integer, the sum over its sub-blocks of min_j * sum(xq_j)).
+//   3. The fp32 part is one sequence per output, in ascending block order: s = s + float(t) * (d_w * d_x); for
+//      Q4_1 / Q5_1 a second sum adds (m_w * d_x) * float(sum(xq)), for Q4_K / Q5_K it adds float(mins) *
+//      ((-dmin) * d_x); then y = s (+ the second sum) (+ bias). The vector code runs this sequence for 8 outputs
+//      at once (one fp32 lane per output), the portable code output by output: the same IEEE operations.
+//      -ffp-contract=off keeps mul and add apart.
 // So a verify step of T nodes gives each node the bits of the one-token step that decodes the same token.
 //
 // Weight layout: uint8 [N, K / block_elems, block_bytes], the raw GGUF blocks of each output row; block_bytes
 // names the ggml type (FORMATS below, the one table every op reads). The activation is quantized once per call
-// into a per-row buffer; tiles of up to 8 rows of x share each unpacked weight block, and threads own ranges of
-// output rows (at::parallel_for), so a verify of T rows reads the weight once per 8 rows from cache, not memory.
+// into a per-row buffer. A tile is 8 outputs x up to 8 rows of x: the 8 weight blocks of a block column are
+// unpacked once and dotted with each row; the 8 integer dots of a row are reduced across lanes into one vector
+// (lane k = output k), so the fp32 work is one vector per row and block, whatever the format. Threads own ranges
+// of tiles (at::parallel_for), so a verify of T rows reads the weight once per 8 rows from cache, not memory.
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 
@@ -29,8 +33,10 @@
 namespace lookahead_cpu {
 namespace {
 
-constexpr int MT = 8;          // rows of x per tile (8 fp32 accumulators of 8 lanes each stay in registers)
+constexpr int NT = 8;          // outputs (rows of w) per tile: one fp32 lane each
+constexpr int MT = 8;          // rows of x per tile: each weight block column is unpacked once for them
 constexpr int64_t NB = 16;     // rows of w per cache block: their blocks stay in L1/L2 while every x tile passes
+constexpr int64_t PREFETCH_TILES = 1;  // prefetch the next tile (1 beat 2, 3, 4 and 6 on every format here)
 constexpr int64_t PARALLEL_BYTES = 1 << 16;  // weight bytes per thread at least (waking the pool costs microseconds)
 
 inline float fp16(const uint8_t* p) {
@@ -40,6 +46,14 @@ inline float fp16(const uint8_t* p) {
   return _cvtsh_ss(h);  // exact, as the software conversion below
 #else
   return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
+}
+
+inline void prefetch(const uint8_t* p) {
+#if defined(__AVX2__)
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+#else
+  __builtin_prefetch(p);
 #endif
 }
 
@@ -106,12 +120,27 @@ inline Lanes load_i32x8(const int32_t* p) { return _mm256_loadu_si256(reinterpre
 inline Lanes mul32v(Lanes a, Lanes b) { return _mm256_mullo_epi32(a, b); }
 inline Lanes lanes_zero() { return _mm256_setzero_si256(); }
 inline Lanes add32(Lanes a, Lanes b) { return _mm256_add_epi32(a, b); }
-using Acc = __m256;  // 8 fp32 lanes
-inline Acc acc_zero() { return _mm256_setzero_ps(); }
-inline Acc acc_add(Acc acc, Lanes l, float s) {
-  return _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(l), _mm256_set1_ps(s)));
+// lane k = the sum of l[k]'s 8 lanes (exact integers): two rounds of hadd, then the two halves added
+inline Lanes reduce8(const Lanes* l) {
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(l[0], l[1]), _mm256_hadd_epi32(l[2], l[3]));
+  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(l[4], l[5]), _mm256_hadd_epi32(l[6], l[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
+using Acc = __m256;  // 8 fp32 lanes, one per output
+inline Acc acc_zero() { return _mm256_setzero_ps(); }
+inline Acc splat(float v) { return _mm256_set1_ps(v); }
+inline Acc mul(Acc a, Acc b) { return _mm256_mul_ps(a, b); }
+inline Acc add(Acc a, Acc b) { return _mm256_add_ps(a, b); }
+inline Acc neg(Acc a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
+// acc + float(l) * s, lane by lane
+inline Acc acc_add(Acc acc, Lanes l, Acc s) { return _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(l), s)); }
 inline void acc_store(Acc acc, float* out) { _mm256_storeu_ps(out, acc); }
+// the fp16 at byte offset off of each of 8 blocks, widened exactly
+inline Acc halves8(const uint8_t* const* b, int off) {
+  uint16_t h[8];
+  for (int k = 0; k < 8; ++k) std::memcpy(h + k, b[k] + off, 2);
+  return _mm256_cvtph_ps(_mm_setr_epi16(h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]));
+}
 
 #else  // portable C++: the same integer lanes and the same fp32 operations, element by element
 
@@ -171,16 +200,34 @@ inline Lanes load_i32x8(const int32_t* p) { Lanes l; std::memcpy(l.v, p, sizeof(
 inline Lanes mul32v(Lanes a, Lanes b) { for (int i = 0; i < 8; ++i) a.v[i] *= b.v[i]; return a; }
 inline Lanes lanes_zero() { return Lanes{}; }
 inline Lanes add32(Lanes a, Lanes b) { for (int i = 0; i < 8; ++i) a.v[i] += b.v[i]; return a; }
+inline Lanes reduce8(const Lanes* l) {
+  Lanes t;
+  for (int k = 0; k < 8; ++k) {
+    int32_t s = 0;
+    for (int i = 0; i < 8; ++i) s += l[k].v[i];
+    t.v[k] = s;
+  }
+  return t;
+}
 struct Acc { float v[8]; };
 inline Acc acc_zero() { return Acc{}; }
-inline Acc acc_add(Acc acc, Lanes l, float s) {
-  for (int i = 0; i < 8; ++i) acc.v[i] = acc.v[i] + static_cast<float>(l.v[i]) * s;
+inline Acc splat(float v) { Acc a; for (auto& e : a.v) e = v; return a; }
+inline Acc mul(Acc a, Acc b) { for (int i = 0; i < 8; ++i) a.v[i] = a.v[i] * b.v[i]; return a; }
+inline Acc add(Acc a, Acc b) { for (int i = 0; i < 8; ++i) a.v[i] = a.v[i] + b.v[i]; return a; }
+inline Acc neg(Acc a) { for (auto& e : a.v) e = -e; return a; }
+inline Acc acc_add(Acc acc, Lanes l, Acc s) {
+  for (int i = 0; i < 8; ++i) acc.v[i] = acc.v[i] + static_cast<float>(l.v[i]) * s.v[i];
   return acc;
 }
 inline void acc_store(Acc acc, float* out) { std::memcpy(out, acc.v, sizeof(acc.v)); }
+inline Acc halves8(const uint8_t* const* b, int off) {
+  Acc a;
+  for (int k = 0; k < 8; ++k) a.v[k] = fp16(b[k] + off);
+  return a;
+}
 #endif
 
-// The 8 lanes in one tree, whatever the path: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
+// The 8 lanes of one output in one tree, whatever the path: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
 inline float lane_sum8(Acc acc) {
   float a[8];
   acc_store(acc, a);
@@ -195,15 +242,18 @@ struct ActRow {
 };
 
 // ---- the block formats: unpack a weight block once, dot it with any number of activation rows -----------------
-// Each format: ELEMS per block, BYTES per block, GROUP (the activation's quantization group), dequant (gguf-py's
-// `dequantize` bit for bit: the same fp32 operations in the same order), a W (the unpacked block) and dot.
-// Signed weights (Q8_0, Q4_0, Q5_0): w and |w| of a block and its scale; the dot with the activation block is a
-// u8 x s8 product through the sign trick, scaled by d * dx.
-struct Signed { Bytes w, aw; float d; };
-inline void signed_dot(const Signed& u, const ActRow& a, int64_t blk, Acc& acc) {
-  const Lanes l = dot_us(u.aw, sign8(load32(reinterpret_cast<const uint8_t*>(a.q) + 32 * blk), u.w));
-  acc = acc_add(acc, l, u.d * a.d[blk]);
-}
+// Each format: ELEMS per block, BYTES per block, GROUP (the activation's quantization group: one block), dequant
+// (gguf-py's `dequantize` bit for bit: the same fp32 operations in the same order), D (the byte offset of the
+// block's fp16 scale), TERM (what the second sum adds: NONE, AFFINE for d * q + m with the fp16 m at M, KMIN for
+// the K-quants' sub-block mins with the fp16 dmin at M), a W (the unpacked block), dot (the block's integer dot
+// with an activation block, as 8 int32 lanes to be added) and, for KMIN, mins (the min term's lanes).
+enum class Term { NONE, AFFINE, KMIN };
+
+// Signed weights (Q8_0, Q4_0, Q5_0): w and |w| of a block; the dot is a u8 x s8 product through the sign trick.
+struct Signed {
+  Bytes w, aw;
+  static Lanes dot(const Signed& u, const uint8_t* xq) { return dot_us(u.aw, sign8(load32(xq), u.w)); }
+};
 
 // The 32 unsigned values of a 4-bit block (nibbles at qs) or, FIVE, a 5-bit one (the 5th bits at h): one value
 // (scalar, for dequant) or all 32 (for the kernels).
@@ -218,19 +268,21 @@ template <bool FIVE> inline Bytes values45(const uint8_t* qs, uint32_t h) {
 inline uint32_t high_bits(const uint8_t* p) { uint32_t h; std::memcpy(&h, p, 4); return h; }
 
 struct Q8_0 {
-  static constexpr int ELEMS = 32, BYTES = 34, GROUP = 32;
+  static constexpr int ELEMS = 32, BYTES = 34, GROUP = 32, D = 0, M = -1;
+  static constexpr Term TERM = Term::NONE;
   static void dequant(const uint8_t* b, float* y) {
     const float d = fp16(b);
     for (int i = 0; i < 32; ++i) y[i] = static_cast<float>(static_cast<int8_t>(b[2 + i])) * d;
   }
   using W = Signed;
-  static void unpack(const uint8_t* b, W& u) { u.w = load32(b + 2); u.aw = abs8(u.w); u.d = fp16(b); }
-  static void dot(const W& u, const ActRow& a, int64_t blk, Acc& acc, float&) { signed_dot(u, a, blk, acc); }
+  static void unpack(const uint8_t* b, W& u) { u.w = load32(b + 2); u.aw = abs8(u.w); }
+  static Lanes dot(const W& u, const uint8_t* xq) { return Signed::dot(u, xq); }
 };
 
 // Q4_0 and Q5_0: signed values (q - 8, q - 16) times d.
 template <bool FIVE> struct QSym {
-  static constexpr int ELEMS = 32, BYTES = FIVE ? 22 : 18, GROUP = 32;
+  static constexpr int ELEMS = 32, BYTES = FIVE ? 22 : 18, GROUP = 32, D = 0, M = -1;
+  static constexpr Term TERM = Term::NONE;
   static constexpr int QS = FIVE ? 6 : 2;
   static void dequant(const uint8_t* b, float* y) {
     const float d = fp16(b);
@@ -241,31 +293,23 @@ template <bool FIVE> struct QSym {
   static void unpack(const uint8_t* b, W& u) {
     u.w = sub8(values45<FIVE>(b + QS, FIVE ? high_bits(b + 2) : 0), splat8(FIVE ? 16 : 8));
     u.aw = abs8(u.w);
-    u.d = fp16(b);
   }
-  static void dot(const W& u, const ActRow& a, int64_t blk, Acc& acc, float&) { signed_dot(u, a, blk, acc); }
+  static Lanes dot(const W& u, const uint8_t* xq) { return Signed::dot(u, xq); }
 };
 
 // Q4_1 and Q5_1: d * q + m with q unsigned: the dot is d * dx * (q . xq) + m * dx * sum(xq).
 template <bool FIVE> struct QAff {
-  static constexpr int ELEMS = 32, BYTES = FIVE ? 24 : 20, GROUP = 32;
+  static constexpr int ELEMS = 32, BYTES = FIVE ? 24 : 20, GROUP = 32, D = 0, M = 2;
+  static constexpr Term TERM = Term::AFFINE;
   static constexpr int QS = FIVE ? 8 : 4;
   static void dequant(const uint8_t* b, float* y) {
     const float d = fp16(b), m = fp16(b + 2);
     const uint32_t h = FIVE ? high_bits(b + 4) : 0;
     for (int i = 0; i < 32; ++i) y[i] = (d * static_cast<float>(value45<FIVE>(b + QS, h, i))) + m;
   }
-  struct W { Bytes q; float d, m; };
-  static void unpack(const uint8_t* b, W& u) {
-    u.q = values45<FIVE>(b + QS, FIVE ? high_bits(b + 4) : 0);
-    u.d = fp16(b);
-    u.m = fp16(b + 2);
-  }
-  static void dot(const W& u, const ActRow& a, int64_t blk, Acc& acc, float& extra) {
-    const Lanes l = dot_us(u.q, load32(reinterpret_cast<const uint8_t*>(a.q) + 32 * blk));
-    acc = acc_add(acc, l, u.d * a.d[blk]);
-    extra = extra + (u.m * a.d[blk]) * static_cast<float>(a.sum32[blk]);
-  }
+  struct W { Bytes q; };
+  static void unpack(const uint8_t* b, W& u) { u.q = values45<FIVE>(b + QS, FIVE ? high_bits(b + 4) : 0); }
+  static Lanes dot(const W& u, const uint8_t* xq) { return dot_us(u.q, load32(xq)); }
 };
 
 // The 8 6-bit scales (bytes 0..7 of out) and mins (bytes 8..15) of Q4_K / Q5_K from their 12 packed bytes, in a
@@ -295,7 +339,8 @@ inline void scale_min_k4(const uint8_t* s, int j, int& sc, int& m) {
 // Q4_K and Q5_K: 256 elements, 8 sub-blocks of 32 with 6-bit scale sc and min m; y = (d * sc) * q - dmin * m.
 // The dot: d * dx * sum_j sc_j (q_j . xq_j) - dmin * dx * sum_j m_j sum(xq_j), both sums in integers.
 template <bool FIVE> struct QK {
-  static constexpr int ELEMS = 256, BYTES = FIVE ? 176 : 144, GROUP = 256;
+  static constexpr int ELEMS = 256, BYTES = FIVE ? 176 : 144, GROUP = 256, D = 0, M = 2;
+  static constexpr Term TERM = Term::KMIN;
   static constexpr int QH = 16, QS = FIVE ? 48 : 16;
   static int value(const uint8_t* b, int i) {  // element i's unsigned quant
     const int g = i / 64, r = i % 64, l = r % 32;
@@ -312,7 +357,7 @@ template <bool FIVE> struct QK {
       for (int i = 32 * j; i < 32 * j + 32; ++i) y[i] = ds * static_cast<float>(value(b, i)) - dm;
     }
   }
-  struct W { Bytes q[8]; uint8_t sm[16]; float d, dmin; };  // sm: scales 0..7, mins 8..15
+  struct W { Bytes q[8]; uint8_t sm[16]; };  // sm: scales 0..7, mins 8..15
   static void unpack(const uint8_t* b, W& u) {
     const Bytes high = FIVE ? load32(b + QH) : splat8(0);
     for (int g = 0; g < 4; ++g) {
@@ -325,25 +370,23 @@ template <bool FIVE> struct QK {
       }
     }
     scales_mins_k4(b + 4, u.sm);
-    u.d = fp16(b);
-    u.dmin = fp16(b + 2);
   }
-  // lane l of the 8 also takes sub-block l's min term m_l * sum(xq_l), scaled by -dmin * dx
-  static void dot(const W& u, const ActRow& a, int64_t blk, Acc& acc, float&) {
-    const uint8_t* xq = reinterpret_cast<const uint8_t*>(a.q) + 256 * blk;
+  static Lanes dot(const W& u, const uint8_t* xq) {
     Lanes total = lanes_zero();
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) total = dot_us_scaled(total, u.q[j], load32(xq + 32 * j), scales_splat(u.sm[j]));
-    acc = acc_add(acc, total, u.d * a.d[blk]);
-    acc = acc_add(acc, mul32v(load_u8x8(u.sm + 8), load_i32x8(a.sum32 + 8 * blk)), -(u.dmin * a.d[blk]));
+    return total;
   }
+  // lane j: m_j * sum(xq_j)
+  static Lanes mins(const W& u, const int32_t* sums) { return mul32v(load_u8x8(u.sm + 8), load_i32x8(sums)); }
 };
 
 // Q6_K: 256 elements, ql [128] low nibbles, qh [64] 2 high bits, 16 int8 scales per 16 elements, d (fp16, last);
 // y = (d * sc) * (q - 32). Chunk c of 32 elements (c = 4h + k) takes ql[64h + 32(k & 1) ...] (low nibbles for
 // k < 2, high for k >= 2) and bits 2k, 2k + 1 of qh[32h ...].
 struct Q6K {
-  static constexpr int ELEMS = 256, BYTES = 210, GROUP = 256;
+  static constexpr int ELEMS = 256, BYTES = 210, GROUP = 256, D = 208, M = -1;
+  static constexpr Term TERM = Term::NONE;
   static int value(const uint8_t* b, int i) {
     const int h = i / 128, k = (i % 128) / 32, l = i % 32;
     const uint8_t ql = b[64 * h + 32 * (k & 1) + l];
@@ -357,7 +400,7 @@ struct Q6K {
       for (int i = 16 * j; i < 16 * j + 16; ++i) y[i] = ds * static_cast<float>(value(b, i));
     }
   }
-  struct W { Bytes w[8], aw[8]; Scales sc[8]; float d; };  // sc[c]: chunk c's two scales, 16 elements each
+  struct W { Bytes w[8], aw[8]; Scales sc[8]; };  // sc[c]: chunk c's two scales, 16 elements each
   static void unpack(const uint8_t* b, W& u) {
     for (int h = 0; h < 2; ++h) {
       const Bytes qh = load32(b + 128 + 32 * h);
@@ -371,15 +414,12 @@ struct Q6K {
     }
     for (int c = 0; c < 8; ++c)
       u.sc[c] = scales_halves(static_cast<int8_t>(b[192 + 2 * c]), static_cast<int8_t>(b[193 + 2 * c]));
-    u.d = fp16(b + 208);
   }
-  static void dot(const W& u, const ActRow& a, int64_t blk, Acc& acc, float&) {
-    const uint8_t* xq = reinterpret_cast<const uint8_t*>(a.q) + 256 * blk;
+  static Lanes dot(const W& u, const uint8_t* xq) {
     Lanes total = lanes_zero();
 #pragma GCC unroll 8
-    for (int c = 0; c < 8; ++c)
-      total = dot_us_scaled(total, u.aw[c], sign8(load32(xq + 32 * c), u.w[c]), u.sc[c]);
-    acc = acc_add(acc, total, u.d * a.d[blk]);
+    for (int c = 0; c < 8; ++c) total = dot_us_scaled(total, u.aw[c], sign8(load32(xq + 32 * c), u.w[c]), u.sc[c]);
+    return total;
   }
 };
 
@@ -404,30 +444,100 @@ void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* su
   }
 }
 
-// y[m0 .. m0 + mi) x [n0, n1): each weight block is unpacked once and dotted with the tile's rows.
-// (MI a constant, so the accumulators live in registers)
+// The K-quants (256 elements a block): y[m0 .. m0 + MI) x [n0, n1), one output at a time; each row keeps 8 fp32
+// lanes, lane l adding float(lane l of the block's integer dot) * (d_w * d_x) (then float(lane l of the min
+// term) * ((-dmin) * d_x)) in block order, summed by lane_sum8 at the end. A block's fp32 work is spread over 256
+// elements here, so reducing the lanes across outputs (below) does not pay: measured slower for Q4_K and Q6_K.
 template <typename F, typename T, int MI>
 void rows_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t m0, int64_t n0, int64_t n1,
                int64_t nb, int64_t N) {
-  constexpr int mi = MI;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * nb * F::BYTES;
     Acc acc[MI];
-    float extra[MI];
-#pragma GCC unroll 8
-    for (int i = 0; i < mi; ++i) { acc[i] = acc_zero(); extra[i] = 0.0f; }
+    for (int i = 0; i < MI; ++i) acc[i] = acc_zero();
     typename F::W u;
     for (int64_t b = 0; b < nb; ++b) {
-      F::unpack(wr + b * F::BYTES, u);
+      const uint8_t* blk = wr + b * F::BYTES;
+      F::unpack(blk, u);
+      const float d = fp16(blk + F::D), dmin = F::TERM == Term::KMIN ? -fp16(blk + F::M) : 0.0f;
 #pragma GCC unroll 8
-      for (int i = 0; i < mi; ++i) F::dot(u, act[m0 + i], b, acc[i], extra[i]);
+      for (int i = 0; i < MI; ++i) {
+        const ActRow& a = act[m0 + i];
+        const uint8_t* xq = reinterpret_cast<const uint8_t*>(a.q) + F::ELEMS * b;
+        acc[i] = acc_add(acc[i], F::dot(u, xq), splat(d * a.d[b]));
+        if constexpr (F::TERM == Term::KMIN)
+          acc[i] = acc_add(acc[i], F::mins(u, a.sum32 + 8 * b), splat(dmin * a.d[b]));
+      }
     }
-    for (int i = 0; i < mi; ++i) {
-      float s = lane_sum8(acc[i]) + extra[i];
-      if (bias) s = s + to_float(bias[n]);
-      y[(m0 + i) * N + n] = from_float<T>(s);
+    for (int i = 0; i < MI; ++i) {
+      const float s = lane_sum8(acc[i]);
+      y[(m0 + i) * N + n] = from_float<T>(bias ? s + to_float(bias[n]) : s);
     }
   }
+}
+
+// The 32-element formats: y[m0 .. m0 + MI) x [n0, n0 + 8): the 8 weight blocks of each block column are unpacked
+// once and dotted with every row of the tile; the 8 integer dots of a row are reduced across lanes (reduce8), so
+// lane k of the fp32 vectors is output k. Outputs past N repeat row N - 1 and are not stored.
+// (MI a constant, so the accumulators live in registers)
+template <typename F, typename T, int MI>
+void outputs_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t m0, int64_t n0, int64_t nb,
+                  int64_t N) {
+  const uint8_t* rows[NT];
+  for (int k = 0; k < NT; ++k) rows[k] = w + std::min(n0 + k, N - 1) * nb * F::BYTES;
+  Acc acc[MI], second[MI];
+  for (int i = 0; i < MI; ++i) { acc[i] = acc_zero(); second[i] = acc_zero(); }
+  typename F::W u[NT];
+  // The tile's rows are one contiguous range, read 8 blocks at a time from 8 short streams that the hardware
+  // prefetcher does not follow: each block step prefetches its share of the range PREFETCH_TILES tiles ahead.
+  const int64_t tile_bytes = NT * nb * F::BYTES;
+  const uint8_t* ahead = w + (n0 + PREFETCH_TILES * NT) * nb * F::BYTES;
+  const uint8_t* end = w + N * nb * F::BYTES;
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int64_t o = b * NT * F::BYTES; o < std::min(tile_bytes, (b + 1) * NT * F::BYTES); o += 64)
+      if (ahead + o < end) prefetch(ahead + o);
+    const uint8_t* blk[NT];
+    for (int k = 0; k < NT; ++k) {
+      blk[k] = rows[k] + b * F::BYTES;
+      F::unpack(blk[k], u[k]);
+    }
+    const Acc d = halves8(blk, F::D);
+    Acc m = acc_zero();
+    if constexpr (F::TERM == Term::AFFINE) m = halves8(blk, F::M);
+    if constexpr (F::TERM == Term::KMIN) m = neg(halves8(blk, F::M));
+    for (int i = 0; i < MI; ++i) {
+      const ActRow& a = act[m0 + i];
+      const uint8_t* xq = reinterpret_cast<const uint8_t*>(a.q) + F::ELEMS * b;
+      const Acc dx = splat(a.d[b]);
+      Lanes l[NT];
+#pragma GCC unroll 8
+      for (int k = 0; k < NT; ++k) l[k] = F::dot(u[k], xq);
+      acc[i] = acc_add(acc[i], reduce8(l), mul(d, dx));
+      if constexpr (F::TERM == Term::AFFINE)
+        second[i] = add(second[i], mul(mul(m, dx), splat(static_cast<float>(a.sum32[b]))));
+      if constexpr (F::TERM == Term::KMIN) {
+#pragma GCC unroll 8
+        for (int k = 0; k < NT; ++k) l[k] = F::mins(u[k], a.sum32 + 8 * b);
+        second[i] = acc_add(second[i], reduce8(l), mul(m, dx));
+      }
+    }
+  }
+  const int nk = static_cast<int>(std::min<int64_t>(NT, N - n0));
+  for (int i = 0; i < MI; ++i) {
+    float s[NT];
+    acc_store(F::TERM == Term::NONE ? acc[i] : add(acc[i], second[i]), s);
+    for (int k = 0; k < nk; ++k)
+      y[(m0 + i) * N + n0 + k] = from_float<T>(bias ? s[k] + to_float(bias[n0 + k]) : s[k]);
+  }
+}
+
+// A tile of MI rows and 8 outputs from n0, by the format's strategy.
+template <typename F, typename T, int MI>
+void tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t m0, int64_t n0, int64_t nb, int64_t N) {
+  if constexpr (F::ELEMS == 32)
+    outputs_tile<F, T, MI>(w, act, bias, y, m0, n0, nb, N);
+  else
+    rows_tile<F, T, MI>(w, act, bias, y, m0, n0, std::min(N, n0 + NT), nb, N);
 }
 
 template <typename F, typename T>
@@ -441,24 +551,26 @@ void linear_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M,
     quantize_row(x + m * K, K, F::GROUP, q.data() + m * K, d.data() + m * groups, sums.data() + m * (K / 32));
     act[m] = ActRow{q.data() + m * K, d.data() + m * groups, sums.data() + m * (K / 32)};
   }
-  const int64_t row_bytes = nb * F::BYTES;
-  const int64_t grain = std::max<int64_t>(1, PARALLEL_BYTES / std::max<int64_t>(1, row_bytes));
-  at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t n0 = r0; n0 < r1; n0 += NB) {
-      const int64_t n1 = std::min(r1, n0 + NB);
-      for (int64_t m0 = 0; m0 < M; m0 += MT) {
-        const ActRow* a = act.data();
-        switch (std::min<int64_t>(MT, M - m0)) {
-          case 8: rows_tile<F, T, 8>(w, a, bias, y, m0, n0, n1, nb, N); break;
-          case 7: rows_tile<F, T, 7>(w, a, bias, y, m0, n0, n1, nb, N); break;
-          case 6: rows_tile<F, T, 6>(w, a, bias, y, m0, n0, n1, nb, N); break;
-          case 5: rows_tile<F, T, 5>(w, a, bias, y, m0, n0, n1, nb, N); break;
-          case 4: rows_tile<F, T, 4>(w, a, bias, y, m0, n0, n1, nb, N); break;
-          case 3: rows_tile<F, T, 3>(w, a, bias, y, m0, n0, n1, nb, N); break;
-          case 2: rows_tile<F, T, 2>(w, a, bias, y, m0, n0, n1, nb, N); break;
-          default: rows_tile<F, T, 1>(w, a, bias, y, m0, n0, n1, nb, N); break;
+  const int64_t tiles = (N + NT - 1) / NT, tile_bytes = NT * nb * F::BYTES;
+  const int64_t grain = std::max<int64_t>(1, PARALLEL_BYTES / std::max<int64_t>(1, tile_bytes));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t c0 = t0; c0 < t1; c0 += NB / NT) {  // a cache block of NB rows of w
+      const int64_t c1 = std::min(t1, c0 + NB / NT);
+      for (int64_t m0 = 0; m0 < M; m0 += MT)
+        for (int64_t c = c0; c < c1; ++c) {
+          const ActRow* a = act.data();
+          const int64_t n0 = c * NT;
+          switch (std::min<int64_t>(MT, M - m0)) {
+            case 8: tile<F, T, 8>(w, a, bias, y, m0, n0, nb, N); break;
+            case 7: tile<F, T, 7>(w, a, bias, y, m0, n0, nb, N); break;
+            case 6: tile<F, T, 6>(w, a, bias, y, m0, n0, nb, N); break;
+            case 5: tile<F, T, 5>(w, a, bias, y, m0, n0, nb, N); break;
+            case 4: tile<F, T, 4>(w, a, bias, y, m0, n0, nb, N); break;
+            case 3: tile<F, T, 3>(w, a, bias, y, m0, n0, nb, N); break;
+            case 2: tile<F, T, 2>(w, a, bias, y, m0, n0, nb, N); break;
+            default: tile<F, T, 1>(w, a, bias, y, m0, n0, nb, N); break;
+          }
         }
-      }
     }
   });
 }
