@@ -4,22 +4,24 @@
 // the tile a row falls in, the thread or the ISA path (AVX512-VNNI, AVX-VNNI, AVX2 or scalar give the same bits):
 //   1. x[m] is quantized alone, per group of G elements (G = 32 for the legacy formats, 256 for the K-quants):
 //      d = amax / 127, q = round-to-nearest-even(x * (127 / amax)), the same scalar IEEE operations everywhere.
-//   2. Every weight block's dot with the activation block is one exact integer t (int32 lanes of products added in
-//      any order: vpdpbusd, maddubs/madd or plain C agree; for Q4_K / Q5_K the block's min term is a second exact
-//      integer, the sum over its sub-blocks of min_j * sum(xq_j)).
-//   3. The fp32 part is one sequence per output, in ascending block order: s = s + float(t) * (d_w * d_x); for
-//      Q4_1 / Q5_1 a second sum adds (m_w * d_x) * float(sum(xq)), for Q4_K / Q5_K it adds float(mins) *
-//      ((-dmin) * d_x); then y = s (+ the second sum) (+ bias). The vector code runs this sequence for 8 outputs
-//      at once (one fp32 lane per output), the portable code output by output: the same IEEE operations.
-//      -ffp-contract=off keeps mul and add apart.
+//   2. Every weight block's dot with the activation block is integer arithmetic in 8 int32 lanes (lane l takes the
+//      products 4l..4l+3 of each 32 elements): exact in any order, so vpdpbusd, maddubs/madd and plain C agree.
+//   3. The fp32 part runs in one order per output, ascending in blocks, by the block size:
+//      - 32 elements (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; outputs_tile): the 8 lanes are added into one exact integer t,
+//        s = s + float(t) * (d_w * d_x); Q4_1 / Q5_1 add (m_w * d_x) * float(sum(xq)) to a second sum; then
+//        y = s (+ the second sum) (+ bias). The vector code runs this for 8 outputs at once (lane k = output k).
+//      - 256 elements (the K-quants; rows_tile): each of 8 fp32 lanes adds float(lane) * (d_w * d_x) (for Q4_K /
+//        Q5_K lane j then adds float(min_j * sum(xq_j)) * ((-dmin) * d_x)); the lanes are summed by one tree
+//        (lane_sum8), then the bias.
+//      The portable code runs the same IEEE operations element by element; -ffp-contract=off keeps mul and add
+//      apart.
 // So a verify step of T nodes gives each node the bits of the one-token step that decodes the same token.
 //
 // Weight layout: uint8 [N, K / block_elems, block_bytes], the raw GGUF blocks of each output row; block_bytes
 // names the ggml type (FORMATS below, the one table every op reads). The activation is quantized once per call
-// into a per-row buffer. A tile is 8 outputs x up to 8 rows of x: the 8 weight blocks of a block column are
-// unpacked once and dotted with each row; the 8 integer dots of a row are reduced across lanes into one vector
-// (lane k = output k), so the fp32 work is one vector per row and block, whatever the format. Threads own ranges
-// of tiles (at::parallel_for), so a verify of T rows reads the weight once per 8 rows from cache, not memory.
+// into a per-row buffer. A tile is 8 outputs x up to 8 rows of x, each weight block unpacked once for its rows.
+// Threads own ranges of tiles (at::parallel_for), so a verify of T rows reads the weight once per 8 rows from
+// cache, not memory.
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 
