@@ -46,3 +46,19 @@ def smollm2():
     model = LlamaForLookahead.from_pretrained("smollm2-135m-instruct", dtype=torch.float32, device="cpu")
     tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint("smollm2-135m-instruct"))
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_half():
+    """({torch.bfloat16: model, torch.float16: model}, tokenizer): the embedded SmolLM2 in bf16 and fp16 on CPU (the
+    C++ CPU ops make both exact; skipped where they cannot be built)."""
+    from transformers import AutoTokenizer
+
+    from lookahead.kernels import cpu as cpu_ops
+    from lookahead.models import LlamaForLookahead, resolve_checkpoint
+
+    if not cpu_ops.available():
+        pytest.skip("the C++ CPU ops could not be built here: half precision is not exact without them")
+    models = {dt: LlamaForLookahead.from_pretrained("smollm2-135m-instruct", dtype=dt, device="cpu")
+              for dt in (torch.bfloat16, torch.float16)}
+    return models, AutoTokenizer.from_pretrained(resolve_checkpoint("smollm2-135m-instruct"))

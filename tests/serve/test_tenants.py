@@ -1,11 +1,12 @@
-"""Tenants (docs/tenants.md) on the embedded SmolLM2 (fp32, CPU): issue 37's experiment with two API keys, where
-what one key asked must not show in the other's drafting, while a key's own history still drafts; the same for
-two cache_salts under one key; bad keys and salts get OpenAI errors; /v1/stats and /metrics count pools, never
-name them."""
+"""Tenants (docs/tenants.md) on the embedded SmolLM2 (bf16 on CPU: exact with the C++ ops, and faster than fp32):
+issue 37's experiment with two API keys, where what one key asked must not show in the other's drafting, while a
+key's own history still drafts; the same for two cache_salts under one key; bad keys and salts get OpenAI errors;
+/v1/stats and /metrics count pools, never name them."""
 
 import contextlib
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -43,12 +44,18 @@ def serving(smollm2, **scheduler_kwargs):
 
 
 @pytest.fixture(scope="module")
-def phases(smollm2):
+def smollm2_bf16(smollm2_half):
+    models, tokenizer = smollm2_half
+    return models[torch.bfloat16], tokenizer
+
+
+@pytest.fixture(scope="module")
+def phases(smollm2_bf16):
     """The experiment, counterbalanced: on a fresh server, then on another with the question sets' roles swapped,
     so each question is once asked by another and once never asked (the sets' own acceptance differs by ~30%)."""
     halves = []
     for swap in (False, True):
-        with serving(smollm2) as server:
+        with serving(smollm2_bf16) as server:
             halves.append(experiment(server.url, KEYS["victim"], KEYS["attacker"], QUESTIONS, max_tokens=48,
                                      log=lambda _: None, swap=swap))
             stats = httpx.get(server.url + "/v1/stats", headers={"Authorization": "Bearer victim-secret"},
@@ -99,9 +106,9 @@ def test_stats_and_metrics_count_pools_without_naming_keys(phases):
 
 
 @slow
-def test_unknown_keys_and_bad_cache_salts_get_openai_errors(smollm2):
+def test_unknown_keys_and_bad_cache_salts_get_openai_errors(smollm2_bf16):
     ok = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}
-    with serving(smollm2) as server:
+    with serving(smollm2_bf16) as server:
         url = server.url + "/v1/chat/completions"
 
         def post(body, key="victim-secret"):

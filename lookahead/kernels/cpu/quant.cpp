@@ -451,19 +451,20 @@ void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* su
 // term) * ((-dmin) * d_x)) in block order, summed by lane_sum8 at the end. A block's fp32 work is spread over 256
 // elements here, so reducing the lanes across outputs (below) does not pay: measured slower for Q4_K and Q6_K.
 template <typename F, typename T, int MI>
-void rows_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t m0, int64_t n0, int64_t n1,
-               int64_t nb, int64_t N) {
+void rows_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t m0, int rows, int64_t n0,
+               int64_t n1, int64_t nb, int64_t N) {
+  const int mi = MI ? MI : rows;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * nb * F::BYTES;
-    Acc acc[MI];
-    for (int i = 0; i < MI; ++i) acc[i] = acc_zero();
+    Acc acc[MI ? MI : MT];
+    for (int i = 0; i < mi; ++i) acc[i] = acc_zero();
     typename F::W u;
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* blk = wr + b * F::BYTES;
       F::unpack(blk, u);
       const float d = fp16(blk + F::D), dmin = F::TERM == Term::KMIN ? -fp16(blk + F::M) : 0.0f;
 #pragma GCC unroll 8
-      for (int i = 0; i < MI; ++i) {
+      for (int i = 0; i < mi; ++i) {
         const ActRow& a = act[m0 + i];
         const uint8_t* xq = reinterpret_cast<const uint8_t*>(a.q) + F::ELEMS * b;
         acc[i] = acc_add(acc[i], F::dot(u, xq), splat(d * a.d[b]));
@@ -471,7 +472,7 @@ void rows_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t
           acc[i] = acc_add(acc[i], F::mins(u, a.sum32 + 8 * b), splat(dmin * a.d[b]));
       }
     }
-    for (int i = 0; i < MI; ++i) {
+    for (int i = 0; i < mi; ++i) {
       const float s = lane_sum8(acc[i]);
       y[(m0 + i) * N + n] = from_float<T>(bias ? s + to_float(bias[n]) : s);
     }
@@ -481,14 +482,14 @@ void rows_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t
 // The 32-element formats: y[m0 .. m0 + MI) x [n0, n0 + 8): the 8 weight blocks of each block column are unpacked
 // once and dotted with every row of the tile; the 8 integer dots of a row are reduced across lanes (reduce8), so
 // lane k of the fp32 vectors is output k. Outputs past N repeat row N - 1 and are not stored.
-// (MI a constant, so the accumulators live in registers)
 template <typename F, typename T, int MI>
-void outputs_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t m0, int64_t n0, int64_t nb,
-                  int64_t N) {
-  const uint8_t* rows[NT];
-  for (int k = 0; k < NT; ++k) rows[k] = w + std::min(n0 + k, N - 1) * nb * F::BYTES;
-  Acc acc[MI], second[MI];
-  for (int i = 0; i < MI; ++i) { acc[i] = acc_zero(); second[i] = acc_zero(); }
+void outputs_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t m0, int rows, int64_t n0,
+                  int64_t nb, int64_t N) {
+  const int mi = MI ? MI : rows;
+  const uint8_t* wr[NT];
+  for (int k = 0; k < NT; ++k) wr[k] = w + std::min(n0 + k, N - 1) * nb * F::BYTES;
+  Acc acc[MI ? MI : MT], second[MI ? MI : MT];
+  for (int i = 0; i < mi; ++i) { acc[i] = acc_zero(); second[i] = acc_zero(); }
   typename F::W u[NT];
   // The tile's rows are one contiguous range, read 8 blocks at a time from 8 short streams that the hardware
   // prefetcher does not follow: each block step prefetches its share of the range PREFETCH_TILES tiles ahead.
@@ -500,14 +501,14 @@ void outputs_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int6
       if (ahead + o < end) prefetch(ahead + o);
     const uint8_t* blk[NT];
     for (int k = 0; k < NT; ++k) {
-      blk[k] = rows[k] + b * F::BYTES;
+      blk[k] = wr[k] + b * F::BYTES;
       F::unpack(blk[k], u[k]);
     }
     const Acc d = halves8(blk, F::D);
     Acc m = acc_zero();
     if constexpr (F::TERM == Term::AFFINE) m = halves8(blk, F::M);
     if constexpr (F::TERM == Term::KMIN) m = neg(halves8(blk, F::M));
-    for (int i = 0; i < MI; ++i) {
+    for (int i = 0; i < mi; ++i) {
       const ActRow& a = act[m0 + i];
       const uint8_t* xq = reinterpret_cast<const uint8_t*>(a.q) + F::ELEMS * b;
       const Acc dx = splat(a.d[b]);
@@ -525,7 +526,7 @@ void outputs_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int6
     }
   }
   const int nk = static_cast<int>(std::min<int64_t>(NT, N - n0));
-  for (int i = 0; i < MI; ++i) {
+  for (int i = 0; i < mi; ++i) {
     float s[NT];
     acc_store(F::TERM == Term::NONE ? acc[i] : add(acc[i], second[i]), s);
     for (int k = 0; k < nk; ++k)
@@ -533,13 +534,16 @@ void outputs_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int6
   }
 }
 
-// A tile of MI rows and 8 outputs from n0, by the format's strategy.
+// A tile of `rows` rows and 8 outputs from n0, by the format's strategy. MI: the row count as a constant, so the
+// accumulators live in registers, or 0 (the portable build: one instance with a run-time count, as eight
+// instances of its unrolled scalar loops took the compiler over a minute).
 template <typename F, typename T, int MI>
-void tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t m0, int64_t n0, int64_t nb, int64_t N) {
+void tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t m0, int rows, int64_t n0, int64_t nb,
+          int64_t N) {
   if constexpr (F::ELEMS == 32)
-    outputs_tile<F, T, MI>(w, act, bias, y, m0, n0, nb, N);
+    outputs_tile<F, T, MI>(w, act, bias, y, m0, rows, n0, nb, N);
   else
-    rows_tile<F, T, MI>(w, act, bias, y, m0, n0, std::min(N, n0 + NT), nb, N);
+    rows_tile<F, T, MI>(w, act, bias, y, m0, rows, n0, std::min(N, n0 + NT), nb, N);
 }
 
 template <typename F, typename T>
@@ -562,16 +566,21 @@ void linear_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M,
         for (int64_t c = c0; c < c1; ++c) {
           const ActRow* a = act.data();
           const int64_t n0 = c * NT;
-          switch (std::min<int64_t>(MT, M - m0)) {
-            case 8: tile<F, T, 8>(w, a, bias, y, m0, n0, nb, N); break;
-            case 7: tile<F, T, 7>(w, a, bias, y, m0, n0, nb, N); break;
-            case 6: tile<F, T, 6>(w, a, bias, y, m0, n0, nb, N); break;
-            case 5: tile<F, T, 5>(w, a, bias, y, m0, n0, nb, N); break;
-            case 4: tile<F, T, 4>(w, a, bias, y, m0, n0, nb, N); break;
-            case 3: tile<F, T, 3>(w, a, bias, y, m0, n0, nb, N); break;
-            case 2: tile<F, T, 2>(w, a, bias, y, m0, n0, nb, N); break;
-            default: tile<F, T, 1>(w, a, bias, y, m0, n0, nb, N); break;
+          const int rows = static_cast<int>(std::min<int64_t>(MT, M - m0));
+#if defined(__AVX2__)
+          switch (rows) {
+            case 8: tile<F, T, 8>(w, a, bias, y, m0, rows, n0, nb, N); break;
+            case 7: tile<F, T, 7>(w, a, bias, y, m0, rows, n0, nb, N); break;
+            case 6: tile<F, T, 6>(w, a, bias, y, m0, rows, n0, nb, N); break;
+            case 5: tile<F, T, 5>(w, a, bias, y, m0, rows, n0, nb, N); break;
+            case 4: tile<F, T, 4>(w, a, bias, y, m0, rows, n0, nb, N); break;
+            case 3: tile<F, T, 3>(w, a, bias, y, m0, rows, n0, nb, N); break;
+            case 2: tile<F, T, 2>(w, a, bias, y, m0, rows, n0, nb, N); break;
+            default: tile<F, T, 1>(w, a, bias, y, m0, rows, n0, nb, N); break;
           }
+#else
+          tile<F, T, 0>(w, a, bias, y, m0, rows, n0, nb, N);
+#endif
         }
     }
   });
