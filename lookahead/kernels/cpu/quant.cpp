@@ -101,6 +101,14 @@ inline Lanes dot_us(Bytes u, Bytes s) {
 // 16 int16 scales: int16 lane i scales the elements 2i, 2i + 1 of 32
 using Scales = __m256i;
 inline Scales scales_splat(int v) { return _mm256_set1_epi16(static_cast<int16_t>(v)); }
+// 8 unsigned 8-bit scales as int16 in both halves, so that scale j goes to every int16 lane in one shuffle
+using ScaleSet = __m256i;
+inline ScaleSet scale_set(const uint8_t* s) {
+  return _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s))));
+}
+inline Scales scale_of(ScaleSet s, int j) {
+  return _mm256_shuffle_epi8(s, _mm256_set1_epi16(static_cast<int16_t>(((2 * j + 1) << 8) | (2 * j))));
+}
 inline Scales scales_halves(int lo, int hi) {  // elements 0..15 by lo, 16..31 by hi
   return _mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(hi)), _mm_set1_epi16(static_cast<int16_t>(lo)));
 }
@@ -188,6 +196,9 @@ inline Lanes dot_us(Bytes u, Bytes s) {
 }
 struct Scales { int16_t v[16]; };
 inline Scales scales_splat(int v) { Scales s; for (auto& e : s.v) e = static_cast<int16_t>(v); return s; }
+struct ScaleSet { uint8_t v[8]; };
+inline ScaleSet scale_set(const uint8_t* s) { ScaleSet t; std::memcpy(t.v, s, 8); return t; }
+inline Scales scale_of(const ScaleSet& s, int j) { return scales_splat(s.v[j]); }
 inline Scales scales_halves(int lo, int hi) {
   Scales s;
   for (int i = 0; i < 16; ++i) s.v[i] = static_cast<int16_t>(i < 8 ? lo : hi);
@@ -359,7 +370,7 @@ template <bool FIVE> struct QK {
       for (int i = 32 * j; i < 32 * j + 32; ++i) y[i] = ds * static_cast<float>(value(b, i)) - dm;
     }
   }
-  struct W { Bytes q[8]; uint8_t sm[16]; };  // sm: scales 0..7, mins 8..15
+  struct W { Bytes q[8]; uint8_t sm[16]; ScaleSet sc; };  // sm: scales 0..7, mins 8..15; sc: the scales
   static void unpack(const uint8_t* b, W& u) {
     const Bytes high = FIVE ? load32(b + QH) : splat8(0);
     for (int g = 0; g < 4; ++g) {
@@ -372,11 +383,12 @@ template <bool FIVE> struct QK {
       }
     }
     scales_mins_k4(b + 4, u.sm);
+    u.sc = scale_set(u.sm);
   }
   static Lanes dot(const W& u, const uint8_t* xq) {
     Lanes total = lanes_zero();
 #pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) total = dot_us_scaled(total, u.q[j], load32(xq + 32 * j), scales_splat(u.sm[j]));
+    for (int j = 0; j < 8; ++j) total = dot_us_scaled(total, u.q[j], load32(xq + 32 * j), scale_of(u.sc, j));
     return total;
   }
   // lane j: m_j * sum(xq_j)
