@@ -267,13 +267,12 @@ class RecordedModel:
         padded_depths = torch.zeros(R, W, dtype=torch.long)
         mask = torch.eye(W, dtype=torch.bool).repeat(R, 1, 1)
         padded[rows, nodes], padded_depths[rows, nodes], mask[rows, nodes] = tokens, depths, tree_mask
-        used = sorted(set(rows.tolist()))
-        logits = torch.zeros(R, W, self.config.vocab_size)
-        view = cache.rows(0, R)
-        if used:
-            logits[:] = self.verify(padded, padded_depths, view, mask)
-        self.last_shape = (len(used), tokens.shape[0] / max(len(used), 1))  # what the ragged step verified
-        out = logits[rows, nodes]  # (N, V)
+        used = len(set(rows.tolist()))
+        if not used:
+            self.last_shape = (0, 0.0)
+            return torch.zeros(0, self.config.vocab_size)
+        out = self.verify(padded, padded_depths, cache.rows(0, R), mask)[rows, nodes]  # (N, V)
+        self.last_shape = (used, tokens.shape[0] / used)  # what the ragged step verified (not verify's padding)
         return out if logit_index is None else out[logit_index]
 
     def _successor_tables(self) -> list[dict]:

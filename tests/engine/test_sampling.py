@@ -39,8 +39,11 @@ def test_same_seed_same_tokens_on_a_tiny_model(setting):
 
 
 @pytest.mark.slow
-def test_same_seed_same_tokens_on_smollm2(smollm2):
-    model, tokenizer = smollm2
+def test_same_seed_same_tokens_on_smollm2(smollm2_half):
+    """SmolLM2 in bf16 (the default dtype where the CPU has native bf16): a seeded lookahead run samples plain
+    sampling's tokens, on 10 Spec-Bench prompts under five sampling settings."""
+    models, tokenizer = smollm2_half
+    model = models[torch.bfloat16]
     prompts = spec_bench_prompts(1)[:10]
     accepted = []
     for k, (_, text) in enumerate(prompts):
