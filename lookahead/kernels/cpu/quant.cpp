@@ -6,13 +6,13 @@
 //      d = amax / 127, q = round-to-nearest-even(x * (127 / amax)), the same scalar IEEE operations everywhere.
 //   2. Every weight block's dot with the activation block is integer arithmetic in 8 int32 lanes (lane l takes the
 //      products 4l..4l+3 of each 32 elements): exact in any order, so vpdpbusd, maddubs/madd and plain C agree.
-//   3. The fp32 part runs in one order per output, ascending in blocks, by the block size:
-//      - 32 elements (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; outputs_tile): the 8 lanes are added into one exact integer t,
-//        s = s + float(t) * (d_w * d_x); Q4_1 / Q5_1 add (m_w * d_x) * float(sum(xq)) to a second sum; then
-//        y = s (+ the second sum) (+ bias). The vector code runs this for 8 outputs at once (lane k = output k).
-//      - 256 elements (the K-quants; rows_tile): each of 8 fp32 lanes adds float(lane) * (d_w * d_x) (for Q4_K /
-//        Q5_K lane j then adds float(min_j * sum(xq_j)) * ((-dmin) * d_x)); the lanes are summed by one tree
-//        (lane_sum8), then the bias.
+//   3. The fp32 part runs in one order per output, ascending in blocks, by the format:
+//      - Q4_1 / Q5_1 (outputs_tile): the 8 lanes are added into one exact integer t, s = s + float(t) * (d_w *
+//        d_x), a second sum adds (m_w * d_x) * float(sum(xq)); then y = s + the second sum (+ bias). The vector
+//        code runs this for 8 outputs at once (lane k = output k).
+//      - the others (Q8_0, Q4_0, Q5_0, the K-quants; rows_tile): each of 8 fp32 lanes adds float(lane) * (d_w *
+//        d_x) (for Q4_K / Q5_K lane j then adds float(min_j * sum(xq_j)) * ((-dmin) * d_x)); the lanes are summed
+//        by one tree (lane_sum8), then the bias.
 //      The portable code runs the same IEEE operations element by element; -ffp-contract=off keeps mul and add
 //      apart.
 // So a verify step of T nodes gives each node the bits of the one-token step that decodes the same token.
@@ -458,10 +458,12 @@ void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* su
   }
 }
 
-// The K-quants (256 elements a block): y[m0 .. m0 + MI) x [n0, n1), one output at a time; each row keeps 8 fp32
+// Q8_0, Q4_0, Q5_0 and the K-quants: y[m0 .. m0 + MI) x [n0, n1), one output at a time; each row keeps 8 fp32
 // lanes, lane l adding float(lane l of the block's integer dot) * (d_w * d_x) (then float(lane l of the min
-// term) * ((-dmin) * d_x)) in block order, summed by lane_sum8 at the end. A block's fp32 work is spread over 256
-// elements here, so reducing the lanes across outputs (below) does not pay: measured slower for Q4_K and Q6_K.
+// term) * ((-dmin) * d_x)) in block order, summed by lane_sum8 at the end. Reducing the lanes across outputs
+// (below) measured slower for these: for the K-quants at every row count (a block's fp32 work is spread over 256
+// elements), for Q8_0 at one row (1.4-1.6x the time at a 1B model's shapes; its blocks are cheap to dot), which is
+// the plain decode step (bench/cpu/quant_verify_before_after.txt).
 template <typename F, typename T, int MI>
 void rows_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t m0, int rows, int64_t n0,
                int64_t n1, int64_t nb, int64_t N) {
@@ -491,7 +493,7 @@ void rows_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t
   }
 }
 
-// The 32-element formats: y[m0 .. m0 + MI) x [n0, n0 + 8): the 8 weight blocks of each block column are unpacked
+// Q4_1 / Q5_1: y[m0 .. m0 + MI) x [n0, n0 + 8): the 8 weight blocks of each block column are unpacked
 // once and dotted with every row of the tile; the 8 integer dots of a row are reduced across lanes (reduce8), so
 // lane k of the fp32 vectors is output k. Outputs past N repeat row N - 1 and are not stored.
 template <typename F, typename T, int MI>
@@ -552,7 +554,7 @@ void outputs_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int6
 template <typename F, typename T, int MI>
 void tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t m0, int rows, int64_t n0, int64_t nb,
           int64_t N) {
-  if constexpr (F::ELEMS == 32)
+  if constexpr (F::TERM == Term::AFFINE)
     outputs_tile<F, T, MI>(w, act, bias, y, m0, rows, n0, nb, N);
   else
     rows_tile<F, T, MI>(w, act, bias, y, m0, rows, n0, std::min(N, n0 + NT), nb, N);
