@@ -38,7 +38,7 @@ namespace {
 constexpr int NT = 8;          // outputs (rows of w) per tile: one fp32 lane each
 constexpr int MT = 8;          // rows of x per tile: each weight block column is unpacked once for them
 constexpr int64_t NB = 16;     // rows of w per cache block: their blocks stay in L1/L2 while every x tile passes
-constexpr int64_t PREFETCH_TILES = 1;  // prefetch the next tile (1 beat 2, 3, 4 and 6 on every format here)
+constexpr int64_t PREFETCH_TILES = 1;  // 1 beat 0, 2, 3, 4, 6 (bench/cpu/quant_verify_before_after.txt)
 constexpr int64_t PARALLEL_BYTES = 1 << 16;  // weight bytes per thread at least (waking the pool costs microseconds)
 
 inline float fp16(const uint8_t* p) {
@@ -141,7 +141,6 @@ inline Acc acc_zero() { return _mm256_setzero_ps(); }
 inline Acc splat(float v) { return _mm256_set1_ps(v); }
 inline Acc mul(Acc a, Acc b) { return _mm256_mul_ps(a, b); }
 inline Acc add(Acc a, Acc b) { return _mm256_add_ps(a, b); }
-inline Acc neg(Acc a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
 // acc + float(l) * s, lane by lane
 inline Acc acc_add(Acc acc, Lanes l, Acc s) { return _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(l), s)); }
 inline void acc_store(Acc acc, float* out) { _mm256_storeu_ps(out, acc); }
@@ -227,7 +226,6 @@ inline Acc acc_zero() { return Acc{}; }
 inline Acc splat(float v) { Acc a; for (auto& e : a.v) e = v; return a; }
 inline Acc mul(Acc a, Acc b) { for (int i = 0; i < 8; ++i) a.v[i] = a.v[i] * b.v[i]; return a; }
 inline Acc add(Acc a, Acc b) { for (int i = 0; i < 8; ++i) a.v[i] = a.v[i] + b.v[i]; return a; }
-inline Acc neg(Acc a) { for (auto& e : a.v) e = -e; return a; }
 inline Acc acc_add(Acc acc, Lanes l, Acc s) {
   for (int i = 0; i < 8; ++i) acc.v[i] = acc.v[i] + static_cast<float>(l.v[i]) * s.v[i];
   return acc;
@@ -461,7 +459,7 @@ void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* su
 // Q8_0, Q4_0, Q5_0 and the K-quants: y[m0 .. m0 + MI) x [n0, n1), one output at a time; each row keeps 8 fp32
 // lanes, lane l adding float(lane l of the block's integer dot) * (d_w * d_x) (then float(lane l of the min
 // term) * ((-dmin) * d_x)) in block order, summed by lane_sum8 at the end. Reducing the lanes across outputs
-// (below) measured slower for these: for the K-quants at every row count (a block's fp32 work is spread over 256
+// (below) measured slower for these: for the K-quants at 1 to 8 rows (a block's fp32 work is spread over 256
 // elements), for Q8_0 at one row (1.4-1.6x the time at a 1B model's shapes; its blocks are cheap to dot), which is
 // the plain decode step (bench/cpu/quant_verify_before_after.txt).
 template <typename F, typename T, int MI>
@@ -499,6 +497,7 @@ void rows_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t
 template <typename F, typename T, int MI>
 void outputs_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t m0, int rows, int64_t n0,
                   int64_t nb, int64_t N) {
+  static_assert(F::TERM == Term::AFFINE, "outputs_tile: the formats d * q + m (Q4_1, Q5_1)");
   const int mi = MI ? MI : rows;
   const uint8_t* wr[NT];
   for (int k = 0; k < NT; ++k) wr[k] = w + std::min(n0 + k, N - 1) * nb * F::BYTES;
@@ -518,10 +517,7 @@ void outputs_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int6
       blk[k] = wr[k] + b * F::BYTES;
       F::unpack(blk[k], u[k]);
     }
-    const Acc d = halves8(blk, F::D);
-    Acc m = acc_zero();
-    if constexpr (F::TERM == Term::AFFINE) m = halves8(blk, F::M);
-    if constexpr (F::TERM == Term::KMIN) m = neg(halves8(blk, F::M));
+    const Acc d = halves8(blk, F::D), m = halves8(blk, F::M);
     for (int i = 0; i < mi; ++i) {
       const ActRow& a = act[m0 + i];
       const uint8_t* xq = reinterpret_cast<const uint8_t*>(a.q) + F::ELEMS * b;
@@ -530,19 +526,13 @@ void outputs_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int6
 #pragma GCC unroll 8
       for (int k = 0; k < NT; ++k) l[k] = F::dot(u[k], xq);
       acc[i] = acc_add(acc[i], reduce8(l), mul(d, dx));
-      if constexpr (F::TERM == Term::AFFINE)
-        second[i] = add(second[i], mul(mul(m, dx), splat(static_cast<float>(a.sum32[b]))));
-      if constexpr (F::TERM == Term::KMIN) {
-#pragma GCC unroll 8
-        for (int k = 0; k < NT; ++k) l[k] = F::mins(u[k], a.sum32 + 8 * b);
-        second[i] = acc_add(second[i], reduce8(l), mul(m, dx));
-      }
+      second[i] = add(second[i], mul(mul(m, dx), splat(static_cast<float>(a.sum32[b]))));
     }
   }
   const int nk = static_cast<int>(std::min<int64_t>(NT, N - n0));
   for (int i = 0; i < mi; ++i) {
     float s[NT];
-    acc_store(F::TERM == Term::NONE ? acc[i] : add(acc[i], second[i]), s);
+    acc_store(add(acc[i], second[i]), s);
     for (int k = 0; k < nk; ++k)
       y[(m0 + i) * N + n0 + k] = from_float<T>(bias ? s[k] + to_float(bias[n0 + k]) : s[k]);
   }
