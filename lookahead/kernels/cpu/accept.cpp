@@ -2,11 +2,12 @@
 // along it. Integer and copy work only (no rounding): the same results as the torch references (reference.py),
 // which define them, in one call each instead of a Python walk over host lists.
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include <cstring>
 #include <tuple>
 #include <vector>
+
+#include "ops.h"
 
 namespace lookahead_cpu {
 
@@ -96,22 +97,6 @@ void compact_kv(at::Tensor& cache, const at::Tensor& lens, const at::Tensor& pat
           }
     }
   }
-}
-
-TORCH_LIBRARY_FRAGMENT(lookahead_cpu, m) {
-  m.def("accept_longest_path(Tensor draft_tokens, Tensor parents, Tensor target_tokens) -> (Tensor, Tensor)");
-  m.def("compact_kv(Tensor(a!) cache, Tensor lens, Tensor path, Tensor num_accepted) -> ()");
-}
-TORCH_LIBRARY_IMPL(lookahead_cpu, CPU, m) {
-  m.impl("accept_longest_path", accept_longest_path);
-  m.impl("compact_kv", compact_kv);
-}
-// Also the registry's CPU kernels themselves (kernels/ops.py defines the ops, with the torch references as the
-// fallback of any device without a kernel): integer and copy work, so the same results whichever runs; from here
-// the dispatcher reaches them without a Python frame.
-TORCH_LIBRARY_IMPL(lookahead, CPU, m) {
-  m.impl("accept_longest_path", accept_longest_path);
-  m.impl("compact_kv", compact_kv);
 }
 
 }  // namespace lookahead_cpu

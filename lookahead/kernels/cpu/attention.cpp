@@ -7,7 +7,6 @@
 // So the result is computed as a function of the key sequence alone: scores s_n = q.k_n * scale (fixed-order dot
 // products), m = max s_n, p_n = exp(s_n - m), l = sum p_n in lanes by sequence index n, out = sum_n p_n v_n in
 // ascending n, divided by l. Nothing depends on T, on the other nodes or rows, or on where the masked slots are.
-#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <vector>
@@ -405,17 +404,6 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
     });
   });
   return q;
-}
-
-TORCH_LIBRARY_FRAGMENT(lookahead_cpu, m) {
-  m.def("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lens, Tensor? tree_mask, float scale, "
-        "Tensor? rows=None, Tensor? nodes=None) -> Tensor");
-  m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, "
-        "int n_heads, bool interleaved, Tensor? rows=None) -> Tensor");
-}
-TORCH_LIBRARY_IMPL(lookahead_cpu, CPU, m) {
-  m.impl("tree_attention", tree_attention);
-  m.impl("rope_store", rope_store);
 }
 
 }  // namespace lookahead_cpu

@@ -146,70 +146,65 @@ template <> inline __m256 round8<c10::Half>(__m256 v) {
 }
 #endif
 
-// exp(x) in fp32 by Cody-Waite range reduction and a degree-6 polynomial (about 1 ulp); only IEEE basic operations,
-// so a vectorised copy of this code gives the bits of the scalar one.
-inline float exp_f32(float x) {
-  const bool underflow = x < -87.3f;
-  x = std::min(std::max(x, -87.3f), 88.0f);  // keeps 2^n a normal number (-126 <= n <= 127)
+// exp(x) in fp32 by Cody-Waite range reduction and a degree-6 polynomial (about 1 ulp), written once for a float
+// and for 8 or 16 lanes: only IEEE basic operations, in one order, so every lane gets the scalar's bits. What
+// differs by type: the clamp that keeps 2^n a normal number (-126 <= n <= 127; a NaN x stays NaN, except on the
+// AVX-512 path, where it is clamped), 2^n from the rounded n, and zero where x underflowed.
+inline bool exp_underflow(float x) { return x < -87.3f; }
+inline float exp_clamp(float x) { return std::min(std::max(x, -87.3f), 88.0f); }
+inline float exp_scale(float n) {
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return scale;
+}
+inline float exp_zero_where(bool underflow, float v) { return underflow ? 0.0f : v; }
+
+#if defined(__AVX512F__)
+inline __mmask16 exp_underflow(__m512 x) { return _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ); }
+inline __m512 exp_clamp(__m512 x) {
+  return _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.0f));
+}
+inline __m512 exp_scale(__m512 n) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+inline __m512 exp_zero_where(__mmask16 underflow, __m512 v) { return _mm512_maskz_mov_ps(~underflow, v); }
+#endif
+
+#if defined(LOOKAHEAD_AVX2)
+inline __m256 exp_underflow(__m256 x) { return _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ); }
+inline __m256 exp_clamp(__m256 x) {  // a NaN x is returned, as by std::max
+  return _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));
+}
+inline __m256 exp_scale(__m256 n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+inline __m256 exp_zero_where(__m256 underflow, __m256 v) { return _mm256_andnot_ps(underflow, v); }
+#endif
+
+// V: float, __m256 or __m512 (GCC's vector types take scalar operands lane by lane).
+template <typename V> inline V exp_lanes(V x) {
+  const auto underflow = exp_underflow(x);
+  x = exp_clamp(x);
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  float n = (x * 1.44269504088896341f + shifter) - shifter;
-  float r = x - n * 0.693359375f;
+  const V n = (x * 1.44269504088896341f + shifter) - shifter;
+  V r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
+  V p = r * 1.9875691500e-4f + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = (p * r) * r + r + 1.0f;
-  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  return underflow ? 0.0f : p * scale;
+  return exp_zero_where(underflow, p * exp_scale(n));
 }
 
+inline float exp_f32(float x) { return exp_lanes(x); }
 #if defined(__AVX512F__)
-// exp_f32 on 16 lanes, operation for operation (so each lane gets exp_f32's bits).
-inline __m512 exp16(__m512 x) {
-  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.0f));
-  const __m512 shifter = _mm512_set1_ps(12582912.0f);
-  const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), shifter),
-                                 shifter);
-  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
-  r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_maskz_mul_ps(~underflow, p, _mm512_castsi512_ps(e));
-}
+inline __m512 exp16(__m512 x) { return exp_lanes(x); }
 #endif
-
 #if defined(LOOKAHEAD_AVX2)
-// exp_f32 on 8 lanes, operation for operation (so each lane gets exp_f32's bits; a NaN stays NaN as in std::max).
-inline __m256 exp8(__m256 x) {
-  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));  // a NaN x is returned
-  const __m256 shifter = _mm256_set1_ps(12582912.0f);
-  const __m256 n = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), shifter),
-                                 shifter);
-  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
-  r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
+inline __m256 exp8(__m256 x) { return exp_lanes(x); }
 #endif
 
 }  // namespace lookahead_cpu

@@ -1,7 +1,6 @@
 // A whole decode step's decoder layers in one call: the ops of linear.cpp, norm.cpp and attention.cpp in the
 // order CausalLM's modules run them, without a trip through Python and the dispatcher per op (about 3 ms of a
 // 16 ms SmolLM2 bf16 step when the modules called each op). The same kernels, so the same bits.
-#include <torch/library.h>
 
 #include <string>
 #include <vector>
@@ -21,8 +20,6 @@ enum Weight {
 const char* const WEIGHT_NAMES[PER_LAYER] = {"attention_norm", "wqkv", "wqkv_bias", "wo", "wo_bias", "ffn_norm",
                                              "w13", "w13_bias", "w2", "w2_bias", "post_attention_norm",
                                              "post_ffn_norm", "wk", "wv", "w3"};
-
-std::vector<std::string> decode_layers_weights() { return {WEIGHT_NAMES, WEIGHT_NAMES + PER_LAYER}; }
 
 c10::optional<at::Tensor> given(const at::Tensor& t) {
   return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt;
@@ -44,6 +41,10 @@ at::Tensor parts_linear(const at::Tensor& h, const at::Tensor* w, int first, std
   }
   return at::cat(outs, -1);
 }
+
+}  // namespace
+
+std::vector<std::string> decode_layers_weights() { return {WEIGHT_NAMES, WEIGHT_NAMES + PER_LAYER}; }
 
 // x [B, T, dim] (the embeddings; used in place as the residual stream); weights: PER_LAYER tensors per layer;
 // cos/sin [B, T, R]; cache [L, 2, B, Hkv, S, D]; lens [B]; slots [B, T]; tree_mask [B, T, T] or None ->
@@ -80,15 +81,5 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList weights, const at::Tensor&
   }
   return h;
 }
-
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(lookahead_cpu, m) {
-  m.def("decode_layers(Tensor(a!) x, Tensor[] weights, Tensor cos, Tensor sin, Tensor(b!) cache, Tensor lens, "
-        "Tensor slots, Tensor? tree_mask, int n_heads, bool interleaved, float eps, Tensor final_norm, "
-        "Tensor? rows=None, Tensor? nodes=None) -> Tensor");
-  m.def("decode_layers_weights() -> str[]", decode_layers_weights);
-}
-TORCH_LIBRARY_IMPL(lookahead_cpu, CPU, m) { m.impl("decode_layers", decode_layers); }
 
 }  // namespace lookahead_cpu

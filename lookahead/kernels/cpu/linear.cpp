@@ -13,8 +13,9 @@
 // 16-lane accumulator two __m256); portable C++ for any other CPU (ARM: 2 x 2 tiles of 16-lane arrays the
 // compiler vectorizes). Outside vdpbf16ps every element is widened to fp32 and fused-multiply-added; x is
 // widened once per call on the AVX2 and portable paths.
-#include <torch/library.h>
 #include <ATen/Parallel.h>
+
+#include <array>
 
 #include "common.h"
 #include "ops.h"
@@ -22,9 +23,53 @@
 namespace lookahead_cpu {
 namespace {
 
+// A tile keeps its accumulators in registers only if every call inside it is inlined, lambdas included.
+#define LOOKAHEAD_INLINE __attribute__((always_inline))
+
 constexpr int64_t M_BLOCK = 64;  // rows of x per block (64 x 1536 fp32 = 384 KB, within L2)
 constexpr int64_t PREFETCH_BYTES = 32768;   // how far ahead a tile prefetches w: docs/benchmarks.md#prefetch_bytes
 constexpr int64_t PARALLEL_MACS = 1 << 17;  // per thread: ~3 us of bf16 work, a few barriers' cost (#parallel_macs)
+
+// The end of every tile: y[m0 + i, n0 + j] = sum(i, j) (+ bias[n0 + j]), rounded to T once.
+template <typename T, int MI, int NJ, typename Sum>
+LOOKAHEAD_INLINE inline void store_tile(T* y, const T* bias, int64_t m0, int64_t n0, int64_t N, Sum sum) {
+#pragma GCC unroll 4
+  for (int i = 0; i < MI; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NJ; ++j) {
+      float s = sum(i, j);
+      if (bias) s = s + to_float(bias[n0 + j]);
+      y[(m0 + i) * N + n0 + j] = from_float<T>(s);
+    }
+}
+
+#if defined(__AVX512F__) || defined(LOOKAHEAD_AVX2)
+// Pointers to a tile's COUNT rows of a [*, K] matrix: rows[i] = base + (first + i) * K.
+template <int COUNT, typename T>
+LOOKAHEAD_INLINE inline std::array<const T*, COUNT> rows_of(const T* base, int64_t first, int64_t K) {
+  std::array<const T*, COUNT> rows;
+#pragma GCC unroll 4
+  for (int i = 0; i < COUNT; ++i) rows[i] = base + (first + i) * K;
+  return rows;
+}
+
+// body(k, n) over [0, K) in chunks of W elements (n valid; only the last may be short), while the tile's NJ rows of
+// w (from w on) are prefetched into L2 PREFETCH_BYTES ahead, a line at a time, as one sequential stream: a tile
+// reads its rows interleaved (a line of each per chunk), which the hardware prefetchers follow poorly.
+template <int W, int NJ, typename T, typename Body>
+LOOKAHEAD_INLINE inline void over_chunks(const T* w, int64_t K, Body body) {
+  constexpr int64_t STEP = W * sizeof(T) * NJ;  // bytes of w one chunk reads
+  const char* ahead = reinterpret_cast<const char*>(w) + PREFETCH_BYTES;
+  const int64_t full = K / W * W;
+  for (int64_t k = 0; k < full; k += W) {
+    const char* line = ahead + k * sizeof(T) * NJ;
+#pragma GCC unroll 4
+    for (int64_t b = 0; b < STEP; b += 64) _mm_prefetch(line + b, _MM_HINT_T1);
+    body(k, W);
+  }
+  if (full < K) body(full, static_cast<int>(K - full));
+}
+#endif
 
 #if defined(__AVX512F__)
 
@@ -43,8 +88,8 @@ template <typename T> constexpr int chunk_width() {
 // acc[i][j] += x row i . w row j over one chunk at k (n valid elements). One loop body serves every chunk, the
 // masked last one included, so the accumulators stay in registers.
 template <typename T, int MI, int NJ>
-__attribute__((always_inline)) inline void chunk(__m512 (&acc)[TILE_M][TILE_N], const T* const* xr, const T* const* wr,
-                                                 int64_t k, int n) {
+LOOKAHEAD_INLINE inline void chunk(__m512 (&acc)[TILE_M][TILE_N], const T* const* xr, const T* const* wr, int64_t k,
+                                   int n) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const __mmask32 mask = n == 32 ? ~0u : ((1u << n) - 1);
@@ -74,35 +119,16 @@ __attribute__((always_inline)) inline void chunk(__m512 (&acc)[TILE_M][TILE_N], 
 template <typename T, int MI, int NJ>
 void tile(const T* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, int64_t K, int64_t N) {
   constexpr int W = chunk_width<T>();
-  const T* xr[TILE_M];
-  const T* wr[TILE_N];
-#pragma GCC unroll 4
-  for (int i = 0; i < MI; ++i) xr[i] = x + (m0 + i) * K;
-#pragma GCC unroll 4
-  for (int j = 0; j < NJ; ++j) wr[j] = w + (n0 + j) * K;
+  const auto xr = rows_of<MI>(x, m0, K);
+  const auto wr = rows_of<NJ>(w, n0, K);
   __m512 acc[TILE_M][TILE_N];
 #pragma GCC unroll 4
   for (int i = 0; i < MI; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_ps();
-  const int64_t full = K / W * W;
-  // Software prefetch into L2, PREFETCH_BYTES ahead of this tile, as one sequential stream: a tile reads its 4 rows
-  // of w interleaved (a line of each per chunk), which the hardware prefetchers follow poorly.
-  const char* ahead = reinterpret_cast<const char*>(w + n0 * K) + PREFETCH_BYTES;
-  for (int64_t k = 0; k < full; k += W) {
-    const char* line = ahead + k * sizeof(T) * TILE_N;
-    for (int j = 0; j < TILE_N; ++j) _mm_prefetch(line + 64 * j, _MM_HINT_T1);
-    chunk<T, MI, NJ>(acc, xr, wr, k, W);
-  }
-  if (full < K) chunk<T, MI, NJ>(acc, xr, wr, full, static_cast<int>(K - full));
-#pragma GCC unroll 4
-  for (int i = 0; i < MI; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NJ; ++j) {
-      float s = lane_sum(acc[i][j]);
-      if (bias) s = s + to_float(bias[n0 + j]);
-      y[(m0 + i) * N + n0 + j] = from_float<T>(s);
-    }
+  over_chunks<W, NJ>(w + n0 * K, K,
+                     [&](int64_t k, int n) LOOKAHEAD_INLINE { chunk<T, MI, NJ>(acc, xr.data(), wr.data(), k, n); });
+  store_tile<T, MI, NJ>(y, bias, m0, n0, N, [&](int i, int j) LOOKAHEAD_INLINE { return lane_sum(acc[i][j]); });
 }
 
 #elif defined(LOOKAHEAD_AVX2)
@@ -116,8 +142,8 @@ constexpr bool WIDEN_X = true;  // x widened to fp32 once per call
 // acc[h][i][j] += x row i . w row j over the half h (lanes 8h .. 8h + 7) of the 16-element chunk at k (n valid
 // elements, zeros past them).
 template <typename T, int MI, int NJ>
-__attribute__((always_inline)) inline void chunk(__m256 (&acc)[2][TILE_M][TILE_N], const float* const* xr,
-                                                 const T* const* wr, int64_t k, int n) {
+LOOKAHEAD_INLINE inline void chunk(__m256 (&acc)[2][TILE_M][TILE_N], const float* const* xr, const T* const* wr,
+                                   int64_t k, int n) {
 #pragma GCC unroll 2
   for (int h = 0; h < 2; ++h) {
     __m256 wv[NJ];
@@ -134,12 +160,8 @@ __attribute__((always_inline)) inline void chunk(__m256 (&acc)[2][TILE_M][TILE_N
 
 template <typename T, int MI, int NJ>
 void tile(const float* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, int64_t K, int64_t N) {
-  const float* xr[TILE_M];
-  const T* wr[TILE_N];
-#pragma GCC unroll 4
-  for (int i = 0; i < MI; ++i) xr[i] = x + (m0 + i) * K;
-#pragma GCC unroll 4
-  for (int j = 0; j < NJ; ++j) wr[j] = w + (n0 + j) * K;
+  const auto xr = rows_of<MI>(x, m0, K);
+  const auto wr = rows_of<NJ>(w, n0, K);
   __m256 acc[2][TILE_M][TILE_N];
 #pragma GCC unroll 2
   for (int h = 0; h < 2; ++h)
@@ -147,25 +169,10 @@ void tile(const float* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n
     for (int i = 0; i < MI; ++i)
 #pragma GCC unroll 4
       for (int j = 0; j < NJ; ++j) acc[h][i][j] = _mm256_setzero_ps();
-  const int64_t full = K / LANES * LANES;
-  // the tile's rows of w are one contiguous stream: prefetch it into L2 PREFETCH_BYTES ahead, a line at a time
-  const char* ahead = reinterpret_cast<const char*>(w + n0 * K) + PREFETCH_BYTES;
-  constexpr int64_t STEP = LANES * sizeof(T) * NJ;  // bytes of w one chunk reads
-  for (int64_t k = 0; k < full; k += LANES) {
-    const char* line = ahead + k * sizeof(T) * NJ;
-#pragma GCC unroll 4
-    for (int64_t b = 0; b < STEP; b += 64) _mm_prefetch(line + b, _MM_HINT_T1);
-    chunk<T, MI, NJ>(acc, xr, wr, k, LANES);
-  }
-  if (full < K) chunk<T, MI, NJ>(acc, xr, wr, full, static_cast<int>(K - full));
-#pragma GCC unroll 4
-  for (int i = 0; i < MI; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NJ; ++j) {
-      float s = lane_sum(acc[0][i][j], acc[1][i][j]);
-      if (bias) s = s + to_float(bias[n0 + j]);
-      y[(m0 + i) * N + n0 + j] = from_float<T>(s);
-    }
+  over_chunks<LANES, NJ>(w + n0 * K, K,
+                         [&](int64_t k, int n) LOOKAHEAD_INLINE { chunk<T, MI, NJ>(acc, xr.data(), wr.data(), k, n); });
+  store_tile<T, MI, NJ>(y, bias, m0, n0, N,
+                        [&](int i, int j) LOOKAHEAD_INLINE { return lane_sum(acc[0][i][j], acc[1][i][j]); });
 }
 
 #else  // any other CPU (ARM): the same order in portable C++, vectorised by the compiler
@@ -197,12 +204,7 @@ void tile(const float* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n
         for (int l = 0; l < LANES; ++l) acc[i][j][l] = std::fma(xv[l], wv[j][l], acc[i][j][l]);
     }
   }
-  for (int i = 0; i < MI; ++i)
-    for (int j = 0; j < NJ; ++j) {
-      float s = lane_sum(acc[i][j]);
-      if (bias) s = s + to_float(bias[n0 + j]);
-      y[(m0 + i) * N + n0 + j] = from_float<T>(s);
-    }
+  store_tile<T, MI, NJ>(y, bias, m0, n0, N, [&](int i, int j) LOOKAHEAD_INLINE { return lane_sum(acc[i][j]); });
 }
 
 #endif
@@ -301,11 +303,5 @@ std::string cpu_code_path() {
   return "portable";
 #endif
 }
-
-TORCH_LIBRARY_FRAGMENT(lookahead_cpu, m) {
-  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("cpu_code_path() -> str", cpu_code_path);
-}
-TORCH_LIBRARY_IMPL(lookahead_cpu, CPU, m) { m.impl("linear", linear); }
 
 }  // namespace lookahead_cpu

@@ -2,7 +2,6 @@
 // Each row is computed alone in a fixed order (common.h), so its bits never depend on the other rows. Roundings
 // follow transformers' Llama in the tensor's dtype: the norm in fp32, rounded to the dtype, then times the weight;
 // silu(gate) rounded to the dtype before the product with up.
-#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include "common.h"
@@ -138,17 +137,6 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
     });
   });
   return out;
-}
-
-TORCH_LIBRARY_FRAGMENT(lookahead_cpu, m) {
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-  m.def("add_rms_norm_(Tensor(a!) x, Tensor h, Tensor weight, float eps) -> Tensor");
-  m.def("silu_mul(Tensor gate_up) -> Tensor");
-}
-TORCH_LIBRARY_IMPL(lookahead_cpu, CPU, m) {
-  m.impl("rms_norm", rms_norm);
-  m.impl("add_rms_norm_", add_rms_norm_);
-  m.impl("silu_mul", silu_mul);
 }
 
 }  // namespace lookahead_cpu

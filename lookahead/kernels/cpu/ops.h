@@ -1,7 +1,12 @@
-// The CPU ops one C++ file may call from another (decoder.cpp runs a whole decode step through them).
+// The CPU ops, as C++ functions: registry.cpp gives each its schema, and decoder.cpp runs a whole decode step
+// through them.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
 
 namespace lookahead_cpu {
 
@@ -15,6 +20,22 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
 at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                       at::Tensor& v_cache, const at::Tensor& slots, int64_t n_heads, bool interleaved,
                       const c10::optional<at::Tensor>& rows);
+
+// accept.cpp: the tail of a verify step
+std::tuple<at::Tensor, at::Tensor> accept_longest_path(const at::Tensor& draft_tokens, const at::Tensor& parents,
+                                                       const at::Tensor& target_tokens);
+void compact_kv(at::Tensor& cache, const at::Tensor& lens, const at::Tensor& path, const at::Tensor& num_accepted);
+
+// decoder.cpp: a decode step's layers in one call, and the order of the weights it takes per layer
+at::Tensor decode_layers(at::Tensor x, at::TensorList weights, const at::Tensor& cos, const at::Tensor& sin,
+                         at::Tensor cache, const at::Tensor& lens, const at::Tensor& slots,
+                         const c10::optional<at::Tensor>& tree_mask, int64_t n_heads, bool interleaved, double eps,
+                         const at::Tensor& final_norm, const c10::optional<at::Tensor>& rows,
+                         const c10::optional<at::Tensor>& nodes);
+std::vector<std::string> decode_layers_weights();
+
+// linear.cpp: the code path the ops were compiled for ("avx512_bf16", "avx512", "avx2" or "portable")
+std::string cpu_code_path();
 
 // quant.cpp: weights in their GGUF block format, uint8 [N, K / block_elems, block_bytes]
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);

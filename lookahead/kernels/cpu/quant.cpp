@@ -22,7 +22,6 @@
 // into a per-row buffer. A tile is 8 outputs x up to 8 rows of x, each weight block unpacked once for its rows.
 // Threads own ranges of tiles (at::parallel_for), so a verify of T rows reads the weight once per 8 rows from
 // cache, not memory.
-#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include "common.h"
@@ -669,15 +668,6 @@ at::Tensor quant_embedding(const at::Tensor& weight, const at::Tensor& ids, at::
   std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
   shape.push_back(K);
   return out.view(shape).to(dtype);
-}
-
-TORCH_LIBRARY_FRAGMENT(lookahead_cpu, m) {
-  m.def("quant_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("quant_embedding(Tensor weight, Tensor ids, ScalarType dtype) -> Tensor");
-}
-TORCH_LIBRARY_IMPL(lookahead_cpu, CPU, m) {
-  m.impl("quant_linear", quant_linear);
-  m.impl("quant_embedding", quant_embedding);
 }
 
 }  // namespace lookahead_cpu
