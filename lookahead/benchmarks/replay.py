@@ -125,32 +125,38 @@ CURVES = {
 
 @dataclass
 class ReplayTotals:
-    """One group of replayed requests: decode steps (the prefill excluded), tokens they produced, draft nodes
-    they verified, their modeled cost (each step's price of its padded trees, shared among its rows) and what plain
-    decoding of the same tokens at the same batch would cost."""
+    """One group of replayed requests: how many tokens each decode step produced (the prefill excluded), the draft
+    nodes they verified, their modeled cost (each step's price of its padded trees, shared among its rows) and what
+    plain decoding of the same tokens at the same batch would cost."""
     requests: int = 0
-    steps: int = 0
-    tokens: int = 0
+    step_tokens: Counter = field(default_factory=Counter)  # tokens a step produced -> steps that produced so many
     draft_nodes: int = 0
     cost: float = 0.0
     plain_cost: float = 0.0
-    step_tokens: Counter = field(default_factory=Counter)  # tokens a step produced -> steps that produced so many
+
+    @property
+    def steps(self) -> int:
+        return sum(self.step_tokens.values())
+
+    @property
+    def tokens(self) -> int:
+        return sum(n * steps for n, steps in self.step_tokens.items())
 
     @property
     def tokens_per_step(self) -> float:
         return self.tokens / max(self.steps, 1)
 
     @property
-    def draft_nodes_per_step(self) -> float:
-        return self.draft_nodes / max(self.steps, 1)
-
-    @property
     def speedup(self) -> float:
         """Plain decoding's modeled cost over lookahead's."""
         return self.plain_cost / self.cost if self.cost else 1.0
 
+    @property
+    def draft_nodes_per_step(self) -> float:
+        return self.draft_nodes / max(self.steps, 1)
+
     def add(self, other: "ReplayTotals") -> None:
-        for name in ("requests", "steps", "tokens", "draft_nodes", "cost", "plain_cost", "step_tokens"):
+        for name in ("requests", "step_tokens", "draft_nodes", "cost", "plain_cost"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def as_dict(self) -> dict:
@@ -387,8 +393,6 @@ def _replay(records, config, curve, warm, recycle, policy, batch, drafter, trie,
         rows, nodes = model.last_shape
         for seq, new in events:
             totals = groups[category[seq]]
-            totals.steps += 1
-            totals.tokens += len(new)
             totals.step_tokens[len(new)] += 1
             totals.draft_nodes += seq.draft_tokens - drafted[seq]
             totals.cost += price.cost(rows, nodes) / len(events)

@@ -593,51 +593,60 @@ class BackgroundServer:
 def add_arguments(p) -> None:
     from lookahead.models.auto import DTYPE_HELP, DTYPES
 
-    p.add_argument("--model", required=True, help="HF checkpoint dir, .gguf file, or smollm2-135m-instruct")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16,
-                   help="rows of the KV cache: requests decoded together. KV cache bytes = max-batch x (max-context "
-                        "+ 128) x layers x 2 x kv heads x head dim x dtype bytes (SmolLM2-135M fp32: 45 KB per token, "
-                        "1.6 GB at 16 x 2048); memory by part: GET /v1/stats")
-    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a row before 503s")
-    p.add_argument("--max-context", type=int, default=None,
-                   help="tokens per row, prompt + completion (default: the model's context, at most 2048); sizes "
-                        "the KV cache with --max-batch")
-    p.add_argument("--max-trie-nodes", type=int, default=1 << 20,
-                   help="the shared trie's bound, request-local prompt windows included (at most 1.1x it): about "
-                        "52 bytes per node, 55 MB at the default 1048576")
-    p.add_argument("--prefill-chunk", type=int, default=None,
-                   help="prompt tokens one decode step carries beside the running requests (CPU: new prompts ride "
-                        "in the steps in chunks; default 128): smaller keeps time per output token flatter while "
-                        "requests arrive, larger gives the first token sooner")
-    p.add_argument("--no-malloc-trim", action="store_true",
-                   help="keep what the C allocator frees instead of handing it back when the server goes idle")
-    p.add_argument("--trie", default=None, metavar="PATH",
-                   help="load the shared trie from PATH at start (missing = empty), save it there at shutdown")
-    p.add_argument("--trie-save-minutes", type=float, default=10.0, help="also save the trie this often (0 = never)")
-    p.add_argument("--no-lookahead", action="store_true", help="plain one-token decoding")
-    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="auto", help=DTYPE_HELP)
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--api-key", action="append", default=None,
-                   help="require 'Authorization: Bearer KEY' on every /v1 route (default: $LOOKAHEAD_API_KEY, else "
-                        "none); give it several times for several tenants, each drafting only from its own history "
-                        "(docs/tenants.md)")
-    p.add_argument("--api-keys", default=None, metavar="FILE",
-                   help="tenants' keys, one 'name:key' a line (with --api-key's: every key is a tenant); names are "
-                        "never reported")
-    p.add_argument("--max-pool-nodes", type=int, default=None,
-                   help="one drafting pool's trie bound (a tenant and cache_salt's history; default a quarter of "
-                        "--max-trie-nodes, which bounds the shared trie and all pools together, least recently used "
-                        "pools dropped first)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads of the decode thread (default: torch's, the physical cores)")
-    p.add_argument("--request-timeout", type=float, default=None,
-                   help="seconds after which a request ends with 504 / a timeout error (default: none)")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGINT/SIGTERM, seconds to let running requests finish before they are cancelled")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    model = p.add_argument_group("the model and how it runs")
+    model.add_argument("--model", required=True, help="HF checkpoint dir, .gguf file, or smollm2-135m-instruct")
+    model.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    model.add_argument("--dtype", choices=list(DTYPES), default="auto", help=DTYPE_HELP)
+    model.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    model.add_argument("--threads", type=int, default=None,
+                       help="torch threads of the decode thread (default: torch's, the physical cores)")
+    model.add_argument("--no-lookahead", action="store_true", help="plain one-token decoding")
+
+    capacity = p.add_argument_group("requests and the KV cache")
+    capacity.add_argument("--max-batch", type=int, default=16,
+                          help="rows of the KV cache: requests decoded together. KV cache bytes = max-batch x "
+                               "(max-context + 128) x layers x 2 x kv heads x head dim x dtype bytes (SmolLM2-135M "
+                               "fp32: 45 KB per token, 1.6 GB at 16 x 2048); memory by part: GET /v1/stats")
+    capacity.add_argument("--max-queue", type=int, default=256, help="requests waiting for a row before 503s")
+    capacity.add_argument("--max-context", type=int, default=None,
+                          help="tokens per row, prompt + completion (default: the model's context, at most 2048); "
+                               "sizes the KV cache with --max-batch")
+    capacity.add_argument("--prefill-chunk", type=int, default=None,
+                          help="prompt tokens one decode step carries beside the running requests (CPU: new prompts "
+                               "ride in the steps in chunks; default 128): smaller keeps time per output token "
+                               "flatter while requests arrive, larger gives the first token sooner")
+    capacity.add_argument("--request-timeout", type=float, default=None,
+                          help="seconds after which a request ends with 504 / a timeout error (default: none)")
+
+    drafting = p.add_argument_group("the drafting memory (tries)")
+    drafting.add_argument("--trie", default=None, metavar="PATH",
+                          help="load the shared trie from PATH at start (missing = empty), save it there at shutdown")
+    drafting.add_argument("--trie-save-minutes", type=float, default=10.0,
+                          help="also save the trie this often (0 = never)")
+    drafting.add_argument("--max-trie-nodes", type=int, default=1 << 20,
+                          help="the shared trie's bound, request-local prompt windows included (at most 1.1x it): "
+                               "about 52 bytes per node, 55 MB at the default 1048576")
+    drafting.add_argument("--max-pool-nodes", type=int, default=None,
+                          help="one drafting pool's trie bound (a tenant's or cache_salt's history; default: a "
+                               "quarter of --max-trie-nodes, the bound of all pools together; docs/tenants.md)")
+
+    tenants = p.add_argument_group("API keys: each key a tenant with its own drafting history")
+    tenants.add_argument("--api-key", action="append", default=None,
+                         help="require 'Authorization: Bearer KEY' on every /v1 route (default: $LOOKAHEAD_API_KEY, "
+                              "else none); give it several times for several tenants, each drafting only from its "
+                              "own history (docs/tenants.md)")
+    tenants.add_argument("--api-keys", default=None, metavar="FILE",
+                         help="tenants' keys, one 'name:key' a line (with --api-key's: every key is a tenant); names "
+                              "are never reported")
+
+    server = p.add_argument_group("the HTTP server and the process")
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="on SIGINT/SIGTERM, seconds to let running requests finish before they are cancelled")
+    server.add_argument("--no-malloc-trim", action="store_true",
+                        help="keep what the C allocator frees instead of handing it back when the server goes idle")
+    server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def run(args) -> int:

@@ -8,20 +8,17 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
+import openai
 import pytest
 import torch
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
-openai = pytest.importorskip("openai")
-
-from lookahead import LookaheadConfig  # noqa: E402
-from lookahead.data import encode_prompt, spec_bench_first_turns  # noqa: E402
-from lookahead.engine.sampling import TokenChooser  # noqa: E402
-from lookahead.serve.app import BackgroundServer, decode  # noqa: E402
-from lookahead.serve.scheduler import Scheduler  # noqa: E402
-from lookahead.engine.state import GenerationState  # noqa: E402
+from lookahead import LookaheadConfig
+from lookahead.data import encode_prompt, spec_bench_first_turns
+from lookahead.engine.sampling import TokenChooser
+from lookahead.serve.app import BackgroundServer, decode
+from lookahead.serve.scheduler import Scheduler
+from lookahead.engine.state import GenerationState
 
 pytestmark = pytest.mark.slow
 NAME = "smollm2-135m-instruct"

@@ -16,18 +16,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 import torch
+import transformers
 
-pytest.importorskip("fastapi")
-pytest.importorskip("prometheus_client")
-httpx = pytest.importorskip("httpx")
-transformers = pytest.importorskip("transformers")
-
-from lookahead import TokenTrie  # noqa: E402
-from lookahead.models import LlamaForLookahead, resolve_checkpoint  # noqa: E402
-from lookahead.serve.app import BackgroundServer, TextStream, decode  # noqa: E402
-from lookahead.serve.scheduler import Scheduler  # noqa: E402
+from lookahead import TokenTrie
+from lookahead.models import LlamaForLookahead, resolve_checkpoint
+from lookahead.serve.app import BackgroundServer, TextStream, decode
+from lookahead.serve.scheduler import Scheduler
 
 pytestmark = pytest.mark.slow
 NAME = "tiny"

@@ -5,18 +5,15 @@ key's own history still drafts; the same for two cache_salts under one key; bad 
 
 import contextlib
 
+import httpx
 import pytest
 import torch
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
-
-from lookahead import LookaheadConfig  # noqa: E402
-from lookahead.serve.app import BackgroundServer, read_api_keys, tenant_keys  # noqa: E402
-from lookahead.serve.scheduler import Scheduler  # noqa: E402
-from lookahead.benchmarks.tenants_bench import compare, experiment, merge  # noqa: E402
-from lookahead.engine.state import GenerationState  # noqa: E402
+from lookahead import LookaheadConfig
+from lookahead.serve.app import BackgroundServer, read_api_keys, tenant_keys
+from lookahead.serve.scheduler import Scheduler
+from lookahead.benchmarks.tenants_bench import compare, experiment, merge
+from lookahead.engine.state import GenerationState
 
 slow = pytest.mark.slow
 NAME = "smollm2-135m-instruct"
