@@ -12,7 +12,7 @@
 // vdpbf16ps, lane l taking the pairs (2l, 2l + 1) of each 32-element chunk); AVX2 + FMA (2 x 3 tiles, each
 // 16-lane accumulator two __m256); portable C++ for any other CPU (ARM: 2 x 2 tiles of 16-lane arrays the
 // compiler vectorizes). Outside vdpbf16ps every element is widened to fp32 and fused-multiply-added; x is
-// widened once per call on the AVX2 and portable paths.
+// widened once per call except where vdpbf16ps takes it as it is.
 #include <ATen/Parallel.h>
 
 #include <array>
@@ -74,7 +74,11 @@ LOOKAHEAD_INLINE inline void over_chunks(const T* w, int64_t K, Body body) {
 #if defined(__AVX512F__)
 
 constexpr int TILE_M = 4, TILE_N = 4;  // rows of x, rows of w per register tile (16 accumulators)
+#if defined(__AVX512BF16__)
 constexpr bool WIDEN_X = false;  // x stays in its dtype (vdpbf16ps multiplies bf16 pairs)
+#else
+constexpr bool WIDEN_X = true;  // x widened to fp32 once per call: a tile widens only its rows of w
+#endif
 
 // Chunk width: 32 bf16 pairs for vdpbf16ps, 16 elements otherwise; the last chunk loads under a mask (zeros past K).
 template <typename T> constexpr int chunk_width() {
@@ -87,8 +91,8 @@ template <typename T> constexpr int chunk_width() {
 
 // acc[i][j] += x row i . w row j over one chunk at k (n valid elements). One loop body serves every chunk, the
 // masked last one included, so the accumulators stay in registers.
-template <typename T, int MI, int NJ>
-LOOKAHEAD_INLINE inline void chunk(__m512 (&acc)[TILE_M][TILE_N], const T* const* xr, const T* const* wr, int64_t k,
+template <typename T, int MI, int NJ, typename X>
+LOOKAHEAD_INLINE inline void chunk(__m512 (&acc)[TILE_M][TILE_N], const X* const* xr, const T* const* wr, int64_t k,
                                    int n) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -116,8 +120,8 @@ LOOKAHEAD_INLINE inline void chunk(__m512 (&acc)[TILE_M][TILE_N], const T* const
     for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_fmadd_ps(xv[i], wv[j], acc[i][j]);
 }
 
-template <typename T, int MI, int NJ>
-void tile(const T* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, int64_t K, int64_t N) {
+template <typename T, int MI, int NJ, typename X>
+void tile(const X* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, int64_t K, int64_t N) {
   constexpr int W = chunk_width<T>();
   const auto xr = rows_of<MI>(x, m0, K);
   const auto wr = rows_of<NJ>(w, n0, K);
