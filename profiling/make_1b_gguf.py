@@ -59,29 +59,26 @@ def make_hf(out: Path, config: dict = CONFIG, seed: int = 0) -> None:
     def rnd(*shape):
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
 
-    shards = [{"model.embed_tokens.weight": rnd(c["vocab_size"], D),
-               "model.norm.weight": torch.ones(D, dtype=torch.bfloat16)}]
-    index = {}
+    index: dict[str, str] = {}  # tensor -> its shard
 
-    def flush() -> None:
+    def write(tensors: dict) -> None:
         name = f"model-{len(set(index.values())) + 1:05d}.safetensors"
-        save_file(shards[0], out / name, metadata={"format": "pt"})
-        for key in shards[0]:
-            index[key] = name
-        shards[0] = {}
+        save_file(tensors, out / name, metadata={"format": "pt"})
+        index.update(dict.fromkeys(tensors, name))
 
+    first = {"model.embed_tokens.weight": rnd(c["vocab_size"], D),
+             "model.norm.weight": torch.ones(D, dtype=torch.bfloat16)}
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shards[0].update({p + "self_attn.q_proj.weight": rnd(H * hd, D), p + "self_attn.k_proj.weight": rnd(KV * hd, D),
-                          p + "self_attn.v_proj.weight": rnd(KV * hd, D), p + "self_attn.o_proj.weight": rnd(D, H * hd),
-                          p + "mlp.gate_proj.weight": rnd(I, D), p + "mlp.up_proj.weight": rnd(I, D),
-                          p + "mlp.down_proj.weight": rnd(D, I),
-                          p + "input_layernorm.weight": torch.ones(D, dtype=torch.bfloat16),
-                          p + "post_attention_layernorm.weight": torch.ones(D, dtype=torch.bfloat16)})
-        flush()
+        layer = {p + "self_attn.q_proj.weight": rnd(H * hd, D), p + "self_attn.k_proj.weight": rnd(KV * hd, D),
+                 p + "self_attn.v_proj.weight": rnd(KV * hd, D), p + "self_attn.o_proj.weight": rnd(D, H * hd),
+                 p + "mlp.gate_proj.weight": rnd(I, D), p + "mlp.up_proj.weight": rnd(I, D),
+                 p + "mlp.down_proj.weight": rnd(D, I),
+                 p + "input_layernorm.weight": torch.ones(D, dtype=torch.bfloat16),
+                 p + "post_attention_layernorm.weight": torch.ones(D, dtype=torch.bfloat16)}
+        write({**first, **layer} if i == 0 else layer)
     if not c["tie_word_embeddings"]:
-        shards[0]["lm_head.weight"] = rnd(c["vocab_size"], D)
-        flush()
+        write({"lm_head.weight": rnd(c["vocab_size"], D)})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}, indent=1))
 
 

@@ -273,7 +273,7 @@ class RecordedModel:
         padded_depths = torch.zeros(R, W, dtype=torch.long)
         mask = torch.eye(W, dtype=torch.bool).repeat(R, 1, 1)
         padded[rows, nodes], padded_depths[rows, nodes], mask[rows, nodes] = tokens, depths, tree_mask
-        used = len(set(rows.tolist()))
+        used = rows.unique().numel()
         if not used:
             self.last_shape = (0, 0.0)
             return torch.zeros(0, self.config.vocab_size)
