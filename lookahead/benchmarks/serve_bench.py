@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -372,14 +373,28 @@ def soak(model: str = DEFAULT_MODEL, rounds: int = 8, num_prompts: int = 40, pro
               + f", trie {stats['trie_nodes']} nodes", file=sys.stderr, flush=True)
         return row
 
+    def trie_peak(stop: threading.Event, peak: dict) -> None:
+        """The trie's largest size while a round runs (request-local prompt windows included), polled 4x a second."""
+        while not stop.wait(0.25):
+            stats = httpx.get(server.url + "/v1/stats", timeout=60).json()
+            peak["trie_peak_nodes"] = max(peak["trie_peak_nodes"], stats["trie_nodes"])
+            peak["trie_peak"] = max(peak["trie_peak"], stats["memory_bytes"]["trie"])
+
     try:
         before, _ = asyncio.run(run_load(server.url, model, questions, 1, 24))
         rows = [snapshot("idle")]
         start = 0
         for r in range(1, rounds + 1):
             convs, start = long_conversations(num_prompts, prompt_tokens, start)
-            results, wall = asyncio.run(run_load(server.url, model, convs, concurrency, max_tokens))
-            rows.append(snapshot(str(r), errors=sum(x.error is not None for x in results), wall_s=wall))
+            stop, peak = threading.Event(), {"trie_peak_nodes": 0, "trie_peak": 0}
+            watcher = threading.Thread(target=trie_peak, args=(stop, peak), daemon=True)
+            watcher.start()
+            try:
+                results, wall = asyncio.run(run_load(server.url, model, convs, concurrency, max_tokens))
+            finally:
+                stop.set()
+                watcher.join()
+            rows.append(snapshot(str(r), errors=sum(x.error is not None for x in results), wall_s=wall, **peak))
         after, _ = asyncio.run(run_load(server.url, model, questions, 1, 24))
     finally:
         server.close()
@@ -400,12 +415,13 @@ SOAK_PARTS = ("weights", "kv_cache", "trie", "suffix_automata", "workspace")
 
 def soak_table(rows: list[dict]) -> str:
     head = "| round | RSS (MiB) | peak RSS so far (MiB) | " + " | ".join(f"{p} (MiB)" for p in SOAK_PARTS) + \
-        " | trie nodes | failed |"
+        " | trie nodes | trie peak in the round (nodes, MiB) | failed |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         parts = " | ".join(f"{r[p] / 2**20:.0f}" for p in SOAK_PARTS)
+        peak = f"{r['trie_peak_nodes']}, {r['trie_peak'] / 2**20:.1f}" if "trie_peak" in r else "-"
         lines.append(f"| {r['round']} | {r['rss'] / 2**20:.0f} | {r['rss_peak'] / 2**20:.0f} | {parts} | "
-                     f"{r['trie_nodes']} | {r.get('errors', '-')} |")
+                     f"{r['trie_nodes']} | {peak} | {r.get('errors', '-')} |")
     return "\n".join(lines)
 
 
