@@ -9,6 +9,7 @@
 // ascending n, divided by l. Nothing depends on T, on the other nodes or rows, or on where the masked slots are.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "common.h"
@@ -144,6 +145,109 @@ bool attend_avx512(const float* qf, int64_t D, const T* kh, const T* vh, int64_t
     default: return false;
   }
 }
+
+#elif defined(LOOKAHEAD_AVX2)
+// lane_sum(lo, hi) of 8 keys at once, from b[j] = lo[j] + hi[j] (the tree's first level): l + (l + 4) within each
+// key, then (l0 + l2) + (l1 + l3), as lane shuffles across keys instead of 8 separate reductions. Lane j of the
+// result is key j's sum.
+inline __m256 lane_sums8(const __m256 (&b)[8]) {
+  __m256 c[4], x[2];
+  for (int a = 0; a < 4; ++a)  // lanes 0-3: key 2a's b[l] + b[l + 4], lanes 4-7: key 2a + 1's
+    c[a] = _mm256_add_ps(_mm256_permute2f128_ps(b[2 * a], b[2 * a + 1], 0x20),
+                         _mm256_permute2f128_ps(b[2 * a], b[2 * a + 1], 0x31));
+  for (int e = 0; e < 2; ++e)  // (c0 + c2), (c1 + c3): [4e: d0 d1, 4e+2: d0 d1 | 4e+1: d0 d1, 4e+3: d0 d1]
+    x[e] = _mm256_add_ps(_mm256_shuffle_ps(c[2 * e], c[2 * e + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm256_shuffle_ps(c[2 * e], c[2 * e + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 s = _mm256_add_ps(_mm256_shuffle_ps(x[0], x[1], _MM_SHUFFLE(2, 0, 2, 0)),  // d0 + d1:
+                                 _mm256_shuffle_ps(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));  // keys 0 2 4 6 | 1 3 5 7
+  return _mm256_permutevar8x32_ps(s, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// scores[n] = (q . k[key(n)]) * scale for n < n_keys, 8 keys at a time, each dot as dot() takes it (16-lane
+// chunks, lanes 0-7 and 8-15 in two accumulators); q is D = 16 * NC (FULL), or its last chunk is short by D's tail
+template <int NC, bool FULL, typename T, typename Key>
+void scores_block(const float* qf, int64_t D, const T* kh, int64_t ss, Key key, int64_t n_keys, float scale,
+                  float* scores) {
+  __m256 qlo[NC], qhi[NC];
+  const int tail = static_cast<int>(D - 16 * (NC - 1));
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) {
+    const int n = c == NC - 1 ? tail : 16;
+    qlo[c] = load8(qf + 16 * c, n);
+    qhi[c] = load8(qf + 16 * c + 8, n - 8);
+  }
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (int64_t n0 = 0; n0 < n_keys; n0 += 8) {
+    const int cnt = static_cast<int>(std::min<int64_t>(8, n_keys - n0));
+    __m256 b[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {  // past the end: a repeat of the last key, unstored
+      const T* row = kh + key(n0 + std::min(j, cnt - 1)) * ss;
+      __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c) {
+        const int n = FULL || c < NC - 1 ? 16 : tail;  // a constant where the chunk is whole: unmasked loads
+        lo = _mm256_fmadd_ps(qlo[c], load8(row + 16 * c, n), lo);
+        hi = _mm256_fmadd_ps(qhi[c], load8(row + 16 * c + 8, n - 8), hi);
+      }
+      b[j] = _mm256_add_ps(lo, hi);
+    }
+    store8(scores + n0, _mm256_mul_ps(lane_sums8(b), sc), cnt);
+  }
+}
+
+// o[d0 : d0 + 8 * NC8] = sum_n p[n] * v[key(n)][...] in ascending n, as axpy() takes it, the accumulators held in
+// registers (n valid elements from d0: 8 * NC8 where FULL)
+template <int NC8, bool FULL, typename T, typename Key>
+void weighted_values(const float* p, const T* vh, int64_t ss, Key key, int64_t n_keys, int64_t d0, int n,
+                     float* o) {
+  if constexpr (FULL) n = 8 * NC8;
+  __m256 acc[NC8];
+#pragma GCC unroll 8
+  for (int c = 0; c < NC8; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < n_keys; ++k) {
+    const __m256 pk = _mm256_set1_ps(p[k]);
+    const T* row = vh + key(k) * ss + d0;
+#pragma GCC unroll 8
+    for (int c = 0; c < NC8; ++c) acc[c] = _mm256_fmadd_ps(pk, load8(row + 8 * c, std::min(n - 8 * c, 8)), acc[c]);
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < NC8; ++c) store8(o + d0 + 8 * c, acc[c], std::min(n - 8 * c, 8));
+}
+
+// The two loops above for a head dim of up to 128 (values 64 dims at a time); false for a larger one.
+template <typename T, typename Key>
+bool attend_avx2(const float* qf, int64_t D, const T* kh, const T* vh, int64_t ss, Key key, int64_t n_keys,
+                 float scale, float* scores, float* o, bool values) {
+  if (D > 128) return false;
+  if (values) {
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      const int n = static_cast<int>(std::min<int64_t>(64, D - d0));
+      switch ((n + 7) / 8) {
+#define LOOKAHEAD_NC8(NC8) \
+  case NC8:                                                                                  \
+    if (n == 8 * NC8) weighted_values<NC8, true>(scores, vh, ss, key, n_keys, d0, n, o);      \
+    else weighted_values<NC8, false>(scores, vh, ss, key, n_keys, d0, n, o);                  \
+    break;
+        LOOKAHEAD_NC8(1) LOOKAHEAD_NC8(2) LOOKAHEAD_NC8(3) LOOKAHEAD_NC8(4)
+        LOOKAHEAD_NC8(5) LOOKAHEAD_NC8(6) LOOKAHEAD_NC8(7) LOOKAHEAD_NC8(8)
+#undef LOOKAHEAD_NC8
+      }
+    }
+    return true;
+  }
+  switch ((D + 15) / 16) {
+#define LOOKAHEAD_NC(NC) \
+  case NC:                                                                               \
+    if (D == 16 * NC) scores_block<NC, true>(qf, D, kh, ss, key, n_keys, scale, scores);  \
+    else scores_block<NC, false>(qf, D, kh, ss, key, n_keys, scale, scores);              \
+    return true;
+    LOOKAHEAD_NC(1) LOOKAHEAD_NC(2) LOOKAHEAD_NC(3) LOOKAHEAD_NC(4)
+    LOOKAHEAD_NC(5) LOOKAHEAD_NC(6) LOOKAHEAD_NC(7) LOOKAHEAD_NC(8)
+#undef LOOKAHEAD_NC
+    default: return false;
+  }
+}
 #endif
 
 struct CacheView {  // a [B, H, S, D] cache tensor's pointer and strides (rows may be a view of a bigger cache)
@@ -215,6 +319,12 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
     TORCH_CHECK(!mp || mp[n * W + i], "lookahead::tree_attention: token ", n, " (node ", i, " of row ", b,
                 ") does not see itself in tree_mask");
   }
+  // which tokens see the whole chain of their row's nodes 0 .. i (a prompt chunk, a chain draft): their keys are
+  // the slots 0 .. L + i in order, with no path to gather per head
+  std::vector<uint8_t> chain(N, 1);
+  if (mp)
+    for (int64_t n = 0; n < N; ++n)
+      chain[n] = std::find(mp + n * W, mp + n * W + node_of[n] + 1, false) == mp + n * W + node_of[n] + 1;
   const at::Tensor qc = q.contiguous();
   at::Tensor out = at::empty_like(qc);
   const int64_t group = Hq / Hkv;
@@ -232,23 +342,29 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
       std::vector<float> qf(D), o(D), scores;
       std::vector<int64_t> slots;
       for (int64_t w = w0; w < w1; ++w) {
-        const int64_t h = w % Hq, t = w / Hq;
+        // tokens taken from both ends in turn (0, N - 1, 1, N - 2, ...): a thread's range of a causal chunk then
+        // holds short and long key sequences alike
+        const int64_t h = w % Hq, u = w / Hq, t = u % 2 ? N - 1 - u / 2 : u / 2;
         const int64_t b = row_of[t], i = node_of[t];
         const int64_t L = lp[b];
-        slots.clear();  // the node's path, root first
-        for (int64_t j = 0; j <= i; ++j)
-          if (mp ? mp[t * W + j] : true) slots.push_back(L + j);
-        const int64_t n_keys = L + static_cast<int64_t>(slots.size());
+        const bool whole = chain[t];  // the node's path is the chain L .. L + i: slot(n) = n
+        slots.clear();  // otherwise the path, root first
+        if (!whole)
+          for (int64_t j = 0; j <= i; ++j)
+            if (mp[t * W + j]) slots.push_back(L + j);
+        const int64_t n_keys = L + (whole ? i + 1 : static_cast<int64_t>(slots.size()));
         scores.resize(n_keys);
         const scalar_t* qrow = qp + (t * Hq + h) * D;
         for (int64_t d = 0; d < D; ++d) qf[d] = to_float(qrow[d]);
         const scalar_t* kh = kp + b * kv.sb + (h / group) * kv.sh;
         const scalar_t* vh = vp + b * kv.sb + (h / group) * kv.sh;
-        auto slot = [&](int64_t n) { return n < L ? n : slots[n - L]; };
+        auto slot = [&](int64_t n) { return whole || n < L ? n : slots[n - L]; };
         float* sp_ = scores.data();
         bool fast = false;
 #if defined(__AVX512F__)
         fast = attend_avx512(qf.data(), D, kh, vh, kv.ss, slot, n_keys, sc, sp_, o.data(), false);
+#elif defined(LOOKAHEAD_AVX2)
+        fast = attend_avx2(qf.data(), D, kh, vh, kv.ss, slot, n_keys, sc, sp_, o.data(), false);
 #endif
         if (!fast)
           for (int64_t n = 0; n < n_keys; ++n) sp_[n] = dot(qf.data(), kh + slot(n) * kv.ss, D) * sc;
@@ -308,6 +424,8 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
         }
 #if defined(__AVX512F__)
         if (fast) attend_avx512(qf.data(), D, kh, vh, kv.ss, slot, n_keys, sc, sp_, o.data(), true);
+#elif defined(LOOKAHEAD_AVX2)
+        if (fast) attend_avx2(qf.data(), D, kh, vh, kv.ss, slot, n_keys, sc, sp_, o.data(), true);
 #endif
         const float inv = 1.0f / lane_sum(lsum);
         scalar_t* orow = op + (t * Hq + h) * D;

@@ -100,7 +100,8 @@ inline __m256 load8(const float* p, int n = 8) {
 inline __m128i load8_u16(const void* p, int n) {
   if (n >= 8) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   alignas(16) uint16_t buf[8] = {0};
-  if (n > 0) std::memcpy(buf, p, 2 * n);
+  const uint16_t* src = static_cast<const uint16_t*>(p);
+  for (int i = 0; i < n && i < 8; ++i) buf[i] = src[i];  // (a memcpy of 2n bytes trips GCC 12's bounds warnings)
   return _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
 }
 inline __m256 load8(const c10::BFloat16* p, int n = 8) {  // bf16 is the top half of an fp32

@@ -179,6 +179,128 @@ void tile(const float* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n
                         [&](int i, int j) LOOKAHEAD_INLINE { return lane_sum(acc[0][i][j], acc[1][i][j]); });
 }
 
+// Many rows (a prefill): the same sums as an outer product, the tile above's bits at a GEMM's multiply-add rate.
+// Lane l of y[m, n]'s 16-lane sum is x[m, l] w[n, l] + x[m, l + 16] w[n, l + 16] + ..., one fused multiply-add
+// per chunk in ascending order: a scalar x[m, 16c + l] broadcast against 16 columns' w[n, 16c + l] adds the same
+// products in the same order to 16 columns' lane l at once. So a 6 x 16 register tile (12 accumulators: 6 rows
+// by 2 halves of a 16-column panel) runs lane by lane, each lane's chunks ascending, and the 16 lanes' sums are
+// then added by lane_sum's tree, 8 columns a vector. x and each panel of w are packed lane-major per call (zeros
+// past K, so the last chunk adds 0 * 0 as the tile's masked load does), which pays only when many rows share
+// them (PREFILL_ROWS).
+constexpr int64_t PREFILL_ROWS = 128;
+constexpr int PANEL = 16, PANEL_ROWS = 6;
+
+// The transpose of 8 rows of 8 fp32 in place: r[i][j] <- r[j][i].
+LOOKAHEAD_INLINE inline void transpose8(__m256 (&r)[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// wp[(l * C + c) * 16 + j] = w[n0 + j, 16 c + l] as fp32 (0 past N or K): the panel of nj columns at n0, lane
+// by lane (a lane's chunks are then one sequential stream), each chunk's 16 x 16 block transposed as four 8 x 8.
+template <typename T>
+void pack_panel(const T* w, int64_t n0, int nj, int64_t K, int64_t C, float* wp) {
+  for (int64_t c = 0; c < C; ++c) {
+    const int n = static_cast<int>(std::min<int64_t>(16, K - 16 * c));
+    for (int jb = 0; jb < PANEL; jb += 8)
+      for (int lb = 0; lb < 16; lb += 8) {
+        __m256 r[8];
+        for (int j = 0; j < 8; ++j)
+          r[j] = jb + j < nj ? load8(w + (n0 + jb + j) * K + 16 * c + lb, n - lb) : _mm256_setzero_ps();
+        transpose8(r);
+        for (int l = 0; l < 8; ++l) _mm256_storeu_ps(wp + ((lb + l) * C + c) * PANEL + jb, r[l]);
+      }
+  }
+}
+
+// y[m0 .. m0 + MI, n0 .. n0 + nj] from x's packed block of rows xb[(l * C + c) * 6 + i] = x[m0 + i, 16 c + l] and
+// the packed panel wp.
+template <typename T, int MI>
+void panel_rows(const float* xb, const float* wp, const T* bias, T* y, int64_t m0, int64_t n0, int nj, int64_t C,
+                int64_t N) {
+  alignas(32) float part[MI][16][PANEL];  // lane l's sum of each row and column
+  for (int l = 0; l < 16; ++l) {
+    __m256 acc[MI][2];
+#pragma GCC unroll 6
+    for (int i = 0; i < MI; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    const float* wl = wp + l * C * PANEL;
+    const float* xl = xb + l * C * PANEL_ROWS;
+    for (int64_t c = 0; c < C; ++c) {
+      const __m256 w0 = _mm256_loadu_ps(wl + c * PANEL), w1 = _mm256_loadu_ps(wl + c * PANEL + 8);
+#pragma GCC unroll 6
+      for (int i = 0; i < MI; ++i) {
+        const __m256 xv = _mm256_broadcast_ss(xl + c * PANEL_ROWS + i);
+        acc[i][0] = _mm256_fmadd_ps(xv, w0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(xv, w1, acc[i][1]);
+      }
+    }
+#pragma GCC unroll 6
+    for (int i = 0; i < MI; ++i) {
+      _mm256_store_ps(part[i][l], acc[i][0]);
+      _mm256_store_ps(part[i][l] + 8, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < MI; ++i)
+    for (int h = 0; h < nj; h += 8) {  // lane_sum's tree, 8 columns a vector
+      __m256 b[8], c[4];
+      for (int l = 0; l < 8; ++l) b[l] = _mm256_add_ps(_mm256_load_ps(part[i][l] + h), _mm256_load_ps(part[i][l + 8] + h));
+      for (int l = 0; l < 4; ++l) c[l] = _mm256_add_ps(b[l], b[l + 4]);
+      __m256 s = _mm256_add_ps(_mm256_add_ps(c[0], c[2]), _mm256_add_ps(c[1], c[3]));
+      const int n = std::min(8, nj - h);
+      if (bias) s = _mm256_add_ps(s, load8(bias + n0 + h, n));
+      store8(y + (m0 + i) * N + n0 + h, s, n);
+    }
+}
+
+template <typename T, int MI = PANEL_ROWS>
+void panel_tail(const float* xb, const float* wp, const T* bias, T* y, int64_t m0, int mi, int64_t n0, int nj,
+                int64_t C, int64_t N) {
+  if constexpr (MI > 1) {
+    if (mi < MI) return panel_tail<T, MI - 1>(xb, wp, bias, y, m0, mi, n0, nj, C, N);
+  }
+  panel_rows<T, MI>(xb, wp, bias, y, m0, n0, nj, C, N);
+}
+
+// Every row of y by panels of 16 columns, each thread owning a range of panels.
+template <typename T>
+void linear_panels(const float* x, const T* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
+  const int64_t C = (K + 15) / 16, blocks = (M + PANEL_ROWS - 1) / PANEL_ROWS, panels = (N + PANEL - 1) / PANEL;
+  const int64_t block_size = 16 * C * PANEL_ROWS;
+  std::vector<float> xp(blocks * block_size, 0.0f);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t i = 0; i < std::min<int64_t>(PANEL_ROWS, M - b * PANEL_ROWS); ++i) {
+        const float* row = x + (b * PANEL_ROWS + i) * K;
+        float* xb = xp.data() + b * block_size + i;
+        for (int64_t k = 0; k < K; ++k) xb[((k % 16) * C + k / 16) * PANEL_ROWS] = row[k];
+      }
+  });
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> wp(16 * C * PANEL);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * PANEL;
+      const int nj = static_cast<int>(std::min<int64_t>(PANEL, N - n0));
+      pack_panel(w, n0, nj, K, C, wp.data());
+      for (int64_t b = 0; b < blocks; ++b)
+        panel_tail<T>(xp.data() + b * block_size, wp.data(), bias, y, b * PANEL_ROWS,
+                      static_cast<int>(std::min<int64_t>(PANEL_ROWS, M - b * PANEL_ROWS)), n0, nj, C, N);
+    }
+  });
+}
+
 #else  // any other CPU (ARM): the same order in portable C++, vectorised by the compiler
 
 constexpr int TILE_M = 2, TILE_N = 2;  // 4 accumulators of 16 lanes: 16 NEON registers
@@ -249,6 +371,9 @@ void linear_kernel(const T* x, const T* w, const T* bias, T* y, int64_t M, int64
     });
     xs = widened.data();
   }
+#if defined(LOOKAHEAD_AVX2)
+  if (M >= PREFILL_ROWS) return linear_panels(xs, w, bias, y, M, K, N);
+#endif
   const int64_t n_tiles = (N + TILE_N - 1) / TILE_N;
   // each thread owns a range of w's rows; every tile's math is the same whoever runs it. A thread gets at least
   // PARALLEL_MACS of work: waking the pool costs microseconds idle and a whole time slice when another process

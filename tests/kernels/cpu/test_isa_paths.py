@@ -51,18 +51,23 @@ def _same_rows(full: torch.Tensor, part: torch.Tensor, what: str) -> None:
 
 
 def check_linear() -> None:
-    """Row i of a call with M rows == row i alone == row i among other rows; and close to fp64's x @ w.T + b."""
+    """Row i of a call with M rows == row i alone == row i among other rows; and close to fp64's x @ w.T + b. 140
+    rows take the many-rows kernel where a path has one (the AVX2 path from 128 rows: linear.cpp, PREFILL_ROWS);
+    a row of -0s and non-finite values included."""
     g = torch.Generator().manual_seed(0)
     for dtype in DTYPES:
         for N, K in ((37, 100), (64, 576), (5, 17), (130, 33), (7, 8)):
-            x = torch.randn(19, K, generator=g).to(dtype)
+            x = torch.randn(140, K, generator=g).to(dtype)
+            x[20], x[21, 1], x[22, 0] = -0.0, float("inf"), float("nan")
             w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
             b = torch.randn(N, generator=g).to(dtype)
             for bias in (b, None):
-                full = torch.ops.lookahead.linear(x, w, bias)  # 19 rows: full and partial tiles on every path
+                full = torch.ops.lookahead.linear(x, w, bias)  # full and partial tiles / panels on every path
                 ref = x.double() @ w.double().T + (0 if bias is None else bias.double())
-                torch.testing.assert_close(full.double(), ref, atol=TOL[dtype] * 4, rtol=TOL[dtype])
-                for M in (1, 2, 3, 4, 5, 7, 8, 9, 16):
+                finite = torch.ones(140, dtype=torch.bool)
+                finite[21:23] = False
+                torch.testing.assert_close(full[finite].double(), ref[finite], atol=TOL[dtype] * 4, rtol=TOL[dtype])
+                for M in (1, 2, 3, 4, 5, 7, 8, 9, 16, 23, 127, 128, 129):
                     _same_rows(full[:M], torch.ops.lookahead.linear(x[:M].clone(), w, bias), f"{dtype} {N}x{K} M={M}")
                 others = torch.randn(6, K, generator=g).to(dtype)
                 others[4] = x[11]
@@ -102,7 +107,8 @@ def check_attention() -> None:
     (its own key sequence, nothing else), for odd head dims and lengths; and close to softmax attention."""
     g = torch.Generator().manual_seed(2)
     for dtype in DTYPES:
-        for D, L, T, hq, hkv in ((64, 37, 9, 6, 2), (24, 0, 7, 3, 3), (80, 300, 5, 4, 1), (7, 17, 3, 2, 2)):
+        for D, L, T, hq, hkv in ((64, 37, 9, 6, 2), (24, 0, 7, 3, 3), (80, 300, 5, 4, 1), (7, 17, 3, 2, 2),
+                                 (64, 0, 70, 3, 1), (128, 3, 20, 2, 2)):
             k = torch.randn(1, hkv, L + T, D, generator=g).to(dtype)
             v = torch.randn(1, hkv, L + T, D, generator=g).to(dtype)
             q = torch.randn(1, T, hq, D, generator=g).to(dtype)
@@ -118,6 +124,11 @@ def check_attention() -> None:
             for i in range(T):
                 cut = torch.ops.lookahead.tree_attention(q[:, :i + 1].clone(), k, v, lens, None, scale)
                 _same_rows(full[0, i], cut[0, i], f"attention {dtype} D={D} L={L} node {i}")
+            # the same chain as a ragged step with its mask (how a prompt chunk is prefilled): the same bits
+            rows, nodes = torch.zeros(T, dtype=torch.long), torch.arange(T)
+            chain = torch.ones(T, T, dtype=torch.bool).tril()
+            ragged = torch.ops.lookahead.tree_attention(q[0].clone(), k, v, lens, chain, scale, rows, nodes)
+            _same_rows(full[0], ragged, f"attention {dtype} D={D} L={L} ragged chain")
 
 
 @OP_ARCHS
