@@ -3,7 +3,9 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,22 +31,42 @@ def _build(archs: list[str]) -> None:
                        stderr=subprocess.DEVNULL, check=False)
 
 
+# Processes started at collection for later tests: name -> (Popen, its work directory)
+BACKGROUND: dict[str, tuple[subprocess.Popen, Path]] = {}
+
+
 def pytest_collection_finish(session):
-    """Where the collected tests build the C++ ops for other hosts' code paths (about 25 s each on 2 cores), start
-    those builds now, one after another at the lowest priority: they then run on the core that the single-threaded
-    tests (replay, the Triton interpreter) leave idle, long before the kernel tests reach them. A test that needs a
-    build still in progress waits on its build directory's lock, then loads it."""
+    """Work that later tests need, started as soon as the tests are collected, at the lowest priority: it then runs
+    on the core that the single-threaded tests (replay, the Triton interpreter) leave idle.
+    - Where the collected tests build the C++ ops for other hosts' code paths (about 25 s each on 2 cores), those
+      builds, one after another. A test that needs a build still in progress waits on its build directory's lock,
+      then loads it.
+    - Where tests/integrations/test_vllm.py is collected, its vLLM run (about 70 s of one core); its fixture waits
+      for it."""
     archs = {item.callspec.params.get("arch") for item in session.items if hasattr(item, "callspec")}
     wanted = [arch for arch in OTHER_ARCHS if arch in archs]
     if wanted and platform.machine() in ("x86_64", "AMD64") and shutil.which("nice") and not _builder:
         _builder.append(threading.Thread(target=_build, args=(wanted,), daemon=True))
         _builder[0].start()
+    if any(item.nodeid.startswith("tests/integrations/test_vllm.py") for item in session.items) \
+            and "vllm" not in BACKGROUND and shutil.which("nice"):
+        from tests.integrations.test_vllm import VLLM_PYTHON, start_vllm_job
+
+        if VLLM_PYTHON.is_file():
+            work = Path(tempfile.mkdtemp(prefix="lookahead-vllm-"))
+            BACKGROUND["vllm"] = (start_vllm_job(work), work)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Let a background build finish: one killed half-way would leave its build directory's lock behind."""
+    """Let a background build finish: one killed half-way would leave its build directory's lock behind. A
+    background process still running (its tests deselected, or the session stopped early) is stopped, and its work
+    directory removed."""
     for thread in _builder:
         thread.join(timeout=600)
+    for job, work in BACKGROUND.values():
+        job.kill()
+        job.wait()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
