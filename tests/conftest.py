@@ -31,8 +31,9 @@ def _build(archs: list[str]) -> None:
                        stderr=subprocess.DEVNULL, check=False)
 
 
-# Processes started at collection for later tests: name -> (Popen, its work directory)
-BACKGROUND: dict[str, tuple[subprocess.Popen, Path]] = {}
+# Work started at collection for later tests: name -> (the thread that starts it, its work directory, [what the
+# thread started: a process, or why it could not])
+BACKGROUND: dict[str, tuple[threading.Thread, Path, list]] = {}
 
 
 def pytest_collection_finish(session):
@@ -41,8 +42,8 @@ def pytest_collection_finish(session):
     - Where the collected tests build the C++ ops for other hosts' code paths (about 25 s each on 2 cores), those
       builds, one after another. A test that needs a build still in progress waits on its build directory's lock,
       then loads it.
-    - Where tests/integrations/test_vllm.py is collected, its vLLM run (about 70 s of one core); its fixture waits
-      for it."""
+    - Where tests/integrations/test_vllm.py is collected, its vLLM run (about 70 s of one core), once `make test`'s
+      background install of the vLLM venv has ended; its fixture waits for it."""
     archs = {item.callspec.params.get("arch") for item in session.items if hasattr(item, "callspec")}
     wanted = [arch for arch in OTHER_ARCHS if arch in archs]
     if wanted and platform.machine() in ("x86_64", "AMD64") and shutil.which("nice") and not _builder:
@@ -50,11 +51,13 @@ def pytest_collection_finish(session):
         _builder[0].start()
     if any(item.nodeid.startswith("tests/integrations/test_vllm.py") for item in session.items) \
             and "vllm" not in BACKGROUND and shutil.which("nice"):
-        from tests.integrations.test_vllm import VLLM_PYTHON, start_vllm_job
+        from tests.integrations.test_vllm import VLLM_STAMP, start_when_installed, vllm_install_running
 
-        if VLLM_PYTHON.is_file():
-            work = Path(tempfile.mkdtemp(prefix="lookahead-vllm-"))
-            BACKGROUND["vllm"] = (start_vllm_job(work), work)
+        if VLLM_STAMP.is_file() or vllm_install_running():
+            work, started = Path(tempfile.mkdtemp(prefix="lookahead-vllm-")), []
+            thread = threading.Thread(target=lambda: started.append(start_when_installed(work)), daemon=True)
+            thread.start()
+            BACKGROUND["vllm"] = (thread, work, started)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -63,9 +66,12 @@ def pytest_sessionfinish(session, exitstatus):
     directory removed."""
     for thread in _builder:
         thread.join(timeout=600)
-    for job, work in BACKGROUND.values():
-        job.kill()
-        job.wait()
+    for thread, work, started in BACKGROUND.values():
+        thread.join(timeout=1800)
+        for job in started:
+            if isinstance(job, subprocess.Popen):
+                job.kill()
+                job.wait()
         shutil.rmtree(work, ignore_errors=True)
 
 

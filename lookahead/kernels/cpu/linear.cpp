@@ -186,8 +186,8 @@ void tile(const float* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n
 // by 2 halves of a 16-column panel) runs lane by lane, each lane's chunks ascending, and the 16 lanes' sums are
 // then added by lane_sum's tree, 8 columns a vector. x and each panel of w are packed lane-major per call (zeros
 // past K, so the last chunk adds 0 * 0 as the tile's masked load does), which pays only when many rows share
-// them (PREFILL_ROWS).
-constexpr int64_t PREFILL_ROWS = 128;
+// them.
+constexpr int64_t PREFILL_ROWS = 128;  // from here the panels beat the tile: docs/benchmarks.md#prefill_rows
 constexpr int PANEL = 16, PANEL_ROWS = 6;
 
 // The transpose of 8 rows of 8 fp32 in place: r[i][j] <- r[j][i].
