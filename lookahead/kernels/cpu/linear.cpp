@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <array>
+#include <memory>
 
 #include "common.h"
 #include "ops.h"
@@ -187,7 +188,7 @@ void tile(const float* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n
 // then added by lane_sum's tree, 8 columns a vector. x and each panel of w are packed lane-major per call (zeros
 // past K, so the last chunk adds 0 * 0 as the tile's masked load does), which pays only when many rows share
 // them.
-constexpr int64_t PREFILL_ROWS = 128;  // from here the panels beat the tile: docs/benchmarks.md#prefill_rows
+constexpr int64_t PREFILL_ROWS = 32;  // from here the panels beat the tile: docs/benchmarks.md#prefill_rows
 constexpr int PANEL = 16, PANEL_ROWS = 6;
 
 // The transpose of 8 rows of 8 fp32 in place: r[i][j] <- r[j][i].
@@ -276,16 +277,18 @@ void panel_tail(const float* xb, const float* wp, const T* bias, T* y, int64_t m
 
 // Every row of y by panels of 16 columns, each thread owning a range of panels.
 template <typename T>
-void linear_panels(const float* x, const T* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
+void linear_panels(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
   const int64_t C = (K + 15) / 16, blocks = (M + PANEL_ROWS - 1) / PANEL_ROWS, panels = (N + PANEL - 1) / PANEL;
   const int64_t block_size = 16 * C * PANEL_ROWS;
-  std::vector<float> xp(blocks * block_size, 0.0f);
+  // x packed (and widened) by the threads, every element written, zeros past M and K: no serial fill first
+  std::unique_ptr<float[]> xp(new float[blocks * block_size]);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
-      for (int64_t i = 0; i < std::min<int64_t>(PANEL_ROWS, M - b * PANEL_ROWS); ++i) {
-        const float* row = x + (b * PANEL_ROWS + i) * K;
-        float* xb = xp.data() + b * block_size + i;
-        for (int64_t k = 0; k < K; ++k) xb[((k % 16) * C + k / 16) * PANEL_ROWS] = row[k];
+      for (int64_t i = 0; i < PANEL_ROWS; ++i) {
+        const int64_t m = b * PANEL_ROWS + i;
+        float* xb = xp.get() + b * block_size + i;
+        for (int64_t k = 0; k < 16 * C; ++k)
+          xb[((k % 16) * C + k / 16) * PANEL_ROWS] = m < M && k < K ? to_float(x[m * K + k]) : 0.0f;
       }
   });
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
@@ -295,7 +298,7 @@ void linear_panels(const float* x, const T* w, const T* bias, T* y, int64_t M, i
       const int nj = static_cast<int>(std::min<int64_t>(PANEL, N - n0));
       pack_panel(w, n0, nj, K, C, wp.data());
       for (int64_t b = 0; b < blocks; ++b)
-        panel_tail<T>(xp.data() + b * block_size, wp.data(), bias, y, b * PANEL_ROWS,
+        panel_tail<T>(xp.get() + b * block_size, wp.data(), bias, y, b * PANEL_ROWS,
                       static_cast<int>(std::min<int64_t>(PANEL_ROWS, M - b * PANEL_ROWS)), n0, nj, C, N);
     }
   });
@@ -360,6 +363,9 @@ void tile_rows(const x_t<T>* x, const T* w, const T* bias, T* y, int64_t m0, int
 
 template <typename T>
 void linear_kernel(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
+#if defined(LOOKAHEAD_AVX2)
+  if (M >= PREFILL_ROWS) return linear_panels(x, w, bias, y, M, K, N);  // widens x as it packs it
+#endif
   const x_t<T>* xs;
   std::vector<float> widened;  // x in fp32 where the path multiplies in fp32 (exact: every bf16/fp16 is an fp32)
   if constexpr (std::is_same_v<x_t<T>, T>) {
@@ -371,9 +377,6 @@ void linear_kernel(const T* x, const T* w, const T* bias, T* y, int64_t M, int64
     });
     xs = widened.data();
   }
-#if defined(LOOKAHEAD_AVX2)
-  if (M >= PREFILL_ROWS) return linear_panels(xs, w, bias, y, M, K, N);
-#endif
   const int64_t n_tiles = (N + TILE_N - 1) / TILE_N;
   // each thread owns a range of w's rows; every tile's math is the same whoever runs it. A thread gets at least
   // PARALLEL_MACS of work: waking the pool costs microseconds idle and a whole time slice when another process
