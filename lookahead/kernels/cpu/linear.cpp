@@ -266,13 +266,13 @@ void panel_rows(const float* xb, const float* wp, const T* bias, T* y, int64_t m
     }
 }
 
-template <typename T, int MI = PANEL_ROWS>
-void panel_tail(const float* xb, const float* wp, const T* bias, T* y, int64_t m0, int mi, int64_t n0, int nj,
-                int64_t C, int64_t N) {
-  if constexpr (MI > 1) {
-    if (mi < MI) return panel_tail<T, MI - 1>(xb, wp, bias, y, m0, mi, n0, nj, C, N);
+// f(std::integral_constant<int, n>{}) for a count n in 1 .. MAX known only at run time
+template <int MAX, typename F>
+LOOKAHEAD_INLINE inline void with_count(int n, F f) {
+  if constexpr (MAX > 1) {
+    if (n < MAX) return with_count<MAX - 1>(n, f);
   }
-  panel_rows<T, MI>(xb, wp, bias, y, m0, n0, nj, C, N);
+  f(std::integral_constant<int, MAX>{});
 }
 
 // Every row of y by panels of 16 columns, each thread owning a range of panels.
@@ -298,8 +298,10 @@ void linear_panels(const T* x, const T* w, const T* bias, T* y, int64_t M, int64
       const int nj = static_cast<int>(std::min<int64_t>(PANEL, N - n0));
       pack_panel(w, n0, nj, K, C, wp.data());
       for (int64_t b = 0; b < blocks; ++b)
-        panel_tail<T>(xp.get() + b * block_size, wp.data(), bias, y, b * PANEL_ROWS,
-                      static_cast<int>(std::min<int64_t>(PANEL_ROWS, M - b * PANEL_ROWS)), n0, nj, C, N);
+        with_count<PANEL_ROWS>(static_cast<int>(std::min<int64_t>(PANEL_ROWS, M - b * PANEL_ROWS)), [&](auto rows) {
+          panel_rows<T, decltype(rows)::value>(xp.get() + b * block_size, wp.data(), bias, y, b * PANEL_ROWS, n0, nj,
+                                               C, N);
+        });
     }
   });
 }
