@@ -55,7 +55,14 @@ def pytest_collection_finish(session):
 
         if VLLM_STAMP.is_file() or vllm_install_running():
             work, started = Path(tempfile.mkdtemp(prefix="lookahead-vllm-")), []
-            thread = threading.Thread(target=lambda: started.append(start_when_installed(work)), daemon=True)
+
+            def start() -> None:
+                try:
+                    started.append(start_when_installed(work))
+                except Exception as e:  # reported by the fixture that waits for it
+                    started.append(f"starting vLLM's run failed: {e!r}")
+
+            thread = threading.Thread(target=start, daemon=True)
             thread.start()
             BACKGROUND["vllm"] = (thread, work, started)
 
