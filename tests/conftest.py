@@ -50,7 +50,7 @@ def pytest_collection_finish(session):
         _builder.append(threading.Thread(target=_build, args=(wanted,), daemon=True))
         _builder[0].start()
     if any(item.nodeid.startswith("tests/integrations/test_vllm.py") for item in session.items) \
-            and "vllm" not in BACKGROUND and shutil.which("nice"):
+            and "vllm" not in BACKGROUND:
         from tests.integrations.test_vllm import VLLM_STAMP, start_when_installed, vllm_install_running
 
         if VLLM_STAMP.is_file() or vllm_install_running():

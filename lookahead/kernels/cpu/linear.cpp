@@ -10,7 +10,7 @@
 //
 // Code paths: AVX-512 (4 x 4 tiles of 16-lane accumulators; bf16 on a CPU with AVX512_BF16 multiplies pairs with
 // vdpbf16ps, lane l taking the pairs (2l, 2l + 1) of each 32-element chunk); AVX2 + FMA (2 x 3 tiles, each
-// 16-lane accumulator two __m256; from PREFILL_ROWS rows the same sums as outer products on packed panels);
+// 16-lane accumulator two __m256; from PANEL_MIN_ROWS rows the same sums as outer products on packed panels);
 // portable C++ for any other CPU (ARM: 2 x 2 tiles of 16-lane arrays the compiler vectorizes). Outside vdpbf16ps every element is widened to fp32 and fused-multiply-added; x is
 // widened once per call except where vdpbf16ps takes it as it is.
 #include <ATen/Parallel.h>
@@ -30,6 +30,15 @@ namespace {
 constexpr int64_t M_BLOCK = 64;  // rows of x per block (64 x 1536 fp32 = 384 KB, within L2)
 constexpr int64_t PREFETCH_BYTES = 32768;   // how far ahead a tile prefetches w: docs/benchmarks.md#prefetch_bytes
 constexpr int64_t PARALLEL_MACS = 1 << 17;  // per thread: ~3 us of bf16 work, a few barriers' cost (#parallel_macs)
+
+// f(std::integral_constant<int, n>{}) for a count n in 1 .. MAX known only at run time
+template <int MAX, typename F>
+LOOKAHEAD_INLINE inline void with_count(int n, F f) {
+  if constexpr (MAX > 1) {
+    if (n < MAX) return with_count<MAX - 1>(n, f);
+  }
+  f(std::integral_constant<int, MAX>{});
+}
 
 // The end of every tile: y[m0 + i, n0 + j] = sum(i, j) (+ bias[n0 + j]), rounded to T once.
 template <typename T, int MI, int NJ, typename Sum>
@@ -188,7 +197,7 @@ void tile(const float* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n
 // then added by lane_sum's tree, 8 columns a vector. x and each panel of w are packed lane-major per call (zeros
 // past K, so the last chunk adds 0 * 0 as the tile's masked load does), which pays only when many rows share
 // them.
-constexpr int64_t PREFILL_ROWS = 32;  // from here the panels beat the tile: docs/benchmarks.md#prefill_rows
+constexpr int64_t PANEL_MIN_ROWS = 32;  // from here the panels beat the tile: docs/benchmarks.md#panel_min_rows
 constexpr int PANEL = 16, PANEL_ROWS = 6;
 
 // The transpose of 8 rows of 8 fp32 in place: r[i][j] <- r[j][i].
@@ -266,15 +275,6 @@ void panel_rows(const float* xb, const float* wp, const T* bias, T* y, int64_t m
     }
 }
 
-// f(std::integral_constant<int, n>{}) for a count n in 1 .. MAX known only at run time
-template <int MAX, typename F>
-LOOKAHEAD_INLINE inline void with_count(int n, F f) {
-  if constexpr (MAX > 1) {
-    if (n < MAX) return with_count<MAX - 1>(n, f);
-  }
-  f(std::integral_constant<int, MAX>{});
-}
-
 // Every row of y by panels of 16 columns, each thread owning a range of panels.
 template <typename T>
 void linear_panels(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
@@ -343,30 +343,10 @@ void tile(const float* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n
 // x's element type inside the tiles: T itself, or fp32 where the path widens x once per call.
 template <typename T> using x_t = std::conditional_t<WIDEN_X, float, T>;
 
-// The tile of MI rows of x by the nj (<= NJ) rows of w left at n0.
-template <typename T, int MI, int NJ = TILE_N>
-void tile_cols(const x_t<T>* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, int nj, int64_t K,
-               int64_t N) {
-  if constexpr (NJ > 1) {
-    if (nj < NJ) return tile_cols<T, MI, NJ - 1>(x, w, bias, y, m0, n0, nj, K, N);
-  }
-  tile<T, MI, NJ>(x, w, bias, y, m0, n0, K, N);
-}
-
-// The tile of the mi (<= MI) rows of x left at m0.
-template <typename T, int MI = TILE_M>
-void tile_rows(const x_t<T>* x, const T* w, const T* bias, T* y, int64_t m0, int mi, int64_t n0, int nj,
-               int64_t K, int64_t N) {
-  if constexpr (MI > 1) {
-    if (mi < MI) return tile_rows<T, MI - 1>(x, w, bias, y, m0, mi, n0, nj, K, N);
-  }
-  tile_cols<T, MI>(x, w, bias, y, m0, n0, nj, K, N);
-}
-
 template <typename T>
 void linear_kernel(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
 #if defined(LOOKAHEAD_AVX2)
-  if (M >= PREFILL_ROWS) return linear_panels(x, w, bias, y, M, K, N);  // widens x as it packs it
+  if (M >= PANEL_MIN_ROWS) return linear_panels(x, w, bias, y, M, K, N);  // widens x as it packs it
 #endif
   const x_t<T>* xs;
   std::vector<float> widened;  // x in fp32 where the path multiplies in fp32 (exact: every bf16/fp16 is an fp32)
@@ -390,8 +370,12 @@ void linear_kernel(const T* x, const T* w, const T* bias, T* y, int64_t M, int64
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * TILE_N;
         const int nj = static_cast<int>(std::min<int64_t>(TILE_N, N - n0));
-        for (int64_t m = mb; m < me; m += TILE_M)
-          tile_rows<T>(xs, w, bias, y, m, static_cast<int>(std::min<int64_t>(TILE_M, me - m)), n0, nj, K, N);
+        for (int64_t m = mb; m < me; m += TILE_M)  // the tile of the rows (<= TILE_M) and columns left
+          with_count<TILE_M>(static_cast<int>(std::min<int64_t>(TILE_M, me - m)), [&](auto rows) {
+            with_count<TILE_N>(nj, [&](auto cols) {
+              tile<T, decltype(rows)::value, decltype(cols)::value>(xs, w, bias, y, m, n0, K, N);
+            });
+          });
       }
     }
   });

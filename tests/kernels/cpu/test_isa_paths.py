@@ -52,7 +52,7 @@ def _same_rows(full: torch.Tensor, part: torch.Tensor, what: str) -> None:
 
 def check_linear() -> None:
     """Row i of a call with M rows == row i alone == row i among other rows; and close to fp64's x @ w.T + b. 140
-    rows take the many-rows kernel where a path has one (the AVX2 path from 32 rows: linear.cpp, PREFILL_ROWS);
+    rows take the many-rows kernel where a path has one (the AVX2 path from 32 rows: linear.cpp, PANEL_MIN_ROWS);
     a row of -0s and non-finite values included."""
     g = torch.Generator().manual_seed(0)
     for dtype in DTYPES:
