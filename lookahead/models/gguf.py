@@ -11,6 +11,7 @@ attention scores.
 from __future__ import annotations
 
 import logging
+import mmap
 import warnings
 from pathlib import Path
 
@@ -29,6 +30,9 @@ log = logging.getLogger("lookahead.models.gguf")
 BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
           "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
 QUANTIZED = tuple(BLOCKS)
+# quant_repack's layouts (quant.cpp): a linear layer's Q4_K / Q6_K weight interleaved by 8 outputs at load, its
+# block bytes per 8 rows
+REPACKED = {"Q4_K": 1184, "Q6_K": 1680}
 FLOATS = ("F32", "F16", "BF16")
 ARCHITECTURES = ("llama",)
 QUANTIZATION = ("auto", "gguf", None)  # from_pretrained's quantization= values (docs/gguf.md)
@@ -90,6 +94,18 @@ class GGUFFile:
     def get(self, key: str, default=None):
         field = self.reader.fields.get(key)
         return default if field is None else field.contents()
+
+    def repacked(self, w: torch.Tensor) -> torch.Tensor:
+        """repacked(w); the file's pages under a weight so copied leave this process's resident memory at once
+        (they stay in the page cache, and map back if read again), so loading peaks near the model's size."""
+        packed = repacked(w)
+        mm = getattr(self.reader.data, "_mmap", None)
+        if packed is not w and mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            start = w.data_ptr() - self.reader.data.ctypes.data
+            first = start // mmap.PAGESIZE * mmap.PAGESIZE
+            end = min(len(mm), -(-(start + w.numel()) // mmap.PAGESIZE) * mmap.PAGESIZE)
+            mm.madvise(mmap.MADV_DONTNEED, first, end - first)
+        return packed
 
     def unsupported(self) -> list[str]:
         """Why this file cannot run natively (empty when it can)."""
@@ -251,16 +267,16 @@ def load_quantized(cls: type[CausalLM], path: Path, dtype) -> CausalLM:
         else:
             model.tok_embeddings.weight = table
         model.norm.weight = param(f.tensor("output_norm.weight", act))
-        model.output.weight = (model.tok_embeddings.weight if cfg.tie_word_embeddings
-                               else param(f.tensor("output.weight", act)))
+        head = table if cfg.tie_word_embeddings else param(f.tensor("output.weight", act))
+        model.output.weight = param(f.repacked(head.data)) if repackable(head) else head
         for i, layer in enumerate(model.layers):
             p = f"blk.{i}."
             layer.attention_norm.weight = param(f.tensor(p + "attn_norm.weight", act))
             layer.ffn_norm.weight = param(f.tensor(p + "ffn_norm.weight", act))
-            layer.attention.wo.weight = param(f.tensor(p + "attn_output.weight", act))
-            layer.feed_forward.w2.weight = param(f.tensor(p + "ffn_down.weight", act))
-            qkv = f.fused([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"])
-            w13 = f.fused([p + "ffn_gate.weight", p + "ffn_up.weight"])
+            layer.attention.wo.weight = param(f.repacked(f.tensor(p + "attn_output.weight", act)))
+            layer.feed_forward.w2.weight = param(f.repacked(f.tensor(p + "ffn_down.weight", act)))
+            qkv = [f.repacked(t) for t in f.fused([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"])]
+            w13 = [f.repacked(t) for t in f.fused([p + "ffn_gate.weight", p + "ffn_up.weight"])]
             _set_projection(layer.attention, "wqkv", qkv, act)
             _set_projection(layer.feed_forward, "w13", w13, act)
     except KeyError as e:
@@ -269,6 +285,18 @@ def load_quantized(cls: type[CausalLM], path: Path, dtype) -> CausalLM:
     model.name_or_path = str(path)
     model._weights_list = None
     return model.eval()
+
+
+def repackable(w: torch.Tensor) -> bool:
+    """Whether quant_repack takes w: Q4_K or Q6_K blocks whose rows (outputs) come in eights."""
+    sizes = {BLOCKS[k][1] for k in REPACKED}
+    return w.dtype == torch.uint8 and w.dim() == 3 and w.shape[-1] in sizes and w.shape[0] % 8 == 0
+
+
+def repacked(w: torch.Tensor) -> torch.Tensor:
+    """A linear layer's weight as quant_linear reads it fastest: Q4_K and Q6_K blocks interleaved by 8 outputs
+    (quant_repack: a copy, no longer the file's bytes) where repackable, any other weight as it is."""
+    return torch.ops.lookahead_cpu.quant_repack(w) if repackable(w) else w
 
 
 def _set_projection(module: nn.Module, name: str, parts: list[torch.Tensor], act: torch.dtype) -> None:
@@ -288,7 +316,7 @@ def tokenizer(path: Path):
 
 def describe(model: CausalLM) -> str:
     """One line: whether the model runs GGUF blocks natively, and which formats."""
-    by_bytes = {bb: name for name, (_, bb) in BLOCKS.items()}
+    by_bytes = {bb: name for name, (_, bb) in BLOCKS.items()} | {bb: f"{name} x8" for name, bb in REPACKED.items()}
     kinds: dict[str, int] = {}
     for p in model.parameters():
         if p.dtype == torch.uint8:

@@ -13,7 +13,7 @@ import torch
 
 from lookahead.kernels import cpu as cpu_ops
 from lookahead.models import LlamaForLookahead
-from lookahead.models.gguf import QuantEmbedding, SplitLinear, describe
+from lookahead.models.gguf import QuantEmbedding, SplitLinear, describe, repacked
 from tests.kernels.cpu.test_quant import FORMATS, random_weight
 from tests.kernels.cpu.test_exact import check_tree_step_equals_one_token_steps
 
@@ -78,10 +78,12 @@ def test_verify_logits_equal_one_token_logits_on_the_quantized_model(quantized):
     check_tree_step_equals_one_token_steps(quantized, [37, 5], 9, seed=1)
 
 
-def quantized_tiny(kinds: dict[str, str], dtype: torch.dtype, seed: int = 0) -> LlamaForLookahead:
+def quantized_tiny(kinds: dict[str, str], dtype: torch.dtype, seed: int = 0, repack: bool = False) -> LlamaForLookahead:
     """A 2-layer Llama (dim 256, GQA 4/2 of 64, intermediate 256, vocab 97) whose projections are random blocks of
     the given formats: kinds["q"], ["k"], ["v"], ["gate"], ["up"], ["o"], ["down"], ["embed"]. q/k/v or gate/up of
-    one format are fused like a GGUF whose parts lie back to back; of different formats they are SplitLinear."""
+    one format are fused like a GGUF whose parts lie back to back; of different formats they are SplitLinear.
+    repack: the linear layers' Q4_K / Q6_K weights in quant_repack's layout, as load_quantized runs them (the
+    embedding keeps its blocks; the head, tied, is then a repacked copy of them where the vocabulary allows)."""
     hf = dict(model_type="llama", vocab_size=97, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
               rope_theta=10000.0, tie_word_embeddings=True, eos_token_id=None)
@@ -91,7 +93,8 @@ def quantized_tiny(kinds: dict[str, str], dtype: torch.dtype, seed: int = 0) -> 
     seeds = iter(range(seed * 1000, seed * 1000 + 1000))
 
     def blocks(kind: str, N: int) -> torch.Tensor:
-        return random_weight(kinds[kind], N, 256, next(seeds))
+        w = random_weight(kinds[kind], N, 256, next(seeds))
+        return repacked(w) if repack and kind != "embed" else w
 
     def projection(parts: list[tuple[str, int]]):
         ws = [blocks(k, n) for k, n in parts]
@@ -125,9 +128,12 @@ Q4_K_M = dict(every("Q4_K"), v="Q6_K", down="Q6_K", embed="Q6_K", up="Q5_K")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("kinds", [every(k) for k in FORMATS] + [Q4_K_M], ids=list(FORMATS) + ["mixed"])
-def test_every_format_is_exact_along_every_path_of_random_trees(kinds, dtype):
-    model = quantized_tiny(kinds, dtype)
+@pytest.mark.parametrize("kinds,repack", [(every(k), False) for k in FORMATS] + [(Q4_K_M, False), (Q4_K_M, True)],
+                         ids=list(FORMATS) + ["mixed", "mixed-repacked"])
+def test_every_format_is_exact_along_every_path_of_random_trees(kinds, repack, dtype):
+    model = quantized_tiny(kinds, dtype, repack=repack)
+    if repack:
+        assert model.layers[0].feed_forward.w2.weight.shape[-1] == 1680  # Q6_K x8
     with torch.inference_mode():
         logits = model.verify(torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]]), model.kv_cache(1, 8), None)
     assert torch.isfinite(logits).all() and logits.dtype == dtype
@@ -166,8 +172,10 @@ def test_the_avx2_path_is_exact_on_quantized_models_too():
     code = ("import torch, tests.models.test_gguf_native as t\n"
             "from lookahead.kernels import cpu\n"
             "assert cpu.available()\n"
-            "for kinds in (t.Q4_K_M, t.every('Q4_1'), t.every('Q8_0')):\n"
-            "    t.check_tree_step_equals_one_token_steps(t.quantized_tiny(kinds, torch.float32), [37, 0], 9, seed=3)\n"
+            "for kinds, repack in ((t.Q4_K_M, False), (t.Q4_K_M, True), (t.every('Q4_1'), False), "
+            "(t.every('Q8_0'), False)):\n"
+            "    model = t.quantized_tiny(kinds, torch.float32, repack=repack)\n"
+            "    t.check_tree_step_equals_one_token_steps(model, [37, 0], 9, seed=3)\n"
             "print('exact')\n")
     run = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "LOOKAHEAD_CPU_ARCH": "x86-64-v3"},
                          capture_output=True, text=True, timeout=900)

@@ -40,5 +40,6 @@ std::string cpu_code_path();
 // quant.cpp: weights in their GGUF block format, uint8 [N, K / block_elems, block_bytes]
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 at::Tensor quant_embedding(const at::Tensor& weight, const at::Tensor& ids, at::ScalarType dtype);
+at::Tensor quant_repack(const at::Tensor& weight);
 
 }  // namespace lookahead_cpu

@@ -129,6 +129,24 @@ inline Lanes load_i32x8(const int32_t* p) { return _mm256_loadu_si256(reinterpre
 inline Lanes mul32v(Lanes a, Lanes b) { return _mm256_mullo_epi32(a, b); }
 inline Lanes lanes_zero() { return _mm256_setzero_si256(); }
 inline Lanes add32(Lanes a, Lanes b) { return _mm256_add_epi32(a, b); }
+inline Lanes sub32(Lanes a, Lanes b) { return _mm256_sub_epi32(a, b); }
+inline Lanes splat32(int32_t v) { return _mm256_set1_epi32(v); }
+inline Lanes load_i8x8(const uint8_t* p) {
+  return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+inline Bytes shl_and(Bytes a, int n, int mask) { return band(_mm256_slli_epi16(a, n), splat8(mask)); }
+// the 4 bytes at p in every int32 lane
+inline Bytes bcast4(const uint8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+// acc + dot_us(u, s)
+inline Lanes dot_acc(Lanes acc, Bytes u, Bytes s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
 // lane k = the sum of l[k]'s 8 lanes (exact integers): two rounds of hadd, then the two halves added
 inline Lanes reduce8(const Lanes* l) {
   const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(l[0], l[1]), _mm256_hadd_epi32(l[2], l[3]));
@@ -140,9 +158,12 @@ inline Acc acc_zero() { return _mm256_setzero_ps(); }
 inline Acc splat(float v) { return _mm256_set1_ps(v); }
 inline Acc mul(Acc a, Acc b) { return _mm256_mul_ps(a, b); }
 inline Acc add(Acc a, Acc b) { return _mm256_add_ps(a, b); }
+inline Acc sub(Acc a, Acc b) { return _mm256_sub_ps(a, b); }
 // acc + float(l) * s, lane by lane
 inline Acc acc_add(Acc acc, Lanes l, Acc s) { return _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(l), s)); }
 inline void acc_store(Acc acc, float* out) { _mm256_storeu_ps(out, acc); }
+// 8 fp16 at p, widened exactly
+inline Acc halves8(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 // the fp16 at byte offset off of each of 8 blocks, widened exactly
 inline Acc halves8(const uint8_t* const* b, int off) {
   uint16_t h[8];
@@ -211,6 +232,23 @@ inline Lanes load_i32x8(const int32_t* p) { Lanes l; std::memcpy(l.v, p, sizeof(
 inline Lanes mul32v(Lanes a, Lanes b) { for (int i = 0; i < 8; ++i) a.v[i] *= b.v[i]; return a; }
 inline Lanes lanes_zero() { return Lanes{}; }
 inline Lanes add32(Lanes a, Lanes b) { for (int i = 0; i < 8; ++i) a.v[i] += b.v[i]; return a; }
+inline Lanes sub32(Lanes a, Lanes b) { for (int i = 0; i < 8; ++i) a.v[i] -= b.v[i]; return a; }
+inline Lanes splat32(int32_t v) { Lanes l; for (auto& e : l.v) e = v; return l; }
+inline Lanes load_i8x8(const uint8_t* p) {
+  Lanes l;
+  for (int i = 0; i < 8; ++i) l.v[i] = static_cast<int8_t>(p[i]);
+  return l;
+}
+inline Bytes shl_and(Bytes a, int n, int mask) {
+  for (auto& e : a.v) e = static_cast<int8_t>((static_cast<uint8_t>(e) << n) & mask);
+  return a;
+}
+inline Bytes bcast4(const uint8_t* p) {
+  Bytes b;
+  for (int i = 0; i < 32; ++i) b.v[i] = static_cast<int8_t>(p[i % 4]);
+  return b;
+}
+inline Lanes dot_acc(Lanes acc, Bytes u, Bytes s) { return add32(acc, dot_us(u, s)); }
 inline Lanes reduce8(const Lanes* l) {
   Lanes t;
   for (int k = 0; k < 8; ++k) {
@@ -225,11 +263,17 @@ inline Acc acc_zero() { return Acc{}; }
 inline Acc splat(float v) { Acc a; for (auto& e : a.v) e = v; return a; }
 inline Acc mul(Acc a, Acc b) { for (int i = 0; i < 8; ++i) a.v[i] = a.v[i] * b.v[i]; return a; }
 inline Acc add(Acc a, Acc b) { for (int i = 0; i < 8; ++i) a.v[i] = a.v[i] + b.v[i]; return a; }
+inline Acc sub(Acc a, Acc b) { for (int i = 0; i < 8; ++i) a.v[i] = a.v[i] - b.v[i]; return a; }
 inline Acc acc_add(Acc acc, Lanes l, Acc s) {
   for (int i = 0; i < 8; ++i) acc.v[i] = acc.v[i] + static_cast<float>(l.v[i]) * s.v[i];
   return acc;
 }
 inline void acc_store(Acc acc, float* out) { std::memcpy(out, acc.v, sizeof(acc.v)); }
+inline Acc halves8(const uint8_t* p) {
+  Acc a;
+  for (int k = 0; k < 8; ++k) a.v[k] = fp16(p + 2 * k);
+  return a;
+}
 inline Acc halves8(const uint8_t* const* b, int off) {
   Acc a;
   for (int k = 0; k < 8; ++k) a.v[k] = fp16(b[k] + off);
@@ -589,10 +633,212 @@ void linear_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M,
   });
 }
 
+// ---- Q4_K and Q6_K interleaved by 8 outputs (quant_repack): one int32 lane per output, no lane reductions -------
+// A repacked weight is uint8 [N / 8, nb, BYTES]: block (t, b) holds block b of the 8 rows 8t .. 8t + 7, the quants
+// as vectors of 32 bytes whose int32 lane k is 4 bytes of row k. A broadcast of the activation's matching 4 bytes
+// and one u8 x s8 dot (vpdpbusd, or maddubs + madd) add 4 products to each of the 8 rows' lanes, so a block's
+// integer dot ends in the lane of its output and the fp32 work is done for 8 outputs at once. The same bytes as
+// the file's blocks (or 3% more for Q4_K: its scales unpacked to bytes), read once per row of x in a tile.
+// Per row and block, in integers (exact in any order), then in block order:
+//   Q4_K: I = sum_j sc_j * (q_j . xq_j), Mn = sum_j m_j * sum(xq_j);  s1 = s1 + float(I) * (d * dx),
+//         s2 = s2 + float(Mn) * (dmin * dx); y = s1 - s2 (+ bias).
+//   Q6_K: I = sum_j sc_j * (q_j . xq_j - 32 * sum(xq_j)) over its 16 sub-blocks of 16 (q unsigned, 0..63);
+//         s1 = s1 + float(I) * (d * dx); y = s1 - 0 (+ bias).
+// The repacked layouts are ours (no file holds them); quant_repack builds them from the file's blocks at load.
+
+// Q4_K x 8: d [8] and dmin [8] (fp16, as in the file), the 6-bit scales [8 sub-blocks][8 rows] and mins [8][8] as
+// bytes, then 4 groups of 8 vectors: vector v of group g holds bytes 4v .. 4v + 3 of each row's qs[32g ...], their
+// low nibbles elements 64g + 4v .. 64g + 4v + 3, their high ones 64g + 32 + 4v ...
+struct Q4Kx8 {
+  static constexpr int ELEMS = 256, BYTES = 1184, SOURCE = 144, D = 0, DMIN = 16, SCALES = 32, MINS = 96, QS = 160;
+  static constexpr int PREFETCH = 0;  // bytes ahead: the hardware's prefetch did as well (4096: 0.99x, 8192: 1.07x)
+  static void repack(const uint8_t* src, uint8_t* dst, int64_t t, int64_t nb) {
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t* o = dst + (t * nb + b) * BYTES;
+      for (int k = 0; k < 8; ++k) {
+        const uint8_t* blk = src + ((8 * t + k) * nb + b) * SOURCE;
+        std::memcpy(o + D + 2 * k, blk, 2);
+        std::memcpy(o + DMIN + 2 * k, blk + 2, 2);
+        uint8_t sm[16];
+        scales_mins_k4(blk + 4, sm);
+        for (int j = 0; j < 8; ++j) {
+          o[SCALES + 8 * j + k] = sm[j];
+          o[MINS + 8 * j + k] = sm[8 + j];
+        }
+        for (int v = 0; v < 32; ++v) std::memcpy(o + QS + 32 * v + 4 * k, blk + 16 + 4 * v, 4);
+      }
+    }
+  }
+  // s1, s2 of rows act[0 .. R) += block b at base
+  template <int R> static void block(const uint8_t* base, const ActRow* act, const int32_t* const*, int64_t b,
+                                     Acc* s1, Acc* s2) {
+    Lanes I[R];
+    for (int r = 0; r < R; ++r) I[r] = lanes_zero();
+    for (int g = 0; g < 4; ++g) {
+      Lanes lo[R], hi[R];
+      for (int r = 0; r < R; ++r) lo[r] = hi[r] = lanes_zero();
+#pragma GCC unroll 8
+      for (int v = 0; v < 8; ++v) {
+        const Bytes wv = load32(base + QS + 32 * (8 * g + v));
+        const Bytes wl = band(wv, splat8(0x0F)), wh = shr_and(wv, 4, 0x0F);
+        for (int r = 0; r < R; ++r) {
+          const uint8_t* xq = reinterpret_cast<const uint8_t*>(act[r].q) + 256 * b + 64 * g + 4 * v;
+          lo[r] = dot_acc(lo[r], wl, bcast4(xq));
+          hi[r] = dot_acc(hi[r], wh, bcast4(xq + 32));
+        }
+      }
+      const Lanes sl = load_u8x8(base + SCALES + 16 * g), sh = load_u8x8(base + SCALES + 16 * g + 8);
+      for (int r = 0; r < R; ++r) I[r] = add32(I[r], add32(mul32v(lo[r], sl), mul32v(hi[r], sh)));
+    }
+    const Acc d = halves8(base + D), dmin = halves8(base + DMIN);
+    for (int r = 0; r < R; ++r) {
+      Lanes mn = lanes_zero();
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j)
+        mn = add32(mn, mul32v(load_u8x8(base + MINS + 8 * j), splat32(act[r].sum32[8 * b + j])));
+      const Acc dx = splat(act[r].d[b]);
+      s1[r] = acc_add(s1[r], I[r], mul(d, dx));
+      s2[r] = acc_add(s2[r], mn, mul(dmin, dx));
+    }
+  }
+};
+
+// Q6_K x 8: d [8] (fp16), the int8 scales [16 sub-blocks][8 rows], then per half h of 128 elements 8 vectors of
+// ql for kk = 0 and 8 for kk = 1 (vector v: each row's ql[64h + 32kk + 4v ...]; low nibbles chunk kk, high nibbles
+// chunk kk + 2 of the half) and 8 of qh (vector v: each row's qh[32h + 4v ...]; bits 2k, 2k + 1 chunk k).
+struct Q6Kx8 {
+  static constexpr int ELEMS = 256, BYTES = 1680, SOURCE = 210, D = 0, SCALES = 16, QS = 144;
+  static constexpr int PREFETCH = 4096;  // 0.90-0.93x the time of none, one and two threads; 2048 and 8192 less
+  static void repack(const uint8_t* src, uint8_t* dst, int64_t t, int64_t nb) {
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t* o = dst + (t * nb + b) * BYTES;
+      for (int k = 0; k < 8; ++k) {
+        const uint8_t* blk = src + ((8 * t + k) * nb + b) * SOURCE;
+        std::memcpy(o + D + 2 * k, blk + 208, 2);
+        for (int j = 0; j < 16; ++j) o[SCALES + 8 * j + k] = blk[192 + j];
+        for (int h = 0; h < 2; ++h) {
+          uint8_t* half = o + QS + 768 * h;
+          for (int v = 0; v < 8; ++v) {
+            std::memcpy(half + 32 * v + 4 * k, blk + 64 * h + 4 * v, 4);
+            std::memcpy(half + 32 * (8 + v) + 4 * k, blk + 64 * h + 32 + 4 * v, 4);
+            std::memcpy(half + 32 * (16 + v) + 4 * k, blk + 128 + 32 * h + 4 * v, 4);
+          }
+        }
+      }
+    }
+  }
+  template <int R> static void block(const uint8_t* base, const ActRow* act, const int32_t* const* sum16, int64_t b,
+                                     Acc* s1, Acc*) {
+    Lanes I[R];
+    for (int r = 0; r < R; ++r) I[r] = lanes_zero();
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* half = base + QS + 768 * h;
+      for (int e = 0; e < 2; ++e) {  // elements 0..15 of each chunk (one sub-block of 16), then 16..31
+        Lanes acc[R][4];
+        for (int r = 0; r < R; ++r)
+          for (int k = 0; k < 4; ++k) acc[r][k] = lanes_zero();
+#pragma GCC unroll 4
+        for (int v = 4 * e; v < 4 * e + 4; ++v) {
+          const Bytes H = load32(half + 32 * (16 + v)), L0 = load32(half + 32 * v), L1 = load32(half + 32 * (8 + v));
+          const Bytes c[4] = {bor(band(L0, splat8(0x0F)), shl_and(H, 4, 0x30)),
+                              bor(band(L1, splat8(0x0F)), shl_and(H, 2, 0x30)),
+                              bor(shr_and(L0, 4, 0x0F), band(H, splat8(0x30))),
+                              bor(shr_and(L1, 4, 0x0F), shr_and(H, 2, 0x30))};
+          for (int r = 0; r < R; ++r) {
+            const uint8_t* xq = reinterpret_cast<const uint8_t*>(act[r].q) + 256 * b + 128 * h + 4 * v;
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; ++k) acc[r][k] = dot_acc(acc[r][k], c[k], bcast4(xq + 32 * k));
+          }
+        }
+        for (int k = 0; k < 4; ++k) {
+          const int j = 8 * h + 2 * k + e;
+          const Lanes sc = load_i8x8(base + SCALES + 8 * j);
+          for (int r = 0; r < R; ++r)
+            I[r] = add32(I[r], mul32v(sub32(acc[r][k], splat32(32 * sum16[r][16 * b + j])), sc));
+        }
+      }
+    }
+    const Acc d = halves8(base + D);
+    for (int r = 0; r < R; ++r) s1[r] = acc_add(s1[r], I[r], mul(d, splat(act[r].d[b])));
+  }
+};
+
+// y[m0 .. m0 + R) x [8t, 8t + 8) over a repacked weight
+template <typename F, typename T, int R>
+void x8_tile(const uint8_t* w, const ActRow* act, const int32_t* const* sum16, const T* bias, T* y, int64_t m0,
+             int64_t t, int64_t nb, int64_t N) {
+  Acc s1[R], s2[R];
+  for (int r = 0; r < R; ++r) s1[r] = s2[r] = acc_zero();
+  const uint8_t* end = w + (N / 8) * nb * F::BYTES;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* base = w + (t * nb + b) * F::BYTES;
+    if (F::PREFETCH && m0 == 0)
+      for (int o = 0; o < F::BYTES; o += 64)
+        if (base + F::PREFETCH + o < end) prefetch(base + F::PREFETCH + o);
+    F::template block<R>(base, act + m0, sum16 + m0, b, s1, s2);
+  }
+  for (int r = 0; r < R; ++r) {
+    float s[8];
+    acc_store(sub(s1[r], s2[r]), s);
+    for (int k = 0; k < 8; ++k)
+      y[(m0 + r) * N + 8 * t + k] = from_float<T>(bias ? s[k] + to_float(bias[8 * t + k]) : s[k]);
+  }
+}
+
+// Rows of x per pass over a tile of 8 outputs: 4 with AVX2's registers (the weight is re-read from cache for each
+// further 4), 1 in the portable build (its scalar loops as one instance each).
+#if defined(__AVX2__)
+constexpr int XROWS = 4;
+#else
+constexpr int XROWS = 1;
+#endif
+
+template <typename F, typename T>
+void x8_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
+  const int64_t nb = K / F::ELEMS;
+  std::vector<int8_t> q(M * K);
+  std::vector<float> d(M * nb);
+  std::vector<int32_t> sums(M * (K / 32)), sums16(M * (K / 16));
+  std::vector<ActRow> act(M);
+  std::vector<const int32_t*> sum16(M);
+  for (int64_t m = 0; m < M; ++m) {
+    int8_t* qm = q.data() + m * K;
+    quantize_row(x + m * K, K, F::ELEMS, qm, d.data() + m * nb, sums.data() + m * (K / 32));
+    act[m] = ActRow{qm, d.data() + m * nb, sums.data() + m * (K / 32)};
+    int32_t* s16 = sums16.data() + m * (K / 16);
+    for (int64_t j = 0; F::BYTES == Q6Kx8::BYTES && j < K / 16; ++j) {  // Q6_K's sub-blocks of 16
+      int32_t s = 0;
+      for (int i = 0; i < 16; ++i) s += qm[16 * j + i];
+      s16[j] = s;
+    }
+    sum16[m] = s16;
+  }
+  const int64_t tiles = N / 8, tile_bytes = nb * F::BYTES;
+  const int64_t grain = std::max<int64_t>(1, PARALLEL_BYTES / std::max<int64_t>(1, tile_bytes));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    const ActRow* a = act.data();
+    const int32_t* const* s = sum16.data();
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
+#if defined(__AVX2__)
+        switch (std::min<int64_t>(XROWS, M - m0)) {
+          case 4: x8_tile<F, T, 4>(w, a, s, bias, y, m0, t, nb, N); break;
+          case 3: x8_tile<F, T, 3>(w, a, s, bias, y, m0, t, nb, N); break;
+          case 2: x8_tile<F, T, 2>(w, a, s, bias, y, m0, t, nb, N); break;
+          default: x8_tile<F, T, 1>(w, a, s, bias, y, m0, t, nb, N); break;
+        }
+#else
+        x8_tile<F, T, 1>(w, a, s, bias, y, m0, t, nb, N);
+#endif
+      }
+  });
+}
+
 // ---- the table: one entry per ggml type, keyed by its block bytes ------------------------------------------
 struct Format {
   const char* name;
   int elems, bytes;
+  int rows;  // outputs per row of the weight tensor: 1, or 8 for a repacked one (dequant is then null)
   void (*dequant)(const uint8_t*, float*);
   void (*linear_f32)(const float*, const uint8_t*, const float*, float*, int64_t, int64_t, int64_t);
   void (*linear_bf16)(const c10::BFloat16*, const uint8_t*, const c10::BFloat16*, c10::BFloat16*, int64_t, int64_t,
@@ -600,13 +846,17 @@ struct Format {
 };
 
 template <typename F> constexpr Format entry(const char* name) {
-  return Format{name, F::ELEMS, F::BYTES, &F::dequant, &linear_kernel<F, float>, &linear_kernel<F, c10::BFloat16>};
+  return Format{name, F::ELEMS, F::BYTES, 1, &F::dequant, &linear_kernel<F, float>, &linear_kernel<F, c10::BFloat16>};
+}
+template <typename F> constexpr Format repacked(const char* name) {
+  return Format{name, F::ELEMS, F::BYTES, 8, nullptr, &x8_kernel<F, float>, &x8_kernel<F, c10::BFloat16>};
 }
 
 const Format FORMATS[] = {
     entry<Q8_0>("Q8_0"),         entry<QSym<false>>("Q4_0"), entry<QAff<false>>("Q4_1"),
     entry<QSym<true>>("Q5_0"),   entry<QAff<true>>("Q5_1"),  entry<QK<false>>("Q4_K"),
-    entry<QK<true>>("Q5_K"),     entry<Q6K>("Q6_K"),
+    entry<QK<true>>("Q5_K"),     entry<Q6K>("Q6_K"),         repacked<Q4Kx8>("Q4_K x8"),
+    repacked<Q6Kx8>("Q6_K x8"),
 };
 
 const Format& format_of(const at::Tensor& w, const char* op) {
@@ -616,15 +866,17 @@ const Format& format_of(const at::Tensor& w, const char* op) {
   for (const Format& f : FORMATS)
     if (f.bytes == w.size(2)) return f;
   TORCH_CHECK(false, op, ": no block format of ", w.size(2), " bytes; supported: Q8_0 (34), Q4_0 (18), Q4_1 (20), "
-              "Q5_0 (22), Q5_1 (24), Q4_K (144), Q5_K (176), Q6_K (210)");
+              "Q5_0 (22), Q5_1 (24), Q4_K (144), Q5_K (176), Q6_K (210), and quant_repack's Q4_K x8 (1184), "
+              "Q6_K x8 (1680)");
 }
 
 }  // namespace
 
-// x [..., K] (fp32 or bf16), w uint8 [N, K / elems, bytes], bias [N] of x's dtype or None -> [..., N] in x's dtype.
+// x [..., K] (fp32 or bf16), w uint8 [N, K / elems, bytes] (or a repacked [N / 8, K / 256, bytes]), bias [N] of
+// x's dtype or None -> [..., N] in x's dtype.
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   const Format& f = format_of(weight, "lookahead::quant_linear");
-  const int64_t N = weight.size(0), K = weight.size(1) * f.elems;
+  const int64_t N = weight.size(0) * f.rows, K = weight.size(1) * f.elems;
   TORCH_CHECK(x.device().is_cpu() && x.size(-1) == K, "lookahead::quant_linear: x [..., K] must be on the CPU with K = ",
               K, " (the weight's ", weight.size(1), " ", f.name, " blocks of ", f.elems, "), got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
@@ -650,6 +902,8 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, const c10
 // w uint8 [V, K / elems, bytes], ids (int64, any shape) -> [*ids.shape, K] in dtype: the dequantized rows.
 at::Tensor quant_embedding(const at::Tensor& weight, const at::Tensor& ids, at::ScalarType dtype) {
   const Format& f = format_of(weight, "lookahead::quant_embedding");
+  TORCH_CHECK(f.dequant, "lookahead::quant_embedding: a ", f.name, " weight (quant_repack's) serves linear layers "
+              "only; look tokens up in the file's own blocks");
   TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
               "lookahead::quant_embedding: ids must be int64 or int32, got ", ids.scalar_type());
   const int64_t V = weight.size(0), nb = weight.size(1), K = nb * f.elems;
@@ -668,6 +922,25 @@ at::Tensor quant_embedding(const at::Tensor& weight, const at::Tensor& ids, at::
   std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
   shape.push_back(K);
   return out.view(shape).to(dtype);
+}
+
+// w uint8 [N, K / 256, bytes] in Q4_K (144) or Q6_K (210), N a multiple of 8 -> the same weight interleaved by 8
+// outputs (Q4_K x8 / Q6_K x8, above), which quant_linear reads with one int32 lane per output.
+at::Tensor quant_repack(const at::Tensor& weight) {
+  const Format& f = format_of(weight, "lookahead::quant_repack");
+  const int64_t N = weight.size(0), nb = weight.size(1);
+  const bool six = f.bytes == Q6Kx8::SOURCE;
+  TORCH_CHECK(f.rows == 1 && (f.bytes == Q4Kx8::SOURCE || six), "lookahead::quant_repack: Q4_K or Q6_K blocks are "
+              "repacked, got ", f.name);
+  TORCH_CHECK(N % 8 == 0, "lookahead::quant_repack: the rows (outputs) come in tiles of 8, got ", N,
+              " rows: keep this weight's file layout");
+  at::Tensor out = at::empty({N / 8, nb, six ? Q6Kx8::BYTES : Q4Kx8::BYTES}, weight.options());
+  const uint8_t* src = weight.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N / 8, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) six ? Q6Kx8::repack(src, dst, t, nb) : Q4Kx8::repack(src, dst, t, nb);
+  });
+  return out;
 }
 
 }  // namespace lookahead_cpu

@@ -15,6 +15,7 @@ TORCH_LIBRARY_FRAGMENT(lookahead_cpu, m) {
   // quant.cpp: the same with GGUF block weights (uint8 [N, K / block_elems, block_bytes])
   m.def("quant_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("quant_embedding(Tensor weight, Tensor ids, ScalarType dtype) -> Tensor");
+  m.def("quant_repack(Tensor weight) -> Tensor");
   // norm.cpp
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm_(Tensor(a!) x, Tensor h, Tensor weight, float eps) -> Tensor");
@@ -38,6 +39,7 @@ TORCH_LIBRARY_IMPL(lookahead_cpu, CPU, m) {
   m.impl("linear", linear);
   m.impl("quant_linear", quant_linear);
   m.impl("quant_embedding", quant_embedding);
+  m.impl("quant_repack", quant_repack);
   m.impl("rms_norm", rms_norm);
   m.impl("add_rms_norm_", add_rms_norm_);
   m.impl("silu_mul", silu_mul);

@@ -104,6 +104,38 @@ def test_quant_linear_is_row_invariant_and_close_to_the_reference(name, dtype):
     assert err.max() > 0  # the activations are really quantized (an fp32 path would not err at all)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K"])
+def test_repacked_linear_is_row_invariant_and_agrees_with_the_file_layout(name, dtype):
+    """quant_repack's layout (8 outputs per int32 lane set) runs the same integer dots as the file's blocks, so its
+    outputs equal the file layout's up to the order of the fp32 block sums; each row stays alone."""
+    K, N = 1024, 40
+    w = random_weight(name, N, K, seed=8)
+    packed = torch.ops.lookahead_cpu.quant_repack(w)
+    assert packed.shape == (N // 8, K // 256, {"Q4_K": 1184, "Q6_K": 1680}[name])
+    bias = torch.randn(N, generator=torch.Generator().manual_seed(5)).to(dtype)
+    x = torch.randn(37, K, generator=torch.Generator().manual_seed(9)).to(dtype)
+    full = torch.ops.lookahead.quant_linear(x, packed, bias)
+    assert full.dtype == dtype and full.shape == (37, N)
+    for M in (1, 2, 3, 4, 5, 8, 16):  # every tile of rows, and a tail
+        assert torch.equal(torch.ops.lookahead.quant_linear(x[:M], packed, bias), full[:M]), M
+    for m in (0, 6, 36):
+        assert torch.equal(torch.ops.lookahead.quant_linear(x[m:m + 1], packed, bias), full[m:m + 1]), m
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(torch.ops.lookahead.quant_linear(x, packed, bias), full)
+    finally:
+        torch.set_num_threads(threads)
+    file_layout = torch.ops.lookahead.quant_linear(x.float(), w, bias.float())
+    ours = torch.ops.lookahead.quant_linear(x.float(), packed, bias.float())
+    assert (ours - file_layout).abs().max() <= 1e-5 * file_layout.abs().max()
+    w_deq = reference_dequant(name, w)
+    ref = x.float() @ w_deq.T + bias.float()
+    bound = error_bound(x, w_deq, 256).T + (ref.abs() * 2 ** -8 if dtype == torch.bfloat16 else 0)
+    assert ((full.float() - ref).abs() <= bound).all()
+
+
 def test_bad_weights_are_refused_with_a_clear_message():
     x = torch.randn(2, 64)
     with pytest.raises(RuntimeError, match="no block format of 19 bytes"):
@@ -113,6 +145,13 @@ def test_bad_weights_are_refused_with_a_clear_message():
     with pytest.raises(RuntimeError, match="outside"):
         torch.ops.lookahead.quant_embedding(torch.zeros(3, 1, 18, dtype=torch.uint8), torch.tensor([3]),
                                             torch.float32)
+    with pytest.raises(RuntimeError, match="Q4_K or Q6_K blocks are repacked, got Q8_0"):
+        torch.ops.lookahead_cpu.quant_repack(torch.zeros(8, 1, 34, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="tiles of 8, got 12 rows"):
+        torch.ops.lookahead_cpu.quant_repack(random_weight("Q4_K", 12, 256, seed=1))
+    packed = torch.ops.lookahead_cpu.quant_repack(random_weight("Q6_K", 8, 256, seed=1))
+    with pytest.raises(RuntimeError, match="serves linear layers only"):
+        torch.ops.lookahead.quant_embedding(packed, torch.tensor([0]), torch.float32)
 
 
 def outputs(seed: int = 7) -> dict[str, torch.Tensor]:
@@ -127,6 +166,12 @@ def outputs(seed: int = 7) -> dict[str, torch.Tensor]:
             for m in (0, 4, 10):  # rows alone: the same bits on this ISA path too
                 assert torch.equal(torch.ops.lookahead.quant_linear(x[m:m + 1].to(dtype), w, None), y[m:m + 1])
             out[f"{name}-{dtype}"] = y
+            if name in ("Q4_K", "Q6_K"):  # quant_repack's layout; 24 outputs: three tiles of 8
+                packed = torch.ops.lookahead_cpu.quant_repack(random_weight(name, 24, K, seed))
+                y = torch.ops.lookahead.quant_linear(x.to(dtype), packed, None)
+                for m in (0, 4, 10):
+                    assert torch.equal(torch.ops.lookahead.quant_linear(x[m:m + 1].to(dtype), packed, None), y[m:m + 1])
+                out[f"{name} x8-{dtype}"] = y
     return out
 
 
