@@ -30,6 +30,11 @@
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include <cstdlib>
 
 namespace lookahead_cpu {
 namespace {
@@ -924,6 +929,25 @@ at::Tensor quant_embedding(const at::Tensor& weight, const at::Tensor& ids, at::
   return out.view(shape).to(dtype);
 }
 
+namespace {
+// An uninitialised uint8 tensor on 2 MiB pages where Linux grants them (transparent huge pages, "madvise" mode
+// included): a decode step streams every weight once, and on 4 KiB pages each page costs a TLB miss. The repacked
+// 1B Q4_K_M weights on 2 MiB pages took 0.90x the time at one thread, 0.95-0.97x at two (one process, alternating).
+at::Tensor on_huge_pages(at::IntArrayRef shape) {
+  int64_t bytes = 1;
+  for (int64_t s : shape) bytes *= s;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t HUGE_PAGE = size_t(1) << 21;
+  const size_t size = (static_cast<size_t>(bytes) + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+  if (void* p = size ? std::aligned_alloc(HUGE_PAGE, size) : nullptr) {
+    madvise(p, size, MADV_HUGEPAGE);  // advice: where the kernel declines, the buffer keeps 4 KiB pages
+    return at::from_blob(p, shape, [](void* q) { std::free(q); }, at::TensorOptions().dtype(at::kByte));
+  }
+#endif
+  return at::empty(shape, at::TensorOptions().dtype(at::kByte));
+}
+}  // namespace
+
 // w uint8 [N, K / 256, bytes] in Q4_K (144) or Q6_K (210), N a multiple of 8 -> the same weight interleaved by 8
 // outputs (Q4_K x8 / Q6_K x8, above), which quant_linear reads with one int32 lane per output.
 at::Tensor quant_repack(const at::Tensor& weight) {
@@ -934,7 +958,7 @@ at::Tensor quant_repack(const at::Tensor& weight) {
               "repacked, got ", f.name);
   TORCH_CHECK(N % 8 == 0, "lookahead::quant_repack: the rows (outputs) come in tiles of 8, got ", N,
               " rows: keep this weight's file layout");
-  at::Tensor out = at::empty({N / 8, nb, six ? Q6Kx8::BYTES : Q4Kx8::BYTES}, weight.options());
+  at::Tensor out = on_huge_pages({N / 8, nb, six ? Q6Kx8::BYTES : Q4Kx8::BYTES});
   const uint8_t* src = weight.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, N / 8, 16, [&](int64_t t0, int64_t t1) {
