@@ -1,4 +1,5 @@
-// Linear layers and embeddings on GGUF-quantized weights, read in their own block format (no dequantized copy).
+// Linear layers and embeddings on GGUF-quantized weights, read in their own block format (no dequantized copy;
+// Q4_K and Q6_K linear weights in an interleaved copy of their blocks, below).
 //
 // Exactness contract: y[m, n] is a fixed-order function of x[m] and w[n] alone, whatever the number of rows M,
 // the tile a row falls in, the thread or the ISA path (AVX512-VNNI, AVX-VNNI, AVX2 or scalar give the same bits):
@@ -13,13 +14,20 @@
 //      - the others (Q8_0, Q4_0, Q5_0, the K-quants; rows_tile): each of 8 fp32 lanes adds float(lane) * (d_w *
 //        d_x) (for Q4_K / Q5_K lane j then adds float(min_j * sum(xq_j)) * ((-dmin) * d_x)); the lanes are summed
 //        by one tree (lane_sum8), then the bias.
+//      - Q4_K and Q6_K repacked by quant_repack (x8_tile, "Q4_K x8" / "Q6_K x8" below): the block's whole dot is
+//        one exact integer per output, s1 = s1 + float(I) * (d_w * d_x) (and for Q4_K s2 = s2 + float(Mn) *
+//        (dmin * d_x)), y = s1 - s2 (+ bias). These bits differ from the file layout's (another fp32 order), so a
+//        model runs one layout per weight, whatever the rows.
 //      The portable code runs the same IEEE operations element by element; -ffp-contract=off keeps mul and add
 //      apart.
 // So a verify step of T nodes gives each node the bits of the one-token step that decodes the same token.
 //
 // Weight layout: uint8 [N, K / block_elems, block_bytes], the raw GGUF blocks of each output row; block_bytes
-// names the ggml type (FORMATS below, the one table every op reads). The activation is quantized once per call
-// into a per-row buffer. A tile is 8 outputs x up to 8 rows of x, each weight block unpacked once for its rows.
+// names the ggml type (FORMATS below, the one table every op reads). quant_repack turns a Q4_K or Q6_K weight into
+// [N / 8, K / 256, bytes] blocks of 8 outputs each (the model does so at load), which quant_linear reads 8 outputs
+// to a vector with no cross-lane reduction. The activation is quantized once per call into a per-row buffer. A
+// tile is 8 outputs x up to 8 rows of x (4 or 8 for the repacked layouts: xrows), each weight block unpacked once
+// for its rows.
 // Threads own ranges of tiles (at::parallel_for), so a verify of T rows reads the weight once per 8 rows from
 // cache, not memory.
 #include <ATen/Parallel.h>
@@ -790,13 +798,19 @@ void x8_tile(const uint8_t* w, const ActRow* act, const int32_t* const* sum16, c
   }
 }
 
-// Rows of x per pass over a tile of 8 outputs: 4 with AVX2's registers (the weight is re-read from cache for each
-// further 4), 1 in the portable build (its scalar loops as one instance each).
-#if defined(__AVX2__)
-constexpr int XROWS = 4;
+// Rows of x per pass over a tile of 8 outputs (the weight is re-read from cache for each further pass): Q4_K 8 with
+// AVX-512's 32 registers (against 4: 0.74-0.76x the time at 5-6 rows, 0.91x at 8, two threads), else 4; Q6_K 4
+// (its 16 accumulators per 4 rows: 8 took 1.2x the time at 8 rows); 1 in the portable build (its scalar loops as
+// one instance each).
+template <typename F> constexpr int xrows() {
+#if defined(__AVX512VL__)
+  return F::BYTES == Q4Kx8::BYTES ? 8 : 4;
+#elif defined(__AVX2__)
+  return 4;
 #else
-constexpr int XROWS = 1;
+  return 1;
 #endif
+}
 
 template <typename F, typename T>
 void x8_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
@@ -823,10 +837,15 @@ void x8_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M, int
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     const ActRow* a = act.data();
     const int32_t* const* s = sum16.data();
+    constexpr int XROWS = xrows<F>();
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
 #if defined(__AVX2__)
         switch (std::min<int64_t>(XROWS, M - m0)) {
+          case 8: if constexpr (XROWS >= 8) x8_tile<F, T, 8>(w, a, s, bias, y, m0, t, nb, N); break;
+          case 7: if constexpr (XROWS >= 7) x8_tile<F, T, 7>(w, a, s, bias, y, m0, t, nb, N); break;
+          case 6: if constexpr (XROWS >= 6) x8_tile<F, T, 6>(w, a, s, bias, y, m0, t, nb, N); break;
+          case 5: if constexpr (XROWS >= 5) x8_tile<F, T, 5>(w, a, s, bias, y, m0, t, nb, N); break;
           case 4: x8_tile<F, T, 4>(w, a, s, bias, y, m0, t, nb, N); break;
           case 3: x8_tile<F, T, 3>(w, a, s, bias, y, m0, t, nb, N); break;
           case 2: x8_tile<F, T, 2>(w, a, s, bias, y, m0, t, nb, N); break;
