@@ -43,8 +43,9 @@ def weight_bytes(model) -> int:
     """Bytes of weights one step reads: every linear layer (the LM head included, tied or not) and the norms."""
     seen, total = set(), 0
     for name, p in model.named_parameters():
-        if name == "tok_embeddings.weight" and not model.config.tie_word_embeddings:
-            continue  # an untied embedding table is read one row per token
+        if name == "tok_embeddings.weight" and model.output.weight is not model.tok_embeddings.weight:
+            continue  # an embedding table the head does not share (untied, or a repacked GGUF copy) is read a row
+            # per token
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
