@@ -1,6 +1,8 @@
 """GGUF files run as they are: the file is memory-mapped and every weight of a supported block format stays in it,
 a uint8 view [N, K / block_elems, block_bytes] that the quantized CPU ops (kernels/cpu/quant.cpp) read in place.
-No dequantized copy, no conversion cache: loading reads the metadata and maps the tensors.
+No dequantized copy, no conversion cache: loading reads the metadata and maps the tensors, except that Q4_K and Q6_K
+linear weights are copied once into quant_repack's interleaved blocks (8 outputs a vector, no cross-lane
+reduction; docs/gguf.md), the file's pages under each released as it is copied.
 
 F32/F16/BF16 tensors (the norms) become float tensors in the activation dtype; a tensor of any other type is
 dequantized once by gguf-py, said once in the log. The q and k rows of a llama GGUF are permuted for ggml's
