@@ -30,6 +30,16 @@ namespace lookahead_cpu {
 
 constexpr int LANES = 16;
 
+// f(std::integral_constant<int, n>{}) for a count n in 1 .. MAX known only at run time (n < 1 runs 1): a tile's
+// row or column count as a constant, so its accumulators live in registers.
+template <int MAX, typename F>
+__attribute__((always_inline)) inline void with_count(int n, F f) {
+  if constexpr (MAX > 1) {
+    if (n < MAX) return with_count<MAX - 1>(n, f);
+  }
+  f(std::integral_constant<int, MAX>{});
+}
+
 // Run fn with scalar_t = float, c10::BFloat16 or c10::Half (the dtypes of the CPU path).
 #define LOOKAHEAD_DISPATCH(dtype, name, ...)                                                   \
   [&] {                                                                                      \

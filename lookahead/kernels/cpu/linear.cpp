@@ -31,15 +31,6 @@ constexpr int64_t M_BLOCK = 64;  // rows of x per block (64 x 1536 fp32 = 384 KB
 constexpr int64_t PREFETCH_BYTES = 32768;   // how far ahead a tile prefetches w: docs/benchmarks.md#prefetch_bytes
 constexpr int64_t PARALLEL_MACS = 1 << 17;  // per thread: ~3 us of bf16 work, a few barriers' cost (#parallel_macs)
 
-// f(std::integral_constant<int, n>{}) for a count n in 1 .. MAX known only at run time
-template <int MAX, typename F>
-LOOKAHEAD_INLINE inline void with_count(int n, F f) {
-  if constexpr (MAX > 1) {
-    if (n < MAX) return with_count<MAX - 1>(n, f);
-  }
-  f(std::integral_constant<int, MAX>{});
-}
-
 // The end of every tile: y[m0 + i, n0 + j] = sum(i, j) (+ bias[n0 + j]), rounded to T once.
 template <typename T, int MI, int NJ, typename Sum>
 LOOKAHEAD_INLINE inline void store_tile(T* y, const T* bias, int64_t m0, int64_t n0, int64_t N, Sum sum) {

@@ -628,16 +628,7 @@ void linear_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M,
           const int64_t n0 = c * NT;
           const int rows = static_cast<int>(std::min<int64_t>(MT, M - m0));
 #if defined(__AVX2__)
-          switch (rows) {
-            case 8: tile<F, T, 8>(w, a, bias, y, m0, rows, n0, nb, N); break;
-            case 7: tile<F, T, 7>(w, a, bias, y, m0, rows, n0, nb, N); break;
-            case 6: tile<F, T, 6>(w, a, bias, y, m0, rows, n0, nb, N); break;
-            case 5: tile<F, T, 5>(w, a, bias, y, m0, rows, n0, nb, N); break;
-            case 4: tile<F, T, 4>(w, a, bias, y, m0, rows, n0, nb, N); break;
-            case 3: tile<F, T, 3>(w, a, bias, y, m0, rows, n0, nb, N); break;
-            case 2: tile<F, T, 2>(w, a, bias, y, m0, rows, n0, nb, N); break;
-            default: tile<F, T, 1>(w, a, bias, y, m0, rows, n0, nb, N); break;
-          }
+          with_count<MT>(rows, [&](auto mi) { tile<F, T, decltype(mi)::value>(w, a, bias, y, m0, rows, n0, nb, N); });
 #else
           tile<F, T, 0>(w, a, bias, y, m0, rows, n0, nb, N);
 #endif
@@ -839,22 +830,9 @@ void x8_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M, int
     const int32_t* const* s = sum16.data();
     constexpr int XROWS = xrows<F>();
     for (int64_t t = t0; t < t1; ++t)
-      for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
-#if defined(__AVX2__)
-        switch (std::min<int64_t>(XROWS, M - m0)) {
-          case 8: if constexpr (XROWS >= 8) x8_tile<F, T, 8>(w, a, s, bias, y, m0, t, nb, N); break;
-          case 7: if constexpr (XROWS >= 7) x8_tile<F, T, 7>(w, a, s, bias, y, m0, t, nb, N); break;
-          case 6: if constexpr (XROWS >= 6) x8_tile<F, T, 6>(w, a, s, bias, y, m0, t, nb, N); break;
-          case 5: if constexpr (XROWS >= 5) x8_tile<F, T, 5>(w, a, s, bias, y, m0, t, nb, N); break;
-          case 4: x8_tile<F, T, 4>(w, a, s, bias, y, m0, t, nb, N); break;
-          case 3: x8_tile<F, T, 3>(w, a, s, bias, y, m0, t, nb, N); break;
-          case 2: x8_tile<F, T, 2>(w, a, s, bias, y, m0, t, nb, N); break;
-          default: x8_tile<F, T, 1>(w, a, s, bias, y, m0, t, nb, N); break;
-        }
-#else
-        x8_tile<F, T, 1>(w, a, s, bias, y, m0, t, nb, N);
-#endif
-      }
+      for (int64_t m0 = 0; m0 < M; m0 += XROWS)
+        with_count<XROWS>(static_cast<int>(std::min<int64_t>(XROWS, M - m0)),
+                          [&](auto r) { x8_tile<F, T, decltype(r)::value>(w, a, s, bias, y, m0, t, nb, N); });
   });
 }
 

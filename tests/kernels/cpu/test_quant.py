@@ -64,6 +64,23 @@ def test_dequantize_of_gguf_py_quantized_weights(name):
     assert torch.equal(dequant(w), reference_dequant(name, w))
 
 
+def rows_alone(x: torch.Tensor, w: torch.Tensor, bias, firsts, singles) -> torch.Tensor:
+    """quant_linear(x, w, bias), checked to give every row the bits it gets in the first M rows (M in firsts), alone
+    (the rows in singles) and on one thread."""
+    full = torch.ops.lookahead.quant_linear(x, w, bias)
+    for M in firsts:
+        assert torch.equal(torch.ops.lookahead.quant_linear(x[:M], w, bias), full[:M]), M
+    for m in singles:
+        assert torch.equal(torch.ops.lookahead.quant_linear(x[m:m + 1], w, bias), full[m:m + 1]), m
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(torch.ops.lookahead.quant_linear(x, w, bias), full)
+    finally:
+        torch.set_num_threads(threads)
+    return full
+
+
 def error_bound(x: torch.Tensor, w_deq: torch.Tensor, group: int) -> torch.Tensor:
     """|y - x @ w.T| bound [M, N]: each activation is rounded to its group's step amax / 127 (error <= half a
     step), plus fp32 rounding of the sums."""
@@ -81,19 +98,9 @@ def test_quant_linear_is_row_invariant_and_close_to_the_reference(name, dtype):
     w = random_weight(name, N, K, seed=3)
     bias = torch.randn(N, generator=torch.Generator().manual_seed(5)).to(dtype)
     x = torch.randn(64, K, generator=torch.Generator().manual_seed(4)).to(dtype)
-    full = torch.ops.lookahead.quant_linear(x, w, bias)
+    full = rows_alone(x, w, bias, firsts=(1, 3, 7, 16), singles=(0, 5, 63))
     assert full.dtype == dtype and full.shape == (64, N)
-    for M in (1, 3, 7, 16):
-        assert torch.equal(torch.ops.lookahead.quant_linear(x[:M], w, bias), full[:M]), M
-    for m in (0, 5, 63):
-        assert torch.equal(torch.ops.lookahead.quant_linear(x[m:m + 1], w, bias), full[m:m + 1]), m
     assert torch.equal(torch.ops.lookahead.linear(x[None, 9:12], w, bias)[0], full[9:12])  # linear's early branch
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(torch.ops.lookahead.quant_linear(x, w, bias), full)
-    finally:
-        torch.set_num_threads(threads)
 
     w_deq = reference_dequant(name, w)
     ref = x.float() @ w_deq.T + bias.float()
@@ -115,18 +122,8 @@ def test_repacked_linear_is_row_invariant_and_agrees_with_the_file_layout(name, 
     assert packed.shape == (N // 8, K // 256, {"Q4_K": 1184, "Q6_K": 1680}[name])
     bias = torch.randn(N, generator=torch.Generator().manual_seed(5)).to(dtype)
     x = torch.randn(37, K, generator=torch.Generator().manual_seed(9)).to(dtype)
-    full = torch.ops.lookahead.quant_linear(x, packed, bias)
+    full = rows_alone(x, packed, bias, firsts=(1, 2, 3, 4, 5, 7, 8, 9, 16), singles=(0, 6, 36))  # every row tile
     assert full.dtype == dtype and full.shape == (37, N)
-    for M in (1, 2, 3, 4, 5, 7, 8, 9, 16):  # every tile of rows, and a tail
-        assert torch.equal(torch.ops.lookahead.quant_linear(x[:M], packed, bias), full[:M]), M
-    for m in (0, 6, 36):
-        assert torch.equal(torch.ops.lookahead.quant_linear(x[m:m + 1], packed, bias), full[m:m + 1]), m
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(torch.ops.lookahead.quant_linear(x, packed, bias), full)
-    finally:
-        torch.set_num_threads(threads)
     file_layout = torch.ops.lookahead.quant_linear(x.float(), w, bias.float())
     ours = torch.ops.lookahead.quant_linear(x.float(), packed, bias.float())
     assert (ours - file_layout).abs().max() <= 1e-5 * file_layout.abs().max()
