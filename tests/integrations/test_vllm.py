@@ -29,7 +29,6 @@ PROPOSER = {"method": "custom_class", "model": "lookahead.integrations.vllm.Look
 MAX_TOKENS = 48
 
 
-
 def vllm_install_running() -> bool:
     """Whether `make test`'s background install of the venv is still running."""
     try:

@@ -172,6 +172,11 @@ inline Bf16Pair load16_bf16_interleaved(const c10::BFloat16* p) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), zero = _mm256_setzero_si256();
   return {_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v))};
 }
+// The 128-bit halves regrouped: (a.lo | b.lo, a.hi | b.hi). It maps elements 0-7 | 8-15 to that load's order and
+// back: 0-3 | 8-11 and 4-7 | 12-15 <-> 0-3 | 4-7 and 8-11 | 12-15.
+inline Bf16Pair regroup(__m256 a, __m256 b) {
+  return {_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31)};
+}
 
 // scores[n] = (q . k[key(n)]) * scale for n < n_keys, 8 keys at a time, each dot as dot() takes it (16-lane
 // chunks, lanes 0-7 and 8-15 in two accumulators); q is D = 16 * NC (FULL), or its last chunk is short by D's tail
@@ -192,9 +197,9 @@ void scores_block(const float* qf, int64_t D, const T* kh, int64_t ss, Key key, 
   if constexpr (PAIRS) {
 #pragma GCC unroll 8
     for (int c = 0; c < NC; ++c) {  // q 0-3 | 8-11 and 4-7 | 12-15 of the chunk
-      const __m256 a = _mm256_permute2f128_ps(qlo[c], qhi[c], 0x20), b = _mm256_permute2f128_ps(qlo[c], qhi[c], 0x31);
-      qlo[c] = a;
-      qhi[c] = b;
+      const Bf16Pair q = regroup(qlo[c], qhi[c]);
+      qlo[c] = q.a;
+      qhi[c] = q.b;
     }
   }
   const __m256 sc = _mm256_set1_ps(scale);
@@ -217,10 +222,12 @@ void scores_block(const float* qf, int64_t D, const T* kh, int64_t ss, Key key, 
           hi = _mm256_fmadd_ps(qhi[c], load8(row + 16 * c + 8, n - 8), hi);
         }
       }
-      if constexpr (PAIRS)  // lo: elements 0-3 | 8-11, hi: 4-7 | 12-15
-        b[j] = _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
-      else
+      if constexpr (PAIRS) {  // lo: elements 0-3 | 8-11, hi: 4-7 | 12-15
+        const Bf16Pair h = regroup(lo, hi);
+        b[j] = _mm256_add_ps(h.a, h.b);
+      } else {
         b[j] = _mm256_add_ps(lo, hi);
+      }
     }
     store8(scores + n0, _mm256_mul_ps(lane_sums8(b), sc), cnt);
   }
@@ -256,9 +263,9 @@ void weighted_values(const float* p, const T* vh, int64_t ss, Key key, int64_t n
   if constexpr (PAIRS) {
 #pragma GCC unroll 8
     for (int c = 0; c < NC8; c += 2) {
-      const __m256 a = acc[c], b = acc[c + 1];
-      acc[c] = _mm256_permute2f128_ps(a, b, 0x20);
-      acc[c + 1] = _mm256_permute2f128_ps(a, b, 0x31);
+      const Bf16Pair v = regroup(acc[c], acc[c + 1]);
+      acc[c] = v.a;
+      acc[c + 1] = v.b;
     }
   }
 #pragma GCC unroll 8

@@ -11,8 +11,9 @@
 // Code paths: AVX-512 (4 x 4 tiles of 16-lane accumulators; bf16 on a CPU with AVX512_BF16 multiplies pairs with
 // vdpbf16ps, lane l taking the pairs (2l, 2l + 1) of each 32-element chunk); AVX2 + FMA (2 x 3 tiles, each
 // 16-lane accumulator two __m256; from PANEL_MIN_ROWS rows the same sums as outer products on packed panels);
-// portable C++ for any other CPU (ARM: 2 x 2 tiles of 16-lane arrays the compiler vectorizes). Outside vdpbf16ps every element is widened to fp32 and fused-multiply-added; x is
-// widened once per call except where vdpbf16ps takes it as it is.
+// portable C++ for any other CPU (ARM: 2 x 2 tiles of 16-lane arrays the compiler vectorizes). Outside vdpbf16ps
+// every element is widened to fp32 and fused-multiply-added; x is widened once per call except where vdpbf16ps
+// takes it as it is.
 #include <ATen/Parallel.h>
 
 #include <array>

@@ -306,6 +306,7 @@ struct ActRow {
   const int8_t* q;
   const float* d;
   const int32_t* sum32;
+  const int32_t* sum16;  // per 16 elements, where the format asks (Q6_K x8), else null
 };
 
 // ---- the block formats: unpack a weight block once, dot it with any number of activation rows -----------------
@@ -492,9 +493,10 @@ struct Q6K {
 };
 
 // ---- activation quantization -----------------------------------------------------------------------------
-// One row x [K] -> q, d per group of G, sums per 32. Scalar code: the same bits on every path.
+// One row x [K] -> q, d per group of G, sums per 32 (and per 16 where sum16 is given). Scalar code: the same bits
+// on every path.
 template <typename T>
-void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* sum32) {
+void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* sum32, int32_t* sum16) {
   for (int64_t g = 0; g < K / G; ++g) {
     float amax = 0.0f;
     for (int64_t i = g * G; i < (g + 1) * G; ++i) amax = std::max(amax, std::fabs(to_float(x[i])));
@@ -510,7 +512,28 @@ void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* su
     for (int i = 0; i < 32; ++i) s += q[32 * b + i];
     sum32[b] = s;
   }
+  for (int64_t b = 0; sum16 && b < K / 16; ++b) {
+    int32_t s = 0;
+    for (int i = 0; i < 16; ++i) s += q[16 * b + i];
+    sum16[b] = s;
+  }
 }
+
+// The rows of x of one call, each quantized alone into its own slice of these buffers.
+struct Activations {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> sum32, sum16;
+  std::vector<ActRow> rows;
+  template <typename T> Activations(const T* x, int64_t M, int64_t K, int G, bool with_sum16)
+      : q(M * K), d(M * (K / G)), sum32(M * (K / 32)), sum16(with_sum16 ? M * (K / 16) : 0), rows(M) {
+    for (int64_t m = 0; m < M; ++m) {
+      int32_t* s16 = with_sum16 ? sum16.data() + m * (K / 16) : nullptr;
+      quantize_row(x + m * K, K, G, q.data() + m * K, d.data() + m * (K / G), sum32.data() + m * (K / 32), s16);
+      rows[m] = ActRow{q.data() + m * K, d.data() + m * (K / G), sum32.data() + m * (K / 32), s16};
+    }
+  }
+};
 
 // Q8_0, Q4_0, Q5_0 and the K-quants: y[m0 .. m0 + MI) x [n0, n1), one output at a time; each row keeps 8 fp32
 // lanes, lane l adding float(lane l of the block's integer dot) * (d_w * d_x) (then float(lane l of the min
@@ -608,15 +631,8 @@ void tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t m0, 
 
 template <typename F, typename T>
 void linear_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
-  const int64_t nb = K / F::ELEMS, groups = K / F::GROUP;
-  std::vector<int8_t> q(M * K);
-  std::vector<float> d(M * groups);
-  std::vector<int32_t> sums(M * (K / 32));
-  std::vector<ActRow> act(M);
-  for (int64_t m = 0; m < M; ++m) {
-    quantize_row(x + m * K, K, F::GROUP, q.data() + m * K, d.data() + m * groups, sums.data() + m * (K / 32));
-    act[m] = ActRow{q.data() + m * K, d.data() + m * groups, sums.data() + m * (K / 32)};
-  }
+  const int64_t nb = K / F::ELEMS;
+  const Activations act(x, M, K, F::GROUP, false);
   const int64_t tiles = (N + NT - 1) / NT, tile_bytes = NT * nb * F::BYTES;
   const int64_t grain = std::max<int64_t>(1, PARALLEL_BYTES / std::max<int64_t>(1, tile_bytes));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
@@ -624,7 +640,7 @@ void linear_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M,
       const int64_t c1 = std::min(t1, c0 + NB / NT);
       for (int64_t m0 = 0; m0 < M; m0 += MT)
         for (int64_t c = c0; c < c1; ++c) {
-          const ActRow* a = act.data();
+          const ActRow* a = act.rows.data();
           const int64_t n0 = c * NT;
           const int rows = static_cast<int>(std::min<int64_t>(MT, M - m0));
 #if defined(__AVX2__)
@@ -674,8 +690,7 @@ struct Q4Kx8 {
     }
   }
   // s1, s2 of rows act[0 .. R) += block b at base
-  template <int R> static void block(const uint8_t* base, const ActRow* act, const int32_t* const*, int64_t b,
-                                     Acc* s1, Acc* s2) {
+  template <int R> static void block(const uint8_t* base, const ActRow* act, int64_t b, Acc* s1, Acc* s2) {
     Lanes I[R];
     for (int r = 0; r < R; ++r) I[r] = lanes_zero();
     for (int g = 0; g < 4; ++g) {
@@ -712,7 +727,7 @@ struct Q4Kx8 {
 // chunk kk + 2 of the half) and 8 of qh (vector v: each row's qh[32h + 4v ...]; bits 2k, 2k + 1 chunk k).
 struct Q6Kx8 {
   static constexpr int ELEMS = 256, BYTES = 1680, SOURCE = 210, D = 0, SCALES = 16, QS = 144;
-  static constexpr int PREFETCH = 4096;  // 0.90-0.93x the time of none, one and two threads; 2048 and 8192 less
+  static constexpr int PREFETCH = 4096;  // against none: 0.90x at two threads, 0.93x at one (8192: 0.96x, 0.85x)
   static void repack(const uint8_t* src, uint8_t* dst, int64_t t, int64_t nb) {
     for (int64_t b = 0; b < nb; ++b) {
       uint8_t* o = dst + (t * nb + b) * BYTES;
@@ -731,8 +746,7 @@ struct Q6Kx8 {
       }
     }
   }
-  template <int R> static void block(const uint8_t* base, const ActRow* act, const int32_t* const* sum16, int64_t b,
-                                     Acc* s1, Acc*) {
+  template <int R> static void block(const uint8_t* base, const ActRow* act, int64_t b, Acc* s1, Acc*) {
     Lanes I[R];
     for (int r = 0; r < R; ++r) I[r] = lanes_zero();
     for (int h = 0; h < 2; ++h) {
@@ -758,7 +772,7 @@ struct Q6Kx8 {
           const int j = 8 * h + 2 * k + e;
           const Lanes sc = load_i8x8(base + SCALES + 8 * j);
           for (int r = 0; r < R; ++r)
-            I[r] = add32(I[r], mul32v(sub32(acc[r][k], splat32(32 * sum16[r][16 * b + j])), sc));
+            I[r] = add32(I[r], mul32v(sub32(acc[r][k], splat32(32 * act[r].sum16[16 * b + j])), sc));
         }
       }
     }
@@ -769,8 +783,8 @@ struct Q6Kx8 {
 
 // y[m0 .. m0 + R) x [8t, 8t + 8) over a repacked weight
 template <typename F, typename T, int R>
-void x8_tile(const uint8_t* w, const ActRow* act, const int32_t* const* sum16, const T* bias, T* y, int64_t m0,
-             int64_t t, int64_t nb, int64_t N) {
+void x8_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t m0, int64_t t, int64_t nb,
+             int64_t N) {
   Acc s1[R], s2[R];
   for (int r = 0; r < R; ++r) s1[r] = s2[r] = acc_zero();
   const uint8_t* end = w + (N / 8) * nb * F::BYTES;
@@ -779,7 +793,7 @@ void x8_tile(const uint8_t* w, const ActRow* act, const int32_t* const* sum16, c
     if (F::PREFETCH && m0 == 0)
       for (int o = 0; o < F::BYTES; o += 64)
         if (base + F::PREFETCH + o < end) prefetch(base + F::PREFETCH + o);
-    F::template block<R>(base, act + m0, sum16 + m0, b, s1, s2);
+    F::template block<R>(base, act + m0, b, s1, s2);
   }
   for (int r = 0; r < R; ++r) {
     float s[8];
@@ -806,33 +820,16 @@ template <typename F> constexpr int xrows() {
 template <typename F, typename T>
 void x8_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
   const int64_t nb = K / F::ELEMS;
-  std::vector<int8_t> q(M * K);
-  std::vector<float> d(M * nb);
-  std::vector<int32_t> sums(M * (K / 32)), sums16(M * (K / 16));
-  std::vector<ActRow> act(M);
-  std::vector<const int32_t*> sum16(M);
-  for (int64_t m = 0; m < M; ++m) {
-    int8_t* qm = q.data() + m * K;
-    quantize_row(x + m * K, K, F::ELEMS, qm, d.data() + m * nb, sums.data() + m * (K / 32));
-    act[m] = ActRow{qm, d.data() + m * nb, sums.data() + m * (K / 32)};
-    int32_t* s16 = sums16.data() + m * (K / 16);
-    for (int64_t j = 0; F::BYTES == Q6Kx8::BYTES && j < K / 16; ++j) {  // Q6_K's sub-blocks of 16
-      int32_t s = 0;
-      for (int i = 0; i < 16; ++i) s += qm[16 * j + i];
-      s16[j] = s;
-    }
-    sum16[m] = s16;
-  }
+  const Activations act(x, M, K, F::ELEMS, F::BYTES == Q6Kx8::BYTES);  // Q6_K's sub-blocks of 16
   const int64_t tiles = N / 8, tile_bytes = nb * F::BYTES;
   const int64_t grain = std::max<int64_t>(1, PARALLEL_BYTES / std::max<int64_t>(1, tile_bytes));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    const ActRow* a = act.data();
-    const int32_t* const* s = sum16.data();
+    const ActRow* a = act.rows.data();
     constexpr int XROWS = xrows<F>();
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t m0 = 0; m0 < M; m0 += XROWS)
         with_count<XROWS>(static_cast<int>(std::min<int64_t>(XROWS, M - m0)),
-                          [&](auto r) { x8_tile<F, T, decltype(r)::value>(w, a, s, bias, y, m0, t, nb, N); });
+                          [&](auto r) { x8_tile<F, T, decltype(r)::value>(w, a, bias, y, m0, t, nb, N); });
   });
 }
 
