@@ -1,8 +1,8 @@
 """GGUF files run as they are: the file is memory-mapped and every weight of a supported block format stays in it,
 a uint8 view [N, K / block_elems, block_bytes] that the quantized CPU ops (kernels/cpu/quant.cpp) read in place.
-No dequantized copy, no conversion cache: loading reads the metadata and maps the tensors, except that Q4_K and Q6_K
-linear weights are copied once into quant_repack's interleaved blocks (8 outputs a vector, no cross-lane
-reduction; docs/gguf.md), the file's pages under each released as it is copied.
+No dequantized copy, no conversion cache: loading reads the metadata and maps the tensors, except that linear
+weights (of every block format but Q5_K) are copied once into quant_repack's interleaved blocks (8 outputs a vector,
+no cross-lane reduction; docs/gguf.md), the file's pages under each released as it is copied.
 
 F32/F16/BF16 tensors (the norms) become float tensors in the activation dtype; a tensor of any other type is
 dequantized once by gguf-py, said once in the log. The q and k rows of a llama GGUF are permuted for ggml's
@@ -32,9 +32,9 @@ log = logging.getLogger("lookahead.models.gguf")
 BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
           "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
 QUANTIZED = tuple(BLOCKS)
-# quant_repack's layouts (quant.cpp): a linear layer's Q4_K / Q6_K weight interleaved by 8 outputs at load, its
-# block bytes per 8 rows
-REPACKED = {"Q4_K": 1184, "Q6_K": 1680}
+# quant_repack's layouts (quant.cpp): a linear layer's weight interleaved by 8 outputs at load, the bytes of a unit
+# of 8 rows x one file block (K-quants) or two (the 32-element formats)
+REPACKED = {"Q4_K": 1184, "Q6_K": 1680, "Q8_0": 544, "Q4_0": 288, "Q4_1": 320, "Q5_0": 352, "Q5_1": 384}
 FLOATS = ("F32", "F16", "BF16")
 ARCHITECTURES = ("llama",)
 QUANTIZATION = ("auto", "gguf", None)  # from_pretrained's quantization= values (docs/gguf.md)
@@ -290,14 +290,17 @@ def load_quantized(cls: type[CausalLM], path: Path, dtype) -> CausalLM:
 
 
 def repackable(w: torch.Tensor) -> bool:
-    """Whether quant_repack takes w: Q4_K or Q6_K blocks whose rows (outputs) come in eights."""
-    sizes = {BLOCKS[k][1] for k in REPACKED}
-    return w.dtype == torch.uint8 and w.dim() == 3 and w.shape[-1] in sizes and w.shape[0] % 8 == 0
+    """Whether quant_repack takes w: blocks of a REPACKED format whose rows (outputs) come in eights, and for the
+    32-element formats whose rows hold an even number of blocks."""
+    if w.dtype != torch.uint8 or w.dim() != 3 or w.shape[0] % 8:
+        return False
+    fmt = next((k for k in REPACKED if BLOCKS[k][1] == w.shape[-1]), None)
+    return fmt is not None and (BLOCKS[fmt][0] == 256 or w.shape[1] % 2 == 0)
 
 
 def repacked(w: torch.Tensor) -> torch.Tensor:
-    """A linear layer's weight as quant_linear reads it fastest: Q4_K and Q6_K blocks interleaved by 8 outputs
-    (quant_repack: a copy, no longer the file's bytes) where repackable, any other weight as it is."""
+    """A linear layer's weight as quant_linear reads it fastest: its blocks interleaved by 8 outputs (quant_repack:
+    a copy, no longer the file's bytes) where repackable, any other weight as it is."""
     return torch.ops.lookahead_cpu.quant_repack(w) if repackable(w) else w
 
 

@@ -14,7 +14,7 @@ import torch
 from lookahead.kernels import cpu as cpu_ops
 from lookahead.models import LlamaForLookahead
 from lookahead.models.gguf import QuantEmbedding, SplitLinear, describe, repacked
-from tests.kernels.cpu.test_quant import FORMATS, random_weight
+from tests.kernels.cpu.test_quant import FORMATS, REPACKED, random_weight
 from tests.kernels.cpu.test_exact import check_tree_step_equals_one_token_steps
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="the C++ CPU ops could not be built here")
@@ -41,16 +41,16 @@ def test_the_embedded_gguf_loads_as_its_own_blocks(quantized):
     assert m.dtype == (torch.bfloat16 if cpu_ops.native_bf16() else torch.float32)
     assert m.config.rope_interleaved and m.config.tie_word_embeddings
     assert m.tok_embeddings.weight.dtype == torch.uint8 and m.tok_embeddings.weight.shape == (49152, 18, 34)  # Q8_0
-    assert m.output.weight is m.tok_embeddings.weight  # the tied head reads the same blocks
+    assert m.output.weight.shape == (49152 // 8, 9, 544)  # the tied head: the table's blocks as Q8_0 x8
     layer = m.layers[0]
-    assert layer.feed_forward.w13.weight.shape == (2 * 1536, 18, 20)  # gate and up lie back to back: one view
-    assert layer.feed_forward.w2.weight.shape == (576, 48, 20)
-    qkv = layer.attention.wqkv  # q, k, v are apart in the file: three views
-    assert isinstance(qkv, SplitLinear) and [w.shape[0] for w in [qkv.weight, *qkv.rest]] == [576, 192, 192]
+    assert layer.feed_forward.w13.weight.shape == (2 * 1536 // 8, 9, 320)  # gate and up lie back to back: Q4_1 x8
+    assert layer.feed_forward.w2.weight.shape == (576 // 8, 24, 320)
+    qkv = layer.attention.wqkv  # q, k, v are apart in the file: three weights
+    assert isinstance(qkv, SplitLinear) and [w.shape[0] * 8 for w in [qkv.weight, *qkv.rest]] == [576, 192, 192]
     assert layer.attention_norm.weight.dtype == m.dtype
-    assert "quantized (Q4_1, Q8_0" in describe(m)
+    assert "quantized (Q4_1 x8, Q8_0, Q8_0 x8" in describe(m)
     total = sum(p.numel() for p in m.parameters() if p.dtype == torch.uint8)
-    assert 80e6 < total < 100e6  # the file's bytes, not a dequantized copy (135M params x 4 bytes)
+    assert 110e6 < total < 130e6  # the file's bytes and the head's copy, not a dequantized copy (135M params x 4 B)
 
 
 def test_quantization_none_and_an_explicit_dtype_keep_the_dequantized_path():
@@ -82,7 +82,7 @@ def quantized_tiny(kinds: dict[str, str], dtype: torch.dtype, seed: int = 0, rep
     """A 2-layer Llama (dim 256, GQA 4/2 of 64, intermediate 256, vocab 97) whose projections are random blocks of
     the given formats: kinds["q"], ["k"], ["v"], ["gate"], ["up"], ["o"], ["down"], ["embed"]. q/k/v or gate/up of
     one format are fused like a GGUF whose parts lie back to back; of different formats they are SplitLinear.
-    repack: the linear layers' Q4_K / Q6_K weights in quant_repack's layout, as load_quantized runs them (the
+    repack: the linear layers' weights in quant_repack's layouts, as load_quantized runs them (the
     embedding keeps its blocks; the head, tied, is then a repacked copy of them where the vocabulary allows)."""
     hf = dict(model_type="llama", vocab_size=97, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
@@ -125,15 +125,17 @@ def every(kind: str) -> dict[str, str]:
 
 # Q4_K_M's mix: attn_v and ffn_down Q6_K, the rest Q4_K (so q/k/v and gate/up split by type)
 Q4_K_M = dict(every("Q4_K"), v="Q6_K", down="Q6_K", embed="Q6_K", up="Q5_K")
+LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # the 32-element formats
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("kinds,repack", [(every(k), False) for k in FORMATS] + [(Q4_K_M, False), (Q4_K_M, True)],
-                         ids=list(FORMATS) + ["mixed", "mixed-repacked"])
+@pytest.mark.parametrize("kinds,repack", [(every(k), False) for k in FORMATS] + [(Q4_K_M, False), (Q4_K_M, True)] +
+                         [(every(k), True) for k in LEGACY],
+                         ids=list(FORMATS) + ["mixed", "mixed-repacked"] + [f"{k}-repacked" for k in LEGACY])
 def test_every_format_is_exact_along_every_path_of_random_trees(kinds, repack, dtype):
     model = quantized_tiny(kinds, dtype, repack=repack)
     if repack:
-        assert model.layers[0].feed_forward.w2.weight.shape[-1] == 1680  # Q6_K x8
+        assert model.layers[0].feed_forward.w2.weight.shape[-1] == REPACKED[kinds["down"]]  # e.g. Q6_K x8
     with torch.inference_mode():
         logits = model.verify(torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]]), model.kv_cache(1, 8), None)
     assert torch.isfinite(logits).all() and logits.dtype == dtype
@@ -173,7 +175,7 @@ def test_the_avx2_path_is_exact_on_quantized_models_too():
             "from lookahead.kernels import cpu\n"
             "assert cpu.available()\n"
             "for kinds, repack in ((t.Q4_K_M, False), (t.Q4_K_M, True), (t.every('Q4_1'), False), "
-            "(t.every('Q8_0'), False)):\n"
+            "(t.every('Q8_0'), False), (t.every('Q8_0'), True), (t.every('Q5_0'), True), (t.every('Q4_1'), True)):\n"
             "    model = t.quantized_tiny(kinds, torch.float32, repack=repack)\n"
             "    t.check_tree_step_equals_one_token_steps(model, [37, 0], 9, seed=3)\n"
             "print('exact')\n")

@@ -1,5 +1,5 @@
 // Linear layers and embeddings on GGUF-quantized weights, read in their own block format (no dequantized copy;
-// Q4_K and Q6_K linear weights in an interleaved copy of their blocks, below).
+// linear weights of every format but Q5_K in an interleaved copy of their blocks, below).
 //
 // Exactness contract: y[m, n] is a fixed-order function of x[m] and w[n] alone, whatever the number of rows M,
 // the tile a row falls in, the thread or the ISA path (AVX512-VNNI, AVX-VNNI, AVX2 or scalar give the same bits):
@@ -14,20 +14,21 @@
 //      - the others (Q8_0, Q4_0, Q5_0, the K-quants; rows_tile): each of 8 fp32 lanes adds float(lane) * (d_w *
 //        d_x) (for Q4_K / Q5_K lane j then adds float(min_j * sum(xq_j)) * ((-dmin) * d_x)); the lanes are summed
 //        by one tree (lane_sum8), then the bias.
-//      - Q4_K and Q6_K repacked by quant_repack (x8_tile, "Q4_K x8" / "Q6_K x8" below): the block's whole dot is
-//        one exact integer per output, s1 = s1 + float(I) * (d_w * d_x) (and for Q4_K s2 = s2 + float(Mn) *
-//        (dmin * d_x)), y = s1 - s2 (+ bias). These bits differ from the file layout's (another fp32 order), so a
-//        model runs one layout per weight, whatever the rows.
+//      - repacked by quant_repack (x8_tile, "Q4_K x8" ... "Q5_1 x8" below): the block's whole dot is one exact
+//        integer per output, s1 = s1 + float(I) * (d_w * d_x) (Q4_K: s2 = s2 + float(Mn) * (dmin * d_x), y = s1 -
+//        s2; Q4_1 / Q5_1: s2 = s2 + (m_w * d_x) * float(sum(xq)), y = s1 + s2) (+ bias). Q4_1 / Q5_1 so give the
+//        file layout's bits; the others differ from it (another fp32 order), so a model runs one layout per
+//        weight, whatever the rows.
 //      The portable code runs the same IEEE operations element by element; -ffp-contract=off keeps mul and add
 //      apart.
 // So a verify step of T nodes gives each node the bits of the one-token step that decodes the same token.
 //
 // Weight layout: uint8 [N, K / block_elems, block_bytes], the raw GGUF blocks of each output row; block_bytes
-// names the ggml type (FORMATS below, the one table every op reads). quant_repack turns a Q4_K or Q6_K weight into
-// [N / 8, K / 256, bytes] blocks of 8 outputs each (the model does so at load), which quant_linear reads 8 outputs
-// to a vector with no cross-lane reduction. The activation is quantized once per call into a per-row buffer. A
-// tile is 8 outputs x up to 8 rows of x (4 or 8 for the repacked layouts: xrows), each weight block unpacked once
-// for its rows.
+// names the ggml type (FORMATS below, the one table every op reads). quant_repack turns a weight of any format but
+// Q5_K into [N / 8, K / unit, bytes] units of 8 outputs each (unit: 256 elements, or 64 for the 32-element
+// formats; the model does so at load), which quant_linear reads 8 outputs to a vector with no cross-lane
+// reduction. The activation is quantized once per call into a per-row buffer. A tile is 8 outputs x up to 8 rows
+// of x (4 or 8 for the repacked layouts: xrows), each weight block unpacked once for its rows.
 // Threads own ranges of tiles (at::parallel_for), so a verify of T rows reads the weight once per 8 rows from
 // cache, not memory.
 #include <ATen/Parallel.h>
@@ -79,6 +80,7 @@ inline Bytes load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_ca
 inline Bytes splat8(int v) { return _mm256_set1_epi8(static_cast<char>(v)); }
 inline Bytes band(Bytes a, Bytes b) { return _mm256_and_si256(a, b); }
 inline Bytes bor(Bytes a, Bytes b) { return _mm256_or_si256(a, b); }
+inline Bytes bxor(Bytes a, Bytes b) { return _mm256_xor_si256(a, b); }
 inline Bytes sub8(Bytes a, Bytes b) { return _mm256_sub_epi8(a, b); }
 inline Bytes shr_and(Bytes a, int n, int mask) { return band(_mm256_srli_epi16(a, n), splat8(mask)); }
 inline Bytes shl4(Bytes a) { return _mm256_slli_epi16(a, 4); }  // values <= 15: no carry into the next byte
@@ -192,6 +194,7 @@ inline Bytes load32(const uint8_t* p) { Bytes b; std::memcpy(b.v, p, 32); return
 inline Bytes splat8(int v) { Bytes b; for (auto& e : b.v) e = static_cast<int8_t>(v); return b; }
 inline Bytes band(Bytes a, Bytes b) { for (int i = 0; i < 32; ++i) a.v[i] &= b.v[i]; return a; }
 inline Bytes bor(Bytes a, Bytes b) { for (int i = 0; i < 32; ++i) a.v[i] |= b.v[i]; return a; }
+inline Bytes bxor(Bytes a, Bytes b) { for (int i = 0; i < 32; ++i) a.v[i] ^= b.v[i]; return a; }
 inline Bytes sub8(Bytes a, Bytes b) {
   for (int i = 0; i < 32; ++i) a.v[i] = static_cast<int8_t>(a.v[i] - b.v[i]);
   return a;
@@ -653,8 +656,9 @@ void linear_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M,
   });
 }
 
-// ---- Q4_K and Q6_K interleaved by 8 outputs (quant_repack): one int32 lane per output, no lane reductions -------
-// A repacked weight is uint8 [N / 8, nb, BYTES]: block (t, b) holds block b of the 8 rows 8t .. 8t + 7, the quants
+// ---- interleaved by 8 outputs (quant_repack): one int32 lane per output, no lane reductions ----------------------
+// A repacked weight is uint8 [N / 8, nb, BYTES]: unit (t, b) holds block b of the 8 rows 8t .. 8t + 7 (blocks 2b,
+// 2b + 1 for the 32-element formats, below), the quants
 // as vectors of 32 bytes whose int32 lane k is 4 bytes of row k. A broadcast of the activation's matching 4 bytes
 // and one u8 x s8 dot (vpdpbusd, or maddubs + madd) add 4 products to each of the 8 rows' lanes, so a block's
 // integer dot ends in the lane of its output and the fp32 work is done for 8 outputs at once. The same bytes as
@@ -664,6 +668,7 @@ void linear_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M,
 //         s2 = s2 + float(Mn) * (dmin * dx); y = s1 - s2 (+ bias).
 //   Q6_K: I = sum_j sc_j * (q_j . xq_j - 32 * sum(xq_j)) over its 16 sub-blocks of 16 (q unsigned, 0..63);
 //         s1 = s1 + float(I) * (d * dx); y = s1 - 0 (+ bias).
+//   Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: Qx8 below.
 // The repacked layouts are ours (no file holds them); quant_repack builds them from the file's blocks at load.
 
 // Q4_K x 8: d [8] and dmin [8] (fp16, as in the file), the 6-bit scales [8 sub-blocks][8 rows] and mins [8][8] as
@@ -671,6 +676,10 @@ void linear_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M,
 // low nibbles elements 64g + 4v .. 64g + 4v + 3, their high ones 64g + 32 + 4v ...
 struct Q4Kx8 {
   static constexpr int ELEMS = 256, BYTES = 1184, SOURCE = 144, D = 0, DMIN = 16, SCALES = 32, MINS = 96, QS = 160;
+  static constexpr int GROUP = 256, BLOCKS = 1;  // GROUP: the activation's; BLOCKS: the file's per unit
+  static constexpr int ROWS512 = 8;              // rows of x per pass with AVX-512's 32 registers (xrows)
+  static constexpr bool SUM16 = false;
+  static Acc finish(Acc s1, Acc s2) { return sub(s1, s2); }
   static constexpr int PREFETCH = 0;  // bytes ahead: the hardware's prefetch did as well (4096: 0.99x, 8192: 1.07x)
   static void repack(const uint8_t* src, uint8_t* dst, int64_t t, int64_t nb) {
     for (int64_t b = 0; b < nb; ++b) {
@@ -727,6 +736,10 @@ struct Q4Kx8 {
 // chunk kk + 2 of the half) and 8 of qh (vector v: each row's qh[32h + 4v ...]; bits 2k, 2k + 1 chunk k).
 struct Q6Kx8 {
   static constexpr int ELEMS = 256, BYTES = 1680, SOURCE = 210, D = 0, SCALES = 16, QS = 144;
+  static constexpr int GROUP = 256, BLOCKS = 1;
+  static constexpr int ROWS512 = 4;  // its 16 accumulators per 4 rows: 8 took 1.2x the time at 8 rows
+  static constexpr bool SUM16 = true;            // its sub-blocks of 16
+  static Acc finish(Acc s1, Acc s2) { return sub(s1, s2); }
   static constexpr int PREFETCH = 4096;  // against none: 0.90x at two threads, 0.93x at one (8192: 0.96x, 0.85x)
   static void repack(const uint8_t* src, uint8_t* dst, int64_t t, int64_t nb) {
     for (int64_t b = 0; b < nb; ++b) {
@@ -781,6 +794,104 @@ struct Q6Kx8 {
   }
 };
 
+// The 32-element formats x 8 (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1): a unit is 8 outputs x 64 elements, two of the file's
+// blocks per output (j = 0, 1), so that no repacked size equals another format's block. Per j: d [8] (fp16, as in
+// the file; D + 16j), for Q4_1 / Q5_1 m [8] (M + 16j), for Q5_0 / Q5_1 one vector of 5th bits (H + 32j: byte i of
+// lane k has bit v = element 4v + i's, bit 4 + v = element 16 + 4v + i's, v < 4), then the quants: 4-/5-bit
+// formats 4 vectors (vector v: bytes 4v .. 4v + 3 of each row's qs, low nibbles elements 4v .., high ones
+// 16 + 4v ..), Q8_0 8 vectors (vector v: each row's elements 4v .. 4v + 3). The same bytes as the file's blocks.
+// Per row and block, in integers, I = q . xq - OFF * sum(xq) with q the unsigned quant (OFF = 8 for Q4_0, 16 for
+// Q5_0, 0 for the affine ones; Q8_0: q = w + 128 and OFF = 128 where vpdpbusd takes u8 x s8, else the sign trick
+// |w| . (xq * sign(w)) and OFF = 0: the same integer), then in block order s1 = s1 + float(I) * (d * dx), and for
+// Q4_1 / Q5_1 s2 = s2 + (m * dx) * float(sum(xq)), y = s1 + s2 (+ bias): the file layout's operations in its
+// order (outputs_tile), so the affine formats give the same bits in either layout.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
+constexpr bool UNSIGNED_DOT = true;  // vpdpbusd: u8 x s8 at full range
+#else
+constexpr bool UNSIGNED_DOT = false;  // maddubs saturates int16 past 2 * 128 * 127
+#endif
+
+template <int BITS, bool AFFINE> struct Qx8 {
+  static constexpr bool FIVE = BITS == 5;
+  static constexpr int ELEMS = 64, GROUP = 32, BLOCKS = 2, ROWS512 = 8;
+  static constexpr int SOURCE = BITS == 8 ? 34 : (BITS == 5 ? 22 : 18) + (AFFINE ? 2 : 0);
+  static constexpr int SRC_QH = AFFINE ? 4 : 2, SRC_QS = SRC_QH + (FIVE ? 4 : 0);  // in the file's block
+  static constexpr int D = 0, M = 32, H = AFFINE ? 64 : 32, QS = H + (FIVE ? 64 : 0);
+  static constexpr int QBYTES = BITS == 8 ? 256 : 128;  // per j
+  static constexpr int BYTES = QS + 2 * QBYTES;
+  static constexpr int OFF = BITS == 8 ? (UNSIGNED_DOT ? 128 : 0) : AFFINE ? 0 : (FIVE ? 16 : 8);
+  static constexpr bool SUM16 = false;
+  static constexpr int PREFETCH = 0;
+  static_assert(BITS != 8 || !AFFINE, "Qx8: Q8_0 is symmetric");
+  static Acc finish(Acc s1, Acc s2) { return add(s1, s2); }
+  static void repack(const uint8_t* src, uint8_t* dst, int64_t t, int64_t nb) {
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t* o = dst + (t * nb + b) * BYTES;
+      for (int k = 0; k < 8; ++k)
+        for (int j = 0; j < 2; ++j) {
+          const uint8_t* blk = src + ((8 * t + k) * 2 * nb + 2 * b + j) * SOURCE;
+          std::memcpy(o + D + 16 * j + 2 * k, blk, 2);
+          if (AFFINE) std::memcpy(o + M + 16 * j + 2 * k, blk + 2, 2);
+          if (FIVE) {
+            const uint32_t h = high_bits(blk + SRC_QH);
+            for (int i = 0; i < 4; ++i) {
+              int byte = 0;
+              for (int v = 0; v < 4; ++v)
+                byte |= static_cast<int>((h >> (4 * v + i)) & 1) << v | static_cast<int>((h >> (16 + 4 * v + i)) & 1)
+                        << (4 + v);
+              o[H + 32 * j + 4 * k + i] = static_cast<uint8_t>(byte);
+            }
+          }
+          for (int v = 0; v < QBYTES / 32; ++v)
+            std::memcpy(o + QS + QBYTES * j + 32 * v + 4 * k, blk + (BITS == 8 ? 2 : SRC_QS) + 4 * v, 4);
+        }
+    }
+  }
+  template <int R> static void block(const uint8_t* base, const ActRow* act, int64_t b, Acc* s1, Acc* s2) {
+    for (int j = 0; j < 2; ++j) {
+      Lanes acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = lanes_zero();
+      const int64_t e0 = 64 * b + 32 * j;  // the block's first element
+      const uint8_t* q = base + QS + QBYTES * j;
+      if constexpr (BITS == 8) {
+#pragma GCC unroll 8
+        for (int v = 0; v < 8; ++v) {
+          const Bytes w = load32(q + 32 * v);
+          const Bytes u = UNSIGNED_DOT ? bxor(w, splat8(0x80)) : abs8(w);
+          for (int r = 0; r < R; ++r) {
+            const Bytes x = bcast4(reinterpret_cast<const uint8_t*>(act[r].q) + e0 + 4 * v);
+            acc[r] = dot_acc(acc[r], u, UNSIGNED_DOT ? x : sign8(x, w));
+          }
+        }
+      } else {
+        const Bytes h = FIVE ? load32(base + H + 32 * j) : splat8(0);
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; ++v) {
+          const Bytes wv = load32(q + 32 * v);
+          Bytes lo = band(wv, splat8(0x0F)), hi = shr_and(wv, 4, 0x0F);
+          if (FIVE) {
+            lo = bor(lo, shl_and(h, 4 - v, 0x10));
+            hi = bor(hi, shr_and(h, v, 0x10));
+          }
+          for (int r = 0; r < R; ++r) {
+            const uint8_t* xq = reinterpret_cast<const uint8_t*>(act[r].q) + e0 + 4 * v;
+            acc[r] = dot_acc(acc[r], lo, bcast4(xq));
+            acc[r] = dot_acc(acc[r], hi, bcast4(xq + 16));
+          }
+        }
+      }
+      const Acc d = halves8(base + D + 16 * j);
+      for (int r = 0; r < R; ++r) {
+        const int32_t sum = act[r].sum32[2 * b + j];
+        const Acc dx = splat(act[r].d[2 * b + j]);
+        s1[r] = acc_add(s1[r], OFF ? sub32(acc[r], splat32(OFF * sum)) : acc[r], mul(d, dx));
+        if constexpr (AFFINE)
+          s2[r] = add(s2[r], mul(mul(halves8(base + M + 16 * j), dx), splat(static_cast<float>(sum))));
+      }
+    }
+  }
+};
+
 // y[m0 .. m0 + R) x [8t, 8t + 8) over a repacked weight
 template <typename F, typename T, int R>
 void x8_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t m0, int64_t t, int64_t nb,
@@ -797,19 +908,18 @@ void x8_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t m
   }
   for (int r = 0; r < R; ++r) {
     float s[8];
-    acc_store(sub(s1[r], s2[r]), s);
+    acc_store(F::finish(s1[r], s2[r]), s);
     for (int k = 0; k < 8; ++k)
       y[(m0 + r) * N + 8 * t + k] = from_float<T>(bias ? s[k] + to_float(bias[8 * t + k]) : s[k]);
   }
 }
 
-// Rows of x per pass over a tile of 8 outputs (the weight is re-read from cache for each further pass): Q4_K 8 with
-// AVX-512's 32 registers (against 4: 0.74-0.76x the time at 5-6 rows, 0.91x at 8, two threads), else 4; Q6_K 4
-// (its 16 accumulators per 4 rows: 8 took 1.2x the time at 8 rows); 1 in the portable build (its scalar loops as
-// one instance each).
+// Rows of x per pass over a tile of 8 outputs (the weight is re-read from cache for each further pass): with
+// AVX-512's 32 registers the format's ROWS512 (Q4_K 8: against 4, 0.74-0.76x the time at 5-6 rows, 0.91x at 8,
+// two threads), else 4; 1 in the portable build (its scalar loops as one instance each).
 template <typename F> constexpr int xrows() {
 #if defined(__AVX512VL__)
-  return F::BYTES == Q4Kx8::BYTES ? 8 : 4;
+  return F::ROWS512;
 #elif defined(__AVX2__)
   return 4;
 #else
@@ -820,7 +930,7 @@ template <typename F> constexpr int xrows() {
 template <typename F, typename T>
 void x8_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
   const int64_t nb = K / F::ELEMS;
-  const Activations act(x, M, K, F::ELEMS, F::BYTES == Q6Kx8::BYTES);  // Q6_K's sub-blocks of 16
+  const Activations act(x, M, K, F::GROUP, F::SUM16);
   const int64_t tiles = N / 8, tile_bytes = nb * F::BYTES;
   const int64_t grain = std::max<int64_t>(1, PARALLEL_BYTES / std::max<int64_t>(1, tile_bytes));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
@@ -855,7 +965,8 @@ const Format FORMATS[] = {
     entry<Q8_0>("Q8_0"),         entry<QSym<false>>("Q4_0"), entry<QAff<false>>("Q4_1"),
     entry<QSym<true>>("Q5_0"),   entry<QAff<true>>("Q5_1"),  entry<QK<false>>("Q4_K"),
     entry<QK<true>>("Q5_K"),     entry<Q6K>("Q6_K"),         repacked<Q4Kx8>("Q4_K x8"),
-    repacked<Q6Kx8>("Q6_K x8"),
+    repacked<Q6Kx8>("Q6_K x8"),  repacked<Qx8<8, false>>("Q8_0 x8"), repacked<Qx8<4, false>>("Q4_0 x8"),
+    repacked<Qx8<4, true>>("Q4_1 x8"), repacked<Qx8<5, false>>("Q5_0 x8"), repacked<Qx8<5, true>>("Q5_1 x8"),
 };
 
 const Format& format_of(const at::Tensor& w, const char* op) {
@@ -866,12 +977,12 @@ const Format& format_of(const at::Tensor& w, const char* op) {
     if (f.bytes == w.size(2)) return f;
   TORCH_CHECK(false, op, ": no block format of ", w.size(2), " bytes; supported: Q8_0 (34), Q4_0 (18), Q4_1 (20), "
               "Q5_0 (22), Q5_1 (24), Q4_K (144), Q5_K (176), Q6_K (210), and quant_repack's Q4_K x8 (1184), "
-              "Q6_K x8 (1680)");
+              "Q6_K x8 (1680), Q8_0 x8 (544), Q4_0 x8 (288), Q4_1 x8 (320), Q5_0 x8 (352), Q5_1 x8 (384)");
 }
 
 }  // namespace
 
-// x [..., K] (fp32 or bf16), w uint8 [N, K / elems, bytes] (or a repacked [N / 8, K / 256, bytes]), bias [N] of
+// x [..., K] (fp32 or bf16), w uint8 [N, K / elems, bytes] (or a repacked [N / 8, K / elems, bytes]), bias [N] of
 // x's dtype or None -> [..., N] in x's dtype.
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   const Format& f = format_of(weight, "lookahead::quant_linear");
@@ -942,21 +1053,36 @@ at::Tensor on_huge_pages(at::IntArrayRef shape) {
 }
 }  // namespace
 
-// w uint8 [N, K / 256, bytes] in Q4_K (144) or Q6_K (210), N a multiple of 8 -> the same weight interleaved by 8
-// outputs (Q4_K x8 / Q6_K x8, above), which quant_linear reads with one int32 lane per output.
+// quant_repack's layouts, by the file format they copy
+struct Repack {
+  int source, bytes, blocks;  // the file's block bytes; the repacked unit's bytes and file blocks per row
+  void (*repack)(const uint8_t*, uint8_t*, int64_t, int64_t);
+};
+template <typename F> constexpr Repack repack_of() { return {F::SOURCE, F::BYTES, F::BLOCKS, &F::repack}; }
+const Repack REPACKS[] = {repack_of<Q4Kx8>(), repack_of<Q6Kx8>(), repack_of<Qx8<8, false>>(),
+                          repack_of<Qx8<4, false>>(), repack_of<Qx8<4, true>>(), repack_of<Qx8<5, false>>(),
+                          repack_of<Qx8<5, true>>()};
+
+// w uint8 [N, K / elems, bytes] in Q4_K, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1, N a multiple of 8 (and for the
+// 32-element formats K of 64) -> the same weight interleaved by 8 outputs (the "x8" layouts above), which
+// quant_linear reads with one int32 lane per output.
 at::Tensor quant_repack(const at::Tensor& weight) {
   const Format& f = format_of(weight, "lookahead::quant_repack");
   const int64_t N = weight.size(0), nb = weight.size(1);
-  const bool six = f.bytes == Q6Kx8::SOURCE;
-  TORCH_CHECK(f.rows == 1 && (f.bytes == Q4Kx8::SOURCE || six), "lookahead::quant_repack: Q4_K or Q6_K blocks are "
-              "repacked, got ", f.name);
+  const Repack* r = nullptr;
+  for (const Repack& e : REPACKS)
+    if (f.rows == 1 && e.source == f.bytes) r = &e;
+  TORCH_CHECK(r, "lookahead::quant_repack: Q4_K, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 blocks are repacked, got ",
+              f.name);
   TORCH_CHECK(N % 8 == 0, "lookahead::quant_repack: the rows (outputs) come in tiles of 8, got ", N,
               " rows: keep this weight's file layout");
-  at::Tensor out = on_huge_pages({N / 8, nb, six ? Q6Kx8::BYTES : Q4Kx8::BYTES});
+  TORCH_CHECK(nb % r->blocks == 0, "lookahead::quant_repack: a ", f.name, " row is repacked in pairs of blocks (64 "
+              "elements), got ", nb, " blocks: keep this weight's file layout");
+  at::Tensor out = on_huge_pages({N / 8, nb / r->blocks, r->bytes});
   const uint8_t* src = weight.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, N / 8, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) six ? Q6Kx8::repack(src, dst, t, nb) : Q4Kx8::repack(src, dst, t, nb);
+    for (int64_t t = t0; t < t1; ++t) r->repack(src, dst, t, nb / r->blocks);
   });
   return out;
 }

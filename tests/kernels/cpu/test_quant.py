@@ -21,6 +21,8 @@ FORMATS = {
     "Q8_0": (32, 34, (0,)), "Q4_0": (32, 18, (0,)), "Q4_1": (32, 20, (0, 2)), "Q5_0": (32, 22, (0,)),
     "Q5_1": (32, 24, (0, 2)), "Q4_K": (256, 144, (0, 2)), "Q5_K": (256, 176, (0, 2)), "Q6_K": (256, 210, (208,)),
 }
+# quant_repack's layouts: format -> bytes of a unit of 8 outputs x 256 elements (K-quants) or 64 (the others)
+REPACKED = {"Q4_K": 1184, "Q6_K": 1680, "Q8_0": 544, "Q4_0": 288, "Q4_1": 320, "Q5_0": 352, "Q5_1": 384}
 
 
 def random_weight(name: str, N: int, K: int, seed: int) -> torch.Tensor:
@@ -112,14 +114,16 @@ def test_quant_linear_is_row_invariant_and_close_to_the_reference(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("name", REPACKED)
 def test_repacked_linear_is_row_invariant_and_agrees_with_the_file_layout(name, dtype):
     """quant_repack's layout (8 outputs per int32 lane set) runs the same integer dots as the file's blocks, so its
-    outputs equal the file layout's up to the order of the fp32 block sums; each row stays alone."""
+    outputs equal the file layout's up to the order of the fp32 block sums (Q4_1 and Q5_1: the same order, so the
+    same bits); each row stays alone."""
     K, N = 1024, 40
     w = random_weight(name, N, K, seed=8)
     packed = torch.ops.lookahead_cpu.quant_repack(w)
-    assert packed.shape == (N // 8, K // 256, {"Q4_K": 1184, "Q6_K": 1680}[name])
+    unit = 256 if FORMATS[name][0] == 256 else 64
+    assert packed.shape == (N // 8, K // unit, REPACKED[name])
     bias = torch.randn(N, generator=torch.Generator().manual_seed(5)).to(dtype)
     x = torch.randn(37, K, generator=torch.Generator().manual_seed(9)).to(dtype)
     full = rows_alone(x, packed, bias, firsts=(1, 2, 3, 4, 5, 7, 8, 9, 16), singles=(0, 6, 36))  # every row tile
@@ -127,9 +131,12 @@ def test_repacked_linear_is_row_invariant_and_agrees_with_the_file_layout(name, 
     file_layout = torch.ops.lookahead.quant_linear(x.float(), w, bias.float())
     ours = torch.ops.lookahead.quant_linear(x.float(), packed, bias.float())
     assert (ours - file_layout).abs().max() <= 1e-5 * file_layout.abs().max()
+    if name in ("Q4_1", "Q5_1"):
+        assert torch.equal(ours, file_layout)
+        assert torch.equal(full, torch.ops.lookahead.quant_linear(x, w, bias))
     w_deq = reference_dequant(name, w)
     ref = x.float() @ w_deq.T + bias.float()
-    bound = error_bound(x, w_deq, 256).T + (ref.abs() * 2 ** -8 if dtype == torch.bfloat16 else 0)
+    bound = error_bound(x, w_deq, FORMATS[name][0]).T + (ref.abs() * 2 ** -8 if dtype == torch.bfloat16 else 0)
     assert ((full.float() - ref).abs() <= bound).all()
 
 
@@ -142,10 +149,14 @@ def test_bad_weights_are_refused_with_a_clear_message():
     with pytest.raises(RuntimeError, match="outside"):
         torch.ops.lookahead.quant_embedding(torch.zeros(3, 1, 18, dtype=torch.uint8), torch.tensor([3]),
                                             torch.float32)
-    with pytest.raises(RuntimeError, match="Q4_K or Q6_K blocks are repacked, got Q8_0"):
-        torch.ops.lookahead_cpu.quant_repack(torch.zeros(8, 1, 34, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="Q5_0 or Q5_1 blocks are repacked, got Q5_K"):
+        torch.ops.lookahead_cpu.quant_repack(torch.zeros(8, 1, 176, dtype=torch.uint8))
     with pytest.raises(RuntimeError, match="tiles of 8, got 12 rows"):
         torch.ops.lookahead_cpu.quant_repack(random_weight("Q4_K", 12, 256, seed=1))
+    with pytest.raises(RuntimeError, match="pairs of blocks .64 elements., got 3 blocks"):
+        torch.ops.lookahead_cpu.quant_repack(random_weight("Q4_1", 8, 96, seed=1))
+    with pytest.raises(RuntimeError, match="repacked, got Q8_0 x8"):
+        torch.ops.lookahead_cpu.quant_repack(torch.ops.lookahead_cpu.quant_repack(random_weight("Q8_0", 8, 64, 1)))
     packed = torch.ops.lookahead_cpu.quant_repack(random_weight("Q6_K", 8, 256, seed=1))
     with pytest.raises(RuntimeError, match="serves linear layers only"):
         torch.ops.lookahead.quant_embedding(packed, torch.tensor([0]), torch.float32)
@@ -163,7 +174,7 @@ def outputs(seed: int = 7) -> dict[str, torch.Tensor]:
             for m in (0, 4, 10):  # rows alone: the same bits on this ISA path too
                 assert torch.equal(torch.ops.lookahead.quant_linear(x[m:m + 1].to(dtype), w, None), y[m:m + 1])
             out[f"{name}-{dtype}"] = y
-            if name in ("Q4_K", "Q6_K"):  # quant_repack's layout; 24 outputs: three tiles of 8
+            if name in REPACKED:  # quant_repack's layout; 24 outputs: three tiles of 8
                 packed = torch.ops.lookahead_cpu.quant_repack(random_weight(name, 24, K, seed))
                 y = torch.ops.lookahead.quant_linear(x.to(dtype), packed, None)
                 for m in (0, 4, 10):
