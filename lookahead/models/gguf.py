@@ -101,13 +101,38 @@ class GGUFFile:
         """repacked(w); the file's pages under a weight so copied leave this process's resident memory at once
         (they stay in the page cache, and map back if read again), so loading peaks near the model's size."""
         packed = repacked(w)
+        if packed is not w:
+            self._release(w)
+        return packed
+
+    def repacked_projection(self, names: list[str]) -> list[torch.Tensor]:
+        """The parts of one projection (q, k, v or gate, up) as quant_linear reads them fastest: fused() with each
+        part repacked, and neighbouring parts of one repackable type that lie apart in the file (SmolLM2's q, k, v;
+        the q, k of its Q4_K_M requantization) repacked into one weight, since they are copied anyway: one linear,
+        one quantization of its input, the same outputs."""
+        groups: list[list[torch.Tensor]] = []
+        for p in self.fused(names):
+            last = groups[-1][-1] if groups else None
+            if last is not None and repackable(last) and repackable(p) and last.shape[1:] == p.shape[1:]:
+                groups[-1].append(p)
+            else:
+                groups.append([p])
+        out = []
+        for group in groups:
+            out.append(self.repacked(group[0]) if len(group) == 1 else repacked(torch.cat(group)))
+            if len(group) > 1:
+                for p in group:
+                    self._release(p)
+        return out
+
+    def _release(self, w: torch.Tensor) -> None:
+        """Drop the file's pages under w (a view of the map) from this process's resident memory."""
         mm = getattr(self.reader.data, "_mmap", None)
-        if packed is not w and mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
             start = w.data_ptr() - self.reader.data.ctypes.data
             first = start // mmap.PAGESIZE * mmap.PAGESIZE
             end = min(len(mm), -(-(start + w.numel()) // mmap.PAGESIZE) * mmap.PAGESIZE)
             mm.madvise(mmap.MADV_DONTNEED, first, end - first)
-        return packed
 
     def unsupported(self) -> list[str]:
         """Why this file cannot run natively (empty when it can)."""
@@ -277,8 +302,8 @@ def load_quantized(cls: type[CausalLM], path: Path, dtype) -> CausalLM:
             layer.ffn_norm.weight = param(f.tensor(p + "ffn_norm.weight", act))
             layer.attention.wo.weight = param(f.repacked(f.tensor(p + "attn_output.weight", act)))
             layer.feed_forward.w2.weight = param(f.repacked(f.tensor(p + "ffn_down.weight", act)))
-            qkv = [f.repacked(t) for t in f.fused([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"])]
-            w13 = [f.repacked(t) for t in f.fused([p + "ffn_gate.weight", p + "ffn_up.weight"])]
+            qkv = f.repacked_projection([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"])
+            w13 = f.repacked_projection([p + "ffn_gate.weight", p + "ffn_up.weight"])
             _set_projection(layer.attention, "wqkv", qkv, act)
             _set_projection(layer.feed_forward, "w13", w13, act)
     except KeyError as e:

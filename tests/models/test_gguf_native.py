@@ -45,8 +45,8 @@ def test_the_embedded_gguf_loads_as_its_own_blocks(quantized):
     layer = m.layers[0]
     assert layer.feed_forward.w13.weight.shape == (2 * 1536 // 8, 9, 320)  # gate and up lie back to back: Q4_1 x8
     assert layer.feed_forward.w2.weight.shape == (576 // 8, 24, 320)
-    qkv = layer.attention.wqkv  # q, k, v are apart in the file: three weights
-    assert isinstance(qkv, SplitLinear) and [w.shape[0] * 8 for w in [qkv.weight, *qkv.rest]] == [576, 192, 192]
+    qkv = layer.attention.wqkv  # q, k, v lie apart in the file, of one type: repacked into one weight
+    assert not isinstance(qkv, SplitLinear) and qkv.weight.shape == ((576 + 192 + 192) // 8, 9, 320)
     assert layer.attention_norm.weight.dtype == m.dtype
     assert "quantized (Q4_1 x8, Q8_0, Q8_0 x8" in describe(m)
     total = sum(p.numel() for p in m.parameters() if p.dtype == torch.uint8)
@@ -80,8 +80,9 @@ def test_verify_logits_equal_one_token_logits_on_the_quantized_model(quantized):
 
 def quantized_tiny(kinds: dict[str, str], dtype: torch.dtype, seed: int = 0, repack: bool = False) -> LlamaForLookahead:
     """A 2-layer Llama (dim 256, GQA 4/2 of 64, intermediate 256, vocab 97) whose projections are random blocks of
-    the given formats: kinds["q"], ["k"], ["v"], ["gate"], ["up"], ["o"], ["down"], ["embed"]. q/k/v or gate/up of
-    one format are fused like a GGUF whose parts lie back to back; of different formats they are SplitLinear.
+    the given formats: kinds["q"], ["k"], ["v"], ["gate"], ["up"], ["o"], ["down"], ["embed"]. Neighbouring parts
+    of q/k/v or gate/up of one format are fused, as load_quantized does (parts back to back in the file, or
+    repacked together); parts of different formats make a SplitLinear (e.g. [q and k, v]).
     repack: the linear layers' weights in quant_repack's layouts, as load_quantized runs them (the
     embedding keeps its blocks; the head, tied, is then a repacked copy of them where the vocabulary allows)."""
     hf = dict(model_type="llama", vocab_size=97, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
@@ -97,10 +98,15 @@ def quantized_tiny(kinds: dict[str, str], dtype: torch.dtype, seed: int = 0, rep
         return repacked(w) if repack and kind != "embed" else w
 
     def projection(parts: list[tuple[str, int]]):
-        ws = [blocks(k, n) for k, n in parts]
-        if len({kinds[k] for k, _ in parts}) == 1:
-            return torch.cat(ws)
-        return SplitLinear(ws)
+        groups: list[list[torch.Tensor]] = []
+        for i, (k, n) in enumerate(parts):
+            w = blocks(k, n)
+            if i and kinds[k] == kinds[parts[i - 1][0]]:
+                groups[-1].append(w)
+            else:
+                groups.append([w])
+        ws = [torch.cat(g) for g in groups]
+        return ws[0] if len(ws) == 1 else SplitLinear(ws)
 
     with torch.no_grad():
         model.tok_embeddings = QuantEmbedding(torch.nn.Parameter(blocks("embed", 97), requires_grad=False), dtype)
@@ -125,15 +131,19 @@ def every(kind: str) -> dict[str, str]:
 
 # Q4_K_M's mix: attn_v and ffn_down Q6_K, the rest Q4_K (so q/k/v and gate/up split by type)
 Q4_K_M = dict(every("Q4_K"), v="Q6_K", down="Q6_K", embed="Q6_K", up="Q5_K")
+Q4_K_M_3 = dict(Q4_K_M, k="Q5_K")  # q, k and v of three types: three parts
 LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # the 32-element formats
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kinds,repack", [(every(k), False) for k in FORMATS] + [(Q4_K_M, False), (Q4_K_M, True)] +
-                         [(every(k), True) for k in LEGACY],
-                         ids=list(FORMATS) + ["mixed", "mixed-repacked"] + [f"{k}-repacked" for k in LEGACY])
+                         [(Q4_K_M_3, True)] + [(every(k), True) for k in LEGACY],
+                         ids=list(FORMATS) + ["mixed", "mixed-repacked", "mixed-3-parts"] +
+                         [f"{k}-repacked" for k in LEGACY])
 def test_every_format_is_exact_along_every_path_of_random_trees(kinds, repack, dtype):
     model = quantized_tiny(kinds, dtype, repack=repack)
+    qkv = model.layers[0].attention.wqkv
+    assert len([qkv.weight, *getattr(qkv, "rest", [])]) == len({kinds["q"], kinds["k"], kinds["v"]})
     if repack:
         assert model.layers[0].feed_forward.w2.weight.shape[-1] == REPACKED[kinds["down"]]  # e.g. Q6_K x8
     with torch.inference_mode():
