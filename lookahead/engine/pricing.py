@@ -31,15 +31,18 @@ _DRIFT = 0.10  # re-measure when T=1 timed again at the end moved by more than t
 
 def curve_key(model) -> str:
     """What a step's cost depends on: the model's shape, device, dtype, threads, CUDA graphs, and on CPU the host's
-    CPU (its name and ISA), whether the C++ CPU ops run the step and which code path they were built for."""
+    CPU (its name and ISA), whether the C++ CPU ops run the step, which code path and which build of their sources
+    (a kernel change is measured anew), and a GGUF model's block layouts and how many weights hold them (q/k/v as
+    one weight or three)."""
     import torch
 
     from lookahead.kernels import cpu as cpu_ops
 
     c = model.config
-    host = f"|{cpu_ops.cpu_name()}|cpu_ops={cpu_ops.code_path() or 0}" if model.device.type == "cpu" else ""
-    blocks = sorted({p.shape[-1] for p in model.parameters() if p.dtype == torch.uint8})  # GGUF block bytes
-    host += f"|gguf_blocks={blocks}" if blocks else ""
+    host = (f"|{cpu_ops.cpu_name()}|cpu_ops={cpu_ops.code_path() or 0}@{cpu_ops.build_id() or 0}"
+            if model.device.type == "cpu" else "")
+    quantized = [p.shape[-1] for p in model.parameters() if p.dtype == torch.uint8]  # GGUF block bytes
+    host += f"|gguf_blocks={sorted(set(quantized))}x{len(quantized)}" if quantized else ""
     return (f"{c.model_type}-{c.n_layers}x{c.dim}-h{c.n_heads}-kv{c.n_kv_heads}-d{c.head_dim}-v{c.vocab_size}|"
             f"{model.device.type}|{str(model.dtype).removeprefix('torch.')}|threads={torch.get_num_threads()}|"
             f"graphs={int(model.device.type == 'cuda' and cuda_graphs_enabled())}{host}")

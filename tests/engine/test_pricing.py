@@ -96,6 +96,10 @@ def test_curve_key_names_what_the_cost_depends_on(tiny_llama, monkeypatch):
     key = curve_key(tiny_llama())
     for part in ("llama-2x32", "cpu", "float32", "threads=", "graphs=0"):
         assert part in key
+    from lookahead.kernels import cpu as cpu_ops
+
+    if cpu_ops.available():  # the ops' build: a kernel change is priced by a new measurement
+        assert f"cpu_ops={cpu_ops.code_path()}@{cpu_ops.build_id()}" in key and len(cpu_ops.build_id()) == 16
 
 
 def _drafter_with_likely_continuations(cost):

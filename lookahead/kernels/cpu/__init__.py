@@ -184,6 +184,7 @@ def load() -> bool:
             if cxx is None:
                 raise RuntimeError("no C++ compiler (g++, c++ or clang++; or set CXX)")
             build = _build_dir(cxx)
+            _state["build"] = build.name
             if (build / READY).exists():
                 torch.ops.load_library(str(build / f"{LIBRARY}.so"))
             else:
@@ -204,3 +205,9 @@ def load() -> bool:
 def available() -> bool:
     """Whether the C++ CPU ops are loaded (building them on first use)."""
     return load()
+
+
+def build_id() -> str | None:
+    """The loaded ops' build (a digest of their sources, flags, compiler, torch and CPU), or None where they are
+    not available: cost curves are keyed by it, so a kernel change is priced by a new measurement."""
+    return _state.get("build") if available() else None
