@@ -12,8 +12,9 @@ namespace {
 
 // Per layer, in this order; an absent bias or sandwich norm is an empty tensor. WK, WV and W3 are empty unless
 // q/k/v (gate/up) are GGUF blocks of different types, which cannot be one uint8 tensor: WQKV then holds q (or q and
-// k, WK v) and W13 gate, and the parts' outputs are concatenated (each row on its own, so exactness holds). WEIGHT_NAMES says the
-// order to Python (kernels/cpu/__init__.py checks it against LAYER_WEIGHTS, the names the model gathers by).
+// k, WK v) and W13 gate, and the parts' outputs are concatenated (each row on its own, so exactness holds).
+// WEIGHT_NAMES says the order to Python (kernels/cpu/__init__.py checks it against LAYER_WEIGHTS, the names the
+// model gathers by).
 enum Weight {
   ATTN_NORM, WQKV, BQKV, WO, BO, FFN_NORM, W13, B13, W2, B2, POST_ATTN_NORM, POST_FFN_NORM, WK, WV, W3, PER_LAYER
 };

@@ -658,11 +658,11 @@ void linear_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M,
 
 // ---- interleaved by 8 outputs (quant_repack): one int32 lane per output, no lane reductions ----------------------
 // A repacked weight is uint8 [N / 8, nb, BYTES]: unit (t, b) holds block b of the 8 rows 8t .. 8t + 7 (blocks 2b,
-// 2b + 1 for the 32-element formats, below), the quants
-// as vectors of 32 bytes whose int32 lane k is 4 bytes of row k. A broadcast of the activation's matching 4 bytes
-// and one u8 x s8 dot (vpdpbusd, or maddubs + madd) add 4 products to each of the 8 rows' lanes, so a block's
-// integer dot ends in the lane of its output and the fp32 work is done for 8 outputs at once. The same bytes as
-// the file's blocks (or 3% more for Q4_K: its scales unpacked to bytes), read once per row of x in a tile.
+// 2b + 1 for the 32-element formats, below), the quants as vectors of 32 bytes whose int32 lane k is 4 bytes of
+// row k. A broadcast of the activation's matching 4 bytes and one u8 x s8 dot (vpdpbusd, or maddubs + madd) add 4
+// products to each of the 8 rows' lanes, so a block's integer dot ends in the lane of its output and the fp32 work
+// is done for 8 outputs at once. The same bytes as the file's blocks (or 3% more for Q4_K: its scales unpacked to
+// bytes), read once per row of x in a tile.
 // Per row and block, in integers (exact in any order), then in block order:
 //   Q4_K: I = sum_j sc_j * (q_j . xq_j), Mn = sum_j m_j * sum(xq_j);  s1 = s1 + float(I) * (d * dx),
 //         s2 = s2 + float(Mn) * (dmin * dx); y = s1 - s2 (+ bias).
@@ -738,7 +738,7 @@ struct Q6Kx8 {
   static constexpr int ELEMS = 256, BYTES = 1680, SOURCE = 210, D = 0, SCALES = 16, QS = 144;
   static constexpr int GROUP = 256, BLOCKS = 1;
   static constexpr int ROWS512 = 4;  // its 16 accumulators per 4 rows: 8 took 1.2x the time at 8 rows
-  static constexpr bool SUM16 = true;            // its sub-blocks of 16
+  static constexpr bool SUM16 = true;  // its sub-blocks of 16
   static Acc finish(Acc s1, Acc s2) { return sub(s1, s2); }
   static constexpr int PREFETCH = 4096;  // against none: 0.90x at two threads, 0.93x at one (8192: 0.96x, 0.85x)
   static void repack(const uint8_t* src, uint8_t* dst, int64_t t, int64_t nb) {
