@@ -119,8 +119,10 @@ class GGUFFile:
                 groups.append([p])
         out = []
         for group in groups:
-            out.append(self.repacked(group[0]) if len(group) == 1 else repacked(torch.cat(group)))
-            if len(group) > 1:
+            if len(group) == 1:
+                out.append(self.repacked(group[0]))
+            else:
+                out.append(repacked(torch.cat(group)))
                 for p in group:
                     self._release(p)
         return out
