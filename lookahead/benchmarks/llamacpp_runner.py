@@ -133,7 +133,10 @@ def llamacpp_generate(job: dict) -> dict:
 
     lookup = CountedLookup(num_pred_tokens=job["lookup_tokens"]) if job["lookup_tokens"] else None
     longest = max(map(len, job["prompts"]))
-    llm = _llama(job, longest + job["max_new_tokens"] + job["lookup_tokens"] + 16, draft_model=lookup)
+    # with a draft model llama-cpp-python keeps every position's logits, but sizes its scores buffer by the
+    # logits_all argument (n_batch rows when False): a prompt longer than n_batch then fails in eval; say it
+    llm = _llama(job, longest + job["max_new_tokens"] + job["lookup_tokens"] + 16, draft_model=lookup,
+                 logits_all=lookup is not None)
     eos = set(job["eos"])
 
     def run(prompt: list[int], max_new: int) -> tuple[list[int], int]:
