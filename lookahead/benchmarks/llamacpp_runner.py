@@ -133,8 +133,8 @@ def llamacpp_generate(job: dict) -> dict:
 
     lookup = CountedLookup(num_pred_tokens=job["lookup_tokens"]) if job["lookup_tokens"] else None
     longest = max(map(len, job["prompts"]))
-    # with a draft model llama-cpp-python keeps every position's logits, but sizes its scores buffer by the
-    # logits_all argument (n_batch rows when False): a prompt longer than n_batch then fails in eval; say it
+    # with a draft model llama-cpp-python keeps every position's logits but sizes its scores buffer by the
+    # logits_all argument (n_batch rows when False), so a prompt longer than n_batch would fail in eval
     llm = _llama(job, longest + job["max_new_tokens"] + job["lookup_tokens"] + 16, draft_model=lookup,
                  logits_all=lookup is not None)
     eos = set(job["eos"])

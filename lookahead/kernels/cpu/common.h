@@ -32,8 +32,11 @@ constexpr int LANES = 16;
 
 // f(std::integral_constant<int, n>{}) for a count n in 1 .. MAX known only at run time (n < 1 runs 1): a tile's
 // row or column count as a constant, so its accumulators live in registers.
+// A tile keeps its accumulators in registers only if every call inside it is inlined, lambdas included.
+#define LOOKAHEAD_INLINE __attribute__((always_inline))
+
 template <int MAX, typename F>
-__attribute__((always_inline)) inline void with_count(int n, F f) {
+LOOKAHEAD_INLINE inline void with_count(int n, F f) {
   if constexpr (MAX > 1) {
     if (n < MAX) return with_count<MAX - 1>(n, f);
   }

@@ -25,9 +25,6 @@
 namespace lookahead_cpu {
 namespace {
 
-// A tile keeps its accumulators in registers only if every call inside it is inlined, lambdas included.
-#define LOOKAHEAD_INLINE __attribute__((always_inline))
-
 constexpr int64_t M_BLOCK = 64;  // rows of x per block (64 x 1536 fp32 = 384 KB, within L2)
 constexpr int64_t PREFETCH_BYTES = 32768;   // how far ahead a tile prefetches w: docs/benchmarks.md#prefetch_bytes
 constexpr int64_t PARALLEL_MACS = 1 << 17;  // per thread: ~3 us of bf16 work, a few barriers' cost (#parallel_macs)

@@ -880,13 +880,12 @@ template <int BITS, bool AFFINE> struct Qx8 {
           }
         }
       }
-      const Acc d = halves8(base + D + 16 * j);
+      const Acc d = halves8(base + D + 16 * j), m = AFFINE ? halves8(base + M + 16 * j) : acc_zero();
       for (int r = 0; r < R; ++r) {
         const int32_t sum = act[r].sum32[2 * b + j];
         const Acc dx = splat(act[r].d[2 * b + j]);
         s1[r] = acc_add(s1[r], OFF ? sub32(acc[r], splat32(OFF * sum)) : acc[r], mul(d, dx));
-        if constexpr (AFFINE)
-          s2[r] = add(s2[r], mul(mul(halves8(base + M + 16 * j), dx), splat(static_cast<float>(sum))));
+        if constexpr (AFFINE) s2[r] = add(s2[r], mul(mul(m, dx), splat(static_cast<float>(sum))));
       }
     }
   }
@@ -948,6 +947,8 @@ struct Format {
   const char* name;
   int elems, bytes;
   int rows;  // outputs per row of the weight tensor: 1, or 8 for a repacked one (dequant is then null)
+  int source, blocks;  // a repacked one's: the file format's block bytes, and its blocks per unit per row
+  void (*repack)(const uint8_t*, uint8_t*, int64_t, int64_t);  // (file blocks, unit tensor, tile t, units per row)
   void (*dequant)(const uint8_t*, float*);
   void (*linear_f32)(const float*, const uint8_t*, const float*, float*, int64_t, int64_t, int64_t);
   void (*linear_bf16)(const c10::BFloat16*, const uint8_t*, const c10::BFloat16*, c10::BFloat16*, int64_t, int64_t,
@@ -955,10 +956,12 @@ struct Format {
 };
 
 template <typename F> constexpr Format entry(const char* name) {
-  return Format{name, F::ELEMS, F::BYTES, 1, &F::dequant, &linear_kernel<F, float>, &linear_kernel<F, c10::BFloat16>};
+  return Format{name, F::ELEMS, F::BYTES, 1, 0, 1, nullptr, &F::dequant, &linear_kernel<F, float>,
+                &linear_kernel<F, c10::BFloat16>};
 }
 template <typename F> constexpr Format repacked(const char* name) {
-  return Format{name, F::ELEMS, F::BYTES, 8, nullptr, &x8_kernel<F, float>, &x8_kernel<F, c10::BFloat16>};
+  return Format{name, F::ELEMS, F::BYTES, 8, F::SOURCE, F::BLOCKS, &F::repack, nullptr, &x8_kernel<F, float>,
+                &x8_kernel<F, c10::BFloat16>};
 }
 
 const Format FORMATS[] = {
@@ -1053,25 +1056,15 @@ at::Tensor on_huge_pages(at::IntArrayRef shape) {
 }
 }  // namespace
 
-// quant_repack's layouts, by the file format they copy
-struct Repack {
-  int source, bytes, blocks;  // the file's block bytes; the repacked unit's bytes and file blocks per row
-  void (*repack)(const uint8_t*, uint8_t*, int64_t, int64_t);
-};
-template <typename F> constexpr Repack repack_of() { return {F::SOURCE, F::BYTES, F::BLOCKS, &F::repack}; }
-const Repack REPACKS[] = {repack_of<Q4Kx8>(), repack_of<Q6Kx8>(), repack_of<Qx8<8, false>>(),
-                          repack_of<Qx8<4, false>>(), repack_of<Qx8<4, true>>(), repack_of<Qx8<5, false>>(),
-                          repack_of<Qx8<5, true>>()};
-
 // w uint8 [N, K / elems, bytes] in Q4_K, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1, N a multiple of 8 (and for the
 // 32-element formats K of 64) -> the same weight interleaved by 8 outputs (the "x8" layouts above), which
 // quant_linear reads with one int32 lane per output.
 at::Tensor quant_repack(const at::Tensor& weight) {
   const Format& f = format_of(weight, "lookahead::quant_repack");
   const int64_t N = weight.size(0), nb = weight.size(1);
-  const Repack* r = nullptr;
-  for (const Repack& e : REPACKS)
-    if (f.rows == 1 && e.source == f.bytes) r = &e;
+  const Format* r = nullptr;  // the interleaved layout of f's blocks
+  for (const Format& g : FORMATS)
+    if (f.rows == 1 && g.rows == 8 && g.source == f.bytes) r = &g;
   TORCH_CHECK(r, "lookahead::quant_repack: Q4_K, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 blocks are repacked, got ",
               f.name);
   TORCH_CHECK(N % 8 == 0, "lookahead::quant_repack: the rows (outputs) come in tiles of 8, got ", N,
