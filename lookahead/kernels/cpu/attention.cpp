@@ -395,9 +395,11 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
     const scalar_t* kp = k_cache.data_ptr<scalar_t>();
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, N * Hq, std::max<int64_t>(1, (1 << 15) / per_item), [&](int64_t w0, int64_t w1) {
-      std::vector<float> qf(D), o(D), scores;
-      std::vector<int64_t> slots;
+    parallel_chunks(N * Hq, std::max<int64_t>(1, (1 << 15) / per_item), [&](int64_t w0, int64_t w1) {
+      // a thread's scratch, kept across its chunks and calls
+      thread_local std::vector<float> qf, o, scores;
+      thread_local std::vector<int64_t> slots;
+      qf.resize(D), o.resize(D);
       for (int64_t w = w0; w < w1; ++w) {
         // tokens taken from both ends in turn (0, N - 1, 1, N - 2, ...): a thread's range of a causal chunk then
         // holds short and long key sequences alike

@@ -12,9 +12,12 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 
 #if defined(__AVX512F__)
@@ -41,6 +44,44 @@ LOOKAHEAD_INLINE inline void with_count(int n, F f) {
     if (n < MAX) return with_count<MAX - 1>(n, f);
   }
   f(std::integral_constant<int, MAX>{});
+}
+
+// f(i0, i1) over [0, n) on as many threads as at::parallel_for(0, n, min_per_thread) would wake (a thread's share
+// must pay for waking it), each owning a contiguous share as there, which it walks in CHUNKS_PER_THREAD chunks; a
+// thread done with its own share then takes the next chunks of the others'. Where one vCPU runs slower (a
+// neighbour's load on a VM, a core at a lower clock) the other takes over the rest of its work instead of waiting
+// for it at the region's end (llama.cpp's matmul hands out chunks from a counter for the same reason; one shared
+// counter interleaves the threads' weight streams, which cost a memory-bound step 7-14% here: docs/cpu.md). Every
+// index is done once, by one thread, with the same code whichever thread it is: the outputs' bits do not depend on
+// the split.
+constexpr int64_t CHUNKS_PER_THREAD = 4;
+template <typename F>
+void parallel_chunks(int64_t n, int64_t min_per_thread, const F& f) {
+  if (n <= 0) return;
+  const int64_t grain = std::max<int64_t>(1, min_per_thread);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
+  if (n < grain || threads <= 1 || at::in_parallel_region()) return f(0, n);
+  struct alignas(64) Share {  // a cache line each: the owner's counter is not written by the other threads' steps
+    std::atomic<int64_t> next;
+    int64_t end;
+  };
+  constexpr int64_t LOCAL = 8;
+  Share local[LOCAL];
+  std::unique_ptr<Share[]> heap(threads > LOCAL ? new Share[threads] : nullptr);
+  Share* shares = heap ? heap.get() : local;
+  const int64_t per = (n + threads - 1) / threads, chunk = std::max<int64_t>(1, per / CHUNKS_PER_THREAD);
+  for (int64_t t = 0; t < threads; ++t) {
+    shares[t].next.store(std::min(n, t * per), std::memory_order_relaxed);
+    shares[t].end = std::min(n, (t + 1) * per);
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t) {
+    for (int64_t k = 0; k < threads; ++k) {  // its own share first, then the others' in turn
+      Share& s = shares[(t0 + k) % threads];
+      for (int64_t i0 = s.next.fetch_add(chunk, std::memory_order_relaxed); i0 < s.end;
+           i0 = s.next.fetch_add(chunk, std::memory_order_relaxed))
+        f(i0, std::min(s.end, i0 + chunk));
+    }
+  });
 }
 
 // Run fn with scalar_t = float, c10::BFloat16 or c10::Half (the dtypes of the CPU path).

@@ -353,7 +353,7 @@ void linear_kernel(const T* x, const T* w, const T* bias, T* y, int64_t M, int64
   // PARALLEL_MACS of work: waking the pool costs microseconds idle and a whole time slice when another process
   // holds a core, which a small layer cannot win back.
   const int64_t grain = std::max<int64_t>(1, PARALLEL_MACS / std::max<int64_t>(1, M * K * TILE_N));
-  at::parallel_for(0, n_tiles, grain, [&](int64_t t0, int64_t t1) {
+  parallel_chunks(n_tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t mb = 0; mb < M; mb += M_BLOCK) {
       const int64_t me = std::min(M, mb + M_BLOCK);
       for (int64_t t = t0; t < t1; ++t) {

@@ -638,7 +638,7 @@ void linear_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M,
   const Activations act(x, M, K, F::GROUP, false);
   const int64_t tiles = (N + NT - 1) / NT, tile_bytes = NT * nb * F::BYTES;
   const int64_t grain = std::max<int64_t>(1, PARALLEL_BYTES / std::max<int64_t>(1, tile_bytes));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+  parallel_chunks(tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t c0 = t0; c0 < t1; c0 += NB / NT) {  // a cache block of NB rows of w
       const int64_t c1 = std::min(t1, c0 + NB / NT);
       for (int64_t m0 = 0; m0 < M; m0 += MT)
@@ -932,7 +932,7 @@ void x8_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M, int
   const Activations act(x, M, K, F::GROUP, F::SUM16);
   const int64_t tiles = N / 8, tile_bytes = nb * F::BYTES;
   const int64_t grain = std::max<int64_t>(1, PARALLEL_BYTES / std::max<int64_t>(1, tile_bytes));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+  parallel_chunks(tiles, grain, [&](int64_t t0, int64_t t1) {
     const ActRow* a = act.rows.data();
     constexpr int XROWS = xrows<F>();
     for (int64_t t = t0; t < t1; ++t)

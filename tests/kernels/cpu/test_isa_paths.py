@@ -107,8 +107,10 @@ def check_attention() -> None:
     (its own key sequence, nothing else), for odd head dims and lengths; and close to softmax attention."""
     g = torch.Generator().manual_seed(2)
     for dtype in DTYPES:
+        # GQA: 1 to 8 query heads per KV head; head dims 7 to 128
         for D, L, T, hq, hkv in ((64, 37, 9, 6, 2), (24, 0, 7, 3, 3), (80, 300, 5, 4, 1), (7, 17, 3, 2, 2),
-                                 (64, 0, 70, 3, 1), (128, 3, 20, 2, 2)):
+                                 (64, 0, 70, 3, 1), (128, 3, 20, 2, 2), (128, 40, 6, 4, 2), (64, 20, 9, 8, 2),
+                                 (7, 17, 3, 4, 2), (100, 33, 4, 4, 2)):
             k = torch.randn(1, hkv, L + T, D, generator=g).to(dtype)
             v = torch.randn(1, hkv, L + T, D, generator=g).to(dtype)
             q = torch.randn(1, T, hq, D, generator=g).to(dtype)
@@ -121,6 +123,11 @@ def check_attention() -> None:
             s = s.masked_fill(torch.arange(L + T)[None, :] > L + torch.arange(T)[:, None], float("-inf"))
             ref = torch.einsum("bhtn,bhnd->bthd", s.softmax(-1), vv)
             torch.testing.assert_close(full.double(), ref, atol=TOL[dtype] * 8, rtol=TOL[dtype] * 2)
+            if hq > hkv:  # a group of heads taken together == each head over its own copy of the KV head
+                alone = torch.ops.lookahead.tree_attention(q, k.repeat_interleave(hq // hkv, 1).contiguous(),
+                                                           v.repeat_interleave(hq // hkv, 1).contiguous(), lens,
+                                                           None, scale)
+                _same_rows(full, alone, f"attention {dtype} D={D} L={L} heads {hq}/{hkv} against one by one")
             for i in range(T):
                 cut = torch.ops.lookahead.tree_attention(q[:, :i + 1].clone(), k, v, lens, None, scale)
                 _same_rows(full[0, i], cut[0, i], f"attention {dtype} D={D} L={L} node {i}")
