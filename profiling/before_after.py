@@ -30,7 +30,11 @@ def export_old(commit: str, into: Path) -> None:
     (into / "lookahead").rename(into / "lookahead_old")
     for path in (into / "lookahead_old").rglob("*.py"):
         text = re.sub(r"\b(from|import) lookahead\b", r"\1 lookahead_old", path.read_text())  # not `lookahead.x`
-        path.write_text(re.sub(r"torch\.ops\.lookahead(_cpu)?\.", r"torch.ops.lookahead_old\1.", text))
+        # every reference to the ops' namespaces, `torch.ops.lookahead_cpu.x` and `getattr(torch.ops.lookahead_cpu,
+        # name)` alike (a missed one would run the new ops under the old name), and the Python library's own name
+        text = re.sub(r"torch\.ops\.lookahead(_cpu)?\b", r"torch.ops.lookahead_old\1", text)
+        text = text.replace('Library("lookahead", "DEF")', 'Library("lookahead_old", "DEF")')
+        path.write_text(text.replace('LIBRARY = "lookahead_cpu"', 'LIBRARY = "lookahead_old_cpu"'))
     for path in (into / "lookahead_old").rglob("*.cpp"):  # the old ops under their own namespace
         path.write_text(re.sub(r"TORCH_LIBRARY(_FRAGMENT|_IMPL)\(lookahead(_cpu)?,", r"TORCH_LIBRARY\1(lookahead_old\2,",
                                path.read_text()))
