@@ -50,10 +50,9 @@ LOOKAHEAD_INLINE inline void with_count(int n, F f) {
 // must pay for waking it), each owning a contiguous share as there, which it walks in CHUNKS_PER_THREAD chunks; a
 // thread done with its own share then takes the next chunks of the others'. Where one vCPU runs slower (a
 // neighbour's load on a VM, a core at a lower clock) the other takes over the rest of its work instead of waiting
-// for it at the region's end (llama.cpp's matmul hands out chunks from a counter for the same reason; one shared
-// counter interleaves the threads' weight streams, which cost a memory-bound step 7-14% here: docs/cpu.md). Every
-// index is done once, by one thread, with the same code whichever thread it is: the outputs' bits do not depend on
-// the split.
+// for it at the region's end. (llama.cpp's matmul hands out every chunk from one shared counter; that interleaves
+// the threads' weight streams, and measured slower here: docs/cpu.md#threads.) Every index is done once, by one
+// thread, with the same code whichever thread it is: the outputs' bits do not depend on the split.
 constexpr int64_t CHUNKS_PER_THREAD = 4;
 template <typename F>
 void parallel_chunks(int64_t n, int64_t min_per_thread, const F& f) {
