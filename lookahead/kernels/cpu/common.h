@@ -59,8 +59,8 @@ void parallel_chunks(int64_t n, int64_t min_per_thread, const F& f) {
   if (n <= 0) return;
   const int64_t grain = std::max<int64_t>(1, min_per_thread);
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
-  if (n < grain || threads <= 1 || at::in_parallel_region()) return f(0, n);
-  struct alignas(64) Share {  // a cache line each: the owner's counter is not written by the other threads' steps
+  if (threads <= 1 || at::in_parallel_region()) return f(0, n);  // n < grain gives one thread
+  struct alignas(64) Share {  // a cache line each: threads walking different shares touch different lines
     std::atomic<int64_t> next;
     int64_t end;
   };

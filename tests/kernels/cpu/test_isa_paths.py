@@ -123,7 +123,7 @@ def check_attention() -> None:
             s = s.masked_fill(torch.arange(L + T)[None, :] > L + torch.arange(T)[:, None], float("-inf"))
             ref = torch.einsum("bhtn,bhnd->bthd", s.softmax(-1), vv)
             torch.testing.assert_close(full.double(), ref, atol=TOL[dtype] * 8, rtol=TOL[dtype] * 2)
-            if hq > hkv:  # a group of heads taken together == each head over its own copy of the KV head
+            if hq > hkv:  # heads that share a KV head == each head over its own copy of it
                 alone = torch.ops.lookahead.tree_attention(q, k.repeat_interleave(hq // hkv, 1).contiguous(),
                                                            v.repeat_interleave(hq // hkv, 1).contiguous(), lens,
                                                            None, scale)
