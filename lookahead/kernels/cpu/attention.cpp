@@ -551,6 +551,32 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
     const int64_t width = (n_heads + 2 * Hkv) * D;
     // transformers' rounding: q * cos and rotate(q) * sin each rounded to the dtype, then their sum
     auto rope = [&](const T_* x, const T_* c, const T_* s, T_* y) {
+#if defined(LOOKAHEAD_VEC8)
+      // the same operations 8 lanes at a time; -x * s is (-x) * s, the scalar's product
+      const __m256 neg = _mm256_set1_ps(-0.0f);
+      if (!interleaved && R % 16 == 0) {
+        for (int64_t d = 0; d < R / 2; d += 8) {
+          const __m256 a = load8(x + d), b = load8(x + d + R / 2);
+          const __m256 ca = load8(c + d), cb = load8(c + d + R / 2), sa = load8(s + d), sb = load8(s + d + R / 2);
+          store8(y + d, _mm256_add_ps(round8<T_>(_mm256_mul_ps(a, ca)),
+                                      round8<T_>(_mm256_mul_ps(_mm256_xor_ps(b, neg), sa))));
+          store8(y + d + R / 2, _mm256_add_ps(round8<T_>(_mm256_mul_ps(b, cb)), round8<T_>(_mm256_mul_ps(a, sb))));
+        }
+        std::copy(x + R, x + D, y + R);
+        return;
+      }
+      if (interleaved && R % 8 == 0) {
+        const __m256 even_neg = _mm256_setr_ps(-0.0f, 0.0f, -0.0f, 0.0f, -0.0f, 0.0f, -0.0f, 0.0f);
+        for (int64_t d = 0; d < R; d += 8) {
+          const __m256 a = load8(x + d);
+          const __m256 partner = _mm256_xor_ps(_mm256_permute_ps(a, _MM_SHUFFLE(2, 3, 0, 1)), even_neg);
+          store8(y + d, _mm256_add_ps(round8<T_>(_mm256_mul_ps(a, load8(c + d))),
+                                      round8<T_>(_mm256_mul_ps(partner, load8(s + d)))));
+        }
+        std::copy(x + R, x + D, y + R);
+        return;
+      }
+#endif
       for (int64_t d = 0; d < R; ++d) {
         float partner;
         if (interleaved) {

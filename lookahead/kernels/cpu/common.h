@@ -28,6 +28,11 @@
 // and 8-15, so every sum keeps the order of the 16-lane one.
 #define LOOKAHEAD_AVX2 1
 #endif
+#if defined(__AVX512F__) || defined(LOOKAHEAD_AVX2)
+// 8-lane helpers (load8, store8, round8, exp8 below) on every x86 code path: the row-wise ops (norms, SwiGLU,
+// RoPE, the activations' quantization) use them on AVX-512 builds too, where 8 lanes a row are enough.
+#define LOOKAHEAD_VEC8 1
+#endif
 
 namespace lookahead_cpu {
 
@@ -134,7 +139,7 @@ inline __m512 load16(const c10::Half* p, int n = 16) {
 }
 #endif
 
-#if defined(LOOKAHEAD_AVX2)
+#if defined(LOOKAHEAD_VEC8)
 // lane_sum of the 16 lanes lo (0-7), hi (8-15), by the same tree: l + (l + 8), then l + (l + 4), then
 // (l0 + l2) + (l1 + l3).
 inline float lane_sum(__m256 lo, __m256 hi) {
@@ -225,7 +230,7 @@ inline __m512 exp_scale(__m512 n) {
 inline __m512 exp_zero_where(__mmask16 underflow, __m512 v) { return _mm512_maskz_mov_ps(~underflow, v); }
 #endif
 
-#if defined(LOOKAHEAD_AVX2)
+#if defined(LOOKAHEAD_VEC8)
 inline __m256 exp_underflow(__m256 x) { return _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ); }
 inline __m256 exp_clamp(__m256 x) {  // a NaN x is returned, as by std::max
   return _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));
@@ -257,7 +262,7 @@ inline float exp_f32(float x) { return exp_lanes(x); }
 #if defined(__AVX512F__)
 inline __m512 exp16(__m512 x) { return exp_lanes(x); }
 #endif
-#if defined(LOOKAHEAD_AVX2)
+#if defined(LOOKAHEAD_VEC8)
 inline __m256 exp8(__m256 x) { return exp_lanes(x); }
 #endif
 

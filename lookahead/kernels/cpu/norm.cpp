@@ -12,7 +12,7 @@ namespace {
 
 template <typename T>
 void rms_row(const T* x, const T* w, T* out, int64_t D, float eps) {
-#if defined(LOOKAHEAD_AVX2)
+#if defined(LOOKAHEAD_VEC8)
   __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();  // lanes 0-7 and 8-15 of the 16-lane sum
   for (int64_t d = 0; d < D; d += LANES) {
     const int n = static_cast<int>(std::min<int64_t>(LANES, D - d));
@@ -43,7 +43,7 @@ void rms_row(const T* x, const T* w, T* out, int64_t D, float eps) {
 // row[0:D] += h[0:D], rounded to T (the residual stream)
 template <typename T>
 void add_row(T* row, const T* h, int64_t D) {
-#if defined(LOOKAHEAD_AVX2)
+#if defined(LOOKAHEAD_VEC8)
   for (int64_t d = 0; d < D; d += 8) {
     const int n = static_cast<int>(std::min<int64_t>(8, D - d));
     store8(row + d, _mm256_add_ps(load8(row + d, n), load8(h + d, n)), n);
@@ -56,7 +56,7 @@ void add_row(T* row, const T* h, int64_t D) {
 // o[0:I] = silu(g) * u, silu(g) = g / (1 + exp(-g)) rounded to T
 template <typename T>
 void silu_mul_row(const T* g, const T* u, T* o, int64_t I) {
-#if defined(LOOKAHEAD_AVX2)
+#if defined(LOOKAHEAD_VEC8)
   const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
   for (int64_t i = 0; i < I; i += 8) {
     const int n = static_cast<int>(std::min<int64_t>(8, I - i));

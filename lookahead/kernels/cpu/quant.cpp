@@ -496,10 +496,12 @@ struct Q6K {
 };
 
 // ---- activation quantization -----------------------------------------------------------------------------
-// One row x [K] -> q, d per group of G, sums per 32 (and per 16 where sum16 is given). Scalar code: the same bits
-// on every path.
+// One row x [K] -> q, d per group of G, sums per 32 (and per 16 where sum16 is given). The same IEEE operations
+// on every path: amax = max |x| (max is exact in any order; a NaN is skipped, as by std::max(amax, |x|)),
+// d = amax / 127, q = nearbyint(x * (127 / amax)) clamped to [-127, 127] (a NaN product to -127); the sums are
+// integers. The 8-lane code below runs them lane by lane, so it gives the scalar loop's bits.
 template <typename T>
-void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* sum32, int32_t* sum16) {
+void quantize_row_scalar(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* sum32, int32_t* sum16) {
   for (int64_t g = 0; g < K / G; ++g) {
     float amax = 0.0f;
     for (int64_t i = g * G; i < (g + 1) * G; ++i) amax = std::max(amax, std::fabs(to_float(x[i])));
@@ -521,6 +523,53 @@ void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* su
     sum16[b] = s;
   }
 }
+
+#if defined(LOOKAHEAD_VEC8)
+// The sum of 8 int32 lanes (exact)
+inline int32_t hsum8(__m256i v) {
+  const __m128i a = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i b = _mm_add_epi32(a, _mm_shuffle_epi32(a, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtsi128_si32(_mm_add_epi32(b, _mm_shuffle_epi32(b, _MM_SHUFFLE(2, 3, 0, 1))));
+}
+
+template <typename T>
+void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* sum32, int32_t* sum16) {
+  if (G % 32 != 0) return quantize_row_scalar(x, K, G, q, d, sum32, sum16);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t g = 0; g < K / G; ++g) {
+    const T* xg = x + g * G;
+    __m256 amax = _mm256_setzero_ps();
+    for (int i = 0; i < G; i += 8) amax = _mm256_max_ps(_mm256_and_ps(load8(xg + i), abs_mask), amax);
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float a = std::max(_mm_cvtss_f32(m4), _mm_cvtss_f32(_mm_shuffle_ps(m4, m4, 1)));
+    const float inv = a > 0.0f ? 127.0f / a : 0.0f;
+    d[g] = a / 127.0f;
+    const __m256 iv = _mm256_set1_ps(inv);
+    for (int i = 0; i < G; i += 32) {
+      __m256i v[4];
+      for (int j = 0; j < 4; ++j) {
+        const __m256 r = _mm256_round_ps(_mm256_mul_ps(load8(xg + i + 8 * j), iv),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));  // max(NaN, lo) is lo
+      }
+      const int64_t e = g * G + i;  // 32 elements: sums of 32 (and 16) from the int32 lanes
+      const int32_t s0 = hsum8(_mm256_add_epi32(v[0], v[1])), s1 = hsum8(_mm256_add_epi32(v[2], v[3]));
+      sum32[e / 32] = s0 + s1;
+      if (sum16) sum16[e / 16] = s0, sum16[e / 16 + 1] = s1;
+      const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + e), _mm256_permutevar8x32_epi32(p, order));
+    }
+  }
+}
+#else
+template <typename T>
+void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* sum32, int32_t* sum16) {
+  quantize_row_scalar(x, K, G, q, d, sum32, sum16);
+}
+#endif
 
 // The rows of x of one call, each quantized alone into its own slice of these buffers.
 struct Activations {

@@ -102,6 +102,41 @@ def check_norms() -> None:
                 _same_rows(silu[i], torch.ops.lookahead.silu_mul(gate_up[i:i + 1].clone())[0], f"silu {dtype} {D}")
 
 
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """transformers' RoPE in x's dtype: x * cos + rotate(x) * sin, each product rounded to the dtype, on the first
+    R = cos.shape[-1] dims of each head (x [..., H, D], cos/sin [..., R]); the rest passes through."""
+    R = cos.shape[-1]
+    r = x[..., :R]
+    if interleaved:  # pairs (2i, 2i + 1): (-x[2i + 1], x[2i])
+        rot = torch.stack((-r[..., 1::2], r[..., 0::2]), dim=-1).flatten(-2)
+    else:
+        rot = torch.cat((-r[..., R // 2:], r[..., :R // 2]), dim=-1)
+    return torch.cat((r * cos[..., None, :] + rot * sin[..., None, :], x[..., R:]), dim=-1)
+
+
+def check_rope() -> None:
+    """rope_store: q rotated and k rotated into the cache at each token's slot, v copied, all with transformers'
+    rounding bit for bit, in both layouts (halves, pairs), full and partial rotary dims, one token or many."""
+    g = torch.Generator().manual_seed(3)
+    for dtype in DTYPES:
+        for D, R, hq, hkv, T in ((64, 64, 9, 3, 1), (64, 64, 9, 3, 8), (128, 64, 4, 2, 5), (40, 24, 2, 1, 3),
+                                 (64, 16, 2, 2, 2), (20, 20, 1, 1, 4)):
+            for interleaved in (False, True):
+                qkv = torch.randn(1, T, (hq + 2 * hkv) * D, generator=g).mul(3).to(dtype)
+                angles = torch.rand(1, T, R, generator=g) * 6.3
+                cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+                k_cache = torch.zeros(1, hkv, 2 * T + 3, D, dtype=dtype)
+                v_cache = torch.zeros_like(k_cache)
+                slots = (torch.arange(T) * 2 + 1)[None]
+                q = torch.ops.lookahead.rope_store(qkv, cos, sin, k_cache, v_cache, slots, hq, interleaved)
+                heads = qkv.view(1, T, hq + 2 * hkv, D)
+                what = f"rope {dtype} D={D} R={R} interleaved={interleaved}"
+                _same_rows(q, rope_reference(heads[:, :, :hq], cos, sin, interleaved), what + " q")
+                k = rope_reference(heads[:, :, hq:hq + hkv], cos, sin, interleaved)  # [1, T, hkv, D]
+                _same_rows(k_cache[0][:, slots[0]], k[0].transpose(0, 1), what + " k")
+                _same_rows(v_cache[0][:, slots[0]], heads[0, :, hq + hkv:].transpose(0, 1), what + " v")
+
+
 def check_attention() -> None:
     """A causal chain of T nodes behind L committed keys: node i's output == that of the chain cut after node i
     (its own key sequence, nothing else), for odd head dims and lengths; and close to softmax attention."""
@@ -141,14 +176,14 @@ def check_attention() -> None:
 @OP_ARCHS
 def test_ops_are_row_invariant_on_each_code_path(arch):
     """linear, rms_norm, add_rms_norm_, silu_mul and tree_attention built for arch: bitwise row-invariant in fp32,
-    bf16 and fp16, and close to an fp64 reference (a kernel that is invariant but wrong fails too). The ops say
+    bf16 and fp16, and close to an fp64 reference; rope_store equal to transformers' rounding (a kernel that is invariant but wrong fails too). The ops say
     which code path they were built for; cost curves are keyed by it, and dtype="auto" follows it."""
     out = run_on_path(arch, "import torch\n"
                             "from lookahead.kernels import cpu\n"
                             "from lookahead.cost import curve_key\n"
                             "import tests.kernels.cpu.test_exact as e, tests.kernels.cpu.test_isa_paths as t\n"
                             "assert cpu.available()\n"
-                            "t.check_linear(); t.check_norms(); t.check_attention()\n"
+                            "t.check_linear(); t.check_norms(); t.check_rope(); t.check_attention()\n"
                             "print('row-invariant')\n"
                             "print('path', cpu.code_path(), cpu.auto_dtype()[0], curve_key(e.tiny(torch.float32)))\n")
     assert "row-invariant" in out

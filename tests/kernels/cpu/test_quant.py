@@ -169,15 +169,20 @@ def outputs(seed: int = 7) -> dict[str, torch.Tensor]:
         K = 2 * max(elems, 128)
         w = random_weight(name, 21, K, seed)
         x = torch.randn(11, K, generator=torch.Generator().manual_seed(seed))
+        # the activations' quantization at its edges: a row of zeros; one whose every group of 32 holds 127, so
+        # 127 / amax is 1 and the ties k + 0.5 round to even; one with a group of zeros and -0.0
+        x[3] = 0.0
+        x[5] = (torch.arange(K) % 64 - 32 + 0.5).masked_fill(torch.arange(K) % 32 == 7, 127.0)
+        x[6, :32], x[6, 40] = 0.0, -0.0
         for dtype in (torch.float32, torch.bfloat16):
             y = torch.ops.lookahead.quant_linear(x.to(dtype), w, None)
-            for m in (0, 4, 10):  # rows alone: the same bits on this ISA path too
+            for m in (0, 3, 4, 5, 6, 10):  # rows alone: the same bits on this ISA path too
                 assert torch.equal(torch.ops.lookahead.quant_linear(x[m:m + 1].to(dtype), w, None), y[m:m + 1])
             out[f"{name}-{dtype}"] = y
             if name in REPACKED:  # quant_repack's layout; 24 outputs: three tiles of 8
                 packed = torch.ops.lookahead_cpu.quant_repack(random_weight(name, 24, K, seed))
                 y = torch.ops.lookahead.quant_linear(x.to(dtype), packed, None)
-                for m in (0, 4, 10):
+                for m in (0, 3, 4, 5, 6, 10):
                     assert torch.equal(torch.ops.lookahead.quant_linear(x[m:m + 1].to(dtype), packed, None), y[m:m + 1])
                 out[f"{name} x8-{dtype}"] = y
     return out
