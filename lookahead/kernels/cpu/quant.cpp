@@ -310,6 +310,8 @@ struct ActRow {
   const float* d;
   const int32_t* sum32;
   const int32_t* sum16;  // per 16 elements, where the format asks (Q6_K x8), else null
+  const int32_t* off32;  // -OFF * sum32 per 32 elements, where the format asks (the Qx8 ones with an offset)
+  const float* fsum32;   // float(sum32), where the format asks (Q4_1 / Q5_1 x8)
 };
 
 // ---- the block formats: unpack a weight block once, dot it with any number of activation rows -----------------
@@ -574,15 +576,22 @@ void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* su
 // The rows of x of one call, each quantized alone into its own slice of these buffers.
 struct Activations {
   std::vector<int8_t> q;
-  std::vector<float> d;
-  std::vector<int32_t> sum32, sum16;
+  std::vector<float> d, fsum32;
+  std::vector<int32_t> sum32, sum16, off32;
   std::vector<ActRow> rows;
-  template <typename T> Activations(const T* x, int64_t M, int64_t K, int G, bool with_sum16)
-      : q(M * K), d(M * (K / G)), sum32(M * (K / 32)), sum16(with_sum16 ? M * (K / 16) : 0), rows(M) {
+  // off: the format's offset OFF (off32 = -OFF * sum32; 0: none); with_fsum: float(sum32) as well
+  template <typename T>
+  Activations(const T* x, int64_t M, int64_t K, int G, bool with_sum16, int off = 0, bool with_fsum = false)
+      : q(M * K), d(M * (K / G)), fsum32(with_fsum ? M * (K / 32) : 0), sum32(M * (K / 32)),
+        sum16(with_sum16 ? M * (K / 16) : 0), off32(off ? M * (K / 32) : 0), rows(M) {
     for (int64_t m = 0; m < M; ++m) {
       int32_t* s16 = with_sum16 ? sum16.data() + m * (K / 16) : nullptr;
-      quantize_row(x + m * K, K, G, q.data() + m * K, d.data() + m * (K / G), sum32.data() + m * (K / 32), s16);
-      rows[m] = ActRow{q.data() + m * K, d.data() + m * (K / G), sum32.data() + m * (K / 32), s16};
+      int32_t* s32 = sum32.data() + m * (K / 32);
+      quantize_row(x + m * K, K, G, q.data() + m * K, d.data() + m * (K / G), s32, s16);
+      for (int64_t b = 0; off && b < K / 32; ++b) off32[m * (K / 32) + b] = -off * s32[b];
+      for (int64_t b = 0; with_fsum && b < K / 32; ++b) fsum32[m * (K / 32) + b] = static_cast<float>(s32[b]);
+      rows[m] = ActRow{q.data() + m * K, d.data() + m * (K / G), s32, s16, off ? off32.data() + m * (K / 32) : nullptr,
+                       with_fsum ? fsum32.data() + m * (K / 32) : nullptr};
     }
   }
 };
@@ -727,7 +736,8 @@ struct Q4Kx8 {
   static constexpr int ELEMS = 256, BYTES = 1184, SOURCE = 144, D = 0, DMIN = 16, SCALES = 32, MINS = 96, QS = 160;
   static constexpr int GROUP = 256, BLOCKS = 1;  // GROUP: the activation's; BLOCKS: the file's per unit
   static constexpr int ROWS512 = 8;              // rows of x per pass with AVX-512's 32 registers (xrows)
-  static constexpr bool SUM16 = false;
+  static constexpr bool SUM16 = false, FSUM = false;
+  static constexpr int OFF = 0;
   static Acc finish(Acc s1, Acc s2) { return sub(s1, s2); }
   static constexpr int PREFETCH = 0;  // bytes ahead: the hardware's prefetch did as well (4096: 0.99x, 8192: 1.07x)
   static void repack(const uint8_t* src, uint8_t* dst, int64_t t, int64_t nb) {
@@ -787,7 +797,8 @@ struct Q6Kx8 {
   static constexpr int ELEMS = 256, BYTES = 1680, SOURCE = 210, D = 0, SCALES = 16, QS = 144;
   static constexpr int GROUP = 256, BLOCKS = 1;
   static constexpr int ROWS512 = 4;  // its 16 accumulators per 4 rows: 8 took 1.2x the time at 8 rows
-  static constexpr bool SUM16 = true;  // its sub-blocks of 16
+  static constexpr bool SUM16 = true, FSUM = false;  // its sub-blocks of 16
+  static constexpr int OFF = 0;
   static Acc finish(Acc s1, Acc s2) { return sub(s1, s2); }
   static constexpr int PREFETCH = 4096;  // against none: 0.90x at two threads, 0.93x at one (8192: 0.96x, 0.85x)
   static void repack(const uint8_t* src, uint8_t* dst, int64_t t, int64_t nb) {
@@ -869,7 +880,7 @@ template <int BITS, bool AFFINE> struct Qx8 {
   static constexpr int QBYTES = BITS == 8 ? 256 : 128;  // per j
   static constexpr int BYTES = QS + 2 * QBYTES;
   static constexpr int OFF = BITS == 8 ? (UNSIGNED_DOT ? 128 : 0) : AFFINE ? 0 : (FIVE ? 16 : 8);
-  static constexpr bool SUM16 = false;
+  static constexpr bool SUM16 = false, FSUM = AFFINE;
   static constexpr int PREFETCH = 0;
   static_assert(BITS != 8 || !AFFINE, "Qx8: Q8_0 is symmetric");
   static Acc finish(Acc s1, Acc s2) { return add(s1, s2); }
@@ -898,8 +909,8 @@ template <int BITS, bool AFFINE> struct Qx8 {
   }
   template <int R> static void block(const uint8_t* base, const ActRow* act, int64_t b, Acc* s1, Acc* s2) {
     for (int j = 0; j < 2; ++j) {
-      Lanes acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = lanes_zero();
+      Lanes acc[R];  // I = q . xq - OFF * sum(xq): the integer starts at the offset term (exact in any order)
+      for (int r = 0; r < R; ++r) acc[r] = OFF ? splat32(act[r].off32[2 * b + j]) : lanes_zero();
       const int64_t e0 = 64 * b + 32 * j;  // the block's first element
       const uint8_t* q = base + QS + QBYTES * j;
       if constexpr (BITS == 8) {
@@ -931,10 +942,9 @@ template <int BITS, bool AFFINE> struct Qx8 {
       }
       const Acc d = halves8(base + D + 16 * j), m = AFFINE ? halves8(base + M + 16 * j) : acc_zero();
       for (int r = 0; r < R; ++r) {
-        const int32_t sum = act[r].sum32[2 * b + j];
         const Acc dx = splat(act[r].d[2 * b + j]);
-        s1[r] = acc_add(s1[r], OFF ? sub32(acc[r], splat32(OFF * sum)) : acc[r], mul(d, dx));
-        if constexpr (AFFINE) s2[r] = add(s2[r], mul(mul(m, dx), splat(static_cast<float>(sum))));
+        s1[r] = acc_add(s1[r], acc[r], mul(d, dx));
+        if constexpr (AFFINE) s2[r] = add(s2[r], mul(mul(m, dx), splat(act[r].fsum32[2 * b + j])));
       }
     }
   }
@@ -978,7 +988,7 @@ template <typename F> constexpr int xrows() {
 template <typename F, typename T>
 void x8_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
   const int64_t nb = K / F::ELEMS;
-  const Activations act(x, M, K, F::GROUP, F::SUM16);
+  const Activations act(x, M, K, F::GROUP, F::SUM16, F::OFF, F::FSUM);
   const int64_t tiles = N / 8, tile_bytes = nb * F::BYTES;
   const int64_t grain = std::max<int64_t>(1, PARALLEL_BYTES / std::max<int64_t>(1, tile_bytes));
   parallel_chunks(tiles, grain, [&](int64_t t0, int64_t t1) {
