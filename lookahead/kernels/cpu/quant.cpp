@@ -311,6 +311,7 @@ struct ActRow {
   const int32_t* sum32;
   const int32_t* sum16;  // per 16 elements, where the format asks (Q6_K x8), else null
   const int32_t* off32;  // -OFF * sum32 per 32 elements, where the format asks (the Qx8 ones with an offset)
+  const int32_t* off16;  // -OFF16 * sum16 per 16 elements, where the format asks (Q6_K x8: 32)
   const float* fsum32;   // float(sum32), where the format asks (Q4_1 / Q5_1 x8)
 };
 
@@ -577,20 +578,25 @@ void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* su
 struct Activations {
   std::vector<int8_t> q;
   std::vector<float> d, fsum32;
-  std::vector<int32_t> sum32, sum16, off32;
+  std::vector<int32_t> sum32, sum16, off32, off16;
   std::vector<ActRow> rows;
-  // off: the format's offset OFF (off32 = -OFF * sum32; 0: none); with_fsum: float(sum32) as well
+  // off: the format's offset per 32 elements (off32 = -off * sum32; 0: none), off16 the same per 16 (sum16 then
+  // kept); with_fsum: float(sum32) as well
   template <typename T>
-  Activations(const T* x, int64_t M, int64_t K, int G, bool with_sum16, int off = 0, bool with_fsum = false)
+  Activations(const T* x, int64_t M, int64_t K, int G, bool with_sum16, int off = 0, bool with_fsum = false,
+              int off_16 = 0)
       : q(M * K), d(M * (K / G)), fsum32(with_fsum ? M * (K / 32) : 0), sum32(M * (K / 32)),
-        sum16(with_sum16 ? M * (K / 16) : 0), off32(off ? M * (K / 32) : 0), rows(M) {
+        sum16(with_sum16 ? M * (K / 16) : 0), off32(off ? M * (K / 32) : 0), off16(off_16 ? M * (K / 16) : 0),
+        rows(M) {
     for (int64_t m = 0; m < M; ++m) {
       int32_t* s16 = with_sum16 ? sum16.data() + m * (K / 16) : nullptr;
       int32_t* s32 = sum32.data() + m * (K / 32);
       quantize_row(x + m * K, K, G, q.data() + m * K, d.data() + m * (K / G), s32, s16);
       for (int64_t b = 0; off && b < K / 32; ++b) off32[m * (K / 32) + b] = -off * s32[b];
+      for (int64_t b = 0; off_16 && b < K / 16; ++b) off16[m * (K / 16) + b] = -off_16 * s16[b];
       for (int64_t b = 0; with_fsum && b < K / 32; ++b) fsum32[m * (K / 32) + b] = static_cast<float>(s32[b]);
       rows[m] = ActRow{q.data() + m * K, d.data() + m * (K / G), s32, s16, off ? off32.data() + m * (K / 32) : nullptr,
+                       off_16 ? off16.data() + m * (K / 16) : nullptr,
                        with_fsum ? fsum32.data() + m * (K / 32) : nullptr};
     }
   }
@@ -737,7 +743,7 @@ struct Q4Kx8 {
   static constexpr int GROUP = 256, BLOCKS = 1;  // GROUP: the activation's; BLOCKS: the file's per unit
   static constexpr int ROWS512 = 8;              // rows of x per pass with AVX-512's 32 registers (xrows)
   static constexpr bool SUM16 = false, FSUM = false;
-  static constexpr int OFF = 0;
+  static constexpr int OFF = 0, OFF16 = 0;
   static Acc finish(Acc s1, Acc s2) { return sub(s1, s2); }
   static constexpr int PREFETCH = 0;  // bytes ahead: the hardware's prefetch did as well (4096: 0.99x, 8192: 1.07x)
   static void repack(const uint8_t* src, uint8_t* dst, int64_t t, int64_t nb) {
@@ -798,7 +804,7 @@ struct Q6Kx8 {
   static constexpr int GROUP = 256, BLOCKS = 1;
   static constexpr int ROWS512 = 4;  // its 16 accumulators per 4 rows: 8 took 1.2x the time at 8 rows
   static constexpr bool SUM16 = true, FSUM = false;  // its sub-blocks of 16
-  static constexpr int OFF = 0;
+  static constexpr int OFF = 0, OFF16 = 32;  // q - 32: the offset term per sub-block of 16
   static Acc finish(Acc s1, Acc s2) { return sub(s1, s2); }
   static constexpr int PREFETCH = 4096;  // against none: 0.90x at two threads, 0.93x at one (8192: 0.96x, 0.85x)
   static void repack(const uint8_t* src, uint8_t* dst, int64_t t, int64_t nb) {
@@ -825,9 +831,9 @@ struct Q6Kx8 {
     for (int h = 0; h < 2; ++h) {
       const uint8_t* half = base + QS + 768 * h;
       for (int e = 0; e < 2; ++e) {  // elements 0..15 of each chunk (one sub-block of 16), then 16..31
-        Lanes acc[R][4];
+        Lanes acc[R][4];  // sub-block j's q . xq - 32 sum(xq): it starts at the offset term (exact in any order)
         for (int r = 0; r < R; ++r)
-          for (int k = 0; k < 4; ++k) acc[r][k] = lanes_zero();
+          for (int k = 0; k < 4; ++k) acc[r][k] = splat32(act[r].off16[16 * b + 8 * h + 2 * k + e]);
 #pragma GCC unroll 4
         for (int v = 4 * e; v < 4 * e + 4; ++v) {
           const Bytes H = load32(half + 32 * (16 + v)), L0 = load32(half + 32 * v), L1 = load32(half + 32 * (8 + v));
@@ -845,7 +851,7 @@ struct Q6Kx8 {
           const int j = 8 * h + 2 * k + e;
           const Lanes sc = load_i8x8(base + SCALES + 8 * j);
           for (int r = 0; r < R; ++r)
-            I[r] = add32(I[r], mul32v(sub32(acc[r][k], splat32(32 * act[r].sum16[16 * b + j])), sc));
+            I[r] = add32(I[r], mul32v(acc[r][k], sc));
         }
       }
     }
@@ -881,6 +887,7 @@ template <int BITS, bool AFFINE> struct Qx8 {
   static constexpr int BYTES = QS + 2 * QBYTES;
   static constexpr int OFF = BITS == 8 ? (UNSIGNED_DOT ? 128 : 0) : AFFINE ? 0 : (FIVE ? 16 : 8);
   static constexpr bool SUM16 = false, FSUM = AFFINE;
+  static constexpr int OFF16 = 0;
   static constexpr int PREFETCH = 0;
   static_assert(BITS != 8 || !AFFINE, "Qx8: Q8_0 is symmetric");
   static Acc finish(Acc s1, Acc s2) { return add(s1, s2); }
@@ -988,7 +995,7 @@ template <typename F> constexpr int xrows() {
 template <typename F, typename T>
 void x8_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
   const int64_t nb = K / F::ELEMS;
-  const Activations act(x, M, K, F::GROUP, F::SUM16, F::OFF, F::FSUM);
+  const Activations act(x, M, K, F::GROUP, F::SUM16, F::OFF, F::FSUM, F::OFF16);
   const int64_t tiles = N / 8, tile_bytes = nb * F::BYTES;
   const int64_t grain = std::max<int64_t>(1, PARALLEL_BYTES / std::max<int64_t>(1, tile_bytes));
   parallel_chunks(tiles, grain, [&](int64_t t0, int64_t t1) {
