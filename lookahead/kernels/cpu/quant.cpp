@@ -142,6 +142,14 @@ inline Lanes load_u8x8(const uint8_t* p) {
 }
 inline Lanes load_i32x8(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 inline Lanes mul32v(Lanes a, Lanes b) { return _mm256_mullo_epi32(a, b); }
+// lane k = (p[k], p[8 + k]) as two int16 (low, high): the pairs madd16 multiplies
+inline Lanes pairs16(const uint8_t* p) {
+  const __m128i a = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8));
+  return _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a, b));
+}
+// lane k = low(a) * low(b) + high(a) * high(b), int16 halves: exact in int32 for the operands given here
+inline Lanes madd16(Lanes a, Lanes b) { return _mm256_madd_epi16(a, b); }
 inline Lanes lanes_zero() { return _mm256_setzero_si256(); }
 inline Lanes add32(Lanes a, Lanes b) { return _mm256_add_epi32(a, b); }
 inline Lanes sub32(Lanes a, Lanes b) { return _mm256_sub_epi32(a, b); }
@@ -246,6 +254,16 @@ inline Lanes dot_us_scaled(Lanes acc, Bytes u, Bytes s, Scales sc) {
 inline Lanes load_u8x8(const uint8_t* p) { Lanes l; for (int i = 0; i < 8; ++i) l.v[i] = p[i]; return l; }
 inline Lanes load_i32x8(const int32_t* p) { Lanes l; std::memcpy(l.v, p, sizeof(l.v)); return l; }
 inline Lanes mul32v(Lanes a, Lanes b) { for (int i = 0; i < 8; ++i) a.v[i] *= b.v[i]; return a; }
+inline Lanes pairs16(const uint8_t* p) {
+  Lanes l;
+  for (int k = 0; k < 8; ++k) l.v[k] = static_cast<int32_t>(p[k] | static_cast<uint32_t>(p[8 + k]) << 16);
+  return l;
+}
+inline int32_t half16(int32_t v, int h) { return static_cast<int16_t>(static_cast<uint32_t>(v) >> (16 * h)); }
+inline Lanes madd16(Lanes a, Lanes b) {
+  for (int k = 0; k < 8; ++k) a.v[k] = half16(a.v[k], 0) * half16(b.v[k], 0) + half16(a.v[k], 1) * half16(b.v[k], 1);
+  return a;
+}
 inline Lanes lanes_zero() { return Lanes{}; }
 inline Lanes add32(Lanes a, Lanes b) { for (int i = 0; i < 8; ++i) a.v[i] += b.v[i]; return a; }
 inline Lanes sub32(Lanes a, Lanes b) { for (int i = 0; i < 8; ++i) a.v[i] -= b.v[i]; return a; }
@@ -313,6 +331,7 @@ struct ActRow {
   const int32_t* off32;  // -OFF * sum32 per 32 elements, where the format asks (the Qx8 ones with an offset)
   const int32_t* off16;  // -OFF16 * sum16 per 16 elements, where the format asks (Q6_K x8: 32)
   const float* fsum32;   // float(sum32), where the format asks (Q4_1 / Q5_1 x8)
+  const int32_t* pair32;  // (sum32[2i], sum32[2i + 1]) as two int16 per int32, where the format asks (Q4_K x8)
 };
 
 // ---- the block formats: unpack a weight block once, dot it with any number of activation rows -----------------
@@ -578,16 +597,16 @@ void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* su
 struct Activations {
   std::vector<int8_t> q;
   std::vector<float> d, fsum32;
-  std::vector<int32_t> sum32, sum16, off32, off16;
+  std::vector<int32_t> sum32, sum16, off32, off16, pair32;
   std::vector<ActRow> rows;
   // off: the format's offset per 32 elements (off32 = -off * sum32; 0: none), off16 the same per 16 (sum16 then
-  // kept); with_fsum: float(sum32) as well
+  // kept); with_fsum: float(sum32) as well; with_pairs: pair32 (|sum32| <= 32 * 127 fits an int16)
   template <typename T>
   Activations(const T* x, int64_t M, int64_t K, int G, bool with_sum16, int off = 0, bool with_fsum = false,
-              int off_16 = 0)
+              int off_16 = 0, bool with_pairs = false)
       : q(M * K), d(M * (K / G)), fsum32(with_fsum ? M * (K / 32) : 0), sum32(M * (K / 32)),
         sum16(with_sum16 ? M * (K / 16) : 0), off32(off ? M * (K / 32) : 0), off16(off_16 ? M * (K / 16) : 0),
-        rows(M) {
+        pair32(with_pairs ? M * (K / 64) : 0), rows(M) {
     for (int64_t m = 0; m < M; ++m) {
       int32_t* s16 = with_sum16 ? sum16.data() + m * (K / 16) : nullptr;
       int32_t* s32 = sum32.data() + m * (K / 32);
@@ -595,9 +614,13 @@ struct Activations {
       for (int64_t b = 0; off && b < K / 32; ++b) off32[m * (K / 32) + b] = -off * s32[b];
       for (int64_t b = 0; off_16 && b < K / 16; ++b) off16[m * (K / 16) + b] = -off_16 * s16[b];
       for (int64_t b = 0; with_fsum && b < K / 32; ++b) fsum32[m * (K / 32) + b] = static_cast<float>(s32[b]);
+      for (int64_t i = 0; with_pairs && i < K / 64; ++i)
+        pair32[m * (K / 64) + i] = static_cast<int32_t>(static_cast<uint16_t>(s32[2 * i]) |
+                                                        static_cast<uint32_t>(static_cast<uint16_t>(s32[2 * i + 1])) << 16);
       rows[m] = ActRow{q.data() + m * K, d.data() + m * (K / G), s32, s16, off ? off32.data() + m * (K / 32) : nullptr,
                        off_16 ? off16.data() + m * (K / 16) : nullptr,
-                       with_fsum ? fsum32.data() + m * (K / 32) : nullptr};
+                       with_fsum ? fsum32.data() + m * (K / 32) : nullptr,
+                       with_pairs ? pair32.data() + m * (K / 64) : nullptr};
     }
   }
 };
@@ -742,7 +765,7 @@ struct Q4Kx8 {
   static constexpr int ELEMS = 256, BYTES = 1184, SOURCE = 144, D = 0, DMIN = 16, SCALES = 32, MINS = 96, QS = 160;
   static constexpr int GROUP = 256, BLOCKS = 1;  // GROUP: the activation's; BLOCKS: the file's per unit
   static constexpr int ROWS512 = 8;              // rows of x per pass with AVX-512's 32 registers (xrows)
-  static constexpr bool SUM16 = false, FSUM = false;
+  static constexpr bool SUM16 = false, FSUM = false, PAIRS = true;
   static constexpr int OFF = 0, OFF16 = 0;
   static Acc finish(Acc s1, Acc s2) { return sub(s1, s2); }
   static constexpr int PREFETCH = 0;  // bytes ahead: the hardware's prefetch did as well (4096: 0.99x, 8192: 1.07x)
@@ -765,6 +788,19 @@ struct Q4Kx8 {
   }
   // s1, s2 of rows act[0 .. R) += block b at base
   template <int R> static void block(const uint8_t* base, const ActRow* act, int64_t b, Acc* s1, Acc* s2) {
+    {  // s2 first (its own sum, so the order of s1's and s2's updates is free), while few registers are live:
+       // Mn = sum_j min_j sum(xq_j), the mins of sub-blocks 2i, 2i + 1 as an int16 pair per output times the
+       // row's pair of sums (madd: the same integer as 8 products)
+      const Acc dmin = halves8(base + DMIN);
+      const Lanes mp[4] = {pairs16(base + MINS), pairs16(base + MINS + 16), pairs16(base + MINS + 32),
+                           pairs16(base + MINS + 48)};
+      for (int r = 0; r < R; ++r) {
+        Lanes mn = lanes_zero();
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) mn = add32(mn, madd16(mp[i], splat32(act[r].pair32[4 * b + i])));
+        s2[r] = acc_add(s2[r], mn, mul(dmin, splat(act[r].d[b])));
+      }
+    }
     Lanes I[R];
     for (int r = 0; r < R; ++r) I[r] = lanes_zero();
     for (int g = 0; g < 4; ++g) {
@@ -783,16 +819,8 @@ struct Q4Kx8 {
       const Lanes sl = load_u8x8(base + SCALES + 16 * g), sh = load_u8x8(base + SCALES + 16 * g + 8);
       for (int r = 0; r < R; ++r) I[r] = add32(I[r], add32(mul32v(lo[r], sl), mul32v(hi[r], sh)));
     }
-    const Acc d = halves8(base + D), dmin = halves8(base + DMIN);
-    for (int r = 0; r < R; ++r) {
-      Lanes mn = lanes_zero();
-#pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j)
-        mn = add32(mn, mul32v(load_u8x8(base + MINS + 8 * j), splat32(act[r].sum32[8 * b + j])));
-      const Acc dx = splat(act[r].d[b]);
-      s1[r] = acc_add(s1[r], I[r], mul(d, dx));
-      s2[r] = acc_add(s2[r], mn, mul(dmin, dx));
-    }
+    const Acc d = halves8(base + D);
+    for (int r = 0; r < R; ++r) s1[r] = acc_add(s1[r], I[r], mul(d, splat(act[r].d[b])));
   }
 };
 
@@ -803,7 +831,7 @@ struct Q6Kx8 {
   static constexpr int ELEMS = 256, BYTES = 1680, SOURCE = 210, D = 0, SCALES = 16, QS = 144;
   static constexpr int GROUP = 256, BLOCKS = 1;
   static constexpr int ROWS512 = 4;  // its 16 accumulators per 4 rows: 8 took 1.2x the time at 8 rows
-  static constexpr bool SUM16 = true, FSUM = false;  // its sub-blocks of 16
+  static constexpr bool SUM16 = true, FSUM = false, PAIRS = false;  // its sub-blocks of 16
   static constexpr int OFF = 0, OFF16 = 32;  // q - 32: the offset term per sub-block of 16
   static Acc finish(Acc s1, Acc s2) { return sub(s1, s2); }
   static constexpr int PREFETCH = 4096;  // against none: 0.90x at two threads, 0.93x at one (8192: 0.96x, 0.85x)
@@ -886,7 +914,7 @@ template <int BITS, bool AFFINE> struct Qx8 {
   static constexpr int QBYTES = BITS == 8 ? 256 : 128;  // per j
   static constexpr int BYTES = QS + 2 * QBYTES;
   static constexpr int OFF = BITS == 8 ? (UNSIGNED_DOT ? 128 : 0) : AFFINE ? 0 : (FIVE ? 16 : 8);
-  static constexpr bool SUM16 = false, FSUM = AFFINE;
+  static constexpr bool SUM16 = false, FSUM = AFFINE, PAIRS = false;
   static constexpr int OFF16 = 0;
   static constexpr int PREFETCH = 0;
   static_assert(BITS != 8 || !AFFINE, "Qx8: Q8_0 is symmetric");
@@ -995,7 +1023,7 @@ template <typename F> constexpr int xrows() {
 template <typename F, typename T>
 void x8_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
   const int64_t nb = K / F::ELEMS;
-  const Activations act(x, M, K, F::GROUP, F::SUM16, F::OFF, F::FSUM, F::OFF16);
+  const Activations act(x, M, K, F::GROUP, F::SUM16, F::OFF, F::FSUM, F::OFF16, F::PAIRS);
   const int64_t tiles = N / 8, tile_bytes = nb * F::BYTES;
   const int64_t grain = std::max<int64_t>(1, PARALLEL_BYTES / std::max<int64_t>(1, tile_bytes));
   parallel_chunks(tiles, grain, [&](int64_t t0, int64_t t1) {
