@@ -261,7 +261,8 @@ inline Lanes pairs16(const uint8_t* p) {
 }
 inline int32_t half16(int32_t v, int h) { return static_cast<int16_t>(static_cast<uint32_t>(v) >> (16 * h)); }
 inline Lanes madd16(Lanes a, Lanes b) {
-  for (int k = 0; k < 8; ++k) a.v[k] = half16(a.v[k], 0) * half16(b.v[k], 0) + half16(a.v[k], 1) * half16(b.v[k], 1);
+  for (int k = 0; k < 8; ++k)
+    a.v[k] = half16(a.v[k], 0) * half16(b.v[k], 0) + half16(a.v[k], 1) * half16(b.v[k], 1);
   return a;
 }
 inline Lanes lanes_zero() { return Lanes{}; }
@@ -580,7 +581,10 @@ void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* su
       const int64_t e = g * G + i;  // 32 elements: sums of 32 (and 16) from the int32 lanes
       const int32_t s0 = hsum8(_mm256_add_epi32(v[0], v[1])), s1 = hsum8(_mm256_add_epi32(v[2], v[3]));
       sum32[e / 32] = s0 + s1;
-      if (sum16) sum16[e / 16] = s0, sum16[e / 16 + 1] = s1;
+      if (sum16) {
+        sum16[e / 16] = s0;
+        sum16[e / 16 + 1] = s1;
+      }
       const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + e), _mm256_permutevar8x32_epi32(p, order));
     }
@@ -614,9 +618,10 @@ struct Activations {
       for (int64_t b = 0; off && b < K / 32; ++b) off32[m * (K / 32) + b] = -off * s32[b];
       for (int64_t b = 0; off_16 && b < K / 16; ++b) off16[m * (K / 16) + b] = -off_16 * s16[b];
       for (int64_t b = 0; with_fsum && b < K / 32; ++b) fsum32[m * (K / 32) + b] = static_cast<float>(s32[b]);
-      for (int64_t i = 0; with_pairs && i < K / 64; ++i)
-        pair32[m * (K / 64) + i] = static_cast<int32_t>(static_cast<uint16_t>(s32[2 * i]) |
-                                                        static_cast<uint32_t>(static_cast<uint16_t>(s32[2 * i + 1])) << 16);
+      for (int64_t i = 0; with_pairs && i < K / 64; ++i) {
+        const uint32_t low = static_cast<uint16_t>(s32[2 * i]), high = static_cast<uint16_t>(s32[2 * i + 1]);
+        pair32[m * (K / 64) + i] = static_cast<int32_t>(low | high << 16);
+      }
       rows[m] = ActRow{q.data() + m * K, d.data() + m * (K / G), s32, s16, off ? off32.data() + m * (K / 32) : nullptr,
                        off_16 ? off16.data() + m * (K / 16) : nullptr,
                        with_fsum ? fsum32.data() + m * (K / 32) : nullptr,

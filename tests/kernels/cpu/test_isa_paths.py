@@ -176,8 +176,9 @@ def check_attention() -> None:
 @OP_ARCHS
 def test_ops_are_row_invariant_on_each_code_path(arch):
     """linear, rms_norm, add_rms_norm_, silu_mul and tree_attention built for arch: bitwise row-invariant in fp32,
-    bf16 and fp16, and close to an fp64 reference; rope_store equal to transformers' rounding (a kernel that is invariant but wrong fails too). The ops say
-    which code path they were built for; cost curves are keyed by it, and dtype="auto" follows it."""
+    bf16 and fp16, and close to an fp64 reference (a kernel that is invariant but wrong fails too); rope_store equal
+    to transformers' rounding bit for bit. The ops say which code path they were built for; cost curves are keyed by
+    it, and dtype="auto" follows it."""
     out = run_on_path(arch, "import torch\n"
                             "from lookahead.kernels import cpu\n"
                             "from lookahead.cost import curve_key\n"
