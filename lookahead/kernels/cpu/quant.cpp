@@ -331,7 +331,6 @@ struct ActRow {
   const int32_t* sum16;  // per 16 elements, where the format asks (Q6_K x8), else null
   const int32_t* off32;  // -OFF * sum32 per 32 elements, where the format asks (the Qx8 ones with an offset)
   const int32_t* off16;  // -OFF16 * sum16 per 16 elements, where the format asks (Q6_K x8: 32)
-  const float* fsum32;   // float(sum32), where the format asks (Q4_1 / Q5_1 x8)
   const int32_t* pair32;  // (sum32[2i], sum32[2i + 1]) as two int16 per int32, where the format asks (Q4_K x8)
 };
 
@@ -600,15 +599,15 @@ void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* su
 // The rows of x of one call, each quantized alone into its own slice of these buffers.
 struct Activations {
   std::vector<int8_t> q;
-  std::vector<float> d, fsum32;
+  std::vector<float> d;
   std::vector<int32_t> sum32, sum16, off32, off16, pair32;
   std::vector<ActRow> rows;
   // off: the format's offset per 32 elements (off32 = -off * sum32; 0: none), off16 the same per 16 (sum16 then
-  // kept); with_fsum: float(sum32) as well; with_pairs: pair32 (|sum32| <= 32 * 127 fits an int16)
+  // kept); with_pairs: pair32 (|sum32| <= 32 * 127 fits an int16)
   template <typename T>
-  Activations(const T* x, int64_t M, int64_t K, int G, bool with_sum16, int off = 0, bool with_fsum = false,
-              int off_16 = 0, bool with_pairs = false)
-      : q(M * K), d(M * (K / G)), fsum32(with_fsum ? M * (K / 32) : 0), sum32(M * (K / 32)),
+  Activations(const T* x, int64_t M, int64_t K, int G, bool with_sum16, int off = 0, int off_16 = 0,
+              bool with_pairs = false)
+      : q(M * K), d(M * (K / G)), sum32(M * (K / 32)),
         sum16(with_sum16 ? M * (K / 16) : 0), off32(off ? M * (K / 32) : 0), off16(off_16 ? M * (K / 16) : 0),
         pair32(with_pairs ? M * (K / 64) : 0), rows(M) {
     for (int64_t m = 0; m < M; ++m) {
@@ -617,14 +616,12 @@ struct Activations {
       quantize_row(x + m * K, K, G, q.data() + m * K, d.data() + m * (K / G), s32, s16);
       for (int64_t b = 0; off && b < K / 32; ++b) off32[m * (K / 32) + b] = -off * s32[b];
       for (int64_t b = 0; off_16 && b < K / 16; ++b) off16[m * (K / 16) + b] = -off_16 * s16[b];
-      for (int64_t b = 0; with_fsum && b < K / 32; ++b) fsum32[m * (K / 32) + b] = static_cast<float>(s32[b]);
       for (int64_t i = 0; with_pairs && i < K / 64; ++i) {
         const uint32_t low = static_cast<uint16_t>(s32[2 * i]), high = static_cast<uint16_t>(s32[2 * i + 1]);
         pair32[m * (K / 64) + i] = static_cast<int32_t>(low | high << 16);
       }
       rows[m] = ActRow{q.data() + m * K, d.data() + m * (K / G), s32, s16, off ? off32.data() + m * (K / 32) : nullptr,
                        off_16 ? off16.data() + m * (K / 16) : nullptr,
-                       with_fsum ? fsum32.data() + m * (K / 32) : nullptr,
                        with_pairs ? pair32.data() + m * (K / 64) : nullptr};
     }
   }
@@ -770,7 +767,7 @@ struct Q4Kx8 {
   static constexpr int ELEMS = 256, BYTES = 1184, SOURCE = 144, D = 0, DMIN = 16, SCALES = 32, MINS = 96, QS = 160;
   static constexpr int GROUP = 256, BLOCKS = 1;  // GROUP: the activation's; BLOCKS: the file's per unit
   static constexpr int ROWS512 = 8;              // rows of x per pass with AVX-512's 32 registers (xrows)
-  static constexpr bool SUM16 = false, FSUM = false, PAIRS = true;
+  static constexpr bool SUM16 = false, PAIRS = true;
   static constexpr int OFF = 0, OFF16 = 0;
   static Acc finish(Acc s1, Acc s2) { return sub(s1, s2); }
   static constexpr int PREFETCH = 0;  // bytes ahead: the hardware's prefetch did as well (4096: 0.99x, 8192: 1.07x)
@@ -836,7 +833,7 @@ struct Q6Kx8 {
   static constexpr int ELEMS = 256, BYTES = 1680, SOURCE = 210, D = 0, SCALES = 16, QS = 144;
   static constexpr int GROUP = 256, BLOCKS = 1;
   static constexpr int ROWS512 = 4;  // its 16 accumulators per 4 rows: 8 took 1.2x the time at 8 rows
-  static constexpr bool SUM16 = true, FSUM = false, PAIRS = false;  // its sub-blocks of 16
+  static constexpr bool SUM16 = true, PAIRS = false;  // its sub-blocks of 16
   static constexpr int OFF = 0, OFF16 = 32;  // q - 32: the offset term per sub-block of 16
   static Acc finish(Acc s1, Acc s2) { return sub(s1, s2); }
   static constexpr int PREFETCH = 4096;  // against none: 0.90x at two threads, 0.93x at one (8192: 0.96x, 0.85x)
@@ -919,7 +916,7 @@ template <int BITS, bool AFFINE> struct Qx8 {
   static constexpr int QBYTES = BITS == 8 ? 256 : 128;  // per j
   static constexpr int BYTES = QS + 2 * QBYTES;
   static constexpr int OFF = BITS == 8 ? (UNSIGNED_DOT ? 128 : 0) : AFFINE ? 0 : (FIVE ? 16 : 8);
-  static constexpr bool SUM16 = false, FSUM = AFFINE, PAIRS = false;
+  static constexpr bool SUM16 = false, PAIRS = false;
   static constexpr int OFF16 = 0;
   static constexpr int PREFETCH = 0;
   static_assert(BITS != 8 || !AFFINE, "Qx8: Q8_0 is symmetric");
@@ -984,7 +981,7 @@ template <int BITS, bool AFFINE> struct Qx8 {
       for (int r = 0; r < R; ++r) {
         const Acc dx = splat(act[r].d[2 * b + j]);
         s1[r] = acc_add(s1[r], acc[r], mul(d, dx));
-        if constexpr (AFFINE) s2[r] = add(s2[r], mul(mul(m, dx), splat(act[r].fsum32[2 * b + j])));
+        if constexpr (AFFINE) s2[r] = add(s2[r], mul(mul(m, dx), splat(static_cast<float>(act[r].sum32[2 * b + j]))));
       }
     }
   }
@@ -1028,7 +1025,7 @@ template <typename F> constexpr int xrows() {
 template <typename F, typename T>
 void x8_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
   const int64_t nb = K / F::ELEMS;
-  const Activations act(x, M, K, F::GROUP, F::SUM16, F::OFF, F::FSUM, F::OFF16, F::PAIRS);
+  const Activations act(x, M, K, F::GROUP, F::SUM16, F::OFF, F::OFF16, F::PAIRS);
   const int64_t tiles = N / 8, tile_bytes = nb * F::BYTES;
   const int64_t grain = std::max<int64_t>(1, PARALLEL_BYTES / std::max<int64_t>(1, tile_bytes));
   parallel_chunks(tiles, grain, [&](int64_t t0, int64_t t1) {
