@@ -596,35 +596,82 @@ void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* su
 }
 #endif
 
-// The rows of x of one call, each quantized alone into its own slice of these buffers.
-struct Activations {
-  std::vector<int8_t> q;
-  std::vector<float> d;
-  std::vector<int32_t> sum32, sum16, off32, off16, pair32;
-  std::vector<ActRow> rows;
+// The rows of x of one call, each quantized alone into its own slice of these buffers. The buffers are the calling
+// thread's scratch, kept between calls and grown to the largest (a SmolLM2 step makes ~150 quantized linear calls,
+// which each allocated and zero-filled eight arrays); every byte a call reads it writes first. A second Activations
+// alive on the same thread (none today) takes buffers of its own.
+class Activations {
+ public:
+  const ActRow* rows;
   // off: the format's offset per 32 elements (off32 = -off * sum32; 0: none), off16 the same per 16 (sum16 then
   // kept); with_pairs: pair32 (|sum32| <= 32 * 127 fits an int16)
   template <typename T>
   Activations(const T* x, int64_t M, int64_t K, int G, bool with_sum16, int off = 0, int off_16 = 0,
-              bool with_pairs = false)
-      : q(M * K), d(M * (K / G)), sum32(M * (K / 32)),
-        sum16(with_sum16 ? M * (K / 16) : 0), off32(off ? M * (K / 32) : 0), off16(off_16 ? M * (K / 16) : 0),
-        pair32(with_pairs ? M * (K / 64) : 0), rows(M) {
+              bool with_pairs = false) {
+    const int64_t n32 = K / 32, n16 = with_sum16 ? K / 16 : 0;  // per row
+    size_t bytes = 0;
+    auto take = [&](size_t n) {  // offset of an array of n bytes, 64-byte aligned
+      const size_t at = bytes;
+      bytes += (n + 63) / 64 * 64;
+      return at;
+    };
+    const size_t o_rows = take(M * sizeof(ActRow)), o_q = take(M * K), o_d = take(M * (K / G) * sizeof(float)),
+                 o_s32 = take(M * n32 * 4), o_s16 = take(M * n16 * 4), o_off32 = take(off ? M * n32 * 4 : 0),
+                 o_off16 = take(off_16 ? M * n16 * 4 : 0), o_pair = take(with_pairs ? M * (K / 64) * 4 : 0);
+    char* base = claim(bytes);
+    ActRow* out = reinterpret_cast<ActRow*>(base + o_rows);
+    rows = out;
     for (int64_t m = 0; m < M; ++m) {
-      int32_t* s16 = with_sum16 ? sum16.data() + m * (K / 16) : nullptr;
-      int32_t* s32 = sum32.data() + m * (K / 32);
-      quantize_row(x + m * K, K, G, q.data() + m * K, d.data() + m * (K / G), s32, s16);
-      for (int64_t b = 0; off && b < K / 32; ++b) off32[m * (K / 32) + b] = -off * s32[b];
-      for (int64_t b = 0; off_16 && b < K / 16; ++b) off16[m * (K / 16) + b] = -off_16 * s16[b];
-      for (int64_t i = 0; with_pairs && i < K / 64; ++i) {
+      int8_t* q = reinterpret_cast<int8_t*>(base + o_q) + m * K;
+      float* d = reinterpret_cast<float*>(base + o_d) + m * (K / G);
+      int32_t* s32 = reinterpret_cast<int32_t*>(base + o_s32) + m * n32;
+      int32_t* s16 = with_sum16 ? reinterpret_cast<int32_t*>(base + o_s16) + m * n16 : nullptr;
+      int32_t* o32 = off ? reinterpret_cast<int32_t*>(base + o_off32) + m * n32 : nullptr;
+      int32_t* o16 = off_16 ? reinterpret_cast<int32_t*>(base + o_off16) + m * n16 : nullptr;
+      int32_t* pair = with_pairs ? reinterpret_cast<int32_t*>(base + o_pair) + m * (K / 64) : nullptr;
+      quantize_row(x + m * K, K, G, q, d, s32, s16);
+      for (int64_t b = 0; o32 && b < n32; ++b) o32[b] = -off * s32[b];
+      for (int64_t b = 0; o16 && b < n16; ++b) o16[b] = -off_16 * s16[b];
+      for (int64_t i = 0; pair && i < K / 64; ++i) {
         const uint32_t low = static_cast<uint16_t>(s32[2 * i]), high = static_cast<uint16_t>(s32[2 * i + 1]);
-        pair32[m * (K / 64) + i] = static_cast<int32_t>(low | high << 16);
+        pair[i] = static_cast<int32_t>(low | high << 16);
       }
-      rows[m] = ActRow{q.data() + m * K, d.data() + m * (K / G), s32, s16, off ? off32.data() + m * (K / 32) : nullptr,
-                       off_16 ? off16.data() + m * (K / 16) : nullptr,
-                       with_pairs ? pair32.data() + m * (K / 64) : nullptr};
+      out[m] = ActRow{q, d, s32, s16, o32, o16, pair};
     }
   }
+  ~Activations() {
+    if (!own_) scratch().busy = false;
+  }
+  Activations(const Activations&) = delete;
+  Activations& operator=(const Activations&) = delete;
+
+ private:
+  struct Scratch {
+    std::unique_ptr<char[]> data;
+    size_t size = 0;
+    bool busy = false;
+  };
+  static Scratch& scratch() {
+    static thread_local Scratch s;
+    return s;
+  }
+  char* claim(size_t bytes) {
+    Scratch& s = scratch();
+    if (s.busy) {
+      own_.reset(new char[bytes + 64]);
+      return align64(own_.get());
+    }
+    if (s.size < bytes + 64) {
+      s.data.reset(new char[bytes + 64]);  // uninitialised: every byte is written before it is read
+      s.size = bytes + 64;
+    }
+    s.busy = true;
+    return align64(s.data.get());
+  }
+  static char* align64(char* p) {
+    return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(p) + 63) / 64 * 64);
+  }
+  std::unique_ptr<char[]> own_;
 };
 
 // Q8_0, Q4_0, Q5_0 and the K-quants: y[m0 .. m0 + MI) x [n0, n1), one output at a time; each row keeps 8 fp32
@@ -732,7 +779,7 @@ void linear_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M,
       const int64_t c1 = std::min(t1, c0 + NB / NT);
       for (int64_t m0 = 0; m0 < M; m0 += MT)
         for (int64_t c = c0; c < c1; ++c) {
-          const ActRow* a = act.rows.data();
+          const ActRow* a = act.rows;
           const int64_t n0 = c * NT;
           const int rows = static_cast<int>(std::min<int64_t>(MT, M - m0));
 #if defined(__AVX2__)
@@ -1029,7 +1076,7 @@ void x8_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M, int
   const int64_t tiles = N / 8, tile_bytes = nb * F::BYTES;
   const int64_t grain = std::max<int64_t>(1, PARALLEL_BYTES / std::max<int64_t>(1, tile_bytes));
   parallel_chunks(tiles, grain, [&](int64_t t0, int64_t t1) {
-    const ActRow* a = act.rows.data();
+    const ActRow* a = act.rows;
     constexpr int XROWS = xrows<F>();
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t m0 = 0; m0 < M; m0 += XROWS)
