@@ -6,6 +6,7 @@ implementation per device. The model calls these ops and never asks which backen
 | linear, rms_norm, add_rms_norm_, silu_mul, rope_store, tree_attention, decode_layers | the C++ ops (kernels/cpu) | Triton where exact mode asks for it (linear, rms_norm, tree_attention), torch otherwise |
 | causal_attention (a prefill's, off the fused path) | torch's sdpa | flash-attn where installed, else sdpa |
 | accept_longest_path, compact_kv | the C++ ops (kernels/cpu/accept.cpp, registered from C++), the torch references until they load | Triton (checked where LOOKAHEAD_CHECKS=1) |
+| argmax (greedy targets) | the C++ op (accept.cpp, registered from C++), torch's until it loads | torch |
 | quant_linear, quant_embedding (GGUF blocks, kernels/cpu/quant.cpp) | the C++ ops | none: quantized weights run on the CPU |
 
 Where the C++ ops cannot be built (no compiler) or `LOOKAHEAD_KERNELS=torch` is set, the CPU runs the torch
@@ -63,6 +64,7 @@ SCHEMAS = (
     "quant_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
     "quant_embedding(Tensor weight, Tensor ids, ScalarType dtype) -> Tensor",
     "compact_kv(Tensor(a!) cache, Tensor lens, Tensor path, Tensor num_accepted) -> ()",
+    "argmax(Tensor logits) -> Tensor",
 )
 
 _exact = contextvars.ContextVar("lookahead_exact", default=False)
@@ -162,6 +164,14 @@ def _tree_attention_padded(q, k_cache, v_cache, lens, tree_mask, scale, rows, no
     return attend(padded, k_cache, v_cache, lens, mask, scale)[rows, nodes]  # (N, Hq, D)
 
 
+def _argmax_torch(logits):
+    """logits.argmax(-1); bf16/fp16 read in fp32 on the CPU (the same first maximum: widening is exact; torch's
+    half-precision argmax there is ~3x slower than a float copy and its argmax)."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float16):
+        return logits.float().argmax(-1)
+    return logits.argmax(-1)
+
+
 def _causal_attention_torch(q, k, v):
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]: a prefill's attention over the tokens just written."""
     out = reference.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)  # (B, Hq, T, D)
@@ -238,16 +248,18 @@ IMPLS = {  # op: (CPU, CUDA)
     "rope_store": (_cpu_impl("rope_store", _rope_store_torch), _rope_store_torch),
     "tree_attention": (_cpu_impl("tree_attention", _tree_attention_torch), _tree_attention_cuda),
     "causal_attention": (_causal_attention_torch, _causal_attention_cuda),
-    "decode_layers": (_cpu_impl("decode_layers", _no_fused), _no_fused),
+    "decode_layers": (None, _no_fused),  # CPU: kernels/cpu/registry.cpp registers the C++ op (FALLBACKS)
     "accept_longest_path": (None, accept_longest_path),  # CPU: kernels/cpu/accept.cpp registers it (FALLBACKS)
     "compact_kv": (None, compact_kv),
+    "argmax": (None, _argmax_torch),  # CPU: kernels/cpu/accept.cpp registers it (FALLBACKS)
     "quant_linear": (_cpu_impl("quant_linear", _cpu_only("quant_linear")), _cpu_only("quant_linear")),
     "quant_embedding": (_cpu_impl("quant_embedding", _cpu_only("quant_embedding")), _cpu_only("quant_embedding")),
 }
 
 # Ops whose C++ CPU kernels register themselves with the dispatcher when the library loads (no Python frame between
 # the step and them); until then, and where they cannot be built, these references serve the CPU.
-FALLBACKS = {"accept_longest_path": reference.accept_longest_path, "compact_kv": reference.compact_kv}
+FALLBACKS = {"accept_longest_path": reference.accept_longest_path, "compact_kv": reference.compact_kv,
+             "argmax": _argmax_torch, "decode_layers": _no_fused}
 
 _lib = torch.library.Library("lookahead", "DEF")
 for _schema in SCHEMAS:

@@ -21,10 +21,11 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
                       at::Tensor& v_cache, const at::Tensor& slots, int64_t n_heads, bool interleaved,
                       const c10::optional<at::Tensor>& rows);
 
-// accept.cpp: the tail of a verify step
+// accept.cpp: the tail of a verify step (the greedy targets, the accepted path, the compacted cache)
 std::tuple<at::Tensor, at::Tensor> accept_longest_path(const at::Tensor& draft_tokens, const at::Tensor& parents,
                                                        const at::Tensor& target_tokens);
 void compact_kv(at::Tensor& cache, const at::Tensor& lens, const at::Tensor& path, const at::Tensor& num_accepted);
+at::Tensor argmax(const at::Tensor& logits);
 
 // decoder.cpp: a decode step's layers in one call, and the order of the weights it takes per layer
 at::Tensor decode_layers(at::Tensor x, at::TensorList weights, const at::Tensor& cos, const at::Tensor& sin,

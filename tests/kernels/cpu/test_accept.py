@@ -1,4 +1,4 @@
-"""The C++ tail of a CPU step (kernels/cpu/accept.cpp): accept_longest_path and compact_kv give the torch
+"""The C++ tail of a CPU step (kernels/cpu/accept.cpp): argmax, accept_longest_path and compact_kv give the torch
 references' results (reference.py defines them) on random trees, targets and caches, through the op registry."""
 
 import pytest
@@ -67,3 +67,18 @@ def test_compact_kv_rejects_a_path_beyond_the_cache():
     cache = torch.zeros(1, 2, 1, 1, 8, 4)
     with pytest.raises(RuntimeError, match="within the cache"):
         torch.ops.lookahead_cpu.compact_kv(cache, torch.tensor([6]), torch.tensor([[0, 3]]), torch.tensor([2]))
+
+
+def test_argmax_matches_torch():
+    """The greedy targets' argmax (accept.cpp, registered for the registry's CPU key) == torch.argmax, here on the
+    host's own build; test_isa_paths runs the same check on every code path."""
+    from tests.kernels.cpu.test_isa_paths import check_argmax
+
+    check_argmax()
+    logits = torch.randn(2, 3, 50).to(torch.bfloat16)
+    assert torch.equal(torch.ops.lookahead.argmax(logits), logits.float().argmax(-1))  # [..., V] -> [...]
+
+
+def test_argmax_rejects_an_empty_vocabulary():
+    with pytest.raises(RuntimeError, match="V > 0"):
+        torch.ops.lookahead.argmax(torch.zeros(2, 0))

@@ -173,11 +173,33 @@ def check_attention() -> None:
             _same_rows(full[0], ragged, f"attention {dtype} D={D} L={L} ragged chain")
 
 
+def check_argmax() -> None:
+    """The argmax op == torch.argmax in every dtype: random rows of lengths around the 32-wide vector loop, ties
+    (the first index), -0.0 against 0.0, infinities, NaNs (the first NaN wins, as in torch), one element."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in DTYPES:
+        for V in (1, 7, 31, 32, 33, 100, 49152):
+            x = (torch.randn(5, V, generator=g) * 4).to(dtype)
+            x[1] = x[1].round()  # many ties
+            x[2] = 0.0
+            x[2, V // 2] = -0.0
+            x[3, V // 3] = float("inf")
+            x[3, V - 1] = float("inf")
+            x[4, V - 1] = float("nan")
+            x[4, V // 2] = float("nan")
+            for rows in (x, x[:1], x[1:2].expand(3, V), x[:, None]):  # a strided input (expand) is copied first
+                want = rows.float().argmax(-1)
+                got = torch.ops.lookahead.argmax(rows)
+                assert got.dtype == torch.long and torch.equal(got, want), (dtype, V, got, want)
+    only_neg_inf = torch.full((1, 40), float("-inf"))
+    assert int(torch.ops.lookahead.argmax(only_neg_inf)) == 0
+
+
 @OP_ARCHS
 def test_ops_are_row_invariant_on_each_code_path(arch):
     """linear, rms_norm, add_rms_norm_, silu_mul and tree_attention built for arch: bitwise row-invariant in fp32,
     bf16 and fp16, and close to an fp64 reference (a kernel that is invariant but wrong fails too); rope_store equal
-    to transformers' rounding bit for bit. The ops say which code path they were built for; cost curves are keyed by
+    to transformers' rounding bit for bit; argmax equal to torch's. The ops say which code path they were built for; cost curves are keyed by
     it, and dtype="auto" follows it."""
     out = run_on_path(arch, "import torch\n"
                             "from lookahead.kernels import cpu\n"
@@ -185,6 +207,7 @@ def test_ops_are_row_invariant_on_each_code_path(arch):
                             "import tests.kernels.cpu.test_exact as e, tests.kernels.cpu.test_isa_paths as t\n"
                             "assert cpu.available()\n"
                             "t.check_linear(); t.check_norms(); t.check_rope(); t.check_attention()\n"
+                            "t.check_argmax()\n"
                             "print('row-invariant')\n"
                             "print('path', cpu.code_path(), cpu.auto_dtype()[0], curve_key(e.tiny(torch.float32)))\n")
     assert "row-invariant" in out
