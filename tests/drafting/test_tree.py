@@ -111,3 +111,26 @@ def test_a_padded_ragged_batch_pads_every_tree_to_one_bucket_and_free_rows_to_a_
     ragged = pack_ragged([[], []], [tree, None], "cpu")
     assert torch.equal(batch.tree.tree_mask[0], ragged.tree.tree_mask[0])  # the same tree, the same mask
     assert not pack_ragged([[], [3]], [tree, None], "cpu", pad=True).uniform  # a chain is never padded
+
+
+def test_rows_that_verify_their_root_alone_get_the_general_packing_s_batch():
+    """Every plain step's batch (each row its root alone, no chains) comes from `_pack_roots`: field for field the
+    general packing's, values, dtypes and shapes, for one to three rows; and it is not shared between calls'
+    tokens."""
+    from dataclasses import fields
+
+    from lookahead.drafting.tree import _pack
+
+    for B in (1, 2, 3):
+        trees = [DraftTree([40 + b], [-1], [0]) for b in range(B)]
+        fast, general = pack_ragged([[]] * B, trees, "cpu"), _pack([[]] * B, trees, "cpu", False)
+        for f in fields(fast):
+            a, b = getattr(fast, f.name), getattr(general, f.name)
+            for x, y in ([(getattr(a, g.name), getattr(b, g.name)) for g in fields(a)] if f.name == "tree" else
+                         [(a, b)]):
+                if isinstance(x, torch.Tensor):
+                    assert x.dtype == y.dtype and torch.equal(x, y), (B, f.name)
+                else:
+                    assert x == y, (B, f.name)
+    again = pack_ragged([[]], [DraftTree([7], [-1], [0])], "cpu")
+    assert again.tokens.tolist() == [7] and fast.tokens.tolist() == [40, 41, 42]
