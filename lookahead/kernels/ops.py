@@ -252,14 +252,15 @@ IMPLS = {  # op: (CPU, CUDA)
     "accept_longest_path": (None, accept_longest_path),  # CPU: kernels/cpu/accept.cpp registers it (FALLBACKS)
     "compact_kv": (None, compact_kv),
     "argmax": (None, _argmax_torch),  # CPU: kernels/cpu/accept.cpp registers it (FALLBACKS)
-    "quant_linear": (_cpu_impl("quant_linear", _cpu_only("quant_linear")), _cpu_only("quant_linear")),
-    "quant_embedding": (_cpu_impl("quant_embedding", _cpu_only("quant_embedding")), _cpu_only("quant_embedding")),
+    "quant_linear": (None, _cpu_only("quant_linear")),  # CPU: registry.cpp registers the C++ ops (FALLBACKS)
+    "quant_embedding": (None, _cpu_only("quant_embedding")),
 }
 
 # Ops whose C++ CPU kernels register themselves with the dispatcher when the library loads (no Python frame between
 # the step and them); until then, and where they cannot be built, these references serve the CPU.
 FALLBACKS = {"accept_longest_path": reference.accept_longest_path, "compact_kv": reference.compact_kv,
-             "argmax": _argmax_torch, "decode_layers": _no_fused}
+             "argmax": _argmax_torch, "decode_layers": _no_fused, "quant_linear": _cpu_only("quant_linear"),
+             "quant_embedding": _cpu_only("quant_embedding")}
 
 _lib = torch.library.Library("lookahead", "DEF")
 for _schema in SCHEMAS:

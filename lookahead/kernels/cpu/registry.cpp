@@ -1,8 +1,9 @@
 // Every CPU op's schema, in one place. The ops live in the `lookahead_cpu` namespace (kernels/cpu/__init__.py
 // calls them as torch.ops.lookahead_cpu.*); accept_longest_path, compact_kv and argmax also serve the registry's own
 // `lookahead` ops (kernels/ops.py defines those, with the torch references as the fallback of any device without a
-// kernel): integer and copy work, so the same results whichever runs, reached without a Python frame. So does
-// decode_layers, which has no other implementation (the model calls it only where kernels.fused_decoder(x)).
+// kernel): integer and copy work, so the same results whichever runs, reached without a Python frame. So do
+// decode_layers and the GGUF-block ops, which have no other implementation (the model calls decode_layers only where
+// kernels.fused_decoder(x), and quantized weights load only where the C++ ops do).
 #include <torch/library.h>
 
 #include "ops.h"
@@ -58,6 +59,8 @@ TORCH_LIBRARY_IMPL(lookahead, CPU, m) {
   m.impl("compact_kv", compact_kv);
   m.impl("argmax", argmax);
   m.impl("decode_layers", decode_layers);  // a Python frame would convert its ~450-tensor list twice: ~90 us a step
+  m.impl("quant_linear", quant_linear);
+  m.impl("quant_embedding", quant_embedding);
 }
 
 }  // namespace lookahead_cpu
