@@ -116,10 +116,11 @@ class TokenChooser:
         CUDA graph."""
         return not any(start <= b < start + n for b in self._special)
 
-    def targets(self, logits: torch.Tensor, node_index: torch.Tensor | None, positions: torch.Tensor,
+    def targets(self, logits: torch.Tensor, node_index: torch.Tensor | None, positions: torch.Tensor | None,
                 tokens: torch.Tensor, tree_mask: torch.Tensor | None, start: int = 0) -> torch.Tensor:
         """A step's target tokens [n, T]: logits [n, T, V], or [M, V] per verified node that node_index [n, T]
-        spreads over the rows' trees (the plain argmax runs on the M nodes before they are spread)."""
+        spreads over the rows' trees (the plain argmax runs on the M nodes before they are spread); positions may be
+        None where every row takes the plain argmax."""
         n = tokens.shape[0]
         if self.plain_argmax(n, start):
             greedy = greedy_tokens(logits)

@@ -79,11 +79,13 @@ def verify_step(model, cache: KVCache, chooser, batch: RaggedBatch, active: torc
         else:
             logits = model.verify_ragged(batch.tokens, batch.rows, batch.nodes, batch.depths, cache, batch.mask,
                                          batch.logit_index) if batch.num_tokens else None  # (M, V)
-            cache.lens += batch.shift  # the chains' K/V are in place: the tree's root now sits at slot cache.lens
+            if batch.num_tokens > batch.num_logits:  # prompt chunks rode in the step
+                cache.lens += batch.shift  # the chains' K/V are in place: the tree's root now sits at slot cache.lens
             if not batch.num_logits:  # only chunks of prompts that go on: nothing to choose
                 return torch.zeros(B, 1 + Td * (1 + top_k), dtype=torch.long, device=cache.lens.device)
             node_index = batch.tree_index  # [M, ...] -> [B, Td, ...]: padding reads node 0's
-        positions = cache.lens[:, None] + tree.depths + 1  # (B, Td) where each node's next token goes
+        # (B, Td) where each node's next token goes: only a sampler or a penalty reads it
+        positions = None if chooser.plain_argmax(B, start) else cache.lens[:, None] + tree.depths + 1
         targets = chooser.targets(logits, node_index, positions, tree.tokens, tree.tree_mask, start=start)
     live = active * batch.has_tree  # rows whose tree is accepted
     if Td == 1:  # plain steps: the root alone is accepted, its K/V already in place
