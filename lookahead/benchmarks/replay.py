@@ -75,7 +75,7 @@ def record(model, tokenizer, prompts: Sequence[tuple], path: str | Path, max_new
             n = ids.shape[1]
             with torch.inference_mode():  # (generate handles its own modes)
                 logits = model(seq[:, :-1]).logits[0, n - 1:]  # (new, V): the prediction of each output token
-                topk = logits.topk(top_k, dim=-1).indices.tolist()
+                topk = torch.ops.lookahead.top_k_indices(logits, top_k).tolist()  # the engine's order of ties
             f.write(json.dumps({"category": category, "prompt_ids": ids[0].tolist(), "output_ids": seq[0, n:].tolist(),
                                 "topk": topk, "reference_ids": ref_ids}, separators=(",", ":")) + "\n")
     tmp.replace(path)

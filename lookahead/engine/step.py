@@ -101,7 +101,7 @@ def verify_step(model, cache: KVCache, chooser, batch: RaggedBatch, active: torc
         num = num * batch.has_tree
     parts = [num[:, None], new]
     if top_k:
-        top = logits.topk(top_k, dim=-1).indices
+        top = torch.ops.lookahead.top_k_indices(logits, top_k)
         parts.append((top if node_index is None else top[node_index]).flatten(1))  # (B, Td * top_k)
     return torch.cat(parts, dim=1)
 

@@ -6,7 +6,7 @@ implementation per device. The model calls these ops and never asks which backen
 | linear, rms_norm, add_rms_norm_, silu_mul, rope_store, tree_attention, decode_layers | the C++ ops (kernels/cpu) | Triton where exact mode asks for it (linear, rms_norm, tree_attention), torch otherwise |
 | causal_attention (a prefill's, off the fused path) | torch's sdpa | flash-attn where installed, else sdpa |
 | accept_longest_path, compact_kv | the C++ ops (kernels/cpu/accept.cpp, registered from C++), the torch references until they load | Triton (checked where LOOKAHEAD_CHECKS=1) |
-| argmax (greedy targets) | the C++ op (accept.cpp, registered from C++), torch's until it loads | torch |
+| argmax (greedy targets), top_k_indices (recycled predictions) | the C++ ops (accept.cpp, registered from C++), torch references until they load | torch |
 | quant_linear, quant_embedding (GGUF blocks, kernels/cpu/quant.cpp) | the C++ ops | none: quantized weights run on the CPU |
 
 Where the C++ ops cannot be built (no compiler) or `LOOKAHEAD_KERNELS=torch` is set, the CPU runs the torch
@@ -65,6 +65,7 @@ SCHEMAS = (
     "quant_embedding(Tensor weight, Tensor ids, ScalarType dtype) -> Tensor",
     "compact_kv(Tensor(a!) cache, Tensor lens, Tensor path, Tensor num_accepted) -> ()",
     "argmax(Tensor logits) -> Tensor",
+    "top_k_indices(Tensor logits, int k) -> Tensor",
 )
 
 _exact = contextvars.ContextVar("lookahead_exact", default=False)
@@ -172,6 +173,16 @@ def _argmax_torch(logits):
     return logits.argmax(-1)
 
 
+def _top_k_indices_torch(logits, k):
+    """The indices of each row's k largest logits, largest first, equal values by index (the C++ op's order; torch.topk
+    leaves the order of equal values open): a stable descending sort."""
+    return logits.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def _top_k_indices_cuda(logits, k):
+    return logits.topk(k, dim=-1).indices  # equal values in any order: only drafts, never outputs, depend on it
+
+
 def _causal_attention_torch(q, k, v):
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]: a prefill's attention over the tokens just written."""
     out = reference.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)  # (B, Hq, T, D)
@@ -252,6 +263,7 @@ IMPLS = {  # op: (CPU, CUDA)
     "accept_longest_path": (None, accept_longest_path),  # CPU: kernels/cpu/accept.cpp registers it (FALLBACKS)
     "compact_kv": (None, compact_kv),
     "argmax": (None, _argmax_torch),  # CPU: kernels/cpu/accept.cpp registers it (FALLBACKS)
+    "top_k_indices": (None, _top_k_indices_cuda),
     "quant_linear": (None, _cpu_only("quant_linear")),  # CPU: registry.cpp registers the C++ ops (FALLBACKS)
     "quant_embedding": (None, _cpu_only("quant_embedding")),
 }
@@ -259,8 +271,8 @@ IMPLS = {  # op: (CPU, CUDA)
 # Ops whose C++ CPU kernels register themselves with the dispatcher when the library loads (no Python frame between
 # the step and them); until then, and where they cannot be built, these references serve the CPU.
 FALLBACKS = {"accept_longest_path": reference.accept_longest_path, "compact_kv": reference.compact_kv,
-             "argmax": _argmax_torch, "decode_layers": _no_fused, "quant_linear": _cpu_only("quant_linear"),
-             "quant_embedding": _cpu_only("quant_embedding")}
+             "argmax": _argmax_torch, "top_k_indices": _top_k_indices_torch, "decode_layers": _no_fused,
+             "quant_linear": _cpu_only("quant_linear"), "quant_embedding": _cpu_only("quant_embedding")}
 
 _lib = torch.library.Library("lookahead", "DEF")
 for _schema in SCHEMAS:

@@ -26,6 +26,7 @@ std::tuple<at::Tensor, at::Tensor> accept_longest_path(const at::Tensor& draft_t
                                                        const at::Tensor& target_tokens);
 void compact_kv(at::Tensor& cache, const at::Tensor& lens, const at::Tensor& path, const at::Tensor& num_accepted);
 at::Tensor argmax(const at::Tensor& logits);
+at::Tensor top_k_indices(const at::Tensor& logits, int64_t k);
 
 // decoder.cpp: a decode step's layers in one call, and the order of the weights it takes per layer
 at::Tensor decode_layers(at::Tensor x, at::TensorList weights, const at::Tensor& cos, const at::Tensor& sin,

@@ -1,9 +1,10 @@
 // Every CPU op's schema, in one place. The ops live in the `lookahead_cpu` namespace (kernels/cpu/__init__.py
-// calls them as torch.ops.lookahead_cpu.*); accept_longest_path, compact_kv and argmax also serve the registry's own
-// `lookahead` ops (kernels/ops.py defines those, with the torch references as the fallback of any device without a
-// kernel): integer and copy work, so the same results whichever runs, reached without a Python frame. So do
-// decode_layers and the GGUF-block ops, which have no other implementation (the model calls decode_layers only where
-// kernels.fused_decoder(x), and quantized weights load only where the C++ ops do).
+// calls them as torch.ops.lookahead_cpu.*); accept_longest_path, compact_kv, argmax and top_k_indices also serve
+// the registry's own `lookahead` ops (kernels/ops.py defines those, with the torch references as the fallback of
+// any device without a kernel): integer, selection and copy work, so the same results whichever runs, reached
+// without a Python frame. So do decode_layers and the GGUF-block ops, which have no other implementation (the
+// model calls decode_layers only where kernels.fused_decoder(x), and quantized weights load only where the C++ ops
+// do).
 #include <torch/library.h>
 
 #include "ops.h"
@@ -31,6 +32,7 @@ TORCH_LIBRARY_FRAGMENT(lookahead_cpu, m) {
   m.def("accept_longest_path(Tensor draft_tokens, Tensor parents, Tensor target_tokens) -> (Tensor, Tensor)");
   m.def("compact_kv(Tensor(a!) cache, Tensor lens, Tensor path, Tensor num_accepted) -> ()");
   m.def("argmax(Tensor logits) -> Tensor");
+  m.def("top_k_indices(Tensor logits, int k) -> Tensor");
   // decoder.cpp: the layers of a decode step in one call
   m.def("decode_layers(Tensor(a!) x, Tensor[] weights, Tensor cos, Tensor sin, Tensor(b!) cache, Tensor lens, "
         "Tensor slots, Tensor? tree_mask, int n_heads, bool interleaved, float eps, Tensor final_norm, "
@@ -51,6 +53,7 @@ TORCH_LIBRARY_IMPL(lookahead_cpu, CPU, m) {
   m.impl("accept_longest_path", accept_longest_path);
   m.impl("compact_kv", compact_kv);
   m.impl("argmax", argmax);
+  m.impl("top_k_indices", top_k_indices);
   m.impl("decode_layers", decode_layers);
 }
 
@@ -58,6 +61,7 @@ TORCH_LIBRARY_IMPL(lookahead, CPU, m) {
   m.impl("accept_longest_path", accept_longest_path);
   m.impl("compact_kv", compact_kv);
   m.impl("argmax", argmax);
+  m.impl("top_k_indices", top_k_indices);
   m.impl("decode_layers", decode_layers);  // a Python frame would convert its ~450-tensor list twice: ~90 us a step
   m.impl("quant_linear", quant_linear);
   m.impl("quant_embedding", quant_embedding);

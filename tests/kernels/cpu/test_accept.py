@@ -82,3 +82,18 @@ def test_argmax_matches_torch():
 def test_argmax_rejects_an_empty_vocabulary():
     with pytest.raises(RuntimeError, match="V > 0"):
         torch.ops.lookahead.argmax(torch.zeros(2, 0))
+
+
+def test_top_k_indices_matches_a_stable_descending_sort():
+    """The recycled predictions' top-k (accept.cpp) == the torch reference (a stable descending sort): the k largest,
+    largest first, equal values by index; bf16 rows full of ties, -0.0 against 0.0, infinities and NaNs (above every
+    number, as torch.topk has them), k from 0 to V, rows around the 8-wide loop. test_isa_paths runs it on every
+    code path."""
+    from tests.kernels.cpu.test_isa_paths import check_top_k
+
+    check_top_k()
+
+
+def test_top_k_indices_rejects_k_beyond_the_row():
+    with pytest.raises(RuntimeError, match="0 <= k <= V"):
+        torch.ops.lookahead.top_k_indices(torch.zeros(2, 5), 6)

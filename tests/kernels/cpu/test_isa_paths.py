@@ -195,11 +195,35 @@ def check_argmax() -> None:
     assert int(torch.ops.lookahead.argmax(only_neg_inf)) == 0
 
 
+def check_top_k() -> None:
+    """The top_k_indices op == a stable descending sort's first k indices in every dtype (its documented order:
+    equal values by index), and its values == torch.topk's."""
+    from lookahead.kernels.ops import _top_k_indices_torch
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in DTYPES:
+        for V in (1, 7, 8, 9, 33, 100, 49152):
+            x = (torch.randn(6, V, generator=g) * 4).to(dtype)
+            x[1] = x[1].round()  # many ties
+            x[2] = 0.0
+            x[2, V // 2] = -0.0
+            x[3, V // 3] = float("inf")
+            x[3, V - 1] = float("-inf")
+            x[4, V - 1] = float("nan")
+            x[4, V // 2] = float("nan")
+            x[5] = x[5].to(torch.bfloat16).to(dtype)  # bf16-rounded values: ties near the top
+            for k in sorted({0, 1, min(8, V), min(33, V), min(65, V), V if V < 1000 else 100}):
+                got = torch.ops.lookahead.top_k_indices(x, k)
+                want = _top_k_indices_torch(x.float(), k)
+                assert got.dtype == torch.long and torch.equal(got, want), (dtype, V, k)
+                assert torch.equal(x.float().gather(-1, got)[:4], x[:4].float().topk(k, dim=-1).values)  # no NaN rows
+
+
 @OP_ARCHS
 def test_ops_are_row_invariant_on_each_code_path(arch):
     """linear, rms_norm, add_rms_norm_, silu_mul and tree_attention built for arch: bitwise row-invariant in fp32,
     bf16 and fp16, and close to an fp64 reference (a kernel that is invariant but wrong fails too); rope_store equal
-    to transformers' rounding bit for bit; argmax equal to torch's. The ops say which code path they were built for; cost curves are keyed by
+    to transformers' rounding bit for bit; argmax equal to torch's, top_k_indices to a stable sort's. The ops say which code path they were built for; cost curves are keyed by
     it, and dtype="auto" follows it."""
     out = run_on_path(arch, "import torch\n"
                             "from lookahead.kernels import cpu\n"
@@ -207,7 +231,7 @@ def test_ops_are_row_invariant_on_each_code_path(arch):
                             "import tests.kernels.cpu.test_exact as e, tests.kernels.cpu.test_isa_paths as t\n"
                             "assert cpu.available()\n"
                             "t.check_linear(); t.check_norms(); t.check_rope(); t.check_attention()\n"
-                            "t.check_argmax()\n"
+                            "t.check_argmax(); t.check_top_k()\n"
                             "print('row-invariant')\n"
                             "print('path', cpu.code_path(), cpu.auto_dtype()[0], curve_key(e.tiny(torch.float32)))\n")
     assert "row-invariant" in out
