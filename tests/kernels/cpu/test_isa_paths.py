@@ -173,20 +173,29 @@ def check_attention() -> None:
             _same_rows(full[0], ragged, f"attention {dtype} D={D} L={L} ragged chain")
 
 
+def logit_rows(dtype: torch.dtype, V: int, g: torch.Generator) -> torch.Tensor:
+    """Six rows of V logits for the selection ops: random; rounded (many ties); zeros and one -0.0; two tied +inf and
+    a -inf; two NaNs; bf16-rounded values (ties near the top)."""
+    x = (torch.randn(6, V, generator=g) * 4).to(dtype)
+    x[1] = x[1].round()
+    x[2] = 0.0
+    x[2, V // 2] = -0.0
+    x[3, 0] = float("-inf")
+    x[3, V // 3] = float("inf")
+    x[3, V - 1] = float("inf")
+    x[4, V - 1] = float("nan")
+    x[4, V // 2] = float("nan")
+    x[5] = x[5].to(torch.bfloat16).to(dtype)
+    return x
+
+
 def check_argmax() -> None:
-    """The argmax op == torch.argmax in every dtype: random rows of lengths around the 32-wide vector loop, ties
-    (the first index), -0.0 against 0.0, infinities, NaNs (the first NaN wins, as in torch), one element."""
+    """The argmax op == torch.argmax in every dtype (`logit_rows`: ties give the first index, the first NaN wins),
+    rows of lengths around the 32-wide vector loop, one element, strided inputs."""
     g = torch.Generator().manual_seed(0)
     for dtype in DTYPES:
         for V in (1, 7, 31, 32, 33, 100, 49152):
-            x = (torch.randn(5, V, generator=g) * 4).to(dtype)
-            x[1] = x[1].round()  # many ties
-            x[2] = 0.0
-            x[2, V // 2] = -0.0
-            x[3, V // 3] = float("inf")
-            x[3, V - 1] = float("inf")
-            x[4, V - 1] = float("nan")
-            x[4, V // 2] = float("nan")
+            x = logit_rows(dtype, V, g)
             for rows in (x, x[:1], x[1:2].expand(3, V), x[:, None]):  # a strided input (expand) is copied first
                 want = rows.float().argmax(-1)
                 got = torch.ops.lookahead.argmax(rows)
@@ -197,34 +206,27 @@ def check_argmax() -> None:
 
 def check_top_k() -> None:
     """The top_k_indices op == a stable descending sort's first k indices in every dtype (its documented order:
-    equal values by index), and its values == torch.topk's."""
+    equal values by index; a NaN above every number) on `logit_rows`, k from 0 to V, and its values == torch.topk's
+    on the rows without NaN."""
     from lookahead.kernels.ops import _top_k_indices_torch
 
     g = torch.Generator().manual_seed(0)
     for dtype in DTYPES:
         for V in (1, 7, 8, 9, 33, 100, 49152):
-            x = (torch.randn(6, V, generator=g) * 4).to(dtype)
-            x[1] = x[1].round()  # many ties
-            x[2] = 0.0
-            x[2, V // 2] = -0.0
-            x[3, V // 3] = float("inf")
-            x[3, V - 1] = float("-inf")
-            x[4, V - 1] = float("nan")
-            x[4, V // 2] = float("nan")
-            x[5] = x[5].to(torch.bfloat16).to(dtype)  # bf16-rounded values: ties near the top
+            x = logit_rows(dtype, V, g)
             for k in sorted({0, 1, min(8, V), min(33, V), min(65, V), V if V < 1000 else 100}):
                 got = torch.ops.lookahead.top_k_indices(x, k)
                 want = _top_k_indices_torch(x.float(), k)
                 assert got.dtype == torch.long and torch.equal(got, want), (dtype, V, k)
-                assert torch.equal(x.float().gather(-1, got)[:4], x[:4].float().topk(k, dim=-1).values)  # no NaN rows
+                assert torch.equal(x.float().gather(-1, got)[:4], x[:4].float().topk(k, dim=-1).values)
 
 
 @OP_ARCHS
 def test_ops_are_row_invariant_on_each_code_path(arch):
     """linear, rms_norm, add_rms_norm_, silu_mul and tree_attention built for arch: bitwise row-invariant in fp32,
     bf16 and fp16, and close to an fp64 reference (a kernel that is invariant but wrong fails too); rope_store equal
-    to transformers' rounding bit for bit; argmax equal to torch's, top_k_indices to a stable sort's. The ops say which code path they were built for; cost curves are keyed by
-    it, and dtype="auto" follows it."""
+    to transformers' rounding bit for bit; argmax equal to torch's, top_k_indices to a stable sort's. The ops say
+    which code path they were built for; cost curves are keyed by it, and dtype="auto" follows it."""
     out = run_on_path(arch, "import torch\n"
                             "from lookahead.kernels import cpu\n"
                             "from lookahead.cost import curve_key\n"
