@@ -1,5 +1,6 @@
-"""The C++ tail of a CPU step (kernels/cpu/accept.cpp): argmax, accept_longest_path and compact_kv give the torch
-references' results (reference.py defines them) on random trees, targets and caches, through the op registry."""
+"""The C++ tail of a CPU step (kernels/cpu/accept.cpp): argmax, top_k_indices, accept_longest_path and compact_kv
+give the torch references' results (reference.py and kernels/ops.py define them) on random trees, targets, caches
+and logits, through the op registry."""
 
 import pytest
 import torch
