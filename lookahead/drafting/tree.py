@@ -182,8 +182,8 @@ _ROOT_BATCHES: dict[tuple[int, torch.device], tuple[torch.Tensor, ...]] = {}
 def _pack_roots(roots: list[int], device: torch.device | str) -> RaggedBatch:
     """pack_ragged of B rows that each verify their root alone (every plain step, and every step the drafter sits
     out): the same batch from the tokens and tensors kept per (B, device), which the step only reads. The general
-    packing took ~150 us of a quantized SmolLM2 step of ~5 ms (numpy and torch calls on caches the step's weights
-    have just flushed)."""
+    packing took ~150 us of a quantized SmolLM2 step of ~5 ms (34 us in a tight loop: its numpy and torch calls run
+    several times slower between two forwards)."""
     B, device = len(roots), torch.device(device)
     const = _ROOT_BATCHES.get((B, device))
     if const is None:

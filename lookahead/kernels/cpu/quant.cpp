@@ -596,12 +596,11 @@ void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* su
 }
 #endif
 
-// The rows of x of one call, each quantized alone into its own slice of these buffers. The buffers are the calling
-// thread's scratch, kept between calls and grown to the largest (a SmolLM2 step makes ~150 quantized linear calls,
-// which each allocated and zero-filled eight arrays); every byte a call reads it writes first. A second Activations
-// alive on the same thread (none today) takes buffers of its own.
-class Activations {
- public:
+// The rows of x of one call, each quantized alone into its own slice of one buffer: the calling thread's scratch,
+// kept between calls and grown to the largest (as attention.cpp keeps its own; a SmolLM2 step makes ~150 quantized
+// linear calls, which each allocated and zero-filled eight arrays). Every byte a call reads it writes first. One
+// Activations is alive per thread at a time: the linear kernels make theirs and are done with it when they return.
+struct Activations {
   const ActRow* rows;
   // off: the format's offset per 32 elements (off32 = -off * sum32; 0: none), off16 the same per 16 (sum16 then
   // kept); with_pairs: pair32 (|sum32| <= 32 * 127 fits an int16)
@@ -610,7 +609,7 @@ class Activations {
               bool with_pairs = false) {
     const int64_t n32 = K / 32, n16 = with_sum16 ? K / 16 : 0;  // per row
     size_t bytes = 0;
-    auto take = [&](size_t n) {  // offset of an array of n bytes, 64-byte aligned
+    auto take = [&](size_t n) {  // offset of an array of n bytes, a whole number of cache lines each
       const size_t at = bytes;
       bytes += (n + 63) / 64 * 64;
       return at;
@@ -618,7 +617,9 @@ class Activations {
     const size_t o_rows = take(M * sizeof(ActRow)), o_q = take(M * K), o_d = take(M * (K / G) * sizeof(float)),
                  o_s32 = take(M * n32 * 4), o_s16 = take(M * n16 * 4), o_off32 = take(off ? M * n32 * 4 : 0),
                  o_off16 = take(off_16 ? M * n16 * 4 : 0), o_pair = take(with_pairs ? M * (K / 64) * 4 : 0);
-    char* base = claim(bytes);
+    thread_local std::vector<char> scratch;
+    if (scratch.size() < bytes) scratch.resize(bytes);
+    char* base = scratch.data();
     ActRow* out = reinterpret_cast<ActRow*>(base + o_rows);
     rows = out;
     for (int64_t m = 0; m < M; ++m) {
@@ -639,39 +640,6 @@ class Activations {
       out[m] = ActRow{q, d, s32, s16, o32, o16, pair};
     }
   }
-  ~Activations() {
-    if (!own_) scratch().busy = false;
-  }
-  Activations(const Activations&) = delete;
-  Activations& operator=(const Activations&) = delete;
-
- private:
-  struct Scratch {
-    std::unique_ptr<char[]> data;
-    size_t size = 0;
-    bool busy = false;
-  };
-  static Scratch& scratch() {
-    static thread_local Scratch s;
-    return s;
-  }
-  char* claim(size_t bytes) {
-    Scratch& s = scratch();
-    if (s.busy) {
-      own_.reset(new char[bytes + 64]);
-      return align64(own_.get());
-    }
-    if (s.size < bytes + 64) {
-      s.data.reset(new char[bytes + 64]);  // uninitialised: every byte is written before it is read
-      s.size = bytes + 64;
-    }
-    s.busy = true;
-    return align64(s.data.get());
-  }
-  static char* align64(char* p) {
-    return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(p) + 63) / 64 * 64);
-  }
-  std::unique_ptr<char[]> own_;
 };
 
 // Q8_0, Q4_0, Q5_0 and the K-quants: y[m0 .. m0 + MI) x [n0, n1), one output at a time; each row keeps 8 fp32
