@@ -821,18 +821,28 @@ struct Q4Kx8 {
     Lanes I[R];
     for (int r = 0; r < R; ++r) I[r] = lanes_zero();
     for (int g = 0; g < 4; ++g) {
-      Lanes lo[R], hi[R];
+      constexpr bool SPLIT = R <= 2;  // second chains for the odd vectors (exact: integers)
+      Lanes lo[R], hi[R], lo2[SPLIT ? R : 1], hi2[SPLIT ? R : 1];
       for (int r = 0; r < R; ++r) lo[r] = hi[r] = lanes_zero();
+      if constexpr (SPLIT)
+        for (int r = 0; r < R; ++r) lo2[r] = hi2[r] = lanes_zero();
 #pragma GCC unroll 8
       for (int v = 0; v < 8; ++v) {
         const Bytes wv = load32(base + QS + 32 * (8 * g + v));
         const Bytes wl = band(wv, splat8(0x0F)), wh = shr_and(wv, 4, 0x0F);
         for (int r = 0; r < R; ++r) {
           const uint8_t* xq = reinterpret_cast<const uint8_t*>(act[r].q) + 256 * b + 64 * g + 4 * v;
-          lo[r] = dot_acc(lo[r], wl, bcast4(xq));
-          hi[r] = dot_acc(hi[r], wh, bcast4(xq + 32));
+          if (SPLIT && v % 2) {
+            lo2[r] = dot_acc(lo2[r], wl, bcast4(xq));
+            hi2[r] = dot_acc(hi2[r], wh, bcast4(xq + 32));
+          } else {
+            lo[r] = dot_acc(lo[r], wl, bcast4(xq));
+            hi[r] = dot_acc(hi[r], wh, bcast4(xq + 32));
+          }
         }
       }
+      if constexpr (SPLIT)
+        for (int r = 0; r < R; ++r) lo[r] = add32(lo[r], lo2[r]), hi[r] = add32(hi[r], hi2[r]);
       const Lanes sl = load_u8x8(base + SCALES + 16 * g), sh = load_u8x8(base + SCALES + 16 * g + 8);
       for (int r = 0; r < R; ++r) I[r] = add32(I[r], add32(mul32v(lo[r], sl), mul32v(hi[r], sh)));
     }
@@ -966,17 +976,30 @@ template <int BITS, bool AFFINE> struct Qx8 {
       const int64_t e0 = 64 * b + 32 * j;  // the block's first element
       const uint8_t* q = base + QS + QBYTES * j;
       if constexpr (BITS == 8) {
+        constexpr bool SPLIT = R <= 4;  // a second chain per row for the odd vectors (exact: integers)
+        Lanes acc2[SPLIT ? R : 1];
+        if constexpr (SPLIT)
+          for (int r = 0; r < R; ++r) acc2[r] = lanes_zero();
 #pragma GCC unroll 8
         for (int v = 0; v < 8; ++v) {
           const Bytes w = load32(q + 32 * v);
           const Bytes u = UNSIGNED_DOT ? bxor(w, splat8(0x80)) : abs8(w);
           for (int r = 0; r < R; ++r) {
             const Bytes x = bcast4(reinterpret_cast<const uint8_t*>(act[r].q) + e0 + 4 * v);
-            acc[r] = dot_acc(acc[r], u, UNSIGNED_DOT ? x : sign8(x, w));
+            if (SPLIT && v % 2)
+              acc2[r] = dot_acc(acc2[r], u, UNSIGNED_DOT ? x : sign8(x, w));
+            else
+              acc[r] = dot_acc(acc[r], u, UNSIGNED_DOT ? x : sign8(x, w));
           }
         }
+        if constexpr (SPLIT)
+          for (int r = 0; r < R; ++r) acc[r] = add32(acc[r], acc2[r]);
       } else {
         const Bytes h = FIVE ? load32(base + H + 32 * j) : splat8(0);
+        constexpr bool SPLIT = R <= 4;  // a second chain per row for the high nibbles (exact: integers)
+        Lanes acc2[SPLIT ? R : 1];
+        if constexpr (SPLIT)
+          for (int r = 0; r < R; ++r) acc2[r] = lanes_zero();
 #pragma GCC unroll 4
         for (int v = 0; v < 4; ++v) {
           const Bytes wv = load32(q + 32 * v);
@@ -988,9 +1011,14 @@ template <int BITS, bool AFFINE> struct Qx8 {
           for (int r = 0; r < R; ++r) {
             const uint8_t* xq = reinterpret_cast<const uint8_t*>(act[r].q) + e0 + 4 * v;
             acc[r] = dot_acc(acc[r], lo, bcast4(xq));
-            acc[r] = dot_acc(acc[r], hi, bcast4(xq + 16));
+            if constexpr (SPLIT)
+              acc2[r] = dot_acc(acc2[r], hi, bcast4(xq + 16));
+            else
+              acc[r] = dot_acc(acc[r], hi, bcast4(xq + 16));
           }
         }
+        if constexpr (SPLIT)
+          for (int r = 0; r < R; ++r) acc[r] = add32(acc[r], acc2[r]);
       }
       const Acc d = halves8(base + D + 16 * j), m = AFFINE ? halves8(base + M + 16 * j) : acc_zero();
       for (int r = 0; r < R; ++r) {
