@@ -170,6 +170,23 @@ inline Lanes dot_acc(Lanes acc, Bytes u, Bytes s) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
 }
+// Short sums: without VNNI, dot_acc's maddubs pairs are added as int16 over several vectors (add_short) and
+// widened into the int32 lanes once (widen_short), one madd per chain instead of one per vector. The same integers
+// while no int16 sum reaches 32768: n vectors of values u <= U against |s| <= 128 need n * 2 * U * 128 < 32768
+// (U = 15: 8 vectors, 31: 4, 63: 2), which the callers keep. With VNNI a short sum is dot_acc's int32 lanes.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
+constexpr bool SHORT_SUMS = false;
+using Short = Lanes;
+inline Short short_zero() { return lanes_zero(); }
+inline Short add_short(Short acc, Bytes u, Bytes s) { return dot_acc(acc, u, s); }
+inline Lanes widen_short(Lanes acc, Short p) { return add32(acc, p); }
+#else
+constexpr bool SHORT_SUMS = true;
+using Short = __m256i;  // 16 int16 pair sums
+inline Short short_zero() { return _mm256_setzero_si256(); }
+inline Short add_short(Short acc, Bytes u, Bytes s) { return _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s)); }
+inline Lanes widen_short(Lanes acc, Short p) { return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1))); }
+#endif
 // lane k = the sum of l[k]'s 8 lanes (exact integers): two rounds of hadd, then the two halves added
 inline Lanes reduce8(const Lanes* l) {
   const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(l[0], l[1]), _mm256_hadd_epi32(l[2], l[3]));
@@ -284,6 +301,11 @@ inline Bytes bcast4(const uint8_t* p) {
   return b;
 }
 inline Lanes dot_acc(Lanes acc, Bytes u, Bytes s) { return add32(acc, dot_us(u, s)); }
+constexpr bool SHORT_SUMS = false;  // the same integers in int32 lanes (see the AVX2 code's short sums)
+using Short = Lanes;
+inline Short short_zero() { return lanes_zero(); }
+inline Short add_short(Short acc, Bytes u, Bytes s) { return dot_acc(acc, u, s); }
+inline Lanes widen_short(Lanes acc, Short p) { return add32(acc, p); }
 inline Lanes reduce8(const Lanes* l) {
   Lanes t;
   for (int k = 0; k < 8; ++k) {
@@ -821,11 +843,12 @@ struct Q4Kx8 {
     Lanes I[R];
     for (int r = 0; r < R; ++r) I[r] = lanes_zero();
     for (int g = 0; g < 4; ++g) {
-      constexpr bool SPLIT = R <= 2;  // second chains for the odd vectors (exact: integers)
-      Lanes lo[R], hi[R], lo2[SPLIT ? R : 1], hi2[SPLIT ? R : 1];
-      for (int r = 0; r < R; ++r) lo[r] = hi[r] = lanes_zero();
+      // second chains for the odd vectors with VNNI at <= 2 rows; short sums (8 vectors of nibbles) without
+      constexpr bool SPLIT = !SHORT_SUMS && R <= 2;
+      Short lo_sum[R], hi_sum[R], lo2[SPLIT ? R : 1], hi2[SPLIT ? R : 1];
+      for (int r = 0; r < R; ++r) lo_sum[r] = hi_sum[r] = short_zero();
       if constexpr (SPLIT)
-        for (int r = 0; r < R; ++r) lo2[r] = hi2[r] = lanes_zero();
+        for (int r = 0; r < R; ++r) lo2[r] = hi2[r] = short_zero();
 #pragma GCC unroll 8
       for (int v = 0; v < 8; ++v) {
         const Bytes wv = load32(base + QS + 32 * (8 * g + v));
@@ -833,16 +856,19 @@ struct Q4Kx8 {
         for (int r = 0; r < R; ++r) {
           const uint8_t* xq = reinterpret_cast<const uint8_t*>(act[r].q) + 256 * b + 64 * g + 4 * v;
           if (SPLIT && v % 2) {
-            lo2[r] = dot_acc(lo2[r], wl, bcast4(xq));
-            hi2[r] = dot_acc(hi2[r], wh, bcast4(xq + 32));
+            lo2[r] = add_short(lo2[r], wl, bcast4(xq));
+            hi2[r] = add_short(hi2[r], wh, bcast4(xq + 32));
           } else {
-            lo[r] = dot_acc(lo[r], wl, bcast4(xq));
-            hi[r] = dot_acc(hi[r], wh, bcast4(xq + 32));
+            lo_sum[r] = add_short(lo_sum[r], wl, bcast4(xq));
+            hi_sum[r] = add_short(hi_sum[r], wh, bcast4(xq + 32));
           }
         }
       }
-      if constexpr (SPLIT)
-        for (int r = 0; r < R; ++r) lo[r] = add32(lo[r], lo2[r]), hi[r] = add32(hi[r], hi2[r]);
+      Lanes lo[R], hi[R];
+      for (int r = 0; r < R; ++r) {
+        lo[r] = widen_short(lanes_zero(), lo_sum[r]), hi[r] = widen_short(lanes_zero(), hi_sum[r]);
+        if constexpr (SPLIT) lo[r] = widen_short(lo[r], lo2[r]), hi[r] = widen_short(hi[r], hi2[r]);
+      }
       const Lanes sl = load_u8x8(base + SCALES + 16 * g), sh = load_u8x8(base + SCALES + 16 * g + 8);
       for (int r = 0; r < R; ++r) I[r] = add32(I[r], add32(mul32v(lo[r], sl), mul32v(hi[r], sh)));
     }
@@ -996,10 +1022,13 @@ template <int BITS, bool AFFINE> struct Qx8 {
           for (int r = 0; r < R; ++r) acc[r] = add32(acc[r], acc2[r]);
       } else {
         const Bytes h = FIVE ? load32(base + H + 32 * j) : splat8(0);
-        constexpr bool SPLIT = R <= 4;  // a second chain per row for the high nibbles (exact: integers)
-        Lanes acc2[SPLIT ? R : 1];
+        // the high nibbles in a second chain per row: with VNNI at <= 4 rows (two dependent chains of vpdpbusd
+        // instead of one), and as short sums for 5-bit values (4 vectors each); 4-bit values take one short sum
+        constexpr bool SPLIT = SHORT_SUMS ? FIVE : R <= 4;
+        Short lo_sum[R], hi_sum[SPLIT ? R : 1];
+        for (int r = 0; r < R; ++r) lo_sum[r] = SHORT_SUMS ? short_zero() : acc[r];
         if constexpr (SPLIT)
-          for (int r = 0; r < R; ++r) acc2[r] = lanes_zero();
+          for (int r = 0; r < R; ++r) hi_sum[r] = short_zero();
 #pragma GCC unroll 4
         for (int v = 0; v < 4; ++v) {
           const Bytes wv = load32(q + 32 * v);
@@ -1010,15 +1039,17 @@ template <int BITS, bool AFFINE> struct Qx8 {
           }
           for (int r = 0; r < R; ++r) {
             const uint8_t* xq = reinterpret_cast<const uint8_t*>(act[r].q) + e0 + 4 * v;
-            acc[r] = dot_acc(acc[r], lo, bcast4(xq));
+            lo_sum[r] = add_short(lo_sum[r], lo, bcast4(xq));
             if constexpr (SPLIT)
-              acc2[r] = dot_acc(acc2[r], hi, bcast4(xq + 16));
+              hi_sum[r] = add_short(hi_sum[r], hi, bcast4(xq + 16));
             else
-              acc[r] = dot_acc(acc[r], hi, bcast4(xq + 16));
+              lo_sum[r] = add_short(lo_sum[r], hi, bcast4(xq + 16));
           }
         }
-        if constexpr (SPLIT)
-          for (int r = 0; r < R; ++r) acc[r] = add32(acc[r], acc2[r]);
+        for (int r = 0; r < R; ++r) {
+          acc[r] = SHORT_SUMS ? widen_short(acc[r], lo_sum[r]) : lo_sum[r];
+          if constexpr (SPLIT) acc[r] = widen_short(acc[r], hi_sum[r]);
+        }
       }
       const Acc d = halves8(base + D + 16 * j), m = AFFINE ? halves8(base + M + 16 * j) : acc_zero();
       for (int r = 0; r < R; ++r) {
