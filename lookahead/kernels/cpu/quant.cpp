@@ -354,6 +354,7 @@ struct ActRow {
   const int32_t* off32;  // -OFF * sum32 per 32 elements, where the format asks (the Qx8 ones with an offset)
   const int32_t* off16;  // -OFF16 * sum16 per 16 elements, where the format asks (Q6_K x8: 32)
   const int32_t* pair32;  // (sum32[2i], sum32[2i + 1]) as two int16 per int32, where the format asks (Q4_K x8)
+  const float* fsum32;    // float(sum32) (exact: |sum32| < 2^24), where the format asks (Q4_1 / Q5_1 x8)
 };
 
 // ---- the block formats: unpack a weight block once, dot it with any number of activation rows -----------------
@@ -625,10 +626,10 @@ void quantize_row(const T* x, int64_t K, int G, int8_t* q, float* d, int32_t* su
 struct Activations {
   const ActRow* rows;
   // off: the format's offset per 32 elements (off32 = -off * sum32; 0: none), off16 the same per 16 (sum16 then
-  // kept); with_pairs: pair32 (|sum32| <= 32 * 127 fits an int16)
+  // kept); with_pairs: pair32 (|sum32| <= 32 * 127 fits an int16); with_fsum: fsum32
   template <typename T>
   Activations(const T* x, int64_t M, int64_t K, int G, bool with_sum16, int off = 0, int off_16 = 0,
-              bool with_pairs = false) {
+              bool with_pairs = false, bool with_fsum = false) {
     const int64_t n32 = K / 32, n16 = with_sum16 ? K / 16 : 0;  // per row
     size_t bytes = 0;
     auto take = [&](size_t n) {  // offset of an array of n bytes, a whole number of cache lines each
@@ -638,7 +639,8 @@ struct Activations {
     };
     const size_t o_rows = take(M * sizeof(ActRow)), o_q = take(M * K), o_d = take(M * (K / G) * sizeof(float)),
                  o_s32 = take(M * n32 * 4), o_s16 = take(M * n16 * 4), o_off32 = take(off ? M * n32 * 4 : 0),
-                 o_off16 = take(off_16 ? M * n16 * 4 : 0), o_pair = take(with_pairs ? M * (K / 64) * 4 : 0);
+                 o_off16 = take(off_16 ? M * n16 * 4 : 0), o_pair = take(with_pairs ? M * (K / 64) * 4 : 0),
+                 o_fsum = take(with_fsum ? M * n32 * 4 : 0);
     thread_local std::vector<char> scratch;
     if (scratch.size() < bytes) scratch.resize(bytes);
     char* base = scratch.data();
@@ -652,6 +654,7 @@ struct Activations {
       int32_t* o32 = off ? reinterpret_cast<int32_t*>(base + o_off32) + m * n32 : nullptr;
       int32_t* o16 = off_16 ? reinterpret_cast<int32_t*>(base + o_off16) + m * n16 : nullptr;
       int32_t* pair = with_pairs ? reinterpret_cast<int32_t*>(base + o_pair) + m * (K / 64) : nullptr;
+      float* fsum = with_fsum ? reinterpret_cast<float*>(base + o_fsum) + m * n32 : nullptr;
       quantize_row(x + m * K, K, G, q, d, s32, s16);
       for (int64_t b = 0; o32 && b < n32; ++b) o32[b] = -off * s32[b];
       for (int64_t b = 0; o16 && b < n16; ++b) o16[b] = -off_16 * s16[b];
@@ -659,7 +662,8 @@ struct Activations {
         const uint32_t low = static_cast<uint16_t>(s32[2 * i]), high = static_cast<uint16_t>(s32[2 * i + 1]);
         pair[i] = static_cast<int32_t>(low | high << 16);
       }
-      out[m] = ActRow{q, d, s32, s16, o32, o16, pair};
+      for (int64_t b = 0; fsum && b < n32; ++b) fsum[b] = static_cast<float>(s32[b]);
+      out[m] = ActRow{q, d, s32, s16, o32, o16, pair, fsum};
     }
   }
 };
@@ -804,7 +808,7 @@ struct Q4Kx8 {
   static constexpr int ELEMS = 256, BYTES = 1184, SOURCE = 144, D = 0, DMIN = 16, SCALES = 32, MINS = 96, QS = 160;
   static constexpr int GROUP = 256, BLOCKS = 1;  // GROUP: the activation's; BLOCKS: the file's per unit
   static constexpr int ROWS512 = 8;              // rows of x per pass with AVX-512's 32 registers (xrows)
-  static constexpr bool SUM16 = false, PAIRS = true;
+  static constexpr bool SUM16 = false, PAIRS = true, FSUM = false;
   static constexpr int OFF = 0, OFF16 = 0;
   static Acc finish(Acc s1, Acc s2) { return sub(s1, s2); }
   static constexpr int PREFETCH = 0;  // bytes ahead: the hardware's prefetch did as well (4096: 0.99x, 8192: 1.07x)
@@ -884,7 +888,7 @@ struct Q6Kx8 {
   static constexpr int ELEMS = 256, BYTES = 1680, SOURCE = 210, D = 0, SCALES = 16, QS = 144;
   static constexpr int GROUP = 256, BLOCKS = 1;
   static constexpr int ROWS512 = 4;  // its 16 accumulators per 4 rows: 8 took 1.2x the time at 8 rows
-  static constexpr bool SUM16 = true, PAIRS = false;  // its sub-blocks of 16
+  static constexpr bool SUM16 = true, PAIRS = false, FSUM = false;  // its sub-blocks of 16
   static constexpr int OFF = 0, OFF16 = 32;  // q - 32: the offset term per sub-block of 16
   static Acc finish(Acc s1, Acc s2) { return sub(s1, s2); }
   static constexpr int PREFETCH = 4096;  // against none: 0.90x at two threads, 0.93x at one (8192: 0.96x, 0.85x)
@@ -967,7 +971,7 @@ template <int BITS, bool AFFINE> struct Qx8 {
   static constexpr int QBYTES = BITS == 8 ? 256 : 128;  // per j
   static constexpr int BYTES = QS + 2 * QBYTES;
   static constexpr int OFF = BITS == 8 ? (UNSIGNED_DOT ? 128 : 0) : AFFINE ? 0 : (FIVE ? 16 : 8);
-  static constexpr bool SUM16 = false, PAIRS = false;
+  static constexpr bool SUM16 = false, PAIRS = false, FSUM = AFFINE;
   static constexpr int OFF16 = 0;
   static constexpr int PREFETCH = 0;
   static_assert(BITS != 8 || !AFFINE, "Qx8: Q8_0 is symmetric");
@@ -1055,7 +1059,7 @@ template <int BITS, bool AFFINE> struct Qx8 {
       for (int r = 0; r < R; ++r) {
         const Acc dx = splat(act[r].d[2 * b + j]);
         s1[r] = acc_add(s1[r], acc[r], mul(d, dx));
-        if constexpr (AFFINE) s2[r] = add(s2[r], mul(mul(m, dx), splat(static_cast<float>(act[r].sum32[2 * b + j]))));
+        if constexpr (AFFINE) s2[r] = add(s2[r], mul(mul(m, dx), splat(act[r].fsum32[2 * b + j])));
       }
     }
   }
@@ -1099,7 +1103,7 @@ template <typename F> constexpr int xrows() {
 template <typename F, typename T>
 void x8_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
   const int64_t nb = K / F::ELEMS;
-  const Activations act(x, M, K, F::GROUP, F::SUM16, F::OFF, F::OFF16, F::PAIRS);
+  const Activations act(x, M, K, F::GROUP, F::SUM16, F::OFF, F::OFF16, F::PAIRS, F::FSUM);
   const int64_t tiles = N / 8, tile_bytes = nb * F::BYTES;
   const int64_t grain = std::max<int64_t>(1, PARALLEL_BYTES / std::max<int64_t>(1, tile_bytes));
   parallel_chunks(tiles, grain, [&](int64_t t0, int64_t t1) {
