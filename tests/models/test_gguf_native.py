@@ -53,6 +53,37 @@ def test_the_embedded_gguf_loads_as_its_own_blocks(quantized):
     assert 110e6 < total < 130e6  # the file's bytes and the head's copy, not a dequantized copy (135M params x 4 B)
 
 
+def test_our_gguf_reader_reads_what_gguf_py_reads(tmp_path):
+    """models/gguf.py's own header reader against gguf-py's GGUFReader on the embedded file: every metadata field
+    (arrays of strings and numbers included), every tensor's type, shape, offset, size and bytes; a truncated copy
+    and a wrong magic are ValueErrors that name the file."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from lookahead.models.gguf import GGUFFile, _Reader, gguf_file
+
+    path = gguf_file("smollm2-135m-instruct")
+    theirs, ours = GGUFReader(path), _Reader(path)
+    assert set(theirs.fields) - {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"} == set(ours.fields)
+    f = GGUFFile(path)
+    for key in ours.fields:
+        assert theirs.fields[key].contents() == f.get(key), key
+    assert len(f.get("tokenizer.ggml.tokens")) == 49152 and f.get("no.such.key", 7) == 7
+    assert [t.name for t in theirs.tensors] == [t.name for t in ours.tensors]
+    for a, b in zip(theirs.tensors, ours.tensors):
+        assert (a.tensor_type, list(a.shape), int(a.data_offset), int(a.n_bytes)) == \
+            (b.tensor_type, list(b.shape), b.data_offset, b.n_bytes), a.name
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape, a.name
+        assert np.array_equal(np.asarray(a.data).view(np.uint8), np.asarray(b.data).view(np.uint8)), a.name
+    data = path.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="cut.gguf is not a readable GGUF file .*past the end of the file"):
+        GGUFFile(tmp_path / "cut.gguf")
+    (tmp_path / "magic.gguf").write_bytes(b"GGML" + data[4:4096])
+    with pytest.raises(ValueError, match="magic.gguf is not a readable GGUF file .*not a little-endian GGUF"):
+        GGUFFile(tmp_path / "magic.gguf")
+
+
 def test_quantization_none_and_an_explicit_dtype_keep_the_dequantized_path():
     for kwargs in ({"quantization": None}, {"dtype": torch.float32}):
         m = LlamaForLookahead.from_pretrained("smollm2-135m-instruct", **kwargs)
