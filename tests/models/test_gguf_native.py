@@ -84,6 +84,43 @@ def test_our_gguf_reader_reads_what_gguf_py_reads(tmp_path):
         GGUFFile(tmp_path / "magic.gguf")
 
 
+def test_our_gguf_reader_reads_every_metadata_type_as_gguf_py_does(tmp_path):
+    """A file gguf-py's writer makes with every metadata value type (integers of each width and sign, floats, bools,
+    strings, arrays of numbers, of strings and of arrays), a custom alignment, and float and quantized tensors: our
+    reader gives gguf-py's values, tensor table and bytes."""
+    import gguf
+    import numpy as np
+
+    from lookahead.models.gguf import _Array, _Reader
+
+    path = tmp_path / "types.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_custom_alignment(64)
+    w.add_uint8("t.u8", 200), w.add_int8("t.i8", -100), w.add_uint16("t.u16", 60000), w.add_int16("t.i16", -30000)
+    w.add_uint32("t.u32", 4_000_000_000), w.add_int32("t.i32", -2_000_000_000)
+    w.add_uint64("t.u64", 2 ** 63 + 5), w.add_int64("t.i64", -(2 ** 62)), w.add_float32("t.f32", 1.5)
+    w.add_float64("t.f64", -2.25), w.add_bool("t.bool", True), w.add_string("t.str", "héllo")
+    w.add_array("t.ints", [1, -2, 3]), w.add_array("t.floats", [0.5, 1.5]), w.add_array("t.strs", ["a", "", "ç"])
+    w.add_array("t.nested", [[1, 2], [3]])
+    w.add_tensor("f32", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.add_tensor("f16", np.arange(8, dtype=np.float16).reshape(2, 4))
+    q8 = np.random.default_rng(0).integers(0, 255, (4, 34), dtype=np.uint8)
+    w.add_tensor("q8", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)  # 4 rows of one block (32 elements)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    theirs, ours = gguf.GGUFReader(path), _Reader(path)
+    for key, value in ours.fields.items():
+        if key != "t.nested":  # gguf-py flattens an array of arrays ([1, 2, 3]); ours keeps them apart
+            assert theirs.fields[key].contents() == (value.contents() if isinstance(value, _Array) else value), key
+    assert set(theirs.fields) - {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"} == set(ours.fields)
+    assert ours.fields["t.u64"] == 2 ** 63 + 5 and ours.fields["t.nested"].contents() == [[1, 2], [3]]
+    for a, b in zip(theirs.tensors, ours.tensors, strict=True):
+        assert (a.name, a.tensor_type, list(a.shape), int(a.data_offset), int(a.n_bytes)) == \
+            (b.name, b.tensor_type, list(b.shape), b.data_offset, b.n_bytes)
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape
+        assert np.array_equal(np.asarray(a.data), np.asarray(b.data))
+    assert ours.tensors[0].data_offset % 64 == 0
+
+
 def test_quantization_none_and_an_explicit_dtype_keep_the_dequantized_path():
     for kwargs in ({"quantization": None}, {"dtype": torch.float32}):
         m = LlamaForLookahead.from_pretrained("smollm2-135m-instruct", **kwargs)
