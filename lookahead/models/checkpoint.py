@@ -81,14 +81,12 @@ def _converted(gguf: Path) -> Path:
 
 
 def _gguf_architecture(gguf: Path) -> str:
-    from gguf import GGUFReader
+    from lookahead.models.gguf import GGUFFile  # (it imports this module)
 
-    try:
-        reader = GGUFReader(gguf)
-        field = reader.fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode()
-    except Exception as e:  # the gguf package raises assorted errors on foreign files
-        raise ValueError(f"{gguf} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    arch = GGUFFile(gguf).get("general.architecture")  # ValueError: "... is not a readable GGUF file (...)"
+    if not isinstance(arch, str):
+        raise ValueError(f"{gguf} is not a readable GGUF file (no general.architecture in its metadata)")
+    return arch
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
