@@ -137,7 +137,8 @@ template <typename T> void top_k_row(const T* x, int64_t V, int k, int64_t* out)
 
 // logits [..., V] (fp32, bf16 or fp16), 0 <= k <= V -> int64 [..., k]: the indices of each row's k largest
 // logits, largest first (torch.topk's indices, with equal values ordered by index). The recycled predictions of a
-// drafting step: torch's took 260-340 us for 8 rows of 49,152 logits at k = 8 (AMD EPYC Zen 4, 2 threads).
+// drafting step: torch.topk took 253-257 us for 8 rows of 49,152 logits at k = 8, this op 30-35 us (AMD EPYC Zen 4,
+// 2 threads; bench/cpu/host_work_session11.txt).
 at::Tensor top_k_indices(const at::Tensor& logits, int64_t k) {
   TORCH_CHECK(logits.device().is_cpu() && logits.dim() >= 1 && k >= 0 && k <= logits.size(-1),
               "top_k_indices: logits must be a CPU tensor [..., V] and 0 <= k <= V, got ", logits.sizes(), " and k = ",

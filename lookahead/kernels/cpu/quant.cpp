@@ -170,23 +170,6 @@ inline Lanes dot_acc(Lanes acc, Bytes u, Bytes s) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
 }
-// Short sums: without VNNI, dot_acc's maddubs pairs are added as int16 over several vectors (add_short) and
-// widened into the int32 lanes once (widen_short), one madd per chain instead of one per vector. The same integers
-// while no int16 sum reaches 32768: n vectors of values u <= U against |s| <= 128 need n * 2 * U * 128 < 32768
-// (U = 15: 8 vectors, 31: 4, 63: 2), which the callers keep. With VNNI a short sum is dot_acc's int32 lanes.
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
-constexpr bool SHORT_SUMS = false;
-using Short = Lanes;
-inline Short short_zero() { return lanes_zero(); }
-inline Short add_short(Short acc, Bytes u, Bytes s) { return dot_acc(acc, u, s); }
-inline Lanes widen_short(Lanes acc, Short p) { return add32(acc, p); }
-#else
-constexpr bool SHORT_SUMS = true;
-using Short = __m256i;  // 16 int16 pair sums
-inline Short short_zero() { return _mm256_setzero_si256(); }
-inline Short add_short(Short acc, Bytes u, Bytes s) { return _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s)); }
-inline Lanes widen_short(Lanes acc, Short p) { return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1))); }
-#endif
 // lane k = the sum of l[k]'s 8 lanes (exact integers): two rounds of hadd, then the two halves added
 inline Lanes reduce8(const Lanes* l) {
   const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(l[0], l[1]), _mm256_hadd_epi32(l[2], l[3]));
@@ -301,11 +284,6 @@ inline Bytes bcast4(const uint8_t* p) {
   return b;
 }
 inline Lanes dot_acc(Lanes acc, Bytes u, Bytes s) { return add32(acc, dot_us(u, s)); }
-constexpr bool SHORT_SUMS = false;  // the same integers in int32 lanes (see the AVX2 code's short sums)
-using Short = Lanes;
-inline Short short_zero() { return lanes_zero(); }
-inline Short add_short(Short acc, Bytes u, Bytes s) { return dot_acc(acc, u, s); }
-inline Lanes widen_short(Lanes acc, Short p) { return add32(acc, p); }
 inline Lanes reduce8(const Lanes* l) {
   Lanes t;
   for (int k = 0; k < 8; ++k) {
@@ -336,6 +314,25 @@ inline Acc halves8(const uint8_t* const* b, int off) {
   for (int k = 0; k < 8; ++k) a.v[k] = fp16(b[k] + off);
   return a;
 }
+#endif
+
+// Short sums: without VNNI, dot_acc's maddubs pairs are added as int16 over several vectors (add_short) and
+// widened into the int32 lanes once (widen_short), one madd per chain instead of one per vector. The same integers
+// while no int16 sum reaches 32768: n vectors of values u <= U against |s| <= 128 need n * 2 * U * 128 < 32768
+// (U = 15: 8 vectors, 31: 4), which the callers keep. With VNNI, and in the portable code, a short sum is
+// dot_acc's int32 lanes.
+#if defined(__AVX2__) && !(defined(__AVX512VNNI__) && defined(__AVX512VL__)) && !defined(__AVXVNNI__)
+constexpr bool SHORT_SUMS = true;
+using Short = __m256i;  // 16 int16 pair sums
+inline Short short_zero() { return _mm256_setzero_si256(); }
+inline Short add_short(Short acc, Bytes u, Bytes s) { return _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s)); }
+inline Lanes widen_short(Lanes acc, Short p) { return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1))); }
+#else
+constexpr bool SHORT_SUMS = false;
+using Short = Lanes;
+inline Short short_zero() { return lanes_zero(); }
+inline Short add_short(Short acc, Bytes u, Bytes s) { return dot_acc(acc, u, s); }
+inline Lanes widen_short(Lanes acc, Short p) { return add32(acc, p); }
 #endif
 
 // The 8 lanes of one output in one tree, whatever the path: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
