@@ -10,7 +10,8 @@
 //
 // Code paths: AVX-512 (4 x 4 tiles of 16-lane accumulators; bf16 on a CPU with AVX512_BF16 multiplies pairs with
 // vdpbf16ps, lane l taking the pairs (2l, 2l + 1) of each 32-element chunk); AVX2 + FMA (2 x 3 tiles, each
-// 16-lane accumulator two __m256; from PANEL_MIN_ROWS rows the same sums as outer products on packed panels);
+// 16-lane accumulator two __m256, lanes 0-7 and 8-15, or for bf16 w from PAIRS_MIN_ROWS rows the even and the odd
+// lanes; from PANEL_MIN_ROWS rows the same sums as outer products on packed panels);
 // portable C++ for any other CPU (ARM: 2 x 2 tiles of 16-lane arrays the compiler vectorizes). Outside vdpbf16ps
 // every element is widened to fp32 and fused-multiply-added; x is widened once per call except where vdpbf16ps
 // takes it as it is.
@@ -141,17 +142,25 @@ void tile(const X* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, i
 // remainder (docs/hosts.md: 2 x 3 against 3 x 2, 2 x 2 and 4 x 1).
 constexpr int TILE_M = 2, TILE_N = 3;
 constexpr bool WIDEN_X = true;  // x widened to fp32 once per call
+// From how many rows of x a tile holds fp32 w in registers (HOLD below), and bf16 w runs as pairs (chunk_pairs):
+// both pay where the multiply-adds bound the tile, not the weight stream (docs/hosts.md#the-avx2-tile).
+constexpr int64_t HELD_MIN_ROWS = 6, PAIRS_MIN_ROWS = 3;
 
 // acc[h][i][j] += x row i . w row j over the half h (lanes 8h .. 8h + 7) of the 16-element chunk at k (n valid
-// elements, zeros past them).
-template <typename T, int MI, int NJ>
+// elements, zeros past them). HOLD: each row of w's chunk is loaded into a register once for all rows of x; GCC
+// would otherwise fold an fp32 load into every row's FMA (12 loads a chunk instead of 6), and the loads, not the
+// FMAs, would bound the tile.
+template <typename T, int MI, int NJ, bool HOLD>
 LOOKAHEAD_INLINE inline void chunk(__m256 (&acc)[2][TILE_M][TILE_N], const float* const* xr, const T* const* wr,
                                    int64_t k, int n) {
 #pragma GCC unroll 2
   for (int h = 0; h < 2; ++h) {
     __m256 wv[NJ];
 #pragma GCC unroll 4
-    for (int j = 0; j < NJ; ++j) wv[j] = load8(wr[j] + k + 8 * h, n - 8 * h);
+    for (int j = 0; j < NJ; ++j) {
+      wv[j] = load8(wr[j] + k + 8 * h, n - 8 * h);
+      if constexpr (HOLD) __asm__("" : "+x"(wv[j]));  // an empty asm that takes wv[j] in a register
+    }
 #pragma GCC unroll 4
     for (int i = 0; i < MI; ++i) {
       const __m256 xv = load8(xr[i] + k + 8 * h, n - 8 * h);
@@ -161,7 +170,89 @@ LOOKAHEAD_INLINE inline void chunk(__m256 (&acc)[2][TILE_M][TILE_N], const float
   }
 }
 
-template <typename T, int MI, int NJ>
+// bf16 w: a 16-element chunk is one 256-bit load, 8 pairs (2p, 2p + 1). The even elements are its 32-bit lanes
+// shifted left by 16 and the odd ones the same lanes with the low halves taken from those (zero) by one blend: two
+// ops per chunk instead of four widenings. So acc[0] holds lanes 0, 2, .., 14 and acc[1] lanes 1, 3, .., 15 (each
+// lane still adds its own products in ascending chunks), and x comes paired to match: xp[16c + p] = x[16c + 2p],
+// xp[16c + 8 + p] = x[16c + 2p + 1] (pair_x), rows of 16 * ceil(K / 16), zeros past K.
+template <int MI, int NJ>
+LOOKAHEAD_INLINE inline void chunk_pairs(__m256 (&acc)[2][TILE_M][TILE_N], const float* const* xr,
+                                         const c10::BFloat16* const* wr, int64_t k, int n) {
+  const c10::BFloat16* wk[NJ];
+  alignas(32) c10::BFloat16 tail[NJ][16];
+  if (n == 16) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NJ; ++j) wk[j] = wr[j] + k;
+  } else {  // the last chunk of a K that is not a multiple of 16: zeros past K, as the paired x has
+    for (int j = 0; j < NJ; ++j) {
+      for (int l = 0; l < 16; ++l) tail[j][l] = l < n ? wr[j][k + l] : c10::BFloat16(0.0f);
+      wk[j] = tail[j];
+    }
+  }
+  __m256i wv[NJ];
+#pragma GCC unroll 4
+  for (int j = 0; j < NJ; ++j) wv[j] = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)wk[j]), 16);
+#pragma GCC unroll 4
+  for (int i = 0; i < MI; ++i) {
+    const __m256 xv = _mm256_loadu_ps(xr[i] + k);
+#pragma GCC unroll 4
+    for (int j = 0; j < NJ; ++j) acc[0][i][j] = _mm256_fmadd_ps(xv, _mm256_castsi256_ps(wv[j]), acc[0][i][j]);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < NJ; ++j) wv[j] = _mm256_blend_epi16(wv[j], _mm256_loadu_si256((const __m256i*)wk[j]), 0xAA);
+#pragma GCC unroll 4
+  for (int i = 0; i < MI; ++i) {
+    const __m256 xv = _mm256_loadu_ps(xr[i] + k + 8);
+#pragma GCC unroll 4
+    for (int j = 0; j < NJ; ++j) acc[1][i][j] = _mm256_fmadd_ps(xv, _mm256_castsi256_ps(wv[j]), acc[1][i][j]);
+  }
+}
+
+// x [M, K] as pairs for chunk_pairs, in fp32: rows of Kp = 16 * ceil(K / 16).
+inline void pair_x(const c10::BFloat16* x, float* xp, int64_t M, int64_t K, int64_t Kp) {
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t k = 0; k < Kp; k += 16) {
+        alignas(32) c10::BFloat16 tail[16];
+        const c10::BFloat16* src = x + m * K + k;
+        if (k + 16 > K) {
+          for (int l = 0; l < 16; ++l) tail[l] = k + l < K ? src[l] : c10::BFloat16(0.0f);
+          src = tail;
+        }
+        const __m256i raw = _mm256_loadu_si256((const __m256i*)src);
+        const __m256i even = _mm256_slli_epi32(raw, 16);
+        _mm256_storeu_si256((__m256i*)(xp + m * Kp + k), even);
+        _mm256_storeu_si256((__m256i*)(xp + m * Kp + k + 8), _mm256_blend_epi16(even, raw, 0xAA));
+      }
+  });
+}
+
+// lanes 0-7 and 8-15 of a 16-lane sum from its even lanes e and odd lanes o.
+LOOKAHEAD_INLINE inline float lane_sum_pairs(__m256 e, __m256 o) {
+  const __m256 a = _mm256_unpacklo_ps(e, o), b = _mm256_unpackhi_ps(e, o);  // (0 1 2 3 | 8 9 10 11), (4 .. | 12 ..)
+  return lane_sum(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+template <int MI, int NJ>
+void tile_pairs(const float* xp, int64_t Kp, const c10::BFloat16* w, const c10::BFloat16* bias, c10::BFloat16* y,
+                int64_t m0, int64_t n0, int64_t K, int64_t N) {
+  const auto xr = rows_of<MI>(xp, m0, Kp);
+  const auto wr = rows_of<NJ>(w, n0, K);
+  __m256 acc[2][TILE_M][TILE_N];
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 4
+    for (int i = 0; i < MI; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NJ; ++j) acc[h][i][j] = _mm256_setzero_ps();
+  over_chunks<LANES, NJ>(w + n0 * K, K,
+                         [&](int64_t k, int n) LOOKAHEAD_INLINE { chunk_pairs<MI, NJ>(acc, xr.data(), wr.data(), k, n); });
+  store_tile<c10::BFloat16, MI, NJ>(y, bias, m0, n0, N, [&](int i, int j) LOOKAHEAD_INLINE {
+    return lane_sum_pairs(acc[0][i][j], acc[1][i][j]);
+  });
+}
+
+template <typename T, int MI, int NJ, bool HOLD>
 void tile(const float* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, int64_t K, int64_t N) {
   const auto xr = rows_of<MI>(x, m0, K);
   const auto wr = rows_of<NJ>(w, n0, K);
@@ -173,7 +264,7 @@ void tile(const float* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n
 #pragma GCC unroll 4
       for (int j = 0; j < NJ; ++j) acc[h][i][j] = _mm256_setzero_ps();
   over_chunks<LANES, NJ>(w + n0 * K, K,
-                         [&](int64_t k, int n) LOOKAHEAD_INLINE { chunk<T, MI, NJ>(acc, xr.data(), wr.data(), k, n); });
+                         [&](int64_t k, int n) LOOKAHEAD_INLINE { chunk<T, MI, NJ, HOLD>(acc, xr.data(), wr.data(), k, n); });
   store_tile<T, MI, NJ>(y, bias, m0, n0, N,
                         [&](int i, int j) LOOKAHEAD_INLINE { return lane_sum(acc[0][i][j], acc[1][i][j]); });
 }
@@ -337,8 +428,40 @@ void linear_kernel(const T* x, const T* w, const T* bias, T* y, int64_t M, int64
 #if defined(LOOKAHEAD_AVX2)
   if (M >= PANEL_MIN_ROWS) return linear_panels(x, w, bias, y, M, K, N);  // widens x as it packs it
 #endif
-  const x_t<T>* xs;
+  // tiles(f): f(rows, cols, m, n0) for every tile, rows and cols as constants. Each thread owns a range of w's
+  // rows; every tile's math is the same whoever runs it. A thread gets at least PARALLEL_MACS of work: waking the
+  // pool costs microseconds idle and a whole time slice when another process holds a core, which a small layer
+  // cannot win back.
+  const auto tiles = [&](auto f) {
+    const int64_t n_tiles = (N + TILE_N - 1) / TILE_N;
+    const int64_t grain = std::max<int64_t>(1, PARALLEL_MACS / std::max<int64_t>(1, M * K * TILE_N));
+    parallel_chunks(n_tiles, grain, [&](int64_t t0, int64_t t1) {
+      for (int64_t mb = 0; mb < M; mb += M_BLOCK) {
+        const int64_t me = std::min(M, mb + M_BLOCK);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t n0 = t * TILE_N;
+          const int nj = static_cast<int>(std::min<int64_t>(TILE_N, N - n0));
+          for (int64_t m = mb; m < me; m += TILE_M)  // the tile of the rows (<= TILE_M) and columns left
+            with_count<TILE_M>(static_cast<int>(std::min<int64_t>(TILE_M, me - m)),
+                               [&](auto rows) { with_count<TILE_N>(nj, [&](auto cols) { f(rows, cols, m, n0); }); });
+        }
+      }
+    });
+  };
   std::vector<float> widened;  // x in fp32 where the path multiplies in fp32 (exact: every bf16/fp16 is an fp32)
+#if defined(LOOKAHEAD_AVX2)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (M >= PAIRS_MIN_ROWS) {
+      const int64_t Kp = (K + 15) / 16 * 16;
+      widened.resize(M * Kp);
+      pair_x(x, widened.data(), M, K, Kp);
+      return tiles([&](auto rows, auto cols, int64_t m, int64_t n0) LOOKAHEAD_INLINE {
+        tile_pairs<decltype(rows)::value, decltype(cols)::value>(widened.data(), Kp, w, bias, y, m, n0, K, N);
+      });
+    }
+  }
+#endif
+  const x_t<T>* xs;
   if constexpr (std::is_same_v<x_t<T>, T>) {
     xs = x;
   } else {
@@ -348,26 +471,19 @@ void linear_kernel(const T* x, const T* w, const T* bias, T* y, int64_t M, int64
     });
     xs = widened.data();
   }
-  const int64_t n_tiles = (N + TILE_N - 1) / TILE_N;
-  // each thread owns a range of w's rows; every tile's math is the same whoever runs it. A thread gets at least
-  // PARALLEL_MACS of work: waking the pool costs microseconds idle and a whole time slice when another process
-  // holds a core, which a small layer cannot win back.
-  const int64_t grain = std::max<int64_t>(1, PARALLEL_MACS / std::max<int64_t>(1, M * K * TILE_N));
-  parallel_chunks(n_tiles, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t mb = 0; mb < M; mb += M_BLOCK) {
-      const int64_t me = std::min(M, mb + M_BLOCK);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n0 = t * TILE_N;
-        const int nj = static_cast<int>(std::min<int64_t>(TILE_N, N - n0));
-        for (int64_t m = mb; m < me; m += TILE_M)  // the tile of the rows (<= TILE_M) and columns left
-          with_count<TILE_M>(static_cast<int>(std::min<int64_t>(TILE_M, me - m)), [&](auto rows) {
-            with_count<TILE_N>(nj, [&](auto cols) {
-              tile<T, decltype(rows)::value, decltype(cols)::value>(xs, w, bias, y, m, n0, K, N);
-            });
-          });
-      }
-    }
+#if defined(LOOKAHEAD_AVX2)
+  if (std::is_same_v<T, float> && M >= HELD_MIN_ROWS)
+    return tiles([&](auto rows, auto cols, int64_t m, int64_t n0) LOOKAHEAD_INLINE {
+      tile<T, decltype(rows)::value, decltype(cols)::value, true>(xs, w, bias, y, m, n0, K, N);
+    });
+  tiles([&](auto rows, auto cols, int64_t m, int64_t n0) LOOKAHEAD_INLINE {
+    tile<T, decltype(rows)::value, decltype(cols)::value, false>(xs, w, bias, y, m, n0, K, N);
   });
+#else
+  tiles([&](auto rows, auto cols, int64_t m, int64_t n0) LOOKAHEAD_INLINE {
+    tile<T, decltype(rows)::value, decltype(cols)::value>(xs, w, bias, y, m, n0, K, N);
+  });
+#endif
 }
 
 }  // namespace
