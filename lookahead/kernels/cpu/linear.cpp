@@ -74,6 +74,7 @@ LOOKAHEAD_INLINE inline void over_chunks(const T* w, int64_t K, Body body) {
 #if defined(__AVX512F__)
 
 constexpr int TILE_M = 4, TILE_N = 4;  // rows of x, rows of w per register tile (16 accumulators)
+constexpr int64_t HELD_MIN_ROWS = 3;    // from how many rows of x a tile holds x in registers (HOLD below)
 #if defined(__AVX512BF16__)
 constexpr bool WIDEN_X = false;  // x stays in its dtype (vdpbf16ps multiplies bf16 pairs)
 #else
@@ -90,8 +91,11 @@ template <typename T> constexpr int chunk_width() {
 }
 
 // acc[i][j] += x row i . w row j over one chunk at k (n valid elements). One loop body serves every chunk, the
-// masked last one included, so the accumulators stay in registers.
-template <typename T, int MI, int NJ, typename X>
+// masked last one included, so the accumulators stay in registers. HOLD, for bf16 and fp16 w (widened in
+// registers): each row of x's chunk is loaded into a register once for all rows of w; GCC would otherwise fold
+// its load into some of the FMAs, and the loads would bound the tile. fp32 tiles measured no clear gain from it
+// (docs/hosts.md#the-tiles-loads).
+template <typename T, int MI, int NJ, bool HOLD, typename X>
 LOOKAHEAD_INLINE inline void chunk(__m512 (&acc)[TILE_M][TILE_N], const X* const* xr, const T* const* wr, int64_t k,
                                    int n) {
 #if defined(__AVX512BF16__)
@@ -111,7 +115,10 @@ LOOKAHEAD_INLINE inline void chunk(__m512 (&acc)[TILE_M][TILE_N], const X* const
 #endif
   __m512 xv[MI], wv[NJ];
 #pragma GCC unroll 4
-  for (int i = 0; i < MI; ++i) xv[i] = load16(xr[i] + k, n);
+  for (int i = 0; i < MI; ++i) {
+    xv[i] = load16(xr[i] + k, n);
+    if constexpr (HOLD && !std::is_same_v<T, float>) __asm__("" : "+v"(xv[i]));  // an empty asm: xv[i] in a register
+  }
 #pragma GCC unroll 4
   for (int j = 0; j < NJ; ++j) wv[j] = load16(wr[j] + k, n);
 #pragma GCC unroll 4
@@ -120,7 +127,7 @@ LOOKAHEAD_INLINE inline void chunk(__m512 (&acc)[TILE_M][TILE_N], const X* const
     for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_fmadd_ps(xv[i], wv[j], acc[i][j]);
 }
 
-template <typename T, int MI, int NJ, typename X>
+template <typename T, int MI, int NJ, bool HOLD, typename X>
 void tile(const X* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, int64_t K, int64_t N) {
   constexpr int W = chunk_width<T>();
   const auto xr = rows_of<MI>(x, m0, K);
@@ -131,7 +138,7 @@ void tile(const X* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, i
 #pragma GCC unroll 4
     for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_ps();
   over_chunks<W, NJ>(w + n0 * K, K,
-                     [&](int64_t k, int n) LOOKAHEAD_INLINE { chunk<T, MI, NJ>(acc, xr.data(), wr.data(), k, n); });
+                     [&](int64_t k, int n) LOOKAHEAD_INLINE { chunk<T, MI, NJ, HOLD>(acc, xr.data(), wr.data(), k, n); });
   store_tile<T, MI, NJ>(y, bias, m0, n0, N, [&](int i, int j) LOOKAHEAD_INLINE { return lane_sum(acc[i][j]); });
 }
 
@@ -142,8 +149,8 @@ void tile(const X* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, i
 // remainder (docs/hosts.md: 2 x 3 against 3 x 2, 2 x 2 and 4 x 1).
 constexpr int TILE_M = 2, TILE_N = 3;
 constexpr bool WIDEN_X = true;  // x widened to fp32 once per call
-// From how many rows of x a tile holds fp32 w in registers (HOLD below), and bf16 w runs as pairs (chunk_pairs):
-// both pay where the multiply-adds bound the tile, not the weight stream (docs/hosts.md#the-avx2-tile).
+// From how many rows of x a tile holds w in registers (HOLD below), and bf16 w runs as pairs (chunk_pairs): both
+// pay where the multiply-adds bound the tile, not the weight stream (docs/hosts.md#the-tiles-loads).
 constexpr int64_t HELD_MIN_ROWS = 6, PAIRS_MIN_ROWS = 3;
 
 // acc[h][i][j] += x row i . w row j over the half h (lanes 8h .. 8h + 7) of the 16-element chunk at k (n valid
@@ -471,8 +478,8 @@ void linear_kernel(const T* x, const T* w, const T* bias, T* y, int64_t M, int64
     });
     xs = widened.data();
   }
-#if defined(LOOKAHEAD_AVX2)
-  if (std::is_same_v<T, float> && M >= HELD_MIN_ROWS)
+#if defined(__AVX512F__) || defined(LOOKAHEAD_AVX2)
+  if (M >= HELD_MIN_ROWS)
     return tiles([&](auto rows, auto cols, int64_t m, int64_t n0) LOOKAHEAD_INLINE {
       tile<T, decltype(rows)::value, decltype(cols)::value, true>(xs, w, bias, y, m, n0, K, N);
     });
