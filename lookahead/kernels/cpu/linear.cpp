@@ -74,7 +74,6 @@ LOOKAHEAD_INLINE inline void over_chunks(const T* w, int64_t K, Body body) {
 #if defined(__AVX512F__)
 
 constexpr int TILE_M = 4, TILE_N = 4;  // rows of x, rows of w per register tile (16 accumulators)
-constexpr int64_t HELD_MIN_ROWS = 3;    // from how many rows of x a tile holds x in registers (HOLD below)
 #if defined(__AVX512BF16__)
 constexpr bool WIDEN_X = false;  // x stays in its dtype (vdpbf16ps multiplies bf16 pairs)
 #else
@@ -91,11 +90,8 @@ template <typename T> constexpr int chunk_width() {
 }
 
 // acc[i][j] += x row i . w row j over one chunk at k (n valid elements). One loop body serves every chunk, the
-// masked last one included, so the accumulators stay in registers. HOLD, for bf16 and fp16 w (widened in
-// registers): each row of x's chunk is loaded into a register once for all rows of w; GCC would otherwise fold
-// its load into some of the FMAs, and the loads would bound the tile. fp32 tiles measured no clear gain from it
-// (docs/hosts.md#the-tiles-loads).
-template <typename T, int MI, int NJ, bool HOLD, typename X>
+// masked last one included, so the accumulators stay in registers.
+template <typename T, int MI, int NJ, typename X>
 LOOKAHEAD_INLINE inline void chunk(__m512 (&acc)[TILE_M][TILE_N], const X* const* xr, const T* const* wr, int64_t k,
                                    int n) {
 #if defined(__AVX512BF16__)
@@ -115,10 +111,7 @@ LOOKAHEAD_INLINE inline void chunk(__m512 (&acc)[TILE_M][TILE_N], const X* const
 #endif
   __m512 xv[MI], wv[NJ];
 #pragma GCC unroll 4
-  for (int i = 0; i < MI; ++i) {
-    xv[i] = load16(xr[i] + k, n);
-    if constexpr (HOLD && !std::is_same_v<T, float>) __asm__("" : "+v"(xv[i]));  // an empty asm: xv[i] in a register
-  }
+  for (int i = 0; i < MI; ++i) xv[i] = load16(xr[i] + k, n);
 #pragma GCC unroll 4
   for (int j = 0; j < NJ; ++j) wv[j] = load16(wr[j] + k, n);
 #pragma GCC unroll 4
@@ -127,7 +120,7 @@ LOOKAHEAD_INLINE inline void chunk(__m512 (&acc)[TILE_M][TILE_N], const X* const
     for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_fmadd_ps(xv[i], wv[j], acc[i][j]);
 }
 
-template <typename T, int MI, int NJ, bool HOLD, typename X>
+template <typename T, int MI, int NJ, typename X>
 void tile(const X* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, int64_t K, int64_t N) {
   constexpr int W = chunk_width<T>();
   const auto xr = rows_of<MI>(x, m0, K);
@@ -138,7 +131,7 @@ void tile(const X* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, i
 #pragma GCC unroll 4
     for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_ps();
   over_chunks<W, NJ>(w + n0 * K, K,
-                     [&](int64_t k, int n) LOOKAHEAD_INLINE { chunk<T, MI, NJ, HOLD>(acc, xr.data(), wr.data(), k, n); });
+                     [&](int64_t k, int n) LOOKAHEAD_INLINE { chunk<T, MI, NJ>(acc, xr.data(), wr.data(), k, n); });
   store_tile<T, MI, NJ>(y, bias, m0, n0, N, [&](int i, int j) LOOKAHEAD_INLINE { return lane_sum(acc[i][j]); });
 }
 
@@ -240,10 +233,12 @@ LOOKAHEAD_INLINE inline float lane_sum_pairs(__m256 e, __m256 o) {
   return lane_sum(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-template <int MI, int NJ>
-void tile_pairs(const float* xp, int64_t Kp, const c10::BFloat16* w, const c10::BFloat16* bias, c10::BFloat16* y,
-                int64_t m0, int64_t n0, int64_t K, int64_t N) {
-  const auto xr = rows_of<MI>(xp, m0, Kp);
+// PAIRS (bf16 only): chunk_pairs on x paired by pair_x, rows of ldx elements; otherwise chunk<HOLD> on x widened,
+// rows of ldx = K.
+template <typename T, int MI, int NJ, bool HOLD, bool PAIRS = false>
+void tile(const float* x, int64_t ldx, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, int64_t K,
+          int64_t N) {
+  const auto xr = rows_of<MI>(x, m0, ldx);
   const auto wr = rows_of<NJ>(w, n0, K);
   __m256 acc[2][TILE_M][TILE_N];
 #pragma GCC unroll 2
@@ -252,28 +247,15 @@ void tile_pairs(const float* xp, int64_t Kp, const c10::BFloat16* w, const c10::
     for (int i = 0; i < MI; ++i)
 #pragma GCC unroll 4
       for (int j = 0; j < NJ; ++j) acc[h][i][j] = _mm256_setzero_ps();
-  over_chunks<LANES, NJ>(w + n0 * K, K,
-                         [&](int64_t k, int n) LOOKAHEAD_INLINE { chunk_pairs<MI, NJ>(acc, xr.data(), wr.data(), k, n); });
-  store_tile<c10::BFloat16, MI, NJ>(y, bias, m0, n0, N, [&](int i, int j) LOOKAHEAD_INLINE {
-    return lane_sum_pairs(acc[0][i][j], acc[1][i][j]);
+  over_chunks<LANES, NJ>(w + n0 * K, K, [&](int64_t k, int n) LOOKAHEAD_INLINE {
+    if constexpr (PAIRS)
+      chunk_pairs<MI, NJ>(acc, xr.data(), wr.data(), k, n);
+    else
+      chunk<T, MI, NJ, HOLD>(acc, xr.data(), wr.data(), k, n);
   });
-}
-
-template <typename T, int MI, int NJ, bool HOLD>
-void tile(const float* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n0, int64_t K, int64_t N) {
-  const auto xr = rows_of<MI>(x, m0, K);
-  const auto wr = rows_of<NJ>(w, n0, K);
-  __m256 acc[2][TILE_M][TILE_N];
-#pragma GCC unroll 2
-  for (int h = 0; h < 2; ++h)
-#pragma GCC unroll 4
-    for (int i = 0; i < MI; ++i)
-#pragma GCC unroll 4
-      for (int j = 0; j < NJ; ++j) acc[h][i][j] = _mm256_setzero_ps();
-  over_chunks<LANES, NJ>(w + n0 * K, K,
-                         [&](int64_t k, int n) LOOKAHEAD_INLINE { chunk<T, MI, NJ, HOLD>(acc, xr.data(), wr.data(), k, n); });
-  store_tile<T, MI, NJ>(y, bias, m0, n0, N,
-                        [&](int i, int j) LOOKAHEAD_INLINE { return lane_sum(acc[0][i][j], acc[1][i][j]); });
+  store_tile<T, MI, NJ>(y, bias, m0, n0, N, [&](int i, int j) LOOKAHEAD_INLINE {
+    return PAIRS ? lane_sum_pairs(acc[0][i][j], acc[1][i][j]) : lane_sum(acc[0][i][j], acc[1][i][j]);
+  });
 }
 
 // Many rows (a prefill): the same sums as an outer product, the tile above's bits at a GEMM's multiply-add rate.
@@ -430,45 +412,52 @@ void tile(const float* x, const T* w, const T* bias, T* y, int64_t m0, int64_t n
 // x's element type inside the tiles: T itself, or fp32 where the path widens x once per call.
 template <typename T> using x_t = std::conditional_t<WIDEN_X, float, T>;
 
+// f(rows, cols, m, n0) for every tile of y [M, N], rows and cols as constants. Each thread owns a range of w's
+// rows; every tile's math is the same whoever runs it. A thread gets at least PARALLEL_MACS of work: waking the
+// pool costs microseconds idle and a whole time slice when another process holds a core, which a small layer
+// cannot win back. (f is left to GCC to inline: forced, the AVX-512 tiles ran 1.3x slower at 8 rows.)
+template <typename F>
+void for_tiles(int64_t M, int64_t K, int64_t N, F f) {
+  const int64_t n_tiles = (N + TILE_N - 1) / TILE_N;
+  const int64_t grain = std::max<int64_t>(1, PARALLEL_MACS / std::max<int64_t>(1, M * K * TILE_N));
+  parallel_chunks(n_tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t mb = 0; mb < M; mb += M_BLOCK) {
+      const int64_t me = std::min(M, mb + M_BLOCK);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * TILE_N;
+        const int nj = static_cast<int>(std::min<int64_t>(TILE_N, N - n0));
+        for (int64_t m = mb; m < me; m += TILE_M)  // the tile of the rows (<= TILE_M) and columns left
+          with_count<TILE_M>(static_cast<int>(std::min<int64_t>(TILE_M, me - m)),
+                             [&](auto rows) { with_count<TILE_N>(nj, [&](auto cols) { f(rows, cols, m, n0); }); });
+      }
+    }
+  });
+}
+
+#if defined(LOOKAHEAD_AVX2)
+// bf16 from PAIRS_MIN_ROWS rows: x paired once per call, then the pairs' tiles.
+void linear_pairs(const c10::BFloat16* x, const c10::BFloat16* w, const c10::BFloat16* bias, c10::BFloat16* y,
+                  int64_t M, int64_t K, int64_t N) {
+  const int64_t Kp = (K + 15) / 16 * 16;
+  std::vector<float> paired(M * Kp);
+  pair_x(x, paired.data(), M, K, Kp);
+  for_tiles(M, K, N, [&](auto rows, auto cols, int64_t m, int64_t n0) {
+    tile<c10::BFloat16, decltype(rows)::value, decltype(cols)::value, false, true>(paired.data(), Kp, w, bias, y, m,
+                                                                                   n0, K, N);
+  });
+}
+#endif
+
 template <typename T>
 void linear_kernel(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
 #if defined(LOOKAHEAD_AVX2)
   if (M >= PANEL_MIN_ROWS) return linear_panels(x, w, bias, y, M, K, N);  // widens x as it packs it
-#endif
-  // tiles(f): f(rows, cols, m, n0) for every tile, rows and cols as constants. Each thread owns a range of w's
-  // rows; every tile's math is the same whoever runs it. A thread gets at least PARALLEL_MACS of work: waking the
-  // pool costs microseconds idle and a whole time slice when another process holds a core, which a small layer
-  // cannot win back.
-  const auto tiles = [&](auto f) {
-    const int64_t n_tiles = (N + TILE_N - 1) / TILE_N;
-    const int64_t grain = std::max<int64_t>(1, PARALLEL_MACS / std::max<int64_t>(1, M * K * TILE_N));
-    parallel_chunks(n_tiles, grain, [&](int64_t t0, int64_t t1) {
-      for (int64_t mb = 0; mb < M; mb += M_BLOCK) {
-        const int64_t me = std::min(M, mb + M_BLOCK);
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t n0 = t * TILE_N;
-          const int nj = static_cast<int>(std::min<int64_t>(TILE_N, N - n0));
-          for (int64_t m = mb; m < me; m += TILE_M)  // the tile of the rows (<= TILE_M) and columns left
-            with_count<TILE_M>(static_cast<int>(std::min<int64_t>(TILE_M, me - m)),
-                               [&](auto rows) { with_count<TILE_N>(nj, [&](auto cols) { f(rows, cols, m, n0); }); });
-        }
-      }
-    });
-  };
-  std::vector<float> widened;  // x in fp32 where the path multiplies in fp32 (exact: every bf16/fp16 is an fp32)
-#if defined(LOOKAHEAD_AVX2)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (M >= PAIRS_MIN_ROWS) {
-      const int64_t Kp = (K + 15) / 16 * 16;
-      widened.resize(M * Kp);
-      pair_x(x, widened.data(), M, K, Kp);
-      return tiles([&](auto rows, auto cols, int64_t m, int64_t n0) LOOKAHEAD_INLINE {
-        tile_pairs<decltype(rows)::value, decltype(cols)::value>(widened.data(), Kp, w, bias, y, m, n0, K, N);
-      });
-    }
+    if (M >= PAIRS_MIN_ROWS) return linear_pairs(x, w, bias, y, M, K, N);
   }
 #endif
   const x_t<T>* xs;
+  std::vector<float> widened;  // x in fp32 where the path multiplies in fp32 (exact: every bf16/fp16 is an fp32)
   if constexpr (std::is_same_v<x_t<T>, T>) {
     xs = x;
   } else {
@@ -478,16 +467,16 @@ void linear_kernel(const T* x, const T* w, const T* bias, T* y, int64_t M, int64
     });
     xs = widened.data();
   }
-#if defined(__AVX512F__) || defined(LOOKAHEAD_AVX2)
+#if defined(LOOKAHEAD_AVX2)
   if (M >= HELD_MIN_ROWS)
-    return tiles([&](auto rows, auto cols, int64_t m, int64_t n0) LOOKAHEAD_INLINE {
-      tile<T, decltype(rows)::value, decltype(cols)::value, true>(xs, w, bias, y, m, n0, K, N);
+    return for_tiles(M, K, N, [&](auto rows, auto cols, int64_t m, int64_t n0) {
+      tile<T, decltype(rows)::value, decltype(cols)::value, true>(xs, K, w, bias, y, m, n0, K, N);
     });
-  tiles([&](auto rows, auto cols, int64_t m, int64_t n0) LOOKAHEAD_INLINE {
-    tile<T, decltype(rows)::value, decltype(cols)::value, false>(xs, w, bias, y, m, n0, K, N);
+  for_tiles(M, K, N, [&](auto rows, auto cols, int64_t m, int64_t n0) {
+    tile<T, decltype(rows)::value, decltype(cols)::value, false>(xs, K, w, bias, y, m, n0, K, N);
   });
 #else
-  tiles([&](auto rows, auto cols, int64_t m, int64_t n0) LOOKAHEAD_INLINE {
+  for_tiles(M, K, N, [&](auto rows, auto cols, int64_t m, int64_t n0) {
     tile<T, decltype(rows)::value, decltype(cols)::value>(xs, w, bias, y, m, n0, K, N);
   });
 #endif
