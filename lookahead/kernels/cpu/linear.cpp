@@ -175,20 +175,21 @@ LOOKAHEAD_INLINE inline void chunk(__m256 (&acc)[2][TILE_M][TILE_N], const float
 // ops per chunk instead of four widenings. So acc[0] holds lanes 0, 2, .., 14 and acc[1] lanes 1, 3, .., 15 (each
 // lane still adds its own products in ascending chunks), and x comes paired to match: xp[16c + p] = x[16c + 2p],
 // xp[16c + 8 + p] = x[16c + 2p + 1] (pair_x), rows of 16 * ceil(K / 16), zeros past K.
+// The 16 elements of a chunk at src, n of them valid: src itself, or (a K that is not a multiple of 16) the n copied
+// into buf with zeros after them.
+LOOKAHEAD_INLINE inline const c10::BFloat16* chunk16(const c10::BFloat16* src, int n, c10::BFloat16 (&buf)[16]) {
+  if (n >= 16) return src;
+  for (int l = 0; l < 16; ++l) buf[l] = l < n ? src[l] : c10::BFloat16(0.0f);
+  return buf;
+}
+
 template <int MI, int NJ>
 LOOKAHEAD_INLINE inline void chunk_pairs(__m256 (&acc)[2][TILE_M][TILE_N], const float* const* xr,
                                          const c10::BFloat16* const* wr, int64_t k, int n) {
   const c10::BFloat16* wk[NJ];
-  alignas(32) c10::BFloat16 tail[NJ][16];
-  if (n == 16) {
+  alignas(32) c10::BFloat16 tail[NJ][16];  // the last chunk: zeros past K, as the paired x has
 #pragma GCC unroll 4
-    for (int j = 0; j < NJ; ++j) wk[j] = wr[j] + k;
-  } else {  // the last chunk of a K that is not a multiple of 16: zeros past K, as the paired x has
-    for (int j = 0; j < NJ; ++j) {
-      for (int l = 0; l < 16; ++l) tail[j][l] = l < n ? wr[j][k + l] : c10::BFloat16(0.0f);
-      wk[j] = tail[j];
-    }
-  }
+  for (int j = 0; j < NJ; ++j) wk[j] = chunk16(wr[j] + k, n, tail[j]);
   __m256i wv[NJ];
 #pragma GCC unroll 4
   for (int j = 0; j < NJ; ++j) wv[j] = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)wk[j]), 16);
@@ -214,11 +215,7 @@ inline void pair_x(const c10::BFloat16* x, float* xp, int64_t M, int64_t K, int6
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t k = 0; k < Kp; k += 16) {
         alignas(32) c10::BFloat16 tail[16];
-        const c10::BFloat16* src = x + m * K + k;
-        if (k + 16 > K) {
-          for (int l = 0; l < 16; ++l) tail[l] = k + l < K ? src[l] : c10::BFloat16(0.0f);
-          src = tail;
-        }
+        const c10::BFloat16* src = chunk16(x + m * K + k, static_cast<int>(std::min<int64_t>(16, K - k)), tail);
         const __m256i raw = _mm256_loadu_si256((const __m256i*)src);
         const __m256i even = _mm256_slli_epi32(raw, 16);
         _mm256_storeu_si256((__m256i*)(xp + m * Kp + k), even);
