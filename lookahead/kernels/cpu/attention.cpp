@@ -89,7 +89,7 @@ inline __m512 lane_sums16(const __m512 (&v)[16]) {
 
 // scores[n] = (q . k[key(n)]) * scale for n < n_keys, 16 keys at a time; q is D = 16 * NC (the last chunk masked)
 template <int NC, typename T, typename Key>
-void scores_block(const float* qf, int64_t D, const T* kh, int64_t ss, Key key, int64_t n_keys, float scale,
+LOOKAHEAD_NOINLINE void scores_block(const float* qf, int64_t D, const T* kh, int64_t ss, Key key, int64_t n_keys, float scale,
                   float* scores) {
   __m512 qv[NC];
   const int tail = static_cast<int>(D - 16 * (NC - 1));
@@ -112,13 +112,15 @@ void scores_block(const float* qf, int64_t D, const T* kh, int64_t ss, Key key, 
   }
 }
 
-// o[0:D] = sum_n p[n] * v[key(n)] in ascending n, the D = 16 * NC accumulators held in registers
+// o[0:D] = sum_n p[n] * v[key(n)] in ascending n (resume: o + that sum, continuing o's chains), the D = 16 * NC
+// accumulators held in registers
 template <int NC, typename T, typename Key>
-void weighted_values(const float* p, int64_t D, const T* vh, int64_t ss, Key key, int64_t n_keys, float* o) {
+LOOKAHEAD_NOINLINE void weighted_values(const float* p, int64_t D, const T* vh, int64_t ss, Key key, int64_t n_keys, float* o,
+                     bool resume) {
   __m512 acc[NC];
   const int tail = static_cast<int>(D - 16 * (NC - 1));
 #pragma GCC unroll 8
-  for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
+  for (int c = 0; c < NC; ++c) acc[c] = resume ? load16(o + 16 * c, c == NC - 1 ? tail : 16) : _mm512_setzero_ps();
   for (int64_t n = 0; n < n_keys; ++n) {
     const __m512 pn = _mm512_set1_ps(p[n]);
     const T* row = vh + key(n) * ss;
@@ -132,11 +134,11 @@ void weighted_values(const float* p, int64_t D, const T* vh, int64_t ss, Key key
 // The two loops above for a head dim of up to 128 (NC <= 8); false for a larger one (the generic loops run).
 template <typename T, typename Key>
 bool attend_avx512(const float* qf, int64_t D, const T* kh, const T* vh, int64_t ss, Key key, int64_t n_keys,
-                   float scale, float* scores, float* o, bool values) {
+                   float scale, float* scores, float* o, bool values, bool resume) {
   switch ((D + 15) / 16) {
 #define LOOKAHEAD_NC(NC)                                                              \
   case NC:                                                                            \
-    if (values) weighted_values<NC>(scores, D, vh, ss, key, n_keys, o);               \
+    if (values) weighted_values<NC>(scores, D, vh, ss, key, n_keys, o, resume);       \
     else scores_block<NC>(qf, D, kh, ss, key, n_keys, scale, scores);                 \
     return true;
     LOOKAHEAD_NC(1) LOOKAHEAD_NC(2) LOOKAHEAD_NC(3) LOOKAHEAD_NC(4)
@@ -181,7 +183,7 @@ inline Bf16Pair regroup(__m256 a, __m256 b) {
 // scores[n] = (q . k[key(n)]) * scale for n < n_keys, 8 keys at a time, each dot as dot() takes it (16-lane
 // chunks, lanes 0-7 and 8-15 in two accumulators); q is D = 16 * NC (FULL), or its last chunk is short by D's tail
 template <int NC, bool FULL, typename T, typename Key>
-void scores_block(const float* qf, int64_t D, const T* kh, int64_t ss, Key key, int64_t n_keys, float scale,
+LOOKAHEAD_NOINLINE void scores_block(const float* qf, int64_t D, const T* kh, int64_t ss, Key key, int64_t n_keys, float scale,
                   float* scores) {
   __m256 qlo[NC], qhi[NC];
   const int tail = static_cast<int>(D - 16 * (NC - 1));
@@ -233,18 +235,26 @@ void scores_block(const float* qf, int64_t D, const T* kh, int64_t ss, Key key, 
   }
 }
 
-// o[d0 : d0 + 8 * NC8] = sum_n p[n] * v[key(n)][...] in ascending n, as axpy() takes it, the accumulators held in
-// registers (n valid elements from d0: 8 * NC8 where FULL)
+// o[d0 : d0 + 8 * NC8] = sum_n p[n] * v[key(n)][...] in ascending n (resume: o + that sum), as axpy() takes it, the
+// accumulators held in registers (n valid elements from d0: 8 * NC8 where FULL)
 template <int NC8, bool FULL, typename T, typename Key>
-void weighted_values(const float* p, const T* vh, int64_t ss, Key key, int64_t n_keys, int64_t d0, int n,
-                     float* o) {
+LOOKAHEAD_NOINLINE void weighted_values(const float* p, const T* vh, int64_t ss, Key key, int64_t n_keys, int64_t d0, int n,
+                     float* o, bool resume) {
   if constexpr (FULL) n = 8 * NC8;
   __m256 acc[NC8];
 #pragma GCC unroll 8
-  for (int c = 0; c < NC8; ++c) acc[c] = _mm256_setzero_ps();
+  for (int c = 0; c < NC8; ++c) acc[c] = resume ? load8(o + d0 + 8 * c, std::min(n - 8 * c, 8)) : _mm256_setzero_ps();
   // bf16 rows of whole 16-element groups load as Bf16Pair: acc[2g] holds elements 0-3 | 8-11 of group g, acc[2g + 1]
-  // 4-7 | 12-15, put back in order at the store
+  // 4-7 | 12-15, put back in order at the store (and into that order from o's, resuming: regroup is its own inverse)
   constexpr bool PAIRS = FULL && NC8 % 2 == 0 && std::is_same_v<T, c10::BFloat16>;
+  if constexpr (PAIRS)
+    if (resume)
+#pragma GCC unroll 8
+      for (int c = 0; c < NC8; c += 2) {
+        const Bf16Pair v = regroup(acc[c], acc[c + 1]);
+        acc[c] = v.a;
+        acc[c + 1] = v.b;
+      }
   for (int64_t k = 0; k < n_keys; ++k) {
     const __m256 pk = _mm256_set1_ps(p[k]);
     const T* row = vh + key(k) * ss + d0;
@@ -275,7 +285,7 @@ void weighted_values(const float* p, const T* vh, int64_t ss, Key key, int64_t n
 // The two loops above for a head dim of up to 128 (values 64 dims at a time); false for a larger one.
 template <typename T, typename Key>
 bool attend_avx2(const float* qf, int64_t D, const T* kh, const T* vh, int64_t ss, Key key, int64_t n_keys,
-                 float scale, float* scores, float* o, bool values) {
+                 float scale, float* scores, float* o, bool values, bool resume) {
   if (D > 128) return false;
   if (values) {
     for (int64_t d0 = 0; d0 < D; d0 += 64) {
@@ -283,8 +293,8 @@ bool attend_avx2(const float* qf, int64_t D, const T* kh, const T* vh, int64_t s
       switch ((n + 7) / 8) {
 #define LOOKAHEAD_NC8(NC8) \
   case NC8:                                                                                  \
-    if (n == 8 * NC8) weighted_values<NC8, true>(scores, vh, ss, key, n_keys, d0, n, o);      \
-    else weighted_values<NC8, false>(scores, vh, ss, key, n_keys, d0, n, o);                  \
+    if (n == 8 * NC8) weighted_values<NC8, true>(scores, vh, ss, key, n_keys, d0, n, o, resume);  \
+    else weighted_values<NC8, false>(scores, vh, ss, key, n_keys, d0, n, o, resume);              \
     break;
         LOOKAHEAD_NC8(1) LOOKAHEAD_NC8(2) LOOKAHEAD_NC8(3) LOOKAHEAD_NC8(4)
         LOOKAHEAD_NC8(5) LOOKAHEAD_NC8(6) LOOKAHEAD_NC8(7) LOOKAHEAD_NC8(8)
@@ -306,6 +316,90 @@ bool attend_avx2(const float* qf, int64_t D, const T* kh, const T* vh, int64_t s
   }
 }
 #endif
+
+// Softmax of one query's scores in place: sp[n] = exp(sp[n] - max), and the sum of them in lanes by key index
+// (lsum[n % 16]), 16 keys at a time on the vector paths: the scalar loops' bits everywhere.
+void softmax_lanes(float* sp, int64_t n_keys, float* lsum) {
+  std::fill(lsum, lsum + LANES, 0.0f);
+#if defined(__AVX512F__)
+  {  // the max, exp and the lane sums 16 keys at a time (the tail under a mask): the scalar loops' bits
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (int64_t n = 0; n < n_keys; n += LANES) {
+      const __mmask16 k = (__mmask16)((1u << std::min<int64_t>(LANES, n_keys - n)) - 1);
+      mv = _mm512_mask_max_ps(mv, k, mv, _mm512_maskz_loadu_ps(k, sp + n));
+    }
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+    __m512 ls = _mm512_setzero_ps();
+    for (int64_t n = 0; n < n_keys; n += LANES) {
+      const __mmask16 k = (__mmask16)((1u << std::min<int64_t>(LANES, n_keys - n)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sp + n), m)));
+      _mm512_mask_storeu_ps(sp + n, k, e);
+      ls = _mm512_add_ps(ls, e);
+    }
+    _mm512_storeu_ps(lsum, ls);
+  }
+#elif defined(LOOKAHEAD_AVX2)
+  {  // the same, 16 keys at a time as two halves (keys n % 16 < 8 in lo, the others in hi): the scalar bits
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    for (int64_t n = 0; n < n_keys; n += 8) {
+      const int c = static_cast<int>(std::min<int64_t>(8, n_keys - n));
+      const __m256 valid = _mm256_castsi256_ps(
+          _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+      mv = _mm256_max_ps(mv, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), load8(sp + n, c), valid));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, mv);
+    float mx = lanes[0];
+    for (int l = 1; l < 8; ++l) mx = std::max(mx, lanes[l]);
+    const __m256 m = _mm256_set1_ps(mx);
+    __m256 ls[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t n = 0; n < n_keys; n += 8) {
+      const int c = static_cast<int>(std::min<int64_t>(8, n_keys - n));
+      const __m256 valid = _mm256_castsi256_ps(
+          _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+      const __m256 e = _mm256_and_ps(valid, exp8(_mm256_sub_ps(load8(sp + n, c), m)));
+      store8(sp + n, e, c);
+      ls[(n / 8) % 2] = _mm256_add_ps(ls[(n / 8) % 2], e);
+    }
+    _mm256_storeu_ps(lsum, ls[0]);
+    _mm256_storeu_ps(lsum + 8, ls[1]);
+  }
+#else
+  float m = -INFINITY;
+  for (int64_t n = 0; n < n_keys; ++n) m = std::max(m, sp[n]);
+  for (int64_t n = 0; n < n_keys; ++n) sp[n] = exp_f32(sp[n] - m);
+  for (int64_t n = 0; n < n_keys; ++n) lsum[n % LANES] = lsum[n % LANES] + sp[n];
+#endif
+}
+
+constexpr int64_t QB = 16;  // queries per work item at most
+constexpr int64_t KB = 64;  // shared keys per block: 16 KiB of K (or V) at a head dim of 64 in fp32
+constexpr int64_t KB_16 = 256;  // the same for 16-bit K / V read in place (not widened): 32 KiB
+constexpr int64_t WIDEN_QUERIES = 8;  // an item's queries from which its 16-bit K / V blocks are widened once
+
+// rows [0, n) of a [.., D] cache head (row stride ss) as fp32 rows of D: exact (every bf16 / fp16 is an fp32)
+template <typename T>
+void widen_rows(const T* src, int64_t ss, int64_t n, int64_t D, float* dst) {
+  for (int64_t r = 0; r < n; ++r) {
+    const T* row = src + r * ss;
+    float* out = dst + r * D;
+    int64_t d = 0;
+#if defined(__AVX512F__)
+    for (; d + 16 <= D; d += 16) _mm512_storeu_ps(out + d, load16(row + d));
+#elif defined(LOOKAHEAD_VEC8)
+    for (; d + 8 <= D; d += 8) _mm256_storeu_ps(out + d, load8(row + d));
+#endif
+    for (; d < D; ++d) out[d] = to_float(row[d]);
+  }
+}
+
+// A thread's scratch in tree_attention, kept across its items and calls: per query its q in fp32, its output sums,
+// its scores, its softmax sum; a widened K / V block; per query its path's slots past the shared keys, its shared
+// and total key counts, its token and head.
+struct Scratch {
+  std::vector<float> qf, o, scores, sums, block;
+  std::vector<int64_t> path, shared, n_keys, tok, head;
+};
 
 struct CacheView {  // a [B, H, S, D] cache tensor's pointer and strides (rows may be a view of a bigger cache)
   int64_t sb, sh, ss;
@@ -387,108 +481,131 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
   const int64_t group = Hq / Hkv;
   const CacheView kv{k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
   const float sc = static_cast<float>(scale);
-  int64_t keys = 0;  // multiply-adds of one query head, on average
-  for (int64_t n = 0; n < N; ++n) keys += lp[row_of[n]] + node_of[n] + 1;
-  const int64_t per_item = std::max<int64_t>(1, keys / std::max<int64_t>(1, N)) * D;
+  // A query (token t, head h) sees keys n < shared at slot n (the committed slots 0 .. L-1, and for a token whose
+  // path is the chain of its row's nodes 0 .. i, as in a prompt chunk or a chain draft, the slots L .. L + i too),
+  // then its path's other nodes. The queries of one cache row and KV head share those keys: a work item takes up
+  // to QB of them and passes the shared keys in blocks of KB through all of its queries, so that a block is read
+  // once from memory and then from L1 (the keys of one head at a 2k context are 256 KiB in bf16). Each query's
+  // scores, softmax and weighted sum are the same operations in the same order as for a query alone.
+  // each row's tokens (row b's: order[first[b] .. first[b + 1])), from both ends in turn (0, N-1, 1, ...): a
+  // causal chunk's short and long key sequences alike in every item
+  std::vector<int64_t> first(R + 1, 0), order(N), sorted(N);
+  for (int64_t n = 0; n < N; ++n) ++first[row_of[n] + 1];
+  for (int64_t b = 0; b < R; ++b) first[b + 1] += first[b];
+  {
+    std::vector<int64_t> fill(first.begin(), first.end() - 1);
+    for (int64_t n = 0; n < N; ++n) sorted[fill[row_of[n]]++] = n;
+    for (int64_t b = 0; b < R; ++b)
+      for (int64_t u = 0, c = first[b + 1] - first[b]; u < c; ++u)
+        order[first[b] + u] = sorted[first[b] + (u % 2 ? c - 1 - u / 2 : u / 2)];
+  }
+  struct Item { int64_t b, g, q0, q1; };  // queries q0 .. q1 - 1 of (row b, KV head g): token order[first[b] + q / group]
+  std::vector<Item> items;
+  const int64_t threads = at::get_num_threads();
+  for (int64_t b = 0; b < R; ++b) {
+    const int64_t nq = (first[b + 1] - first[b]) * group;
+    if (!nq) continue;
+    // at most QB queries each, and enough items for every thread four times over where the queries allow (items
+    // are not split between threads: with fewer, the threads' shares came out uneven)
+    const int64_t chunks = std::max((nq + QB - 1) / QB, std::min(nq, (4 * threads + R * Hkv - 1) / (R * Hkv)));
+    const int64_t per = (nq + chunks - 1) / chunks;
+    for (int64_t g = 0; g < Hkv; ++g)
+      for (int64_t q0 = 0; q0 < nq; q0 += per) items.push_back({b, g, q0, std::min(nq, q0 + per)});
+  }
   LOOKAHEAD_DISPATCH(q.scalar_type(), "lookahead::tree_attention", [&] {
     const scalar_t* qp = qc.data_ptr<scalar_t>();
     const scalar_t* kp = k_cache.data_ptr<scalar_t>();
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    parallel_chunks(N * Hq, std::max<int64_t>(1, (1 << 15) / per_item), [&](int64_t w0, int64_t w1) {
-      // a thread's scratch, kept across its chunks and calls
-      thread_local std::vector<float> qf, o, scores;
-      thread_local std::vector<int64_t> slots;
-      qf.resize(D), o.resize(D);
+    parallel_chunks(static_cast<int64_t>(items.size()), 1, [&](int64_t w0, int64_t w1) {
+      thread_local Scratch scratch;
+      auto& [qf, o, scores, sums, block, path, shared, n_keys, tok, head] = scratch;
       for (int64_t w = w0; w < w1; ++w) {
-        // tokens taken from both ends in turn (0, N - 1, 1, N - 2, ...): a thread's range of a causal chunk then
-        // holds short and long key sequences alike
-        const int64_t h = w % Hq, u = w / Hq, t = u % 2 ? N - 1 - u / 2 : u / 2;
-        const int64_t b = row_of[t], i = node_of[t];
-        const int64_t L = lp[b];
-        const bool whole = chain[t];  // the node's path is the chain L .. L + i: slot(n) = n
-        slots.clear();  // otherwise the path, root first
-        if (!whole)
-          for (int64_t j = 0; j <= i; ++j)
-            if (mp[t * W + j]) slots.push_back(L + j);
-        const int64_t n_keys = L + (whole ? i + 1 : static_cast<int64_t>(slots.size()));
-        scores.resize(n_keys);
-        const scalar_t* qrow = qp + (t * Hq + h) * D;
-        for (int64_t d = 0; d < D; ++d) qf[d] = to_float(qrow[d]);
-        const scalar_t* kh = kp + b * kv.sb + (h / group) * kv.sh;
-        const scalar_t* vh = vp + b * kv.sb + (h / group) * kv.sh;
-        auto slot = [&](int64_t n) { return whole || n < L ? n : slots[n - L]; };
-        float* sp_ = scores.data();
-        bool fast = false;
-#if defined(__AVX512F__)
-        fast = attend_avx512(qf.data(), D, kh, vh, kv.ss, slot, n_keys, sc, sp_, o.data(), false);
-#elif defined(LOOKAHEAD_AVX2)
-        fast = attend_avx2(qf.data(), D, kh, vh, kv.ss, slot, n_keys, sc, sp_, o.data(), false);
-#endif
-        if (!fast)
-          for (int64_t n = 0; n < n_keys; ++n) sp_[n] = dot(qf.data(), kh + slot(n) * kv.ss, D) * sc;
-        float lsum[LANES] = {0};
-#if defined(__AVX512F__)
-        {  // the max, exp and the lane sums 16 keys at a time (the tail under a mask): the scalar loops' bits
-          __m512 mv = _mm512_set1_ps(-INFINITY);
-          for (int64_t n = 0; n < n_keys; n += LANES) {
-            const __mmask16 k = (__mmask16)((1u << std::min<int64_t>(LANES, n_keys - n)) - 1);
-            mv = _mm512_mask_max_ps(mv, k, mv, _mm512_maskz_loadu_ps(k, sp_ + n));
-          }
-          const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
-          __m512 ls = _mm512_setzero_ps();
-          for (int64_t n = 0; n < n_keys; n += LANES) {
-            const __mmask16 k = (__mmask16)((1u << std::min<int64_t>(LANES, n_keys - n)) - 1);
-            const __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sp_ + n), m)));
-            _mm512_mask_storeu_ps(sp_ + n, k, e);
-            ls = _mm512_add_ps(ls, e);
-          }
-          _mm512_storeu_ps(lsum, ls);
+        const Item& it = items[w];
+        const int64_t nq = it.q1 - it.q0, b = it.b, L = lp[b];
+        const scalar_t* kh = kp + b * kv.sb + it.g * kv.sh;
+        const scalar_t* vh = vp + b * kv.sb + it.g * kv.sh;
+        int64_t most = 0, longest = 0, path_max = 0;  // the most keys, the longest shared range, the longest path rest
+        shared.resize(nq), n_keys.resize(nq), tok.resize(nq), head.resize(nq), sums.resize(nq);
+        for (int64_t j = 0; j < nq; ++j) {
+          const int64_t qi = it.q0 + j, t = order[first[b] + qi / group], i = node_of[t];
+          tok[j] = t, head[j] = it.g * group + qi % group;
+          int64_t on_path = i + 1;  // the nodes it sees
+          if (!chain[t]) on_path = std::count(mp + t * W, mp + t * W + i + 1, true);
+          shared[j] = L + (chain[t] ? i + 1 : 0);
+          n_keys[j] = L + on_path;
+          most = std::max(most, n_keys[j]), longest = std::max(longest, shared[j]);
+          path_max = std::max(path_max, n_keys[j] - shared[j]);
         }
-#elif defined(LOOKAHEAD_AVX2)
-        {  // the same, 16 keys at a time as two halves (keys n % 16 < 8 in lo, the others in hi): the scalar bits
-          __m256 mv = _mm256_set1_ps(-INFINITY);
-          for (int64_t n = 0; n < n_keys; n += 8) {
-            const int c = static_cast<int>(std::min<int64_t>(8, n_keys - n));
-            const __m256 valid = _mm256_castsi256_ps(
-                _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-            mv = _mm256_max_ps(mv, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), load8(sp_ + n, c), valid));
+        qf.resize(nq * D), o.resize(nq * D), scores.resize(nq * most), path.resize(nq * path_max);
+        for (int64_t j = 0; j < nq; ++j) {
+          const scalar_t* qrow = qp + (tok[j] * Hq + head[j]) * D;
+          for (int64_t d = 0; d < D; ++d) qf[j * D + d] = to_float(qrow[d]);
+          if (n_keys[j] > shared[j]) {  // the path's nodes past the shared ones, root first
+            int64_t* out_slots = path.data() + j * path_max;
+            for (int64_t i = 0; i <= node_of[tok[j]]; ++i)
+              if (mp[tok[j] * W + i]) *out_slots++ = L + i;
           }
-          alignas(32) float lanes[8];
-          _mm256_store_ps(lanes, mv);
-          float mx = lanes[0];
-          for (int l = 1; l < 8; ++l) mx = std::max(mx, lanes[l]);
-          const __m256 m = _mm256_set1_ps(mx);
-          __m256 ls[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-          for (int64_t n = 0; n < n_keys; n += 8) {
-            const int c = static_cast<int>(std::min<int64_t>(8, n_keys - n));
-            const __m256 valid = _mm256_castsi256_ps(
-                _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-            const __m256 e = _mm256_and_ps(valid, exp8(_mm256_sub_ps(load8(sp_ + n, c), m)));
-            store8(sp_ + n, e, c);
-            ls[(n / 8) % 2] = _mm256_add_ps(ls[(n / 8) % 2], e);
-          }
-          _mm256_storeu_ps(lsum, ls[0]);
-          _mm256_storeu_ps(lsum + 8, ls[1]);
         }
-#else
-        float m = -INFINITY;
-        for (int64_t n = 0; n < n_keys; ++n) m = std::max(m, sp_[n]);
-        for (int64_t n = 0; n < n_keys; ++n) sp_[n] = exp_f32(sp_[n] - m);
-        for (int64_t n = 0; n < n_keys; ++n) lsum[n % LANES] = lsum[n % LANES] + sp_[n];
-#endif
-        if (!fast) {
-          std::fill(o.begin(), o.end(), 0.0f);
-          for (int64_t n = 0; n < n_keys; ++n) axpy(sp_[n], vh + slot(n) * kv.ss, o.data(), D);
-        }
+        // scores (values: the weighted sums into o) of query j over its keys [n0, n1): key n - n0 at row key(n - n0)
+        // of heads kh / vh (row stride ss; the cache's, or a block widened to fp32)
+        auto pass = [&](int64_t j, int64_t n0, int64_t n1, const auto* kh, const auto* vh, int64_t ss, auto key,
+                        bool values) {
+          float* sp = scores.data() + j * most + n0;
+          float* oj = o.data() + j * D;
+          const int64_t n = n1 - n0;
+          bool fast = false;
 #if defined(__AVX512F__)
-        if (fast) attend_avx512(qf.data(), D, kh, vh, kv.ss, slot, n_keys, sc, sp_, o.data(), true);
+          fast = attend_avx512(qf.data() + j * D, D, kh, vh, ss, key, n, sc, sp, oj, values, n0 > 0);
 #elif defined(LOOKAHEAD_AVX2)
-        if (fast) attend_avx2(qf.data(), D, kh, vh, kv.ss, slot, n_keys, sc, sp_, o.data(), true);
+          fast = attend_avx2(qf.data() + j * D, D, kh, vh, ss, key, n, sc, sp, oj, values, n0 > 0);
 #endif
-        const float inv = 1.0f / lane_sum(lsum);
-        scalar_t* orow = op + (t * Hq + h) * D;
-        for (int64_t d = 0; d < D; ++d) orow[d] = from_float<scalar_t>(o[d] * inv);
+          if (fast) return;
+          if (!values)
+            for (int64_t k = 0; k < n; ++k) sp[k] = dot(qf.data() + j * D, kh + key(k) * ss, D) * sc;
+          else
+            for (int64_t k = 0; k < n; ++k) axpy(sp[k], vh + key(k) * ss, oj, D);
+        };
+        // 16-bit K / V blocks are widened once for all of the item's queries (the loads' conversion otherwise
+        // repeated per query), where there are enough of them to pay for it
+        const bool widen = !std::is_same_v<scalar_t, float> && nq >= WIDEN_QUERIES;
+        if (widen) block.resize(KB * D);
+        // 16-bit keys read in place: blocks of KB_16 (the same K / V bytes as an fp32 block of 4 x KB / 2... fewer
+        // calls per query, each of which sets up its q / accumulators)
+        const int64_t kb = nq == 1 ? std::max<int64_t>(1, longest) : std::is_same_v<scalar_t, float> || widen ? KB : KB_16;
+        for (int values = 0; values < 2; ++values) {
+          if (values) {  // between the passes: each query's softmax over all of its scores
+            std::fill(o.begin(), o.begin() + nq * D, 0.0f);
+            for (int64_t j = 0; j < nq; ++j) {
+              float lsum[LANES];
+              softmax_lanes(scores.data() + j * most, n_keys[j], lsum);
+              sums[j] = lane_sum(lsum);
+            }
+          }
+          for (int64_t k0 = 0; k0 < longest; k0 += kb) {
+            const int64_t k1 = std::min(longest, k0 + kb);
+            if (widen) widen_rows((values ? vh : kh) + k0 * kv.ss, kv.ss, k1 - k0, D, block.data());
+            for (int64_t j = 0; j < nq; ++j) {
+              if (shared[j] <= k0) continue;
+              if (widen)
+                pass(j, k0, std::min(shared[j], k1), block.data(), block.data(), D, [](int64_t n) { return n; },
+                     values);
+              else
+                pass(j, k0, std::min(shared[j], k1), kh + k0 * kv.ss, vh + k0 * kv.ss, kv.ss,
+                     [](int64_t n) { return n; }, values);
+            }
+          }
+          for (int64_t j = 0; j < nq; ++j)
+            if (n_keys[j] > shared[j]) {
+              const int64_t* rest = path.data() + j * path_max;
+              pass(j, shared[j], n_keys[j], kh, vh, kv.ss, [rest](int64_t n) { return rest[n]; }, values);
+            }
+        }
+        for (int64_t j = 0; j < nq; ++j) {
+          const float inv = 1.0f / sums[j];
+          scalar_t* orow = op + (tok[j] * Hq + head[j]) * D;
+          for (int64_t d = 0; d < D; ++d) orow[d] = from_float<scalar_t>(o[j * D + d] * inv);
+        }
       }
     });
   });

@@ -43,6 +43,8 @@ constexpr int LANES = 16;
 // row or column count as a constant, so its accumulators live in registers.
 // A tile keeps its accumulators in registers only if every call inside it is inlined, lambdas included.
 #define LOOKAHEAD_INLINE __attribute__((always_inline))
+// The opposite, for a loop that GCC compiled worse inlined into a large caller (attention.cpp's per-query loops).
+#define LOOKAHEAD_NOINLINE __attribute__((noinline))
 
 template <int MAX, typename F>
 LOOKAHEAD_INLINE inline void with_count(int n, F f) {
