@@ -27,8 +27,9 @@
 // names the ggml type (FORMATS below, the one table every op reads). quant_repack turns a weight of any format but
 // Q5_K into [N / 8, K / unit, bytes] units of 8 outputs each (unit: 256 elements, or 64 for the 32-element
 // formats; the model does so at load), which quant_linear reads 8 outputs to a vector with no cross-lane
-// reduction. The activation is quantized once per call into a per-row buffer. A tile is 8 outputs x up to 8 rows
-// of x (4 or 8 for the repacked layouts: xrows), each weight block unpacked once for its rows.
+// reduction (on AVX512-VNNI builds the 32-element formats' units in pairs, read 16 outputs to a vector: V16). The
+// activation is quantized once per call into a per-row buffer. A tile is 8 outputs (V16: 16) x up to 8 rows of x
+// (4 or 8 for the repacked layouts: xrows, ROWS16), each weight block unpacked once for its rows.
 // Threads own ranges of tiles (at::parallel_for), so a verify of T rows reads the weight once per 8 rows from
 // cache, not memory.
 #include <ATen/Parallel.h>
@@ -783,6 +784,123 @@ void linear_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M,
   });
 }
 
+// ---- the x8 layouts' vector sets: one unit of 8 outputs (V8), or two units in 512-bit vectors (V16) ----------------
+// The repacked blocks below are written once against a set V: V::at(base, o) is where byte o of a unit's block lies
+// (V8: base + o), V::load(p) reads the unit's 32 bytes there, the other loads likewise; the operations act lane by
+// lane. V16 reads two units' blocks at once from the x16 layout (quant_repack, on builds that have V16): the two
+// blocks interleaved 32 bytes at a time, so that byte o of the second lies 32 bytes after byte o of the first and a
+// 512-bit load takes a vector of both. Lane k of a V16 vector is output k of the first unit (k < 8) or output
+// k - 8 of the second, and runs the operations that lane k % 8 of a V8 vector runs for that output: the same bits.
+// V16 exists where AVX512-VNNI does: on this project's Zen 4 a 512-bit vpdpbusd did 1.35x the multiply-adds of two
+// 256-bit ones, 1.75x with its activation broadcast from memory (bench/cpu/session14/README.md), and every broadcast
+// serves 16 outputs.
+struct V8 {
+  static constexpr int OUT = 8;
+  static constexpr int STRIDE = 1;  // units a block step spans in memory
+  using B = Bytes;
+  using L = Lanes;
+  using S = Short;
+  using A = Acc;
+  static const uint8_t* at(const uint8_t* base, int o) { return base + o; }
+  static B load(const uint8_t* p) { return load32(p); }
+  static B bcast(const uint8_t* p) { return bcast4(p); }
+  static B splat_b(int v) { return splat8(v); }
+  static B and_(B a, B b) { return band(a, b); }
+  static B or_(B a, B b) { return bor(a, b); }
+  static B xor_(B a, B b) { return bxor(a, b); }
+  static B shr_mask(B a, int n, int mask) { return shr_and(a, n, mask); }
+  static B shl_mask(B a, int n, int mask) { return shl_and(a, n, mask); }
+  static B abs_b(B a) { return abs8(a); }
+  static B sign_b(B x, B w) { return sign8(x, w); }
+  static L zero() { return lanes_zero(); }
+  static L splat_l(int32_t v) { return splat32(v); }
+  static L dot(L acc, B u, B s) { return dot_acc(acc, u, s); }
+  static S short_0() { return short_zero(); }
+  static S add_s(S acc, B u, B s) { return add_short(acc, u, s); }
+  static L widen(L acc, S p) { return widen_short(acc, p); }
+  static L add_l(L a, L b) { return add32(a, b); }
+  static L mul_l(L a, L b) { return mul32v(a, b); }
+  static L madd(L a, L b) { return madd16(a, b); }
+  static L u8(const uint8_t* p) { return load_u8x8(p); }
+  static L i8(const uint8_t* p) { return load_i8x8(p); }
+  static L pairs(const uint8_t* p) { return pairs16(p); }
+  static A halves(const uint8_t* p) { return halves8(p); }
+  static A zero_a() { return acc_zero(); }
+  static A splat_a(float v) { return splat(v); }
+  static A mul_a(A a, A b) { return mul(a, b); }
+  static A add_a(A a, A b) { return add(a, b); }
+  static A sub_a(A a, A b) { return sub(a, b); }
+  static A fma_l(A acc, L l, A s) { return acc_add(acc, l, s); }  // acc + float(l) * s (two roundings)
+  static void store(A a, float* out) { acc_store(a, out); }
+};
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LOOKAHEAD_X16 1
+struct V16 {
+  static constexpr int OUT = 16;
+  static constexpr int STRIDE = 2;
+  using B = __m512i;
+  using L = __m512i;
+  using S = __m512i;
+  using A = __m512;
+  // byte o of the first unit's block at base: byte o of the second's lies 32 bytes on (x16 layout, below)
+  static const uint8_t* at(const uint8_t* base, int o) { return base + o / 32 * 64 + o % 32; }
+  static B join(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
+  static __m128i eight2(const uint8_t* p) {  // 8 bytes at p, then the second unit's 8
+    return _mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)),
+                              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 32)));
+  }
+  static B load(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  static B bcast(const uint8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
+  static B splat_b(int v) { return _mm512_set1_epi8(static_cast<char>(v)); }
+  static B and_(B a, B b) { return _mm512_and_si512(a, b); }
+  static B or_(B a, B b) { return _mm512_or_si512(a, b); }
+  static B xor_(B a, B b) { return _mm512_xor_si512(a, b); }
+  static B shr_mask(B a, int n, int mask) { return and_(_mm512_srli_epi16(a, n), splat_b(mask)); }
+  static B shl_mask(B a, int n, int mask) { return and_(_mm512_slli_epi16(a, n), splat_b(mask)); }
+  static B abs_b(B a) { return _mm512_abs_epi8(a); }
+  static B sign_b(B x, B w) {  // x * sign(w) (AVX-512 has no vpsignb): -x where w < 0, 0 where w == 0
+    const __mmask64 neg = _mm512_movepi8_mask(w), nonzero = _mm512_test_epi8_mask(w, w);
+    return _mm512_maskz_mov_epi8(nonzero, _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x));
+  }
+  static L zero() { return _mm512_setzero_si512(); }
+  static L splat_l(int32_t v) { return _mm512_set1_epi32(v); }
+  static L dot(L acc, B u, B s) { return _mm512_dpbusd_epi32(acc, u, s); }
+  static S short_0() { return zero(); }
+  static S add_s(S acc, B u, B s) { return dot(acc, u, s); }
+  static L widen(L acc, S p) { return add_l(acc, p); }
+  static L add_l(L a, L b) { return _mm512_add_epi32(a, b); }
+  static L mul_l(L a, L b) { return _mm512_mullo_epi32(a, b); }
+  static L madd(L a, L b) { return _mm512_madd_epi16(a, b); }
+  static L u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(eight2(p)); }
+  static L i8(const uint8_t* p) { return _mm512_cvtepi8_epi32(eight2(p)); }
+  static L pairs(const uint8_t* p) { return join(pairs16(p), pairs16(p + 32)); }
+  static A halves(const uint8_t* p) {
+    return _mm512_cvtph_ps(_mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32)),
+                                            _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static A zero_a() { return _mm512_setzero_ps(); }
+  static A splat_a(float v) { return _mm512_set1_ps(v); }
+  static A mul_a(A a, A b) { return _mm512_mul_ps(a, b); }
+  static A add_a(A a, A b) { return _mm512_add_ps(a, b); }
+  static A sub_a(A a, A b) { return _mm512_sub_ps(a, b); }
+  static A fma_l(A acc, L l, A s) { return _mm512_add_ps(acc, _mm512_mul_ps(_mm512_cvtepi32_ps(l), s)); }
+  static void store(A a, float* out) { _mm512_storeu_ps(out, a); }
+};
+#endif
+
+// Where quant_repack puts unit t (of `units`) of a format with F::X16, on builds with V16: units 2i and 2i + 1 as
+// one stream of pair blocks (block b of both, interleaved 32 bytes at a time: V16::at), the last of an odd count
+// alone at the end in the unit layout. Reading the two units of a pair from their own places instead (two streams,
+// no interleave) made SmolLM2's linears 1.1-2.5x slower at one row of x, streaming from memory.
+inline bool paired(int64_t t, int64_t units) {
+#if defined(LOOKAHEAD_X16)
+  return t < units / 2 * 2;
+#else
+  return false;
+#endif
+}
+
 // ---- interleaved by 8 outputs (quant_repack): one int32 lane per output, no lane reductions ----------------------
 // A repacked weight is uint8 [N / 8, nb, BYTES]: unit (t, b) holds block b of the 8 rows 8t .. 8t + 7 (blocks 2b,
 // 2b + 1 for the 32-element formats, below), the quants as vectors of 32 bytes whose int32 lane k is 4 bytes of
@@ -805,13 +923,17 @@ struct Q4Kx8 {
   static constexpr int ELEMS = 256, BYTES = 1184, SOURCE = 144, D = 0, DMIN = 16, SCALES = 32, MINS = 96, QS = 160;
   static constexpr int GROUP = 256, BLOCKS = 1;  // GROUP: the activation's; BLOCKS: the file's per unit
   static constexpr int ROWS512 = 8;              // rows of x per pass with AVX-512's 32 registers (xrows)
+  // V16 (its fields are 32-byte aligned, or within 32 bytes) ran its weights 0.74-0.86x the time from cache, but the
+  // 1B model's step 1.0-1.1x at 1-2 rows of x and its Q4_K linears 1.07-1.18x at 4, streaming: not used
+  static constexpr bool X16 = false;
   static constexpr bool SUM16 = false, PAIRS = true, FSUM = false;
   static constexpr int OFF = 0, OFF16 = 0;
-  static Acc finish(Acc s1, Acc s2) { return sub(s1, s2); }
+  template <typename V> static typename V::A finish(typename V::A s1, typename V::A s2) { return V::sub_a(s1, s2); }
   static constexpr int PREFETCH = 0;  // bytes ahead: the hardware's prefetch did as well (4096: 0.99x, 8192: 1.07x)
-  static void repack(const uint8_t* src, uint8_t* dst, int64_t t, int64_t nb) {
+  static constexpr int PREFETCH_ROWS = 1;  // from this many rows of x
+  static void repack(const uint8_t* src, uint8_t* dst, int64_t t, int64_t nb) {  // unit t's nb blocks at dst
     for (int64_t b = 0; b < nb; ++b) {
-      uint8_t* o = dst + (t * nb + b) * BYTES;
+      uint8_t* o = dst + b * BYTES;
       for (int k = 0; k < 8; ++k) {
         const uint8_t* blk = src + ((8 * t + k) * nb + b) * SOURCE;
         std::memcpy(o + D + 2 * k, blk, 2);
@@ -827,54 +949,57 @@ struct Q4Kx8 {
     }
   }
   // s1, s2 of rows act[0 .. R) += block b at base
-  template <int R> static void block(const uint8_t* base, const ActRow* act, int64_t b, Acc* s1, Acc* s2) {
+  template <typename V, int R> LOOKAHEAD_INLINE
+  static void block(const uint8_t* base, const ActRow* act, int64_t b, typename V::A* s1,
+                    typename V::A* s2) {
+    using L = typename V::L;
     {  // s2 first (its own sum, so the order of s1's and s2's updates is free), while few registers are live:
        // Mn = sum_j min_j sum(xq_j), the mins of sub-blocks 2i, 2i + 1 as an int16 pair per output times the
        // row's pair of sums (madd: the same integer as 8 products)
-      const Acc dmin = halves8(base + DMIN);
-      const Lanes mp[4] = {pairs16(base + MINS), pairs16(base + MINS + 16), pairs16(base + MINS + 32),
-                           pairs16(base + MINS + 48)};
+      const typename V::A dmin = V::halves(V::at(base, DMIN));
+      const L mp[4] = {V::pairs(V::at(base, MINS)), V::pairs(V::at(base, MINS + 16)),
+                       V::pairs(V::at(base, MINS + 32)), V::pairs(V::at(base, MINS + 48))};
       for (int r = 0; r < R; ++r) {
-        Lanes mn = lanes_zero();
+        L mn = V::zero();
 #pragma GCC unroll 4
-        for (int i = 0; i < 4; ++i) mn = add32(mn, madd16(mp[i], splat32(act[r].pair32[4 * b + i])));
-        s2[r] = acc_add(s2[r], mn, mul(dmin, splat(act[r].d[b])));
+        for (int i = 0; i < 4; ++i) mn = V::add_l(mn, V::madd(mp[i], V::splat_l(act[r].pair32[4 * b + i])));
+        s2[r] = V::fma_l(s2[r], mn, V::mul_a(dmin, V::splat_a(act[r].d[b])));
       }
     }
-    Lanes I[R];
-    for (int r = 0; r < R; ++r) I[r] = lanes_zero();
+    L I[R];
+    for (int r = 0; r < R; ++r) I[r] = V::zero();
     for (int g = 0; g < 4; ++g) {
       // second chains for the odd vectors with VNNI at <= 2 rows; short sums (8 vectors of nibbles) without
       constexpr bool SPLIT = !SHORT_SUMS && R <= 2;
-      Short lo_sum[R], hi_sum[R], lo2[SPLIT ? R : 1], hi2[SPLIT ? R : 1];
-      for (int r = 0; r < R; ++r) lo_sum[r] = hi_sum[r] = short_zero();
+      typename V::S lo_sum[R], hi_sum[R], lo2[SPLIT ? R : 1], hi2[SPLIT ? R : 1];
+      for (int r = 0; r < R; ++r) lo_sum[r] = hi_sum[r] = V::short_0();
       if constexpr (SPLIT)
-        for (int r = 0; r < R; ++r) lo2[r] = hi2[r] = short_zero();
+        for (int r = 0; r < R; ++r) lo2[r] = hi2[r] = V::short_0();
 #pragma GCC unroll 8
       for (int v = 0; v < 8; ++v) {
-        const Bytes wv = load32(base + QS + 32 * (8 * g + v));
-        const Bytes wl = band(wv, splat8(0x0F)), wh = shr_and(wv, 4, 0x0F);
+        const typename V::B wv = V::load(V::at(base, QS + 32 * (8 * g + v)));
+        const typename V::B wl = V::and_(wv, V::splat_b(0x0F)), wh = V::shr_mask(wv, 4, 0x0F);
         for (int r = 0; r < R; ++r) {
           const uint8_t* xq = reinterpret_cast<const uint8_t*>(act[r].q) + 256 * b + 64 * g + 4 * v;
           if (SPLIT && v % 2) {
-            lo2[r] = add_short(lo2[r], wl, bcast4(xq));
-            hi2[r] = add_short(hi2[r], wh, bcast4(xq + 32));
+            lo2[r] = V::add_s(lo2[r], wl, V::bcast(xq));
+            hi2[r] = V::add_s(hi2[r], wh, V::bcast(xq + 32));
           } else {
-            lo_sum[r] = add_short(lo_sum[r], wl, bcast4(xq));
-            hi_sum[r] = add_short(hi_sum[r], wh, bcast4(xq + 32));
+            lo_sum[r] = V::add_s(lo_sum[r], wl, V::bcast(xq));
+            hi_sum[r] = V::add_s(hi_sum[r], wh, V::bcast(xq + 32));
           }
         }
       }
-      Lanes lo[R], hi[R];
+      L lo[R], hi[R];
       for (int r = 0; r < R; ++r) {
-        lo[r] = widen_short(lanes_zero(), lo_sum[r]), hi[r] = widen_short(lanes_zero(), hi_sum[r]);
-        if constexpr (SPLIT) lo[r] = widen_short(lo[r], lo2[r]), hi[r] = widen_short(hi[r], hi2[r]);
+        lo[r] = V::widen(V::zero(), lo_sum[r]), hi[r] = V::widen(V::zero(), hi_sum[r]);
+        if constexpr (SPLIT) lo[r] = V::widen(lo[r], lo2[r]), hi[r] = V::widen(hi[r], hi2[r]);
       }
-      const Lanes sl = load_u8x8(base + SCALES + 16 * g), sh = load_u8x8(base + SCALES + 16 * g + 8);
-      for (int r = 0; r < R; ++r) I[r] = add32(I[r], add32(mul32v(lo[r], sl), mul32v(hi[r], sh)));
+      const L sl = V::u8(V::at(base, SCALES + 16 * g)), sh = V::u8(V::at(base, SCALES + 16 * g + 8));
+      for (int r = 0; r < R; ++r) I[r] = V::add_l(I[r], V::add_l(V::mul_l(lo[r], sl), V::mul_l(hi[r], sh)));
     }
-    const Acc d = halves8(base + D);
-    for (int r = 0; r < R; ++r) s1[r] = acc_add(s1[r], I[r], mul(d, splat(act[r].d[b])));
+    const typename V::A d = V::halves(V::at(base, D));
+    for (int r = 0; r < R; ++r) s1[r] = V::fma_l(s1[r], I[r], V::mul_a(d, V::splat_a(act[r].d[b])));
   }
 };
 
@@ -885,13 +1010,15 @@ struct Q6Kx8 {
   static constexpr int ELEMS = 256, BYTES = 1680, SOURCE = 210, D = 0, SCALES = 16, QS = 144;
   static constexpr int GROUP = 256, BLOCKS = 1;
   static constexpr int ROWS512 = 4;  // its 16 accumulators per 4 rows: 8 took 1.2x the time at 8 rows
+  static constexpr bool X16 = false;  // its quants at 144 + 32v: not 32-byte aligned for V16's interleave
   static constexpr bool SUM16 = true, PAIRS = false, FSUM = false;  // its sub-blocks of 16
   static constexpr int OFF = 0, OFF16 = 32;  // q - 32: the offset term per sub-block of 16
-  static Acc finish(Acc s1, Acc s2) { return sub(s1, s2); }
+  template <typename V> static typename V::A finish(typename V::A s1, typename V::A s2) { return V::sub_a(s1, s2); }
   static constexpr int PREFETCH = 4096;  // against none: 0.90x at two threads, 0.93x at one (8192: 0.96x, 0.85x)
-  static void repack(const uint8_t* src, uint8_t* dst, int64_t t, int64_t nb) {
+  static constexpr int PREFETCH_ROWS = 1;
+  static void repack(const uint8_t* src, uint8_t* dst, int64_t t, int64_t nb) {  // unit t's nb blocks at dst
     for (int64_t b = 0; b < nb; ++b) {
-      uint8_t* o = dst + (t * nb + b) * BYTES;
+      uint8_t* o = dst + b * BYTES;
       for (int k = 0; k < 8; ++k) {
         const uint8_t* blk = src + ((8 * t + k) * nb + b) * SOURCE;
         std::memcpy(o + D + 2 * k, blk + 208, 2);
@@ -907,38 +1034,43 @@ struct Q6Kx8 {
       }
     }
   }
-  template <int R> static void block(const uint8_t* base, const ActRow* act, int64_t b, Acc* s1, Acc*) {
-    Lanes I[R];
-    for (int r = 0; r < R; ++r) I[r] = lanes_zero();
+  template <typename V, int R> LOOKAHEAD_INLINE
+  static void block(const uint8_t* base, const ActRow* act, int64_t b, typename V::A* s1,
+                    typename V::A*) {
+    using L = typename V::L;
+    using B = typename V::B;
+    L I[R];
+    for (int r = 0; r < R; ++r) I[r] = V::zero();
     for (int h = 0; h < 2; ++h) {
-      const uint8_t* half = base + QS + 768 * h;
       for (int e = 0; e < 2; ++e) {  // elements 0..15 of each chunk (one sub-block of 16), then 16..31
-        Lanes acc[R][4];  // sub-block j's q . xq - 32 sum(xq): it starts at the offset term (exact in any order)
+        L acc[R][4];  // sub-block j's q . xq - 32 sum(xq): it starts at the offset term (exact in any order)
         for (int r = 0; r < R; ++r)
-          for (int k = 0; k < 4; ++k) acc[r][k] = splat32(act[r].off16[16 * b + 8 * h + 2 * k + e]);
+          for (int k = 0; k < 4; ++k) acc[r][k] = V::splat_l(act[r].off16[16 * b + 8 * h + 2 * k + e]);
 #pragma GCC unroll 4
         for (int v = 4 * e; v < 4 * e + 4; ++v) {
-          const Bytes H = load32(half + 32 * (16 + v)), L0 = load32(half + 32 * v), L1 = load32(half + 32 * (8 + v));
-          const Bytes c[4] = {bor(band(L0, splat8(0x0F)), shl_and(H, 4, 0x30)),
-                              bor(band(L1, splat8(0x0F)), shl_and(H, 2, 0x30)),
-                              bor(shr_and(L0, 4, 0x0F), band(H, splat8(0x30))),
-                              bor(shr_and(L1, 4, 0x0F), shr_and(H, 2, 0x30))};
+          const int half = QS + 768 * h;
+          const B H = V::load(V::at(base, half + 32 * (16 + v))), L0 = V::load(V::at(base, half + 32 * v)),
+                  L1 = V::load(V::at(base, half + 32 * (8 + v)));
+          const B c[4] = {V::or_(V::and_(L0, V::splat_b(0x0F)), V::shl_mask(H, 4, 0x30)),
+                          V::or_(V::and_(L1, V::splat_b(0x0F)), V::shl_mask(H, 2, 0x30)),
+                          V::or_(V::shr_mask(L0, 4, 0x0F), V::and_(H, V::splat_b(0x30))),
+                          V::or_(V::shr_mask(L1, 4, 0x0F), V::shr_mask(H, 2, 0x30))};
           for (int r = 0; r < R; ++r) {
             const uint8_t* xq = reinterpret_cast<const uint8_t*>(act[r].q) + 256 * b + 128 * h + 4 * v;
 #pragma GCC unroll 4
-            for (int k = 0; k < 4; ++k) acc[r][k] = dot_acc(acc[r][k], c[k], bcast4(xq + 32 * k));
+            for (int k = 0; k < 4; ++k) acc[r][k] = V::dot(acc[r][k], c[k], V::bcast(xq + 32 * k));
           }
         }
         for (int k = 0; k < 4; ++k) {
           const int j = 8 * h + 2 * k + e;
-          const Lanes sc = load_i8x8(base + SCALES + 8 * j);
+          const L sc = V::i8(V::at(base, SCALES + 8 * j));
           for (int r = 0; r < R; ++r)
-            I[r] = add32(I[r], mul32v(acc[r][k], sc));
+            I[r] = V::add_l(I[r], V::mul_l(acc[r][k], sc));
         }
       }
     }
-    const Acc d = halves8(base + D);
-    for (int r = 0; r < R; ++r) s1[r] = acc_add(s1[r], I[r], mul(d, splat(act[r].d[b])));
+    const typename V::A d = V::halves(V::at(base, D));
+    for (int r = 0; r < R; ++r) s1[r] = V::fma_l(s1[r], I[r], V::mul_a(d, V::splat_a(act[r].d[b])));
   }
 };
 
@@ -961,7 +1093,10 @@ constexpr bool UNSIGNED_DOT = false;  // maddubs saturates int16 past 2 * 128 * 
 
 template <int BITS, bool AFFINE> struct Qx8 {
   static constexpr bool FIVE = BITS == 5;
-  static constexpr int ELEMS = 64, GROUP = 32, BLOCKS = 2, ROWS512 = 8;
+  static constexpr int ELEMS = 64, GROUP = 32, BLOCKS = 2, ROWS512 = 8, ROWS16 = 8;
+  // V16 where built: SmolLM2's linears (Q4_1, Q8_0) 0.89-0.93x the time at 8 rows of x, 0.95-1.03x at one (two
+  // threads, streaming from memory; 0.62-0.81x from cache)
+  static constexpr bool X16 = true;
   static constexpr int SOURCE = BITS == 8 ? 34 : (BITS == 5 ? 22 : 18) + (AFFINE ? 2 : 0);
   static constexpr int SRC_QH = AFFINE ? 4 : 2, SRC_QS = SRC_QH + (FIVE ? 4 : 0);  // in the file's block
   static constexpr int D = 0, M = 32, H = AFFINE ? 64 : 32, QS = H + (FIVE ? 64 : 0);
@@ -970,12 +1105,14 @@ template <int BITS, bool AFFINE> struct Qx8 {
   static constexpr int OFF = BITS == 8 ? (UNSIGNED_DOT ? 128 : 0) : AFFINE ? 0 : (FIVE ? 16 : 8);
   static constexpr bool SUM16 = false, PAIRS = false, FSUM = AFFINE;
   static constexpr int OFF16 = 0;
-  static constexpr int PREFETCH = 0;
+  // 4-/5-bit formats from 3 rows of x: SmolLM2's verify of 8 nodes 0.83-0.85x the time without (with V16); at 1-2
+  // rows it cost 3-7%, and on Q8_0 (the head) at 4-8 rows
+  static constexpr int PREFETCH = BITS == 8 ? 0 : 2048, PREFETCH_ROWS = 3;
   static_assert(BITS != 8 || !AFFINE, "Qx8: Q8_0 is symmetric");
-  static Acc finish(Acc s1, Acc s2) { return add(s1, s2); }
-  static void repack(const uint8_t* src, uint8_t* dst, int64_t t, int64_t nb) {
+  template <typename V> static typename V::A finish(typename V::A s1, typename V::A s2) { return V::add_a(s1, s2); }
+  static void repack(const uint8_t* src, uint8_t* dst, int64_t t, int64_t nb) {  // unit t's nb blocks at dst
     for (int64_t b = 0; b < nb; ++b) {
-      uint8_t* o = dst + (t * nb + b) * BYTES;
+      uint8_t* o = dst + b * BYTES;
       for (int k = 0; k < 8; ++k)
         for (int j = 0; j < 2; ++j) {
           const uint8_t* blk = src + ((8 * t + k) * 2 * nb + 2 * b + j) * SOURCE;
@@ -996,97 +1133,104 @@ template <int BITS, bool AFFINE> struct Qx8 {
         }
     }
   }
-  template <int R> static void block(const uint8_t* base, const ActRow* act, int64_t b, Acc* s1, Acc* s2) {
+  template <typename V, int R> LOOKAHEAD_INLINE
+  static void block(const uint8_t* base, const ActRow* act, int64_t b, typename V::A* s1,
+                    typename V::A* s2) {
+    using L = typename V::L;
+    using B = typename V::B;
     for (int j = 0; j < 2; ++j) {
-      Lanes acc[R];  // I = q . xq - OFF * sum(xq): the integer starts at the offset term (exact in any order)
-      for (int r = 0; r < R; ++r) acc[r] = OFF ? splat32(act[r].off32[2 * b + j]) : lanes_zero();
+      L acc[R];  // I = q . xq - OFF * sum(xq): the integer starts at the offset term (exact in any order)
+      for (int r = 0; r < R; ++r) acc[r] = OFF ? V::splat_l(act[r].off32[2 * b + j]) : V::zero();
       const int64_t e0 = 64 * b + 32 * j;  // the block's first element
-      const uint8_t* q = base + QS + QBYTES * j;
       if constexpr (BITS == 8) {
         constexpr bool SPLIT = R <= 4;  // a second chain per row for the odd vectors (exact: integers)
-        Lanes acc2[SPLIT ? R : 1];
+        L acc2[SPLIT ? R : 1];
         if constexpr (SPLIT)
-          for (int r = 0; r < R; ++r) acc2[r] = lanes_zero();
+          for (int r = 0; r < R; ++r) acc2[r] = V::zero();
 #pragma GCC unroll 8
         for (int v = 0; v < 8; ++v) {
-          const Bytes w = load32(q + 32 * v);
-          const Bytes u = UNSIGNED_DOT ? bxor(w, splat8(0x80)) : abs8(w);
+          const B w = V::load(V::at(base, QS + QBYTES * j + 32 * v));
+          const B u = UNSIGNED_DOT ? V::xor_(w, V::splat_b(0x80)) : V::abs_b(w);
           for (int r = 0; r < R; ++r) {
-            const Bytes x = bcast4(reinterpret_cast<const uint8_t*>(act[r].q) + e0 + 4 * v);
+            const B x = V::bcast(reinterpret_cast<const uint8_t*>(act[r].q) + e0 + 4 * v);
             if (SPLIT && v % 2)
-              acc2[r] = dot_acc(acc2[r], u, UNSIGNED_DOT ? x : sign8(x, w));
+              acc2[r] = V::dot(acc2[r], u, UNSIGNED_DOT ? x : V::sign_b(x, w));
             else
-              acc[r] = dot_acc(acc[r], u, UNSIGNED_DOT ? x : sign8(x, w));
+              acc[r] = V::dot(acc[r], u, UNSIGNED_DOT ? x : V::sign_b(x, w));
           }
         }
         if constexpr (SPLIT)
-          for (int r = 0; r < R; ++r) acc[r] = add32(acc[r], acc2[r]);
+          for (int r = 0; r < R; ++r) acc[r] = V::add_l(acc[r], acc2[r]);
       } else {
-        const Bytes h = FIVE ? load32(base + H + 32 * j) : splat8(0);
+        const B h = FIVE ? V::load(V::at(base, H + 32 * j)) : V::splat_b(0);
         // the high nibbles in a second chain per row: with VNNI at <= 4 rows (two dependent chains of vpdpbusd
         // instead of one), and as short sums for 5-bit values (4 vectors each); 4-bit values take one short sum
         constexpr bool SPLIT = SHORT_SUMS ? FIVE : R <= 4;
-        Short lo_sum[R], hi_sum[SPLIT ? R : 1];
-        for (int r = 0; r < R; ++r) lo_sum[r] = SHORT_SUMS ? short_zero() : acc[r];
+        typename V::S lo_sum[R], hi_sum[SPLIT ? R : 1];
+        for (int r = 0; r < R; ++r) lo_sum[r] = SHORT_SUMS ? V::short_0() : acc[r];
         if constexpr (SPLIT)
-          for (int r = 0; r < R; ++r) hi_sum[r] = short_zero();
+          for (int r = 0; r < R; ++r) hi_sum[r] = V::short_0();
 #pragma GCC unroll 4
         for (int v = 0; v < 4; ++v) {
-          const Bytes wv = load32(q + 32 * v);
-          Bytes lo = band(wv, splat8(0x0F)), hi = shr_and(wv, 4, 0x0F);
+          const B wv = V::load(V::at(base, QS + QBYTES * j + 32 * v));
+          B lo = V::and_(wv, V::splat_b(0x0F)), hi = V::shr_mask(wv, 4, 0x0F);
           if (FIVE) {
-            lo = bor(lo, shl_and(h, 4 - v, 0x10));
-            hi = bor(hi, shr_and(h, v, 0x10));
+            lo = V::or_(lo, V::shl_mask(h, 4 - v, 0x10));
+            hi = V::or_(hi, V::shr_mask(h, v, 0x10));
           }
           for (int r = 0; r < R; ++r) {
             const uint8_t* xq = reinterpret_cast<const uint8_t*>(act[r].q) + e0 + 4 * v;
-            lo_sum[r] = add_short(lo_sum[r], lo, bcast4(xq));
+            lo_sum[r] = V::add_s(lo_sum[r], lo, V::bcast(xq));
             if constexpr (SPLIT)
-              hi_sum[r] = add_short(hi_sum[r], hi, bcast4(xq + 16));
+              hi_sum[r] = V::add_s(hi_sum[r], hi, V::bcast(xq + 16));
             else
-              lo_sum[r] = add_short(lo_sum[r], hi, bcast4(xq + 16));
+              lo_sum[r] = V::add_s(lo_sum[r], hi, V::bcast(xq + 16));
           }
         }
         for (int r = 0; r < R; ++r) {
-          acc[r] = SHORT_SUMS ? widen_short(acc[r], lo_sum[r]) : lo_sum[r];
-          if constexpr (SPLIT) acc[r] = widen_short(acc[r], hi_sum[r]);
+          acc[r] = SHORT_SUMS ? V::widen(acc[r], lo_sum[r]) : lo_sum[r];
+          if constexpr (SPLIT) acc[r] = V::widen(acc[r], hi_sum[r]);
         }
       }
-      const Acc d = halves8(base + D + 16 * j), m = AFFINE ? halves8(base + M + 16 * j) : acc_zero();
+      const typename V::A d = V::halves(V::at(base, D + 16 * j)),
+                          m = AFFINE ? V::halves(V::at(base, M + 16 * j)) : V::zero_a();
       for (int r = 0; r < R; ++r) {
-        const Acc dx = splat(act[r].d[2 * b + j]);
-        s1[r] = acc_add(s1[r], acc[r], mul(d, dx));
-        if constexpr (AFFINE) s2[r] = add(s2[r], mul(mul(m, dx), splat(act[r].fsum32[2 * b + j])));
+        const typename V::A dx = V::splat_a(act[r].d[2 * b + j]);
+        s1[r] = V::fma_l(s1[r], acc[r], V::mul_a(d, dx));
+        if constexpr (AFFINE) s2[r] = V::add_a(s2[r], V::mul_a(V::mul_a(m, dx), V::splat_a(act[r].fsum32[2 * b + j])));
       }
     }
   }
 };
 
-// y[m0 .. m0 + R) x [8t, 8t + 8) over a repacked weight
-template <typename F, typename T, int R>
+// y[m0 .. m0 + R) x [8t, 8t + V::OUT) over a repacked weight: unit t (V16: the pair of units t, t + 1); rows: the
+// call's rows of x (M)
+template <typename F, typename V, typename T, int R>
 void x8_tile(const uint8_t* w, const ActRow* act, const T* bias, T* y, int64_t m0, int64_t t, int64_t nb,
-             int64_t N) {
-  Acc s1[R], s2[R];
-  for (int r = 0; r < R; ++r) s1[r] = s2[r] = acc_zero();
+             int64_t N, int64_t rows) {
+  typename V::A s1[R], s2[R];
+  for (int r = 0; r < R; ++r) s1[r] = s2[r] = V::zero_a();
   const uint8_t* end = w + (N / 8) * nb * F::BYTES;
+  const uint8_t* unit = w + t * nb * F::BYTES;  // a pair's blocks start where its first unit's would
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* base = w + (t * nb + b) * F::BYTES;
-    if (F::PREFETCH && m0 == 0)
-      for (int o = 0; o < F::BYTES; o += 64)
+    const uint8_t* base = unit + b * V::STRIDE * F::BYTES;
+    if (F::PREFETCH && m0 == 0 && rows >= F::PREFETCH_ROWS)
+      for (int o = 0; o < V::STRIDE * F::BYTES; o += 64)
         if (base + F::PREFETCH + o < end) prefetch(base + F::PREFETCH + o);
-    F::template block<R>(base, act + m0, b, s1, s2);
+    F::template block<V, R>(base, act + m0, b, s1, s2);
   }
   for (int r = 0; r < R; ++r) {
-    float s[8];
-    acc_store(F::finish(s1[r], s2[r]), s);
-    for (int k = 0; k < 8; ++k)
+    float s[V::OUT];
+    V::store(F::template finish<V>(s1[r], s2[r]), s);
+    for (int k = 0; k < V::OUT; ++k)
       y[(m0 + r) * N + 8 * t + k] = from_float<T>(bias ? s[k] + to_float(bias[8 * t + k]) : s[k]);
   }
 }
 
 // Rows of x per pass over a tile of 8 outputs (the weight is re-read from cache for each further pass): with
 // AVX-512's 32 registers the format's ROWS512 (Q4_K 8: against 4, 0.74-0.76x the time at 5-6 rows, 0.91x at 8,
-// two threads), else 4; 1 in the portable build (its scalar loops as one instance each).
+// two threads), else 4; 1 in the portable build (its scalar loops as one instance each). Over 16 outputs (V16)
+// the format's ROWS16.
 template <typename F> constexpr int xrows() {
 #if defined(__AVX512VL__)
   return F::ROWS512;
@@ -1101,15 +1245,33 @@ template <typename F, typename T>
 void x8_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
   const int64_t nb = K / F::ELEMS;
   const Activations act(x, M, K, F::GROUP, F::SUM16, F::OFF, F::OFF16, F::PAIRS, F::FSUM);
-  const int64_t tiles = N / 8, tile_bytes = nb * F::BYTES;
-  const int64_t grain = std::max<int64_t>(1, PARALLEL_BYTES / std::max<int64_t>(1, tile_bytes));
-  parallel_chunks(tiles, grain, [&](int64_t t0, int64_t t1) {
+  const int64_t units = N / 8, unit_bytes = nb * F::BYTES;
+  // a tile: V16 over units 2i, 2i + 1 where AVX512-VNNI is built in (a last odd unit alone, V8), else V8 over unit i
+#if defined(LOOKAHEAD_X16)
+  constexpr int PER = F::X16 ? 2 : 1;
+#else
+  constexpr int PER = 1;
+#endif
+  const int64_t tiles = (units + PER - 1) / PER;
+  const int64_t grain = std::max<int64_t>(1, PARALLEL_BYTES / std::max<int64_t>(1, PER * unit_bytes));
+  parallel_chunks(tiles, grain, [&](int64_t i0, int64_t i1) {
     const ActRow* a = act.rows;
-    constexpr int XROWS = xrows<F>();
-    for (int64_t t = t0; t < t1; ++t)
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = PER * i;
+#if defined(LOOKAHEAD_X16)
+      if constexpr (F::X16) if (paired(t, units)) {
+        constexpr int XROWS = F::ROWS16;
+        for (int64_t m0 = 0; m0 < M; m0 += XROWS)
+          with_count<XROWS>(static_cast<int>(std::min<int64_t>(XROWS, M - m0)),
+                            [&](auto r) { x8_tile<F, V16, T, decltype(r)::value>(w, a, bias, y, m0, t, nb, N, M); });
+        continue;
+      }
+#endif
+      constexpr int XROWS = xrows<F>();
       for (int64_t m0 = 0; m0 < M; m0 += XROWS)
         with_count<XROWS>(static_cast<int>(std::min<int64_t>(XROWS, M - m0)),
-                          [&](auto r) { x8_tile<F, T, decltype(r)::value>(w, a, bias, y, m0, t, nb, N); });
+                          [&](auto r) { x8_tile<F, V8, T, decltype(r)::value>(w, a, bias, y, m0, t, nb, N, M); });
+    }
   });
 }
 
@@ -1119,7 +1281,8 @@ struct Format {
   int elems, bytes;
   int rows;  // outputs per row of the weight tensor: 1, or 8 for a repacked one (dequant is then null)
   int source, blocks;  // a repacked one's: the file format's block bytes, and its blocks per unit per row
-  void (*repack)(const uint8_t*, uint8_t*, int64_t, int64_t);  // (file blocks, unit tensor, tile t, units per row)
+  void (*repack)(const uint8_t*, uint8_t*, int64_t, int64_t);  // (file blocks, out, unit t, blocks per unit)
+  bool x16;  // a repacked one's units in the x16 layout's pairs (paired())
   void (*dequant)(const uint8_t*, float*);
   void (*linear_f32)(const float*, const uint8_t*, const float*, float*, int64_t, int64_t, int64_t);
   void (*linear_bf16)(const c10::BFloat16*, const uint8_t*, const c10::BFloat16*, c10::BFloat16*, int64_t, int64_t,
@@ -1127,11 +1290,12 @@ struct Format {
 };
 
 template <typename F> constexpr Format entry(const char* name) {
-  return Format{name, F::ELEMS, F::BYTES, 1, 0, 1, nullptr, &F::dequant, &linear_kernel<F, float>,
+  return Format{name, F::ELEMS, F::BYTES, 1, 0, 1, nullptr, false, &F::dequant, &linear_kernel<F, float>,
                 &linear_kernel<F, c10::BFloat16>};
 }
 template <typename F> constexpr Format repacked(const char* name) {
-  return Format{name, F::ELEMS, F::BYTES, 8, F::SOURCE, F::BLOCKS, &F::repack, nullptr, &x8_kernel<F, float>,
+  static_assert(!F::X16 || F::BYTES % 32 == 0, "the x16 layout interleaves blocks 32 bytes at a time");
+  return Format{name, F::ELEMS, F::BYTES, 8, F::SOURCE, F::BLOCKS, &F::repack, F::X16, nullptr, &x8_kernel<F, float>,
                 &x8_kernel<F, c10::BFloat16>};
 }
 
@@ -1248,8 +1412,20 @@ at::Tensor quant_repack(const at::Tensor& weight) {
   at::Tensor out = on_huge_pages({N / 8, nb / r->blocks, r->bytes});
   const uint8_t* src = weight.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, N / 8, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) r->repack(src, dst, t, nb / r->blocks);
+  const int64_t units = N / 8, blocks = nb / r->blocks, unit_bytes = blocks * r->bytes;
+  at::parallel_for(0, units, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<uint8_t> unit(unit_bytes);
+    for (int64_t t = t0; t < t1; ++t) {
+      if (!(r->x16 && paired(t, units))) {
+        r->repack(src, dst + t * unit_bytes, t, blocks);
+        continue;
+      }
+      r->repack(src, unit.data(), t, blocks);  // then into its pair's blocks, every other 32 bytes
+      uint8_t* pair = dst + (t - t % 2) * unit_bytes;
+      for (int64_t b = 0; b < blocks; ++b)
+        for (int o = 0; o < r->bytes; o += 32)
+          std::memcpy(pair + 2 * b * r->bytes + 2 * o + 32 * (t % 2), unit.data() + b * r->bytes + o, 32);
+    }
   });
   return out;
 }
