@@ -374,7 +374,6 @@ void softmax_lanes(float* sp, int64_t n_keys, float* lsum) {
 
 constexpr int64_t QB = 16;  // queries per work item at most
 constexpr int64_t KB = 64;  // shared keys per block: 16 KiB of K (or V) at a head dim of 64 in fp32
-constexpr int64_t KB_16 = 256;  // the same for 16-bit K / V read in place (not widened): 32 KiB
 constexpr int64_t WIDEN_QUERIES = 8;  // an item's queries from which its 16-bit K / V blocks are widened once
 
 // rows [0, n) of a [.., D] cache head (row stride ss) as fp32 rows of D: exact (every bf16 / fp16 is an fp32)
@@ -392,6 +391,17 @@ void widen_rows(const T* src, int64_t ss, int64_t n, int64_t D, float* dst) {
     for (; d < D; ++d) out[d] = to_float(row[d]);
   }
 }
+
+// A work item of tree_attention: queries q0 .. q1 - 1 of (cache row b, KV head g), query q being head
+// g * group + q % group of token order[first[b] + q / group]
+struct Item {
+  int64_t b, g, q0, q1;
+};
+// tree_attention's plan of a call: each row's tokens (row b's: order[first[b] .. first[b + 1])), and the items
+struct Plan {
+  std::vector<int64_t> first, order, sorted, fill;
+  std::vector<Item> items;
+};
 
 // A thread's scratch in tree_attention, kept across its items and calls: per query its q in fp32, its output sums,
 // its scores, its softmax sum; a widened K / V block; per query its path's slots past the shared keys, its shared
@@ -487,28 +497,29 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
   // to QB of them and passes the shared keys in blocks of KB through all of its queries, so that a block is read
   // once from memory and then from L1 (the keys of one head at a 2k context are 256 KiB in bf16). Each query's
   // scores, softmax and weighted sum are the same operations in the same order as for a query alone.
-  // each row's tokens (row b's: order[first[b] .. first[b + 1])), from both ends in turn (0, N-1, 1, ...): a
-  // causal chunk's short and long key sequences alike in every item
-  std::vector<int64_t> first(R + 1, 0), order(N), sorted(N);
+  // each row's tokens, from both ends in turn (0, N-1, 1, ...): a causal chunk's short and long key sequences alike
+  // in every item
+  thread_local Plan plan;  // the calling thread's, kept across calls
+  auto& [first, order, sorted, fill, items] = plan;
+  first.assign(R + 1, 0), order.resize(N), sorted.resize(N), items.clear();
   for (int64_t n = 0; n < N; ++n) ++first[row_of[n] + 1];
   for (int64_t b = 0; b < R; ++b) first[b + 1] += first[b];
-  {
-    std::vector<int64_t> fill(first.begin(), first.end() - 1);
-    for (int64_t n = 0; n < N; ++n) sorted[fill[row_of[n]]++] = n;
-    for (int64_t b = 0; b < R; ++b)
-      for (int64_t u = 0, c = first[b + 1] - first[b]; u < c; ++u)
-        order[first[b] + u] = sorted[first[b] + (u % 2 ? c - 1 - u / 2 : u / 2)];
-  }
-  struct Item { int64_t b, g, q0, q1; };  // queries q0 .. q1 - 1 of (row b, KV head g): token order[first[b] + q / group]
-  std::vector<Item> items;
+  fill.assign(first.begin(), first.end() - 1);
+  for (int64_t n = 0; n < N; ++n) sorted[fill[row_of[n]]++] = n;
+  for (int64_t b = 0; b < R; ++b)
+    for (int64_t u = 0, c = first[b + 1] - first[b]; u < c; ++u)
+      order[first[b] + u] = sorted[first[b] + (u % 2 ? c - 1 - u / 2 : u / 2)];
   const int64_t threads = at::get_num_threads();
   for (int64_t b = 0; b < R; ++b) {
     const int64_t nq = (first[b + 1] - first[b]) * group;
     if (!nq) continue;
-    // at most QB queries each, and enough items for every thread four times over where the queries allow (items
-    // are not split between threads: with fewer, the threads' shares came out uneven)
-    const int64_t chunks = std::max((nq + QB - 1) / QB, std::min(nq, (4 * threads + R * Hkv - 1) / (R * Hkv)));
-    const int64_t per = (nq + chunks - 1) / chunks;
+    // at most QB queries each, at least two items per thread in a count the threads divide where the queries allow
+    // (an item is not split between threads: 9 items on 2 threads took 1.1x the time of 9 on one); 16-bit queries
+    // too few to widen their blocks go one at a time (grouped, they gained nothing and balanced worse)
+    int64_t chunks = (nq + QB - 1) / QB;
+    while (chunks < nq && (R * Hkv * chunks < 2 * threads || R * Hkv * chunks % threads)) ++chunks;
+    int64_t per = (nq + chunks - 1) / chunks;
+    if (q.scalar_type() != at::kFloat && per < WIDEN_QUERIES) per = 1;
     for (int64_t g = 0; g < Hkv; ++g)
       for (int64_t q0 = 0; q0 < nq; q0 += per) items.push_back({b, g, q0, std::min(nq, q0 + per)});
   }
@@ -570,9 +581,9 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
         // repeated per query), where there are enough of them to pay for it
         const bool widen = !std::is_same_v<scalar_t, float> && nq >= WIDEN_QUERIES;
         if (widen) block.resize(KB * D);
-        // 16-bit keys read in place: blocks of KB_16 (the same K / V bytes as an fp32 block of 4 x KB / 2... fewer
-        // calls per query, each of which sets up its q / accumulators)
-        const int64_t kb = nq == 1 ? std::max<int64_t>(1, longest) : std::is_same_v<scalar_t, float> || widen ? KB : KB_16;
+        // 16-bit keys read in place (fewer than WIDEN_QUERIES queries) pass whole, query by query: in blocks they
+        // took 1.03-1.07x the time at 1-4 nodes (bf16 K / V blocks are read from L2 fast enough)
+        const int64_t kb = std::is_same_v<scalar_t, float> || widen ? KB : std::max<int64_t>(1, longest);
         for (int values = 0; values < 2; ++values) {
           if (values) {  // between the passes: each query's softmax over all of its scores
             std::fill(o.begin(), o.begin() + nq * D, 0.0f);
