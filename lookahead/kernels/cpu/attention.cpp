@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "common.h"
@@ -374,7 +375,11 @@ void softmax_lanes(float* sp, int64_t n_keys, float* lsum) {
 
 constexpr int64_t QB = 16;  // queries per work item at most
 constexpr int64_t KB = 64;  // shared keys per block: 16 KiB of K (or V) at a head dim of 64 in fp32
-constexpr int64_t WIDEN_QUERIES = 8;  // an item's queries from which its 16-bit K / V blocks are widened once
+#if defined(__AVX512F__)
+constexpr int64_t WIDEN_QUERIES = 8;
+#else  // the avx2 loops read bf16 as pairs cheaply: widened blocks took 1.09-1.13x the time at 8-16 nodes there
+constexpr int64_t WIDEN_QUERIES = std::numeric_limits<int64_t>::max();
+#endif  // an item's queries from which its 16-bit K / V blocks are widened once
 
 // rows [0, n) of a [.., D] cache head (row stride ss) as fp32 rows of D: exact (every bf16 / fp16 is an fp32)
 template <typename T>

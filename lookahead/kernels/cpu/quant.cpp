@@ -791,9 +791,9 @@ void linear_kernel(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M,
 // blocks interleaved 32 bytes at a time, so that byte o of the second lies 32 bytes after byte o of the first and a
 // 512-bit load takes a vector of both. Lane k of a V16 vector is output k of the first unit (k < 8) or output
 // k - 8 of the second, and runs the operations that lane k % 8 of a V8 vector runs for that output: the same bits.
-// V16 exists where AVX512-VNNI does: on this project's Zen 4 a 512-bit vpdpbusd did 1.35x the multiply-adds of two
-// 256-bit ones, 1.75x with its activation broadcast from memory (bench/cpu/session14/README.md), and every broadcast
-// serves 16 outputs.
+// V16 exists where AVX512-VNNI does: on this project's Zen 4 a 512-bit vpdpbusd did 1.13-1.35x the multiply-adds of
+// two 256-bit ones, 1.39-1.78x with its activation broadcast from memory (bench/cpu/session14/vnni_peak.txt), and
+// every broadcast serves 16 outputs.
 struct V8 {
   static constexpr int OUT = 8;
   static constexpr int STRIDE = 1;  // units a block step spans in memory
@@ -1094,8 +1094,8 @@ constexpr bool UNSIGNED_DOT = false;  // maddubs saturates int16 past 2 * 128 * 
 template <int BITS, bool AFFINE> struct Qx8 {
   static constexpr bool FIVE = BITS == 5;
   static constexpr int ELEMS = 64, GROUP = 32, BLOCKS = 2, ROWS512 = 8, ROWS16 = 8;
-  // V16 where built: SmolLM2's linears (Q4_1, Q8_0) 0.89-0.93x the time at 8 rows of x, 0.95-1.03x at one (two
-  // threads, streaming from memory; 0.62-0.81x from cache)
+  // V16 where built: SmolLM2's linears (Q4_1, Q8_0) 0.70-0.82x the time at 8 rows of x, 0.91-0.99x at one (two
+  // threads, streaming from memory; bench/cpu/session14/linears_ab_smollm2_q4_1.txt)
   static constexpr bool X16 = true;
   static constexpr int SOURCE = BITS == 8 ? 34 : (BITS == 5 ? 22 : 18) + (AFFINE ? 2 : 0);
   static constexpr int SRC_QH = AFFINE ? 4 : 2, SRC_QS = SRC_QH + (FIVE ? 4 : 0);  // in the file's block
