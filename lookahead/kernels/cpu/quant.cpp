@@ -924,7 +924,7 @@ struct Q4Kx8 {
   static constexpr int GROUP = 256, BLOCKS = 1;  // GROUP: the activation's; BLOCKS: the file's per unit
   static constexpr int ROWS512 = 8;              // rows of x per pass with AVX-512's 32 registers (xrows)
   // V16 (its fields are 32-byte aligned, or within 32 bytes) ran its weights 0.74-0.86x the time from cache, but the
-  // 1B model's step 1.0-1.1x at 1-2 rows of x and its Q4_K linears 1.07-1.18x at 4, streaming: not used
+  // 1B model's step 1.04x at one row of x, 1.01-1.10x at 2-4 and 0.93-0.95x at 8 (streaming): not used
   static constexpr bool X16 = false;
   static constexpr bool SUM16 = false, PAIRS = true, FSUM = false;
   static constexpr int OFF = 0, OFF16 = 0;
