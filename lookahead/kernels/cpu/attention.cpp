@@ -90,8 +90,8 @@ inline __m512 lane_sums16(const __m512 (&v)[16]) {
 
 // scores[n] = (q . k[key(n)]) * scale for n < n_keys, 16 keys at a time; q is D = 16 * NC (the last chunk masked)
 template <int NC, typename T, typename Key>
-LOOKAHEAD_NOINLINE void scores_block(const float* qf, int64_t D, const T* kh, int64_t ss, Key key, int64_t n_keys, float scale,
-                  float* scores) {
+LOOKAHEAD_NOINLINE void scores_block(const float* qf, int64_t D, const T* kh, int64_t ss, Key key, int64_t n_keys,
+                                     float scale, float* scores) {
   __m512 qv[NC];
   const int tail = static_cast<int>(D - 16 * (NC - 1));
 #pragma GCC unroll 8
@@ -116,8 +116,8 @@ LOOKAHEAD_NOINLINE void scores_block(const float* qf, int64_t D, const T* kh, in
 // o[0:D] = sum_n p[n] * v[key(n)] in ascending n (resume: o + that sum, continuing o's chains), the D = 16 * NC
 // accumulators held in registers
 template <int NC, typename T, typename Key>
-LOOKAHEAD_NOINLINE void weighted_values(const float* p, int64_t D, const T* vh, int64_t ss, Key key, int64_t n_keys, float* o,
-                     bool resume) {
+LOOKAHEAD_NOINLINE void weighted_values(const float* p, int64_t D, const T* vh, int64_t ss, Key key, int64_t n_keys,
+                                        float* o, bool resume) {
   __m512 acc[NC];
   const int tail = static_cast<int>(D - 16 * (NC - 1));
 #pragma GCC unroll 8
@@ -184,8 +184,8 @@ inline Bf16Pair regroup(__m256 a, __m256 b) {
 // scores[n] = (q . k[key(n)]) * scale for n < n_keys, 8 keys at a time, each dot as dot() takes it (16-lane
 // chunks, lanes 0-7 and 8-15 in two accumulators); q is D = 16 * NC (FULL), or its last chunk is short by D's tail
 template <int NC, bool FULL, typename T, typename Key>
-LOOKAHEAD_NOINLINE void scores_block(const float* qf, int64_t D, const T* kh, int64_t ss, Key key, int64_t n_keys, float scale,
-                  float* scores) {
+LOOKAHEAD_NOINLINE void scores_block(const float* qf, int64_t D, const T* kh, int64_t ss, Key key, int64_t n_keys,
+                                     float scale, float* scores) {
   __m256 qlo[NC], qhi[NC];
   const int tail = static_cast<int>(D - 16 * (NC - 1));
 #pragma GCC unroll 8
@@ -239,8 +239,8 @@ LOOKAHEAD_NOINLINE void scores_block(const float* qf, int64_t D, const T* kh, in
 // o[d0 : d0 + 8 * NC8] = sum_n p[n] * v[key(n)][...] in ascending n (resume: o + that sum), as axpy() takes it, the
 // accumulators held in registers (n valid elements from d0: 8 * NC8 where FULL)
 template <int NC8, bool FULL, typename T, typename Key>
-LOOKAHEAD_NOINLINE void weighted_values(const float* p, const T* vh, int64_t ss, Key key, int64_t n_keys, int64_t d0, int n,
-                     float* o, bool resume) {
+LOOKAHEAD_NOINLINE void weighted_values(const float* p, const T* vh, int64_t ss, Key key, int64_t n_keys, int64_t d0,
+                                        int n, float* o, bool resume) {
   if constexpr (FULL) n = 8 * NC8;
   __m256 acc[NC8];
 #pragma GCC unroll 8
@@ -375,11 +375,12 @@ void softmax_lanes(float* sp, int64_t n_keys, float* lsum) {
 
 constexpr int64_t QB = 16;  // queries per work item at most
 constexpr int64_t KB = 64;  // shared keys per block: 16 KiB of K (or V) at a head dim of 64 in fp32
+// an item's queries from which its 16-bit K / V blocks are widened once
 #if defined(__AVX512F__)
 constexpr int64_t WIDEN_QUERIES = 8;
 #else  // the avx2 loops read bf16 as pairs cheaply: widened blocks took 1.09-1.13x the time at 8-16 nodes there
 constexpr int64_t WIDEN_QUERIES = std::numeric_limits<int64_t>::max();
-#endif  // an item's queries from which its 16-bit K / V blocks are widened once
+#endif
 
 // rows [0, n) of a [.., D] cache head (row stride ss) as fp32 rows of D: exact (every bf16 / fp16 is an fp32)
 template <typename T>
@@ -502,7 +503,8 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
   // to QB of them and passes the shared keys in blocks of KB through all of its queries, so that a block is read
   // once from memory and then from L1 (the keys of one head at a 2k context are 256 KiB in bf16). Each query's
   // scores, softmax and weighted sum are the same operations in the same order as for a query alone.
-  // each row's tokens, from both ends in turn (0, N-1, 1, ...): a causal chunk's short and long key sequences alike
+  //
+  // Each row's tokens, from both ends in turn (0, N-1, 1, ...): a causal chunk's short and long key sequences alike
   // in every item
   thread_local Plan plan;  // the calling thread's, kept across calls
   auto& [first, order, sorted, fill, items] = plan;

@@ -43,7 +43,8 @@ constexpr int LANES = 16;
 // row or column count as a constant, so its accumulators live in registers.
 // A tile keeps its accumulators in registers only if every call inside it is inlined, lambdas included.
 #define LOOKAHEAD_INLINE __attribute__((always_inline))
-// The opposite, for a loop that GCC compiled worse inlined into a large caller (attention.cpp's per-query loops).
+// The opposite: a loop compiled as a function of its own whatever GCC's inlining budget decides for its callers
+// (attention.cpp's per-query loops, called from several instantiations of one item loop).
 #define LOOKAHEAD_NOINLINE __attribute__((noinline))
 
 template <int MAX, typename F>
