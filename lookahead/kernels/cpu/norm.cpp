@@ -121,6 +121,10 @@ at::Tensor add_rms_norm_(at::Tensor& x, const at::Tensor& h, const at::Tensor& w
   return out;
 }
 
+// Elements per thread at least in silu_mul: its exp costs a few nanoseconds an element, so a verify step's rows
+// (8 x 1536 for SmolLM2) pay for a second thread where the norms' (a few hundred elements a row) do not
+constexpr int64_t SILU_ELEMS = 1 << 12;
+
 // gate_up [..., 2I] (gate then up) -> silu(gate) * up [..., I]
 at::Tensor silu_mul(const at::Tensor& gate_up) {
   TORCH_CHECK(gate_up.device().is_cpu() && gate_up.is_contiguous() && gate_up.size(-1) % 2 == 0,
@@ -132,7 +136,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   LOOKAHEAD_DISPATCH(gate_up.scalar_type(), "lookahead::silu_mul", [&] {
     const scalar_t* gp = gate_up.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / I), [&](int64_t m0, int64_t m1) {
+    at::parallel_for(0, M, std::max<int64_t>(1, SILU_ELEMS / I), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) silu_mul_row(gp + m * 2 * I, gp + m * 2 * I + I, op + m * I, I);
     });
   });
