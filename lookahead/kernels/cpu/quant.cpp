@@ -858,11 +858,6 @@ struct V16 {
   static B xor_(B a, B b) { return _mm512_xor_si512(a, b); }
   static B shr_mask(B a, int n, int mask) { return and_(_mm512_srli_epi16(a, n), splat_b(mask)); }
   static B shl_mask(B a, int n, int mask) { return and_(_mm512_slli_epi16(a, n), splat_b(mask)); }
-  static B abs_b(B a) { return _mm512_abs_epi8(a); }
-  static B sign_b(B x, B w) {  // x * sign(w) (AVX-512 has no vpsignb): -x where w < 0, 0 where w == 0
-    const __mmask64 neg = _mm512_movepi8_mask(w), nonzero = _mm512_test_epi8_mask(w, w);
-    return _mm512_maskz_mov_epi8(nonzero, _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x));
-  }
   static L zero() { return _mm512_setzero_si512(); }
   static L splat_l(int32_t v) { return _mm512_set1_epi32(v); }
   static L dot(L acc, B u, B s) { return _mm512_dpbusd_epi32(acc, u, s); }
@@ -1105,8 +1100,8 @@ template <int BITS, bool AFFINE> struct Qx8 {
   static constexpr int OFF = BITS == 8 ? (UNSIGNED_DOT ? 128 : 0) : AFFINE ? 0 : (FIVE ? 16 : 8);
   static constexpr bool SUM16 = false, PAIRS = false, FSUM = AFFINE;
   static constexpr int OFF16 = 0;
-  // 4-/5-bit formats from 3 rows of x: SmolLM2's verify of 8 nodes 0.83-0.85x the time without (with V16); at 1-2
-  // rows it cost 3-7%, and on Q8_0 (the head) at 4-8 rows
+  // 4-/5-bit formats from 3 rows of x: SmolLM2's verify of 8 nodes 0.83-0.85x the time without (with V16, measured
+  // with it from 2 rows); at 1-2 rows it cost 3-7%, and on Q8_0 (the head) at 4-8 rows
   static constexpr int PREFETCH = BITS == 8 ? 0 : 2048, PREFETCH_ROWS = 3;
   static_assert(BITS != 8 || !AFFINE, "Qx8: Q8_0 is symmetric");
   template <typename V> static typename V::A finish(typename V::A s1, typename V::A s2) { return V::add_a(s1, s2); }
@@ -1150,13 +1145,16 @@ template <int BITS, bool AFFINE> struct Qx8 {
 #pragma GCC unroll 8
         for (int v = 0; v < 8; ++v) {
           const B w = V::load(V::at(base, QS + QBYTES * j + 32 * v));
-          const B u = UNSIGNED_DOT ? V::xor_(w, V::splat_b(0x80)) : V::abs_b(w);
+          B u;
+          if constexpr (UNSIGNED_DOT) u = V::xor_(w, V::splat_b(0x80));
+          else u = V::abs_b(w);
           for (int r = 0; r < R; ++r) {
-            const B x = V::bcast(reinterpret_cast<const uint8_t*>(act[r].q) + e0 + 4 * v);
+            B x = V::bcast(reinterpret_cast<const uint8_t*>(act[r].q) + e0 + 4 * v);
+            if constexpr (!UNSIGNED_DOT) x = V::sign_b(x, w);
             if (SPLIT && v % 2)
-              acc2[r] = V::dot(acc2[r], u, UNSIGNED_DOT ? x : V::sign_b(x, w));
+              acc2[r] = V::dot(acc2[r], u, x);
             else
-              acc[r] = V::dot(acc[r], u, UNSIGNED_DOT ? x : V::sign_b(x, w));
+              acc[r] = V::dot(acc[r], u, x);
           }
         }
         if constexpr (SPLIT)
