@@ -10,7 +10,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <limits>
 #include <vector>
 
 #include "common.h"
@@ -147,6 +146,96 @@ bool attend_avx512(const float* qf, int64_t D, const T* kh, const T* vh, int64_t
 #undef LOOKAHEAD_NC
     default: return false;
   }
+}
+
+// The two loops above for Q = 2 .. 4 queries over the same keys (rows 0 .. n_keys - 1 of kh / vh, stride ss), each
+// query's results the bits of the one-query loops: a 16-bit chunk of a key or value is widened once for all Q
+// instead of once per query. q rows are 16 * NC floats (zeros past D), read from memory: the accumulators take the
+// registers.
+constexpr int MULTI_MAX = 4;  // queries a multi-query call takes at most (3 for a head dim over 96: values_multi's
+inline int multi_max(int64_t D) { return D > 96 ? 3 : MULTI_MAX; }  // Q x NC accumulators stay within 24 registers)
+
+// scores[q][n] = (q_q . k_n) * scale: 16 / Q keys of the Q queries make one block of 16 sums, each its chunks'
+// multiply-adds in ascending order and then lane_sums16's tree, as scores_block's.
+template <int NC, int Q, typename T>
+LOOKAHEAD_NOINLINE void scores_multi(const float* const* qf, int64_t D, const T* kh, int64_t ss, int64_t n_keys,
+                                     float scale, float* const* scores) {
+  constexpr int KPB = 16 / Q;
+  const int tail = static_cast<int>(D - 16 * (NC - 1));
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t n0 = 0; n0 < n_keys; n0 += KPB) {
+    const int cnt = static_cast<int>(std::min<int64_t>(KPB, n_keys - n0));
+    const T* rows[KPB];
+    for (int j = 0; j < KPB; ++j) rows[j] = kh + (n0 + std::min(j, cnt - 1)) * ss;  // past the end: a repeat
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c)
+#pragma GCC unroll 16
+      for (int j = 0; j < KPB; ++j) {
+        const __m512 k = load16(rows[j] + 16 * c, c == NC - 1 ? tail : 16);
+#pragma GCC unroll 4
+        for (int q = 0; q < Q; ++q)
+          acc[q * KPB + j] = _mm512_fmadd_ps(_mm512_loadu_ps(qf[q] + 16 * c), k, acc[q * KPB + j]);
+      }
+    alignas(64) float s[16];
+    _mm512_store_ps(s, _mm512_mul_ps(lane_sums16(acc), sc));
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) std::copy(s + q * KPB, s + q * KPB + cnt, scores[q] + n0);
+  }
+}
+
+// o[q] = sum_n p[q][n] * v_n in ascending n (resume: o[q] + that sum), each lane's fused multiply-adds as
+// weighted_values's.
+template <int NC, int Q, typename T>
+LOOKAHEAD_NOINLINE void values_multi(const float* const* p, int64_t D, const T* vh, int64_t ss, int64_t n_keys,
+                                     float* const* o, bool resume) {
+  __m512 acc[Q][NC];
+  const int tail = static_cast<int>(D - 16 * (NC - 1));
+#pragma GCC unroll 4
+  for (int q = 0; q < Q; ++q)
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c)
+      acc[q][c] = resume ? load16(o[q] + 16 * c, c == NC - 1 ? tail : 16) : _mm512_setzero_ps();
+  for (int64_t n = 0; n < n_keys; ++n) {
+    const T* row = vh + n * ss;
+    __m512 pn[Q];
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) pn[q] = _mm512_set1_ps(p[q][n]);
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) {
+      const __m512 v = load16(row + 16 * c, c == NC - 1 ? tail : 16);
+#pragma GCC unroll 4
+      for (int q = 0; q < Q; ++q) acc[q][c] = _mm512_fmadd_ps(pn[q], v, acc[q][c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int q = 0; q < Q; ++q)
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c)
+      _mm512_mask_storeu_ps(o[q] + 16 * c, (__mmask16)((1u << (c == NC - 1 ? tail : 16)) - 1), acc[q][c]);
+}
+
+// scores_multi or values_multi for nq = 2 .. multi_max(D) queries and a head dim of up to 128. (Not inlined: inlined
+// into tree_attention's item loop, its dispatch made GCC compile that loop's other paths 1.1-1.3x slower.)
+template <typename T>
+LOOKAHEAD_NOINLINE void attend_multi(int nq, const float* const* qf, int64_t D, const T* kh, const T* vh, int64_t ss,
+                                     int64_t n_keys, float scale, float* const* scores, float* const* o, bool values,
+                                     bool resume) {
+  with_count<8>(static_cast<int>((D + 15) / 16), [&](auto nc) LOOKAHEAD_INLINE {
+    with_count<MULTI_MAX>(nq, [&](auto q) LOOKAHEAD_INLINE {
+      constexpr int NC = decltype(nc)::value, Q = decltype(q)::value;
+      if constexpr (Q >= 2 && Q * NC <= 24) {
+        if (values)
+          values_multi<NC, Q>(scores, D, vh, ss, n_keys, o, resume);
+        else
+          scores_multi<NC, Q>(qf, D, kh, ss, n_keys, scale, scores);
+      } else {
+        TORCH_CHECK(false, "lookahead::tree_attention: ", nq, " queries at a head dim of ", D, " in one pass");
+      }
+    });
+  });
 }
 
 #elif defined(LOOKAHEAD_AVX2)
@@ -374,29 +463,7 @@ void softmax_lanes(float* sp, int64_t n_keys, float* lsum) {
 }
 
 constexpr int64_t QB = 16;  // queries per work item at most
-constexpr int64_t KB = 64;  // shared keys per block: 16 KiB of K (or V) at a head dim of 64 in fp32
-// an item's queries from which its 16-bit K / V blocks are widened once
-#if defined(__AVX512F__)
-constexpr int64_t WIDEN_QUERIES = 8;
-#else  // the avx2 loops read bf16 as pairs cheaply: widened blocks took 1.09-1.13x the time at 8-16 nodes there
-constexpr int64_t WIDEN_QUERIES = std::numeric_limits<int64_t>::max();
-#endif
-
-// rows [0, n) of a [.., D] cache head (row stride ss) as fp32 rows of D: exact (every bf16 / fp16 is an fp32)
-template <typename T>
-void widen_rows(const T* src, int64_t ss, int64_t n, int64_t D, float* dst) {
-  for (int64_t r = 0; r < n; ++r) {
-    const T* row = src + r * ss;
-    float* out = dst + r * D;
-    int64_t d = 0;
-#if defined(__AVX512F__)
-    for (; d + 16 <= D; d += 16) _mm512_storeu_ps(out + d, load16(row + d));
-#elif defined(LOOKAHEAD_VEC8)
-    for (; d + 8 <= D; d += 8) _mm256_storeu_ps(out + d, load8(row + d));
-#endif
-    for (; d < D; ++d) out[d] = to_float(row[d]);
-  }
-}
+constexpr int64_t KB = 64;  // shared fp32 keys per block: 16 KiB of K (or V) at a head dim of 64
 
 // A work item of tree_attention: queries q0 .. q1 - 1 of (cache row b, KV head g), query q being head
 // g * group + q % group of token order[first[b] + q / group]
@@ -410,11 +477,11 @@ struct Plan {
 };
 
 // A thread's scratch in tree_attention, kept across its items and calls: per query its q in fp32, its output sums,
-// its scores, its softmax sum; a widened K / V block; per query its path's slots past the shared keys, its shared
-// and total key counts, its token and head.
+// its scores, its softmax sum, its path's slots past the shared keys, its shared and total key counts, its token and
+// head; the queries on a block of keys.
 struct Scratch {
-  std::vector<float> qf, o, scores, sums, block;
-  std::vector<int64_t> path, shared, n_keys, tok, head;
+  std::vector<float> qf, o, scores, sums;
+  std::vector<int64_t> path, shared, n_keys, tok, head, active;
 };
 
 struct CacheView {  // a [B, H, S, D] cache tensor's pointer and strides (rows may be a view of a bigger cache)
@@ -495,14 +562,21 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
   const at::Tensor qc = q.contiguous();
   at::Tensor out = at::empty_like(qc);
   const int64_t group = Hq / Hkv;
+  const int64_t Dq = (D + 15) / 16 * 16;  // a query's row in fp32 scratch, zeros past D
+#if defined(__AVX512F__)
+  const size_t MULTI = D <= 128 ? multi_max(D) : 1;  // queries passed together over the same keys
+#else
+  const size_t MULTI = 1;
+#endif
   const CacheView kv{k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
   const float sc = static_cast<float>(scale);
   // A query (token t, head h) sees keys n < shared at slot n (the committed slots 0 .. L-1, and for a token whose
   // path is the chain of its row's nodes 0 .. i, as in a prompt chunk or a chain draft, the slots L .. L + i too),
   // then its path's other nodes. The queries of one cache row and KV head share those keys: a work item takes up
-  // to QB of them and passes the shared keys in blocks of KB through all of its queries, so that a block is read
-  // once from memory and then from L1 (the keys of one head at a 2k context are 256 KiB in bf16). Each query's
-  // scores, softmax and weighted sum are the same operations in the same order as for a query alone.
+  // to QB of them. fp32 keys pass in blocks of KB through all of the item's queries, so that a block is read once
+  // from memory and then from L1 (the keys of one head at a 2k context are 512 KiB in fp32); 16-bit keys pass whole,
+  // read in place, up to MULTI queries at a time on AVX-512 builds (each chunk widened once for all of them). Each
+  // query's scores, softmax and weighted sum are the same operations in the same order as for a query alone.
   //
   // Each row's tokens, from both ends in turn (0, N-1, 1, ...): a causal chunk's short and long key sequences alike
   // in every item
@@ -522,11 +596,11 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
     if (!nq) continue;
     // at most QB queries each, at least two items per thread in a count the threads divide where the queries allow
     // (an item is not split between threads: 9 items of 2 queries took 1.07-1.13x the time of 18 of one at 2
-    // threads); 16-bit queries too few to widen their blocks go one at a time (grouped, they gained nothing)
+    // threads, each query on its own); 16-bit queries go one at a time where a build passes them one by one
     int64_t chunks = (nq + QB - 1) / QB;
     while (chunks < nq && (R * Hkv * chunks < 2 * threads || R * Hkv * chunks % threads)) ++chunks;
     int64_t per = (nq + chunks - 1) / chunks;
-    if (q.scalar_type() != at::kFloat && per < WIDEN_QUERIES) per = 1;
+    if (q.scalar_type() != at::kFloat && MULTI == 1) per = 1;
     for (int64_t g = 0; g < Hkv; ++g)
       for (int64_t q0 = 0; q0 < nq; q0 += per) items.push_back({b, g, q0, std::min(nq, q0 + per)});
   }
@@ -537,7 +611,7 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
     scalar_t* op = out.data_ptr<scalar_t>();
     parallel_chunks(static_cast<int64_t>(items.size()), 1, [&](int64_t w0, int64_t w1) {
       thread_local Scratch scratch;
-      auto& [qf, o, scores, sums, block, path, shared, n_keys, tok, head] = scratch;
+      auto& [qf, o, scores, sums, path, shared, n_keys, tok, head, active] = scratch;
       for (int64_t w = w0; w < w1; ++w) {
         const Item& it = items[w];
         const int64_t nq = it.q1 - it.q0, b = it.b, L = lp[b];
@@ -555,10 +629,10 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
           most = std::max(most, n_keys[j]), longest = std::max(longest, shared[j]);
           path_max = std::max(path_max, n_keys[j] - shared[j]);
         }
-        qf.resize(nq * D), o.resize(nq * D), scores.resize(nq * most), path.resize(nq * path_max);
+        qf.assign(nq * Dq, 0.0f), o.resize(nq * Dq), scores.resize(nq * most), path.resize(nq * path_max);
         for (int64_t j = 0; j < nq; ++j) {
           const scalar_t* qrow = qp + (tok[j] * Hq + head[j]) * D;
-          for (int64_t d = 0; d < D; ++d) qf[j * D + d] = to_float(qrow[d]);
+          for (int64_t d = 0; d < D; ++d) qf[j * Dq + d] = to_float(qrow[d]);
           if (n_keys[j] > shared[j]) {  // the path's nodes past the shared ones, root first
             int64_t* out_slots = path.data() + j * path_max;
             for (int64_t i = 0; i <= node_of[tok[j]]; ++i)
@@ -566,34 +640,31 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
           }
         }
         // scores (values: the weighted sums into o) of query j over its keys [n0, n1): key n - n0 at row key(n - n0)
-        // of heads kh / vh (row stride ss; the cache's, or a block widened to fp32)
+        // of heads kh / vh (row stride ss)
         auto pass = [&](int64_t j, int64_t n0, int64_t n1, const auto* kh, const auto* vh, int64_t ss, auto key,
                         bool values) {
           float* sp = scores.data() + j * most + n0;
-          float* oj = o.data() + j * D;
+          float* oj = o.data() + j * Dq;
           const int64_t n = n1 - n0;
           bool fast = false;
 #if defined(__AVX512F__)
-          fast = attend_avx512(qf.data() + j * D, D, kh, vh, ss, key, n, sc, sp, oj, values, n0 > 0);
+          fast = attend_avx512(qf.data() + j * Dq, D, kh, vh, ss, key, n, sc, sp, oj, values, n0 > 0);
 #elif defined(LOOKAHEAD_AVX2)
-          fast = attend_avx2(qf.data() + j * D, D, kh, vh, ss, key, n, sc, sp, oj, values, n0 > 0);
+          fast = attend_avx2(qf.data() + j * Dq, D, kh, vh, ss, key, n, sc, sp, oj, values, n0 > 0);
 #endif
           if (fast) return;
           if (!values)
-            for (int64_t k = 0; k < n; ++k) sp[k] = dot(qf.data() + j * D, kh + key(k) * ss, D) * sc;
+            for (int64_t k = 0; k < n; ++k) sp[k] = dot(qf.data() + j * Dq, kh + key(k) * ss, D) * sc;
           else
             for (int64_t k = 0; k < n; ++k) axpy(sp[k], vh + key(k) * ss, oj, D);
         };
-        // 16-bit K / V blocks are widened once for all of the item's queries (the loads' conversion otherwise
-        // repeated per query), where there are enough of them to pay for it
-        const bool widen = !std::is_same_v<scalar_t, float> && nq >= WIDEN_QUERIES;
-        if (widen) block.resize(KB * D);
-        // 16-bit keys read in place (fewer than WIDEN_QUERIES queries) pass whole, query by query: in blocks they
-        // took 1.03-1.07x the time at 1-4 nodes (bf16 K / V blocks are read from L2 fast enough)
-        const int64_t kb = std::is_same_v<scalar_t, float> || widen ? KB : std::max<int64_t>(1, longest);
+        // fp32 keys in blocks of KB from L1; 16-bit keys whole (in blocks they took 1.03-1.07x the time at 1-4
+        // nodes, query by query: bf16 K / V are read from L2 fast enough)
+        constexpr bool in_place = !std::is_same_v<scalar_t, float>;
+        const int64_t kb = in_place ? std::max<int64_t>(1, longest) : KB;
         for (int values = 0; values < 2; ++values) {
           if (values) {  // between the passes: each query's softmax over all of its scores
-            std::fill(o.begin(), o.begin() + nq * D, 0.0f);
+            std::fill(o.begin(), o.begin() + nq * Dq, 0.0f);
             for (int64_t j = 0; j < nq; ++j) {
               float lsum[LANES];
               softmax_lanes(scores.data() + j * most, n_keys[j], lsum);
@@ -602,16 +673,46 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
           }
           for (int64_t k0 = 0; k0 < longest; k0 += kb) {
             const int64_t k1 = std::min(longest, k0 + kb);
-            if (widen) widen_rows((values ? vh : kh) + k0 * kv.ss, kv.ss, k1 - k0, D, block.data());
+            const auto* kb0 = kh + k0 * kv.ss;
+            const auto* vb0 = vh + k0 * kv.ss;
+            if (!in_place || MULTI == 1) {  // query by query
+              for (int64_t j = 0; j < nq; ++j)
+                if (shared[j] > k0)
+                  pass(j, k0, std::min(shared[j], k1), kb0, vb0, kv.ss, [](int64_t n) { return n; }, values);
+              continue;
+            }
+#if defined(__AVX512F__)
+            // the queries in groups of up to MULTI by where their shared keys end (an insertion sort of at most
+            // QB), each group together up to its first end, then each query's rest alone
+            active.clear();
             for (int64_t j = 0; j < nq; ++j) {
               if (shared[j] <= k0) continue;
-              if (widen)
-                pass(j, k0, std::min(shared[j], k1), block.data(), block.data(), D, [](int64_t n) { return n; },
-                     values);
-              else
-                pass(j, k0, std::min(shared[j], k1), kh + k0 * kv.ss, vh + k0 * kv.ss, kv.ss,
-                     [](int64_t n) { return n; }, values);
+              active.push_back(j);
+              for (size_t u = active.size() - 1; u > 0 && shared[active[u - 1]] > shared[active[u]]; --u)
+                std::swap(active[u - 1], active[u]);
             }
+            for (size_t a = 0; a < active.size();) {
+              const size_t cnt = std::min<size_t>(active.size() - a, MULTI);
+              const int64_t end = std::min(shared[active[a]], k1);
+              if (cnt == 1) {
+                pass(active[a++], k0, end, kb0, vb0, kv.ss, [](int64_t n) { return n; }, values);
+                continue;
+              }
+              const float* qs[MULTI_MAX];
+              float *sp[MULTI_MAX], *os[MULTI_MAX];
+              for (size_t u = 0; u < cnt; ++u) {
+                const int64_t j = active[a + u];
+                qs[u] = qf.data() + j * Dq, sp[u] = scores.data() + j * most + k0, os[u] = o.data() + j * Dq;
+              }
+              attend_multi(static_cast<int>(cnt), qs, D, kb0, vb0, kv.ss, end - k0, sc, sp, os, values, k0 > 0);
+              for (size_t u = 1; u < cnt; ++u) {
+                const int64_t j = active[a + u], e = std::min(shared[j], k1);
+                if (e > end)
+                  pass(j, end, e, kh + end * kv.ss, vh + end * kv.ss, kv.ss, [](int64_t n) { return n; }, values);
+              }
+              a += cnt;
+            }
+#endif
           }
           for (int64_t j = 0; j < nq; ++j)
             if (n_keys[j] > shared[j]) {
@@ -622,7 +723,7 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
         for (int64_t j = 0; j < nq; ++j) {
           const float inv = 1.0f / sums[j];
           scalar_t* orow = op + (tok[j] * Hq + head[j]) * D;
-          for (int64_t d = 0; d < D; ++d) orow[d] = from_float<scalar_t>(o[j * D + d] * inv);
+          for (int64_t d = 0; d < D; ++d) orow[d] = from_float<scalar_t>(o[j * Dq + d] * inv);
         }
       }
     });
