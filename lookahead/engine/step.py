@@ -45,17 +45,10 @@ def _nvtx(name: str):
 nvtx_range = _nvtx if NVTX else getattr(torch._C._profiler, "_RecordFunctionFast", torch.profiler.record_function)
 
 
-def accepted_tokens(tokens: torch.Tensor, targets: torch.Tensor, path: torch.Tensor,
-                    num: torch.Tensor) -> torch.Tensor:
-    """[B, T]: the accepted draft tokens path[1:n] followed by the bonus target of path[n-1] (then junk)."""
-    T = tokens.shape[1]
-    idx = path.clamp(min=0)  # (B, T)
-    drafted = tokens.gather(1, idx)  # (B, T)
-    shifted = torch.cat([drafted[:, 1:], drafted[:, :1]], dim=1)  # shifted[:, j] = drafted[:, j + 1]
-    last = idx.gather(1, (num - 1)[:, None])  # (B, 1) deepest accepted node
-    bonus = targets.gather(1, last)  # (B, 1)
-    col = torch.arange(T, device=tokens.device)[None]
-    return torch.where(col == (num - 1)[:, None], bonus, shifted)
+def accepted_tokens(targets: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+    """[B, T]: the accepted draft tokens followed by the bonus token, then junk. Node path[j + 1] was accepted
+    because its token is the target of its parent path[j], so the n new tokens are the targets of path[0 .. n-1]."""
+    return targets.gather(1, path.clamp(min=0))
 
 
 def verify_step(model, cache: KVCache, chooser, batch: RaggedBatch, active: torch.Tensor, top_k: int = 0,
@@ -94,7 +87,7 @@ def verify_step(model, cache: KVCache, chooser, batch: RaggedBatch, active: torc
     else:
         with nvtx_range("accept"):
             path, num = torch.ops.lookahead.accept_longest_path(tree.tokens, tree.parents, targets)
-            new = accepted_tokens(tree.tokens, targets, path, num)
+            new = accepted_tokens(targets, path)
         with nvtx_range("compact"):
             torch.ops.lookahead.compact_kv(cache.buffer, cache.lens, path, num)
             cache.lens += num * live

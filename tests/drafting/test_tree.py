@@ -134,3 +134,33 @@ def test_rows_that_verify_their_root_alone_get_the_general_packing_s_batch():
                     assert x == y, (B, f.name)
     again = pack_ragged([[]], [DraftTree([7], [-1], [0])], "cpu")
     assert again.tokens.tolist() == [7] and fast.tokens.tolist() == [40, 41, 42]
+
+
+def test_one_row_s_tree_gets_the_general_packing_s_batch():
+    """A decode step of batch 1 (one row's tree, no chain) comes from `_pack_tree`: field for field the general
+    packing's, values, dtypes and shapes, for random trees of 2 to 40 nodes (and a tree whose parents come after
+    their children, which goes to the general packing)."""
+    import random
+    from dataclasses import fields
+
+    from lookahead.drafting.tree import _pack, _pack_tree
+
+    rng = random.Random(3)
+    trees = [DraftTree([5, 9, 9, 4], [-1, 2, 0, 1], [0, 2, 1, 3])]
+    for T in (2, 3, 5, 8, 17, 40):
+        parents = [-1] + [rng.randrange(i) for i in range(1, T)]
+        depths = [0] * T
+        for i in range(1, T):
+            depths[i] = depths[parents[i]] + 1
+        trees.append(DraftTree([rng.randrange(1000) for _ in range(T)], parents, depths))
+    for tree in trees:
+        fast, general = _pack_tree(tree, "cpu"), _pack([[]], [tree], "cpu", False)
+        for f in fields(fast):
+            a, b = getattr(fast, f.name), getattr(general, f.name)
+            for x, y in ([(getattr(a, g.name), getattr(b, g.name)) for g in fields(a)] if f.name == "tree" else
+                         [(a, b)]):
+                if isinstance(x, torch.Tensor):
+                    assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), (tree, f.name)
+                else:
+                    assert x == y, (tree, f.name)
+        assert pack_ragged([[]], [tree], "cpu").tokens.tolist() == tree.tokens
