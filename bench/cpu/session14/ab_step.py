@@ -1,5 +1,5 @@
 """The verify step of this checkout against an older commit in one process (profiling/before_after.py's export):
-model.verify at T nodes behind a 256-token context, old and new interleaved, median of repeats, outputs compared."""
+model.verify at T nodes (a chain) behind --context committed tokens, old and new interleaved, median of repeats, outputs compared."""
 import argparse, importlib, statistics, sys, tempfile, time
 from pathlib import Path
 import torch
@@ -10,6 +10,7 @@ p.add_argument("--old", required=True); p.add_argument("--model", required=True)
 p.add_argument("--quantization", default=None); p.add_argument("--dtype", default="bf16")
 p.add_argument("--threads", type=int, default=2); p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
 p.add_argument("--repeats", type=int, default=21); p.add_argument("--new-first", action="store_true")
+p.add_argument("--context", type=int, default=256)
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 tmp = Path(tempfile.mkdtemp(prefix="lookahead_old_")); export_old(a.old, tmp); sys.path.insert(0, str(tmp))
@@ -26,7 +27,7 @@ for name in (("new", "old") if a.new_first else ("old", "new")):
     m = auto.load_model(a.model, a.dtype, "cpu", **kw)[0]
     cfg = m.config
     C = importlib.import_module(pk[name].__name__ + ".models.cache").KVCache
-    c = C(cfg.n_layers, 1, cfg.n_kv_heads, 256 + max(a.sizes), cfg.head_dim, m.dtype, m.device); c.lens.fill_(256)
+    c = C(cfg.n_layers, 1, cfg.n_kv_heads, a.context + max(a.sizes), cfg.head_dim, m.dtype, m.device); c.lens.fill_(a.context)
     models[name], caches[name] = m, c
 from lookahead.kernels.cpu import cpu_name
 times, outs = {}, {}
@@ -41,7 +42,7 @@ with torch.inference_mode():
             for name in models:
                 t0 = time.perf_counter(); models[name].verify(toks, dep, caches[name], None)
                 times.setdefault((name, T), []).append(time.perf_counter() - t0)
-print(f"{cpu_name()}; {a.threads} threads; {a.model} {a.quantization or ''} {a.dtype}; context 256; median of {a.repeats}; old = {a.old}; {'new' if a.new_first else 'old'} loaded first")
+print(f"{cpu_name()}; {a.threads} threads; {a.model} {a.quantization or ''} {a.dtype}; context {a.context}; median of {a.repeats}; old = {a.old}; {'new' if a.new_first else 'old'} loaded first")
 base = {n: statistics.median(times[n, a.sizes[0]]) for n in models}
 for T in a.sizes:
     o, n = statistics.median(times["old", T]), statistics.median(times["new", T])
