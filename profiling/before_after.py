@@ -43,8 +43,8 @@ def export_old(commit: str, into: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--old", required=True, help="the commit to compare against")
-    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["fp32", "bf16", "fp16"],
-                   help="dtypes both run in")
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["fp32", "bf16", "fp16", "gguf"],
+                   help="dtypes both run in; gguf: the shipped file's native quantized blocks (docs/gguf.md)")
     p.add_argument("--per-category", type=int, default=1)
     p.add_argument("--last", action="store_true", help="the last per-category prompts of Spec-Bench, not the first")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -73,8 +73,8 @@ def main() -> None:
     for name, dtype in [(n, d) for d in args.dtypes for n in order]:
         pkg = packages[name]
         family = importlib.import_module(pkg.__name__ + ".models").LlamaForLookahead
-        models[name, dtype] = model = family.from_pretrained("smollm2-135m-instruct", dtype=DTYPES[dtype],
-                                                             device="cpu")
+        kwargs = {} if dtype == "gguf" else {"dtype": DTYPES[dtype]}  # gguf: the default, quantized
+        models[name, dtype] = model = family.from_pretrained("smollm2-135m-instruct", device="cpu", **kwargs)
         cost = importlib.import_module(pkg.__name__ + ".cost")
         if dtype in curves and not args.own_curves:  # the first one's curve: the same prices, only the code differs
             model.state.cost_curves[cost.curve_key(model)] = dict(curves[dtype])
