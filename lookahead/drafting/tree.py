@@ -231,8 +231,8 @@ def _pack_tree(tree: DraftTree, device: torch.device | str) -> RaggedBatch:
     nodes = list(range(T))
     # tokens, rows, nodes, depths [N = T]; the tree's tokens, parents, depths, index [1, T]; shift, has_tree [1];
     # logit_index [T]
-    tokens, parents, depths = list(tree.tokens), list(tree.parents), list(tree.depths)
-    flat = torch.tensor(tokens + [0] * T + nodes + depths + tokens + parents + depths + nodes + [0, 1] + nodes,
+    ids, par, dep = list(tree.tokens), list(tree.parents), list(tree.depths)
+    flat = torch.tensor(ids + [0] * T + nodes + dep + ids + par + dep + nodes + [0, 1] + nodes,
                         dtype=torch.long).to(device)
     mask = torch.from_numpy(anc).to(device)
     tokens, rows, node, depths, t_tokens, t_parents, t_depths, t_index = flat[:8 * T].view(8, T)
