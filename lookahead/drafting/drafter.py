@@ -565,7 +565,7 @@ class Drafter:
             elif source is not None:
                 m, i = source
                 trie_at[m].append(at)
-                if i + 1 < len(matches[m][2]):  # the match's next node (best-first) enters the race
+                if matches[m][2].has(i + 1):  # the match's next node (best-first) enters the race
                     push_trie(m, i + 1)
             if existing is not None:
                 continue

@@ -48,6 +48,69 @@ class _Request:
         self.local: dict[int, int] = {}     # node -> this request's local windows through it, in first-touch order
 
 
+class Candidates:
+    """A match's draft nodes, best first, (token, parent index, probability) as `TokenTrie.candidates` lists
+    them, computed only as far as they are read (`has(i)`, `[i]`; `len` computes them all): the same nodes in
+    the same order as computing all `limit` at once, as long as the trie does not change in between (a step's
+    drafting reads them before it learns anything)."""
+
+    __slots__ = ("_trie", "_local", "_limit", "_heap", "_out", "_tie")
+    EMPTY: Candidates
+
+    def __init__(self, trie: TokenTrie | None, start: int = -1, global_root: float = 0, local_root: float = 0,
+                 local: dict[int, int] | None = None, limit: int = 0):
+        self._trie, self._local, self._limit = trie, local if local is not None else {}, limit
+        self._heap: list[tuple] = []
+        self._out: list[tuple[int, int, float]] = []
+        self._tie = 0
+        if trie is not None:
+            self._push(start, -1, 1.0, 1.0, global_root, local_root)
+
+    def _push(self, node: int, index: int, p_global: float, p_local: float, g_den: float, l_den: float) -> None:
+        """node's children into the race, each with its global and local path probabilities."""
+        trie, local, heap = self._trie, self._local, self._heap
+        count, nxt = trie._count, trie._next
+        child = trie._first[node]
+        while child >= 0:
+            pg = p_global * min(1.0, count[child] / (g_den + SMOOTHING)) if g_den > 0 else 0.0
+            loc = local.get(child, 0)
+            pl = p_local * min(1.0, loc / (l_den + SMOOTHING)) if l_den > 0 else 0.0
+            if pg > 0 or pl > 0:
+                heapq.heappush(heap, (-max(pg, pl), self._tie, child, index, pg, pl, loc))
+                self._tie += 1
+            child = nxt[child]
+
+    def has(self, i: int) -> bool:
+        """Whether there is an i-th node (computing the nodes up to it)."""
+        out, heap = self._out, self._heap
+        while len(out) <= i and heap and len(out) < self._limit:
+            neg_p, _, node, parent, pg, pl, loc = heapq.heappop(heap)
+            out.append((self._trie._token[node], parent, -neg_p))
+            self._push(node, len(out) - 1, pg, pl, self._trie._count[node], loc)
+        return i < len(out)
+
+    def __getitem__(self, i: int) -> tuple[int, int, float]:
+        if not self.has(i):
+            raise IndexError(i)
+        return self._out[i]
+
+    def __len__(self) -> int:
+        self.has(self._limit)
+        return len(self._out)
+
+    def __bool__(self) -> bool:
+        return self.has(0)
+
+    def __iter__(self):
+        i = 0
+        while self.has(i):
+            yield self._out[i]
+            i += 1
+
+
+Candidates.EMPTY = Candidates(None)
+
+
 class TokenTrie:
     """n-gram trie with request-local and global counts, bounded to max_trie_nodes nodes.
 
@@ -323,12 +386,13 @@ class TokenTrie:
         return -1, 0
 
     def matches(self, context: Sequence[int], limit: int, request_id: int | None, max_query_length: int,
-                count: int) -> list[tuple[int, int, list[tuple[int, int, float]]]]:
+                count: int) -> list[tuple[int, int, Candidates]]:
         """`candidates` of the longest match, then of the next shorter matches that have continuations (more
-        evidence, other tokens): up to `count` of them, longest first."""
+        evidence, other tokens): up to `count` of them, longest first. Each match's nodes are a `Candidates`,
+        computed as far as they are read (a step keeps a few of the `limit`)."""
         found = []
         while max_query_length > 0 and len(found) < count:
-            q, evidence, nodes = self.candidates(context, limit, request_id, max_query_length)
+            q, evidence, nodes = self._candidates(context, limit, request_id, max_query_length)
             if not nodes:
                 break
             found.append((q, evidence, nodes))
@@ -347,39 +411,21 @@ class TokenTrie:
         request's own latest window passes through the match node without a continuation yet: it is not
         counted in the match node's global denominator. Ratios are smoothed (count / (parent count + 0.5)) so
         that a continuation seen once is not certain. Retrieval never changes the trie."""
+        q, evidence, nodes = self._candidates(context, limit, request_id, max_query_length)
+        return q, evidence, list(nodes)
+
+    def _candidates(self, context: Sequence[int], limit: int, request_id: int | None,
+                    max_query_length: int) -> tuple[int, int, Candidates]:
         start, q = self._match(context, max_query_length) if limit > 0 else (-1, 0)
         if start < 0:
-            return 0, 0, []
+            return 0, 0, Candidates.EMPTY
         req = self._requests.get(request_id) if request_id is not None else None
         inflight = bool(req is not None and req.counted and len(req.tail) >= q
                         and req.tail[len(req.tail) - q:] == [int(t) for t in context[len(context) - q:]])
-        count, tokens, nxt = self._count, self._token, self._next
         local = req.local if req is not None else {}
-        global_root = count[start] - (1 if inflight else 0)
+        global_root = self._count[start] - (1 if inflight else 0)
         local_root = local.get(start, 0)
-
-        out: list[tuple[int, int, float]] = []
-        heap = []
-        tie = 0
-
-        def push(node: int, index: int, p_global: float, p_local: float, g_den: float, l_den: float) -> None:
-            nonlocal tie
-            child = self._first[node]
-            while child >= 0:
-                pg = p_global * min(1.0, count[child] / (g_den + SMOOTHING)) if g_den > 0 else 0.0
-                loc = local.get(child, 0)
-                pl = p_local * min(1.0, loc / (l_den + SMOOTHING)) if l_den > 0 else 0.0
-                if pg > 0 or pl > 0:
-                    heapq.heappush(heap, (-max(pg, pl), tie, child, index, pg, pl, loc))
-                    tie += 1
-                child = nxt[child]
-
-        push(start, -1, 1.0, 1.0, global_root, local_root)
-        while heap and len(out) < limit:
-            neg_p, _, node, parent, pg, pl, loc = heapq.heappop(heap)
-            out.append((tokens[node], parent, -neg_p))
-            push(node, len(out) - 1, pg, pl, count[node], loc)
-        return q, max(global_root, local_root), out
+        return q, max(global_root, local_root), Candidates(self, start, global_root, local_root, local, limit)
 
     def retrieve(self, context: Sequence[int], budget: int, request_id: int | None = None,
                  max_query_length: int = 2) -> tuple[list[int], list[int]]:

@@ -197,3 +197,32 @@ def test_retention_under_the_bound_on_replay_with_concurrent_requests():
         if full:
             assert len(trie) >= 0.8 * bound
     assert full and highest <= 1.1 * bound
+
+
+def test_matches_compute_each_match_s_nodes_as_far_as_they_are_read():
+    """`matches` hands the drafter each match's nodes as a `Candidates`, expanded only as far as it is read: read
+    node by node, in any amount, they are `candidates`' list, the same nodes in the same order, for a trie with
+    global and request-local counts, several matches and limits."""
+    trie = TokenTrie(branch_length=5, max_trie_nodes=100_000)
+    rid = 0
+    for seed in range(40):
+        trie.begin_request(rid, _lcg_tokens(seed, 60, vocab=12))
+        trie.append(rid, _lcg_tokens(seed + 1000, 40, vocab=12))
+        trie.end_request(rid)
+        rid += 1
+    trie.begin_request(rid, _lcg_tokens(7, 80, vocab=12))
+    checked = 0
+    for seed in range(30):
+        context = _lcg_tokens(seed + 500, 6, vocab=12)
+        for limit in (1, 3, 16, 64):
+            found = trie.matches(context, limit, rid, 4, 3)
+            for q, evidence, nodes in found:
+                eager = trie.candidates(context, limit, rid, q)
+                assert (q, evidence) == eager[:2]
+                read = 0
+                while nodes.has(read):  # a prefix first, then the rest, as the drafter reads them
+                    assert nodes[read] == eager[2][read]
+                    read += 1
+                assert read == len(eager[2]) == len(nodes) and list(nodes) == eager[2]
+                checked += read
+    assert checked > 1000
