@@ -217,12 +217,118 @@ LOOKAHEAD_NOINLINE void values_multi(const float* const* p, int64_t D, const T* 
       _mm512_mask_storeu_ps(o[q] + 16 * c, (__mmask16)((1u << (c == NC - 1 ? tail : 16)) - 1), acc[q][c]);
 }
 
+#if defined(__AVX512BF16__)
+// bf16 keys on an AVX512-BF16 build: q . k by vdpbf16ps, 32 elements (16 pairs) a chunk, lane l adding the pairs
+// (2l, 2l + 1) of each chunk in ascending chunks (linear.cpp's order), then lane_sums16's tree. The products of two
+// bf16 are exact in fp32; q stays in bf16 (its rows 32 * NC2 elements, zeros past D) and k is read as it is, so no
+// element is widened. The same operations for a query alone (scores_block_bh) or with others (scores_multi_bh).
+LOOKAHEAD_INLINE inline __m512i load32_bf16(const c10::BFloat16* p, int n) {
+  return n >= 32 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16((__mmask32)((1u << n) - 1), p);
+}
+
+template <int NC2, typename Key>
+LOOKAHEAD_NOINLINE void scores_block_bh(const c10::BFloat16* qb, int64_t D, const c10::BFloat16* kh, int64_t ss,
+                                        Key key, int64_t n_keys, float scale, float* scores) {
+  __m512i qv[NC2];
+  const int tail = static_cast<int>(D - 32 * (NC2 - 1));
+#pragma GCC unroll 4
+  for (int c = 0; c < NC2; ++c) qv[c] = _mm512_loadu_si512(qb + 32 * c);
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t n0 = 0; n0 < n_keys; n0 += 16) {
+    const int cnt = static_cast<int>(std::min<int64_t>(16, n_keys - n0));
+    const c10::BFloat16* rows[16];
+    for (int j = 0; j < 16; ++j) rows[j] = kh + key(n0 + std::min(j, cnt - 1)) * ss;  // past the end: a repeat
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      acc[j] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+      for (int c = 0; c < NC2; ++c)
+        acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)qv[c],
+                                  (__m512bh)load32_bf16(rows[j] + 32 * c, c == NC2 - 1 ? tail : 32));
+    }
+    _mm512_mask_storeu_ps(scores + n0, (__mmask16)((1u << cnt) - 1), _mm512_mul_ps(lane_sums16(acc), sc));
+  }
+}
+
+// scores_block_bh for Q = 2 .. 4 queries over the same keys (rows 0 .. n_keys - 1 of kh), 16 / Q keys a block: each
+// chunk of a key is loaded once for all Q. q in registers where Q * NC2 <= 8, else read from memory.
+template <int NC2, int Q>
+LOOKAHEAD_NOINLINE void scores_multi_bh(const c10::BFloat16* const* qb, int64_t D, const c10::BFloat16* kh,
+                                        int64_t ss, int64_t n_keys, float scale, float* const* scores) {
+  constexpr int KPB = 16 / Q;
+  constexpr bool HOLD_Q = Q * NC2 <= 8;
+  const int tail = static_cast<int>(D - 32 * (NC2 - 1));
+  __m512i qv[HOLD_Q ? Q : 1][HOLD_Q ? NC2 : 1];
+  if constexpr (HOLD_Q)
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q)
+#pragma GCC unroll 4
+      for (int c = 0; c < NC2; ++c) qv[q][c] = _mm512_loadu_si512(qb[q] + 32 * c);
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t n0 = 0; n0 < n_keys; n0 += KPB) {
+    const int cnt = static_cast<int>(std::min<int64_t>(KPB, n_keys - n0));
+    const c10::BFloat16* rows[KPB];
+    for (int j = 0; j < KPB; ++j) rows[j] = kh + (n0 + std::min(j, cnt - 1)) * ss;  // past the end: a repeat
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int c = 0; c < NC2; ++c)
+#pragma GCC unroll 16
+      for (int j = 0; j < KPB; ++j) {
+        const __m512bh k = (__m512bh)load32_bf16(rows[j] + 32 * c, c == NC2 - 1 ? tail : 32);
+#pragma GCC unroll 4
+        for (int q = 0; q < Q; ++q) {
+          __m512i qc;
+          if constexpr (HOLD_Q) qc = qv[q][c];
+          else qc = _mm512_loadu_si512(qb[q] + 32 * c);
+          acc[q * KPB + j] = _mm512_dpbf16_ps(acc[q * KPB + j], (__m512bh)qc, k);
+        }
+      }
+    alignas(64) float s[16];
+    _mm512_store_ps(s, _mm512_mul_ps(lane_sums16(acc), sc));
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) std::copy(s + q * KPB, s + q * KPB + cnt, scores[q] + n0);
+  }
+}
+
+// scores_block_bh for a head dim of up to 128; false for a larger one.
+template <typename Key>
+bool scores_bh(const c10::BFloat16* qb, int64_t D, const c10::BFloat16* kh, int64_t ss, Key key, int64_t n_keys,
+               float scale, float* scores) {
+  switch ((D + 31) / 32) {
+    case 1: scores_block_bh<1>(qb, D, kh, ss, key, n_keys, scale, scores); return true;
+    case 2: scores_block_bh<2>(qb, D, kh, ss, key, n_keys, scale, scores); return true;
+    case 3: scores_block_bh<3>(qb, D, kh, ss, key, n_keys, scale, scores); return true;
+    case 4: scores_block_bh<4>(qb, D, kh, ss, key, n_keys, scale, scores); return true;
+    default: return false;
+  }
+}
+#endif
+
 // scores_multi or values_multi for nq = 2 .. multi_max(D) queries and a head dim of up to 128. (Not inlined: inlined
 // into tree_attention's item loop, its dispatch made GCC compile that loop's other paths 1.1-1.3x slower.)
 template <typename T>
-LOOKAHEAD_NOINLINE void attend_multi(int nq, const float* const* qf, int64_t D, const T* kh, const T* vh, int64_t ss,
-                                     int64_t n_keys, float scale, float* const* scores, float* const* o, bool values,
-                                     bool resume) {
+LOOKAHEAD_NOINLINE void attend_multi(int nq, const float* const* qf, const T* const* qb, int64_t D, const T* kh,
+                                     const T* vh, int64_t ss, int64_t n_keys, float scale, float* const* scores,
+                                     float* const* o, bool values, bool resume) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (!values) {  // qb: the queries in bf16 (scores_multi_bh)
+      with_count<4>(static_cast<int>((D + 31) / 32), [&](auto nc2) LOOKAHEAD_INLINE {
+        with_count<MULTI_MAX>(nq, [&](auto q) LOOKAHEAD_INLINE {
+          constexpr int NC2 = decltype(nc2)::value, Q = decltype(q)::value;
+          if constexpr (Q >= 2 && NC2 >= 1)
+            scores_multi_bh<NC2, Q>(qb, D, kh, ss, n_keys, scale, scores);
+          else
+            TORCH_CHECK(false, "lookahead::tree_attention: ", nq, " queries at a head dim of ", D, " in one pass");
+        });
+      });
+      return;
+    }
+  }
+#endif
   with_count<8>(static_cast<int>((D + 15) / 16), [&](auto nc) LOOKAHEAD_INLINE {
     with_count<MULTI_MAX>(nq, [&](auto q) LOOKAHEAD_INLINE {
       constexpr int NC = decltype(nc)::value, Q = decltype(q)::value;
@@ -481,6 +587,7 @@ struct Plan {
 // head; the queries on a block of keys.
 struct Scratch {
   std::vector<float> qf, o, scores, sums;
+  std::vector<c10::BFloat16> qb;  // the queries in bf16 for vdpbf16ps (AVX512-BF16 builds, bf16 q)
   std::vector<int64_t> path, shared, n_keys, tok, head, active;
 };
 
@@ -611,7 +718,13 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
     scalar_t* op = out.data_ptr<scalar_t>();
     parallel_chunks(static_cast<int64_t>(items.size()), 1, [&](int64_t w0, int64_t w1) {
       thread_local Scratch scratch;
-      auto& [qf, o, scores, sums, path, shared, n_keys, tok, head, active] = scratch;
+      auto& [qf, o, scores, sums, qb, path, shared, n_keys, tok, head, active] = scratch;
+#if defined(__AVX512BF16__)
+      constexpr bool bh = std::is_same_v<scalar_t, c10::BFloat16>;  // q . k by vdpbf16ps, q in bf16
+#else
+      constexpr bool bh = false;
+#endif
+      const int64_t Dq2 = (D + 31) / 32 * 32;  // a query's row in bf16 scratch, zeros past D
       for (int64_t w = w0; w < w1; ++w) {
         const Item& it = items[w];
         const int64_t nq = it.q1 - it.q0, b = it.b, L = lp[b];
@@ -630,8 +743,10 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
           path_max = std::max(path_max, n_keys[j] - shared[j]);
         }
         qf.assign(nq * Dq, 0.0f), o.resize(nq * Dq), scores.resize(nq * most), path.resize(nq * path_max);
+        if constexpr (bh) qb.assign(nq * Dq2, c10::BFloat16(0.0f));
         for (int64_t j = 0; j < nq; ++j) {
           const scalar_t* qrow = qp + (tok[j] * Hq + head[j]) * D;
+          if constexpr (bh) std::copy(qrow, qrow + D, qb.begin() + j * Dq2);
           for (int64_t d = 0; d < D; ++d) qf[j * Dq + d] = to_float(qrow[d]);
           if (n_keys[j] > shared[j]) {  // the path's nodes past the shared ones, root first
             int64_t* out_slots = path.data() + j * path_max;
@@ -647,6 +762,11 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
           float* oj = o.data() + j * Dq;
           const int64_t n = n1 - n0;
           bool fast = false;
+#if defined(__AVX512BF16__)
+          if constexpr (bh) {
+            if (!values && scores_bh(qb.data() + j * Dq2, D, kh, ss, key, n, sc, sp)) return;
+          }
+#endif
 #if defined(__AVX512F__)
           fast = attend_avx512(qf.data() + j * Dq, D, kh, vh, ss, key, n, sc, sp, oj, values, n0 > 0);
 #elif defined(LOOKAHEAD_AVX2)
@@ -699,12 +819,15 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
                 continue;
               }
               const float* qs[MULTI_MAX];
+              const scalar_t* qbs[MULTI_MAX];
               float *sp[MULTI_MAX], *os[MULTI_MAX];
               for (size_t u = 0; u < cnt; ++u) {
                 const int64_t j = active[a + u];
                 qs[u] = qf.data() + j * Dq, sp[u] = scores.data() + j * most + k0, os[u] = o.data() + j * Dq;
+                qbs[u] = bh ? reinterpret_cast<const scalar_t*>(qb.data() + j * Dq2) : nullptr;
               }
-              attend_multi(static_cast<int>(cnt), qs, D, kb0, vb0, kv.ss, end - k0, sc, sp, os, values, k0 > 0);
+              attend_multi(static_cast<int>(cnt), qs, qbs, D, kb0, vb0, kv.ss, end - k0, sc, sp, os, values,
+                           k0 > 0);
               for (size_t u = 1; u < cnt; ++u) {
                 const int64_t j = active[a + u], e = std::min(shared[j], k1);
                 if (e > end)
