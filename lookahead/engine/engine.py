@@ -223,8 +223,7 @@ class Engine:
         self.graphs: StepGraphs | None = None  # made on the first step that can replay a graph
         self.steps = 0
         self.host_s = 0.0  # drafting, packing and committing, summed over steps
-        self._device_s = 0.0  # the last step's device work and its one read (for host_s)
-        self._sample: tuple[int, float, float] | None = None  # the last _run as a StepCost sample: rows, nodes, start
+        self._device_s = 0.0  # the last step's device work and its one read (for StepCost and host_s)
         self._shapes_run: set[tuple[int, int]] = set()  # (rows, tree size) of the padded (graph) steps run so far
         self.config: LookaheadConfig | None = None
         self.drafter: Proposer | None = None
@@ -467,7 +466,6 @@ class Engine:
                 log.exception("a step of %d rows failed: retrying its rows one by one", n)
                 results = self._run_alone(seqs, chains, trees, top_k)
         t2 = self.clock()
-        sample, self._sample = self._sample, None
         events, decoded = [], 0  # decoded: tokens of the decoding rows (a prompt's first token is not theirs)
         with nvtx_range("commit"):
             for b, seq in enumerate(seqs):
@@ -481,8 +479,6 @@ class Engine:
                 decoded += len(events[-1][1]) if decoding[b] else 0
         self.steps += 1
         end = self.clock()
-        if sample is not None:  # the step's price: from its packing to its commit (the drafts' search is paid anyway)
-            self.cost.observe(sample[0], sample[1], end - sample[2])
         self.host_s += (t2 - t0) - self._device_s + (end - t2)
         if self._gating and any(decoding):
             self.gate.learn(sum(decoding), any(chains), drafting, end - t0, decoded)
@@ -497,12 +493,9 @@ class Engine:
 
     def _run(self, start: int, stop: int, chains: list[list[int]], trees: list[DraftTree | None],
              top_k: int) -> list[list[int]]:
-        """The device step over rows [start, stop) and its one device-to-host read. A step the cost model may learn
-        from leaves `_sample` (rows, nodes a row, when it began) for `_step_rows` to price once it has committed:
-        a drafted step's host work (packing, acceptance, the commit's drafter update) grows with its trees as its
-        forward does, and the policy that sizes the trees should pay for both."""
+        """The device step over rows [start, stop) and its one device-to-host read; the cost model learns its
+        seconds."""
         n = stop - start
-        t0 = self.clock()
         batch = pack_ragged(chains[start:stop], trees[start:stop], self.device, pad=self.device.type == "cuda")
         view = self.views[n] if start == 0 else self.cache.rows(start, stop)
         active = self.active[start:stop]
@@ -525,11 +518,10 @@ class Engine:
         tokens = batch.num_tokens
         if batch.uniform and (n, tokens) not in self._shapes_run:  # a graph's first step captures it: that would
             self._shapes_run.add((n, tokens))                        # overprice its shape
-        elif self.cost is not None and rows and not any(chains[start:stop]) and (start, stop) == (0, len(trees)):
+        elif self.cost is not None and rows and not any(chains[start:stop]):
             # steps with prompt chunks are not samples: a chunk's causal attention (each token over the chunk
-            # before it) costs more than a tree of as many tokens, and would overprice the trees' (rows, tokens);
-            # nor are the rows of a failed step retried alone (_run_alone)
-            self._sample = (rows, tokens / rows, t0)
+            # before it) costs more than a tree of as many tokens, and would overprice the trees' (rows, tokens)
+            self.cost.observe(rows, tokens / rows, self._device_s)
         return host
 
     def _run_alone(self, seqs: list[Sequence | None], chains, trees, top_k: int) -> list[list[int] | None]:
