@@ -87,14 +87,45 @@ inline __m512 lane_sums16(const __m512 (&v)[16]) {
   return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), s);
 }
 
-// scores[n] = (q . k[key(n)]) * scale for n < n_keys, 16 keys at a time; q is D = 16 * NC (the last chunk masked)
-template <int NC, typename T, typename Key>
-LOOKAHEAD_NOINLINE void scores_block(const float* qf, int64_t D, const T* kh, int64_t ss, Key key, int64_t n_keys,
-                                     float scale, float* scores) {
-  __m512 qv[NC];
-  const int tail = static_cast<int>(D - 16 * (NC - 1));
+// A chunk of the scores' dot products in 16 fp32 lanes: multiply-adds over 16 elements (q in fp32, a key of any
+// dtype widened), or on AVX512-BF16 builds vdpbf16ps over 32 bf16 elements (Bf16Chunk below). n: the valid elements
+// of a chunk (the last one's masked load gives zeros past them).
+struct Fp32Chunk {
+  static constexpr int W = 16;
+  using Q = __m512;
+  using QT = float;
+  static Q q(const float* p, int n) { return load16(p, n); }
+  template <typename T> static __m512 k(const T* p, int n) { return load16(p, n); }
+  static __m512 madd(__m512 acc, Q q, __m512 k) { return _mm512_fmadd_ps(q, k, acc); }
+};
+
+#if defined(__AVX512BF16__)
+// bf16 keys on an AVX512-BF16 build: q . k by vdpbf16ps, 32 elements (16 pairs) a chunk, lane l adding the pairs
+// (2l, 2l + 1) of each chunk in ascending chunks (linear.cpp's order), then lane_sums16's tree. The products of two
+// bf16 are exact in fp32; q stays in bf16 (its rows 32 * NC elements, zeros past D) and k is read as it is, so no
+// element is widened.
+LOOKAHEAD_INLINE inline __m512i load32_bf16(const c10::BFloat16* p, int n) {
+  return n >= 32 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16((__mmask32)((1u << n) - 1), p);
+}
+struct Bf16Chunk {
+  static constexpr int W = 32;
+  using Q = __m512i;
+  using QT = c10::BFloat16;
+  static Q q(const c10::BFloat16* p, int n) { return load32_bf16(p, n); }
+  static __m512i k(const c10::BFloat16* p, int n) { return load32_bf16(p, n); }
+  static __m512 madd(__m512 acc, Q q, __m512i k) { return _mm512_dpbf16_ps(acc, (__m512bh)q, (__m512bh)k); }
+};
+#endif
+
+// scores[n] = (q . k[key(n)]) * scale for n < n_keys, 16 keys at a time; q is D = W * NC (the last chunk masked)
+template <int NC, typename C, typename T, typename Key>
+LOOKAHEAD_NOINLINE void scores_block(const typename C::QT* qf, int64_t D, const T* kh, int64_t ss, Key key,
+                                     int64_t n_keys, float scale, float* scores) {
+  constexpr int W = C::W;
+  typename C::Q qv[NC];
+  const int tail = static_cast<int>(D - W * (NC - 1));
 #pragma GCC unroll 8
-  for (int c = 0; c < NC; ++c) qv[c] = load16(qf + 16 * c, c == NC - 1 ? tail : 16);
+  for (int c = 0; c < NC; ++c) qv[c] = C::q(qf + W * c, c == NC - 1 ? tail : W);
   const __m512 sc = _mm512_set1_ps(scale);
   for (int64_t n0 = 0; n0 < n_keys; n0 += 16) {
     const int cnt = static_cast<int>(std::min<int64_t>(16, n_keys - n0));
@@ -105,8 +136,7 @@ LOOKAHEAD_NOINLINE void scores_block(const float* qf, int64_t D, const T* kh, in
     for (int j = 0; j < 16; ++j) {
       acc[j] = _mm512_setzero_ps();
 #pragma GCC unroll 8
-      for (int c = 0; c < NC; ++c)
-        acc[j] = _mm512_fmadd_ps(qv[c], load16(rows[j] + 16 * c, c == NC - 1 ? tail : 16), acc[j]);
+      for (int c = 0; c < NC; ++c) acc[j] = C::madd(acc[j], qv[c], C::k(rows[j] + W * c, c == NC - 1 ? tail : W));
     }
     _mm512_mask_storeu_ps(scores + n0, (__mmask16)((1u << cnt) - 1), _mm512_mul_ps(lane_sums16(acc), sc));
   }
@@ -139,7 +169,7 @@ bool attend_avx512(const float* qf, int64_t D, const T* kh, const T* vh, int64_t
 #define LOOKAHEAD_NC(NC)                                                              \
   case NC:                                                                            \
     if (values) weighted_values<NC>(scores, D, vh, ss, key, n_keys, o, resume);       \
-    else scores_block<NC>(qf, D, kh, ss, key, n_keys, scale, scores);                 \
+    else scores_block<NC, Fp32Chunk>(qf, D, kh, ss, key, n_keys, scale, scores);      \
     return true;
     LOOKAHEAD_NC(1) LOOKAHEAD_NC(2) LOOKAHEAD_NC(3) LOOKAHEAD_NC(4)
     LOOKAHEAD_NC(5) LOOKAHEAD_NC(6) LOOKAHEAD_NC(7) LOOKAHEAD_NC(8)
@@ -149,19 +179,27 @@ bool attend_avx512(const float* qf, int64_t D, const T* kh, const T* vh, int64_t
 }
 
 // The two loops above for Q = 2 .. 4 queries over the same keys (rows 0 .. n_keys - 1 of kh / vh, stride ss), each
-// query's results the bits of the one-query loops: a 16-bit chunk of a key or value is widened once for all Q
-// instead of once per query. q rows are 16 * NC floats (zeros past D), read from memory: the accumulators take the
-// registers.
+// query's results the bits of the one-query loops: a 16-bit chunk of a key or value is loaded (and widened) once for
+// all Q instead of once per query.
 constexpr int MULTI_MAX = 4;  // queries a multi-query call takes at most (3 for a head dim over 96: values_multi's
 inline int multi_max(int64_t D) { return D > 96 ? 3 : MULTI_MAX; }  // Q x NC accumulators stay within 24 registers)
 
 // scores[q][n] = (q_q . k_n) * scale: 16 / Q keys of the Q queries make one block of 16 sums, each its chunks'
-// multiply-adds in ascending order and then lane_sums16's tree, as scores_block's.
-template <int NC, int Q, typename T>
-LOOKAHEAD_NOINLINE void scores_multi(const float* const* qf, int64_t D, const T* kh, int64_t ss, int64_t n_keys,
-                                     float scale, float* const* scores) {
-  constexpr int KPB = 16 / Q;
-  const int tail = static_cast<int>(D - 16 * (NC - 1));
+// multiply-adds in ascending order and then lane_sums16's tree, as scores_block's. q rows are W * NC elements (zeros
+// past D): in registers for bf16 chunks where Q * NC <= 8, else read from memory (the accumulators take the
+// registers).
+template <int NC, int Q, typename C, typename T>
+LOOKAHEAD_NOINLINE void scores_multi(const typename C::QT* const* qf, int64_t D, const T* kh, int64_t ss,
+                                     int64_t n_keys, float scale, float* const* scores) {
+  constexpr int KPB = 16 / Q, W = C::W;
+  constexpr bool HOLD_Q = W == 32 && Q * NC <= 8;
+  const int tail = static_cast<int>(D - W * (NC - 1));
+  typename C::Q qv[HOLD_Q ? Q : 1][HOLD_Q ? NC : 1];
+  if constexpr (HOLD_Q)
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q)
+#pragma GCC unroll 4
+      for (int c = 0; c < NC; ++c) qv[q][c] = C::q(qf[q] + W * c, W);
   const __m512 sc = _mm512_set1_ps(scale);
   for (int64_t n0 = 0; n0 < n_keys; n0 += KPB) {
     const int cnt = static_cast<int>(std::min<int64_t>(KPB, n_keys - n0));
@@ -174,10 +212,14 @@ LOOKAHEAD_NOINLINE void scores_multi(const float* const* qf, int64_t D, const T*
     for (int c = 0; c < NC; ++c)
 #pragma GCC unroll 16
       for (int j = 0; j < KPB; ++j) {
-        const __m512 k = load16(rows[j] + 16 * c, c == NC - 1 ? tail : 16);
+        const auto k = C::k(rows[j] + W * c, c == NC - 1 ? tail : W);
 #pragma GCC unroll 4
-        for (int q = 0; q < Q; ++q)
-          acc[q * KPB + j] = _mm512_fmadd_ps(_mm512_loadu_ps(qf[q] + 16 * c), k, acc[q * KPB + j]);
+        for (int q = 0; q < Q; ++q) {
+          typename C::Q qc;
+          if constexpr (HOLD_Q) qc = qv[q][c];
+          else qc = C::q(qf[q] + W * c, W);
+          acc[q * KPB + j] = C::madd(acc[q * KPB + j], qc, k);
+        }
       }
     alignas(64) float s[16];
     _mm512_store_ps(s, _mm512_mul_ps(lane_sums16(acc), sc));
@@ -218,90 +260,15 @@ LOOKAHEAD_NOINLINE void values_multi(const float* const* p, int64_t D, const T* 
 }
 
 #if defined(__AVX512BF16__)
-// bf16 keys on an AVX512-BF16 build: q . k by vdpbf16ps, 32 elements (16 pairs) a chunk, lane l adding the pairs
-// (2l, 2l + 1) of each chunk in ascending chunks (linear.cpp's order), then lane_sums16's tree. The products of two
-// bf16 are exact in fp32; q stays in bf16 (its rows 32 * NC2 elements, zeros past D) and k is read as it is, so no
-// element is widened. The same operations for a query alone (scores_block_bh) or with others (scores_multi_bh).
-LOOKAHEAD_INLINE inline __m512i load32_bf16(const c10::BFloat16* p, int n) {
-  return n >= 32 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16((__mmask32)((1u << n) - 1), p);
-}
-
-template <int NC2, typename Key>
-LOOKAHEAD_NOINLINE void scores_block_bh(const c10::BFloat16* qb, int64_t D, const c10::BFloat16* kh, int64_t ss,
-                                        Key key, int64_t n_keys, float scale, float* scores) {
-  __m512i qv[NC2];
-  const int tail = static_cast<int>(D - 32 * (NC2 - 1));
-#pragma GCC unroll 4
-  for (int c = 0; c < NC2; ++c) qv[c] = _mm512_loadu_si512(qb + 32 * c);
-  const __m512 sc = _mm512_set1_ps(scale);
-  for (int64_t n0 = 0; n0 < n_keys; n0 += 16) {
-    const int cnt = static_cast<int>(std::min<int64_t>(16, n_keys - n0));
-    const c10::BFloat16* rows[16];
-    for (int j = 0; j < 16; ++j) rows[j] = kh + key(n0 + std::min(j, cnt - 1)) * ss;  // past the end: a repeat
-    __m512 acc[16];
-#pragma GCC unroll 16
-    for (int j = 0; j < 16; ++j) {
-      acc[j] = _mm512_setzero_ps();
-#pragma GCC unroll 4
-      for (int c = 0; c < NC2; ++c)
-        acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)qv[c],
-                                  (__m512bh)load32_bf16(rows[j] + 32 * c, c == NC2 - 1 ? tail : 32));
-    }
-    _mm512_mask_storeu_ps(scores + n0, (__mmask16)((1u << cnt) - 1), _mm512_mul_ps(lane_sums16(acc), sc));
-  }
-}
-
-// scores_block_bh for Q = 2 .. 4 queries over the same keys (rows 0 .. n_keys - 1 of kh), 16 / Q keys a block: each
-// chunk of a key is loaded once for all Q. q in registers where Q * NC2 <= 8, else read from memory.
-template <int NC2, int Q>
-LOOKAHEAD_NOINLINE void scores_multi_bh(const c10::BFloat16* const* qb, int64_t D, const c10::BFloat16* kh,
-                                        int64_t ss, int64_t n_keys, float scale, float* const* scores) {
-  constexpr int KPB = 16 / Q;
-  constexpr bool HOLD_Q = Q * NC2 <= 8;
-  const int tail = static_cast<int>(D - 32 * (NC2 - 1));
-  __m512i qv[HOLD_Q ? Q : 1][HOLD_Q ? NC2 : 1];
-  if constexpr (HOLD_Q)
-#pragma GCC unroll 4
-    for (int q = 0; q < Q; ++q)
-#pragma GCC unroll 4
-      for (int c = 0; c < NC2; ++c) qv[q][c] = _mm512_loadu_si512(qb[q] + 32 * c);
-  const __m512 sc = _mm512_set1_ps(scale);
-  for (int64_t n0 = 0; n0 < n_keys; n0 += KPB) {
-    const int cnt = static_cast<int>(std::min<int64_t>(KPB, n_keys - n0));
-    const c10::BFloat16* rows[KPB];
-    for (int j = 0; j < KPB; ++j) rows[j] = kh + (n0 + std::min(j, cnt - 1)) * ss;  // past the end: a repeat
-    __m512 acc[16];
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-#pragma GCC unroll 4
-    for (int c = 0; c < NC2; ++c)
-#pragma GCC unroll 16
-      for (int j = 0; j < KPB; ++j) {
-        const __m512bh k = (__m512bh)load32_bf16(rows[j] + 32 * c, c == NC2 - 1 ? tail : 32);
-#pragma GCC unroll 4
-        for (int q = 0; q < Q; ++q) {
-          __m512i qc;
-          if constexpr (HOLD_Q) qc = qv[q][c];
-          else qc = _mm512_loadu_si512(qb[q] + 32 * c);
-          acc[q * KPB + j] = _mm512_dpbf16_ps(acc[q * KPB + j], (__m512bh)qc, k);
-        }
-      }
-    alignas(64) float s[16];
-    _mm512_store_ps(s, _mm512_mul_ps(lane_sums16(acc), sc));
-#pragma GCC unroll 4
-    for (int q = 0; q < Q; ++q) std::copy(s + q * KPB, s + q * KPB + cnt, scores[q] + n0);
-  }
-}
-
-// scores_block_bh for a head dim of up to 128; false for a larger one.
+// scores_block over bf16 chunks (vdpbf16ps) for a head dim of up to 128; false for a larger one.
 template <typename Key>
 bool scores_bh(const c10::BFloat16* qb, int64_t D, const c10::BFloat16* kh, int64_t ss, Key key, int64_t n_keys,
                float scale, float* scores) {
   switch ((D + 31) / 32) {
-    case 1: scores_block_bh<1>(qb, D, kh, ss, key, n_keys, scale, scores); return true;
-    case 2: scores_block_bh<2>(qb, D, kh, ss, key, n_keys, scale, scores); return true;
-    case 3: scores_block_bh<3>(qb, D, kh, ss, key, n_keys, scale, scores); return true;
-    case 4: scores_block_bh<4>(qb, D, kh, ss, key, n_keys, scale, scores); return true;
+    case 1: scores_block<1, Bf16Chunk>(qb, D, kh, ss, key, n_keys, scale, scores); return true;
+    case 2: scores_block<2, Bf16Chunk>(qb, D, kh, ss, key, n_keys, scale, scores); return true;
+    case 3: scores_block<3, Bf16Chunk>(qb, D, kh, ss, key, n_keys, scale, scores); return true;
+    case 4: scores_block<4, Bf16Chunk>(qb, D, kh, ss, key, n_keys, scale, scores); return true;
     default: return false;
   }
 }
@@ -315,12 +282,12 @@ LOOKAHEAD_NOINLINE void attend_multi(int nq, const float* const* qf, const T* co
                                      float* const* o, bool values, bool resume) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (!values) {  // qb: the queries in bf16 (scores_multi_bh)
+    if (!values) {  // qb: the queries in bf16
       with_count<4>(static_cast<int>((D + 31) / 32), [&](auto nc2) LOOKAHEAD_INLINE {
         with_count<MULTI_MAX>(nq, [&](auto q) LOOKAHEAD_INLINE {
           constexpr int NC2 = decltype(nc2)::value, Q = decltype(q)::value;
           if constexpr (Q >= 2 && NC2 >= 1)
-            scores_multi_bh<NC2, Q>(qb, D, kh, ss, n_keys, scale, scores);
+            scores_multi<NC2, Q, Bf16Chunk>(qb, D, kh, ss, n_keys, scale, scores);
           else
             TORCH_CHECK(false, "lookahead::tree_attention: ", nq, " queries at a head dim of ", D, " in one pass");
         });
@@ -336,7 +303,7 @@ LOOKAHEAD_NOINLINE void attend_multi(int nq, const float* const* qf, const T* co
         if (values)
           values_multi<NC, Q>(scores, D, vh, ss, n_keys, o, resume);
         else
-          scores_multi<NC, Q>(qf, D, kh, ss, n_keys, scale, scores);
+          scores_multi<NC, Q, Fp32Chunk>(qf, D, kh, ss, n_keys, scale, scores);
       } else {
         TORCH_CHECK(false, "lookahead::tree_attention: ", nq, " queries at a head dim of ", D, " in one pass");
       }
