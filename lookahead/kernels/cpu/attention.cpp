@@ -649,8 +649,9 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
   // then its path's other nodes. The queries of one cache row and KV head share those keys: a work item takes up
   // to QB of them. fp32 keys pass in blocks of KB through all of the item's queries, so that a block is read once
   // from memory and then from L1 (the keys of one head at a 2k context are 512 KiB in fp32); 16-bit keys pass whole,
-  // read in place, up to MULTI queries at a time on AVX-512 builds (each chunk widened once for all of them). Each
-  // query's scores, softmax and weighted sum are the same operations in the same order as for a query alone.
+  // read in place, up to MULTI queries at a time on AVX-512 builds (each chunk loaded, and widened where it must be,
+  // once for all of them; bf16 scores on AVX512-BF16 builds multiply bf16 pairs, Bf16Chunk). Each query's scores,
+  // softmax and weighted sum are the same operations in the same order as for a query alone.
   //
   // Each row's tokens, from both ends in turn (0, N-1, 1, ...): a causal chunk's short and long key sequences alike
   // in every item
