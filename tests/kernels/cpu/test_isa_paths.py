@@ -139,7 +139,8 @@ def check_rope() -> None:
 
 def check_attention() -> None:
     """A causal chain of T nodes behind L committed keys: node i's output == that of the chain cut after node i
-    (its own key sequence, nothing else), for odd head dims and lengths; and close to softmax attention."""
+    (its own key sequence, nothing else), for odd head dims and lengths; and close to softmax attention. A random
+    tree: each node's output == the node alone behind its path, compacted."""
     g = torch.Generator().manual_seed(2)
     for dtype in DTYPES:
         # GQA: 1 to 8 query heads per KV head; head dims 7 to 128
@@ -171,6 +172,31 @@ def check_attention() -> None:
             chain = torch.ones(T, T, dtype=torch.bool).tril()
             ragged = torch.ops.lookahead.tree_attention(q[0].clone(), k, v, lens, chain, scale, rows, nodes)
             _same_rows(full[0], ragged, f"attention {dtype} D={D} L={L} ragged chain")
+    # a random tree: node i's output == that of node i alone behind its compacted key sequence (the committed keys,
+    # then its path root first), as the one-token step that decodes it sees it
+    for dtype in DTYPES:
+        for D, L, T, hq, hkv in ((64, 45, 12, 9, 3), (80, 20, 9, 4, 1), (24, 7, 10, 8, 2), (128, 33, 7, 6, 2)):
+            parents = [-1] + [int(torch.randint(max(0, i - 3), i, (1,), generator=g)) for i in range(1, T)]
+            paths = []
+            for i in range(T):
+                path, j = [], i
+                while j >= 0:
+                    path.append(j)
+                    j = parents[j]
+                paths.append(path[::-1])
+            mask = torch.zeros(1, T, T, dtype=torch.bool)
+            for i, path in enumerate(paths):
+                mask[0, i, path] = True
+            k = torch.randn(1, hkv, L + T, D, generator=g).to(dtype)
+            v = torch.randn(1, hkv, L + T, D, generator=g).to(dtype)
+            q = torch.randn(1, T, hq, D, generator=g).to(dtype)
+            full = torch.ops.lookahead.tree_attention(q, k, v, torch.tensor([L]), mask, D ** -0.5)
+            for i, path in enumerate(paths):
+                keep = list(range(L)) + [L + j for j in path]
+                alone = torch.ops.lookahead.tree_attention(q[:, i:i + 1].clone(), k[:, :, keep].contiguous(),
+                                                           v[:, :, keep].contiguous(), torch.tensor([len(keep) - 1]),
+                                                           None, D ** -0.5)
+                _same_rows(full[0, i], alone[0, 0], f"attention {dtype} D={D} L={L} tree node {i}")
 
 
 def logit_rows(dtype: torch.dtype, V: int, g: torch.Generator) -> torch.Tensor:
