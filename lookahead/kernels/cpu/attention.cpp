@@ -264,13 +264,11 @@ LOOKAHEAD_NOINLINE void values_multi(const float* const* p, int64_t D, const T* 
 template <typename Key>
 bool scores_bh(const c10::BFloat16* qb, int64_t D, const c10::BFloat16* kh, int64_t ss, Key key, int64_t n_keys,
                float scale, float* scores) {
-  switch ((D + 31) / 32) {
-    case 1: scores_block<1, Bf16Chunk>(qb, D, kh, ss, key, n_keys, scale, scores); return true;
-    case 2: scores_block<2, Bf16Chunk>(qb, D, kh, ss, key, n_keys, scale, scores); return true;
-    case 3: scores_block<3, Bf16Chunk>(qb, D, kh, ss, key, n_keys, scale, scores); return true;
-    case 4: scores_block<4, Bf16Chunk>(qb, D, kh, ss, key, n_keys, scale, scores); return true;
-    default: return false;
-  }
+  if (D > 128) return false;
+  with_count<4>(static_cast<int>((D + 31) / 32), [&](auto nc) LOOKAHEAD_INLINE {
+    scores_block<decltype(nc)::value, Bf16Chunk>(qb, D, kh, ss, key, n_keys, scale, scores);
+  });
+  return true;
 }
 #endif
 
@@ -710,12 +708,17 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
           most = std::max(most, n_keys[j]), longest = std::max(longest, shared[j]);
           path_max = std::max(path_max, n_keys[j] - shared[j]);
         }
-        qf.assign(nq * Dq, 0.0f), o.resize(nq * Dq), scores.resize(nq * most), path.resize(nq * path_max);
+        // q in fp32 where the fp32 loops take the scores (bf16 ones up to a head dim of 128 read qb instead)
+        const bool fp32_q = !bh || D > 128;
+        if (fp32_q) qf.assign(nq * Dq, 0.0f);
+        else qf.resize(nq * Dq);  // only its pointers are handed on (attend_multi's qf, unread)
+        o.resize(nq * Dq), scores.resize(nq * most), path.resize(nq * path_max);
         if constexpr (bh) qb.assign(nq * Dq2, c10::BFloat16(0.0f));
         for (int64_t j = 0; j < nq; ++j) {
           const scalar_t* qrow = qp + (tok[j] * Hq + head[j]) * D;
           if constexpr (bh) std::copy(qrow, qrow + D, qb.begin() + j * Dq2);
-          for (int64_t d = 0; d < D; ++d) qf[j * Dq + d] = to_float(qrow[d]);
+          if (fp32_q)
+            for (int64_t d = 0; d < D; ++d) qf[j * Dq + d] = to_float(qrow[d]);
           if (n_keys[j] > shared[j]) {  // the path's nodes past the shared ones, root first
             int64_t* out_slots = path.data() + j * path_max;
             for (int64_t i = 0; i <= node_of[tok[j]]; ++i)

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import root_paths
+
 ROOT = Path(__file__).resolve().parents[3]
 # x86-64-v2 (no AVX2/FMA) compiles the portable path, the one ARM hosts get: checked here for its bits only
 # (std::fma is a library call without FMA, too slow for the end-to-end test)
@@ -174,16 +176,10 @@ def check_attention() -> None:
             _same_rows(full[0], ragged, f"attention {dtype} D={D} L={L} ragged chain")
     # a random tree: node i's output == that of node i alone behind its compacted key sequence (the committed keys,
     # then its path root first), as the one-token step that decodes it sees it
+    from tests.kernels.cpu.test_exact import random_tree  # here: that module builds the ops when imported
     for dtype in DTYPES:
         for D, L, T, hq, hkv in ((64, 45, 12, 9, 3), (80, 20, 9, 4, 1), (24, 7, 10, 8, 2), (128, 33, 7, 6, 2)):
-            parents = [-1] + [int(torch.randint(max(0, i - 3), i, (1,), generator=g)) for i in range(1, T)]
-            paths = []
-            for i in range(T):
-                path, j = [], i
-                while j >= 0:
-                    path.append(j)
-                    j = parents[j]
-                paths.append(path[::-1])
+            paths = root_paths(random_tree(T, g))
             mask = torch.zeros(1, T, T, dtype=torch.bool)
             for i, path in enumerate(paths):
                 mask[0, i, path] = True
