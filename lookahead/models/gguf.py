@@ -1,7 +1,7 @@
 """GGUF files run as they are: the file is memory-mapped and every weight of a supported block format stays in it,
 a uint8 view [N, K / block_elems, block_bytes] that the quantized CPU ops (kernels/cpu/quant.cpp) read in place.
 No dequantized copy, no conversion cache: loading reads the metadata and maps the tensors, except that linear
-weights (of every block format but Q5_K) are copied once into quant_repack's interleaved blocks (8 outputs a vector,
+weights are copied once into quant_repack's interleaved blocks (8 outputs a vector,
 no cross-lane reduction; docs/gguf.md), the file's pages under each released as it is copied.
 
 F32/F16/BF16 tensors (the norms) become float tensors in the activation dtype; a tensor of any other type is
@@ -36,7 +36,8 @@ BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22)
 QUANTIZED = tuple(BLOCKS)
 # quant_repack's layouts (quant.cpp): a linear layer's weight interleaved by 8 outputs at load, the bytes of a unit
 # of 8 rows x one file block (K-quants) or two (the 32-element formats)
-REPACKED = {"Q4_K": 1184, "Q6_K": 1680, "Q8_0": 544, "Q4_0": 288, "Q4_1": 320, "Q5_0": 352, "Q5_1": 384}
+REPACKED = {"Q4_K": 1184, "Q5_K": 1440, "Q6_K": 1680, "Q8_0": 544, "Q4_0": 288, "Q4_1": 320, "Q5_0": 352,
+            "Q5_1": 384}
 FLOATS = ("F32", "F16", "BF16")
 ARCHITECTURES = ("llama",)
 QUANTIZATION = ("auto", "gguf", None)  # from_pretrained's quantization= values (docs/gguf.md)

@@ -1,5 +1,5 @@
 // Linear layers and embeddings on GGUF-quantized weights, read in their own block format (no dequantized copy;
-// linear weights of every format but Q5_K in an interleaved copy of their blocks, below).
+// linear weights in an interleaved copy of their blocks, below).
 //
 // Exactness contract: y[m, n] is a fixed-order function of x[m] and w[n] alone, whatever the number of rows M,
 // the tile a row falls in, the thread or the ISA path (AVX512-VNNI, AVX-VNNI, AVX2 or scalar give the same bits):
@@ -24,8 +24,8 @@
 // So a verify step of T nodes gives each node the bits of the one-token step that decodes the same token.
 //
 // Weight layout: uint8 [N, K / block_elems, block_bytes], the raw GGUF blocks of each output row; block_bytes
-// names the ggml type (FORMATS below, the one table every op reads). quant_repack turns a weight of any format but
-// Q5_K into [N / 8, K / unit, bytes] units of 8 outputs each (unit: 256 elements, or 64 for the 32-element
+// names the ggml type (FORMATS below, the one table every op reads). quant_repack turns a weight of any of these
+// formats into [N / 8, K / unit, bytes] units of 8 outputs each (unit: 256 elements, or 64 for the 32-element
 // formats; the model does so at load), which quant_linear reads 8 outputs to a vector with no cross-lane
 // reduction (on AVX512-VNNI builds the 32-element formats' units in pairs, read 16 outputs to a vector: V16). The
 // activation is quantized once per call into a per-row buffer. A tile is 8 outputs (V16: 16) x up to 8 rows of x
@@ -901,21 +901,24 @@ inline bool paired(int64_t t, int64_t units) {
 // 2b + 1 for the 32-element formats, below), the quants as vectors of 32 bytes whose int32 lane k is 4 bytes of
 // row k. A broadcast of the activation's matching 4 bytes and one u8 x s8 dot (vpdpbusd, or maddubs + madd) add 4
 // products to each of the 8 rows' lanes, so a block's integer dot ends in the lane of its output and the fp32 work
-// is done for 8 outputs at once. The same bytes as the file's blocks (or 3% more for Q4_K: its scales unpacked to
-// bytes), read once per row of x in a tile.
+// is done for 8 outputs at once. The same bytes as the file's blocks (or 2-3% more for Q4_K / Q5_K: their scales
+// unpacked to bytes), read once per row of x in a tile.
 // Per row and block, in integers (exact in any order), then in block order:
-//   Q4_K: I = sum_j sc_j * (q_j . xq_j), Mn = sum_j m_j * sum(xq_j);  s1 = s1 + float(I) * (d * dx),
+//   Q4_K, Q5_K: I = sum_j sc_j * (q_j . xq_j), Mn = sum_j m_j * sum(xq_j);  s1 = s1 + float(I) * (d * dx),
 //         s2 = s2 + float(Mn) * (dmin * dx); y = s1 - s2 (+ bias).
 //   Q6_K: I = sum_j sc_j * (q_j . xq_j - 32 * sum(xq_j)) over its 16 sub-blocks of 16 (q unsigned, 0..63);
 //         s1 = s1 + float(I) * (d * dx); y = s1 - 0 (+ bias).
 //   Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: Qx8 below.
 // The repacked layouts are ours (no file holds them); quant_repack builds them from the file's blocks at load.
 
-// Q4_K x 8: d [8] and dmin [8] (fp16, as in the file), the 6-bit scales [8 sub-blocks][8 rows] and mins [8][8] as
-// bytes, then 4 groups of 8 vectors: vector v of group g holds bytes 4v .. 4v + 3 of each row's qs[32g ...], their
-// low nibbles elements 64g + 4v .. 64g + 4v + 3, their high ones 64g + 32 + 4v ...
-struct Q4Kx8 {
-  static constexpr int ELEMS = 256, BYTES = 1184, SOURCE = 144, D = 0, DMIN = 16, SCALES = 32, MINS = 96, QS = 160;
+// Q4_K x 8 and Q5_K x 8: d [8] and dmin [8] (fp16, as in the file), the 6-bit scales [8 sub-blocks][8 rows] and
+// mins [8][8] as bytes, for Q5_K 8 vectors of fifth bits (vector v: bytes 4v .. 4v + 3 of each row's qh, bit j of
+// byte l element 32j + l's), then 4 groups of 8 vectors: vector v of group g holds bytes 4v .. 4v + 3 of each row's
+// qs[32g ...], their low nibbles elements 64g + 4v .. 64g + 4v + 3, their high ones 64g + 32 + 4v ...
+template <bool FIVE> struct QKx8 {
+  static constexpr int ELEMS = 256, SOURCE = FIVE ? 176 : 144, D = 0, DMIN = 16, SCALES = 32, MINS = 96, QH = 160;
+  static constexpr int QS = FIVE ? QH + 256 : 160, BYTES = QS + 1024;
+  static constexpr int SRC_QH = 16, SRC_QS = FIVE ? 48 : 16;  // in the file's block
   static constexpr int GROUP = 256, BLOCKS = 1;  // GROUP: the activation's; BLOCKS: the file's per unit
   static constexpr int ROWS512 = 8;              // rows of x per pass with AVX-512's 32 registers (xrows)
   // V16 (its fields are 32-byte aligned, or within 32 bytes) ran its weights 0.74-0.86x the time from cache, but the
@@ -939,7 +942,9 @@ struct Q4Kx8 {
           o[SCALES + 8 * j + k] = sm[j];
           o[MINS + 8 * j + k] = sm[8 + j];
         }
-        for (int v = 0; v < 32; ++v) std::memcpy(o + QS + 32 * v + 4 * k, blk + 16 + 4 * v, 4);
+        for (int v = 0; v < 32; ++v) std::memcpy(o + QS + 32 * v + 4 * k, blk + SRC_QS + 4 * v, 4);
+        if (FIVE)
+          for (int v = 0; v < 8; ++v) std::memcpy(o + QH + 32 * v + 4 * k, blk + SRC_QH + 4 * v, 4);
       }
     }
   }
@@ -963,9 +968,10 @@ struct Q4Kx8 {
     }
     L I[R];
     for (int r = 0; r < R; ++r) I[r] = V::zero();
-    for (int g = 0; g < 4; ++g) {
-      // second chains for the odd vectors with VNNI at <= 2 rows; short sums (8 vectors of nibbles) without
-      constexpr bool SPLIT = !SHORT_SUMS && R <= 2;
+    auto group = [&](const int g) LOOKAHEAD_INLINE {
+      // second chains for the odd vectors with VNNI at <= 2 rows; short sums without (8 vectors of 4-bit values,
+      // or 4 + 4 of 5-bit ones)
+      constexpr bool SPLIT = SHORT_SUMS ? FIVE : R <= 2;
       typename V::S lo_sum[R], hi_sum[R], lo2[SPLIT ? R : 1], hi2[SPLIT ? R : 1];
       for (int r = 0; r < R; ++r) lo_sum[r] = hi_sum[r] = V::short_0();
       if constexpr (SPLIT)
@@ -973,7 +979,12 @@ struct Q4Kx8 {
 #pragma GCC unroll 8
       for (int v = 0; v < 8; ++v) {
         const typename V::B wv = V::load(V::at(base, QS + 32 * (8 * g + v)));
-        const typename V::B wl = V::and_(wv, V::splat_b(0x0F)), wh = V::shr_mask(wv, 4, 0x0F);
+        typename V::B wl = V::and_(wv, V::splat_b(0x0F)), wh = V::shr_mask(wv, 4, 0x0F);
+        if constexpr (FIVE) {  // bits 2g and 2g + 1 of the fifth bits' bytes to bit 4 of the low and the high values
+          const typename V::B h = V::load(V::at(base, QH + 32 * v));
+          wl = V::or_(wl, 2 * g <= 4 ? V::shl_mask(h, 4 - 2 * g, 0x10) : V::shr_mask(h, 2 * g - 4, 0x10));
+          wh = V::or_(wh, 2 * g + 1 <= 4 ? V::shl_mask(h, 3 - 2 * g, 0x10) : V::shr_mask(h, 2 * g - 3, 0x10));
+        }
         for (int r = 0; r < R; ++r) {
           const uint8_t* xq = reinterpret_cast<const uint8_t*>(act[r].q) + 256 * b + 64 * g + 4 * v;
           if (SPLIT && v % 2) {
@@ -992,6 +1003,13 @@ struct Q4Kx8 {
       }
       const L sl = V::u8(V::at(base, SCALES + 16 * g)), sh = V::u8(V::at(base, SCALES + 16 * g + 8));
       for (int r = 0; r < R; ++r) I[r] = V::add_l(I[r], V::add_l(V::mul_l(lo[r], sl), V::mul_l(hi[r], sh)));
+    };
+    // Q5_K at up to 4 rows: the groups unrolled, so that the fifth bits' shifts are constants (0.7-0.9x the time
+    // at 1-4 rows, one thread, weight in L2; unrolled at 8 rows, Q5_K and Q4_K took 1.25-1.6x)
+    if constexpr (FIVE && R <= 4) {
+      group(0); group(1); group(2); group(3);
+    } else {
+      for (int g = 0; g < 4; ++g) group(g);
     }
     const typename V::A d = V::halves(V::at(base, D));
     for (int r = 0; r < R; ++r) s1[r] = V::fma_l(s1[r], I[r], V::mul_a(d, V::splat_a(act[r].d[b])));
@@ -1298,11 +1316,12 @@ template <typename F> constexpr Format repacked(const char* name) {
 }
 
 const Format FORMATS[] = {
-    entry<Q8_0>("Q8_0"),         entry<QSym<false>>("Q4_0"), entry<QAff<false>>("Q4_1"),
-    entry<QSym<true>>("Q5_0"),   entry<QAff<true>>("Q5_1"),  entry<QK<false>>("Q4_K"),
-    entry<QK<true>>("Q5_K"),     entry<Q6K>("Q6_K"),         repacked<Q4Kx8>("Q4_K x8"),
-    repacked<Q6Kx8>("Q6_K x8"),  repacked<Qx8<8, false>>("Q8_0 x8"), repacked<Qx8<4, false>>("Q4_0 x8"),
-    repacked<Qx8<4, true>>("Q4_1 x8"), repacked<Qx8<5, false>>("Q5_0 x8"), repacked<Qx8<5, true>>("Q5_1 x8"),
+    entry<Q8_0>("Q8_0"),                 entry<QSym<false>>("Q4_0"),          entry<QAff<false>>("Q4_1"),
+    entry<QSym<true>>("Q5_0"),           entry<QAff<true>>("Q5_1"),           entry<QK<false>>("Q4_K"),
+    entry<QK<true>>("Q5_K"),             entry<Q6K>("Q6_K"),                  repacked<QKx8<false>>("Q4_K x8"),
+    repacked<QKx8<true>>("Q5_K x8"),     repacked<Q6Kx8>("Q6_K x8"),          repacked<Qx8<8, false>>("Q8_0 x8"),
+    repacked<Qx8<4, false>>("Q4_0 x8"),  repacked<Qx8<4, true>>("Q4_1 x8"),   repacked<Qx8<5, false>>("Q5_0 x8"),
+    repacked<Qx8<5, true>>("Q5_1 x8"),
 };
 
 const Format& format_of(const at::Tensor& w, const char* op) {
@@ -1313,7 +1332,8 @@ const Format& format_of(const at::Tensor& w, const char* op) {
     if (f.bytes == w.size(2)) return f;
   TORCH_CHECK(false, op, ": no block format of ", w.size(2), " bytes; supported: Q8_0 (34), Q4_0 (18), Q4_1 (20), "
               "Q5_0 (22), Q5_1 (24), Q4_K (144), Q5_K (176), Q6_K (210), and quant_repack's Q4_K x8 (1184), "
-              "Q6_K x8 (1680), Q8_0 x8 (544), Q4_0 x8 (288), Q4_1 x8 (320), Q5_0 x8 (352), Q5_1 x8 (384)");
+              "Q5_K x8 (1440), Q6_K x8 (1680), Q8_0 x8 (544), Q4_0 x8 (288), Q4_1 x8 (320), Q5_0 x8 (352), "
+              "Q5_1 x8 (384)");
 }
 
 }  // namespace
@@ -1401,8 +1421,8 @@ at::Tensor quant_repack(const at::Tensor& weight) {
   const Format* r = nullptr;  // the interleaved layout of f's blocks
   for (const Format& g : FORMATS)
     if (f.rows == 1 && g.rows == 8 && g.source == f.bytes) r = &g;
-  TORCH_CHECK(r, "lookahead::quant_repack: Q4_K, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 blocks are repacked, got ",
-              f.name);
+  TORCH_CHECK(r, "lookahead::quant_repack: Q4_K, Q5_K, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 blocks are repacked, "
+              "got ", f.name);
   TORCH_CHECK(N % 8 == 0, "lookahead::quant_repack: the rows (outputs) come in tiles of 8, got ", N,
               " rows: keep this weight's file layout");
   TORCH_CHECK(nb % r->blocks == 0, "lookahead::quant_repack: a ", f.name, " row is repacked in pairs of blocks (64 "
