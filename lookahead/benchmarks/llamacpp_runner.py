@@ -23,7 +23,7 @@ import resource
 import sys
 import time
 
-FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}  # llama_ftype values
+FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q3_K_M": 12, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}  # llama_ftype
 LLAMACPP_VERSION = "llama-cpp-python 0.3.36"
 PROMPT_IDS = [1] * 8  # the warm-up's and the decode task's prompt: decode speed does not depend on the ids
 

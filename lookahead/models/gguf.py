@@ -32,12 +32,12 @@ log = logging.getLogger("lookahead.models.gguf")
 
 # quant.cpp's FORMATS: type -> (elements, bytes) per block
 BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
-          "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+          "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
 QUANTIZED = tuple(BLOCKS)
 # quant_repack's layouts (quant.cpp): a linear layer's weight interleaved by 8 outputs at load, the bytes of a unit
 # of 8 rows x one file block (K-quants) or two (the 32-element formats)
-REPACKED = {"Q4_K": 1184, "Q5_K": 1440, "Q6_K": 1680, "Q8_0": 544, "Q4_0": 288, "Q4_1": 320, "Q5_0": 352,
-            "Q5_1": 384}
+REPACKED = {"Q3_K": 912, "Q4_K": 1184, "Q5_K": 1440, "Q6_K": 1680, "Q8_0": 544, "Q4_0": 288, "Q4_1": 320,
+            "Q5_0": 352, "Q5_1": 384}
 FLOATS = ("F32", "F16", "BF16")
 ARCHITECTURES = ("llama",)
 QUANTIZATION = ("auto", "gguf", None)  # from_pretrained's quantization= values (docs/gguf.md)

@@ -205,9 +205,9 @@ LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # the 32-element formats
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kinds,repack", [(every(k), False) for k in FORMATS] + [(Q4_K_M, False), (Q4_K_M, True)] +
-                         [(Q4_K_M_3, True)] + [(every(k), True) for k in LEGACY + ("Q5_K",)],
+                         [(Q4_K_M_3, True)] + [(every(k), True) for k in LEGACY + ("Q3_K", "Q5_K")],
                          ids=list(FORMATS) + ["mixed", "mixed-repacked", "mixed-3-parts"] +
-                         [f"{k}-repacked" for k in LEGACY + ("Q5_K",)])
+                         [f"{k}-repacked" for k in LEGACY + ("Q3_K", "Q5_K")])
 def test_every_format_is_exact_along_every_path_of_random_trees(kinds, repack, dtype):
     model = quantized_tiny(kinds, dtype, repack=repack)
     qkv = model.layers[0].attention.wqkv

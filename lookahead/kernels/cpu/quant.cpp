@@ -496,6 +496,47 @@ template <bool FIVE> struct QK {
   static Lanes mins(const W& u, const int32_t* sums) { return mul32v(load_u8x8(u.sm + 8), load_i32x8(sums)); }
 };
 
+// Q3_K's 16 6-bit scales, sub-block i's minus 32: low nibbles from bytes 0..7 (i < 8: low, else high nibble of
+// byte i % 8), high 2 bits from bytes 8..11 (bits 2 (i / 4) of byte 8 + i % 4), as gguf-py unpacks them
+inline int scale_k3(const uint8_t* s, int i) {
+  return (((s[i % 8] >> (4 * (i / 8))) & 0x0F) | (((s[8 + i % 4] >> (2 * (i / 4))) & 3) << 4)) - 32;
+}
+
+// Q3_K: 256 elements, hmask [32] (bit c of byte l: element 32c + l's third bit), qs [64] 2-bit quants (chunk c =
+// 4h + k of 32 elements takes bits 2k, 2k + 1 of qs[32h ...]), 12 bytes of 16 6-bit scales (one per 16 elements,
+// minus 32), d (fp16, last); y = (d * sc) * (q - 4), q = the 2 bits + 4 * the hmask bit.
+struct Q3K {
+  static constexpr int ELEMS = 256, BYTES = 110, GROUP = 256, D = 108, M = -1;
+  static constexpr Term TERM = Term::NONE;
+  static int value(const uint8_t* b, int i) {
+    const int c = i / 32, l = i % 32;
+    return (((b[32 + 32 * (c / 4) + l] >> (2 * (c % 4))) & 3) | (((b[l] >> c) & 1) << 2)) - 4;
+  }
+  static void dequant(const uint8_t* b, float* y) {
+    const float d = fp16(b + 108);
+    for (int j = 0; j < 16; ++j) {
+      const float ds = d * static_cast<float>(scale_k3(b + 96, j));
+      for (int i = 16 * j; i < 16 * j + 16; ++i) y[i] = ds * static_cast<float>(value(b, i));
+    }
+  }
+  struct W { Bytes w[8], aw[8]; Scales sc[8]; };  // sc[c]: chunk c's two scales, 16 elements each
+  static void unpack(const uint8_t* b, W& u) {
+    const Bytes hm = load32(b);
+    for (int c = 0; c < 8; ++c) {
+      const Bytes q = bor(shr_and(load32(b + 32 + 32 * (c / 4)), 2 * (c % 4), 3), band(is_set(hm, 1 << c), splat8(4)));
+      u.w[c] = sub8(q, splat8(4));
+      u.aw[c] = abs8(u.w[c]);
+      u.sc[c] = scales_halves(scale_k3(b + 96, 2 * c), scale_k3(b + 96, 2 * c + 1));
+    }
+  }
+  static Lanes dot(const W& u, const uint8_t* xq) {
+    Lanes total = lanes_zero();
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) total = dot_us_scaled(total, u.aw[c], sign8(load32(xq + 32 * c), u.w[c]), u.sc[c]);
+    return total;
+  }
+};
+
 // Q6_K: 256 elements, ql [128] low nibbles, qh [64] 2 high bits, 16 int8 scales per 16 elements, d (fp16, last);
 // y = (d * sc) * (q - 32). Chunk c of 32 elements (c = 4h + k) takes ql[64h + 32(k & 1) ...] (low nibbles for
 // k < 2, high for k >= 2) and bits 2k, 2k + 1 of qh[32h ...].
@@ -906,7 +947,8 @@ inline bool paired(int64_t t, int64_t units) {
 // Per row and block, in integers (exact in any order), then in block order:
 //   Q4_K, Q5_K: I = sum_j sc_j * (q_j . xq_j), Mn = sum_j m_j * sum(xq_j);  s1 = s1 + float(I) * (d * dx),
 //         s2 = s2 + float(Mn) * (dmin * dx); y = s1 - s2 (+ bias).
-//   Q6_K: I = sum_j sc_j * (q_j . xq_j - 32 * sum(xq_j)) over its 16 sub-blocks of 16 (q unsigned, 0..63);
+//   Q6_K, Q3_K: I = sum_j sc_j * (q_j . xq_j - OFF16 * sum(xq_j)) over the 16 sub-blocks of 16 (q unsigned, 0..63
+//         with OFF16 32, or 0..7 with OFF16 4);
 //         s1 = s1 + float(I) * (d * dx); y = s1 - 0 (+ bias).
 //   Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: Qx8 below.
 // The repacked layouts are ours (no file holds them); quant_repack builds them from the file's blocks at load.
@@ -1016,35 +1058,71 @@ template <bool FIVE> struct QKx8 {
   }
 };
 
-// Q6_K x 8: d [8] (fp16), the int8 scales [16 sub-blocks][8 rows], then per half h of 128 elements 8 vectors of
-// ql for kk = 0 and 8 for kk = 1 (vector v: each row's ql[64h + 32kk + 4v ...]; low nibbles chunk kk, high nibbles
-// chunk kk + 2 of the half) and 8 of qh (vector v: each row's qh[32h + 4v ...]; bits 2k, 2k + 1 chunk k).
-struct Q6Kx8 {
-  static constexpr int ELEMS = 256, BYTES = 1680, SOURCE = 210, D = 0, SCALES = 16, QS = 144;
+// Q6_K x 8 and Q3_K x 8 (the 256-element types with 16 int8 scales per block, one per 16 elements): d [8] (fp16),
+// the int8 scales [16 sub-blocks][8 rows] (Q3_K's 6-bit ones minus 32), then the quants. Q6_K: per half h of 128
+// elements 8 vectors of ql for kk = 0 and 8 for kk = 1 (vector v: each row's ql[64h + 32kk + 4v ...]; low nibbles
+// chunk kk, high nibbles chunk kk + 2 of the half) and 8 of qh (vector v: each row's qh[32h + 4v ...]; bits 2k,
+// 2k + 1 chunk k). Q3_K: per half 8 vectors of qs (vector v: each row's qs[32h + 4v ...]; bits 2k, 2k + 1 chunk k),
+// then 8 of hmask for both halves (vector v: each row's hmask[4v ...]; bit 4h + k chunk k of half h). A value is
+// q - 32 (Q6_K, q 6 bits) or q - 4 (Q3_K: q = 2 bits + 4 * its hmask bit).
+template <int BITS> struct QSx8 {
+  static constexpr bool THREE = BITS == 3;
+  static constexpr int ELEMS = 256, SOURCE = THREE ? 110 : 210, SRC_D = THREE ? 108 : 208;
+  static constexpr int D = 0, SCALES = 16, QS = 144, HALF = THREE ? 256 : 768, HM = QS + 2 * HALF;
+  static constexpr int BYTES = HM + (THREE ? 256 : 0);
   static constexpr int GROUP = 256, BLOCKS = 1;
-  static constexpr int ROWS512 = 4;  // its 16 accumulators per 4 rows: 8 took 1.2x the time at 8 rows
+  static constexpr int ROWS512 = 4;  // its 16 accumulators per 4 rows: 8 took 1.2x the time at 8 rows (Q6_K)
   static constexpr bool X16 = false;  // its quants at 144 + 32v: not 32-byte aligned for V16's interleave
   static constexpr bool SUM16 = true, PAIRS = false, FSUM = false;  // its sub-blocks of 16
-  static constexpr int OFF = 0, OFF16 = 32;  // q - 32: the offset term per sub-block of 16
+  static constexpr int OFF = 0, OFF16 = THREE ? 4 : 32;  // the offset term per sub-block of 16
   template <typename V> static typename V::A finish(typename V::A s1, typename V::A s2) { return V::sub_a(s1, s2); }
-  static constexpr int PREFETCH = 4096;  // against none: 0.90x at two threads, 0.93x at one (8192: 0.96x, 0.85x)
+  // Q6_K against none: 0.90x at two threads, 0.93x at one (8192: 0.96x, 0.85x); Q3_K the same bytes ahead
+  static constexpr int PREFETCH = 4096;
   static constexpr int PREFETCH_ROWS = 1;
   static void repack(const uint8_t* src, uint8_t* dst, int64_t t, int64_t nb) {  // unit t's nb blocks at dst
     for (int64_t b = 0; b < nb; ++b) {
       uint8_t* o = dst + b * BYTES;
       for (int k = 0; k < 8; ++k) {
         const uint8_t* blk = src + ((8 * t + k) * nb + b) * SOURCE;
-        std::memcpy(o + D + 2 * k, blk + 208, 2);
-        for (int j = 0; j < 16; ++j) o[SCALES + 8 * j + k] = blk[192 + j];
+        std::memcpy(o + D + 2 * k, blk + SRC_D, 2);
+        for (int j = 0; j < 16; ++j)
+          o[SCALES + 8 * j + k] = THREE ? static_cast<uint8_t>(scale_k3(blk + 96, j)) : blk[192 + j];
         for (int h = 0; h < 2; ++h) {
-          uint8_t* half = o + QS + 768 * h;
+          uint8_t* half = o + QS + HALF * h;
           for (int v = 0; v < 8; ++v) {
+            if (THREE) {
+              std::memcpy(half + 32 * v + 4 * k, blk + 32 + 32 * h + 4 * v, 4);
+              continue;
+            }
             std::memcpy(half + 32 * v + 4 * k, blk + 64 * h + 4 * v, 4);
             std::memcpy(half + 32 * (8 + v) + 4 * k, blk + 64 * h + 32 + 4 * v, 4);
             std::memcpy(half + 32 * (16 + v) + 4 * k, blk + 128 + 32 * h + 4 * v, 4);
           }
         }
+        if (THREE)
+          for (int v = 0; v < 8; ++v) std::memcpy(o + HM + 32 * v + 4 * k, blk + 4 * v, 4);
       }
+    }
+  }
+  // the unsigned quants of chunks 0..3 of half h, bytes 4v .. 4v + 3 of each row
+  template <typename V> LOOKAHEAD_INLINE static void chunks(const uint8_t* base, int h, int v, typename V::B* c) {
+    using B = typename V::B;
+    const int half = QS + HALF * h;
+    if constexpr (THREE) {  // bits 2k, 2k + 1 of qs, and bit 4h + k of hmask to bit 2
+      const B Q = V::load(V::at(base, half + 32 * v)), H = V::load(V::at(base, HM + 32 * v));
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        const int bit = 4 * h + k;
+        const B high = bit >= 2 ? V::shr_mask(H, bit - 2, 0x04) : V::shl_mask(H, 2 - bit, 0x04);
+        c[k] = V::or_(V::shr_mask(Q, 2 * k, 0x03), high);
+      }
+    } else {
+      const B H = V::load(V::at(base, half + 32 * (16 + v))), L0 = V::load(V::at(base, half + 32 * v)),
+              L1 = V::load(V::at(base, half + 32 * (8 + v)));
+      c[0] = V::or_(V::and_(L0, V::splat_b(0x0F)), V::shl_mask(H, 4, 0x30));
+      c[1] = V::or_(V::and_(L1, V::splat_b(0x0F)), V::shl_mask(H, 2, 0x30));
+      c[2] = V::or_(V::shr_mask(L0, 4, 0x0F), V::and_(H, V::splat_b(0x30)));
+      c[3] = V::or_(V::shr_mask(L1, 4, 0x0F), V::shr_mask(H, 2, 0x30));
     }
   }
   template <typename V, int R> LOOKAHEAD_INLINE
@@ -1054,20 +1132,18 @@ struct Q6Kx8 {
     using B = typename V::B;
     L I[R];
     for (int r = 0; r < R; ++r) I[r] = V::zero();
+    // the halves unrolled, so that their offsets (and Q3_K's shifts) are constants: Q6_K 0.73-0.82x the time at
+    // 1-8 rows (one weight in L2, one thread)
+#pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       for (int e = 0; e < 2; ++e) {  // elements 0..15 of each chunk (one sub-block of 16), then 16..31
-        L acc[R][4];  // sub-block j's q . xq - 32 sum(xq): it starts at the offset term (exact in any order)
+        L acc[R][4];  // sub-block j's q . xq - OFF16 sum(xq): it starts at the offset term (exact in any order)
         for (int r = 0; r < R; ++r)
           for (int k = 0; k < 4; ++k) acc[r][k] = V::splat_l(act[r].off16[16 * b + 8 * h + 2 * k + e]);
 #pragma GCC unroll 4
         for (int v = 4 * e; v < 4 * e + 4; ++v) {
-          const int half = QS + 768 * h;
-          const B H = V::load(V::at(base, half + 32 * (16 + v))), L0 = V::load(V::at(base, half + 32 * v)),
-                  L1 = V::load(V::at(base, half + 32 * (8 + v)));
-          const B c[4] = {V::or_(V::and_(L0, V::splat_b(0x0F)), V::shl_mask(H, 4, 0x30)),
-                          V::or_(V::and_(L1, V::splat_b(0x0F)), V::shl_mask(H, 2, 0x30)),
-                          V::or_(V::shr_mask(L0, 4, 0x0F), V::and_(H, V::splat_b(0x30))),
-                          V::or_(V::shr_mask(L1, 4, 0x0F), V::shr_mask(H, 2, 0x30))};
+          B c[4];
+          chunks<V>(base, h, v, c);
           for (int r = 0; r < R; ++r) {
             const uint8_t* xq = reinterpret_cast<const uint8_t*>(act[r].q) + 256 * b + 128 * h + 4 * v;
 #pragma GCC unroll 4
@@ -1317,11 +1393,11 @@ template <typename F> constexpr Format repacked(const char* name) {
 
 const Format FORMATS[] = {
     entry<Q8_0>("Q8_0"),                 entry<QSym<false>>("Q4_0"),          entry<QAff<false>>("Q4_1"),
-    entry<QSym<true>>("Q5_0"),           entry<QAff<true>>("Q5_1"),           entry<QK<false>>("Q4_K"),
-    entry<QK<true>>("Q5_K"),             entry<Q6K>("Q6_K"),                  repacked<QKx8<false>>("Q4_K x8"),
-    repacked<QKx8<true>>("Q5_K x8"),     repacked<Q6Kx8>("Q6_K x8"),          repacked<Qx8<8, false>>("Q8_0 x8"),
-    repacked<Qx8<4, false>>("Q4_0 x8"),  repacked<Qx8<4, true>>("Q4_1 x8"),   repacked<Qx8<5, false>>("Q5_0 x8"),
-    repacked<Qx8<5, true>>("Q5_1 x8"),
+    entry<QSym<true>>("Q5_0"),           entry<QAff<true>>("Q5_1"),           entry<Q3K>("Q3_K"),
+    entry<QK<false>>("Q4_K"),            entry<QK<true>>("Q5_K"),             entry<Q6K>("Q6_K"),
+    repacked<QSx8<3>>("Q3_K x8"),        repacked<QKx8<false>>("Q4_K x8"),    repacked<QKx8<true>>("Q5_K x8"),
+    repacked<QSx8<6>>("Q6_K x8"),        repacked<Qx8<8, false>>("Q8_0 x8"),  repacked<Qx8<4, false>>("Q4_0 x8"),
+    repacked<Qx8<4, true>>("Q4_1 x8"),   repacked<Qx8<5, false>>("Q5_0 x8"),  repacked<Qx8<5, true>>("Q5_1 x8"),
 };
 
 const Format& format_of(const at::Tensor& w, const char* op) {
@@ -1331,9 +1407,9 @@ const Format& format_of(const at::Tensor& w, const char* op) {
   for (const Format& f : FORMATS)
     if (f.bytes == w.size(2)) return f;
   TORCH_CHECK(false, op, ": no block format of ", w.size(2), " bytes; supported: Q8_0 (34), Q4_0 (18), Q4_1 (20), "
-              "Q5_0 (22), Q5_1 (24), Q4_K (144), Q5_K (176), Q6_K (210), and quant_repack's Q4_K x8 (1184), "
-              "Q5_K x8 (1440), Q6_K x8 (1680), Q8_0 x8 (544), Q4_0 x8 (288), Q4_1 x8 (320), Q5_0 x8 (352), "
-              "Q5_1 x8 (384)");
+              "Q5_0 (22), Q5_1 (24), Q3_K (110), Q4_K (144), Q5_K (176), Q6_K (210), and quant_repack's "
+              "Q3_K x8 (912), Q4_K x8 (1184), Q5_K x8 (1440), Q6_K x8 (1680), Q8_0 x8 (544), Q4_0 x8 (288), "
+              "Q4_1 x8 (320), Q5_0 x8 (352), Q5_1 x8 (384)");
 }
 
 }  // namespace
@@ -1421,8 +1497,8 @@ at::Tensor quant_repack(const at::Tensor& weight) {
   const Format* r = nullptr;  // the interleaved layout of f's blocks
   for (const Format& g : FORMATS)
     if (f.rows == 1 && g.rows == 8 && g.source == f.bytes) r = &g;
-  TORCH_CHECK(r, "lookahead::quant_repack: Q4_K, Q5_K, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 blocks are repacked, "
-              "got ", f.name);
+  TORCH_CHECK(r, "lookahead::quant_repack: Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 blocks are "
+              "repacked, got ", f.name);
   TORCH_CHECK(N % 8 == 0, "lookahead::quant_repack: the rows (outputs) come in tiles of 8, got ", N,
               " rows: keep this weight's file layout");
   TORCH_CHECK(nb % r->blocks == 0, "lookahead::quant_repack: a ", f.name, " row is repacked in pairs of blocks (64 "

@@ -19,11 +19,12 @@ pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="the C++ CPU ops
 # name -> (elements per block, bytes per block, offsets of the fp16 scales in a block)
 FORMATS = {
     "Q8_0": (32, 34, (0,)), "Q4_0": (32, 18, (0,)), "Q4_1": (32, 20, (0, 2)), "Q5_0": (32, 22, (0,)),
-    "Q5_1": (32, 24, (0, 2)), "Q4_K": (256, 144, (0, 2)), "Q5_K": (256, 176, (0, 2)), "Q6_K": (256, 210, (208,)),
+    "Q5_1": (32, 24, (0, 2)), "Q3_K": (256, 110, (108,)), "Q4_K": (256, 144, (0, 2)), "Q5_K": (256, 176, (0, 2)),
+    "Q6_K": (256, 210, (208,)),
 }
 # quant_repack's layouts: format -> bytes of a unit of 8 outputs x 256 elements (K-quants) or 64 (the others)
-REPACKED = {"Q4_K": 1184, "Q5_K": 1440, "Q6_K": 1680, "Q8_0": 544, "Q4_0": 288, "Q4_1": 320, "Q5_0": 352,
-            "Q5_1": 384}
+REPACKED = {"Q3_K": 912, "Q4_K": 1184, "Q5_K": 1440, "Q6_K": 1680, "Q8_0": 544, "Q4_0": 288, "Q4_1": 320,
+            "Q5_0": 352, "Q5_1": 384}
 
 
 def random_weight(name: str, N: int, K: int, seed: int) -> torch.Tensor:
