@@ -284,7 +284,7 @@ LOOKAHEAD_NOINLINE void attend_multi(int nq, const float* const* qf, const T* co
       with_count<4>(static_cast<int>((D + 31) / 32), [&](auto nc2) LOOKAHEAD_INLINE {
         with_count<MULTI_MAX>(nq, [&](auto q) LOOKAHEAD_INLINE {
           constexpr int NC2 = decltype(nc2)::value, Q = decltype(q)::value;
-          if constexpr (Q >= 2 && NC2 >= 1)
+          if constexpr (Q >= 2)
             scores_multi<NC2, Q, Bf16Chunk>(qb, D, kh, ss, n_keys, scale, scores);
           else
             TORCH_CHECK(false, "lookahead::tree_attention: ", nq, " queries at a head dim of ", D, " in one pass");

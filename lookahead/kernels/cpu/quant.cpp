@@ -496,6 +496,16 @@ template <bool FIVE> struct QK {
   static Lanes mins(const W& u, const int32_t* sums) { return mul32v(load_u8x8(u.sm + 8), load_i32x8(sums)); }
 };
 
+// Q3_K's and Q6_K's unpacked block: 8 chunks of 32 signed values w (and |w|), each chunk's two int16 scales (16
+// elements each); their dot with a row's 256 quantized activations, by the sign trick (|w| . (x * sign(w)))
+struct SignedChunks { Bytes w[8], aw[8]; Scales sc[8]; };
+inline Lanes dot_signed(const SignedChunks& u, const uint8_t* xq) {
+  Lanes total = lanes_zero();
+#pragma GCC unroll 8
+  for (int c = 0; c < 8; ++c) total = dot_us_scaled(total, u.aw[c], sign8(load32(xq + 32 * c), u.w[c]), u.sc[c]);
+  return total;
+}
+
 // Q3_K's 16 6-bit scales, sub-block i's minus 32: low nibbles from bytes 0..7 (i < 8: low, else high nibble of
 // byte i % 8), high 2 bits from bytes 8..11 (bits 2 (i / 4) of byte 8 + i % 4), as gguf-py unpacks them
 inline int scale_k3(const uint8_t* s, int i) {
@@ -519,7 +529,7 @@ struct Q3K {
       for (int i = 16 * j; i < 16 * j + 16; ++i) y[i] = ds * static_cast<float>(value(b, i));
     }
   }
-  struct W { Bytes w[8], aw[8]; Scales sc[8]; };  // sc[c]: chunk c's two scales, 16 elements each
+  using W = SignedChunks;
   static void unpack(const uint8_t* b, W& u) {
     const Bytes hm = load32(b);
     for (int c = 0; c < 8; ++c) {
@@ -529,12 +539,7 @@ struct Q3K {
       u.sc[c] = scales_halves(scale_k3(b + 96, 2 * c), scale_k3(b + 96, 2 * c + 1));
     }
   }
-  static Lanes dot(const W& u, const uint8_t* xq) {
-    Lanes total = lanes_zero();
-#pragma GCC unroll 8
-    for (int c = 0; c < 8; ++c) total = dot_us_scaled(total, u.aw[c], sign8(load32(xq + 32 * c), u.w[c]), u.sc[c]);
-    return total;
-  }
+  static Lanes dot(const W& u, const uint8_t* xq) { return dot_signed(u, xq); }
 };
 
 // Q6_K: 256 elements, ql [128] low nibbles, qh [64] 2 high bits, 16 int8 scales per 16 elements, d (fp16, last);
@@ -556,7 +561,7 @@ struct Q6K {
       for (int i = 16 * j; i < 16 * j + 16; ++i) y[i] = ds * static_cast<float>(value(b, i));
     }
   }
-  struct W { Bytes w[8], aw[8]; Scales sc[8]; };  // sc[c]: chunk c's two scales, 16 elements each
+  using W = SignedChunks;
   static void unpack(const uint8_t* b, W& u) {
     for (int h = 0; h < 2; ++h) {
       const Bytes qh = load32(b + 128 + 32 * h);
@@ -571,12 +576,7 @@ struct Q6K {
     for (int c = 0; c < 8; ++c)
       u.sc[c] = scales_halves(static_cast<int8_t>(b[192 + 2 * c]), static_cast<int8_t>(b[193 + 2 * c]));
   }
-  static Lanes dot(const W& u, const uint8_t* xq) {
-    Lanes total = lanes_zero();
-#pragma GCC unroll 8
-    for (int c = 0; c < 8; ++c) total = dot_us_scaled(total, u.aw[c], sign8(load32(xq + 32 * c), u.w[c]), u.sc[c]);
-    return total;
-  }
+  static Lanes dot(const W& u, const uint8_t* xq) { return dot_signed(u, xq); }
 };
 
 // ---- activation quantization -----------------------------------------------------------------------------
